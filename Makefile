@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make app    start the Streamlit explorer on the shipped default collection
+#   make test   run the whole test suite (what CI runs)
+# Both create .venv and install requirements on first use; a second run installs nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 8501
+
+.PHONY: app test bench system-deps clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+app: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/streamlit run app.py --server.address localhost --server.port $(PORT) \
+		--server.headless true --browser.gatherUsageStats false
+
+system-deps:
+	@bash scripts/system-deps
+
+test: $(STAMP) system-deps
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m bench
+
+clean-venv:
+	rm -rf $(VENV)
