@@ -1,0 +1,66 @@
+"""The contract between the zoo's build machinery and what it builds.
+
+A build has two kinds of recipes:
+
+* a `BaseRecipe` trains (or, with a user-given path, just loads) one base model — ``"sd"`` (a real
+  `StableDiffusionPipeline`), ``"clip"`` (a real `CLIPModel` scorer) or ``"lm"`` (a real causal LM) — and saves it with
+  the library's own ``save_pretrained`` under ``OUT/base/<name>/``;
+* a `CollectionRecipe` turns a preset into seeded `Job`s (one LoRA each), trains them in groups of jobs that can share
+  one batched forward/backward pass, and labels them. The machinery packs the results into ``OUT/collections/<name>/``.
+
+Presets are names (``"ci"``, ``"default"``); each recipe keeps its own settings per preset.
+A job's result depends only on its own ``seed`` and ``params``, never on which other jobs share its group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Hashable, Protocol, runtime_checkable
+
+from ..lora import LoRA
+
+__all__ = ["Job", "JobResult", "BaseRecipe", "CollectionRecipe"]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str                      # unique and stable across runs, e.g. "faces-00042"
+    seed: int
+    params: dict[str, Any]       # JSON-able: data choice (identity, class subset, sources), hyperparameters
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    lora: LoRA
+    row: dict[str, Any]          # one row of the collection table: labels, hyperparameters, group (e.g. identity)
+    extras: dict[str, Any] = field(default_factory=dict)  # JSON-able, e.g. the exact finetuning image ids
+
+
+@runtime_checkable
+class BaseRecipe(Protocol):
+    name: str                    # "sd", "clip", "lm"
+    requires: tuple[str, ...]    # other base models it needs first (e.g. the CLIP scorer may need none)
+
+    def build(self, preset: str, out_dir: Path, device: str, seed: int) -> dict[str, Any]:
+        """Train and save the base model into ``out_dir`` (atomically); return its record: training time,
+        quality figures, config. Must be deterministic for a given seed."""
+
+    def is_built(self, out_dir: Path) -> bool: ...
+
+
+@runtime_checkable
+class CollectionRecipe(Protocol):
+    name: str                    # "faces", "fashion", "lm"
+    requires: tuple[str, ...]    # base models used, e.g. ("sd", "clip")
+
+    def jobs(self, preset: str, seed: int) -> list[Job]: ...
+
+    def group_key(self, job: Job) -> Hashable:
+        """Jobs with equal keys may be trained together in one batched pass (e.g. equal rank)."""
+
+    def run_group(self, jobs: list[Job], bases: dict[str, Path], device: str) -> list[JobResult]:
+        """Train and label every job of the group; ``bases`` maps base-model names to their folders."""
+
+    def label_schema(self) -> dict[str, dict[str, Any]]:
+        """Label name -> {"kind": "regression" | "binary" | "category", "description": ..., "task": group name}."""
