@@ -1,0 +1,13 @@
+"""The LoL explorer: `streamlit run app.py` (or `make app`). Pages live in pages/; the shared sidebar (collection,
+device, LoL model) and every cached loader live in lol.app. The app computes nothing itself: it shows what the
+library (formats, collections, features, models, metrics, zoo) produces."""
+import streamlit as st
+
+from lol.app import nav, sidebar
+from lol.app.errors import guard
+
+st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=":material/hub:", layout="wide")
+
+page = st.navigation(nav.pages())
+guard(sidebar.render, what="the sidebar")
+guard(page.run, what=f"the {page.title} page")

@@ -1,0 +1,205 @@
+"""Cached loaders: every heavy object the pages use, loaded once per server (models, pipelines, collections) or
+once per input (tables, features, predictions, embeddings). All computation is the library's; this module only
+decides what is kept.
+
+* ``st.cache_resource``: collections, LoL checkpoints, the Stable Diffusion pipeline, the CLIP scorer.
+* ``st.cache_data``: tables, invariant features, predictions, per-LoRA module summaries.
+* UMAP coordinates are also written to ``cache_root()/umap/<key>.npy``, keyed by the data fingerprint and the UMAP
+  parameters, so a server restart does not recompute them.
+
+Keys are strings (paths, fingerprints) so Streamlit never hashes tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from . import data as app_data
+
+__all__ = ["collection", "collection_table", "checkpoint", "predictions", "invariant_features", "raw_factors",
+           "umap_xy", "pipeline", "clip_scorer", "lora_summary", "path_key"]
+
+
+def path_key(path) -> str:
+    """A cache key that changes when the folder's top-level files change (mtime and size)."""
+    p = Path(path)
+    try:
+        st_ = p.stat()
+        parts = [str(p.resolve()), str(st_.st_mtime_ns)]
+        if p.is_dir():
+            parts += [f"{c.name}:{c.stat().st_mtime_ns}:{c.stat().st_size}" for c in sorted(p.iterdir())
+                      if c.is_file()]
+    except OSError:
+        parts = [str(p)]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- collections
+
+@st.cache_resource(show_spinner="Opening the collection…", max_entries=8)
+def collection(path: str, key: str):
+    """`lol.collection.open_collection(path)`; ``key`` (see `path_key`) invalidates the cache when files change."""
+    from ..collection import open_collection
+
+    return open_collection(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def collection_table(path: str, key: str) -> pd.DataFrame:
+    """The collection's table (id, group, split, labels, hyperparameters) plus per-LoRA rank summary columns."""
+    coll = collection(path, key)
+    df = coll.table.copy()
+    try:
+        ranks = np.asarray(coll.ranks)
+        if ranks.ndim == 2 and len(ranks) == len(df):
+            df["rank"] = ranks.max(axis=1)
+    except Exception:  # ranks are a summary only; the table stands without them
+        pass
+    return df
+
+
+@st.cache_data(show_spinner="Summarising the LoRA…", max_entries=256)
+def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[str, list[float]]]:
+    """Per-module table (shape, rank, alpha, scale, ‖ΔW‖_F) and singular values of ΔW for one LoRA of a collection.
+
+    Both are GL(r)-invariant: ‖ΔW‖_F from `LoRAModule.delta_norm` (r×r Gram matrices), σ(ΔW) from
+    `lol.features.singular_values` (QR of U and V, then the r×r core), never forming ΔW."""
+    lora = collection(path, key).lora(int(index))
+    return module_summary(lora)
+
+
+def module_summary(lora) -> tuple[pd.DataFrame, dict[str, list[float]]]:
+    from ..features import lora_singular_values
+
+    svals = lora_singular_values(lora)
+    rows = []
+    for m in lora:
+        s = svals[m.name]
+        rows.append({"module": m.name, "out × in": f"{m.out_features} × {m.in_features}", "rank r": m.rank,
+                     "alpha α": m.alpha, "scale s": m.scale, "‖ΔW‖_F": m.delta_norm(),
+                     "σ₁(ΔW)": float(s[0]) if len(s) else 0.0})
+    return pd.DataFrame(rows), {k: [float(x) for x in v] for k, v in svals.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ features
+
+@st.cache_data(show_spinner="Computing invariant features…", max_entries=16)
+def invariant_features(path: str, key: str, kind: str = "svals") -> np.ndarray:
+    """GL-invariant features of every LoRA in a collection (``lol.features``), one row per LoRA."""
+    from ..features import featurize
+
+    coll = collection(path, key)
+    return _batched(coll, lambda b: featurize(b, kind))
+
+
+@st.cache_data(show_spinner="Flattening raw factors…", max_entries=8)
+def raw_factors(path: str, key: str, gl_seed: int | None = None) -> np.ndarray:
+    """Flattened raw (U, V) of every LoRA (not invariant), optionally after a random GL(r) transform per module
+    (`lol.symmetry.random_gl` / `gl_act`): the input of the "raw factors change under GL" note."""
+    import torch
+
+    from ..symmetry import gl_act, random_gl
+
+    coll = collection(path, key)
+    gen = torch.Generator().manual_seed(gl_seed) if gl_seed is not None else None
+
+    def flat(batch):
+        if gen is not None:
+            batch = gl_act(batch, random_gl(batch, generator=gen))
+        return torch.cat([t.flatten(1) for t in batch.U + batch.V], dim=1)
+
+    return _batched(coll, flat)
+
+
+def _batched(coll, fn, size: int = 64) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(coll), size):
+            idx = list(range(start, min(start + size, len(coll))))
+            out.append(fn(coll.batch(idx, dtype=torch.float32, device="cpu")).double().cpu().numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
+
+
+def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0
+            ) -> np.ndarray:
+    """2-D UMAP of ``features`` (rows = LoRAs), persisted under ``cache_root()/umap`` keyed by ``key`` (the data
+    fingerprint and the feature kind) and the parameters; later calls, across restarts, read the file."""
+    n = len(features)
+    params = dict(n_neighbors=int(min(n_neighbors, max(2, n - 1))), min_dist=float(min_dist), seed=int(seed))
+    digest = hashlib.sha1((key + json.dumps(params, sort_keys=True)).encode()).hexdigest()[:20]
+    folder = app_data.cache_root() / "umap"
+    file = folder / f"{digest}.npy"
+    if file.is_file():
+        xy = np.load(file, allow_pickle=False)
+        if xy.shape == (n, 2):
+            return xy
+    xy = _umap_mem(features, params["n_neighbors"], params["min_dist"], params["seed"])
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, xy, allow_pickle=False)
+    os.replace(tmp, file)
+    return xy
+
+
+@st.cache_data(show_spinner="Running UMAP (first time only)…", max_entries=32)
+def _umap_mem(features: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) < 4:  # UMAP needs a few points; place tiny sets on a line by their first principal component
+        return np.stack([np.arange(len(x), dtype=float), np.zeros(len(x))], axis=1)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-12)
+    import umap
+
+    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed,
+                        init="spectral" if len(x) > 50 else "random")
+    return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+
+
+# -------------------------------------------------------------------------------------------------------- models
+
+@st.cache_resource(show_spinner="Loading the LoL model…", max_entries=8)
+def checkpoint(path: str, device: str):
+    """`lol.checkpoint.load_checkpoint(path)` moved to ``device``."""
+    from ..checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    if hasattr(ck, "to"):
+        ck = ck.to(device)
+    return ck
+
+
+@st.cache_data(show_spinner="Predicting…", max_entries=32)
+def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> pd.DataFrame:
+    """`lol.predict.predict(checkpoint, collection)` for every LoRA of a collection, indexed like its table."""
+    from ..predict import predict
+
+    return predict(checkpoint(ckpt_path, device), collection(coll_path, coll_key))
+
+
+@st.cache_resource(show_spinner="Loading Stable Diffusion…", max_entries=2)
+def pipeline(sd_dir: str, device: str):
+    """The base model as a diffusers `StableDiffusionPipeline` (``from_pretrained``), on ``device``."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float16 if device == "cuda" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@st.cache_resource(show_spinner="Loading the CLIP scorer…", max_entries=2)
+def clip_scorer(clip_dir: str, device: str):
+    """The zoo's CLIP scorer (`lol.zoo.clipscore`) loaded from ``clip_dir``."""
+    from ..zoo import clipscore
+
+    return clipscore.load_scorer(clip_dir, device=device)

@@ -1,0 +1,210 @@
+"""Plotly figures of the explorer, styled for a projector: large fonts, axis titles with units, one colour per value.
+
+Every point of a per-LoRA figure carries the LoRA id as its first ``custom_data`` entry, so a click or box
+selection (``st.plotly_chart(..., on_select="rerun")``) can be mapped back to the LoRA by `selected_ids`.
+Nothing here computes a metric or a feature: figures are drawn from numbers the library produced.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+__all__ = ["PALETTE", "FONT_SIZE", "style", "color_map", "model_color", "axis_title", "pred_vs_true", "roc_curves",
+           "spectra", "distribution", "embedding_scatter", "selected_ids", "image_grid"]
+
+# Okabe–Ito-like qualitative palette (colour-blind safe, readable on a projector), then Tableau for more classes.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+           "#8c564b", "#7f7f7f", "#bcbd22", "#17becf", "#9467bd", "#e377c2", "#2ca02c", "#d62728")
+FONT_SIZE = 17
+CONTINUOUS = "Viridis"
+
+# units of the labels the zoo produces; anything else is shown without a unit
+_UNITS = {"clip": "CLIP score, 0–100", "acc": "fraction correct", "loss": "nats/token", "lr": "log scale",
+          "steps": "optimizer steps", "rank": "r", "alpha": "α"}
+
+
+def axis_title(name: str, unit: str | None = None) -> str:
+    """``name (unit)``; the unit is guessed from the label name when not given (CLIP score, accuracy, loss)."""
+    if unit is None:
+        low = name.lower()
+        unit = next((u for k, u in _UNITS.items() if k in low), "")
+    return f"{name} ({unit})" if unit else name
+
+
+def style(fig: go.Figure, title: str | None = None, height: int = 480, legend: bool = True) -> go.Figure:
+    """The one look of every figure: white template, large fonts, tight margins."""
+    fig.update_layout(template="plotly_white", height=height, font=dict(size=FONT_SIZE),
+                      title=dict(text=title, font=dict(size=FONT_SIZE + 3)) if title else None,
+                      margin=dict(l=70, r=20, t=60 if title else 25, b=60), showlegend=legend,
+                      legend=dict(font=dict(size=FONT_SIZE - 2)), hoverlabel=dict(font_size=FONT_SIZE - 1))
+    fig.update_xaxes(title_font=dict(size=FONT_SIZE + 1), tickfont=dict(size=FONT_SIZE - 2), automargin=True)
+    fig.update_yaxes(title_font=dict(size=FONT_SIZE + 1), tickfont=dict(size=FONT_SIZE - 2), automargin=True)
+    return fig
+
+
+def color_map(values: Iterable) -> dict:
+    """Value -> colour, deterministic: the sorted distinct values take the palette in order, so one label value
+    has the same colour on every page (booleans: False blue, True orange)."""
+    distinct = sorted({v for v in values if not _isnan(v)}, key=lambda v: (str(type(v)), v))
+    return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(distinct)}
+
+
+def model_color(name: str) -> str:
+    """A stable colour per model name (same on every page and every run)."""
+    h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
+    return PALETTE[h % len(PALETTE)]
+
+
+def _isnan(v) -> bool:
+    try:
+        return bool(np.isnan(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_categorical(s: pd.Series) -> bool:
+    return not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) or s.nunique(dropna=True) <= 2
+
+
+def _hover(df: pd.DataFrame, id_col: str, extra: Sequence[str]) -> tuple[np.ndarray, str]:
+    cols = [id_col] + [c for c in extra if c in df.columns and c != id_col]
+    custom = df[cols].astype(object).to_numpy()
+    lines = [f"<b>%{{customdata[0]}}</b>"] + [f"{c}: %{{customdata[{i}]}}" for i, c in enumerate(cols) if i]
+    return custom, "<br>".join(lines)
+
+
+def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, id_col: str = "id", name: str | None = None,
+                 hover: Sequence[str] = (), unit: str | None = None, color: str | None = None,
+                 title: str | None = None) -> go.Figure:
+    """Predicted vs actual scatter with the identity line ``y = x``; hover and ``custom_data`` carry the LoRA id."""
+    d = df[[c for c in dict.fromkeys([id_col, true_col, pred_col, *hover]) if c in df.columns]].dropna(
+        subset=[true_col, pred_col])
+    custom, template = _hover(d, id_col, [true_col, pred_col, *hover])
+    fig = go.Figure()
+    if len(d):
+        lo = float(min(d[true_col].min(), d[pred_col].min()))
+        hi = float(max(d[true_col].max(), d[pred_col].max()))
+        pad = 0.03 * (hi - lo or 1.0)
+        fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x",
+                                 line=dict(color="#888888", dash="dash", width=2), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=d[true_col], y=d[pred_col], mode="markers", name=name or pred_col,
+                             customdata=custom, hovertemplate=template + "<extra></extra>",
+                             marker=dict(size=10, opacity=0.8, color=color or (model_color(name) if name else
+                                                                                PALETTE[0]),
+                                         line=dict(width=0.5, color="white"))))
+    fig.update_xaxes(title_text="actual " + axis_title(true_col, unit))
+    fig.update_yaxes(title_text="predicted " + axis_title(true_col, unit))
+    return style(fig, title, legend=False)
+
+
+def roc_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], title: str | None = None,
+               min_fpr: float = 1e-4, points: Sequence[tuple[float, float, str]] = ()) -> go.Figure:
+    """ROC curves ``(name, fpr, tpr, auc)`` on a log FPR axis (low-FPR regime, Carlini et al.), with the chance
+    line; ``points`` marks operating points ``(fpr, tpr, text)`` such as the current threshold."""
+    fig = go.Figure()
+    grid = np.logspace(np.log10(min_fpr), 0, 100)
+    fig.add_trace(go.Scatter(x=grid, y=grid, mode="lines", name="chance", line=dict(color="#999999", dash="dot"),
+                             hoverinfo="skip"))
+    for i, (name, fpr, tpr, auc) in enumerate(curves):
+        fpr = np.clip(np.asarray(fpr, dtype=float), min_fpr, 1.0)
+        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUC {auc:.3f})",
+                                 line=dict(width=3, color=PALETTE[i % len(PALETTE)], shape="hv")))
+    for fpr, tpr, text in points:
+        fig.add_trace(go.Scatter(x=[max(fpr, min_fpr)], y=[tpr], mode="markers+text", text=[text],
+                                 textposition="bottom right", name="threshold",
+                                 marker=dict(size=14, color="#D55E00", symbol="x")))
+    fig.update_xaxes(type="log", title_text="false positive rate (log scale)", range=[np.log10(min_fpr), 0])
+    fig.update_yaxes(title_text="true positive rate", range=[0, 1.02])
+    return style(fig, title)
+
+
+def spectra(svals: Mapping[str, Sequence[float]], title: str | None = None, max_lines: int = 64) -> go.Figure:
+    """Singular values of ΔW = U Vᵀ per module (index i = 1..r, log scale); GL(r)-invariant by construction."""
+    fig = go.Figure()
+    for i, (name, s) in enumerate(list(svals.items())[:max_lines]):
+        s = np.asarray(s, dtype=float)
+        fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", name=name,
+                                 line=dict(width=2, color=PALETTE[i % len(PALETTE)]), marker=dict(size=7)))
+    fig.update_xaxes(title_text="singular value index i", dtick=1)
+    fig.update_yaxes(title_text="σᵢ(ΔW) (log scale)", type="log")
+    return style(fig, title, legend=len(svals) <= 12)
+
+
+def distribution(df: pd.DataFrame, col: str, title: str | None = None, height: int = 320) -> go.Figure:
+    """Histogram of a numeric column or bar counts of a categorical one, in the column's consistent colours."""
+    s = df[col].dropna()
+    fig = go.Figure()
+    if _is_categorical(s):
+        counts = s.value_counts()
+        cmap = color_map(counts.index)
+        order = sorted(counts.index, key=lambda v: (str(type(v)), v))
+        fig.add_trace(go.Bar(x=[str(v) for v in order], y=[int(counts[v]) for v in order],
+                             marker_color=[cmap[v] for v in order], hovertemplate="%{x}: %{y} LoRAs<extra></extra>"))
+        fig.update_xaxes(title_text=axis_title(col), type="category")
+    else:
+        fig.add_trace(go.Histogram(x=s, marker_color=PALETTE[0], nbinsx=30,
+                                   hovertemplate="%{x}: %{y} LoRAs<extra></extra>"))
+        fig.update_xaxes(title_text=axis_title(col))
+    fig.update_yaxes(title_text="number of LoRAs")
+    return style(fig, title, height=height, legend=False)
+
+
+def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *, id_col: str = "id",
+                      hover: Sequence[str] = (), title: str | None = None, height: int = 560) -> go.Figure:
+    """A 2-D map (e.g. UMAP) of LoRAs coloured by one column: discrete colours for categories and booleans, a
+    continuous scale for numbers. Axes are UMAP coordinates (unitless)."""
+    d = df.reset_index(drop=True)
+    custom, template = _hover(d, id_col, [c for c in [color_col, *hover] if c])
+    fig = go.Figure()
+    if color_col is None or color_col not in d.columns:
+        fig.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=custom,
+                                   hovertemplate=template + "<extra></extra>", name="LoRAs",
+                                   marker=dict(size=9, color=PALETTE[0], opacity=0.85)))
+    elif _is_categorical(d[color_col]):
+        cmap = color_map(d[color_col])
+        for v, c in cmap.items():
+            m = (d[color_col] == v).to_numpy()
+            fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{color_col} = {v}",
+                                       customdata=custom[m], hovertemplate=template + "<extra></extra>",
+                                       marker=dict(size=9, color=c, opacity=0.85)))
+        m = d[color_col].isna().to_numpy()
+        if m.any():
+            fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{color_col} unknown",
+                                       customdata=custom[m], hovertemplate=template + "<extra></extra>",
+                                       marker=dict(size=7, color="#bbbbbb", opacity=0.6)))
+    else:
+        vals = pd.to_numeric(d[color_col], errors="coerce")
+        fig.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=custom, name=color_col,
+                                   hovertemplate=template + "<extra></extra>",
+                                   marker=dict(size=9, color=vals, colorscale=CONTINUOUS, opacity=0.9,
+                                               colorbar=dict(title=dict(text=axis_title(color_col),
+                                                                        side="right")))))
+    fig.update_xaxes(title_text="UMAP 1 (unitless)", showticklabels=False)
+    fig.update_yaxes(title_text="UMAP 2 (unitless)", showticklabels=False)
+    return style(fig, title, height=height)
+
+
+def selected_ids(event) -> list[str]:
+    """LoRA ids of the points selected (clicked, box or lasso) in an ``st.plotly_chart(on_select=...)`` event."""
+    if not event:
+        return []
+    sel = event.get("selection", {}) if isinstance(event, Mapping) else getattr(event, "selection", {})
+    points = sel.get("points", []) if isinstance(sel, Mapping) else getattr(sel, "points", [])
+    ids = []
+    for p in points or []:
+        cd = p.get("customdata") if isinstance(p, Mapping) else None
+        if cd is None:
+            continue
+        v = cd[0] if isinstance(cd, (list, tuple)) else cd
+        if str(v) not in ids:
+            ids.append(str(v))
+    return ids
+
+
+def image_grid(images: Sequence, columns: int) -> list[list]:
+    """Rows of at most ``columns`` images, for laying out a prompt × seed grid with st.columns."""
+    return [list(images[i:i + columns]) for i in range(0, len(images), max(1, columns))]

@@ -1,0 +1,196 @@
+"""The shared sidebar: which collection, which device, which trained LoL model. Every page reads its choice with
+`context()`; nothing on a page re-asks.
+
+Collections come from three places: the shipped defaults under ``DATA/collections``; a folder of LoRA files or a
+packed collection on the server (a path); or LoRA files uploaded in the browser (staged in a temporary folder, then
+opened like a folder). Any failure to open one is shown as one plain message; the app keeps working.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from . import cache
+from . import data as app_data
+from .errors import plain
+
+__all__ = ["AppContext", "ModelChoice", "render", "context"]
+
+_SERVER = "A folder or packed collection on the server…"
+_UPLOAD = "Uploaded LoRA files…"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str          # shown in the sidebar, e.g. "clip_score · glnet"
+    path: str          # checkpoint folder
+    label: str | None  # the label it was trained for, when known
+
+
+@dataclass
+class AppContext:
+    """What the sidebar chose, for the pages."""
+
+    source: str | None = None            # shown name of the collection
+    path: str | None = None              # its folder
+    key: str | None = None               # cache key (changes when files change)
+    kind: str = "none"                   # "shipped" | "server" | "upload" | "none"
+    collection: object | None = None     # lol.collection.Collection
+    problem: str | None = None           # why there is no collection, in one line
+    device: str = "cpu"
+    model: ModelChoice | None = None
+    models: list[ModelChoice] = field(default_factory=list)
+    upload_errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.collection is not None
+
+    def table(self):
+        return cache.collection_table(self.path, self.key)
+
+    def require_collection(self) -> bool:
+        """Show why there is no collection (once, as st.info) and return False; True when one is open."""
+        if self.collection is not None:
+            return True
+        st.info(self.problem or "Choose a collection in the sidebar.")
+        return False
+
+
+def context() -> AppContext:
+    """The current sidebar choice (set by `render`, which app.py calls before the page runs)."""
+    ctx = st.session_state.get("_lol_ctx")
+    return ctx if isinstance(ctx, AppContext) else AppContext(problem="The sidebar has not run yet.")
+
+
+def render() -> AppContext:
+    ctx = AppContext()
+    sb = st.sidebar
+    sb.markdown("### Collection")
+    shipped = _shipped()
+    options = [f"{n} (shipped)" for n in shipped] + [_SERVER, _UPLOAD]
+    choice = sb.selectbox("Collection", options, key="collection_choice", label_visibility="collapsed",
+                          help="Shipped defaults live under data/collections (built by `lol zoo build`).")
+    if not shipped:
+        sb.caption(f"No shipped collections under `{app_data.data_root() / 'collections'}` yet: build them with "
+                   f"`lol zoo build`, or choose a folder or upload files.")
+    if choice == _SERVER:
+        path = sb.text_input("Path on the server", key="server_path", placeholder="/path/to/collection or folder",
+                             help="A packed collection, or a folder of LoRA files (.safetensors or PEFT folders).")
+        if path.strip():
+            _open(ctx, Path(path.strip()).expanduser(), kind="server", name=path.strip())
+        else:
+            ctx.problem = "Enter the path of a packed collection or a folder of LoRA files in the sidebar."
+    elif choice == _UPLOAD:
+        _uploads(ctx, sb)
+    else:
+        name = choice.removesuffix(" (shipped)")
+        _open(ctx, shipped[name], kind="shipped", name=name)
+    if ctx.ok:
+        sb.caption(_describe(ctx))
+
+    sb.markdown("### Device")
+    devices = app_data.devices()
+    ctx.device = sb.selectbox("Device", devices, key="device", label_visibility="collapsed",
+                              help="cuda when a GPU is visible to the server, else cpu.")
+    if "cuda" not in devices:
+        sb.caption("No GPU visible: models and image generation run on the CPU.")
+
+    sb.markdown("### LoL model")
+    ctx.models = _models()
+    if ctx.models:
+        names = [m.name for m in ctx.models]
+        pick = sb.selectbox("LoL model", names, key="model_choice", label_visibility="collapsed")
+        ctx.model = ctx.models[names.index(pick)]
+    else:
+        sb.caption(f"No trained checkpoints under `{app_data.data_root() / 'checkpoints'}` yet "
+                   f"(train them with `lol models train` or the notebooks).")
+    st.session_state["_lol_ctx"] = ctx
+    return ctx
+
+
+def _shipped() -> dict[str, Path]:
+    try:
+        return app_data.shipped_collections()
+    except OSError:
+        return {}
+
+
+def _models() -> list[ModelChoice]:
+    try:
+        index = app_data.checkpoint_index()
+        dirs = app_data.checkpoint_dirs()
+    except (OSError, ValueError) as e:
+        st.sidebar.warning(plain(e))
+        return []
+    by_path = {str(p): label for label, p in index.items()}
+    root = app_data.data_root() / "checkpoints"
+    out = []
+    for d in dirs:
+        try:
+            rel = str(d.relative_to(root.resolve()))
+        except ValueError:
+            rel = d.name
+        label = by_path.get(str(d))
+        out.append(ModelChoice(name=(f"{label} · {rel}" if label and label not in rel else rel), path=str(d),
+                               label=label))
+    # shipped (indexed) models first
+    return sorted(out, key=lambda m: (m.label is None, m.name))
+
+
+def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
+    ctx.source, ctx.kind, ctx.path = name, kind, str(path)
+    if not path.exists():
+        ctx.problem = f"{path}: no such file or folder on the server."
+        return
+    try:
+        ctx.key = cache.path_key(path)
+        coll = cache.collection(str(path), ctx.key)
+        if len(coll) == 0:
+            ctx.problem = f"{name}: the collection is empty (no LoRAs in {path})."
+            return
+        ctx.collection = coll
+    except Exception as e:  # noqa: BLE001 — any failure to open becomes one plain line
+        ctx.problem = f"Could not open {name}: {plain(e)}"
+
+
+def _uploads(ctx: AppContext, sb) -> None:
+    from .upload import ACCEPTED_TYPES, new_upload_dir, read_uploads
+
+    files = sb.file_uploader("LoRA files", type=ACCEPTED_TYPES, accept_multiple_files=True, key="sidebar_upload",
+                             help="diffusers / kohya / PEFT .safetensors; for a PEFT adapter upload "
+                                  "adapter_model.safetensors together with adapter_config.json.")
+    ctx.kind, ctx.source = "upload", "uploaded files"
+    if not files:
+        ctx.problem = "Upload one or more LoRA files in the sidebar."
+        return
+    sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files)
+    state = st.session_state.get("_lol_upload")
+    if not state or state[0] != sig:
+        folder = new_upload_dir()
+        result = read_uploads(files, folder)
+        state = (sig, str(folder), result.errors, len(result.loras))
+        st.session_state["_lol_upload"] = state
+    _, folder, errors, n_ok = state
+    ctx.upload_errors = list(errors)
+    for e in errors:
+        sb.error(e)
+    if n_ok == 0:
+        ctx.problem = "None of the uploaded files could be read as a LoRA (see the messages in the sidebar)."
+        return
+    _open(ctx, Path(folder), kind="upload", name=f"{n_ok} uploaded LoRA file(s)")
+
+
+def _describe(ctx: AppContext) -> str:
+    c = ctx.collection
+    parts = [f"{len(c)} LoRAs"]
+    try:
+        parts.append(f"{len(c.spec)} modules")
+        base = getattr(c, "base_model", None)
+        if base:
+            parts.append(f"base: {base}")
+    except Exception:  # noqa: BLE001 — description only
+        pass
+    return " · ".join(parts)
