@@ -1,0 +1,43 @@
+"""LoL models, by kind name. Each declares its input requirements (``requires``) and symmetry (``invariant_to``),
+exposes ``fit(train_batch)``, ``embed(batch)`` and ``forward(batch)``, and fails with `SpecMismatchError` on a batch
+it cannot read.
+
+========================= ==================================================== =======================================
+kind                      model                                                invariant to
+========================= ==================================================== =======================================
+``mlp``                   MLP on flattened raw factors                         nothing
+``mlp_aug``               same, trained with random GL(r) augmentation         nothing (approximately GL by training)
+``dense``                 MLP on dense ΔW ("MLP+Mul")                          GL(r)
+``svals``                 MLP on singular values of ΔW ("MLP+SVD")             GL(r)
+``oalign``                MLP on O-Aligned factors                             O(r) only
+``canon_mlp``             MLP on the SVD canonical form                        GL(r), generic inputs
+``canon_transformer``     Transformer over per-module canonical tokens         GL(r), generic inputs
+``glnet``                 GL-equivariant network with invariant head           GL(r), any rank
+========================= ==================================================== =======================================
+"""
+from __future__ import annotations
+
+from ..errors import LoLError
+from ..lora import ModuleSpec
+from .base import LoLModel, MLPTrunk, Standardize
+from .glnet import GLHidden, GLInput, GLNet, InvariantHead, RowGate
+from .mlp import (AugmentedMLP, CanonicalMLP, DenseMLP, FeatureMLP, FlattenMLP, OAlignMLP, SingularValueMLP)
+from .transformer import CanonicalTransformer
+
+__all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
+           "SingularValueMLP", "OAlignMLP", "CanonicalMLP", "CanonicalTransformer", "GLNet", "GLInput", "GLHidden",
+           "RowGate", "InvariantHead", "MLPTrunk", "Standardize"]
+
+MODELS: dict[str, type[LoLModel]] = {cls.kind: cls for cls in (
+    FlattenMLP, AugmentedMLP, DenseMLP, SingularValueMLP, OAlignMLP, CanonicalMLP, CanonicalTransformer, GLNet)}
+
+
+def build_model(kind: str, spec: ModuleSpec, n_outputs: int, **hparams) -> LoLModel:
+    """A new model of ``kind`` for LoRAs over ``spec`` with ``n_outputs`` outputs; ``hparams`` go to its constructor
+    (see each class; ``width`` is accepted by all)."""
+    if kind not in MODELS:
+        raise LoLError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")
+    try:
+        return MODELS[kind](spec, n_outputs, **hparams)
+    except TypeError as e:
+        raise LoLError(f"model {kind!r}: {e}") from None

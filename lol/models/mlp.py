@@ -1,0 +1,122 @@
+"""MLPs over fixed featurizations of a LoRA (paper §2): raw factors, raw factors + GL augmentation, dense ΔW,
+singular values, O-Aligned factors, SVD canonical form. Each is ``featurizer → standardize → MLP``; the symmetry of
+the model is exactly the symmetry of its featurizer (the standardization and MLP act on invariant features)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..batch import LoRABatch
+from ..features import DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical
+from .base import LoLModel, MLPTrunk, Standardize
+
+__all__ = ["FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "SingularValueMLP", "OAlignMLP",
+           "CanonicalMLP", "iter_chunks"]
+
+
+def iter_chunks(batch: LoRABatch, size: int) -> Iterator[LoRABatch]:
+    for s in range(0, len(batch), size):
+        yield batch.select(torch.arange(s, min(s + size, len(batch))))
+
+
+class FeatureMLP(LoLModel):
+    """``featurizer → Standardize → depth × (Linear, LayerNorm, ReLU) → Linear``."""
+
+    featurizer_cls = FlattenFactors
+    standardize = "feature"
+    fit_chunk = 256
+
+    def __init__(self, spec, n_outputs, width: int = 64, depth: int = 2, rank: int | None = None):
+        super().__init__(spec, n_outputs, width)
+        self.depth = int(depth)
+        self.features = self.featurizer_cls(spec, rank)
+        self.built = False
+        if rank is not None or self.featurizer_cls is DenseDelta:
+            self._build()
+
+    def _build(self):
+        D = self.features.dim()
+        self.norm = Standardize(D, self.standardize)
+        self.trunk = MLPTrunk(D, self.width, self.depth)
+        self.head = nn.Linear(self.width, self.n_outputs)
+        self.built = True
+
+    def config(self):
+        return {"width": self.width, "depth": self.depth, "rank": self.features.rank}
+
+    @torch.no_grad()
+    def fit(self, batch):
+        self.check(batch)
+        self.features.fit(batch)
+        if not self.built:
+            self._build()
+        self.norm.fit_stream(self.features(c) for c in iter_chunks(batch, self.fit_chunk))
+        self.fitted = True
+        return self
+
+    def featurize(self, batch):
+        self.check(batch)
+        return self.norm(self.features(batch))
+
+    def embed_features(self, x):
+        return self.trunk(x)
+
+
+class FlattenMLP(FeatureMLP):
+    """MLP on the flattened raw factors of all modules. Invariant to nothing."""
+
+    kind = "mlp"
+    requires = "the fitted module spec; every module of every LoRA at the fitted rank (uniform rank)"
+    invariant_to = "nothing"
+    featurizer_cls = FlattenFactors
+
+
+class AugmentedMLP(FlattenMLP):
+    """The flatten MLP trained with a fresh random GL(r) element per module and LoRA on every minibatch: only
+    approximately invariant (it learns the symmetry from data; nothing enforces it)."""
+
+    kind = "mlp_aug"
+    invariant_to = "nothing (approximately GL(r) by augmentation)"
+    precompute = False
+    augment_gl = True
+
+
+class DenseMLP(FeatureMLP):
+    """MLP on dense ΔW of every module ("MLP+Mul"): GL-invariant and complete, but Σ n·m inputs. Uses one scalar
+    standardization (per-feature statistics would be as large as the input)."""
+
+    kind = "dense"
+    requires = "the fitted module spec (any ranks)"
+    invariant_to = "GL(r)"
+    featurizer_cls = DenseDelta
+    standardize = "scalar"
+    fit_chunk = 8
+
+
+class SingularValueMLP(FeatureMLP):
+    """MLP on the singular values of every ΔW ("MLP+SVD"): GL-invariant, not complete."""
+
+    kind = "svals"
+    requires = "the fitted module spec; ranks ≤ the fitted rank (smaller ranks are zero-padded)"
+    invariant_to = "GL(r)"
+    featurizer_cls = SingularValues
+
+
+class OAlignMLP(FeatureMLP):
+    """MLP on factors aligned by orthogonal Procrustes to a training template: O(r)-invariant only."""
+
+    kind = "oalign"
+    requires = "the fitted module spec; ranks ≤ the fitted (template) rank"
+    invariant_to = "O(r)"
+    featurizer_cls = OAlign
+
+
+class CanonicalMLP(FeatureMLP):
+    """MLP on the SVD canonical form (U', V') of every module: GL-invariant for generic inputs, complete."""
+
+    kind = "canon_mlp"
+    requires = "the fitted module spec; ranks ≤ the fitted rank (smaller ranks are zero-padded)"
+    invariant_to = "GL(r)"
+    featurizer_cls = SVDCanonical

@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from helpers_models import SPEC, random_batch
+from lol.batch import LoRABatch
+from lol.errors import LoLError, SpecMismatchError
+from lol.lora import ModuleSpec
+from lol.models import MODELS, GLHidden, GLInput, GLNet, InvariantHead, RowGate, build_model
+from lol.models.glnet import unpack_factors
+from lol.symmetry import (assert_gl_equivariant, assert_gl_invariant, gl_invariance_error, one_sided_act)
+
+INVARIANT = ["dense", "svals", "canon_mlp", "canon_transformer", "glnet"]
+SMALL = {"width": 16, "canon_transformer": {"d_model": 16, "heads": 2}, "glnet": {"channels": 6}}
+
+
+def make(kind, batch, n_outputs=3, **kw):
+    hp = {"width": SMALL["width"], **SMALL.get(kind, {}), **kw}
+    torch.manual_seed(0)
+    return build_model(kind, SPEC, n_outputs, **hp).fit(batch)
+
+
+@pytest.fixture(scope="module")
+def uniform():
+    return random_batch(8, rank=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return random_batch(8, rank=3, seed=4, mixed=True)
+
+
+def test_registry_has_every_kind_and_rejects_unknown():
+    assert set(MODELS) == {"mlp", "mlp_aug", "dense", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet"}
+    with pytest.raises(LoLError, match="unknown model kind 'nope'.*glnet"):
+        build_model("nope", SPEC, 1)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_outputs_and_embeddings_are_order_one_at_init(kind, uniform):
+    m = make(kind, uniform.to(dtype=torch.float32)).eval()
+    x = random_batch(16, rank=3, seed=5, dtype=torch.float32)
+    with torch.no_grad():
+        y, e = m(x), m.embed(x)
+    assert y.shape == (16, 3) and e.shape[0] == 16 and e.ndim == 2
+    assert torch.isfinite(y).all()
+    assert 0.05 < float(e.std()) < 5, float(e.std())
+    assert 0.02 < float(y.std()) < 5, float(y.std())
+    assert m.requires and m.invariant_to
+
+
+@pytest.mark.parametrize("kind", INVARIANT)
+def test_invariant_models_are_gl_invariant_and_sensitive(kind, mixed):
+    b = mixed if kind != "canon_transformer" else mixed.select(range(4))
+    m = make(kind, b)
+    assert assert_gl_invariant(m, b, atol=1e-10, rtol=1e-8) < 1e-8
+    assert assert_gl_invariant(m.embed, b, atol=1e-10, rtol=1e-8) < 1e-8
+    # sensitivity: the same-size change U ↦ U R without V ↦ V R⁻ᵀ moves the output
+    assert gl_invariance_error(m, b, act=one_sided_act) > 1e-3
+
+
+def test_flatten_mlp_is_not_invariant_and_oalign_only_orthogonal(uniform):
+    for kind in ("mlp", "mlp_aug"):
+        m = make(kind, uniform)
+        assert gl_invariance_error(m, uniform) > 1e-2
+        assert gl_invariance_error(m, uniform, cond=1.0) > 1e-2  # not even O(r)
+    m = make("oalign", uniform)
+    x = uniform.select(range(1, 8))
+    assert gl_invariance_error(m, x, cond=1.0) < 1e-9
+    assert gl_invariance_error(m, x) > 1e-3
+
+
+def _lists(layer_fn, ranks):
+    """Wrap a packed (L, h, B, r) layer as the list → list map `assert_gl_equivariant` expects."""
+    def f(Us, Vs):
+        r = max(u.shape[-1] for u in Us)
+        HU, HV = layer_fn(Us, Vs, r)
+        return unpack_factors(HU, ranks), unpack_factors(HV, ranks)
+    return f
+
+
+def _packed_input(Us, Vs):  # identity packing: (B, n, r) lists → (L, n, B, r) when all modules share n, m
+    r = max(u.shape[-1] for u in Us)
+    pad = lambda X: torch.nn.functional.pad(X, (0, r - X.shape[-1])).permute(1, 0, 2)
+    return torch.stack([pad(u) for u in Us]), torch.stack([pad(v) for v in Vs])
+
+
+def test_glnet_layers_are_equivariant(mixed):
+    ranks = [u.shape[-1] for u in mixed.U]
+    torch.manual_seed(0)
+    inp = GLInput(SPEC, 5).double()
+    assert assert_gl_equivariant(_lists(lambda U, V, r: inp(U, V), ranks), mixed) < 1e-12
+    # hidden layers and gates act on h×r factors: build a batch over an h×h "spec"
+    hspec = ModuleSpec(tuple(SPEC.names), tuple((5, 5) for _ in SPEC.names))
+    hb = LoRABatch(hspec, *[list(t) for t in zip(*[(p.permute(1, 0, 2), q.permute(1, 0, 2))
+                                                  for p, q in zip(*inp(mixed.U, mixed.V))])], mixed.ranks)
+    hidden = GLHidden(len(SPEC), 5).double()
+    assert assert_gl_equivariant(_lists(lambda U, V, r: hidden(*_packed_input(U, V)), ranks), hb) < 1e-12
+    for gate in ("hard", "sigmoid"):
+        g = RowGate(gate)
+        assert assert_gl_equivariant(_lists(lambda U, V, r: g(*_packed_input(U, V)), ranks), hb) < 1e-12
+    # the gate is not the identity and the entrywise ReLU is not equivariant (sensitivity)
+    HU, HV = _packed_input(hb.U, hb.V)
+    assert (RowGate("hard")(HU, HV)[0] == 0).any()
+    relu = _lists(lambda U, V, r: tuple(torch.relu(t) for t in _packed_input(U, V)), ranks)
+    with pytest.raises(AssertionError, match="not GL-equivariant"):
+        assert_gl_equivariant(relu, hb)
+    head = InvariantHead(len(SPEC))
+    assert assert_gl_invariant(lambda b: head(*_packed_input(b.U, b.V)), hb) < 1e-12
+
+
+def test_glnet_any_depth_and_gate_and_pool_is_invariant(mixed):
+    for depth, gate, pool in [(1, "hard", "flat"), (3, "sigmoid", "mean"), (4, "hard", "mean")]:
+        m = make("glnet", mixed, depth=depth, gate=gate, pool=pool)
+        assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+
+
+def test_glnet_is_rank_agnostic():
+    train = random_batch(8, rank=4, seed=6)
+    m = make("glnet", train).double().eval()
+    for r in (8, 16):
+        b = random_batch(3, rank=r, seed=r)
+        with torch.no_grad():
+            assert m(b).shape == (3, 3)
+        assert_gl_invariant(m, b, atol=1e-10, rtol=1e-8)
+    # the same ΔW given at rank 8 (redundant columns) gets the same prediction as at rank 4
+    b4 = random_batch(3, rank=4, seed=7)
+    b8 = b4.with_factors([torch.cat([u, u], -1) for u in b4.U], [torch.cat([v, v], -1) / 2 for v in b4.V])
+    b8.ranks = b4.ranks * 2
+    with torch.no_grad():
+        assert torch.allclose(m(b4), m(b8), atol=1e-10)
+
+
+def test_hard_gate_passes_gradients_to_the_equivariant_weights(uniform):
+    m = make("glnet", uniform.to(dtype=torch.float32))
+    x = uniform.to(dtype=torch.float32)
+    m(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.input.phi)
+    assert m.hidden[0].wu.grad.abs().sum() > 0
+
+
+def test_models_state_their_requirements_and_fail_clearly(uniform, mixed):
+    m = make("mlp", uniform)
+    with pytest.raises(SpecMismatchError, match="one rank"):
+        m(mixed)
+    for kind in ("svals", "canon_mlp", "oalign"):
+        m = make(kind, random_batch(4, rank=2, seed=8))
+        with pytest.raises(SpecMismatchError, match="ranks ≤ 2"):
+            m(uniform)
+    other = ModuleSpec(SPEC.names[:3] + ("mid.attn2.to_k",), SPEC.shapes)
+    bad = LoRABatch(other, uniform.U, uniform.V, uniform.ranks)
+    for kind in ("glnet", "dense"):
+        with pytest.raises(SpecMismatchError, match="mid.attn2.to_v"):
+            make(kind, uniform)(bad)
+    wrong = ModuleSpec(SPEC.names, SPEC.shapes[:3] + ((16, 8),))
+    with pytest.raises(SpecMismatchError, match="16×9.*16×8"):
+        make("glnet", uniform)(LoRABatch(wrong, uniform.U[:3] + [uniform.U[3]], uniform.V[:3] + [uniform.V[3][:, :8]],
+                                         uniform.ranks))
+
+
+def test_built_from_config_matches_fitted_shapes(uniform):
+    for kind in MODELS:
+        m = make(kind, uniform)
+        fresh = build_model(kind, SPEC, 3, **m.config())
+        fresh.load_state_dict(m.state_dict())  # strict: same parameters and buffers, no fit needed
