@@ -9,10 +9,13 @@ its tests), features and models (invariant learning), zoo (building datasets), a
 """
 from .errors import CollectionError, LoLError, LoRAFormatError, SpecMismatchError
 from .lora import LoRA, LoRAModule, ModuleSpec, lora_scale, module_key
+from .formats import detect_format, read_lora, save_diffusers, save_peft
+from .collection import Collection, open_collection, write_collection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRA", "LoRAModule", "ModuleSpec", "lora_scale", "module_key",
     "LoLError", "LoRAFormatError", "SpecMismatchError", "CollectionError",
+    "read_lora", "save_peft", "save_diffusers", "detect_format", "open_collection", "write_collection", "Collection",
 ]

@@ -1,0 +1,371 @@
+"""`lol inspect`, `lol import`, `lol export`, `lol synth`: LoRA files in and out, packed collections.
+
+Every command reports errors as one ``error: <path>: <problem>`` line (see `lol.cli.main`). Only light modules are
+imported at the top; pandas, safetensors and tqdm are imported by the commands that need them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from ..errors import CollectionError, LoLError, LoRAFormatError
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="show the modules, ranks, alpha and ‖ΔW‖ of a LoRA file, folder or collection")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("import", help="pack a folder tree of LoRA files (any format) into a collection")
+    p.add_argument("src", help="folder with LoRA files / PEFT folders (searched recursively)")
+    p.add_argument("dest", help="collection folder to create")
+    p.add_argument("--labels", help="CSV or Parquet table joined on a column 'id' (relative path) or 'path'")
+    p.add_argument("--base-model", help="description of the base model, e.g. 'runwayml/stable-diffusion-v1-5'")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="storage dtype of the factors")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write every LoRA of a collection back as files")
+    p.add_argument("collection")
+    p.add_argument("dest")
+    p.add_argument("--format", choices=("diffusers", "peft"), default="diffusers")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="file dtype (default: float32)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="write synthetic LoRAs with known GL-invariant labels")
+    p.add_argument("--spec", choices=("sd15", "tiny"), default="tiny")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--rank", default="4", help="rank, or comma-separated ranks drawn per LoRA (e.g. 2,4,8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--packed", action="store_true", help="write a packed collection instead of files")
+    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.set_defaults(func=cmd_synth)
+
+
+def _torch_dtype(name):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------------------------------------- inspect
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def cmd_inspect(args) -> int:
+    from ..formats import detect_format, read_lora
+
+    path = Path(args.path)
+    fmt = detect_format(path)
+    if fmt == "collection":
+        return _inspect_collection(path, args.json)
+    lora = read_lora(path)
+    mods = [{"name": m.name, "out_features": m.out_features, "in_features": m.in_features, "rank": m.rank,
+             "alpha": m.alpha, "scale": m.scale, "delta_norm": m.delta_norm()} for m in lora]
+    metadata = dict(lora.metadata)
+    if lora.config:
+        metadata["adapter_config"] = lora.config
+    if args.json:
+        print(json.dumps({"path": str(path), "format": fmt, "modules": mods, "metadata": metadata}, indent=1))
+        return 0
+    print(f"{path}: {fmt} LoRA, {len(mods)} modules, ranks {sorted(set(lora.ranks))}, "
+          f"{lora.num_parameters():,} parameters")
+    _print_table([[m["name"], f"{m['out_features']}×{m['in_features']}", m["rank"], _fmt(m["alpha"]),
+                   _fmt(m["scale"]), _fmt(m["delta_norm"])] for m in mods],
+                 ["module", "out×in", "rank", "alpha", "scale", "‖ΔW‖_F"])
+    if metadata:
+        print("metadata:")
+        for k, v in metadata.items():
+            s = " ".join((v if isinstance(v, str) else json.dumps(v)).split())
+            print(f"  {k}: {s if len(s) <= 100 else s[:97] + '...'}")
+    return 0
+
+
+def _inspect_collection(path: Path, as_json: bool) -> int:
+    from ..collection import open_collection
+
+    c = open_collection(path)
+    ranks = c.ranks
+    mods = [{"name": n, "out_features": o, "in_features": i, "rmax": int(ranks[:, ell].max()),
+             "ranks": sorted({int(r) for r in ranks[:, ell].tolist()})}
+            for ell, (n, (o, i)) in enumerate(zip(c.spec.names, c.spec.shapes))]
+    cols = [col for col in c.table.columns if col not in ("id", "source")]
+    summary = {"path": str(path), "format": "collection", "n": len(c), "base_model": c.base_model,
+               "dtype": c.meta.get("dtype"), "modules": mods, "labels": c.labels, "tasks": c.tasks,
+               "columns": cols, "fingerprint": c.fingerprint, "metadata": {"provenance": c.provenance}}
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    print(f"{path}: packed collection of {len(c)} LoRAs over {len(c.spec)} modules "
+          f"(Σ(n+m) = {c.spec.total_out_plus_in:,}, Σ n·m = {c.spec.total_dense:,}), {summary['dtype']} factors")
+    print(f"base model: {c.base_model or '-'}   fingerprint: {c.fingerprint[:16]}")
+    rank_counts = Counter(int(r) for r in ranks.flatten().tolist())
+    print("ranks: " + ", ".join(f"{r} ×{k}" for r, k in sorted(rank_counts.items())) + " (module instances)")
+    if "format" in c.table.columns:
+        print("source formats: " + ", ".join(f"{f} ×{k}" for f, k in c.table["format"].value_counts().items()))
+    if c.labels:
+        print("labels:")
+        for name, info in c.labels.items():
+            print(f"  {name} ({info.get('kind')}, task {info.get('task') or '-'}): {info.get('description', '')}")
+    if c.tasks:
+        print("tasks: " + "; ".join(f"{t}: {', '.join(v)}" for t, v in c.tasks.items()))
+    print(f"columns: {', '.join(cols)}")
+    _print_table([[m["name"], f"{m['out_features']}×{m['in_features']}", m["rmax"]] for m in mods[:8]],
+                 ["module", "out×in", "rmax"])
+    if len(mods) > 8:
+        print(f"... and {len(mods) - 8} more modules")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ import
+
+def _spec_signature(lora) -> tuple:
+    return tuple(sorted((m.key, m.out_features, m.in_features) for m in lora))
+
+
+def _read_labels(path: Path):
+    import pandas as pd
+
+    if not path.is_file():
+        raise LoRAFormatError(path, "labels table not found")
+    try:
+        df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except Exception as e:  # pandas raises many types for a bad table
+        raise LoRAFormatError(path, f"cannot read the labels table ({type(e).__name__}: {e})") from None
+    key = "id" if "id" in df.columns else "path" if "path" in df.columns else None
+    if key is None:
+        raise LoRAFormatError(path, f"labels table needs a column 'id' or 'path'; it has {list(df.columns)[:8]}")
+    return df, key
+
+
+def _label_schema(df, reserved) -> dict:
+    import pandas as pd
+
+    schema = {}
+    for col in df.columns:
+        if col in reserved:
+            continue
+        s = df[col].dropna()
+        if pd.api.types.is_bool_dtype(s) or (pd.api.types.is_numeric_dtype(s) and len(s) and set(s.unique()) <= {0, 1}):
+            kind = "binary"
+        elif pd.api.types.is_numeric_dtype(s):
+            kind = "regression"
+        else:
+            kind = "category"
+        schema[col] = {"kind": kind, "description": f"column {col!r} of the labels table", "task": "labels"}
+    return schema
+
+
+def cmd_import(args) -> int:
+    import pandas as pd
+    import torch
+    from tqdm import tqdm
+
+    from ..collection import open_collection, write_collection
+    from ..formats import lora_files, read_lora
+    from ..lora import LoRA, LoRAModule
+
+    src, dest = Path(args.src), Path(args.dest)
+    if not src.exists():
+        raise LoRAFormatError(src, "no such folder")
+    if dest.exists() and any(dest.iterdir()) and not args.overwrite:
+        raise CollectionError(f"{dest}: already exists (use --overwrite to replace it)")
+    paths = lora_files(src)
+    if not paths:
+        raise LoRAFormatError(src, "no LoRA files found (.safetensors files or PEFT folders)")
+    failed: list[tuple[str, str]] = []
+    headers = []
+    for p in tqdm(paths, desc="scanning", unit="file", file=sys.stderr, mininterval=0.5):
+        try:
+            headers.append((p, read_lora(p, shapes_only=True)))
+        except LoLError as e:
+            failed.append((p.relative_to(src).as_posix(), str(e)))
+        except OSError as e:
+            failed.append((p.relative_to(src).as_posix(), f"{type(e).__name__}: {e}"))
+    if not headers:
+        _report_failures(failed, [])
+        raise CollectionError(f"{src}: none of the {len(paths)} LoRA files could be read")
+    sigs = Counter(_spec_signature(lo) for _, lo in headers)
+    majority = sigs.most_common(1)[0][0]
+    spec = next(lo.spec for _, lo in headers if _spec_signature(lo) == majority)
+    keep, mismatched = [], []
+    for p, lo in headers:
+        if _spec_signature(lo) == majority:
+            keep.append((p, lo))
+        else:
+            try:
+                spec.check(lo, what="the majority of the source files")
+                mismatched.append((p.relative_to(src).as_posix(), "module set differs from the majority"))
+            except LoLError as e:
+                mismatched.append((p.relative_to(src).as_posix(), str(e)))
+    by_key = [{m.key: m.rank for m in lo} for _, lo in keep]
+    rmax = [max(d[k] for d in by_key) for k in spec.keys]
+    ids = [p.relative_to(src).as_posix() for p, _ in keep]
+    table = pd.DataFrame({"id": ids, "source": [str(p) for p, _ in keep], "format": [lo.format for _, lo in keep]})
+    labels = tasks = None
+    if args.labels:
+        df, key = _read_labels(Path(args.labels))
+        df = df.copy()
+        df[key] = df[key].astype(str)
+        if key == "path":  # match relative paths, or absolute paths resolving to the same file
+            rel = {str(p.resolve()): i for (p, _), i in zip(keep, ids)}
+            df["id"] = [rel.get(str(Path(v).resolve()), Path(v).as_posix()) for v in df["path"]]
+            df = df.drop(columns=["path"])
+        dup = df["id"][df["id"].duplicated()].tolist()
+        if dup:
+            raise LoRAFormatError(args.labels, f"duplicate label rows for {dup[:3]}")
+        reserved = {"id", "source", "format"}
+        df = df.drop(columns=[c for c in ("source", "format") if c in df.columns])
+        unmatched = sorted(set(df["id"]) - set(ids))
+        if unmatched:
+            print(f"warning: {len(unmatched)} label row(s) match no imported LoRA, e.g. {unmatched[:3]}",
+                  file=sys.stderr)
+        missing = len(set(ids) - set(df["id"]))
+        if missing:
+            print(f"warning: {missing} imported LoRA(s) have no label row (their labels are empty)", file=sys.stderr)
+        table = table.merge(df, on="id", how="left")
+        labels = _label_schema(df, reserved | {"group", "split"})
+        schema_file = Path(args.labels).with_suffix(".json")  # e.g. written by `lol synth` beside labels.csv
+        if schema_file.is_file():
+            try:
+                given = json.loads(schema_file.read_text())
+            except json.JSONDecodeError as e:
+                raise LoRAFormatError(schema_file, f"not valid JSON ({e})") from None
+            if isinstance(given, dict) and isinstance(given.get("labels"), dict):
+                labels, tasks = given["labels"], given.get("tasks")
+
+    late_failures: list[int] = []
+
+    def stream():
+        for j, (p, _) in enumerate(tqdm(keep, desc="packing", unit="LoRA", file=sys.stderr, mininterval=0.5)):
+            try:
+                yield read_lora(p)
+            except (LoLError, OSError) as e:
+                failed.append((ids[j], str(e)))
+                late_failures.append(j)
+                yield LoRA.from_modules(LoRAModule(n, torch.zeros(o, 1), torch.zeros(i, 1), 1.0, 1.0)
+                                        for n, (o, i) in zip(spec.names, spec.shapes))
+
+    dtype = _torch_dtype(args.dtype)
+    prov = {"command": "lol import", "source_root": str(src), "files_found": len(paths)}
+    c = write_collection(dest, stream(), table, labels=labels, tasks=tasks, base_model=args.base_model, dtype=dtype,
+                         spec=spec, provenance=prov, rmax=rmax, overwrite=args.overwrite)
+    if late_failures:  # a file whose header was fine but whose data is not: re-pack without it
+        good = [j for j in range(len(keep)) if j not in set(late_failures)]
+        if not good:
+            import shutil
+            shutil.rmtree(dest, ignore_errors=True)
+            _report_failures(failed, mismatched)
+            raise CollectionError(f"{src}: none of the LoRA files could be read")
+        tmp = dest.parent / f".{dest.name}.repack"
+        write_collection(tmp, (c.lora(j) for j in good), c.table.iloc[good], labels=labels, tasks=tasks,
+                         base_model=args.base_model, dtype=dtype, spec=spec, provenance=prov, overwrite=True)
+        del c
+        import shutil
+        shutil.rmtree(dest)
+        tmp.rename(dest)
+        c = open_collection(dest)
+    print(f"packed {len(c)} LoRAs ({len(spec)} modules each) into {dest}")
+    _report_failures(failed, mismatched)
+    return 0
+
+
+def _report_failures(failed, mismatched) -> None:
+    if mismatched:
+        print(f"{len(mismatched)} LoRA(s) skipped: their modules differ from the majority spec:", file=sys.stderr)
+        for p, why in mismatched:
+            print(f"  {p}: {why}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} file(s) skipped: unreadable:", file=sys.stderr)
+        for p, why in failed:
+            print(f"  {p}: {why}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------------------ export
+
+def _export_path(dest: Path, lora_id: str, suffix: str) -> Path:
+    parts = Path(lora_id).parts
+    if not parts or ".." in parts or Path(lora_id).is_absolute():
+        raise CollectionError(f"id {lora_id!r} cannot be used as a relative file path")
+    p = dest.joinpath(*parts)
+    if p.suffix == ".safetensors":
+        p = p.with_suffix("")
+    return p.with_name(p.name + suffix) if suffix else p
+
+
+def cmd_export(args) -> int:
+    from tqdm import tqdm
+
+    from ..collection import open_collection
+    from ..formats import save_diffusers, save_peft
+
+    c = open_collection(args.collection)
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dtype = _torch_dtype(args.dtype)
+    written = []
+    for i, lora in enumerate(tqdm(c.loras(), total=len(c), desc="exporting", unit="LoRA", file=sys.stderr,
+                                  mininterval=0.5)):
+        lora_id = str(c.table["id"].iloc[i])
+        if args.format == "peft":
+            out = _export_path(dest, lora_id, "")
+            save_peft(lora, out, dtype=dtype)
+        else:
+            out = _export_path(dest, lora_id, ".safetensors")
+            save_diffusers(lora, out, dtype=dtype)
+        written.append(out.relative_to(dest).as_posix())
+    table = c.table.drop(columns=["id"]).copy()
+    table.insert(0, "path", written)
+    table.to_csv(dest / "labels.csv", index=False)
+    print(f"wrote {len(written)} {args.format} LoRAs to {dest} (table: {dest / 'labels.csv'})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- synth
+
+def cmd_synth(args) -> int:
+    from ..formats import save_diffusers
+    from ..synth import spec_by_name, synth_collection
+
+    try:
+        ranks = tuple(int(r) for r in str(args.rank).split(","))
+    except ValueError:
+        raise LoLError(f"--rank must be an integer or a comma-separated list, got {args.rank!r}") from None
+    if args.n < 1 or min(ranks) < 1:
+        raise LoLError("--n and --rank must be positive")
+    ss = synth_collection(spec_by_name(args.spec), args.n, ranks=ranks, seed=args.seed, alpha=args.alpha)
+    out, dtype = Path(args.out), _torch_dtype(args.dtype)
+    if args.packed:
+        c = ss.write(out, dtype=dtype, base_model=f"synthetic ({args.spec} spec)")
+        print(f"wrote a packed collection of {len(c)} synthetic LoRAs to {out}")
+        return 0
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, lora in enumerate(tqdm(ss.loras(), total=args.n, desc="writing", unit="LoRA", file=sys.stderr,
+                                  mininterval=0.5)):
+        name = f"{ss.table['id'].iloc[i]}.safetensors"
+        save_diffusers(lora, out / name, dtype=dtype)
+        names.append(name)
+    table = ss.table.copy()
+    table["id"] = names
+    table.drop(columns=["source", "format"]).to_csv(out / "labels.csv", index=False)
+    (out / "labels.json").write_text(json.dumps({"labels": ss.labels, "tasks": ss.tasks}, indent=1))
+    print(f"wrote {args.n} synthetic {args.spec} LoRAs (diffusers format) and labels.csv to {out}")
+    return 0

@@ -1,0 +1,465 @@
+"""Packed collections: many LoRAs over one `ModuleSpec`, stored so that opening is instant and batches are slices.
+
+A collection is a folder with three files:
+
+* ``collection.json``: format version, the spec (module names and (out, in) shapes), conv kernel shapes, base model
+  description, label schema ``{name: {"kind": "regression"|"binary"|"category", "description", "task"}}``, label
+  groups ``{"tasks": {task: [label, ...]}}``, provenance, and the SHA-256 of the factors file;
+* ``factors.safetensors``: per module ℓ, ``U/<name>`` (N, out_ℓ, rmax_ℓ) and ``V/<name>`` (N, in_ℓ, rmax_ℓ)
+  (float16 by default; U has the scale folded in, so ``ΔW = U Vᵀ``), zero-padded past each LoRA's true rank;
+  ``rank`` (N, L) int32; ``alpha`` and ``scale`` (N, L) float32;
+* ``loras.parquet``: one row per LoRA, in factor order: ``id`` (unique), ``source``, ``format``, optional ``group``
+  and ``split``, then label and metadata columns.
+
+Opening memory-maps the factors (copy-on-write, never modifying the file) and reads only headers and the table;
+`Collection.batch` slices the maps into a `LoRABatch`. Zero padding is invisible to GL-invariant computations:
+``U Vᵀ`` is unchanged and the GL(r) action acts on the first ``rank`` columns only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .batch import LoRABatch
+from .errors import CollectionError, SpecMismatchError
+from .lora import LoRA, LoRAModule, ModuleSpec
+
+__all__ = ["Collection", "open_collection", "write_collection", "FORMAT_VERSION", "LABEL_KINDS"]
+
+FORMAT_VERSION = 1
+LABEL_KINDS = ("regression", "binary", "category")
+META_NAME, FACTORS_NAME, TABLE_NAME = "collection.json", "factors.safetensors", "loras.parquet"
+_ST_DTYPE = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int32: "I32"}
+_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+
+def _check_labels(labels: dict | None, tasks: dict | None, table) -> tuple[dict, dict]:
+    labels = dict(labels or {})
+    for name, info in labels.items():
+        if name not in table.columns:
+            raise CollectionError(f"label {name!r} has no column in the table (columns: {list(table.columns)[:8]})")
+        kind = info.get("kind")
+        if kind not in LABEL_KINDS:
+            raise CollectionError(f"label {name!r}: kind must be one of {LABEL_KINDS}, got {kind!r}")
+    if tasks is None:
+        tasks = {}
+        for name, info in labels.items():
+            tasks.setdefault(info.get("task") or name, []).append(name)
+    for task, names in tasks.items():
+        bad = [n for n in names if n not in labels]
+        if bad:
+            raise CollectionError(f"task {task!r} lists unknown label(s) {bad}")
+    return labels, {t: list(v) for t, v in tasks.items()}
+
+
+def _ordered_modules(lora: LoRA, spec: ModuleSpec, i: int) -> list[LoRAModule]:
+    try:
+        spec.check(lora, what="this collection")
+    except SpecMismatchError as e:
+        raise SpecMismatchError(f"LoRA #{i}: {e}") from None
+    by_key = {m.key: m for m in lora}
+    return [by_key[k] for k in spec.keys]
+
+
+class _Spool:
+    """LoRAs of an iterator written once to a scratch file (target dtype, no padding) and replayed from a memory map,
+    so the largest rank per module is known before the packed file is laid out, without holding all LoRAs in RAM."""
+
+    def __init__(self, folder: Path, spec: ModuleSpec, dtype: torch.dtype):
+        self.path, self.spec, self.dtype = folder / "spool.bin", spec, dtype
+        self.f = open(self.path, "wb")
+        self.entries: list[tuple[int, list[int], list[float], list[float]]] = []
+        self.offset = 0
+
+    def add(self, mods: list[LoRAModule]) -> None:
+        start = self.offset
+        for m in mods:
+            for t in (m.U, m.V):
+                b = t.detach().to("cpu", self.dtype).contiguous().numpy().tobytes()
+                self.f.write(b)
+                self.offset += len(b)
+        self.entries.append((start, [m.rank for m in mods], [m.alpha for m in mods], [m.scale for m in mods]))
+
+    def replay(self) -> Iterator[list[LoRAModule]]:
+        self.f.close()
+        if self.offset == 0:
+            return
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        for start, ranks, alphas, scales in self.entries:
+            pos, mods = start, []
+            for name, (o, n), r, a, s in zip(self.spec.names, self.spec.shapes, ranks, alphas, scales):
+                U = buf[pos:pos + o * r * size].view(self.dtype).reshape(o, r)
+                pos += o * r * size
+                V = buf[pos:pos + n * r * size].view(self.dtype).reshape(n, r)
+                pos += n * r * size
+                mods.append(LoRAModule(name, U, V, alpha=a, scale=s))
+            yield mods
+
+
+def _safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict) -> tuple[bytes, dict]:
+    """Header bytes (length prefix included, padded to 8) and ``{key: (start, end)}`` absolute offsets."""
+    table, pos = {}, 0
+    for key, dt, shape, nbytes in entries:
+        table[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    table["__metadata__"] = metadata
+    raw = json.dumps(table, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, {k: (len(head) + v["data_offsets"][0], len(head) + v["data_offsets"][1])
+                  for k, v in table.items() if k != "__metadata__"}
+
+
+def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = None, tasks: dict | None = None,
+                     base_model: str | None = None, dtype: torch.dtype = torch.float16,
+                     spec: ModuleSpec | None = None, provenance: dict | None = None,
+                     rmax: Sequence[int] | None = None, overwrite: bool = False) -> "Collection":
+    """Pack LoRAs (row ``i`` of ``table`` describes the ``i``-th LoRA) into the collection folder ``dest``.
+
+    Streaming: each LoRA is written as it arrives and dropped. When the largest rank per module is not known
+    (``rmax`` not given and ``loras`` is not a sequence), LoRAs go once through a scratch spool first. Atomic: all
+    files are written into a temporary sibling folder that is renamed to ``dest`` at the end. ``spec`` defaults to
+    the first LoRA's; every LoRA is matched to it by module key. Missing ``source`` / ``format`` columns are filled
+    from the LoRAs. Deterministic: the same inputs give byte-identical files.
+    """
+    import pandas as pd
+
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
+        raise CollectionError(f"{dest}: already exists (pass overwrite=True to replace it)")
+    table = pd.DataFrame(table).reset_index(drop=True)
+    if "id" not in table.columns:
+        raise CollectionError("the table needs an 'id' column (one unique string per LoRA)")
+    table["id"] = table["id"].astype(str)
+    dup = table["id"][table["id"].duplicated()].tolist()
+    if dup:
+        raise CollectionError(f"duplicate ids in the table: {dup[:3]}")
+    labels, tasks = _check_labels(labels, tasks, table)
+    n = len(table)
+    if n == 0:
+        raise CollectionError("no LoRAs to pack (the table is empty)")
+    st_dtype = _ST_DTYPE.get(dtype)
+    if st_dtype is None or not dtype.is_floating_point:
+        raise CollectionError(f"factor dtype must be float16/bfloat16/float32/float64, got {dtype}")
+
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        it = iter(loras)
+        first = next(it, None)
+        if first is None:
+            raise CollectionError("no LoRAs to pack (the iterable is empty)")
+        spec = spec or first.spec
+        first_mods = _ordered_modules(first, spec, 0)
+        kernels = [list(m.kernel_shape) if m.kernel_shape else None for m in first_mods]
+        sources, formats = [first.source], [first.format]
+
+        def rest():
+            for i, lora in enumerate(it, start=1):
+                sources.append(lora.source)
+                formats.append(lora.format)
+                yield _ordered_modules(lora, spec, i)
+
+        if rmax is None and isinstance(loras, Sequence):
+            rmax = [max(lora_mods.rank for lora_mods in (_ordered_modules(lo, spec, i)[ell]
+                                                          for i, lo in enumerate(loras)))
+                    for ell in range(len(spec))]
+        if rmax is None:
+            spool = _Spool(tmp, spec, dtype)
+            spool.add(first_mods)
+            for mods in rest():
+                spool.add(mods)
+            rmax = [max(e[1][ell] for e in spool.entries) for ell in range(len(spec))]
+            stream = spool.replay()
+        else:
+            def chain():
+                yield first_mods
+                yield from rest()
+            stream = chain()
+        rmax = [int(r) for r in rmax]
+
+        L, size = len(spec), torch.empty((), dtype=dtype).element_size()
+        # the 4-byte tensors first: every tensor then starts at an offset aligned to its item size (16-bit factors)
+        entries = [("rank", "I32", (n, L), n * L * 4), ("alpha", "F32", (n, L), n * L * 4),
+                   ("scale", "F32", (n, L), n * L * 4)]
+        for name, (o, i_), r in zip(spec.names, spec.shapes, rmax):
+            entries.append((f"U/{name}", st_dtype, (n, o, r), n * o * r * size))
+            entries.append((f"V/{name}", st_dtype, (n, i_, r), n * i_ * r * size))
+        head, offsets = _safetensors_header(entries, {"format": "pt", "lol": "collection"})
+        total = len(head) + sum(e[3] for e in entries)
+        fpath = tmp / FACTORS_NAME
+        with open(fpath, "wb") as f:
+            f.write(head)
+            f.truncate(total)
+        out = np.memmap(fpath, dtype=np.uint8, mode="r+")
+        npdt = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
+        views = {}
+        for key, dt, shape, nbytes in entries:
+            a, b = offsets[key]
+            if dt in ("I32", "F32"):
+                views[key] = out[a:b].view(np.int32 if dt == "I32" else np.float32).reshape(shape)
+            else:
+                views[key] = torch.frombuffer(memoryview(out[a:b]), dtype=dtype).view(shape) if npdt is None \
+                    else out[a:b].view(npdt).reshape(shape)
+        count = 0
+        for j, mods in enumerate(stream):
+            if j >= n:
+                raise CollectionError(f"more LoRAs than table rows ({n})")
+            for ell, m in enumerate(mods):
+                if m.rank > rmax[ell]:
+                    raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {m.rank} > rmax {rmax[ell]}")
+                name = spec.names[ell]
+                for key, t in ((f"U/{name}", m.U), (f"V/{name}", m.V)):
+                    arr = t.detach().to("cpu", dtype)
+                    if npdt is None:
+                        views[key][j, :, : m.rank] = arr
+                    else:
+                        views[key][j, :, : m.rank] = arr.numpy()
+                views["rank"][j, ell] = m.rank
+                views["alpha"][j, ell] = m.alpha
+                views["scale"][j, ell] = m.scale
+            count += 1
+        if count != n:
+            raise CollectionError(f"the table has {n} rows but {count} LoRAs were given")
+        out.flush()
+        del views, out
+        (tmp / "spool.bin").unlink(missing_ok=True)
+
+        sha = hashlib.sha256()
+        with open(fpath, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                sha.update(chunk)
+        if "source" not in table.columns:
+            table["source"] = [s or "" for s in sources]
+        if "format" not in table.columns:
+            table["format"] = [fm or "unknown" for fm in formats]
+        front = [c for c in ("id", "source", "format", "group", "split") if c in table.columns]
+        table = table[front + [c for c in table.columns if c not in front]]
+        table.to_parquet(tmp / TABLE_NAME, index=False)
+        meta = {
+            "format": "lol-collection", "version": FORMAT_VERSION, "n": n, "spec": spec.to_json(),
+            "kernel_shapes": kernels, "rmax": rmax, "dtype": str(dtype).replace("torch.", ""),
+            "base_model": base_model, "labels": labels, "tasks": tasks, "provenance": provenance or {},
+            "factors_sha256": sha.hexdigest(),
+        }
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_collection(dest)
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+
+class Collection:
+    """An opened packed collection. Factors stay memory-mapped; nothing is read until sliced.
+
+    ``batch`` / ``lora`` return exactly the stored (U, V): every GL-invariant quantity of a LoRA read back equals the
+    one of the LoRA written, up to the storage dtype's rounding.
+    """
+
+    def __init__(self, path: Path, meta: dict, table, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        self.meta = meta
+        self.table = table
+        self.spec = ModuleSpec.from_json(meta["spec"])
+        self.labels: dict[str, dict] = meta.get("labels") or {}
+        self.tasks: dict[str, list[str]] = meta.get("tasks") or {}
+        self.base_model: str | None = meta.get("base_model")
+        self.provenance: dict = meta.get("provenance") or {}
+        self.kernel_shapes = [tuple(k) if k else None for k in meta.get("kernel_shapes") or [None] * len(self.spec)]
+        self._U = [tensors[f"U/{n}"] for n in self.spec.names]
+        self._V = [tensors[f"V/{n}"] for n in self.spec.names]
+        self.ranks = tensors["rank"].long()  # (N, L), small: read now
+        self.alpha = tensors["alpha"].clone()
+        self.scale = tensors["scale"].clone()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"Collection({str(self.path)!r}, n={len(self)}, modules={len(self.spec)})"
+
+    @property
+    def ids(self) -> list[str]:
+        return self.table["id"].tolist()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over ``collection.json`` (which holds the factors file's SHA-256) and ``loras.parquet``."""
+        h = hashlib.sha256()
+        for name in (META_NAME, TABLE_NAME):
+            h.update((self.path / name).read_bytes())
+        return h.hexdigest()
+
+    def verify(self) -> None:
+        """Recompute the factors file's SHA-256 (reads every byte) and compare with the recorded one."""
+        sha = hashlib.sha256()
+        with open(self.path / FACTORS_NAME, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                sha.update(chunk)
+        if sha.hexdigest() != self.meta.get("factors_sha256"):
+            raise CollectionError(f"{self.path / FACTORS_NAME}: contents changed since the collection was written "
+                                  f"(SHA-256 mismatch)")
+
+    def _index(self, indices) -> torch.Tensor:
+        if indices is None:
+            return torch.arange(len(self))
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+            raise IndexError(f"{self.path}: index out of range for a collection of {len(self)} LoRAs")
+        return idx % len(self) if idx.numel() else idx
+
+    def batch(self, indices=None, dtype: torch.dtype = torch.float32, device=None) -> LoRABatch:
+        """A `LoRABatch` of the selected LoRAs (all by default); per module the width is the largest selected rank."""
+        idx = self._index(indices)
+        ranks = self.ranks[idx]
+        Us, Vs = [], []
+        for ell in range(len(self.spec)):
+            r = int(ranks[:, ell].max()) if len(idx) else 0
+            Us.append(self._U[ell][idx, :, :r].to(device=device, dtype=dtype))
+            Vs.append(self._V[ell][idx, :, :r].to(device=device, dtype=dtype))
+        return LoRABatch(self.spec, Us, Vs, ranks.to(device) if device is not None else ranks)
+
+    def lora(self, i: int, dtype: torch.dtype = torch.float32) -> LoRA:
+        """The ``i``-th LoRA with its true ranks, alpha and scale."""
+        i = int(self._index([i])[0])
+        row = self.table.iloc[i]
+        mods = []
+        for ell, name in enumerate(self.spec.names):
+            r = int(self.ranks[i, ell])
+            mods.append(LoRAModule(name, self._U[ell][i, :, :r].to(dtype), self._V[ell][i, :, :r].to(dtype),
+                                   alpha=float(self.alpha[i, ell]), scale=float(self.scale[i, ell]),
+                                   kernel_shape=self.kernel_shapes[ell]))
+        return LoRA.from_modules(mods, format=str(row.get("format", "unknown")),
+                                 metadata={"id": str(row["id"])}, source=str(row.get("source", "")) or None)
+
+    def loras(self, dtype: torch.dtype = torch.float32) -> Iterator[LoRA]:
+        for i in range(len(self)):
+            yield self.lora(i, dtype)
+
+    def label_columns(self, task_or_labels=None) -> list[str]:
+        """Column names for a task name, a label name, or a list of label names; all labels for None."""
+        if task_or_labels is None:
+            return list(self.labels)
+        if isinstance(task_or_labels, str):
+            if task_or_labels in self.tasks:
+                return list(self.tasks[task_or_labels])
+            if task_or_labels in self.labels:
+                return [task_or_labels]
+            raise CollectionError(f"{self.path}: no task or label {task_or_labels!r} (tasks: {list(self.tasks)}, "
+                                  f"labels: {list(self.labels)})")
+        names = list(task_or_labels)
+        bad = [n for n in names if n not in self.labels]
+        if bad:
+            raise CollectionError(f"{self.path}: unknown label(s) {bad} (labels: {list(self.labels)})")
+        return names
+
+
+def _map_factors(path: Path) -> dict[str, torch.Tensor]:
+    from .errors import LoRAFormatError
+    from .formats.safetensors_file import read_safetensors_header
+
+    try:
+        header, _ = read_safetensors_header(path)
+    except LoRAFormatError as e:
+        raise CollectionError(str(e)) from None
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private pages: the file is never modified
+    buf = torch.frombuffer(mm, dtype=torch.uint8)
+    base = 8 + hlen
+    out = {}
+    for key, info in header.items():
+        dt = _TORCH_DTYPE.get(info.get("dtype"))
+        if dt is None:
+            raise CollectionError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        shape = tuple(int(s) for s in info["shape"])
+        a, b = (base + int(o) for o in info["data_offsets"])
+        need = int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()
+        if b - a != need or b > size:
+            raise CollectionError(f"{path}: tensor {key!r} {shape} lies outside the file (truncated or corrupt)")
+        if not need:
+            out[key] = torch.empty(shape, dtype=dt)
+        elif a % torch.empty((), dtype=dt).element_size():  # misaligned (e.g. float64 factors): copy this one
+            out[key] = buf[a:b].clone().view(dt).view(shape)
+        else:
+            out[key] = buf[a:b].view(dt).view(shape)
+    return out
+
+
+def open_collection(path) -> Collection:
+    """Open a packed collection lazily (headers, table and ranks only) and validate it against its spec."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CollectionError(f"{path}: no such collection folder")
+    for name in (META_NAME, FACTORS_NAME, TABLE_NAME):
+        if not (path / name).is_file():
+            raise CollectionError(f"{path / name}: missing (a collection needs {META_NAME}, {FACTORS_NAME}, "
+                                  f"{TABLE_NAME})")
+    try:
+        meta = json.loads((path / META_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise CollectionError(f"{path / META_NAME}: not valid JSON ({e})") from None
+    if meta.get("format") != "lol-collection" or "spec" not in meta:
+        raise CollectionError(f"{path / META_NAME}: not a lol collection description")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise CollectionError(f"{path / META_NAME}: format version {meta['version']} is newer than this lol "
+                              f"({FORMAT_VERSION})")
+    spec = ModuleSpec.from_json(meta["spec"])
+    try:
+        table = pd.read_parquet(path / TABLE_NAME)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise CollectionError(f"{path / TABLE_NAME}: cannot be read ({type(e).__name__}: {e})") from None
+    if "id" not in table.columns:
+        raise CollectionError(f"{path / TABLE_NAME}: no 'id' column")
+    tensors = _map_factors(path / FACTORS_NAME)
+    fpath, n, L = path / FACTORS_NAME, len(table), len(spec)
+    for key in ("rank", "alpha", "scale"):
+        if key not in tensors:
+            raise CollectionError(f"{fpath}: missing tensor {key!r}")
+        if tuple(tensors[key].shape) != (n, L):
+            raise CollectionError(f"{fpath}: {key!r} has shape {tuple(tensors[key].shape)} but the table "
+                                  f"{TABLE_NAME} has {n} rows and the spec {L} modules: expected ({n}, {L})")
+    for name, (o, i) in zip(spec.names, spec.shapes):
+        for side, dim in (("U", o), ("V", i)):
+            key = f"{side}/{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise CollectionError(f"{fpath}: missing tensor {key!r} for module {name!r} of the spec")
+            if t.ndim != 3 or t.shape[0] != n or t.shape[1] != dim:
+                raise CollectionError(f"{fpath}: {key!r} has shape {tuple(t.shape)}, expected ({n}, {dim}, rmax) "
+                                      f"from the spec and the {n}-row table")
+    rmax = torch.tensor([tensors[f"U/{nm}"].shape[2] for nm in spec.names])
+    if bool((tensors["rank"].long() > rmax).any()) or bool((tensors["rank"] < 1).any()):
+        raise CollectionError(f"{fpath}: ranks outside 1..rmax")
+    return Collection(path, meta, table, tensors)

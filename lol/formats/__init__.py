@@ -1,0 +1,116 @@
+"""Formats in, one representation out: every supported LoRA file or folder becomes a `lol.LoRA`.
+
+``read_lora(path)`` detects the format (`detect_format`) and pairs tensors by key name, never by position:
+
+* ``"peft"``: a folder with ``adapter_config.json`` + ``adapter_model.safetensors`` (or legacy ``.bin``) — `peft`;
+* ``"diffusers"``: one ``.safetensors`` with ``unet.`` / ``text_encoder.`` / ``transformer.`` keys — `diffusers`;
+* ``"kohya"``: one ``.safetensors`` with ``lora_unet_`` / ``lora_te*_`` keys — `kohya`.
+
+A folder holding a single LoRA file (as diffusers' ``save_lora_weights`` writes) is read as that file. A packed
+collection folder is detected as ``"collection"`` (open it with `lol.collection.open_collection`).
+Writers: `save_peft` and `save_diffusers`. Nothing here imports diffusers or peft.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import LoRAFormatError
+from ..lora import LoRA
+from .diffusers import looks_like_diffusers, read_diffusers, save_diffusers
+from .kohya import kohya_to_module, looks_like_kohya, module_to_kohya, read_kohya
+from .peft import CONFIG_NAME as PEFT_CONFIG_NAME, read_peft, save_peft
+from .safetensors_file import read_safetensors_header
+
+__all__ = ["read_lora", "detect_format", "save_peft", "save_diffusers", "read_peft", "read_diffusers", "read_kohya",
+           "kohya_to_module", "module_to_kohya", "lora_files", "FORMATS"]
+
+FORMATS = ("peft", "diffusers", "kohya")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _single_file(folder: Path) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".safetensors")
+    if len(files) == 1:
+        return files[0]
+    if not any(folder.iterdir()):
+        raise LoRAFormatError(folder, "empty folder")
+    if not files:
+        raise LoRAFormatError(folder, f"no LoRA here: no {PEFT_CONFIG_NAME}, no .safetensors file")
+    raise LoRAFormatError(folder, f"holds {len(files)} .safetensors files; read them one at a time or pack them with "
+                                  f"`lol import`")
+
+
+def _detect_file(path: Path) -> str:
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise LoRAFormatError(path, f"pickled {path.suffix} files are not read (unpickling runs code); use "
+                                    f".safetensors, or a PEFT folder with adapter_model.bin")
+    header, _ = read_safetensors_header(path)
+    keys = list(header)
+    if not keys:
+        raise LoRAFormatError(path, "safetensors file holds no tensors")
+    from .pairs import reject_non_lora
+    reject_non_lora(path, keys)
+    if looks_like_kohya(keys):
+        return "kohya"
+    if all(k.startswith("base_model.model.") for k in keys):
+        raise LoRAFormatError(path, f"PEFT weights without their {PEFT_CONFIG_NAME}: the scale alpha / r is unknown; "
+                                    f"read the folder that holds both")
+    if looks_like_diffusers(keys):
+        return "diffusers"
+    odd = [k for k in keys if not (k.startswith("lora_") or k.split(".", 1)[0] in ("unet", "text_encoder",
+                                                                                   "text_encoder_2", "transformer"))]
+    from .pairs import unknown_keys_error
+    raise unknown_keys_error(path, odd or keys, "PEFT, diffusers or kohya")
+
+
+def detect_format(path) -> str:
+    """``"peft"``, ``"diffusers"``, ``"kohya"`` or ``"collection"``; `LoRAFormatError` if it is none of them."""
+    path = Path(path)
+    if not path.exists():
+        raise LoRAFormatError(path, "no such file or folder")
+    if path.is_dir():
+        if (path / PEFT_CONFIG_NAME).is_file():
+            return "peft"
+        if (path / "collection.json").is_file():
+            return "collection"
+        return _detect_file(_single_file(path))
+    return _detect_file(path)
+
+
+def read_lora(path, dtype: torch.dtype | None = None, shapes_only: bool = False) -> LoRA:
+    """Read one LoRA (file or folder) of any supported format. Factors are float32 (float64 if stored so) unless
+    ``dtype`` is given. Errors are `LoRAFormatError`s that name the file and the problem.
+
+    ``shapes_only=True`` reads only headers: names, shapes, ranks and keys are checked, and U, V are empty
+    ``meta``-device tensors (alpha and scale are then not meaningful). Used to find a collection's spec cheaply."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "peft":
+        return read_peft(path, dtype, shapes_only)
+    if fmt == "collection":
+        raise LoRAFormatError(path, "is a packed collection of many LoRAs; open it with lol.open_collection")
+    file = _single_file(path) if path.is_dir() else path
+    return (read_kohya if fmt == "kohya" else read_diffusers)(file, dtype, shapes_only)
+
+
+def lora_files(root) -> list[Path]:
+    """Every LoRA under ``root`` in sorted order: PEFT folders (not descended into) and ``.safetensors`` files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LoRAFormatError(root, "not a folder")
+    found: list[Path] = []
+
+    def walk(d: Path):
+        if (d / PEFT_CONFIG_NAME).is_file():
+            found.append(d)
+            return
+        for p in sorted(d.iterdir(), key=lambda p: p.name):
+            if p.is_dir():
+                walk(p)
+            elif p.suffix == ".safetensors":
+                found.append(p)
+
+    walk(root)
+    return found

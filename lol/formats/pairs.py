@@ -1,0 +1,131 @@
+"""Turning a file's named tensors into `LoRAModule`s: pairing by key name, never by position.
+
+Each format reader classifies every key as the *down* factor ``A`` (r × in, or r × in × kh × kw for a conv LoRA), the
+*up* factor ``B`` (out × r, or out × r × 1 × 1) or a scalar ``alpha`` of one module, then calls `build_modules`. In LoL
+notation (paper §1) ``U = s · B`` and ``V = Aᵀ`` with the kernel flattened into the input side, so ``ΔW = U Vᵀ``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import LoRAFormatError
+from ..lora import LoRAModule
+from .safetensors_file import FLOAT_DTYPES
+
+__all__ = ["Pair", "build_modules", "reject_non_lora", "unknown_keys_error", "peft_pattern_value"]
+
+# keys that mark adapters which are not a plain low-rank pair (U, V)
+_NOT_PLAIN = (
+    (re.compile(r"(^|[._])hada_"), "LyCORIS LoHa (hada_*: Hadamard product of two low-rank pairs)"),
+    (re.compile(r"(^|[._])lokr_"), "LyCORIS LoKr (lokr_*: Kronecker-product factors)"),
+    (re.compile(r"lora_magnitude_vector|(^|[._])dora_scale"), "DoRA (a learned magnitude vector rescales W + ΔW)"),
+    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
+)
+
+
+def reject_non_lora(path, keys) -> None:
+    """Raise a `LoRAFormatError` if the keys belong to an adapter type whose ΔW is not ``U Vᵀ``."""
+    for pattern, what in _NOT_PLAIN:
+        hits = [k for k in keys if pattern.search(k)]
+        if hits:
+            raise LoRAFormatError(path, f"this is a {what}, not a plain low-rank (lora_A, lora_B) adapter; "
+                                        f"found e.g. {hits[0]!r}. lol reads plain LoRA only")
+
+
+def unknown_keys_error(path, keys, fmt: str) -> LoRAFormatError:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+    return LoRAFormatError(path, f"{len(keys)} key(s) not understood as {fmt} LoRA keys: "
+                                 f"{', '.join(map(repr, keys[:3]))}{more}")
+
+
+def peft_pattern_value(patterns: dict, name: str, default):
+    """``rank_pattern`` / ``alpha_pattern`` lookup with peft's own rule: a pattern key matches a module name when
+    ``re.match(rf"(.*\\.)?({key})$", name)`` succeeds; the first matching key in the dict's order wins."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+@dataclass
+class Pair:
+    """The tensors of one module as found in a file, with the keys they came from (for error messages)."""
+
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    alpha: float | None = None
+    keys: dict[str, str] = field(default_factory=dict)  # role -> key
+
+    def set(self, role: str, key: str, value, path) -> None:
+        if role in self.keys:
+            raise LoRAFormatError(path, f"two keys give the same {role} factor: {self.keys[role]!r} and {key!r}")
+        self.keys[role] = key
+        if role == "alpha" and value.is_meta:  # shapes-only read: the value is not needed
+            self.alpha = 1.0
+        elif role == "alpha":
+            if value.numel() != 1:
+                raise LoRAFormatError(path, f"{key!r}: alpha must be a scalar, got shape {tuple(value.shape)}")
+            alpha = float(value.reshape(()).double())
+            if not torch.isfinite(torch.tensor(alpha)):
+                raise LoRAFormatError(path, f"{key!r}: alpha is {alpha}")
+            self.alpha = alpha
+        else:
+            setattr(self, role, value)
+
+
+def _check_factor(path, key: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise LoRAFormatError(path, f"{key!r} has dtype {str(t.dtype).replace('torch.', '')}; LoRA factors must be "
+                                    f"floating point (float16/bfloat16/float32/float64)")
+    if t.is_meta:
+        return
+    if not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise LoRAFormatError(path, f"{key!r} contains {n} NaN/Inf value(s)")
+
+
+def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, float | None], tuple[float, float]],
+                  dtype: torch.dtype | None = None) -> list[LoRAModule]:
+    """Check and convert every pair. ``scale_of(name, rank, file_alpha) -> (alpha, scale)`` is the format's rule.
+
+    Factors are returned in float32 (float64 if the file is float64) unless ``dtype`` is given; the scale is applied
+    in float64 and folded into U only.
+    """
+    modules = []
+    for name, p in pairs.items():
+        if p.A is None or p.B is None:
+            have, missing = ("A (down)", "B (up)") if p.B is None else ("B (up)", "A (down)")
+            found = next(iter(p.keys.values()))
+            raise LoRAFormatError(path, f"module {name!r}: found the {have} factor {found!r} but no {missing} factor")
+        ka, kb = p.keys["A"], p.keys["B"]
+        _check_factor(path, ka, p.A)
+        _check_factor(path, kb, p.B)
+        A, B = p.A, p.B
+        kernel = None
+        if A.ndim == 4 and B.ndim == 4:
+            if tuple(B.shape[2:]) != (1, 1):
+                raise LoRAFormatError(path, f"conv LoRA {kb!r} has shape {tuple(B.shape)}; expected (out, r, 1, 1)")
+            kernel = tuple(int(k) for k in A.shape[2:])
+            A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+        elif A.ndim == 2 and B.ndim == 2:
+            A2, B2 = A, B
+        else:
+            raise LoRAFormatError(path, f"module {name!r}: {ka!r} {tuple(A.shape)} and {kb!r} {tuple(B.shape)} are "
+                                        f"not a (r × in, out × r) linear or (r × in × kh × kw, out × r × 1 × 1) conv pair")
+        r = int(A2.shape[0])
+        if int(B2.shape[1]) != r:
+            raise LoRAFormatError(path, f"module {name!r}: rank mismatch, {ka!r} has shape {tuple(A.shape)} (rank "
+                                        f"{r}) but {kb!r} has shape {tuple(B.shape)} (rank {int(B2.shape[1])})")
+        if r == 0:
+            raise LoRAFormatError(path, f"module {name!r}: rank 0")
+        alpha, scale = scale_of(name, r, p.alpha)
+        out_dtype = dtype or (torch.float64 if A.dtype == torch.float64 or B.dtype == torch.float64 else torch.float32)
+        U = (B2.double() * scale).to(out_dtype) if scale != 1.0 and not B2.is_meta else B2.to(out_dtype)
+        V = A2.to(out_dtype).T
+        modules.append(LoRAModule(name, U=U, V=V, alpha=float(alpha), scale=float(scale), kernel_shape=kernel))
+    return modules

@@ -1,0 +1,189 @@
+"""PEFT adapters: a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or legacy pickled
+``adapter_model.bin``, read only with ``torch.load(weights_only=True)``).
+
+Keys are ``base_model.model.<module>.lora_A.weight`` (r × in) and ``.lora_B.weight`` (out × r); the module name is the
+key with the ``base_model.model.`` prefix and the factor suffix removed. Scale per module: ``alpha / r`` or, with
+``use_rslora``, ``alpha / sqrt(r)``, where r and alpha come from ``rank_pattern`` / ``alpha_pattern`` by peft's own
+matching rule (`peft_pattern_value`), else from ``r`` / ``lora_alpha``.
+
+``fan_in_fan_out`` (GPT-2 ``Conv1D``) and embedding LoRAs: the factors themselves are stored as for ``nn.Linear``
+(A: r × in, B: out × r), so ``U Vᵀ`` is the change of the layer's linear map; only the base *weight tensor* is stored
+transposed (peft adds ``(B A)ᵀ`` to it). The reader keeps the factors as they are and the config says which layers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import LoRAFormatError
+from ..lora import LoRA
+from .pairs import Pair, build_modules, peft_pattern_value, reject_non_lora, unknown_keys_error
+from .safetensors_file import read_safetensors
+
+__all__ = ["read_peft", "save_peft", "peft_config_for", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                  r"(?:\.(?P<adapter>[A-Za-z0-9_-]+))?(?:\.weight)?$")
+
+
+def _read_config(folder: Path) -> dict:
+    cfg_path = folder / CONFIG_NAME
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAFormatError(cfg_path, f"not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoRAFormatError(cfg_path, "adapter config is not a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoRAFormatError(cfg_path, f"peft_type is {peft_type!r}; only plain LORA adapters are low-rank pairs")
+    if cfg.get("use_dora"):
+        raise LoRAFormatError(cfg_path, "use_dora is true: DoRA rescales W + ΔW by a learned magnitude vector, so it "
+                                        "is not a plain low-rank (lora_A, lora_B) adapter")
+    for k in ("r", "lora_alpha"):
+        if k not in cfg:
+            raise LoRAFormatError(cfg_path, f"missing {k!r}")
+    return cfg
+
+
+def config_scale_rule(cfg: dict, path):
+    """``scale_of(name, rank, file_alpha)`` for a peft LoraConfig dict (also used for diffusers' adapter metadata)."""
+    rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+
+    def scale_of(name: str, rank: int, file_alpha):
+        r_cfg = int(peft_pattern_value(rank_pattern, name, cfg["r"]))
+        if r_cfg != rank:
+            raise LoRAFormatError(path, f"module {name!r} has rank {rank} in the weights but the config gives r="
+                                        f"{r_cfg} (r / rank_pattern)")
+        alpha = float(peft_pattern_value(alpha_pattern, name, cfg["lora_alpha"]))
+        return alpha, alpha / (math.sqrt(rank) if rslora else rank)
+
+    return scale_of
+
+
+def _load_weights(folder: Path, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    st, legacy = folder / WEIGHTS_NAME, folder / LEGACY_WEIGHTS_NAME
+    if st.is_file():
+        tensors, meta = read_safetensors(st, shapes_only=shapes_only)
+        return tensors, meta, st
+    if legacy.is_file():
+        try:
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler's errors are many; all mean "not a plain tensor dict"
+            raise LoRAFormatError(legacy, f"cannot be read as a plain tensor dict with torch.load(weights_only=True) "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise LoRAFormatError(legacy, "does not hold a dict of tensors")
+        return dict(sd), {}, legacy
+    raise LoRAFormatError(folder, f"PEFT folder has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+
+
+def read_peft(folder, dtype: torch.dtype | None = None, shapes_only: bool = False) -> LoRA:
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    tensors, meta, wpath = _load_weights(folder, shapes_only)
+    reject_non_lora(wpath, tensors)
+    pairs: dict[str, Pair] = {}
+    unknown = []
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        name = m["module"][len(PREFIX):] if m["module"].startswith(PREFIX) else m["module"]
+        role = "A" if m["role"].endswith("A") else "B"
+        pairs.setdefault(name, Pair()).set(role, key, t, wpath)
+    if unknown:
+        err = unknown_keys_error(wpath, unknown, "PEFT")
+        if any("modules_to_save" in k or not k.split(".")[-2].startswith("lora") for k in unknown):
+            err = LoRAFormatError(wpath, err.problem + "; full-weight modules (modules_to_save) are not low-rank "
+                                                       "and are not read")
+        raise err
+    if not pairs:
+        raise LoRAFormatError(wpath, "no lora_A / lora_B tensors found")
+    modules = build_modules(wpath, pairs, config_scale_rule(cfg, folder / CONFIG_NAME), dtype)
+    return LoRA.from_modules(modules, format="peft", metadata=meta, config=cfg, source=str(folder))
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def peft_config_for(lora: LoRA) -> dict:
+    """A LoraConfig dict that reproduces every module's rank and scale exactly.
+
+    The common rank and alpha go to ``r`` / ``lora_alpha``; the others to ``rank_pattern`` / ``alpha_pattern`` keyed
+    by full module names. If a module's scale is neither ``alpha / r`` (or ``alpha / sqrt(r)`` for all, rsLoRA), alpha
+    is rewritten as ``scale · r`` so that ΔW stays exact.
+    """
+    mods = list(lora)
+    rslora = all(math.isclose(m.scale, m.alpha / math.sqrt(m.rank), rel_tol=1e-6) for m in mods) and not all(
+        math.isclose(m.scale, m.alpha / m.rank, rel_tol=1e-6) for m in mods)
+
+    def alpha_of(m):
+        want = m.scale * (math.sqrt(m.rank) if rslora else m.rank)
+        return m.alpha if math.isclose(want, m.alpha, rel_tol=1e-6) else want
+
+    ranks = {m.name: m.rank for m in mods}
+    alphas = {m.name: alpha_of(m) for m in mods}
+    r, a = _most_common(ranks.values()), _most_common(alphas.values())
+    src = lora.config or {}
+    return {
+        "peft_type": "LORA",
+        "task_type": src.get("task_type"),
+        "base_model_name_or_path": src.get("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": a,
+        "use_rslora": rslora,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != a},
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": bool(src.get("fan_in_fan_out", False)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+
+
+def factor_tensors(m, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The file factors (A, B) of one module, conv kernels restored; ``B = U / scale`` computed in float64."""
+    dtype = dtype or m.U.dtype
+    A = m.V.T.to(dtype)
+    B = (m.U.double() / m.scale).to(dtype) if m.scale != 1.0 else m.U.to(dtype)
+    if m.kernel_shape is not None:
+        A = A.reshape(m.rank, -1, *m.kernel_shape)
+        B = B.reshape(m.out_features, m.rank, 1, 1)
+    return A.contiguous(), B.contiguous()
+
+
+def save_peft(lora: LoRA, folder, dtype: torch.dtype | None = None) -> Path:
+    """Write a PEFT adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) that `read_peft` and
+    ``PeftModel.from_pretrained`` load with the same ΔW. Module names are written under ``base_model.model.``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for m in lora:
+        A, B = factor_tensors(m, dtype)
+        tensors[f"{PREFIX}{m.name}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{m.name}.lora_B.weight"] = B
+    meta = {k: v for k, v in (lora.metadata or {}).items() if isinstance(v, str)}
+    meta["format"] = "pt"
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata=meta)
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config_for(lora), indent=2, sort_keys=True))
+    return folder
