@@ -23,7 +23,7 @@ import streamlit as st
 
 from . import data as app_data
 
-__all__ = ["collection", "collection_table", "checkpoint", "predictions", "invariant_features", "raw_factors",
+__all__ = ["collection", "packed", "collection_table", "checkpoint", "predictions", "invariant_features",
            "umap_xy", "pipeline", "clip_scorer", "lora_summary", "path_key"]
 
 
@@ -51,6 +51,17 @@ def collection(path: str, key: str):
     return open_collection(path)
 
 
+@st.cache_resource(show_spinner="Reading and packing the LoRA files…", max_entries=8)
+def packed(path: str, key: str) -> tuple[str, list[str]]:
+    """A folder of loose LoRA files on the server, packed once into ``cache_root()/packed/<key>`` (see
+    `lol.app.sources.pack_loras`); returns the collection folder and notes on files left out."""
+    from .sources import pack_loras
+
+    dest = app_data.cache_root() / "packed" / key
+    out, notes = pack_loras(path, dest)
+    return str(out), notes
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def collection_table(path: str, key: str) -> pd.DataFrame:
     """The collection's table (id, group, split, labels, hyperparameters) plus per-LoRA rank summary columns."""
@@ -76,56 +87,66 @@ def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[st
 
 
 def module_summary(lora) -> tuple[pd.DataFrame, dict[str, list[float]]]:
-    from ..features import lora_singular_values
+    """Rows per module and ``{module: σ(ΔW) descending}`` via `lol.features.singular_values` in float64."""
+    from ..features import singular_values
 
-    svals = lora_singular_values(lora)
-    rows = []
+    rows, svals = [], {}
     for m in lora:
-        s = svals[m.name]
+        s = singular_values(m.U.double().unsqueeze(0), m.V.double().unsqueeze(0))[0].tolist()
+        svals[m.name] = s
         rows.append({"module": m.name, "out × in": f"{m.out_features} × {m.in_features}", "rank r": m.rank,
-                     "alpha α": m.alpha, "scale s": m.scale, "‖ΔW‖_F": m.delta_norm(),
-                     "σ₁(ΔW)": float(s[0]) if len(s) else 0.0})
-    return pd.DataFrame(rows), {k: [float(x) for x in v] for k, v in svals.items()}
+                     "alpha α": float(m.alpha), "scale s": float(m.scale), "‖ΔW‖_F": m.delta_norm(),
+                     "σ₁(ΔW)": float(s[0]) if s else 0.0})
+    return pd.DataFrame(rows), svals
 
 
 # ------------------------------------------------------------------------------------------------------ features
 
-@st.cache_data(show_spinner="Computing invariant features…", max_entries=16)
-def invariant_features(path: str, key: str, kind: str = "svals") -> np.ndarray:
-    """GL-invariant features of every LoRA in a collection (``lol.features``), one row per LoRA."""
-    from ..features import featurize
+@st.cache_data(show_spinner="Computing invariant features…", max_entries=32)
+def invariant_features(path: str, key: str, kind: str = "svals", gl_seed: int | None = None,
+                       limit: int | None = None, float64: bool = False) -> np.ndarray:
+    """Features of every LoRA of a collection, one row per LoRA.
 
-    coll = collection(path, key)
-    return _batched(coll, lambda b: featurize(b, kind))
-
-
-@st.cache_data(show_spinner="Flattening raw factors…", max_entries=8)
-def raw_factors(path: str, key: str, gl_seed: int | None = None) -> np.ndarray:
-    """Flattened raw (U, V) of every LoRA (not invariant), optionally after a random GL(r) transform per module
-    (`lol.symmetry.random_gl` / `gl_act`): the input of the "raw factors change under GL" note."""
+    ``kind`` is a `lol.features.FEATURIZERS` name (``svals``: singular values of each ΔW; ``canon``: SVD canonical
+    factors; both ∏GL(r_ℓ)-invariant) or ``"raw"``: the flattened raw (U, V), zero-padded to the largest rank,
+    invariant to nothing. With ``gl_seed``, every module of every LoRA first gets an independent random
+    non-orthogonal R ∈ GL(r) (`lol.symmetry.random_gl_like` + `gl_act`): invariant features must not move."""
     import torch
 
-    from ..symmetry import gl_act, random_gl
+    from ..features import FEATURIZERS
+    from ..symmetry import gl_act, random_gl_like
 
     coll = collection(path, key)
-    gen = torch.Generator().manual_seed(gl_seed) if gl_seed is not None else None
+    feat = None if kind == "raw" else FEATURIZERS[kind](coll.spec, rank=_max_rank(coll))
+    if feat is not None and float64:
+        feat = feat.double()
 
-    def flat(batch):
-        if gen is not None:
-            batch = gl_act(batch, random_gl(batch, generator=gen))
-        return torch.cat([t.flatten(1) for t in batch.U + batch.V], dim=1)
+    def fn(batch, start):
+        if gl_seed is not None:
+            batch = gl_act(batch, random_gl_like(batch, seed=gl_seed * 100_003 + start))
+        if feat is None:
+            return torch.cat([t.flatten(1) for t in batch.U + batch.V], dim=1)
+        return feat(batch)
 
-    return _batched(coll, flat)
+    return _batched(coll, fn, limit=limit, dtype=torch.float64 if float64 else torch.float32)
 
 
-def _batched(coll, fn, size: int = 64) -> np.ndarray:
+def _max_rank(coll) -> int:
+    ranks = np.asarray(coll.ranks)
+    return int(ranks.max()) if ranks.size else 1
+
+
+def _batched(coll, fn, size: int = 128, limit: int | None = None, dtype=None) -> np.ndarray:
+    """``fn(batch, start)`` over the collection in chunks (CPU), stacked as float64 numpy."""
     import torch
 
+    n = len(coll) if limit is None else min(limit, len(coll))
     out = []
     with torch.no_grad():
-        for start in range(0, len(coll), size):
-            idx = list(range(start, min(start + size, len(coll))))
-            out.append(fn(coll.batch(idx, dtype=torch.float32, device="cpu")).double().cpu().numpy())
+        for start in range(0, n, size):
+            idx = list(range(start, min(start + size, n)))
+            batch = coll.batch(idx, dtype=dtype or torch.float32, device="cpu")
+            out.append(fn(batch, start).double().cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
 
 
@@ -142,7 +163,7 @@ def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: flo
         xy = np.load(file, allow_pickle=False)
         if xy.shape == (n, 2):
             return xy
-    xy = _umap_mem(features, params["n_neighbors"], params["min_dist"], params["seed"])
+    xy = _umap_mem(digest, features, params["n_neighbors"], params["min_dist"], params["seed"])
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as f:
@@ -152,9 +173,10 @@ def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: flo
 
 
 @st.cache_data(show_spinner="Running UMAP (first time only)…", max_entries=32)
-def _umap_mem(features: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float64)
-    if len(x) < 4:  # UMAP needs a few points; place tiny sets on a line by their first principal component
+def _umap_mem(digest: str, _features: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
+    """UMAP in memory, keyed by ``digest`` only (features are never hashed: they can be large)."""
+    x = np.asarray(_features, dtype=np.float64)
+    if len(x) < 4:  # UMAP needs a few points; tiny sets are laid out on a line in table order
         return np.stack([np.arange(len(x), dtype=float), np.zeros(len(x))], axis=1)
     x = (x - x.mean(0)) / (x.std(0) + 1e-12)
     import umap

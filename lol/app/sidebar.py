@@ -141,11 +141,20 @@ def _models() -> list[ModelChoice]:
 
 
 def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
+    """Open a packed collection, or pack a folder / file of loose LoRAs first (notes on skipped files shown)."""
+    from .sources import is_packed
+
     ctx.source, ctx.kind, ctx.path = name, kind, str(path)
     if not path.exists():
         ctx.problem = f"{path}: no such file or folder on the server."
         return
     try:
+        if not is_packed(path):
+            packed_path, notes = cache.packed(str(path), cache.path_key(path))
+            for n in notes[:20]:
+                st.sidebar.warning(n)
+            path = Path(packed_path)
+            ctx.path = str(path)
         ctx.key = cache.path_key(path)
         coll = cache.collection(str(path), ctx.key)
         if len(coll) == 0:
@@ -157,7 +166,8 @@ def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
 
 
 def _uploads(ctx: AppContext, sb) -> None:
-    from .upload import ACCEPTED_TYPES, new_upload_dir, read_uploads
+    from .sources import pack_loras
+    from .upload import ACCEPTED_TYPES, new_upload_dir, remove_upload_dir, stage_uploads
 
     files = sb.file_uploader("LoRA files", type=ACCEPTED_TYPES, accept_multiple_files=True, key="sidebar_upload",
                              help="diffusers / kohya / PEFT .safetensors; for a PEFT adapter upload "
@@ -169,18 +179,27 @@ def _uploads(ctx: AppContext, sb) -> None:
     sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files)
     state = st.session_state.get("_lol_upload")
     if not state or state[0] != sig:
+        if state:
+            remove_upload_dir(Path(state[1]))
         folder = new_upload_dir()
-        result = read_uploads(files, folder)
-        state = (sig, str(folder), result.errors, len(result.loras))
+        staged, errors = stage_uploads(files, folder / "files")
+        packed_path = None
+        if staged:
+            try:
+                packed_path, notes = pack_loras(folder / "files", folder / "collection")
+                errors = errors + notes
+            except Exception as e:  # noqa: BLE001
+                errors = errors + [plain(e)]
+        state = (sig, str(folder), str(packed_path) if packed_path else None, errors)
         st.session_state["_lol_upload"] = state
-    _, folder, errors, n_ok = state
+    _, _, packed_path, errors = state
     ctx.upload_errors = list(errors)
     for e in errors:
         sb.error(e)
-    if n_ok == 0:
+    if packed_path is None:
         ctx.problem = "None of the uploaded files could be read as a LoRA (see the messages in the sidebar)."
         return
-    _open(ctx, Path(folder), kind="upload", name=f"{n_ok} uploaded LoRA file(s)")
+    _open(ctx, Path(packed_path), kind="upload", name=f"{len(files)} uploaded file(s)")
 
 
 def _describe(ctx: AppContext) -> str:

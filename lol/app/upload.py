@@ -16,8 +16,8 @@ from typing import Iterable, Protocol
 
 from ..errors import LoLError
 
-__all__ = ["UploadedLoRA", "UploadResult", "new_upload_dir", "stage_uploads", "read_uploads", "ACCEPTED_TYPES",
-           "MAX_FILES"]
+__all__ = ["UploadedLoRA", "UploadResult", "new_upload_dir", "stage_uploads", "read_uploads", "remove_upload_dir",
+           "ACCEPTED_TYPES", "MAX_FILES"]
 
 ACCEPTED_TYPES = ["safetensors", "json"]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -42,6 +42,7 @@ class UploadedLoRA:
 class UploadResult:
     loras: list[UploadedLoRA] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    folder: Path | None = None  # the temporary folder the files were staged in
 
     @property
     def ok(self) -> bool:
@@ -111,7 +112,7 @@ def read_uploads(files: Iterable[UploadedFileLike], dest: Path, spec=None, what:
     from ..formats import read_lora
 
     staged, errors = stage_uploads(files, dest)
-    result = UploadResult(errors=errors)
+    result = UploadResult(errors=errors, folder=Path(dest))
     for name, path in staged:
         try:
             lora = read_lora(path)

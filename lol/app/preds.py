@@ -1,0 +1,187 @@
+"""LoL predictions and embeddings for the explorer, in one layout the pages share: ``id`` plus one
+``<label> (predicted)`` column per predicted label (value in the label's units, or probability for a binary label),
+and ``<label> error`` (predicted − actual) for regression labels present in the table.
+
+Predictions come from `lol.predict.predict(checkpoint, collection)`, embeddings from the checkpoint's model
+``embed``; nothing is re-implemented. Which models fit a collection is decided by the checkpoint's own spec check.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from . import cache
+from .errors import plain
+
+__all__ = ["PRED", "ERR", "compatible_models", "prediction_frame", "predictions_or_none", "predicted_labels",
+           "membership_tasks", "embeddings", "checkpoint_info", "predict_loras"]
+
+PRED = " (predicted)"
+ERR = " error"
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def checkpoint_info(path: str) -> dict:
+    """``{"spec": ModuleSpec JSON or None, "labels": [...], "kind": model kind, "error": str | None}`` read from a
+    checkpoint folder (cached per path)."""
+    try:
+        ck = cache.checkpoint(path, "cpu")
+    except Exception as e:  # noqa: BLE001 — an unreadable checkpoint is listed with its problem
+        return {"spec": None, "labels": [], "kind": None, "error": plain(e)}
+    spec = _spec_of(ck)
+    return {"spec": spec.to_json() if spec is not None else None, "labels": _labels_of(ck),
+            "kind": _kind_of(ck), "error": None}
+
+
+def _spec_of(ck):
+    for obj in (ck, getattr(ck, "model", None)):
+        s = getattr(obj, "spec", None)
+        if s is not None:
+            return s
+    return None
+
+
+def _labels_of(ck) -> list[str]:
+    for attr in ("labels", "label_names"):
+        v = getattr(ck, attr, None)
+        if v:
+            return [str(x) for x in v]
+    t = getattr(ck, "targets", None)
+    if t is not None and hasattr(t, "names"):
+        return list(t.names)
+    return []
+
+
+def _kind_of(ck):
+    m = getattr(ck, "model", ck)
+    return getattr(m, "kind", None) or getattr(ck, "kind", None)
+
+
+def compatible_models(ctx, coll) -> list:
+    """The checkpoints (sidebar list) whose module spec equals the collection's and whose labels it has."""
+    from ..lora import ModuleSpec
+
+    out = []
+    cols = set(getattr(coll, "table", pd.DataFrame()).columns)
+    for m in ctx.models:
+        info = checkpoint_info(m.path)
+        if info["error"] or info["spec"] is None:
+            continue
+        if ModuleSpec.from_json(info["spec"]).keys != coll.spec.keys:
+            continue
+        if info["labels"] and not set(info["labels"]) & cols and not _is_upload(ctx):
+            continue
+        out.append(m)
+    return out
+
+
+def _is_upload(ctx) -> bool:
+    return getattr(ctx, "kind", "") in ("upload", "server")
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+def _normalise(raw: pd.DataFrame, ids: list[str], labels: list[str]) -> pd.DataFrame:
+    df = raw.reset_index(drop=("id" in raw.columns or raw.index.name != "id"))
+    if "id" not in df.columns:
+        if len(df) != len(ids):
+            raise ValueError(f"predictions have {len(df)} rows for {len(ids)} LoRAs")
+        df.insert(0, "id", ids)
+    df["id"] = df["id"].astype(str)
+    keep = {"id": "id"}
+    for c in df.columns:
+        if c == "id":
+            continue
+        base = c
+        for suffix in (PRED, "_pred", ":pred", " pred"):
+            if str(c).endswith(suffix):
+                base = str(c)[: -len(suffix)]
+        for prefix in ("pred_", "pred:", "predicted_"):
+            if str(c).startswith(prefix):
+                base = str(c)[len(prefix):]
+        if not labels or base in labels:
+            keep[c] = f"{base}{PRED}"
+    return df[list(keep)].rename(columns=keep)
+
+
+def prediction_frame(ctx, model, coll) -> pd.DataFrame | None:
+    """Predictions of ``model`` for every LoRA of ``coll`` (cached), with ``<label> error`` columns added; on
+    failure one st.error line and None."""
+    try:
+        raw = cache.predictions(model.path, ctx.device, ctx.path, ctx.key)
+        df = _normalise(raw, [str(i) for i in coll.table["id"]], checkpoint_info(model.path)["labels"])
+    except Exception as e:  # noqa: BLE001 — e.g. a model for another base model: say so, keep the page alive
+        st.error(f"{model.name}: could not predict on this collection: {plain(e)}")
+        return None
+    truth = coll.table.assign(id=coll.table["id"].astype(str)).set_index("id")
+    for c in [c for c in df.columns if c.endswith(PRED)]:
+        lab = c[: -len(PRED)]
+        if lab in truth.columns and pd.api.types.is_numeric_dtype(truth[lab]) and \
+                (getattr(coll, "labels", {}).get(lab, {}).get("kind") == "regression"):
+            df[f"{lab}{ERR}"] = df[c].to_numpy(float) - truth.loc[df["id"], lab].to_numpy(float)
+    return df
+
+
+def predictions_or_none(ctx) -> pd.DataFrame | None:
+    """`prediction_frame` for the sidebar's model, or None without a fitting model (no message)."""
+    if ctx.model is None or ctx.collection is None:
+        return None
+    if ctx.model not in compatible_models(ctx, ctx.collection):
+        return None
+    return prediction_frame(ctx, ctx.model, ctx.collection)
+
+
+def predicted_labels(frame: pd.DataFrame, coll, kind: str) -> list[str]:
+    """Labels with a prediction column in ``frame`` that the collection declares as ``kind`` and has truth for."""
+    labels = getattr(coll, "labels", {}) or {}
+    cols = set(coll.table.columns)
+    return [c[: -len(PRED)] for c in frame.columns if c.endswith(PRED)
+            and labels.get(c[: -len(PRED)], {}).get("kind") == kind and c[: -len(PRED)] in cols]
+
+
+def predict_loras(model, loras, device: str) -> pd.DataFrame:
+    """Predictions for loose LoRAs (e.g. uploads) with `lol.predict.predict`; raises the library's errors."""
+    from ..predict import predict
+
+    return predict(cache.checkpoint(model.path, device), loras)
+
+
+# -------------------------------------------------------------------------------------------------- membership
+
+def membership_tasks(coll) -> dict[str, list[str]]:
+    """Tasks whose labels are all binary and say which classes / sources were in the finetuning set."""
+    labels = getattr(coll, "labels", {}) or {}
+    tasks = getattr(coll, "tasks", {}) or {}
+    out = {}
+    for task, names in tasks.items():
+        names = [n for n in names if n in coll.table.columns]
+        if len(names) >= 2 and all(labels.get(n, {}).get("kind") == "binary" for n in names) and \
+                any(w in task.lower() for w in ("member", "class", "source")):
+            out[task] = names
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- embeddings
+
+def embeddings(ctx) -> np.ndarray:
+    """The sidebar model's ``embed`` of every LoRA (penultimate representation; GL-invariant for invariant
+    models), cached per model, device and collection."""
+    return _embeddings(ctx.model.path, ctx.device, ctx.path, ctx.key)
+
+
+@st.cache_data(show_spinner="Embedding the collection with the LoL model…", max_entries=16)
+def _embeddings(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> np.ndarray:
+    import torch
+
+    ck = cache.checkpoint(ckpt_path, device)
+    model = getattr(ck, "model", ck)
+    coll = cache.collection(coll_path, coll_key)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(coll), 128):
+            b = coll.batch(list(range(s, min(s + 128, len(coll)))), dtype=torch.float32, device=device)
+            out.append(model.embed(b).double().cpu().numpy())
+    return np.concatenate(out, 0)

@@ -1,0 +1,150 @@
+"""Reading what the notebooks and training runs wrote: result tables (CSV / JSON / parquet), figures (PNG, SVG,
+plotly JSON) and the metrics stored with each checkpoint. Nothing is recomputed here."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import data as app_data
+
+__all__ = ["Table", "Figure", "Outputs", "output_dirs", "find_outputs", "model_by_task", "show_figure",
+           "checkpoint_rows"]
+
+_TABLE_SUFFIXES = {".csv", ".parquet", ".json"}
+_FIG_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
+MAX_FILES = 60
+
+
+@dataclass
+class Table:
+    name: str
+    path: Path
+    frame: pd.DataFrame | None = None
+    error: str | None = None
+
+
+@dataclass
+class Figure:
+    name: str
+    path: Path
+    kind: str  # "image" | "plotly"
+
+
+@dataclass
+class Outputs:
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+
+
+def output_dirs() -> list[Path]:
+    found = app_data.results_dirs()
+    return found or [app_data.data_root() / "results"]
+
+
+def _is_plotly_json(obj) -> bool:
+    return isinstance(obj, dict) and "data" in obj and ("layout" in obj or isinstance(obj.get("data"), list))
+
+
+def find_outputs(dirs: list[Path] | None = None) -> Outputs:
+    """Every table and figure under the notebook output folders (newest first), at most `MAX_FILES`."""
+    out = Outputs()
+    files = []
+    for d in dirs if dirs is not None else app_data.results_dirs():
+        files += [p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in _TABLE_SUFFIXES | _FIG_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+    files.sort(key=lambda p: (-p.stat().st_mtime, p.name))
+    for p in files[:MAX_FILES]:
+        suf = p.suffix.lower()
+        if suf in _FIG_SUFFIXES:
+            out.figures.append(Figure(p.stem, p, "image"))
+        elif suf == ".json":
+            try:
+                obj = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                out.tables.append(Table(p.stem, p, error=f"{p}: not readable JSON ({e})"))
+                continue
+            if _is_plotly_json(obj):
+                out.figures.append(Figure(p.stem, p, "plotly"))
+            elif isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+                out.tables.append(Table(p.stem, p, pd.DataFrame(obj)))
+            elif isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+                out.tables.append(Table(p.stem, p, pd.DataFrame(obj).T.rename_axis("model").reset_index()))
+        else:
+            try:
+                frame = pd.read_csv(p) if suf == ".csv" else pd.read_parquet(p)
+                out.tables.append(Table(p.stem, p, frame))
+            except (OSError, ValueError, ImportError) as e:
+                out.tables.append(Table(p.stem, p, error=f"{p}: could not read the table ({e})"))
+    # a table named like "results" first
+    out.tables.sort(key=lambda t: ("result" not in t.name.lower(), t.name))
+    return out
+
+
+def model_by_task(df: pd.DataFrame) -> pd.DataFrame | None:
+    """A long table (model, task, metric, value) pivoted to models × (task, metric); None when it is not long."""
+    cols = {c.lower(): c for c in df.columns}
+    if not {"model", "task", "value"} <= set(cols):
+        return None
+    index = cols["model"]
+    columns = [cols["task"]] + ([cols["metric"]] if "metric" in cols else [])
+    try:
+        wide = df.pivot_table(index=index, columns=columns, values=cols["value"], aggfunc="mean")
+    except (ValueError, TypeError):
+        return None
+    if isinstance(wide.columns, pd.MultiIndex):
+        wide.columns = [" · ".join(map(str, c)) for c in wide.columns]
+    return wide.round(4)
+
+
+def show_figure(fig: Figure) -> None:
+    import streamlit as st
+
+    try:
+        if fig.kind == "plotly":
+            import plotly.io as pio
+
+            st.plotly_chart(pio.from_json(fig.path.read_text()), width="stretch", key=f"nbfig_{fig.path}")
+        else:
+            st.image(str(fig.path), width="stretch")
+        st.caption(f"{fig.name} — `{fig.path.name}`")
+    except Exception as e:  # noqa: BLE001 — a broken figure file must not break the page
+        st.warning(f"{fig.path}: could not show this figure ({type(e).__name__}: {e})")
+
+
+def checkpoint_rows() -> pd.DataFrame | None:
+    """One row per checkpoint folder with the metrics recorded next to its weights (any ``*.json`` record)."""
+    rows = []
+    try:
+        index = app_data.checkpoint_index()
+        dirs = app_data.checkpoint_dirs()
+    except (OSError, ValueError):
+        return None
+    shipped = {str(p): label for label, p in index.items()}
+    root = (app_data.data_root() / "checkpoints").resolve()
+    for d in dirs:
+        row = {"checkpoint": str(d.relative_to(root)) if d.is_relative_to(root) else str(d),
+               "shipped for": shipped.get(str(d), "")}
+        for rec in sorted(d.glob("*.json")):
+            try:
+                obj = json.loads(rec.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(obj, dict):
+                for k, v in _flatten(obj).items():
+                    if isinstance(v, (int, float, str, bool)) and len(row) < 40:
+                        row.setdefault(k, v)
+        rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out

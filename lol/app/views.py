@@ -1,0 +1,481 @@
+"""View pieces shared by several pages: the LoRA detail view, collection captions, label lookups."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from . import cache, nav, plots
+
+__all__ = ["collection_caption", "label_columns", "labels_of_kind", "label_description", "lora_detail",
+           "lora_row_markdown"]
+
+_NON_LABEL = {"id", "group", "split", "rank", "path", "file", "source_path"}
+
+
+def collection_caption(ctx) -> str:
+    c = ctx.collection
+    bits = [f"**{ctx.source}**", f"{len(c)} LoRAs", f"{len(c.spec)} adapted modules"]
+    base = getattr(c, "base_model", None)
+    if base:
+        bits.append(f"base model: `{base}`")
+    return " · ".join(bits)
+
+
+def _labels(coll) -> dict:
+    try:
+        return dict(getattr(coll, "labels", {}) or {})
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def label_columns(coll, df: pd.DataFrame) -> list[str]:
+    """Columns worth filtering and colouring by: declared labels first, then other metadata (hyperparameters)."""
+    declared = [c for c in _labels(coll) if c in df.columns]
+    rest = [c for c in df.columns if c not in declared and c not in _NON_LABEL and df[c].nunique(dropna=True) > 1
+            and (pd.api.types.is_numeric_dtype(df[c]) or df[c].nunique(dropna=True) <= 30)]
+    return declared + rest
+
+
+def labels_of_kind(coll, kind: str, task: str | None = None) -> list[str]:
+    """Declared labels of one kind ("regression", "binary", "category"), optionally of one task."""
+    return [n for n, d in _labels(coll).items() if d.get("kind") == kind and (task is None or d.get("task") == task)]
+
+
+def label_description(coll, name: str) -> str:
+    d = _labels(coll).get(name)
+    if not d:
+        return f"{name}: metadata column"
+    return f"{name} ({d.get('kind', '?')}, task {d.get('task', '?')}): {d.get('description', '')}"
+
+
+def lora_row_markdown(df: pd.DataFrame, lora_id: str, cols=None) -> str:
+    row = df[df["id"].astype(str) == str(lora_id)]
+    if row.empty:
+        return ""
+    r = row.iloc[0]
+    cols = cols or [c for c in df.columns if c != "id"]
+    return " · ".join(f"{c}: **{_fmt(r[c])}**" for c in cols if c in r.index and pd.notna(r[c]))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def lora_detail(ctx, index: int, lora_id: str, df: pd.DataFrame) -> None:
+    """Per-module shapes, ranks, α, scales, ‖ΔW‖_F and the singular-value spectra of one LoRA (all GL-invariant
+    except the raw rank/alpha/scale bookkeeping), with a link to Generate."""
+    st.markdown(lora_row_markdown(df, lora_id))
+    table, svals = cache.lora_summary(ctx.path, ctx.key, int(index))
+    c1, c2, c3 = st.columns(3)
+    c1.metric("modules", len(table))
+    c2.metric("ranks", ", ".join(str(r) for r in sorted(set(table["rank r"]))))
+    c3.metric("‖ΔW‖_F summed over modules", f"{table['‖ΔW‖_F'].sum():.4g}")
+    left, right = st.columns([1, 1])
+    with left:
+        st.dataframe(table.style.format({"alpha α": "{:.3g}", "scale s": "{:.3g}", "‖ΔW‖_F": "{:.4g}",
+                                         "σ₁(ΔW)": "{:.4g}"}), hide_index=True, height=380, width="stretch")
+    with right:
+        st.plotly_chart(plots.spectra(svals), width="stretch", key=f"spectra_{lora_id}")
+    st.caption("‖ΔW‖_F and the singular values σᵢ(ΔW) are computed from the factors (QR of U and V, r×r core), "
+               "never forming ΔW; they are invariant to every (U, V) ↦ (UR, VR⁻ᵀ), R ∈ GL(r).")
+    if st.button("Generate images with this LoRA", key=f"gen_{lora_id}", icon=":material/image:"):
+        nav.open_lora(lora_id, "generate.py")
+
+
+def gl_check(ctx, limit: int = 300, seed: int = 1) -> None:
+    """Raw factors vs invariant features under an independent random R ∈ GL(r) per module and LoRA (float64):
+    the measured relative feature change, and the UMAP maps before/after for both."""
+    import numpy as np
+
+    n = min(limit, len(ctx.collection))
+    if n < 4:
+        st.info("The check needs at least 4 LoRAs.")
+        return
+    raw = cache.invariant_features(ctx.path, ctx.key, "raw", None, n, True)
+    raw_gl = cache.invariant_features(ctx.path, ctx.key, "raw", seed, n, True)
+    inv = cache.invariant_features(ctx.path, ctx.key, "svals", None, n, True)
+    inv_gl = cache.invariant_features(ctx.path, ctx.key, "svals", seed, n, True)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-300))
+
+    c1, c2 = st.columns(2)
+    c1.metric("raw factors: relative change under GL", f"{rel(raw, raw_gl):.3g}")
+    c2.metric("singular values of ΔW: relative change under GL", f"{rel(inv, inv_gl):.1e}")
+    df = ctx.table().reset_index(drop=True).iloc[:n]
+    color = next(iter(label_columns(ctx.collection, df)), None)
+    fp = str(getattr(ctx.collection, "fingerprint", ctx.key))
+    maps = {"raw factors": cache.umap_xy(raw, f"{fp}:raw:{n}"),
+            "raw factors after GL": cache.umap_xy(raw_gl, f"{fp}:raw-gl{seed}:{n}"),
+            "invariant features": cache.umap_xy(inv, f"{fp}:svals:{n}"),
+            "invariant features after GL": cache.umap_xy(inv_gl, f"{fp}:svals-gl{seed}:{n}")}
+    names = list(maps)
+    for row in (names[:2], names[2:]):
+        cols = st.columns(2)
+        for col, name in zip(cols, row):
+            col.plotly_chart(plots.embedding_scatter(maps[name], df, color, title=name, height=380),
+                             width="stretch", key=f"glcheck_{name}")
+    moved_raw = _procrustes_disparity(maps["raw factors"], maps["raw factors after GL"])
+    moved_inv = _procrustes_disparity(maps["invariant features"], maps["invariant features after GL"])
+    st.caption(f"Map disparity after the best rotation, scaling and shift (0 = same map, 1 = unrelated): raw "
+               f"{moved_raw:.3f}, invariant {moved_inv:.3f}. First {n} LoRAs, float64, R = Q₁ diag(s) Q₂ with "
+               f"condition number 4.")
+
+
+def _procrustes_disparity(a, b) -> float:
+    from scipy.spatial import procrustes
+
+    try:
+        return float(procrustes(a, b)[2])
+    except ValueError:  # degenerate map (all points equal)
+        return float("nan")
+
+
+def base_model_path(coll, name: str = "sd"):
+    """The folder of a collection's base model: its recorded ``base_model`` when that is a folder on this server,
+    else ``DATA/base/<name>``; None when neither exists."""
+    from pathlib import Path
+
+    from . import data as app_data
+
+    base = getattr(coll, "base_model", None)
+    if isinstance(base, str) and base:
+        p = Path(base)
+        if not p.is_absolute():
+            p = app_data.data_root() / p
+        if p.is_dir() and (p / "model_index.json").is_file():
+            return p
+    p = app_data.base_model_dir(name)
+    return p if p is not None and (p / "model_index.json").is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------- predictions
+
+def _merge_truth(frame: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    truth = df.assign(id=df["id"].astype(str))
+    drop = [c for c in frame.columns if c in truth.columns and c != "id"]
+    return truth.merge(frame.drop(columns=drop), on="id", how="inner")
+
+
+def _split_rows(m: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    return m[m["split"] == split] if split and "split" in m else m
+
+
+def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_name: str, split: str | None,
+                       key: str) -> None:
+    """Scatter of predicted vs actual ``label`` on ``split`` with R², Spearman ρ, Kendall τ (`lol.metrics`);
+    clicking a point opens that LoRA's detail view."""
+    from ..metrics import kendall, r2, spearman
+    from .preds import PRED
+
+    m = _split_rows(_merge_truth(frame, df), split)
+    y, p = m[label].to_numpy(float), m[f"{label}{PRED}"].to_numpy(float)
+    st.markdown(f"**{model_name}**")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("R²", f"{r2(y, p):.3f}")
+    c2.metric("Spearman ρ", f"{spearman(y, p):.3f}")
+    c3.metric("Kendall τ", f"{kendall(y, p):.3f}")
+    c4.metric("LoRAs", len(m))
+    hover = [c for c in ("group", "split") if c in m.columns]
+    fig = plots.pred_vs_true(m.rename(columns={f"{label}{PRED}": "predicted"}), label, "predicted", name=model_name,
+                             hover=hover)
+    event = st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode=("points", "box"))
+    picked = plots.selected_ids(event)
+    if picked:
+        nav.choose_once(key, picked[0])
+        st.markdown(f"Selected **{picked[0]}** · " + lora_row_markdown(m, picked[0], [label, f"{label}{PRED}"]))
+        if st.button("Open its detail view", key=f"{key}_open", icon=":material/table_view:"):
+            nav.open_lora(picked[0], "collection.py")
+
+
+def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], split: str | None) -> None:
+    """Per binary attribute: AUC and accuracy at 0.5 of each model on ``split`` (`lol.metrics.binary_metrics`),
+    and for one chosen LoRA its predicted probabilities next to the truth."""
+    from ..metrics import binary_metrics
+    from .preds import PRED
+
+    rows = []
+    for name, f in frames.items():
+        m = _split_rows(_merge_truth(f, df), split)
+        for lab in labels:
+            if f"{lab}{PRED}" not in m:
+                continue
+            r = binary_metrics(m[lab].astype(float).to_numpy(), m[f"{lab}{PRED}"].to_numpy(float))
+            rows.append({"model": name, "attribute": lab, "AUC": r["auc"], "accuracy @0.5": r["accuracy"],
+                         "balanced accuracy": r["balanced_accuracy"], "positives": int(m[lab].astype(float).sum()),
+                         "LoRAs": len(m)})
+    if rows:
+        st.dataframe(pd.DataFrame(rows).style.format({"AUC": "{:.3f}", "accuracy @0.5": "{:.3f}",
+                                                      "balanced accuracy": "{:.3f}"}, na_rep="n/a"),
+                     hide_index=True, width="stretch")
+    first_name, first = next(iter(frames.items()))
+    ids = first["id"].tolist()
+    nav.sync_widget("attr_lora", ids)
+    lid = st.selectbox("LoRA", ids, key="attr_lora", on_change=nav.chosen_from_widget, args=("attr_lora",))
+    m = _merge_truth(first, df)
+    row = m[m["id"] == lid]
+    if not row.empty:
+        st.plotly_chart(_prob_bars(row.iloc[0], labels, f"{lid}: {first_name}"), width="stretch",
+                        key="attr_bars")
+
+
+def _prob_bars(row, labels, title):
+    import plotly.graph_objects as go
+
+    from .preds import PRED
+
+    labels = [lab for lab in labels if f"{lab}{PRED}" in row.index]
+    truth = [bool(row[lab]) if pd.notna(row[lab]) else None for lab in labels]
+    fig = go.Figure(go.Bar(x=labels, y=[float(row[f"{lab}{PRED}"]) for lab in labels],
+                           marker_color=[plots.PALETTE[1] if t else plots.PALETTE[0] for t in truth],
+                           text=["in" if t else "out" for t in truth], textposition="outside",
+                           hovertemplate="%{x}: p = %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=0.5, line_dash="dot", line_color="#888")
+    fig.update_yaxes(title_text="predicted probability", range=[0, 1.12])
+    fig.update_xaxes(title_text="label (bar colour and text: the truth)", type="category")
+    return plots.style(fig, title, height=380, legend=False)
+
+
+def upload_predictions(ctx, models) -> None:
+    """Upload LoRA files and predict with a model that fits them; unsupported or mismatched files get one clear
+    message each (naming the file), the others are predicted."""
+    from .preds import checkpoint_info, predict_loras
+    from .upload import ACCEPTED_TYPES, new_upload_dir, read_uploads, remove_upload_dir
+
+    all_models = ctx.models
+    files = st.file_uploader("LoRA files (.safetensors; a PEFT adapter as adapter_model.safetensors + "
+                             "adapter_config.json)", type=ACCEPTED_TYPES, accept_multiple_files=True,
+                             key="pred_upload")
+    if not files:
+        return
+    if not all_models:
+        st.info("No trained LoL model to predict with yet.")
+        return
+    names = [m.name for m in all_models]
+    default = names.index(models[0].name) if models else 0
+    pick = st.selectbox("Predict with", names, index=default, key="pred_upload_model")
+    model = all_models[names.index(pick)]
+    info = checkpoint_info(model.path)
+    if info["error"]:
+        st.error(f"{model.name}: {info['error']}")
+        return
+    from ..lora import ModuleSpec
+
+    spec = ModuleSpec.from_json(info["spec"]) if info["spec"] else None
+    sig = (tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files), model.path)
+    cached = st.session_state.get("_lol_pred_upload")
+    if cached is None or cached[0] != sig:
+        if cached is not None and cached[1].folder is not None:
+            remove_upload_dir(cached[1].folder)
+        res = read_uploads(files, new_upload_dir(), spec=spec, what=f"the model {model.name}")
+        st.session_state["_lol_pred_upload"] = cached = (sig, res)
+    res = cached[1]
+    for e in res.errors:
+        st.error(e)
+    if not res.loras:
+        return
+    try:
+        out = predict_loras(model, [u.lora for u in res.loras], ctx.device)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Prediction failed: {plain_error(e)}")
+        return
+    out = out.reset_index(drop=True)
+    if "id" in out.columns:
+        out = out.drop(columns=["id"])
+    out.insert(0, "file", [u.name for u in res.loras])
+    st.success(f"Predicted {len(res.loras)} LoRA(s) with {model.name}.")
+    st.dataframe(out, hide_index=True, width="stretch")
+
+
+def plain_error(e) -> str:
+    from .errors import plain
+
+    return plain(e)
+
+
+# ----------------------------------------------------------------------------------------------------- membership
+
+def membership_section(ctx, coll, tasks: dict, key: str) -> None:
+    """Per LoRA: predicted probability per class vs truth. Over the test split: log-scale ROC curves, AUC, TPR at
+    1% and 0.1% FPR (`lol.metrics`), and a threshold slider with the resulting counts."""
+    import numpy as np
+
+    from .. import metrics as M
+    from .preds import PRED, compatible_models, prediction_frame
+
+    df = ctx.table().reset_index(drop=True)
+    task = st.selectbox("Task", list(tasks), key=f"{key}_task") if len(tasks) > 1 else next(iter(tasks))
+    labels = tasks[task]
+    models = [m for m in compatible_models(ctx, coll)]
+    frame, model = None, None
+    for m in models:  # the first model that predicts this task's labels
+        f = prediction_frame(ctx, m, coll)
+        if f is not None and any(f"{lab}{PRED}" in f for lab in labels):
+            frame, model = f, m
+            break
+    if frame is None:
+        st.info(f"No trained LoL model predicts the {task!r} labels of this collection; showing the truth only.")
+        counts = df[labels].astype(float).sum().rename("LoRAs finetuned on it").to_frame()
+        st.dataframe(counts, width="stretch")
+        return
+    labels = [lab for lab in labels if f"{lab}{PRED}" in frame]
+    m_all = _merge_truth(frame, df)
+    st.caption(f"Model: **{model.name}** · {len(labels)} {task} labels")
+
+    st.subheader("One LoRA")
+    ids = m_all["id"].tolist()
+    nav.sync_widget(f"{key}_lora", ids)
+    lid = st.selectbox("LoRA", ids, key=f"{key}_lora", on_change=nav.chosen_from_widget, args=(f"{key}_lora",))
+    row = m_all[m_all["id"] == lid].iloc[0]
+    st.plotly_chart(_prob_bars(row, labels, f"{lid}: predicted probability per {task} label"), width="stretch",
+                    key=f"{key}_bars")
+
+    split = "test" if "split" in m_all and (m_all["split"] == "test").any() else None
+    m = _split_rows(m_all, split)
+    st.subheader(f"Over the {'test split' if split else 'whole collection'} ({len(m)} LoRAs)")
+    y = np.concatenate([m[lab].astype(float).to_numpy() for lab in labels])
+    p = np.concatenate([m[f"{lab}{PRED}"].to_numpy(float) for lab in labels])
+    rows, curves = [], []
+    for lab in labels:
+        yl, pl = m[lab].astype(float).to_numpy(), m[f"{lab}{PRED}"].to_numpy(float)
+        rows.append({"label": lab, "AUC": M.auc(yl, pl), "TPR @ 1% FPR": M.tpr_at_fpr(yl, pl, 0.01),
+                     "TPR @ 0.1% FPR": M.tpr_at_fpr(yl, pl, 0.001), "positives": int(np.nansum(yl)),
+                     "negatives": int(np.sum(yl == 0))})
+    pooled = {"label": "all labels pooled", "AUC": M.auc(y, p), "TPR @ 1% FPR": M.tpr_at_fpr(y, p, 0.01),
+              "TPR @ 0.1% FPR": M.tpr_at_fpr(y, p, 0.001), "positives": int(np.nansum(y)),
+              "negatives": int(np.sum(y == 0))}
+    thr = st.slider("Decision threshold on the predicted probability", 0.0, 1.0, 0.5, 0.01, key=f"{key}_thr")
+    pred = p >= thr
+    tp, fp = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0)))
+    fn, tn = int(np.sum(~pred & (y == 1))), int(np.sum(~pred & (y == 0)))
+    c = st.columns(6)
+    c[0].metric("true positives", tp)
+    c[1].metric("false positives", fp)
+    c[2].metric("true negatives", tn)
+    c[3].metric("false negatives", fn)
+    c[4].metric("TPR", f"{tp / max(tp + fn, 1):.3f}")
+    c[5].metric("FPR", f"{fp / max(fp + tn, 1):.4f}")
+    try:
+        fpr, tpr, _ = M.roc_curve(y, p)
+        curves.append(("all labels pooled", fpr, tpr, pooled["AUC"]))
+        show = st.multiselect("Also show labels", labels, default=labels[:3], key=f"{key}_roc_labels")
+        for lab in show:
+            yl, pl = m[lab].astype(float).to_numpy(), m[f"{lab}{PRED}"].to_numpy(float)
+            if len(np.unique(yl[np.isfinite(yl)])) == 2:
+                f_, t_, _ = M.roc_curve(yl, pl)
+                curves.append((lab, f_, t_, M.auc(yl, pl)))
+        op = (fp / max(fp + tn, 1), tp / max(tp + fn, 1), f"threshold {thr:.2f}")
+        min_fpr = max(1e-4, 0.5 / max(int(np.sum(y == 0)), 1))
+        st.plotly_chart(plots.roc_curves(curves, "ROC (log false-positive rate)", min_fpr=min_fpr, points=[op]),
+                        width="stretch", key=f"{key}_roc")
+    except ValueError as e:
+        st.info(f"No ROC curve: {e}")
+    table = pd.DataFrame([pooled] + rows)
+    st.dataframe(table.style.format({"AUC": "{:.3f}", "TPR @ 1% FPR": "{:.3f}", "TPR @ 0.1% FPR": "{:.3f}"},
+                                    na_rep="n/a"), hide_index=True, width="stretch")
+    st.caption("TPR at a low FPR needs many negatives: with fewer than 100 (1000) negatives, TPR @ 1% (0.1%) FPR is "
+               "the TPR at zero false positives.")
+
+
+def lm_context(ctx):
+    """The sidebar's collection when it is a language-model collection (has challenge_accuracy / eval_loss or
+    source labels), else the shipped ``lm`` collection opened like the sidebar would; None when neither exists."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from . import data as app_data
+    from .preds import membership_tasks
+
+    def is_lm(coll):
+        labels = set(getattr(coll, "labels", {}) or {})
+        return bool(labels & {"challenge_accuracy", "eval_loss"}) or any(
+            "source" in t for t in membership_tasks(coll)) or any(lab.startswith("source_") for lab in labels)
+
+    if ctx.collection is not None and is_lm(ctx.collection):
+        return ctx
+    shipped = app_data.shipped_collections().get("lm")
+    if shipped is None:
+        return None
+    try:
+        key = cache.path_key(shipped)
+        coll = cache.collection(str(shipped), key)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Could not open the shipped lm collection: {plain_error(e)}")
+        return None
+    return replace(ctx, source="lm (shipped)", path=str(Path(shipped)), key=key, kind="shipped", collection=coll,
+                   problem=None)
+
+
+# ----------------------------------------------------------------------------------------------------- generation
+
+def default_prompt(coll, df: pd.DataFrame, lora_id: str) -> str:
+    """A prompt for the LoRA: its instance prompt if the table has one, else the collection's CLIP prompts."""
+    row = df[df["id"].astype(str) == str(lora_id)]
+    for col in ("instance_prompt", "prompt", "caption"):
+        if col in df.columns and not row.empty and isinstance(row.iloc[0][col], str):
+            return f"a photo of {row.iloc[0][col]}"
+    prov = getattr(coll, "provenance", {}) or {}
+    prompts = prov.get("clip_prompts") or (prov.get("score_settings") or {}).get("prompts")
+    if prompts:
+        return "\n".join(prompts[:2])
+    return "a photo of a person"
+
+
+def score_generation(res, coll, device: str) -> None:
+    """CLIP score (`lol.zoo.clipscore.CLIPScorer`, the zoo's scorer) of the base and LoRA images just generated."""
+    clip_dir = base_model_path_clip(coll)
+    if clip_dir is None:
+        return
+    scorer = cache.clip_scorer(str(clip_dir), device)
+    texts = [p for p in res.prompts for _ in res.seeds]
+    res.clip_base = float(scorer.score(res.base, texts).mean())
+    res.clip_lora = float(scorer.score(res.lora, texts).mean())
+
+
+def base_model_path_clip(coll):
+    from . import data as app_data
+
+    p = app_data.base_model_dir("clip")
+    return p if p is not None and (p / "config.json").is_file() else None
+
+
+def show_generation(res) -> None:
+    """Base | LoRA image pairs, one row per (prompt, seed)."""
+    st.markdown(f"**{res.lora_id}** · {res.steps} steps · guidance {res.guidance} · strength {res.strength} · "
+                f"{res.seconds:.1f} s")
+    per_row = 2 if len(res.base) > 1 else 1
+    caps = res.captions
+    for start in range(0, len(res.base), per_row):
+        cols = st.columns(2 * per_row)
+        for j, k in enumerate(range(start, min(start + per_row, len(res.base)))):
+            cols[2 * j].image(res.base[k], caption=f"base · {caps[k]}", width="stretch")
+            cols[2 * j + 1].image(res.lora[k], caption=f"LoRA · {caps[k]}", width="stretch")
+
+
+def prediction_vs_generation(ctx, res) -> None:
+    """The CLIP score just measured next to the LoL prediction (and the collection's stored label) for the LoRA."""
+    from .preds import PRED, predictions_or_none
+
+    cols = st.columns(4)
+    cols[0].metric("CLIP score, base images", "n/a" if res.clip_base is None else f"{res.clip_base:.2f}")
+    cols[1].metric("CLIP score, LoRA images", "n/a" if res.clip_lora is None else f"{res.clip_lora:.2f}")
+    p = predictions_or_none(ctx)
+    clip_cols = [c for c in (p.columns if p is not None else []) if c.endswith(PRED) and "clip" in c.lower()]
+    if clip_cols:
+        v = p.loc[p["id"] == res.lora_id, clip_cols[0]]
+        cols[2].metric(f"LoL prediction ({clip_cols[0][: -len(PRED)]})", f"{float(v.iloc[0]):.2f}" if len(v) else
+                       "n/a")
+    else:
+        cols[2].metric("LoL prediction", "n/a", help="The sidebar's model does not predict a CLIP score here.")
+    df = ctx.table()
+    lab = next((c for c in df.columns if "clip" in c.lower() and pd.api.types.is_numeric_dtype(df[c])), None)
+    if lab:
+        v = df.loc[df["id"].astype(str) == res.lora_id, lab]
+        cols[3].metric(f"stored label ({lab})", f"{float(v.iloc[0]):.2f}" if len(v) else "n/a")
+    if res.clip_lora is None:
+        st.caption("No CLIP scorer found under data/base/clip: the score of the new images is not computed.")
+    else:
+        st.caption("The stored label was measured at build time with the collection's fixed prompts and seeds; the "
+                   "score here uses the prompts and seeds above, so they differ unless the settings match.")

@@ -1,0 +1,70 @@
+"""Embeddings: a UMAP map of GL-invariant embeddings of the collection, coloured by any column; a click opens the
+LoRA. The note at the bottom shows why: raw factors move under a GL transform, invariant features do not."""
+import numpy as np
+import streamlit as st
+
+from lol.app import cache, nav, plots, preds, views
+from lol.app.errors import plain
+from lol.app.sidebar import context
+
+ctx = context()
+st.title("Embeddings")
+if ctx.require_collection():
+    coll = ctx.collection
+    df = ctx.table().reset_index(drop=True)
+    sources = {"Singular values of every ΔW (invariant features)": "svals",
+               "SVD canonical form (invariant features)": "canon"}
+    if ctx.model is not None:
+        sources = {f"LoL model embedding: {ctx.model.name}": "model", **sources}
+    c1, c2, c3 = st.columns([2, 1, 1])
+    src = c1.selectbox("Embed", list(sources), key="emb_source",
+                       help="Every choice is invariant to (U, V) ↦ (UR, VR⁻ᵀ), R ∈ GL(r), per module.")
+    n_neighbors = c2.select_slider("UMAP neighbours", [5, 10, 15, 30, 50], value=15, key="emb_nn")
+    min_dist = c3.select_slider("UMAP min. distance", [0.0, 0.1, 0.25, 0.5], value=0.1, key="emb_md")
+
+    kind = sources[src]
+    feats = None
+    try:
+        if kind == "model":
+            feats = preds.embeddings(ctx)
+        else:
+            feats = cache.invariant_features(ctx.path, ctx.key, kind)
+    except Exception as e:  # noqa: BLE001 — e.g. a model trained for another base model
+        st.error(f"Could not compute the embedding: {plain(e)}")
+
+    if feats is not None:
+        color_df = df.copy()
+        p = preds.predictions_or_none(ctx)
+        if p is not None:
+            color_df = color_df.merge(p.drop(columns=[c for c in p.columns if c in color_df.columns and c != "id"]),
+                                      on="id", how="left")
+        options = ["(none)"] + [c for c in color_df.columns if c != "id" and color_df[c].nunique(dropna=True) > 1]
+        default = next((c for c in views.label_columns(coll, df) if c in options), "(none)")
+        color = st.selectbox("Colour by (label, attribute, hyperparameter, prediction or error)", options,
+                             index=options.index(default), key="emb_color")
+        key = f"{getattr(coll, 'fingerprint', ctx.key)}:{kind}:{ctx.model.path if kind == 'model' else ''}"
+        xy = cache.umap_xy(feats, key, n_neighbors=n_neighbors, min_dist=min_dist)
+        hover = [c for c in ("group", "split") if c in color_df.columns]
+        fig = plots.embedding_scatter(xy, color_df, None if color == "(none)" else color, hover=hover,
+                                      title=f"UMAP of {src.split(' (')[0].lower()} ({len(df)} LoRAs)")
+        event = st.plotly_chart(fig, width="stretch", key="emb_map", on_select="rerun",
+                                selection_mode=("points", "box", "lasso"))
+        picked = plots.selected_ids(event)
+        if picked:
+            nav.choose_once("emb_map", picked[0])
+            st.markdown(f"**Selected:** {', '.join(picked[:10])}{' …' if len(picked) > 10 else ''}")
+            st.markdown(views.lora_row_markdown(color_df, picked[0]))
+            b1, b2 = st.columns(2)
+            if b1.button("Open detail view", key="emb_open", icon=":material/table_view:"):
+                nav.open_lora(picked[0], "collection.py")
+            if b2.button("Generate with it", key="emb_gen", icon=":material/image:"):
+                nav.open_lora(picked[0], "generate.py")
+        else:
+            st.caption("Click a point (or draw a box) to select a LoRA; hover shows its id and labels.")
+
+    with st.expander("Why invariant features? The GL(r) check", expanded=False):
+        st.markdown("Each LoRA module can be rewritten as (UR, VR⁻ᵀ) for any invertible R without changing ΔW = UVᵀ. "
+                    "Below, every LoRA gets an independent random non-orthogonal R per module: the map of the raw "
+                    "factors changes, the invariant features (and hence their map) do not.")
+        if st.toggle("Run the check", key="emb_gl_check"):
+            views.gl_check(ctx, limit=300)

@@ -1,0 +1,44 @@
+"""Models: the results table (model × task) and the figures the notebooks produced, read from their outputs; and
+the trained checkpoints with the metrics recorded when they were trained."""
+import streamlit as st
+
+from lol.app import results
+from lol.app import data as app_data
+from lol.app.sidebar import context
+
+ctx = context()
+st.title("Models")
+
+found = results.find_outputs()
+if not found.tables and not found.figures:
+    st.info("No notebook outputs yet: run the notebooks (e.g. `make notebooks`, or papermill) to fill "
+            + ", ".join(f"`{p}`" for p in results.output_dirs()) + ".")
+else:
+    st.subheader("Results: model × task")
+    names = [t.name for t in found.tables]
+    pick = st.selectbox("Results table", names, key="models_table") if len(names) > 1 else (names[0] if names
+                                                                                               else None)
+    if pick is not None:
+        t = found.tables[names.index(pick)]
+        if t.error:
+            st.error(t.error)
+        else:
+            wide = results.model_by_task(t.frame)
+            st.dataframe(wide if wide is not None else t.frame, width="stretch", height=min(600, 60 + 36 * len(
+                wide if wide is not None else t.frame)))
+            st.caption(f"From `{t.path}`. Each metric under its own name (R², Spearman ρ, Kendall τ, AUC, TPR@FPR).")
+    if found.figures:
+        st.subheader("Figures from the notebooks")
+        cols = st.columns(2)
+        for i, fig in enumerate(found.figures):
+            with cols[i % 2]:
+                results.show_figure(fig)
+
+st.subheader("Trained checkpoints")
+rows = results.checkpoint_rows()
+if rows is None or rows.empty:
+    st.info(f"No checkpoints under `{app_data.data_root() / 'checkpoints'}` yet.")
+else:
+    st.dataframe(rows, hide_index=True, width="stretch")
+    if ctx.model is not None:
+        st.caption(f"The sidebar's LoL model: **{ctx.model.name}**.")

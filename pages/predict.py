@@ -1,0 +1,44 @@
+"""Predict: predicted vs actual (CLIP score and other regression labels) on the test split with R², Spearman ρ and
+Kendall τ; two models side by side; attribute predictions vs truth; predictions for uploaded LoRA files."""
+import streamlit as st
+
+from lol.app import nav, plots, preds, views
+from lol.app.sidebar import context
+
+ctx = context()
+st.title("Predict")
+if ctx.require_collection():
+    coll = ctx.collection
+    df = ctx.table().reset_index(drop=True)
+    models = preds.compatible_models(ctx, coll)
+    if not models:
+        st.info("No trained LoL model fits this collection (same modules and labels). Train one with "
+                "`lol models train` or the notebooks, or choose another collection; uploads below need a model too.")
+    else:
+        names = [m.name for m in models]
+        default = names.index(ctx.model.name) if ctx.model is not None and ctx.model.name in names else 0
+        c1, c2 = st.columns(2)
+        first = c1.selectbox("LoL model", names, index=default, key="pred_model")
+        others = ["(none)"] + [n for n in names if n != first]
+        second = c2.selectbox("Compare with", others, key="pred_compare")
+        chosen = [models[names.index(first)]] + ([models[names.index(second)]] if second != "(none)" else [])
+        frames = {m.name: preds.prediction_frame(ctx, m, coll) for m in chosen}
+        frames = {k: v for k, v in frames.items() if v is not None}
+        if frames:
+            regress = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "regression")})
+            binary = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "binary")})
+            split = "test" if "split" in df and (df["split"] == "test").any() else None
+            st.caption(f"Metrics on the {'test split' if split else 'whole collection (no test split)'}; "
+                       f"{'only test-split points are drawn' if split else ''}.")
+            if regress:
+                label = st.selectbox("Label", regress, key="pred_label",
+                                     index=next((i for i, r in enumerate(regress) if "clip" in r), 0))
+                cols = st.columns(len(frames))
+                for col, (name, f) in zip(cols, frames.items()):
+                    with col:
+                        views.pred_vs_true_panel(f, df, label, name, split, key=f"pv_{name}")
+            if binary:
+                st.subheader("Attributes: predicted vs truth")
+                views.attribute_panel(frames, df, binary, split)
+    st.subheader("Predict for your own LoRA files")
+    views.upload_predictions(ctx, models)
