@@ -125,6 +125,10 @@ def save_diffusers(lora: LoRA, file, prefix: str = "unet", dtype: torch.dtype | 
         A, B = factor_tensors(m, dtype)
         tensors[f"{full}.lora_A.weight"] = A
         tensors[f"{full}.lora_B.weight"] = B
+        # pattern keys must be suffixes of the loaded model's module names; transformers >= 5 flattened
+        # CLIPTextModel (no `text_model.`), and a name without it is a suffix of the old layout's names too
+        if comp.startswith("text_encoder"):
+            inner = inner.removeprefix("text_model.")
         by_comp[comp].append(replace(m, name=inner))
     flat = {}
     for comp, mods in by_comp.items():
