@@ -261,7 +261,7 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
             "base_model": base_model, "labels": labels, "tasks": tasks, "provenance": provenance or {},
             "factors_sha256": sha.hexdigest(),
         }
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             dest.rename(old)
