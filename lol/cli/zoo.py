@@ -1,0 +1,64 @@
+"""`lol zoo build`, `lol zoo status`: build the LoRA zoo (base models + labelled collections), resumably.
+
+Light at import: torch, transformers and diffusers are imported only when a build runs.
+"""
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("zoo", help="build the LoRA zoo (base models and labelled LoRA collections)")
+    zsub = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zsub.required = True
+
+    b = zsub.add_parser("build", help="train missing base models, run collection jobs, pack collections "
+                                      "(re-run to resume after a kill)")
+    b.add_argument("--preset", choices=("ci", "default"), default="ci")
+    b.add_argument("--out", default="data", help="output folder (default: data)")
+    b.add_argument("--executor", choices=("local", "ray"), default="local")
+    b.add_argument("--only", default=None,
+                   help="comma list of targets: base, faces, fashion, lm (a collection pulls in its base models)")
+    b.add_argument("--base", default=None, help="existing Stable Diffusion folder to use instead of training one")
+    b.add_argument("--scorer", default=None, help="existing CLIP folder to use as the scorer instead of training")
+    b.add_argument("--lm-base", default=None, help="existing causal-LM folder (e.g. Qwen2) instead of training one")
+    b.add_argument("--group-size", type=int, default=None, help="LoRAs trained together in one batched pass")
+    b.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (default 1: fastest for the tiny zoo models on a shared CPU)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_build)
+
+    s = zsub.add_parser("status", help="what is built in an output folder")
+    s.add_argument("--out", default="data")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+
+def cmd_build(args) -> int:
+    from ..zoo.build import build
+
+    rec = build(preset=args.preset, out=args.out, executor=args.executor, only=args.only,
+                base_paths={"sd": args.base, "clip": args.scorer, "lm": args.lm_base}, group_size=args.group_size,
+                device=args.device, progress=not args.no_progress, threads=args.threads)
+    cols = ", ".join(f"{k}: {v['n_loras']} LoRAs" for k, v in rec["collections"].items()) or "none"
+    print(f"zoo build ({args.preset}) in {args.out}: collections {cols}; {rec['last_run_seconds']} s this run")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from ..zoo.build import status
+
+    st = status(args.out)
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    for b, ok in st["bases"].items():
+        print(f"base {b:8s} {'built' if ok else '-'}")
+    for c, info in st["collections"].items():
+        if info is None:
+            print(f"collection {c:8s} not started")
+        else:
+            print(f"collection {c:8s} {info['jobs_done']}/{info['jobs']} LoRAs "
+                  f"({info['groups_done']}/{info['groups']} groups){', packed' if info['packed'] else ''}")
+    return 0
