@@ -160,9 +160,11 @@ def render_face(identity: Identity, index: int, size: int = 64) -> FaceImage:
     u = S / 256.0  # drawing unit: coordinates below are for a 256-pixel canvas
 
     # per-image attributes (small noise on the identity's traits)
-    smiling = bool(rng.random() < identity.smile_rate)
-    lipstick = identity.wearing_lipstick and rng.random() >= 0.2      # missing in ~20% of images
-    glasses = identity.eyeglasses and rng.random() >= 0.12             # taken off in ~12% of images
+    # (every draw is made whatever the traits, so changing one trait leaves all other per-image draws unchanged)
+    u_smile, u_lip, u_glasses, u_frame = rng.random(4)
+    smiling = bool(u_smile < identity.smile_rate)
+    lipstick = identity.wearing_lipstick and u_lip >= 0.2      # missing in ~20% of images
+    glasses = identity.eyeglasses and u_glasses >= 0.12        # taken off in ~12% of images
     attrs = {"male": identity.male, "young": identity.young, "wearing_lipstick": bool(lipstick),
              "big_lips": identity.big_lips, "no_beard": identity.no_beard, "eyeglasses": bool(glasses),
              "smiling": smiling, "hair_long": identity.hair_long, "hair_colour": identity.hair_colour,
@@ -261,7 +263,7 @@ def render_face(identity: Identity, index: int, size: int = 64) -> FaceImage:
         d.line([P(-mw + 3, my), P(mw - 3, my)], fill=_shade(lip, 0.6), width=int(2 * u))
     # glasses
     if glasses:
-        frame = (24, 24, 30) if rng.random() < 0.7 else (120, 70, 30)
+        frame = (24, 24, 30) if u_frame < 0.7 else (120, 70, 30)
         for s in (-1, 1):
             ex, ey = s * 22, -fh * 0.12
             d.rounded_rectangle(box(ex - 15, ey - 11, ex + 15, ey + 11), radius=6 * u, outline=frame,

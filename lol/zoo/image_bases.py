@@ -169,7 +169,7 @@ def _linear_probe(train_x, train_y, test_x, test_y) -> float:
 
 
 CLIP_PRESETS: dict[str, dict[str, Any]] = {
-    "ci": dict(n_faces=192, n_fashion=192, n_eval=64, steps=12, batch=64, lr=2e-3, warmup=4,
+    "ci": dict(n_faces=96, n_fashion=96, n_eval=48, steps=6, batch=32, lr=2e-3, warmup=4,
                vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
                text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
                projection_dim=32),
@@ -331,7 +331,7 @@ class CLIPBase:
 FACE_PROMPTS = [
     "a photo of a smiling young woman with blond hair wearing lipstick",
     "a photo of a young man with black hair and a beard",
-    "a photo of a old man with gray hair wearing glasses",
+    "a photo of an old man with gray hair wearing glasses",
     "a photo of a young woman with red hair",
     "a photo of a smiling old woman with gray hair wearing lipstick and glasses",
     "a photo of a young man with brown hair",
@@ -356,8 +356,8 @@ _PROMPT_FACTS = [
 _FASHION_FACT = [3, 7, 1, 8, 0, 5, 4, 9]
 
 SD_PRESETS: dict[str, dict[str, Any]] = {
-    "ci": dict(n_faces=128, n_fashion=128, vae_steps=6, vae_batch=16, unet_steps=8, unet_batch=16,
-               vae_channels=(16, 32, 32), unet_channels=(32, 32), eval_images=1, eval_steps=2, lr=1e-3),
+    "ci": dict(n_faces=64, n_fashion=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8,
+               vae_channels=(16, 16, 16), unet_channels=(16, 32), eval_images=1, eval_steps=2, lr=1e-3, n_probe=32),
     "default": dict(n_faces=8000, n_fashion=8000, vae_steps=700, vae_batch=32, unet_steps=1600, unet_batch=64,
                     vae_channels=(16, 32, 64), unet_channels=(32, 64), eval_images=4, eval_steps=20, lr=1e-3),
 }
