@@ -2,8 +2,8 @@
 
 `ToyBase` "trains" a frozen two-layer MLP (a fixed random init) and saves its weights with safetensors; `ToyRecipe`
 finetunes rank-2 LoRAs of both layers on per-job random linear-regression targets, K jobs at a time with
-`lol.zoo.multilora`. Used by the build machinery's tests and as a template for new recipes. ``params["sleep"]``
-(seconds per group) lets tests interrupt a build mid-way.
+`lol.zoo.multilora`. Used by the build machinery's tests and as a template for new recipes. ``ToyRecipe(sleep=s)``
+waits s seconds per group so tests can interrupt a build mid-way.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .recipe import Job, JobResult
 __all__ = ["ToyBase", "ToyRecipe"]
 
 DIM = 8
-PRESETS = {"ci": dict(n=12, steps=(5, 10), sleep=0.0), "default": dict(n=40, steps=(10, 20), sleep=0.0)}
+PRESETS = {"ci": dict(n=12, steps=(5, 10)), "default": dict(n=40, steps=(10, 20))}
 
 
 def _mlp() -> nn.Sequential:
@@ -49,8 +49,8 @@ class ToyRecipe:
     name = "toy"
     requires: tuple[str, ...] = ("toy",)
 
-    def __init__(self, sleep: float | None = None):
-        self.sleep = sleep
+    def __init__(self, sleep: float = 0.0):
+        self.sleep = float(sleep)  # seconds per group, not part of any job: results do not depend on it
 
     def jobs(self, preset: str, seed: int) -> list[Job]:
         P = PRESETS[preset]
@@ -59,7 +59,7 @@ class ToyRecipe:
             rng = np.random.default_rng([seed, i])
             out.append(Job(f"toy-{i:04d}", seed * 1000 + i,
                            {"lr": float(10 ** rng.uniform(-3, -1.5)), "steps": int(rng.integers(*P["steps"])),
-                            "rank": 2, "sleep": P["sleep"] if self.sleep is None else self.sleep}))
+                            "rank": 2}))
         return out
 
     def group_key(self, job: Job) -> Hashable:
@@ -98,7 +98,7 @@ class ToyRecipe:
                     last[k] = per[idx == k].mean()
             opt.step(step)
             opt.zero_grad(step)
-        time.sleep(max((j.params.get("sleep", 0.0) for j in jobs), default=0.0))
+        time.sleep(self.sleep)
         out = []
         for k, j in enumerate(jobs):
             row = {"id": j.id, "group": j.id, "final_loss": float(last[k]),
