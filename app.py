@@ -3,12 +3,11 @@ device, LoL model) and every cached loader live in lol.app. The app computes not
 library (formats, collections, features, models, metrics, zoo) produces."""
 import streamlit as st
 
-from lol.app import nav, sidebar, warmup
+from lol.app import nav, warmup
 from lol.app.errors import guard
 
 st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=":material/hub:", layout="wide")
 
 page = st.navigation(nav.pages())
-guard(sidebar.render, what="the sidebar")
-guard(page.run, what=f"the {page.title} page")
+guard(page.run, what=f"the {page.title} page")  # each page draws the shared sidebar first (lol.app.sidebar.render)
 warmup.start()  # after the first page is drawn: compile UMAP in the background

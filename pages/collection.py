@@ -3,9 +3,9 @@ import pandas as pd
 import streamlit as st
 
 from lol.app import cache, nav, plots, views
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Collection")
 if ctx.require_collection():
     coll = ctx.collection

@@ -5,9 +5,9 @@ import streamlit as st
 
 from lol.app import cache, nav, plots, preds, views
 from lol.app.errors import plain
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Embeddings")
 if ctx.require_collection():
     coll = ctx.collection

@@ -5,9 +5,9 @@ import streamlit as st
 from lol.app import cache, generation, nav, preds, views
 from lol.app import data as app_data
 from lol.app.errors import plain
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Generate")
 if ctx.require_collection():
     coll = ctx.collection

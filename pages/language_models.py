@@ -3,9 +3,9 @@ sources a LoRA was finetuned on."""
 import streamlit as st
 
 from lol.app import preds, views
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Language models")
 lm = views.lm_context(ctx)
 if lm is None:

@@ -4,9 +4,9 @@ FPR, and a threshold slider with the resulting counts."""
 import streamlit as st
 
 from lol.app import preds, views
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Membership")
 if ctx.require_collection():
     coll = ctx.collection

@@ -4,9 +4,9 @@ import streamlit as st
 
 from lol.app import results
 from lol.app import data as app_data
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Models")
 
 found = results.find_outputs()

@@ -3,9 +3,9 @@ Kendall τ; two models side by side; attribute predictions vs truth; predictions
 import streamlit as st
 
 from lol.app import nav, plots, preds, views
-from lol.app.sidebar import context
+from lol.app.sidebar import render
 
-ctx = context()
+ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Predict")
 if ctx.require_collection():
     coll = ctx.collection

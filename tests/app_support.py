@@ -24,12 +24,12 @@ def random_lora(g: torch.Generator, rank: int, modules=TINY_MODULES, alpha: floa
     return LoRA.from_modules(mods, format="synthetic")
 
 
-def faces_like(dest: Path, n: int = 40, seed: int = 0) -> Path:
+def faces_like(dest: Path, n: int = 40, seed: int = 0, modules=TINY_MODULES) -> Path:
     """A labelled collection: a regression label (clip_score), binary attributes, splits, groups, hyperparameters."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     ranks = [int(rng.choice([2, 4])) for _ in range(n)]
-    loras = [random_lora(g, r) for r in ranks]
+    loras = [random_lora(g, r, modules) for r in ranks]
     norms = np.array([sum(m.delta_norm() for m in lo) for lo in loras])
     table = pd.DataFrame({
         "id": [f"faces-{i:03d}" for i in range(n)],
@@ -54,3 +54,87 @@ def data_root(tmp: Path) -> Path:
     root = Path(tmp) / "data"
     faces_like(root / "collections" / "faces")
     return root
+
+
+# ------------------------------------------------------------------------------------------ tiny real base models
+
+def tiny_bases(root: Path, seed: int = 0) -> dict:
+    """A real (tiny, untrained) `StableDiffusionPipeline` and `CLIPModel` + `CLIPProcessor` built from configs with
+    the zoo's offline tokenizer and saved with ``save_pretrained`` under ``root/base/{sd,clip}``, as the zoo lays
+    them out. Returns the UNet's attention q/v module names and shapes (for LoRAs that load into it)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTextModel)
+
+    from lol.zoo.tokenizer import MAX_LENGTH, build_clip_tokenizer
+
+    root = Path(root)
+    tok = build_clip_tokenizer(root / "base" / "_tokenizer")
+    torch.manual_seed(seed)
+    text_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                    vocab_size=len(tok), max_position_embeddings=MAX_LENGTH,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tok,
+                                   unet=unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "base" / "sd")
+    clip = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+        patch_size=8), projection_dim=16))
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    clip.save_pretrained(root / "base" / "clip")
+    proc.save_pretrained(root / "base" / "clip")
+    modules = tuple((name, int(m.weight.shape[0]), int(m.weight.shape[1])) for name, m in unet.named_modules()
+                    if name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_q", "attn2.to_v")))
+    return {"modules": modules}
+
+
+def generation_root(tmp: Path, n: int = 12) -> Path:
+    """A data folder with tiny real base models and a small labelled collection of LoRAs on their UNet."""
+    root = Path(tmp) / "data"
+    info = tiny_bases(root)
+    faces_like(root / "collections" / "faces", n=n, modules=info["modules"])
+    return root
+
+
+LM_MODULES = tuple((f"model.layers.{i}.self_attn.{p}", 16, 16) for i in range(2) for p in ("q_proj", "v_proj"))
+SOURCES = ("arith", "geo", "words", "logic", "time")
+
+
+def lm_like(dest: Path, n: int = 40, seed: int = 1) -> Path:
+    """A collection like the zoo's lm one: challenge_accuracy, eval_loss and source-membership labels."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    loras = [random_lora(g, 4, LM_MODULES) for _ in range(n)]
+    member = rng.random((n, len(SOURCES))) < 0.5
+    table = pd.DataFrame({"id": [f"lm-{i:03d}" for i in range(n)],
+                          "split": ["train" if i < n * 0.6 else ("val" if i < n * 0.8 else "test") for i in range(n)],
+                          "challenge_accuracy": 0.25 + 0.5 * rng.random(n), "eval_loss": 1 + rng.random(n),
+                          **{f"source_{s}": member[:, j].astype(int) for j, s in enumerate(SOURCES)}})
+    labels = {"challenge_accuracy": {"kind": "regression", "description": "accuracy", "task": "challenge_accuracy"},
+              "eval_loss": {"kind": "regression", "description": "loss", "task": "eval_loss"},
+              **{f"source_{s}": {"kind": "binary", "description": f"source {s} used", "task": "membership"}
+                 for s in SOURCES}}
+    tasks = {"challenge_accuracy": ["challenge_accuracy"], "eval_loss": ["eval_loss"],
+             "membership": [f"source_{s}" for s in SOURCES]}
+    write_collection(dest, loras, table, labels=labels, tasks=tasks, base_model="tiny-lm", dtype=torch.float32)
+    return dest
+
+
+def diffusers_bytes(seed: int = 0, rank: int = 2, modules=TINY_MODULES) -> bytes:
+    """The bytes of a diffusers-format LoRA file (as a browser would upload it)."""
+    import tempfile
+
+    from lol.formats import save_diffusers
+
+    with tempfile.TemporaryDirectory() as d:
+        p = save_diffusers(random_lora(torch.Generator().manual_seed(seed), rank, modules),
+                           Path(d) / "pytorch_lora_weights.safetensors")
+        return p.read_bytes()

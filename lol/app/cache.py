@@ -209,19 +209,19 @@ def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> p
 
 @st.cache_resource(show_spinner="Loading Stable Diffusion…", max_entries=2)
 def pipeline(sd_dir: str, device: str):
-    """The base model as a diffusers `StableDiffusionPipeline` (``from_pretrained``), on ``device``."""
+    """The base model as a diffusers `StableDiffusionPipeline` (`lol.zoo.image_bases.load_sd_pipeline`:
+    ``from_pretrained``, offline; a zoo ``record.json`` pointing at a real SD-1.x folder is followed)."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float16 if device == "cuda" else torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    from ..zoo.image_bases import load_sd_pipeline
+
+    return load_sd_pipeline(sd_dir, device, dtype=torch.float16 if device == "cuda" else torch.float32)
 
 
 @st.cache_resource(show_spinner="Loading the CLIP scorer…", max_entries=2)
 def clip_scorer(clip_dir: str, device: str):
-    """The zoo's CLIP scorer (`lol.zoo.clipscore`) loaded from ``clip_dir``."""
-    from ..zoo import clipscore
+    """The zoo's CLIP scorer (`lol.zoo.clipscore.CLIPScorer`, torchmetrics' CLIP-score definition)."""
+    from ..zoo.clipscore import CLIPScorer
+    from ..zoo.image_bases import resolve_base
 
-    return clipscore.load_scorer(clip_dir, device=device)
+    return CLIPScorer(resolve_base(clip_dir), device=device)

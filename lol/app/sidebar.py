@@ -1,5 +1,5 @@
-"""The shared sidebar: which collection, which device, which trained LoL model. Every page reads its choice with
-`context()`; nothing on a page re-asks.
+"""The shared sidebar: which collection, which device, which trained LoL model. Every page starts with
+``ctx = render()``; widget keys are shared, so the choice carries over from page to page.
 
 Collections come from three places: the shipped defaults under ``DATA/collections``; a folder of LoRA files or a
 packed collection on the server (a path); or LoRA files uploaded in the browser (staged in a temporary folder, then
@@ -66,6 +66,23 @@ def context() -> AppContext:
 
 
 def render() -> AppContext:
+    """Draw the sidebar and return the choice; never raises (problems become ``ctx.problem`` or a message)."""
+    try:
+        return _render()
+    except Exception as e:  # noqa: BLE001
+        st.sidebar.error(f"Sidebar: {plain(e)}")
+        return AppContext(problem=f"The sidebar could not be drawn: {plain(e)}")
+
+
+# widget keys whose value must survive page switches (streamlit forgets a page's widget state when the page
+# changes; re-assigning the value as plain session state keeps it)
+_KEEP = ("collection_choice", "server_path", "device", "model_choice")
+
+
+def _render() -> AppContext:
+    for k in _KEEP:
+        if k in st.session_state:
+            st.session_state[k] = st.session_state[k]
     ctx = AppContext()
     sb = st.sidebar
     sb.markdown("### Collection")
@@ -173,11 +190,24 @@ def _uploads(ctx: AppContext, sb) -> None:
                              help="diffusers / kohya / PEFT .safetensors; for a PEFT adapter upload "
                                   "adapter_model.safetensors together with adapter_config.json.")
     ctx.kind, ctx.source = "upload", "uploaded files"
-    if not files:
+    state = st.session_state.get("_lol_upload")
+    page = _page_id()
+    if files:
+        st.session_state["_lol_upload_page"] = page
+    elif state and st.session_state.get("_lol_upload_page") == page:  # emptied by the user on this page: forget
+        remove_upload_dir(Path(state[1]))
+        del st.session_state["_lol_upload"]
+        state = None
+    elif state:  # the uploader is empty again after a page switch: keep the files already read
+        sb.caption(f"Using the {len(state[0])} file(s) uploaded earlier.")
+        if sb.button("Forget them", key="upload_forget"):
+            remove_upload_dir(Path(state[1]))
+            del st.session_state["_lol_upload"]
+            state = None
+    if not files and not state:
         ctx.problem = "Upload one or more LoRA files in the sidebar."
         return
-    sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files)
-    state = st.session_state.get("_lol_upload")
+    sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files) if files else state[0]
     if not state or state[0] != sig:
         if state:
             remove_upload_dir(Path(state[1]))
@@ -189,7 +219,7 @@ def _uploads(ctx: AppContext, sb) -> None:
                 packed_path, notes = pack_loras(folder / "files", folder / "collection")
                 errors = errors + notes
             except Exception as e:  # noqa: BLE001
-                errors = errors + [plain(e)]
+                errors = errors + [plain(e).replace(str(folder / "files"), "uploaded files")]
         state = (sig, str(folder), str(packed_path) if packed_path else None, errors)
         st.session_state["_lol_upload"] = state
     _, _, packed_path, errors = state
@@ -199,7 +229,15 @@ def _uploads(ctx: AppContext, sb) -> None:
     if packed_path is None:
         ctx.problem = "None of the uploaded files could be read as a LoRA (see the messages in the sidebar)."
         return
-    _open(ctx, Path(packed_path), kind="upload", name=f"{len(files)} uploaded file(s)")
+    _open(ctx, Path(packed_path), kind="upload", name=f"{len(sig)} uploaded file(s)")
+
+
+def _page_id() -> str:
+    """The page being drawn (its script hash), to tell a page switch from a user action on the same page."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    c = get_script_run_ctx()
+    return str(getattr(c, "page_script_hash", "")) if c is not None else ""
 
 
 def _describe(ctx: AppContext) -> str:

@@ -134,21 +134,29 @@ def _procrustes_disparity(a, b) -> float:
 
 
 def base_model_path(coll, name: str = "sd"):
-    """The folder of a collection's base model: its recorded ``base_model`` when that is a folder on this server,
-    else ``DATA/base/<name>``; None when neither exists."""
+    """The folder of a collection's base model (``sd`` or ``clip``): its recorded ``base_model`` when that is a
+    folder on this server, else ``DATA/base/<name>``; None when neither holds a loadable model."""
     from pathlib import Path
 
     from . import data as app_data
 
-    base = getattr(coll, "base_model", None)
+    marker = "model_index.json" if name == "sd" else "config.json"
+
+    def ok(p):
+        if p is None or not p.is_dir():
+            return False
+        from ..zoo.image_bases import resolve_base
+
+        return (resolve_base(p) / marker).is_file()
+
+    base = getattr(coll, "base_model", None) if name == "sd" else None
     if isinstance(base, str) and base:
         p = Path(base)
-        if not p.is_absolute():
-            p = app_data.data_root() / p
-        if p.is_dir() and (p / "model_index.json").is_file():
+        p = p if p.is_absolute() else app_data.data_root() / p
+        if ok(p):
             return p
     p = app_data.base_model_dir(name)
-    return p if p is not None and (p / "model_index.json").is_file() else None
+    return p if ok(p) else None
 
 
 # ---------------------------------------------------------------------------------------------------- predictions
@@ -425,20 +433,13 @@ def default_prompt(coll, df: pd.DataFrame, lora_id: str) -> str:
 
 def score_generation(res, coll, device: str) -> None:
     """CLIP score (`lol.zoo.clipscore.CLIPScorer`, the zoo's scorer) of the base and LoRA images just generated."""
-    clip_dir = base_model_path_clip(coll)
+    clip_dir = base_model_path(coll, "clip")
     if clip_dir is None:
         return
     scorer = cache.clip_scorer(str(clip_dir), device)
     texts = [p for p in res.prompts for _ in res.seeds]
     res.clip_base = float(scorer.score(res.base, texts).mean())
     res.clip_lora = float(scorer.score(res.lora, texts).mean())
-
-
-def base_model_path_clip(coll):
-    from . import data as app_data
-
-    p = app_data.base_model_dir("clip")
-    return p if p is not None and (p / "config.json").is_file() else None
 
 
 def show_generation(res) -> None:

@@ -1,0 +1,200 @@
+"""Every page of the explorer under streamlit's AppTest: it renders without an exception, its key widgets are there,
+and the main interactions behave (choose a LoRA, change the colour or a model, upload a bad file, missing data)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import app_support
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("appdata")
+    root = app_support.data_root(tmp)
+    app_support.lm_like(root / "collections" / "lm")
+    res = root / "results"
+    res.mkdir()
+    pd.DataFrame({"model": ["glnet", "glnet", "mlp", "mlp"], "task": ["clip_score"] * 4,
+                  "metric": ["r2", "kendall", "r2", "kendall"], "value": [0.81, 0.62, 0.35, 0.3]}).to_csv(
+        res / "results.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def env(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOL_DATA", str(data_root))
+    monkeypatch.setenv("LOL_APP_CACHE", str(data_root.parent / "cache"))
+    monkeypatch.setenv("LOL_APP_WARMUP", "0")
+    return data_root
+
+
+def run_app(page: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    return at
+
+
+def assert_clean(at, allow_errors=False):
+    assert not at.exception, [e.value for e in at.exception]
+    if not allow_errors:
+        assert not at.error, [e.value for e in at.error]
+
+
+def widget(at, kind: str, label: str):
+    found = [w for w in getattr(at, kind) if w.label == label]
+    assert found, f"no {kind} labelled {label!r}: {[w.label for w in getattr(at, kind)]}"
+    return found[0]
+
+
+def markdown_text(at) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+# --------------------------------------------------------------------------------------------------- Collection
+
+def test_collection_page_table_filters_and_detail(env):
+    at = run_app()
+    assert_clean(at)
+    assert at.title[0].value == "Collection"
+    for label in ("Collection", "Device", "LoRA", "Label"):
+        widget(at, "selectbox", label)
+    assert widget(at, "selectbox", "Collection").value == "faces (shipped)"
+    assert widget(at, "selectbox", "Device").value in ("cpu", "cuda")
+    assert "**40** of 40 LoRAs shown" in markdown_text(at)
+    assert len(at.dataframe) >= 2  # the LoRA table and the module table (plus the detail table)
+
+    widget(at, "text_input", "Search").input("identity-3").run()  # ids faces-006, faces-007
+    assert_clean(at)
+    assert "**2** of 40 LoRAs shown" in markdown_text(at)
+
+    widget(at, "selectbox", "LoRA").select("faces-017").run()
+    assert_clean(at)
+    assert "faces-017" not in [None] and widget(at, "selectbox", "LoRA").value == "faces-017"
+    detail = at.dataframe[-1].value  # per-module table of the detail view
+    assert list(detail["module"]) == [m[0] for m in app_support.TINY_MODULES]
+    # the detail is the chosen LoRA's: its ranks and ΔW norms come from that LoRA
+    from lol.collection import open_collection
+
+    lora = open_collection(env / "collections" / "faces").lora(17)
+    assert detail["rank r"].tolist() == lora.ranks
+    assert detail["‖ΔW‖_F"].tolist() == pytest.approx([m.delta_norm() for m in lora], rel=1e-6)
+    ranks_metric = [m for m in at.metric if m.label == "ranks"][0]
+    assert ranks_metric.value == str(lora.ranks[0])
+
+
+def test_bad_upload_gives_a_plain_message_and_app_keeps_working(env):
+    at = run_app()
+    widget(at, "selectbox", "Collection").select("Uploaded LoRA files…").run()
+    assert_clean(at)
+    assert any("Upload one or more LoRA files" in i.value for i in at.info)
+    up = at.sidebar.file_uploader[0]
+    # (streamlit's uploader itself refuses other extensions such as .ckpt before the app sees them)
+    up.set_value([("broken.safetensors", b"\x00garbage", "application/octet-stream"),
+                  ("adapter_config.json", b'{"r": 4}', "application/json")]).run()
+    assert not at.exception
+    errors = [e.value for e in at.sidebar.error]
+    assert any("broken.safetensors" in e for e in errors), errors
+    assert any("adapter_config.json" in e and "adapter_model.safetensors" in e for e in errors), errors
+    assert any("None of the uploaded files" in i.value for i in at.info)
+    # a good file next to the bad one opens as a one-LoRA collection
+    good = app_support.diffusers_bytes(seed=3)
+    at.sidebar.file_uploader[0].set_value([("broken.safetensors", b"\x00garbage", "application/octet-stream"),
+                                           ("mine.safetensors", good, "application/octet-stream")]).run()
+    assert not at.exception
+    assert "**1** of 1 LoRAs shown" in markdown_text(at)
+    assert widget(at, "selectbox", "LoRA").value == "mine.safetensors"
+    assert any("broken.safetensors" in e.value for e in at.sidebar.error)
+    assert not any("lol-upload-" in e.value for e in at.sidebar.error)  # no temporary path on screen
+    # the uploaded collection survives a page switch (streamlit empties the uploader widget there)
+    at.switch_page("pages/embeddings.py")
+    at.run()
+    assert not at.exception
+    assert any("uploaded earlier" in c.value for c in at.sidebar.caption)
+
+
+def test_server_path_missing_then_folder_of_loose_files(env, tmp_path):
+    at = run_app()
+    widget(at, "selectbox", "Collection").select("A folder or packed collection on the server…").run()
+    widget(at, "text_input", "Path on the server").input(str(tmp_path / "nope")).run()
+    assert_clean(at)
+    assert any("no such file or folder" in i.value for i in at.info)
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"l{i}.safetensors").write_bytes(app_support.diffusers_bytes(seed=i))
+    widget(at, "text_input", "Path on the server").input(str(folder)).run()
+    assert_clean(at)
+    assert "**3** of 3 LoRAs shown" in markdown_text(at)
+
+
+def test_missing_default_data_every_page_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOL_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("LOL_APP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOL_APP_WARMUP", "0")
+    at = run_app()
+    for page in ("collection", "predict", "embeddings", "generate", "membership", "language_models", "models"):
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+        assert_clean(at)
+        assert at.info, f"{page}: no explanation shown"
+
+
+# --------------------------------------------------------------------------------------------------- Embeddings
+
+def test_embeddings_page_map_colour_and_gl_note(env):
+    at = run_app("pages/embeddings.py")
+    assert_clean(at)
+    src = widget(at, "selectbox", "Embed")
+    assert src.value.startswith("Singular values")
+    colour = widget(at, "selectbox", "Colour by (label, attribute, hyperparameter, prediction or error)")
+    assert colour.value == "clip_score"
+    chart = at.get("plotly_chart")
+    assert chart, "no map drawn"
+    colour.select("male").run()
+    assert_clean(at)
+    # the GL note: raw factors move under a random GL(r) transform, invariant features do not
+    at.toggle[0].set_value(True).run()
+    assert_clean(at)
+    m = {x.label: float(x.value) for x in at.metric}
+    assert m["raw factors: relative change under GL"] > 0.1
+    assert m["singular values of ΔW: relative change under GL"] < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------------- Models
+
+def test_models_page_reads_notebook_results(env):
+    at = run_app("pages/models.py")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert table.loc["glnet", "clip_score · r2"] == pytest.approx(0.81)
+    assert any("No checkpoints" in i.value for i in at.info)
+
+
+# ------------------------------------------------------------------------------------------- Membership / LM
+
+def test_membership_without_model_shows_truth(env):
+    at = run_app()
+    widget(at, "selectbox", "Collection").select("lm (shipped)").run()
+    at.switch_page("pages/membership.py")
+    at.run()
+    assert_clean(at)
+    assert any("No trained LoL model predicts" in i.value for i in at.info)
+
+
+def test_language_models_page_finds_lm_collection(env):
+    at = run_app("pages/language_models.py")  # sidebar on faces: the page opens the shipped lm collection itself
+    assert_clean(at)
+    assert "lm (shipped)" in markdown_text(at) or any("lm" in c.value for c in at.caption)
+    widget(at, "selectbox", "Label")
