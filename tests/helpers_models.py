@@ -31,20 +31,24 @@ def random_batch(n=5, spec=SPEC, rank=3, seed=0, dtype=torch.float64, mixed=Fals
     return LoRABatch.from_loras(loras, spec, dtype=dtype)
 
 
-def synthetic_task(n=600, spec=SPEC, rank=4, seed=0):
-    """LoRAs with low-rank ΔW plus two GL-invariant labels, factors scrambled by random GL(r) elements.
+def synthetic_task(n=600, spec=SPEC, rank=4, seed=0, latent=3):
+    """LoRAs driven by a few hidden factors (like finetunes of one base model), with two GL-invariant labels.
 
+    Per module, U = U₀ + ½ Σ_k z_k U_k and V = V₀ + 0.1·noise with fixed (U₀, V₀, U_k) and per-LoRA z ~ N(0, I_latent).
     * ``energy``: log ‖ΔW_0‖_F + log σ₁(ΔW_2) (a function of singular values);
     * ``probe``: aᵀ ΔW_1 b for fixed directions a, b (direction-dependent, not a function of singular values).
-    The factors each LoRA is stored with are a random GL(r) transform of the generating ones (cond 8), so a model
-    reading raw coordinates sees a symmetry-scrambled input while every label depends on ΔW only.
+    Each LoRA is then stored as a random GL(r) transform of its factors (cond 8), so a model reading raw
+    coordinates sees a symmetry-scrambled input while every label depends on ΔW only.
     """
     g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, latent, 1, 1, generator=g, dtype=torch.float64)
     Us, Vs = [], []
     for o, i in spec.shapes:
-        scale = torch.exp(torch.randn(n, 1, 1, generator=g, dtype=torch.float64) * 0.4)
-        Us.append(torch.randn(n, o, rank, generator=g, dtype=torch.float64) * scale / o ** 0.5)
-        Vs.append(torch.randn(n, i, rank, generator=g, dtype=torch.float64) / i ** 0.5)
+        U0 = torch.randn(o, rank, generator=g, dtype=torch.float64)
+        Uk = torch.randn(latent, o, rank, generator=g, dtype=torch.float64)
+        V0 = torch.randn(i, rank, generator=g, dtype=torch.float64)
+        Us.append((U0 + 0.5 * (z * Uk).sum(1)) / o ** 0.5)
+        Vs.append((V0 + 0.1 * torch.randn(n, i, rank, generator=g, dtype=torch.float64)) / i ** 0.5)
     batch = LoRABatch(spec, Us, Vs, torch.full((n, len(spec)), rank, dtype=torch.long))
     a = torch.randn(spec.shapes[1][0], generator=g, dtype=torch.float64)
     bb = torch.randn(spec.shapes[1][1], generator=g, dtype=torch.float64)

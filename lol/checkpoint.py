@@ -1,0 +1,127 @@
+"""Checkpoints: a folder with ``model.safetensors`` (weights and fitted featurizer state, e.g. the O-Align template, as
+tensors) and ``config.json`` (model kind and hyperparameters, label names/kinds and normalization, ModuleSpec,
+training-data fingerprint, metrics, training config). Loading needs no pickle and no training state.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batch import LoRABatch
+from .errors import LoLError
+from .lora import ModuleSpec
+from .models import LoLModel, build_model
+from .targets import TargetSet, nan_to_none
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint", "CONFIG_NAME", "WEIGHTS_NAME",
+           "CHECKPOINT_INDEX"]
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT = "lol-checkpoint"
+VERSION = 1
+CHECKPOINT_INDEX = Path(__file__).resolve().parent.parent / "data" / "checkpoints" / "index.json"
+
+
+def save_checkpoint(path, model: LoLModel, targets: TargetSet, *, fingerprint: str | None = None,
+                    metrics: dict | None = None, train_config: dict | None = None, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "kind": model.kind})
+    config = {"format": FORMAT, "version": VERSION, "kind": model.kind, "hparams": model.config(),
+              "n_outputs": model.n_outputs, "invariant_to": model.invariant_to, "requires": model.requires,
+              "spec": model.spec.to_json(), "labels": targets.to_json(), "fingerprint": fingerprint,
+              "metrics": nan_to_none(metrics or {}), "train": train_config or {}, **(extra or {})}
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str))
+    return path
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: LoLModel
+    targets: TargetSet
+    spec: ModuleSpec
+    config: dict
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def labels(self) -> list[str]:
+        return self.targets.names
+
+    def predict_batch(self, batch: LoRABatch, chunk: int = 64) -> dict[str, np.ndarray]:
+        """{label: predictions} for a batch over this checkpoint's spec (float32 on the model's device)."""
+        p = next(iter(self.model.parameters()))
+        outs = []
+        self.model.eval()
+        with torch.no_grad():
+            for s in range(0, len(batch), chunk):
+                b = batch.select(torch.arange(s, min(s + chunk, len(batch)))).to(device=p.device, dtype=p.dtype)
+                outs.append(self.model(b))
+        return self.targets.decode(torch.cat(outs))
+
+
+def load_checkpoint(path, device=None) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise LoLError(f"{path}: no such checkpoint folder")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise LoLError(f"{path}: not a LoL checkpoint (missing {p.name})")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoLError(f"{cfg_path}: invalid JSON ({e})") from None
+    if config.get("format") != FORMAT:
+        raise LoLError(f"{cfg_path}: not a LoL checkpoint config (format {config.get('format')!r})")
+    if int(config.get("version", 0)) > VERSION:
+        raise LoLError(f"{cfg_path}: checkpoint version {config['version']} is newer than this lol ({VERSION})")
+    spec = ModuleSpec.from_json(config["spec"])
+    targets = TargetSet.from_json(config["labels"])
+    model = build_model(config["kind"], spec, int(config["n_outputs"]), **config["hparams"])
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise LoLError(f"{w_path}: cannot read weights ({e})") from None
+    want = set(model.state_dict())
+    missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or extra:
+        raise LoLError(f"{w_path}: weights do not match a {config['kind']!r} model with these hyperparameters "
+                       f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise LoLError(f"{w_path}: {str(e).splitlines()[0]}") from None
+    model.fitted = True
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return Checkpoint(path, model, targets, spec, config)
+
+
+def default_checkpoint(label: str, index: Path | None = None) -> Path:
+    """The shipped checkpoint for ``label`` from ``data/checkpoints/index.json`` ({label: relative folder})."""
+    index = Path(index) if index is not None else CHECKPOINT_INDEX
+    if not index.is_file():
+        raise LoLError(f"no default checkpoint for {label!r}: {index} does not exist yet (train one with "
+                       f"`lol train ... --out DIR` and pass --checkpoint DIR)")
+    try:
+        table = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise LoLError(f"{index}: invalid JSON ({e})") from None
+    if label not in table:
+        raise LoLError(f"{index}: no default checkpoint for {label!r} (available: {', '.join(sorted(table)) or 'none'})")
+    return (index.parent / table[label]).resolve()

@@ -1,0 +1,107 @@
+"""Evaluation metrics, each under its true name (the reference code logs a Spearman ρ as "R^2"; we do not).
+
+Regression: ``r2`` (coefficient of determination, 1 − SS_res/SS_tot), ``spearman`` (ρ), ``kendall`` (τ-b), ``mae``.
+Binary labels (one score per LoRA, higher = positive): ``accuracy`` and ``balanced_accuracy`` at threshold 0.5 on a
+probability, ``auc`` (ROC AUC), ``tpr_at_1pct_fpr`` and ``tpr_at_0.1pct_fpr`` (the largest TPR on the ROC curve at
+FPR ≤ 1% / 0.1%, as in Carlini et al. 2112.03570; with fewer than 100 / 1000 negatives these are TPR at FPR = 0),
+and `roc_curve` points. Categories: ``accuracy`` and ``balanced_accuracy``. Undefined values (one class only,
+constant input) are NaN, never a made-up number.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "roc_curve", "tpr_at_fpr",
+           "regression_metrics", "binary_metrics", "category_metrics"]
+
+
+def _pair(y, p):
+    y, p = np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"metrics: {y.shape[0]} targets but {p.shape[0]} predictions")
+    ok = np.isfinite(y) & np.isfinite(p)
+    return y[ok], p[ok]
+
+
+def r2(y, p) -> float:
+    """Coefficient of determination 1 − Σ(y − p)² / Σ(y − ȳ)² (can be negative)."""
+    y, p = _pair(y, p)
+    ss = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
+    return 1.0 - float(((y - p) ** 2).sum()) / ss if ss > 0 else math.nan
+
+
+def spearman(y, p) -> float:
+    from scipy.stats import spearmanr
+    y, p = _pair(y, p)
+    if len(y) < 2 or np.ptp(y) == 0 or np.ptp(p) == 0:
+        return math.nan
+    return float(spearmanr(y, p).statistic)
+
+
+def kendall(y, p) -> float:
+    from scipy.stats import kendalltau
+    y, p = _pair(y, p)
+    if len(y) < 2 or np.ptp(y) == 0 or np.ptp(p) == 0:
+        return math.nan
+    return float(kendalltau(y, p).statistic)
+
+
+def mae(y, p) -> float:
+    y, p = _pair(y, p)
+    return float(np.abs(y - p).mean()) if len(y) else math.nan
+
+
+def accuracy(y, pred) -> float:
+    y, pred = np.asarray(y).ravel(), np.asarray(pred).ravel()
+    return float((y == pred).mean()) if len(y) else math.nan
+
+
+def balanced_accuracy(y, pred) -> float:
+    """Mean over the classes present in ``y`` of the recall of that class."""
+    y, pred = np.asarray(y).ravel(), np.asarray(pred).ravel()
+    classes = np.unique(y)
+    if len(classes) == 0:
+        return math.nan
+    return float(np.mean([(pred[y == c] == c).mean() for c in classes]))
+
+
+def roc_curve(y, score):
+    """(fpr, tpr, thresholds) of the ROC curve of binary ``y`` (0/1) against ``score``."""
+    from sklearn.metrics import roc_curve as _roc
+    y, s = _pair(y, score)
+    if len(np.unique(y)) < 2:
+        raise ValueError("roc_curve: needs both positive and negative examples")
+    return _roc(y.astype(int), s, drop_intermediate=False)
+
+
+def auc(y, score) -> float:
+    from sklearn.metrics import roc_auc_score
+    y, s = _pair(y, score)
+    return float(roc_auc_score(y.astype(int), s)) if len(np.unique(y)) == 2 else math.nan
+
+
+def tpr_at_fpr(y, score, max_fpr: float) -> float:
+    """The largest true-positive rate on the ROC curve at false-positive rate ≤ ``max_fpr``."""
+    y_, _ = _pair(y, score)
+    if len(np.unique(y_)) < 2:
+        return math.nan
+    fpr, tpr, _ = roc_curve(y, score)
+    return float(tpr[fpr <= max_fpr].max())
+
+
+def regression_metrics(y, p) -> dict[str, float]:
+    return {"r2": r2(y, p), "spearman": spearman(y, p), "kendall": kendall(y, p), "mae": mae(y, p)}
+
+
+def binary_metrics(y, prob) -> dict[str, float]:
+    """``prob``: predicted probability of the positive class."""
+    y_, p_ = _pair(y, prob)
+    pred = (p_ >= 0.5).astype(float)
+    return {"accuracy": accuracy(y_, pred), "balanced_accuracy": balanced_accuracy(y_, pred), "auc": auc(y_, p_),
+            "tpr_at_1pct_fpr": tpr_at_fpr(y_, p_, 0.01), "tpr_at_0.1pct_fpr": tpr_at_fpr(y_, p_, 0.001)}
+
+
+def category_metrics(y, pred) -> dict[str, float]:
+    return {"accuracy": accuracy(y, pred), "balanced_accuracy": balanced_accuracy(y, pred)}

@@ -1,0 +1,57 @@
+import math
+
+import numpy as np
+import pytest
+
+from lol import metrics as M
+from lol.errors import CollectionError
+from lol.splits import check_grouped, make_splits, split_indices
+
+
+def test_regression_metrics_by_hand():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    p = np.array([1.5, 2.0, 2.5, 5.0])
+    assert M.r2(y, p) == pytest.approx(1 - (0.25 + 0 + 0.25 + 1) / 5.0)
+    assert M.mae(y, p) == pytest.approx(0.5)
+    assert M.spearman(y, p) == pytest.approx(1.0)
+    assert M.kendall(y, [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Spearman is not R²: a monotone but nonlinear prediction has ρ = 1 and R² < 1
+    assert M.spearman(y, y ** 3) == pytest.approx(1.0) and M.r2(y, y ** 3) < 0
+    assert math.isnan(M.r2([1, 1], [1, 2])) and math.isnan(M.spearman([1, 2], [3, 3]))
+
+
+def test_binary_metrics_by_hand():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    m = M.binary_metrics(y, s)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["auc"] == pytest.approx(15 / 16)  # one (neg, pos) pair out of 16 is misordered
+    assert m["tpr_at_1pct_fpr"] == pytest.approx(0.75)  # at FPR 0 the three top positives are found
+    fpr, tpr, _ = M.roc_curve(y, s)
+    assert fpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1 and (np.diff(fpr) >= 0).all()
+    assert M.balanced_accuracy([0, 0, 0, 1], [0, 0, 0, 0]) == pytest.approx(0.5)
+    assert math.isnan(M.auc([1, 1, 1], [0.1, 0.2, 0.3]))
+
+
+def test_category_metrics():
+    m = M.category_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"])
+    assert m == {"accuracy": pytest.approx(0.75), "balanced_accuracy": pytest.approx((0.5 + 1 + 1) / 3)}
+
+
+def test_splits_are_seeded_grouped_and_sized():
+    groups = np.repeat(np.arange(40), 5)  # 40 identities × 5 LoRAs
+    a = make_splits(200, (0.7, 0.15, 0.15), seed=3, groups=groups)
+    assert (a == make_splits(200, (0.7, 0.15, 0.15), seed=3, groups=groups)).all()
+    assert (a != make_splits(200, (0.7, 0.15, 0.15), seed=4, groups=groups)).any()
+    check_grouped(a, groups)
+    idx = split_indices(a)
+    assert abs(len(idx["train"]) - 140) <= 5 and abs(len(idx["test"]) - 30) <= 5
+    bad = a.copy()
+    bad[0] = "test" if a[0] != "test" else "train"
+    with pytest.raises(CollectionError, match="group '0' appears in both"):
+        check_grouped(bad, groups)
+    tiny = make_splits(3, seed=0)
+    assert sorted(tiny) == ["test", "train", "val"]
+    with pytest.raises(CollectionError, match="unknown value"):
+        split_indices(["train", "dev"])

@@ -1,0 +1,111 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers_models import synthetic_task
+from lol.checkpoint import load_checkpoint
+from lol.symmetry import gl_invariance_error
+from lol.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and far faster on a shared, oversubscribed machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return synthetic_task(600, rank=4, seed=0)
+
+
+def test_invariant_models_learn_what_the_flatten_mlp_cannot(task):
+    """Real learning on a synthetic GL-invariant task (labels depend on ΔW only, factors GL-scrambled)."""
+    batch, labels = task
+    cfg = TrainConfig(epochs=60, width=64, progress=False, patience=20)
+    r2 = {}
+    for kind, model in [("glnet", {"channels": 8, "depth": 1}), ("canon_mlp", {}),
+                        ("canon_transformer", {"d_model": 16, "heads": 2, "depth": 1}), ("mlp", {})]:
+        res = train(batch, labels, kind, cfg, model=model)
+        r2[kind] = {k: v["r2"] for k, v in res.metrics["test"].items()}
+    print(r2)
+    for kind, thr in [("glnet", 0.85), ("canon_mlp", 0.7), ("canon_transformer", 0.7)]:
+        assert min(r2[kind].values()) > thr, (kind, r2[kind])
+    assert max(r2["mlp"].values()) < 0.3, r2["mlp"]
+    assert min(r2["glnet"].values()) - max(r2["mlp"].values()) > 0.5
+
+
+def test_training_is_deterministic_and_normalizes_with_train_statistics(task):
+    batch, labels = task
+    sub = batch.select(range(120))
+    lab = {k: v[:120] for k, v in labels.items()}
+    a = train(sub, lab, "glnet", epochs=4, progress=False, model={"channels": 4})
+    b = train(sub, lab, "glnet", epochs=4, progress=False, model={"channels": 4})
+    assert a.history == b.history
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    tr = a.split == "train"
+    t = a.targets.targets[0]
+    assert t.mean == pytest.approx(float(lab["energy"][tr].mean()), rel=1e-5)
+    assert t.mean != pytest.approx(float(lab["energy"].mean()), rel=1e-6)
+    assert set(a.metrics) == {"train", "val", "test"} and set(a.metrics["test"]["probe"]) == {
+        "r2", "spearman", "kendall", "mae"}
+
+
+def test_early_stopping_keeps_the_best_epoch(task):
+    batch, labels = task
+    res = train(batch.select(range(150)), {k: v[:150] for k, v in labels.items()}, "mlp", epochs=200,
+                patience=5, progress=False, lr=3e-3)
+    assert len(res.history) < 200
+    assert len(res.history) == res.best_epoch + 5
+    best = min(h["val_loss"] for h in res.history)
+    assert res.history[res.best_epoch - 1]["val_loss"] == best
+
+
+def test_binary_and_category_labels_with_groups(task, tmp_path):
+    batch, labels = task
+    n = 300
+    table = pd.DataFrame({"id": [f"l{i}" for i in range(n)], "group": np.arange(n) // 3,
+                          "probe_positive": (labels["probe"][:n] > np.median(labels["probe"][:n])).astype(int),
+                          "energy_bin": pd.qcut(labels["energy"][:n], 3, labels=["low", "mid", "high"]).astype(str)})
+    res = train(batch.select(range(n)), table[["probe_positive", "energy_bin"]], "svals", table=table, epochs=40,
+                progress=False, kinds={"energy_bin": "category"})
+    kinds = [t.kind for t in res.targets.targets]
+    assert kinds == ["binary", "category"] and res.model.n_outputs == 1 + 3
+    m = res.metrics["test"]
+    assert set(m["probe_positive"]) == {"accuracy", "balanced_accuracy", "auc", "tpr_at_1pct_fpr",
+                                        "tpr_at_0.1pct_fpr"}
+    assert m["probe_positive"]["auc"] > 0.8, m
+    assert m["energy_bin"]["accuracy"] > 0.6, m
+    # grouped split: each group of three LoRAs sits in one split
+    assert (pd.Series(res.split).groupby(table["group"]).nunique() == 1).all()
+    assert set(res.predictions["energy_bin"]) <= {"low", "mid", "high"}
+    # checkpoint round trip: same predictions, no pickle, featurizer state restored
+    ck = load_checkpoint(res.save(tmp_path / "ck"))
+    again = ck.predict_batch(batch.select(range(n)))
+    assert np.allclose(again["probe_positive"], res.predictions["probe_positive"], atol=1e-6)
+    assert (again["energy_bin"] == res.predictions["energy_bin"].to_numpy()).all()
+
+
+def test_gl_augmentation_helps_the_flatten_mlp(task):
+    """Random GL(r) augmentation teaches the raw-factor MLP some of the symmetry: better test R² than without."""
+    batch, labels = task
+    sub, lab = batch.select(range(300)), {k: v[:300] for k, v in labels.items()}
+    r2 = {}
+    for kind in ("mlp", "mlp_aug"):
+        res = train(sub, lab, kind, epochs=80, patience=80, progress=False)
+        r2[kind] = {k: v["r2"] for k, v in res.metrics["test"].items()}
+    assert all(r2["mlp_aug"][k] > r2["mlp"][k] + 0.2 for k in lab), r2
+
+
+def test_bad_inputs_fail_clearly(task):
+    batch, labels = task
+    with pytest.raises(Exception, match="label lengths"):
+        train(batch, {"energy": labels["energy"][:10]}, "glnet", progress=False)
+    with pytest.raises(TypeError, match="unknown option 'epoch'"):
+        train(batch, labels, "glnet", epoch=3)
+    with pytest.raises(Exception, match="unknown model kind"):
+        train(batch.select(range(20)), {k: v[:20] for k, v in labels.items()}, "resnet", progress=False)
