@@ -68,6 +68,10 @@ def _check_labels(labels: dict | None, tasks: dict | None, table) -> tuple[dict,
 
 
 def _ordered_modules(lora: LoRA, spec: ModuleSpec, i: int) -> list[LoRAModule]:
+    mods = list(lora)
+    if tuple(lora.modules) == spec.names and all(
+            (m.out_features, m.in_features) == shape for m, shape in zip(mods, spec.shapes)):
+        return mods  # same names in the same order: nothing to match
     try:
         spec.check(lora, what="this collection")
     except SpecMismatchError as e:
@@ -262,6 +266,8 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
             "factors_sha256": sha.hexdigest(),
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
+        for name in (FACTORS_NAME, TABLE_NAME, META_NAME):  # durable before the rename makes them visible
+            _fsync(tmp / name)
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             dest.rename(old)
@@ -273,6 +279,14 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return open_collection(dest)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

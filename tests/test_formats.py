@@ -254,6 +254,13 @@ def test_errors_bad_tensors(tmp_path):
     A[1, 1] = float("nan")
     _err(write("nan.safetensors", {f"{q}.lora_A.weight": A, f"{q}.lora_B.weight": _rand(4, 2)}),
          "NaN/Inf", f"{q}.lora_A.weight")
+    for dt in (torch.float16, torch.bfloat16):  # 16-bit files take a bit-level fast path
+        A16 = _rand(2, 3, dtype=dt)
+        A16[0, 2] = float("-inf")
+        _err(write(f"inf_{str(dt)[6:]}.safetensors", {f"{q}.lora_A.weight": A16, f"{q}.lora_B.weight": _rand(4, 2, dtype=dt)}),
+             "1 NaN/Inf", f"{q}.lora_A.weight")
+        big = _rand(2, 3, dtype=dt) * 1000  # large finite values are not flagged
+        read_lora(write(f"big_{str(dt)[6:]}.safetensors", {f"{q}.lora_A.weight": big, f"{q}.lora_B.weight": _rand(4, 2, dtype=dt)}))
     B = _rand(4, 2)
     B[0, 0] = float("inf")
     _err(write("inf.safetensors", {f"{q}.lora_A.weight": _rand(2, 3), f"{q}.lora_B.weight": B}),

@@ -19,17 +19,21 @@ from .safetensors_file import FLOAT_DTYPES
 __all__ = ["Pair", "build_modules", "reject_non_lora", "unknown_keys_error", "peft_pattern_value"]
 
 # keys that mark adapters which are not a plain low-rank pair (U, V)
-_NOT_PLAIN = (
-    (re.compile(r"(^|[._])hada_"), "LyCORIS LoHa (hada_*: Hadamard product of two low-rank pairs)"),
-    (re.compile(r"(^|[._])lokr_"), "LyCORIS LoKr (lokr_*: Kronecker-product factors)"),
-    (re.compile(r"lora_magnitude_vector|(^|[._])dora_scale"), "DoRA (a learned magnitude vector rescales W + ΔW)"),
-    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
+_NOT_PLAIN = (  # (substring that must occur, exact pattern, what it is)
+    ("hada_", re.compile(r"(^|[._])hada_"), "LyCORIS LoHa (hada_*: Hadamard product of two low-rank pairs)"),
+    ("lokr_", re.compile(r"(^|[._])lokr_"), "LyCORIS LoKr (lokr_*: Kronecker-product factors)"),
+    ("magnitude", re.compile(r"lora_magnitude_vector"), "DoRA (a learned magnitude vector rescales W + ΔW)"),
+    ("dora_scale", re.compile(r"(^|[._])dora_scale"), "DoRA (a learned magnitude vector rescales W + ΔW)"),
+    (".lora_mid.", re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
 )
 
 
 def reject_non_lora(path, keys) -> None:
     """Raise a `LoRAFormatError` if the keys belong to an adapter type whose ΔW is not ``U Vᵀ``."""
-    for pattern, what in _NOT_PLAIN:
+    joined = "\n".join(keys)
+    for needle, pattern, what in _NOT_PLAIN:
+        if needle not in joined:  # a plain substring scan first; keys are only matched one by one on a hit
+            continue
         hits = [k for k in keys if pattern.search(k)]
         if hits:
             raise LoRAFormatError(path, f"this is a {what}, not a plain low-rank (lora_A, lora_B) adapter; "
@@ -78,15 +82,36 @@ class Pair:
             setattr(self, role, value)
 
 
-def _check_factor(path, key: str, t: torch.Tensor) -> None:
+def _check_factor(path, key: str, t: torch.Tensor, finite_known: bool = False) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise LoRAFormatError(path, f"{key!r} has dtype {str(t.dtype).replace('torch.', '')}; LoRA factors must be "
                                     f"floating point (float16/bfloat16/float32/float64)")
-    if t.is_meta:
+    if t.is_meta or finite_known:
         return
     if not bool(torch.isfinite(t).all()):
         n = int((~torch.isfinite(t)).sum())
         raise LoRAFormatError(path, f"{key!r} contains {n} NaN/Inf value(s)")
+
+
+def _all_finite(pairs) -> bool:
+    """One isfinite pass over all factors of a file (one per dtype) instead of one per tensor."""
+    by_dtype: dict = {}
+    for p in pairs.values():
+        for t in (p.A, p.B):
+            if t is not None and not t.is_meta and t.dtype in FLOAT_DTYPES:
+                by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    for dtype, ts in by_dtype.items():
+        flat = torch.cat(ts)
+        mask = _EXPONENT_MASK.get(dtype)
+        if mask is not None:  # 16-bit: NaN/Inf have all exponent bits set; integer ops vectorize, isfinite does not
+            if bool(((flat.view(torch.int16) & mask) == mask).any()):
+                return False
+        elif not bool(torch.isfinite(flat).all()):
+            return False
+    return True
+
+
+_EXPONENT_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
 def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, float | None], tuple[float, float]],
@@ -97,14 +122,15 @@ def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, fl
     in float64 and folded into U only.
     """
     modules = []
+    all_finite = _all_finite(pairs)  # if not, the per-key check below names the culprit
     for name, p in pairs.items():
         if p.A is None or p.B is None:
             have, missing = ("A (down)", "B (up)") if p.B is None else ("B (up)", "A (down)")
             found = next(iter(p.keys.values()))
             raise LoRAFormatError(path, f"module {name!r}: found the {have} factor {found!r} but no {missing} factor")
         ka, kb = p.keys["A"], p.keys["B"]
-        _check_factor(path, ka, p.A)
-        _check_factor(path, kb, p.B)
+        _check_factor(path, ka, p.A, all_finite)
+        _check_factor(path, kb, p.B, all_finite)
         A, B = p.A, p.B
         kernel = None
         if A.ndim == 4 and B.ndim == 4:
@@ -125,7 +151,12 @@ def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, fl
             raise LoRAFormatError(path, f"module {name!r}: rank 0")
         alpha, scale = scale_of(name, r, p.alpha)
         out_dtype = dtype or (torch.float64 if A.dtype == torch.float64 or B.dtype == torch.float64 else torch.float32)
-        U = (B2.double() * scale).to(out_dtype) if scale != 1.0 and not B2.is_meta else B2.to(out_dtype)
+        if scale == 1.0 or B2.is_meta:
+            U = B2.to(out_dtype)
+        elif out_dtype == torch.float64:
+            U = B2.double() * scale
+        else:  # widen first (exact for 16-bit files), then one rounding of the product
+            U = B2.to(out_dtype).mul_(scale) if B2.dtype != out_dtype else B2 * scale
         V = A2.to(out_dtype).T
         modules.append(LoRAModule(name, U=U, V=V, alpha=float(alpha), scale=float(scale), kernel_shape=kernel))
     return modules

@@ -1,0 +1,137 @@
+"""I/O benchmark: reading LoRA files, packing them, opening a packed collection.
+
+On synthetic SD-1.x-shaped LoRAs (UNet to_q/to_v, 64 modules, rank 4, fp16 diffusers files, ~0.8 MB each), measured
+side by side in one run on the same files (page cache warm for all three, after one untimed pass):
+
+* raw read: the files' bytes (``open().read()``), the floor for any reader;
+* ``safetensors.torch.load_file``: the reference library's parse of the same files (tensors, no checks);
+* ``read_lora``: parse, pair by key, check dtype and finiteness, fold the scale (float32 out);
+* ``lol import``: the whole command (header scan, read, pack into fp16 ``factors.safetensors``, table, SHA-256).
+
+Then a packed 1,000-LoRA collection (written with `write_collection`; LoRAs cycle through a few distinct ones, which
+does not change any timing) is opened and one batch of 32 is fetched. Goals: import within 2× of raw read; open < 1 s.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None) -> list[dict]:
+    import pandas as pd
+    import torch
+
+    from lol.cli import main as lol_main
+    from lol.collection import open_collection, write_collection
+    from lol.formats import read_lora, save_diffusers
+    from lol.synth import random_lora, sd15_unet_qv_spec
+
+    ap = argparse.ArgumentParser(prog="python -m bench io")
+    ap.add_argument("--files", type=int, default=100, help="LoRA files for the read/import comparison")
+    ap.add_argument("--packed", type=int, default=1000, help="LoRAs in the packed collection")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: on an oversubscribed shared machine, 2 threads stall each other)")
+    args = ap.parse_args(argv or [])
+    torch.set_num_threads(args.threads)
+
+    spec = sd15_unet_qv_spec()
+    tmp = Path(tempfile.mkdtemp(prefix="lol-bench-io-"))
+    try:
+        src = tmp / "files"
+        src.mkdir()
+        distinct = [random_lora(spec, 4, alpha=27.0, seed=i) for i in range(min(8, args.files))]
+        paths = []
+        for i in range(args.files):
+            paths.append(save_diffusers(distinct[i % len(distinct)], src / f"lora_{i:05d}.safetensors",
+                                        dtype=torch.float16))
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        n = len(paths)
+
+        def raw():
+            for p in paths:
+                with open(p, "rb") as f:
+                    f.read()
+
+        def st_load():
+            from safetensors.torch import load_file
+
+            for p in paths:
+                load_file(p)
+
+        def parse():
+            for p in paths:
+                read_lora(p)
+
+        def do_import():
+            out = tmp / "imported"
+            shutil.rmtree(out, ignore_errors=True)
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                assert lol_main(["import", str(src), str(out)]) == 0
+
+        raw()  # warm the page cache
+        t_raw = _best(raw, args.repeat)
+        t_st = _best(st_load, args.repeat)
+        t_read = _best(parse, args.repeat)
+        t_imp = _best(do_import, max(1, args.repeat - 1))
+        rows = [{"what": f"raw read ({n} files, {mb:.0f} MB)", "s": t_raw},
+                {"what": "safetensors.torch.load_file (library floor)", "s": t_st},
+                {"what": "read_lora", "s": t_read},
+                {"what": "lol import", "s": t_imp}]
+        for r in rows:
+            r["LoRA/s"] = n / r["s"]
+            r["MB/s"] = mb / r["s"]
+            r["x raw"] = r["s"] / t_raw
+
+        # packed collection of args.packed SD-sized LoRAs
+        N = args.packed
+        table = pd.DataFrame({"id": [f"l{i:05d}" for i in range(N)]})
+        t0 = time.perf_counter()
+        write_collection(tmp / "packed", (distinct[i % len(distinct)] for i in range(N)), table, spec=spec,
+                         rmax=[4] * len(spec))
+        t_write = time.perf_counter() - t0
+        size = (tmp / "packed" / "factors.safetensors").stat().st_size / 1e6
+        t_open = _best(lambda: open_collection(tmp / "packed"), args.repeat)
+        c = open_collection(tmp / "packed")
+        g = torch.Generator().manual_seed(0)
+        idx = [torch.randperm(N, generator=g)[:32] for _ in range(args.repeat + 1)]
+        t0 = time.perf_counter()
+        c.batch(idx[0])
+        t_first = time.perf_counter() - t0
+        t_batch = statistics.median(_best(lambda i=i: c.batch(i), 1) for i in idx[1:])
+        rows2 = [{"what": f"write_collection ({N} LoRAs, {size:.0f} MB fp16)", "s": t_write},
+                 {"what": f"open_collection ({N} LoRAs)", "s": t_open},
+                 {"what": "batch of 32 (first)", "s": t_first},
+                 {"what": "batch of 32 (median of later, new indices)", "s": t_batch}]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"{'files: SD-1.x q/v, rank 4, fp16 diffusers':<48} {'seconds':>9} {'LoRA/s':>9} {'MB/s':>9} {'× raw':>7}")
+    for r in rows:
+        print(f"{r['what']:<48} {r['s']:>9.3f} {r['LoRA/s']:>9.1f} {r['MB/s']:>9.1f} {r['x raw']:>7.2f}")
+    print(f"{'packed collection':<48} {'seconds':>9}")
+    for r in rows2:
+        print(f"{r['what']:<48} {r['s']:>9.3f}")
+    imp = rows[3]["x raw"]
+    print(f"goals: import within 2x of raw read: {'met' if imp <= 2 else 'NOT met'} ({imp:.2f}x); "
+          f"open < 1 s: {'met' if rows2[1]['s'] < 1 else 'NOT met'} ({rows2[1]['s'] * 1e3:.0f} ms)")
+    return rows + rows2
+
+
+if __name__ == "__main__":
+    main()
