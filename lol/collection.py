@@ -24,7 +24,6 @@ import os
 import shutil
 import struct
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator

@@ -3,7 +3,6 @@
 The reference ΔW is always what the library itself applies: the merged/fused weight minus the base weight of a tiny
 real model (UNet2DConditionModel, CLIPTextModel, GPT-2) built from a config.
 """
-import json
 
 import pytest
 import torch
