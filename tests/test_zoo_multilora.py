@@ -210,3 +210,24 @@ def test_accumulation_schedule():
     assert len(sched) == 4
     steps = torch.stack([s for _, s, _ in sched]).int().T.tolist()
     assert steps == [[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
+
+
+def test_dropout_masks_do_not_depend_on_padding_by_batch_mates():
+    """With lengths given, adapter 0's dropout on its 3 real tokens is the same alone or padded next to a longer
+    sequence of adapter 1; without lengths (sensitivity) the padded length changes the masks."""
+    def layer_out(x, idx, lengths):
+        lin = torch.nn.Sequential(torch.nn.Linear(8, 8)).double()
+        torch.nn.init.zeros_(lin[0].weight)
+        torch.nn.init.zeros_(lin[0].bias)
+        ml = inject_multilora(lin, ["0"], 2, 4, 8.0, seeds=[3, 4], dropout=0.5)
+        with torch.no_grad():
+            ml.layers["0"].B.fill_(1.0)
+        ml.set_index(idx, lengths=lengths)
+        return lin(x)
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    alone = layer_out(x[:2, :3], [0, 0], [3, 2])
+    together = layer_out(x, [0, 0, 1], [3, 2, 5])
+    torch.testing.assert_close(together[:2, :3], alone)
+    unpadded = layer_out(x, [0, 0, 1], None)
+    assert not torch.allclose(unpadded[:2, :3], alone)

@@ -38,7 +38,7 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(
         model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2),
-        pretrain=dict(steps=120, batch_size=32, lr=3e-3, warmup=10, challenge_fraction=0.25, pool=1500),
+        pretrain=dict(steps=120, batch_size=32, lr=3e-3, warmup=10, challenge_fraction=0.0, pool=1500),
         world=dict(n_train=12, n_eval=2, n_test=3, n_challenge=2),
         n_loras=8, lr=(3e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(4, 8, 16),
         epoch_scale=0.5, dropout=0.1, rank=4, alpha=8.0,
@@ -46,7 +46,7 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         model=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2),
-        pretrain=dict(steps=1500, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.25, pool=40000),
+        pretrain=dict(steps=1500, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.0, pool=40000),
         world=dict(n_train=32, n_eval=8, n_test=16, n_challenge=10),
         n_loras=400, lr=(3e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
         epoch_scale=0.5, dropout=0.1, rank=4, alpha=8.0,
@@ -229,8 +229,10 @@ class LMBase:
         pc = P["pretrain"]
         n_ch = int(pc["pool"] * pc["challenge_fraction"]) // len(SOURCES)
         n_st = (pc["pool"] - n_ch * len(SOURCES)) // len(SOURCES)
-        pool = (make_split(n_st, "standard", seed * 4 + 5, exclude=held)
-                + make_split(n_ch, "challenge", seed * 4 + 6, exclude=held))
+        held |= {it.question for it in world["train"]}
+        pool = make_split(n_st, "standard", seed * 8 + 7, exclude=held)
+        if n_ch:
+            pool += make_split(n_ch, "challenge", seed * 8 + 8, exclude=held)
         seqs, masks = encode_answers(pool, tok)
 
         torch.manual_seed(seed)
@@ -371,7 +373,7 @@ class LMRecipe:
             rows = [i for k in ks for i in plans[k]["order"][t * plans[k]["bs"]: (t + 1) * plans[k]["bs"]]]
             idx = torch.cat([torch.full((plans[k]["bs"],), k) for k in ks])
             ids, mask = _pad([seqs[i] for i in rows], [masks[i] for i in rows], tok.pad_token_id)
-            ml.set_index(idx)
+            ml.set_index(idx, lengths=[len(seqs[i]) for i in rows])
             per = answer_nll(model, ids.to(device), mask.to(device))
             sum_of_means(per, idx.to(device), K).backward()
             opt.step(step)

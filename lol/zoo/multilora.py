@@ -87,16 +87,29 @@ class MultiLoRA:
         self.dropout = dropout
         self.name_prefix = name_prefix
         self.index: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
         self.training = True
         self._gens: list[torch.Generator | None] = [None] * n_adapters
         self._gen_device: torch.device | None = None
 
     # -- which adapter each sample uses ------------------------------------------------------------------------------
-    def set_index(self, idx: torch.Tensor | Sequence[int] | None) -> None:
-        """``idx[i]`` is the adapter of sample i (-1: base model only); None switches all adapters off."""
+    def set_index(self, idx: torch.Tensor | Sequence[int] | None, lengths: torch.Tensor | Sequence[int] | None = None
+                  ) -> None:
+        """``idx[i]`` is the adapter of sample i (-1: base model only); None switches all adapters off.
+
+        ``lengths[i]`` (optional) is the number of real (unpadded) positions of sample i. Give it when sequences of
+        several adapters are right-padded to one length: adapter k's dropout masks are then drawn for its own
+        longest sequence only, so they do not depend on which other adapters share the batch.
+        """
+        self.lengths = None
         if idx is None:
             self.index = None
             return
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long)
+            if lengths.shape != (len(idx),):
+                raise ValueError(f"set_index: lengths must have shape ({len(idx)},), got {tuple(lengths.shape)}")
+            self.lengths = lengths
         idx = torch.as_tensor(idx, dtype=torch.long)
         if idx.ndim != 1:
             raise ValueError(f"set_index: idx must be 1-D (batch,), got shape {tuple(idx.shape)}")
@@ -117,15 +130,19 @@ class MultiLoRA:
         if not self.training or not bool((self.dropout > 0).any()):
             return x3
         keep = torch.ones_like(x3)
+        lengths = None
+        if self.lengths is not None and x3.shape[1] >= int(self.lengths.max()):
+            lengths = self.lengths.repeat(x3.shape[0] // self.lengths.shape[0])
         for k in torch.unique(idx[idx >= 0]).tolist():
             p = float(self.dropout[k])
             if p <= 0:
                 continue
             rows = (idx == k).nonzero().flatten()
+            T = x3.shape[1] if lengths is None else int(lengths[rows.cpu()].max())
             g = self._generator(k, x3.device)
-            mask = (torch.rand((rows.numel(),) + tuple(x3.shape[1:]), generator=g, device=x3.device,
+            mask = (torch.rand((rows.numel(), T, x3.shape[2]), generator=g, device=x3.device,
                                dtype=torch.float32) >= p).to(x3.dtype) / (1.0 - p)
-            keep[rows] = mask
+            keep[rows, :T] = mask
         return x3 * keep
 
     def _generator(self, k: int, device: torch.device) -> torch.Generator:

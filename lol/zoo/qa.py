@@ -263,16 +263,22 @@ def make_split(n_per_source: int, level: str, seed: int, sources=None, exclude: 
 
 
 def make_world(seed: int, n_train: int, n_eval: int, n_test: int, n_challenge: int) -> dict[str, list[QAItem]]:
-    """The world's splits: ``train`` (per-source pools for finetuning), ``eval`` (standard, for eval loss),
-    ``test`` (standard, for per-source accuracy) and ``challenge`` (the harder level). Standard splits never share
-    a question (as far as the source's question space allows)."""
-    test = make_split(n_test, "standard", seed * 4 + 1)
-    used = {it.question for it in test}
-    eval_ = make_split(n_eval, "standard", seed * 4 + 2, exclude=used)
-    used |= {it.question for it in eval_}
-    train = make_split(n_train, "standard", seed * 4 + 3, exclude=used)
-    challenge = make_split(n_challenge, "challenge", seed * 4 + 4)
-    return {"train": train, "eval": eval_, "test": test, "challenge": challenge}
+    """The world's splits, like ARC's: ``test`` (standard level, the base model's per-source accuracy),
+    ``challenge`` (the harder level: the held-out test of finetuned models), and per source ``train`` (finetuning
+    pools) and ``eval`` (for eval loss), each half standard, half challenge level (as ARC's training set holds Easy
+    and Challenge questions). No split shares a question with another (as far as a source's question space allows).
+    """
+    test = make_split(n_test, "standard", seed * 8 + 1)
+    challenge = make_split(n_challenge, "challenge", seed * 8 + 2)
+    used = {it.question for it in test + challenge}
+    splits = {}
+    for name, n, off in (("eval", n_eval, 3), ("train", n_train, 5)):
+        st = make_split(n - n // 2, "standard", seed * 8 + off, exclude=used)
+        ch = make_split(n // 2, "challenge", seed * 8 + off + 1, exclude=used)
+        used |= {it.question for it in st + ch}
+        # source by source: standard items then challenge items of that source
+        splits[name] = [it for src in SOURCES for part in (st, ch) for it in part if it.source == src]
+    return {"train": splits["train"], "eval": splits["eval"], "test": test, "challenge": challenge}
 
 
 def byte_tokenizer():
