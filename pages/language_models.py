@@ -25,7 +25,11 @@ else:
             st.plotly_chart(plots.distribution(df, lab), width="stretch", key="lm_dist")
     else:
         names = [m.name for m in models]
-        pick = st.selectbox("LoL model", names, key="lm_model")
+        if lm is ctx and ctx.model is not None and ctx.model.name in names:
+            pick = ctx.model.name  # the sidebar's model already fits the LM collection
+            st.markdown(f"LoL model: **{pick}** (choose it in the sidebar)")
+        else:
+            pick = st.selectbox("LoL model for the LM collection", names, key="lm_model")
         model = models[names.index(pick)]
         f = preds.prediction_frame(lm, model, coll)
         if f is not None:

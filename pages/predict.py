@@ -16,12 +16,10 @@ if ctx.require_collection():
                 "`lol models train` or the notebooks, or choose another collection; uploads below need a model too.")
     else:
         names = [m.name for m in models]
-        default = names.index(ctx.model.name) if ctx.model is not None and ctx.model.name in names else 0
-        c1, c2 = st.columns(2)
-        first = c1.selectbox("LoL model", names, index=default, key="pred_model")
-        others = ["(none)"] + [n for n in names if n != first]
-        second = c2.selectbox("Compare with", others, key="pred_compare")
-        chosen = [models[names.index(first)]] + ([models[names.index(second)]] if second != "(none)" else [])
+        first = ctx.model if ctx.model is not None and ctx.model.name in names else models[0]
+        st.markdown(f"LoL model: **{first.name}** (choose it in the sidebar)")
+        second = st.selectbox("Compare with", ["(none)"] + [n for n in names if n != first.name], key="pred_compare")
+        chosen = [first] + ([models[names.index(second)]] if second != "(none)" else [])
         frames = {m.name: preds.prediction_frame(ctx, m, coll) for m in chosen}
         frames = {k: v for k, v in frames.items() if v is not None}
         if frames:

@@ -11,8 +11,9 @@ import torch
 from lol.collection import write_collection
 from lol.lora import LoRA, LoRAModule
 
-TINY_MODULES = (("down.attn1.to_q", 16, 16), ("down.attn1.to_v", 16, 16), ("down.attn2.to_q", 16, 16),
-                ("down.attn2.to_v", 16, 24))
+# image LoRAs are named ``unet.<path>`` as diffusers (and the zoo) name them
+TINY_MODULES = (("unet.down.attn1.to_q", 16, 16), ("unet.down.attn1.to_v", 16, 16), ("unet.down.attn2.to_q", 16, 16),
+                ("unet.down.attn2.to_v", 16, 24))
 
 
 def random_lora(g: torch.Generator, rank: int, modules=TINY_MODULES, alpha: float = 8.0) -> LoRA:
@@ -91,7 +92,7 @@ def tiny_bases(root: Path, seed: int = 0) -> dict:
                                                             crop_size={"height": 32, "width": 32}), tokenizer=tok)
     clip.save_pretrained(root / "base" / "clip")
     proc.save_pretrained(root / "base" / "clip")
-    modules = tuple((name, int(m.weight.shape[0]), int(m.weight.shape[1])) for name, m in unet.named_modules()
+    modules = tuple((f"unet.{name}", int(m.weight.shape[0]), int(m.weight.shape[1])) for name, m in unet.named_modules()
                     if name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_q", "attn2.to_v")))
     return {"modules": modules}
 
@@ -138,3 +139,27 @@ def diffusers_bytes(seed: int = 0, rank: int = 2, modules=TINY_MODULES) -> bytes
         p = save_diffusers(random_lora(torch.Generator().manual_seed(seed), rank, modules),
                            Path(d) / "pytorch_lora_weights.safetensors")
         return p.read_bytes()
+
+
+def train_checkpoints(root: Path, epochs: int = 25) -> dict[str, Path]:
+    """Small real LoL models (`lol.train.train`) on the test collections, saved with their own ``save`` under
+    ``root/checkpoints`` with an ``index.json``, as the shipped checkpoints are laid out."""
+    import json
+
+    from lol.collection import open_collection
+    from lol.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=epochs, width=16, batch_size=16, patience=epochs, progress=False, device="cpu")
+    out = {}
+    faces = open_collection(root / "collections" / "faces")
+    for kind in ("svals", "glnet"):
+        out[f"faces/{kind}"] = train(faces, ["clip_score", "male", "young"], kind, cfg).save(
+            root / "checkpoints" / "faces" / kind)
+    lm = root / "collections" / "lm"
+    if lm.is_dir():
+        c = open_collection(lm)
+        out["lm/svals"] = train(c, ["challenge_accuracy", "eval_loss"] + [f"source_{s}" for s in SOURCES], "svals",
+                                cfg).save(root / "checkpoints" / "lm" / "svals")
+    (root / "checkpoints" / "index.json").write_text(json.dumps({"clip_score": "faces/glnet",
+                                                                 "challenge_accuracy": "lm/svals"}))
+    return out

@@ -33,8 +33,8 @@ def _lora(seed=0, rank=2, modules=app_support.TINY_MODULES):
 
 
 def _assert_same_deltas(got, orig):
-    """Every module of ``orig`` has the same ΔW in ``got`` (a diffusers file adds the ``unet.`` component prefix)."""
-    by_name = {m.name.removeprefix("unet."): m for m in got}
+    """Every module of ``orig`` has the same ΔW in ``got``."""
+    by_name = {m.name: m for m in got}
     assert sorted(by_name) == sorted(m.name for m in orig)
     for m in orig:
         assert torch.allclose(by_name[m.name].delta(), m.delta(), atol=1e-5)
@@ -71,7 +71,7 @@ def test_upload_reads_diffusers_file_and_names_bad_ones(tmp_path):
 
 
 def test_upload_spec_mismatch_is_named(tmp_path):
-    other = _lora(1, modules=(("down.attn1.to_q", 16, 16), ("down.attn1.to_k", 16, 16)))
+    other = _lora(1, modules=(("unet.down.attn1.to_q", 16, 16), ("unet.down.attn1.to_k", 16, 16)))
     files = [Uploaded("other_base.safetensors", _file_bytes(other, tmp_path))]
     res = upload.read_uploads(files, upload.new_upload_dir(), spec=_lora(0).spec, what="the model X")
     assert not res.loras
@@ -110,7 +110,7 @@ def test_pack_loras_keeps_matching_and_names_the_rest(tmp_path):
     src.mkdir()
     for i in range(3):
         save_diffusers(_lora(i, rank=2 + i % 2), src / f"lora{i}.safetensors")
-    save_diffusers(_lora(9, modules=(("down.attn1.to_q", 8, 8),)), src / "zz_other.safetensors")
+    save_diffusers(_lora(9, modules=(("unet.down.attn1.to_q", 8, 8),)), src / "zz_other.safetensors")
     (src / "broken.safetensors").write_bytes(b"nope")
     dest, notes = pack_loras(src, tmp_path / "packed")
     from lol.collection import open_collection

@@ -190,21 +190,34 @@ def _umap_mem(digest: str, _features: np.ndarray, n_neighbors: int, min_dist: fl
 
 @st.cache_resource(show_spinner="Loading the LoL model…", max_entries=8)
 def checkpoint(path: str, device: str):
-    """`lol.checkpoint.load_checkpoint(path)` moved to ``device``."""
+    """`lol.checkpoint.load_checkpoint(path, device)`: model, targets, spec and config of a trained model."""
     from ..checkpoint import load_checkpoint
 
-    ck = load_checkpoint(path)
-    if hasattr(ck, "to"):
-        ck = ck.to(device)
-    return ck
+    return load_checkpoint(path, device=device)
 
 
 @st.cache_data(show_spinner="Predicting…", max_entries=32)
 def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> pd.DataFrame:
-    """`lol.predict.predict(checkpoint, collection)` for every LoRA of a collection, indexed like its table."""
-    from ..predict import predict
+    """``Checkpoint.predict_batch`` over every LoRA of a collection (in chunks): ``id`` plus one column per label
+    (regression in its units, binary as probability, category as class), in table order."""
+    import torch
 
-    return predict(checkpoint(ckpt_path, device), collection(coll_path, coll_key))
+    ck = checkpoint(ckpt_path, device)
+    coll = collection(coll_path, coll_key)
+    if ck.spec.keys != coll.spec.keys:
+        from ..errors import SpecMismatchError
+
+        ck.spec.check(coll.lora(0), what=f"checkpoint {ckpt_path}")  # names the differences
+        raise SpecMismatchError(f"checkpoint {ckpt_path}: modules are in another order than the collection's")
+    dtype = next(ck.model.parameters()).dtype
+    parts: dict[str, list] = {name: [] for name in ck.labels}
+    for s in range(0, len(coll), 256):
+        out = ck.predict_batch(coll.batch(list(range(s, min(s + 256, len(coll)))), dtype=dtype))
+        for name in ck.labels:
+            parts[name].append(np.asarray(out[name]))
+    df = pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
+    df.insert(0, "id", coll.table["id"].astype(str).to_numpy())
+    return df
 
 
 @st.cache_resource(show_spinner="Loading Stable Diffusion…", max_entries=2)

@@ -59,14 +59,16 @@ def checkpoint_index(root: Path | None = None) -> dict[str, Path]:
 
 
 def checkpoint_dirs(root: Path | None = None) -> list[Path]:
-    """Every checkpoint folder under ``DATA/checkpoints`` (a folder holding a ``config.json`` or ``*.json`` record
-    next to weights), whether or not the index names it: these are the models one can compare."""
+    """Every checkpoint folder under ``DATA/checkpoints`` (``config.json`` + ``model.safetensors``, as
+    `lol.checkpoint.save_checkpoint` writes), whether or not the index names it: these are the models one can
+    compare."""
     base = (root or data_root()) / "checkpoints"
     if not base.is_dir():
         return []
     dirs = set(checkpoint_index(root).values())
-    for p in base.rglob("*.safetensors"):
-        dirs.add(p.parent.resolve())
+    for p in base.rglob("model.safetensors"):
+        if (p.parent / "config.json").is_file():
+            dirs.add(p.parent.resolve())
     return sorted(d for d in dirs if d.is_dir())
 
 

@@ -25,39 +25,15 @@ ERR = " error"
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def checkpoint_info(path: str) -> dict:
-    """``{"spec": ModuleSpec JSON or None, "labels": [...], "kind": model kind, "error": str | None}`` read from a
-    checkpoint folder (cached per path)."""
+    """``{"spec": ModuleSpec JSON, "labels": [...], "kind": model kind, "invariant_to": ..., "metrics": {...},
+    "error": None}`` of a checkpoint folder (`lol.checkpoint`), or ``{"error": message}`` when it cannot be loaded."""
     try:
         ck = cache.checkpoint(path, "cpu")
     except Exception as e:  # noqa: BLE001 — an unreadable checkpoint is listed with its problem
-        return {"spec": None, "labels": [], "kind": None, "error": plain(e)}
-    spec = _spec_of(ck)
-    return {"spec": spec.to_json() if spec is not None else None, "labels": _labels_of(ck),
-            "kind": _kind_of(ck), "error": None}
-
-
-def _spec_of(ck):
-    for obj in (ck, getattr(ck, "model", None)):
-        s = getattr(obj, "spec", None)
-        if s is not None:
-            return s
-    return None
-
-
-def _labels_of(ck) -> list[str]:
-    for attr in ("labels", "label_names"):
-        v = getattr(ck, attr, None)
-        if v:
-            return [str(x) for x in v]
-    t = getattr(ck, "targets", None)
-    if t is not None and hasattr(t, "names"):
-        return list(t.names)
-    return []
-
-
-def _kind_of(ck):
-    m = getattr(ck, "model", ck)
-    return getattr(m, "kind", None) or getattr(ck, "kind", None)
+        return {"spec": None, "labels": [], "kind": None, "invariant_to": None, "metrics": {}, "error": plain(e)}
+    return {"spec": ck.spec.to_json(), "labels": list(ck.labels), "kind": ck.kind,
+            "invariant_to": ck.config.get("invariant_to"), "metrics": ck.config.get("metrics") or {},
+            "fingerprint": ck.config.get("fingerprint"), "error": None}
 
 
 def compatible_models(ctx, coll) -> list:

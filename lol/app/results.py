@@ -114,9 +114,11 @@ def show_figure(fig: Figure) -> None:
         st.warning(f"{fig.path}: could not show this figure ({type(e).__name__}: {e})")
 
 
-def checkpoint_rows() -> pd.DataFrame | None:
-    """One row per checkpoint folder with the metrics recorded next to its weights (any ``*.json`` record)."""
-    rows = []
+def checkpoint_rows(split: str = "test") -> pd.DataFrame | None:
+    """One row per (checkpoint, label): model kind, symmetry, and the ``split`` metrics recorded in the checkpoint's
+    ``config.json`` when it was trained (`lol.train` writes them); nothing is re-evaluated."""
+    from .preds import checkpoint_info
+
     try:
         index = app_data.checkpoint_index()
         dirs = app_data.checkpoint_dirs()
@@ -124,19 +126,20 @@ def checkpoint_rows() -> pd.DataFrame | None:
         return None
     shipped = {str(p): label for label, p in index.items()}
     root = (app_data.data_root() / "checkpoints").resolve()
+    rows = []
     for d in dirs:
-        row = {"checkpoint": str(d.relative_to(root)) if d.is_relative_to(root) else str(d),
-               "shipped for": shipped.get(str(d), "")}
-        for rec in sorted(d.glob("*.json")):
-            try:
-                obj = json.loads(rec.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(obj, dict):
-                for k, v in _flatten(obj).items():
-                    if isinstance(v, (int, float, str, bool)) and len(row) < 40:
-                        row.setdefault(k, v)
-        rows.append(row)
+        info = checkpoint_info(str(d))
+        base = {"checkpoint": str(d.relative_to(root)) if d.is_relative_to(root) else str(d),
+                "model": info.get("kind") or "?", "invariant to": info.get("invariant_to") or "?"}
+        if info.get("error"):
+            rows.append({**base, "label": "", "problem": info["error"]})
+            continue
+        metrics = (info.get("metrics") or {}).get(split) or {}
+        for label in info["labels"]:
+            row = {**base, "label": label, "shipped": "yes" if shipped.get(str(d)) == label else ""}
+            for k, v in (metrics.get(label) or {}).items():
+                row[f"{split} {k}"] = v
+            rows.append(row)
     return pd.DataFrame(rows) if rows else None
 
 

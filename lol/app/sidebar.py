@@ -117,13 +117,23 @@ def _render() -> AppContext:
 
     sb.markdown("### LoL model")
     ctx.models = _models()
-    if ctx.models:
-        names = [m.name for m in ctx.models]
-        pick = sb.selectbox("LoL model", names, key="model_choice", label_visibility="collapsed")
-        ctx.model = ctx.models[names.index(pick)]
+    fitting = ctx.models
+    if ctx.ok:
+        from .preds import compatible_models
+
+        fitting = compatible_models(ctx, ctx.collection)
+    if fitting:
+        names = [m.name for m in fitting]
+        if st.session_state.get("model_choice") not in names:
+            st.session_state["model_choice"] = names[0]
+        pick = sb.selectbox("LoL model", names, key="model_choice", label_visibility="collapsed",
+                            help="Trained checkpoints whose modules and labels fit the chosen collection.")
+        ctx.model = fitting[names.index(pick)]
+    elif ctx.models:
+        sb.caption("None of the trained checkpoints fits this collection (other modules or labels).")
     else:
         sb.caption(f"No trained checkpoints under `{app_data.data_root() / 'checkpoints'}` yet "
-                   f"(train them with `lol models train` or the notebooks).")
+                   f"(train them with `lol train` or the notebooks).")
     st.session_state["_lol_ctx"] = ctx
     return ctx
 
@@ -151,8 +161,13 @@ def _models() -> list[ModelChoice]:
         except ValueError:
             rel = d.name
         label = by_path.get(str(d))
-        out.append(ModelChoice(name=(f"{label} · {rel}" if label and label not in rel else rel), path=str(d),
-                               label=label))
+        from .preds import checkpoint_info
+
+        kind = checkpoint_info(str(d)).get("kind")
+        name = f"{label} · {rel}" if label and label not in rel else rel
+        if kind and kind not in name:
+            name = f"{name} ({kind})"
+        out.append(ModelChoice(name=name, path=str(d), label=label))
     # shipped (indexed) models first
     return sorted(out, key=lambda m: (m.label is None, m.name))
 

@@ -1,0 +1,149 @@
+"""The pages that show trained LoL models (AppTest): Predict, Membership, Language models, Models, and the model
+embedding on Embeddings. The models are real (`lol.train`, a few epochs on tiny collections); what the pages show
+is checked against the library: metrics equal those recorded at training time on the same test split."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import app_support
+from test_app_pages import assert_clean, markdown_text, run_app, widget
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+    root = app_support.data_root(tmp_path_factory.mktemp("appmodels"))
+    app_support.lm_like(root / "collections" / "lm")
+    app_support.train_checkpoints(root, epochs=6)
+    return root
+
+
+@pytest.fixture
+def env(model_root, monkeypatch):
+    monkeypatch.setenv("LOL_DATA", str(model_root))
+    monkeypatch.setenv("LOL_APP_CACHE", str(model_root.parent / "cache"))
+    monkeypatch.setenv("LOL_APP_WARMUP", "0")
+    return model_root
+
+
+def recorded(root, ckpt: str, label: str) -> dict:
+    cfg = json.loads((root / "checkpoints" / ckpt / "config.json").read_text())
+    return cfg["metrics"]["test"][label]
+
+
+def metrics_shown(at) -> list[tuple[str, str]]:
+    return [(m.label, m.value) for m in at.metric]
+
+
+def test_predict_page_metrics_match_training_record_and_compare(env):
+    at = run_app()
+    assert widget(at, "selectbox", "LoL model").value == "clip_score · faces/glnet"  # the shipped one first
+    at.switch_page("pages/predict.py")
+    at.run()
+    assert_clean(at)
+    assert widget(at, "selectbox", "Label").value == "clip_score"
+    shown = dict(metrics_shown(at))
+    rec = recorded(env, "faces/glnet", "clip_score")
+    assert float(shown["R²"]) == pytest.approx(rec["r2"], abs=1.5e-3)
+    assert float(shown["Spearman ρ"]) == pytest.approx(rec["spearman"], abs=1.5e-3)
+    assert float(shown["Kendall τ"]) == pytest.approx(rec["kendall"], abs=1.5e-3)
+    assert shown["LoRAs"] == "8"  # the test split of the 40-LoRA collection
+
+    # change the model in the sidebar, then compare two models side by side
+    widget(at, "selectbox", "LoL model").select("faces/svals").run()
+    assert_clean(at)
+    rec = recorded(env, "faces/svals", "clip_score")
+    assert float(dict(metrics_shown(at))["R²"]) == pytest.approx(rec["r2"], abs=1.5e-3)
+    widget(at, "selectbox", "Compare with").select("clip_score · faces/glnet").run()
+    assert_clean(at)
+    r2s = [float(v) for k, v in metrics_shown(at) if k == "R²"]
+    assert len(r2s) == 2
+    assert r2s == pytest.approx([recorded(env, "faces/svals", "clip_score")["r2"],
+                                 recorded(env, "faces/glnet", "clip_score")["r2"]], abs=1.5e-3)
+    # attribute predictions vs truth: one AUC row per model and attribute
+    attr = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
+    assert sorted(attr["attribute"].unique()) == ["male", "young"] and len(attr) == 4
+    auc = attr[(attr["model"] == "faces/svals") & (attr["attribute"] == "male")]["AUC"].iloc[0]
+    assert auc == pytest.approx(recorded(env, "faces/svals", "male")["auc"], abs=1e-6)
+
+
+def test_predict_upload_good_and_mismatched_files(env):
+    at = run_app("pages/predict.py")
+    up = next(u for u in at.file_uploader if u.key == "pred_upload")
+    good = app_support.diffusers_bytes(seed=5, rank=3)
+    other = app_support.diffusers_bytes(seed=6, modules=(("unet.down.attn1.to_q", 8, 8),))
+    up.set_value([("mine.safetensors", good, "application/octet-stream"),
+                  ("other_base.safetensors", other, "application/octet-stream"),
+                  ("garbage.safetensors", b"12345678", "application/octet-stream")]).run()
+    assert not at.exception
+    errs = [e.value for e in at.error]
+    assert any("other_base.safetensors" in e and "does not match" in e for e in errs), errs
+    assert any("garbage.safetensors" in e for e in errs), errs
+    assert any("Predicted 1 LoRA" in s.value for s in at.success)
+    table = next(d.value for d in at.dataframe if "file" in d.value.columns)
+    assert table["file"].tolist() == ["mine.safetensors"]
+    # the prediction is the library's: lol.predict on the same file and checkpoint
+    import tempfile
+    from pathlib import Path
+
+    from lol.predict import predict
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "mine.safetensors"
+        p.write_bytes(good)
+        want = predict(env / "checkpoints" / "faces" / "glnet", [p])
+    assert table["clip_score"].iloc[0] == pytest.approx(want["clip_score"].iloc[0], rel=1e-5)
+
+
+def test_membership_page_roc_threshold_counts(env):
+    at = run_app()
+    widget(at, "selectbox", "Collection").select("lm (shipped)").run()
+    at.switch_page("pages/membership.py")
+    at.run()
+    assert_clean(at)
+    assert widget(at, "selectbox", "LoRA").value == "lm-000"
+    m = dict(metrics_shown(at))
+    # the threshold counts add up to (#test LoRAs) × (#sources)
+    total = sum(int(m[k]) for k in ("true positives", "false positives", "true negatives", "false negatives"))
+    assert total == 8 * len(app_support.SOURCES)
+    table = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
+    per_label = table[table["label"] != "all labels pooled"].set_index("label")
+    for s in app_support.SOURCES:
+        rec = recorded(env, "lm/svals", f"source_{s}")
+        assert per_label.loc[f"source_{s}", "AUC"] == pytest.approx(rec["auc"], abs=1e-6, nan_ok=True)
+    # moving the threshold to 1.0 leaves no predicted positives
+    at.slider[0].set_value(1.0).run()
+    m = dict(metrics_shown(at))
+    assert int(m["true positives"]) + int(m["false positives"]) == 0
+    assert at.get("plotly_chart")
+
+
+def test_language_models_page(env):
+    at = run_app("pages/language_models.py")
+    assert_clean(at)
+    assert widget(at, "selectbox", "LoL model for the LM collection").value == "challenge_accuracy · lm/svals"
+    r2s = [float(v) for k, v in metrics_shown(at) if k == "R²"]
+    assert r2s == pytest.approx([recorded(env, "lm/svals", "challenge_accuracy")["r2"],
+                                 recorded(env, "lm/svals", "eval_loss")["r2"]], abs=1.5e-3)
+    assert "Source membership" in [h.value for h in at.subheader]
+
+
+def test_models_page_lists_checkpoints_with_recorded_metrics(env):
+    at = run_app("pages/models.py")
+    assert_clean(at)
+    table = at.dataframe[-1].value
+    row = table[(table["checkpoint"] == "faces/glnet") & (table["label"] == "clip_score")].iloc[0]
+    assert row["model"] == "glnet" and row["shipped"] == "yes"
+    assert row["test r2"] == pytest.approx(recorded(env, "faces/glnet", "clip_score")["r2"])
+
+
+def test_embeddings_of_the_model_and_prediction_colouring(env):
+    at = run_app("pages/embeddings.py")
+    assert_clean(at)
+    assert widget(at, "selectbox", "Embed").value.startswith("LoL model embedding")
+    colour = widget(at, "selectbox", "Colour by (label, attribute, hyperparameter, prediction or error)")
+    assert "clip_score (predicted)" in colour.options and "clip_score error" in colour.options
+    colour.select("clip_score error").run()
+    assert_clean(at)
