@@ -1,0 +1,78 @@
+"""The Generate page (AppTest) on a real, tiny `StableDiffusionPipeline` and `CLIPModel` saved with save_pretrained:
+base and LoRA images side by side, progress, CLIP score of the new images next to the stored label; and the
+generation helper itself (strength 0 is the base model, the LoRA changes the images)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import app_support
+from test_app_pages import assert_clean, run_app, widget
+
+
+@pytest.fixture(scope="module")
+def gen_root(tmp_path_factory):
+    return app_support.generation_root(tmp_path_factory.mktemp("appgen"), n=6)
+
+
+@pytest.fixture
+def env(gen_root, monkeypatch):
+    monkeypatch.setenv("LOL_DATA", str(gen_root))
+    monkeypatch.setenv("LOL_APP_CACHE", str(gen_root.parent / "cache"))
+    monkeypatch.setenv("LOL_APP_WARMUP", "0")
+    return gen_root
+
+
+def test_generate_side_by_side_with_diffusers(gen_root):
+    from lol.app.generation import generate_side_by_side, parse_seeds
+    from lol.collection import open_collection
+    from lol.zoo.image_bases import load_sd_pipeline
+
+    pipe = load_sd_pipeline(gen_root / "base" / "sd", "cpu")
+    lora = open_collection(gen_root / "collections" / "faces").lora(0)
+    steps = []
+    res = generate_side_by_side(pipe, lora, "faces-000", ["a photo of a person"], parse_seeds("42, 7"), 2, 4.0, 1.0,
+                                "cpu", progress=lambda f, t: steps.append(f))
+    assert len(res.base) == len(res.lora) == 2 and res.captions == ["a photo of a person · seed 42",
+                                                                    "a photo of a person · seed 7"]
+    assert steps[-1] == 1.0 and len(steps) == 2 * 2 * 2  # (base, LoRA) × seeds × steps
+    diff = [np.abs(np.asarray(b, float) - np.asarray(l, float)).mean() for b, l in zip(res.base, res.lora)]
+    assert min(diff) > 0.5  # the LoRA changes the images
+    zero = generate_side_by_side(pipe, lora, "faces-000", ["a photo of a person"], [42], 2, 4.0, 0.0, "cpu")
+    assert np.array_equal(np.asarray(zero.base[0]), np.asarray(zero.lora[0]))  # strength 0 = base model
+    assert np.array_equal(np.asarray(zero.base[0]), np.asarray(res.base[0]))  # same seed, same base image
+    assert not pipe.get_list_adapters() or not any(pipe.get_list_adapters().values())  # adapter removed again
+
+
+def test_parse_seeds_errors():
+    from lol.app.generation import parse_seeds
+
+    assert parse_seeds("1 2,3") == [1, 2, 3]
+    with pytest.raises(ValueError, match="'x'"):
+        parse_seeds("1, x")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_seeds("  ")
+
+
+def test_generate_page(env):
+    at = run_app()
+    widget(at, "selectbox", "LoRA").select("faces-003").run()  # chosen on the Collection page …
+    at.switch_page("pages/generate.py")
+    at.run()
+    assert_clean(at)
+    assert widget(at, "selectbox", "LoRA").value == "faces-003"  # … is the one Generate opens with
+    for label in ("Steps", "Guidance scale", "LoRA strength"):
+        widget(at, "slider", label)
+    widget(at, "slider", "Steps").set_value(2)
+    widget(at, "text_input", "Seeds").input("1, x")
+    at.button(key="gen_go").click().run()
+    assert not at.exception
+    assert any("seed 'x' is not an integer" in e.value for e in at.error)
+    widget(at, "text_input", "Seeds").input("42")
+    at.button(key="gen_go").click().run()
+    assert_clean(at)
+    assert len(at.image) == 2  # base | LoRA
+    m = {x.label: x.value for x in at.metric}
+    assert float(m["CLIP score, LoRA images"]) >= 0 and float(m["CLIP score, base images"]) >= 0
+    assert m["stored label (clip_score)"] != "n/a"
+    assert any("Done in" in p.proto.text for p in at.get("progress"))
