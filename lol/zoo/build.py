@@ -15,6 +15,7 @@ re-run after a kill and finishes the build with no job lost or done twice.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -112,20 +113,20 @@ def _make_base(name: str, ref: str, out: Path, preset: str, seed: int, device: s
         if not given.is_dir():
             raise ZooError(f"{given}: base model folder for {name!r} not found")
         if rec_path.is_file() and json.loads(rec_path.read_text()).get("pretrained") == str(given):
-            return {"status": "exists", "path": str(path), "pretrained": str(given)}
+            return {"status": "exists", "path": f"base/{name}", "pretrained": str(given)}
         recipe = load_object(ref, f"base recipe {name!r}", pretrained=given)
         status = "linked"
     else:
         recipe = load_object(ref, f"base recipe {name!r}")
         if recipe.is_built(path):
-            return {"status": "exists", "path": str(path)}
+            return {"status": "exists", "path": f"base/{name}"}
         status = "built"
     t0 = time.time()
     record = recipe.build(preset, path, device, seed)
     if not rec_path.is_file():  # recipes should write it last themselves; make sure the marker exists
         path.mkdir(parents=True, exist_ok=True)
         rec_path.write_text(json.dumps(record, indent=2, default=str))
-    return {"status": status, "path": str(path), "seconds": round(time.time() - t0, 1),
+    return {"status": status, "path": f"base/{name}", "seconds": round(time.time() - t0, 1),
             **({"pretrained": str(given)} if given is not None else {})}
 
 
@@ -195,10 +196,17 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
     record.setdefault("collections", {})
 
     def save():
+        # re-read first: another build process (e.g. another --only target) may have written its own entries
+        if record_path.is_file():
+            disk = json.loads(record_path.read_text())
+            for part in ("bases", "collections"):
+                record[part] = {**disk.get(part, {}), **{k: v for k, v in record[part].items() if k in mine[part]}}
         record["size_bytes"] = {k: folder_size(out / k) for k in ("base", "collections", "samples")}
-        tmp = record_path.with_name(".build.json.tmp")
+        tmp = record_path.with_name(f".build.json.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1, default=str))
-        tmp.replace(record_path)
+        os.replace(tmp, record_path)
+
+    mine: dict[str, set] = {"bases": set(), "collections": set()}
 
     bases: dict[str, Path] = {}
     for name in bases_todo:
@@ -211,6 +219,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             info["train_seconds"] = brec.get("train_seconds", brec.get("seconds"))
         prev = record["bases"].get(name, {})
         record["bases"][name] = {**prev, **info} if info["status"] == "exists" else info
+        mine["bases"].add(name)
         bases[name] = out / "base" / name
         log(f"[zoo] base {name}: {info['status']}" + (f" in {info['seconds']} s" if "seconds" in info else ""))
         save()
@@ -240,8 +249,9 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             "seconds_total": round(prev.get("seconds_total", 0.0) + run_s, 1),
             "seconds_per_lora_now": round(sum(group_s) / max(1, sum(s["n_jobs"] for s in summaries)), 3)
             if summaries else prev.get("seconds_per_lora_now"),
-            "size_bytes": folder_size(dest), "path": str(dest), "executor": executor,
+            "size_bytes": folder_size(dest), "path": f"collections/{name}", "executor": executor,
         }
+        mine["collections"].add(name)
         log(f"[zoo] collection {name}: packed {len(results)} LoRAs into {dest} in {run_s:.1f} s")
         save()
     record["last_run_seconds"] = round(time.time() - t_start, 1)

@@ -46,8 +46,8 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         model=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2),
-        pretrain=dict(steps=1500, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.0, pool=40000),
-        world=dict(n_train=32, n_eval=8, n_test=16, n_challenge=10),
+        pretrain=dict(steps=1000, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.0, pool=40000),
+        world=dict(n_train=32, n_eval=8, n_test=16, n_challenge=12),
         n_loras=400, lr=(3e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
         epoch_scale=0.5, dropout=0.1, rank=4, alpha=8.0,
     ),
