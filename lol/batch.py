@@ -50,15 +50,14 @@ class LoRABatch:
     @classmethod
     def from_loras(cls, loras: Sequence[LoRA], spec: ModuleSpec | None = None,
                    dtype: torch.dtype = torch.float32, device=None) -> "LoRABatch":
-        """Stack LoRAs (matched to ``spec`` by module key, never by position) into one batch."""
+        """Stack LoRAs into one batch; each is matched to ``spec`` by module name (`ModuleSpec.match`: exact key, else
+        the key without a component prefix such as ``unet.``; never by position)."""
         if not loras:
             raise ValueError("LoRABatch.from_loras: no LoRAs given")
         spec = spec or loras[0].spec
         keyed = []
         for lora in loras:
-            spec.check(lora, what="this batch")
-            by_key = {m.key: m for m in lora}
-            keyed.append([by_key[k] for k in spec.keys])
+            keyed.append(spec.match(lora, what="this batch"))
         Us, Vs = [], []
         ranks = torch.tensor([[m.rank for m in mods] for mods in keyed], dtype=torch.long)
         for ell, (out_f, in_f) in enumerate(spec.shapes):

@@ -67,16 +67,10 @@ def _check_labels(labels: dict | None, tasks: dict | None, table) -> tuple[dict,
 
 
 def _ordered_modules(lora: LoRA, spec: ModuleSpec, i: int) -> list[LoRAModule]:
-    mods = list(lora)
-    if tuple(lora.modules) == spec.names and all(
-            (m.out_features, m.in_features) == shape for m, shape in zip(mods, spec.shapes)):
-        return mods  # same names in the same order: nothing to match
     try:
-        spec.check(lora, what="this collection")
+        return spec.match(lora, what="this collection")
     except SpecMismatchError as e:
         raise SpecMismatchError(f"LoRA #{i}: {e}") from None
-    by_key = {m.key: m for m in lora}
-    return [by_key[k] for k in spec.keys]
 
 
 class _Spool:

@@ -120,10 +120,8 @@ def random_lora(spec: ModuleSpec, rank: int = 4, alpha: float | None = None, see
 def lora_labels(lora: LoRA, spec: ModuleSpec, probes=None) -> dict[str, float]:
     """``sv_energy`` and ``probe`` of one LoRA (both functions of its ΔW only)."""
     probes = probes or probe_vectors(spec)
-    by_key = {m.key: m for m in lora}
     nuclear, probe = [], []
-    for key, (u, v) in zip(spec.keys, probes):
-        m = by_key[key]
+    for m, (u, v) in zip(spec.match(lora, what="the label probes"), probes):
         U, V = m.U.double(), m.V.double()
         nuclear.append(math.log(float(singular_values(U, V).sum())))
         probe.append(float((u @ U) @ (V.T @ v)) / m.delta_norm())

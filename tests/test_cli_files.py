@@ -164,3 +164,29 @@ def test_console_entry_point_subprocess(tmp_path):
 def test_synth_argument_errors(bad, capsys, tmp_path):
     rc, _, err = run(capsys, *bad)
     assert rc == 2 and err.startswith("error: ")
+
+
+def test_import_packs_peft_folders_without_component_with_diffusers_files(tmp_path, capsys):
+    """PEFT folders name UNet modules without ``unet.``; diffusers files with it. One import packs both."""
+    from dataclasses import replace
+
+    from lol.lora import LoRA
+
+    spec = tiny_spec()
+    src = tmp_path / "src"
+    src.mkdir()
+    bare = [LoRA.from_modules(replace(m, name=m.name.removeprefix("unet.")) for m in random_lora(spec, 2, seed=s))
+            for s in (0, 1)]
+    for i, lo in enumerate(bare):
+        save_peft(lo, src / f"peft{i}")
+    save_diffusers(random_lora(spec, 4, seed=7), src / "z.safetensors")
+    rc, out, err = run(capsys, "import", src, tmp_path / "c")
+    assert rc == 0 and "packed 3 LoRAs" in out and "skipped" not in err, err
+    c = open_collection(tmp_path / "c")
+    assert c.ids == ["peft0", "peft1", "z.safetensors"] and c.ranks[:, 0].tolist() == [2, 2, 4]
+    z = read_lora(src / "z.safetensors")
+    assert c.spec.names == tuple(bare[0].names) and not set(c.spec.keys) & set(z.spec.keys)  # z matched by prefix rule
+    for i, lo in enumerate([*bare, z]):
+        for name, m in zip(c.spec.names, c.spec.match(lo)):
+            d = m.delta().double()
+            assert float((c.lora(i)[name].delta().double() - d).abs().max()) <= 2e-3 * float(d.abs().max())

@@ -184,3 +184,38 @@ def test_legacy_diffusers_keys_match_what_diffusers_applies(tmp_path):
     f = tmp_path / "legacy.safetensors"
     save_file(tensors, str(f))
     _assert_matches(read_lora(f), fused_deltas(tiny_pipeline(), f))
+
+
+def test_peft_and_diffusers_files_of_one_unet_adapter_batch_identically(tmp_path):
+    """One adapter, written by peft (names without ``unet.``) and by diffusers' training-script path (``unet.``
+    names): both files match one spec, in either naming, and give the same batch (`ModuleSpec.match`)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    from lol.batch import LoRABatch
+
+    unet = tiny_unet()
+    torch.manual_seed(1)
+    unet.add_adapter(_unet_peft_config())
+    sd = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "diffusers", unet_lora_layers=convert_state_dict_to_diffusers(sd),
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    model = get_peft_model(tiny_unet(), _unet_peft_config())
+    loaded = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in sd.items()})
+    assert not loaded.unexpected_keys
+    model.save_pretrained(tmp_path / "peft")
+
+    p, d = read_lora(tmp_path / "peft"), read_lora(tmp_path / "diffusers")
+    assert (p.format, d.format) == ("peft", "diffusers")
+    assert not set(p.spec.keys) & set(d.spec.keys)  # no name agrees exactly: only the prefix rule can match them
+    assert sorted("unet." + n for n in p.names) == sorted(d.names)
+    for spec in (p.spec, d.spec):
+        batch = LoRABatch.from_loras([p, d], spec, dtype=torch.float64)
+        assert batch.spec == spec and batch.ranks[0].tolist() == batch.ranks[1].tolist()
+        assert sorted(set(batch.ranks[0].tolist())) == [2, 4]
+        for t in batch.U + batch.V:
+            assert torch.equal(t[0], t[1]) and float(t[0].abs().max()) > 0
+    # the diffusers file's scales come from its adapter metadata, the peft folder's from adapter_config.json
+    assert [m.scale for m in p.spec.match(d)] == [m.scale for m in p]

@@ -135,7 +135,11 @@ def _inspect_collection(path: Path, as_json: bool) -> int:
 # ------------------------------------------------------------------------------------------------------------ import
 
 def _spec_signature(lora) -> tuple:
-    return tuple(sorted((m.key, m.out_features, m.in_features) for m in lora))
+    """What the majority vote compares: module keys without a component prefix (`split_component`) and shapes, so
+    that PEFT folders and diffusers files of one base model vote together."""
+    from ..lora import split_component
+
+    return tuple(sorted((split_component(m.name)[1], m.out_features, m.in_features) for m in lora))
 
 
 def _read_labels(path: Path):
@@ -203,18 +207,14 @@ def cmd_import(args) -> int:
     sigs = Counter(_spec_signature(lo) for _, lo in headers)
     majority = sigs.most_common(1)[0][0]
     spec = next(lo.spec for _, lo in headers if _spec_signature(lo) == majority)
-    keep, mismatched = [], []
-    for p, lo in headers:
-        if _spec_signature(lo) == majority:
+    keep, mismatched, ranks = [], [], []
+    for p, lo in headers:  # matched by name as everywhere (`ModuleSpec.match`): a PEFT folder and a diffusers file
+        try:               # of the same base model agree although one writes "unet." and the other does not
+            ranks.append([m.rank for m in spec.match(lo, what="the majority of the source files")])
             keep.append((p, lo))
-        else:
-            try:
-                spec.check(lo, what="the majority of the source files")
-                mismatched.append((p.relative_to(src).as_posix(), "module set differs from the majority"))
-            except LoLError as e:
-                mismatched.append((p.relative_to(src).as_posix(), str(e)))
-    by_key = [{m.key: m.rank for m in lo} for _, lo in keep]
-    rmax = [max(d[k] for d in by_key) for k in spec.keys]
+        except LoLError as e:
+            mismatched.append((p.relative_to(src).as_posix(), str(e)))
+    rmax = [max(r[ell] for r in ranks) for ell in range(len(spec))]
     ids = [p.relative_to(src).as_posix() for p, _ in keep]
     table = pd.DataFrame({"id": ids, "source": [str(p) for p, _ in keep], "format": [lo.format for _, lo in keep]})
     labels = tasks = None
