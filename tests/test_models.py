@@ -19,6 +19,15 @@ def make(kind, batch, n_outputs=3, **kw):
     return build_model(kind, SPEC, n_outputs, **hp).fit(batch)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a shared, oversubscribed machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def uniform():
     return random_batch(8, rank=3, seed=3)
@@ -70,7 +79,7 @@ def test_flatten_mlp_is_not_invariant_and_oalign_only_orthogonal(uniform):
 
 
 def _lists(layer_fn, ranks):
-    """Wrap a packed (L, h, B, r) layer as the list → list map `assert_gl_equivariant` expects."""
+    """Wrap a packed (L, B, r, h) layer as the list → list map `assert_gl_equivariant` expects."""
     def f(Us, Vs):
         r = max(u.shape[-1] for u in Us)
         HU, HV = layer_fn(Us, Vs, r)
@@ -78,9 +87,9 @@ def _lists(layer_fn, ranks):
     return f
 
 
-def _packed_input(Us, Vs):  # identity packing: (B, n, r) lists → (L, n, B, r) when all modules share n, m
+def _packed_input(Us, Vs):  # identity packing: (B, n, r) lists → (L, B, r, n) when all modules share n, m
     r = max(u.shape[-1] for u in Us)
-    pad = lambda X: torch.nn.functional.pad(X, (0, r - X.shape[-1])).permute(1, 0, 2)
+    pad = lambda X: torch.nn.functional.pad(X, (0, r - X.shape[-1])).mT
     return torch.stack([pad(u) for u in Us]), torch.stack([pad(v) for v in Vs])
 
 
@@ -91,8 +100,8 @@ def test_glnet_layers_are_equivariant(mixed):
     assert assert_gl_equivariant(_lists(lambda U, V, r: inp(U, V), ranks), mixed) < 1e-12
     # hidden layers and gates act on h×r factors: build a batch over an h×h "spec"
     hspec = ModuleSpec(tuple(SPEC.names), tuple((5, 5) for _ in SPEC.names))
-    hb = LoRABatch(hspec, *[list(t) for t in zip(*[(p.permute(1, 0, 2), q.permute(1, 0, 2))
-                                                  for p, q in zip(*inp(mixed.U, mixed.V))])], mixed.ranks)
+    hb = LoRABatch(hspec, *[list(t) for t in zip(*[(p.mT, q.mT) for p, q in zip(*inp(mixed.U, mixed.V))])],
+                   mixed.ranks)
     hidden = GLHidden(len(SPEC), 5).double()
     assert assert_gl_equivariant(_lists(lambda U, V, r: hidden(*_packed_input(U, V)), ranks), hb) < 1e-12
     for gate in ("hard", "sigmoid"):

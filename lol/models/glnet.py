@@ -20,8 +20,10 @@ Every layer output depends on (U, V) only through ΔW_ℓ = U_ℓ V_ℓᵀ (each
 model is GL-invariant, rank-agnostic, and a LoRA given at a larger rank with the same ΔW gets the same prediction.
 With ``depth=1`` the model is an MLP over the learned bilinear sketches ``Φ_ℓ ΔW_ℓ Ψ_ℓᵀ``.
 
-Internal layout: U-side activations are one tensor (L, h, B, r) (all modules zero-padded to the batch's largest
-rank; zero columns stay zero through every layer and add nothing to P).
+Internal layout: U-side activations are one tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules zero-padded to the
+batch's largest rank; zero columns stay zero through every layer and add nothing to P). Transposed factors make every
+layer one large contiguous matmul: the first layer computes ``Uᵀ Φᵀ`` as a (B·r × n) @ (n × h) product per module
+(after a cheap batched transpose), instead of the permuting copy that ``Φ U`` over a batch would need.
 """
 from __future__ import annotations
 
@@ -45,21 +47,20 @@ def _groups(dims: list[int]) -> list[tuple[int, list[int]]]:
 
 
 def pack_factors(Xs: list[torch.Tensor], groups, r: int) -> list[torch.Tensor]:
-    """Per group, the modules' factors (B, d, r_ℓ) as one (G, d, B·r) tensor (zero-padded to r): the right operand
-    of a single batched matmul."""
+    """Per group, the modules' factors (B, d, r_ℓ) transposed and stacked as one (G, B·r, d) tensor (zero-padded to r):
+    the left operand of a single batched matmul with the group's (G, d, h) weights."""
     out = []
     for d, idx in groups:
         B = Xs[idx[0]].shape[0]
-        X = Xs[idx[0]].new_zeros(len(idx), d, B, r)
-        for g, ell in enumerate(idx):
-            X[g, :, :, : Xs[ell].shape[-1]] = Xs[ell].permute(1, 0, 2)
-        out.append(X.reshape(len(idx), d, B * r))
+        X = torch.stack([(Xs[ell] if Xs[ell].shape[-1] == r else
+                          torch.nn.functional.pad(Xs[ell], (0, r - Xs[ell].shape[-1]))).mT for ell in idx])
+        out.append(X.reshape(len(idx), B * r, d))
     return out
 
 
 def unpack_factors(H: torch.Tensor, ranks: list[int] | None = None) -> list[torch.Tensor]:
-    """(L, h, B, r) → list over modules of (B, h, r_ℓ)."""
-    return [H[ell].permute(1, 0, 2)[..., : (ranks[ell] if ranks else H.shape[-1])] for ell in range(H.shape[0])]
+    """(L, B, r, h) → list over modules of (B, h, r_ℓ)."""
+    return [H[ell].mT[..., : (ranks[ell] if ranks else H.shape[2])] for ell in range(H.shape[0])]
 
 
 class GLInput(nn.Module):
@@ -81,8 +82,8 @@ class GLInput(nn.Module):
 
     def _side(self, Xs, groups, weights, order, r):
         B = Xs[0].shape[0]
-        Y = torch.cat([torch.bmm(W.to(X.dtype), X) for W, X in zip(weights, pack_factors(Xs, groups, r))])
-        return Y.index_select(0, order.to(Y.device)).reshape(self.L, self.h, B, r)
+        Y = torch.cat([torch.bmm(X, W.to(X.dtype).mT) for W, X in zip(weights, pack_factors(Xs, groups, r))])
+        return Y.index_select(0, order.to(Y.device)).reshape(self.L, B, r, self.h)
 
     def forward(self, Us: list[torch.Tensor], Vs: list[torch.Tensor]):
         r = max(u.shape[-1] for u in Us)
@@ -95,7 +96,7 @@ class GLInput(nn.Module):
 
 
 class GLHidden(nn.Module):
-    """Per-module h×h maps ``(U_ℓ, V_ℓ) ↦ (W_ℓ U_ℓ, W'_ℓ V_ℓ)`` on (L, h, B, r) activations. GL-equivariant."""
+    """Per-module h×h maps ``(U_ℓ, V_ℓ) ↦ (W_ℓ U_ℓ, W'_ℓ V_ℓ)`` on (L, B, r, h) activations. GL-equivariant."""
 
     def __init__(self, n_modules: int, channels: int):
         super().__init__()
@@ -104,9 +105,9 @@ class GLHidden(nn.Module):
         self.wv = nn.Parameter(torch.randn(n_modules, channels, channels) * std)
 
     def forward(self, HU, HV):
-        L, h, B, r = HU.shape
-        return (torch.bmm(self.wu.to(HU.dtype), HU.reshape(L, h, B * r)).reshape(L, -1, B, r),
-                torch.bmm(self.wv.to(HV.dtype), HV.reshape(L, h, B * r)).reshape(L, -1, B, r))
+        L, B, r, h = HU.shape
+        return (torch.bmm(HU.reshape(L, B * r, h), self.wu.to(HU.dtype).mT).reshape(L, B, r, -1),
+                torch.bmm(HV.reshape(L, B * r, h), self.wv.to(HV.dtype).mT).reshape(L, B, r, -1))
 
 
 class RowGate(nn.Module):
@@ -121,13 +122,13 @@ class RowGate(nn.Module):
     def _g(self, z):
         if self.gate == "hard":
             return (z > 0).to(z.dtype)
-        rms = torch.sqrt((z * z).mean(1, keepdim=True) + 1e-30)
+        rms = torch.sqrt((z * z).mean(-1, keepdim=True) + 1e-30)
         return torch.sigmoid(z / rms)
 
     def forward(self, HU, HV):
-        zu = torch.einsum("lhbr,lbr->lhb", HU, HV.sum(1))   # U (Vᵀ 1): row sums of U Vᵀ, never formed
-        zv = torch.einsum("lhbr,lbr->lhb", HV, HU.sum(1))   # V (Uᵀ 1)
-        return HU * self._g(zu).unsqueeze(-1), HV * self._g(zv).unsqueeze(-1)
+        zu = torch.einsum("lbri,lbr->lbi", HU, HV.sum(-1))   # U (Vᵀ 1): row sums of U Vᵀ, never formed
+        zv = torch.einsum("lbri,lbr->lbi", HV, HU.sum(-1))   # V (Uᵀ 1)
+        return HU * self._g(zu).unsqueeze(2), HV * self._g(zv).unsqueeze(2)
 
 
 class InvariantHead(nn.Module):
@@ -142,10 +143,8 @@ class InvariantHead(nn.Module):
         self.register_buffer("scale", torch.ones(n_modules))
 
     def products(self, HU, HV):
-        L, h, B, r = HU.shape
-        a = HU.permute(0, 2, 1, 3).reshape(L * B, h, r)
-        b = HV.permute(0, 2, 3, 1).reshape(L * B, r, h)
-        P = torch.bmm(a, b).reshape(L, B, h, h).transpose(0, 1)      # (B, L, h, h)
+        L, B, r, h = HU.shape
+        P = torch.bmm(HU.reshape(L * B, r, h).mT, HV.reshape(L * B, r, h)).reshape(L, B, h, h).transpose(0, 1)
         return P if self.pool == "flat" else P.mean((-1, -2))        # (B, L)
 
     def forward(self, HU, HV):
@@ -194,7 +193,7 @@ class GLNet(LoLModel):
                 "pool": self.pool}
 
     def equivariant(self, Us, Vs):
-        """The equivariant trunk: per-module lists → (L, h, B, r) activations of the U and V sides."""
+        """The equivariant trunk: per-module lists → (L, B, r, h) activations (transposed factors) of both sides."""
         HU, HV = self.input(Us, Vs)
         for layer in self.hidden:
             HU, HV = layer(*self.gate(HU, HV))
