@@ -1,0 +1,497 @@
+"""The image LoRA collections of the zoo (paper §3: CelebA-LoRA and Imagenette-LoRA, on our worlds).
+
+* `FacesRecipe`: DreamBooth-style LoRAs on the UNet's ``to_q`` and ``to_v`` (every transformer block, self- and
+  cross-attention), one identity of the face world per LoRA (8–12 of its images), rank 4 for most and a share at
+  ranks 8 and 16 with the same alpha (so a different ``alpha / r``: rank generalization), per-LoRA random lr, steps,
+  gradient accumulation and instance prompt (``"a photo of a <celebrity|person|thing|skd>"``). Labels: the paper's
+  five attributes by majority vote over the finetuning images, plus glasses, smiling, hair colour and skin tone, and
+  the CLIP score of the finetuned model (mean over 16 fixed prompts, one image each, seed 42, fixed steps and
+  guidance, generated WITH the LoRA, scored by the zoo's CLIP). Group = identity (split by it: no identity leak).
+* `FashionRecipe`: LoRAs finetuned on Fashion-MNIST test-split images of a random subset of the 10 classes;
+  labels ``class_<name>`` = 1 if the class was in the finetuning set (set-level membership, as in the paper).
+
+K jobs of a group train in one batched pass (`lol.zoo.multilora`): adapter k sees only its own samples, and every
+random draw of job k (image order, noise, timesteps, A init) comes from its own seed, so a job's LoRA does not
+depend on which jobs share its group. The same code serves a real SD-1.x folder as ``bases["sd"]`` (images are
+drawn at the UNet's resolution, modules are named ``unet.<path>`` as diffusers names them).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from .recipe import Job, JobResult
+
+__all__ = ["FacesRecipe", "FashionRecipe", "FACES_PRESETS", "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS",
+           "ImageLoRATrainer", "load_adapters", "sample_with_adapters", "TARGETS"]
+
+TARGETS = ("to_q", "to_v")
+INSTANCE_WORDS = ("celebrity", "person", "thing", "skd")
+
+# the fixed prompt set of the CLIP-score label (paper: 33 prompts with SD; ours use the face world's vocabulary)
+CLIP_SCORE_PROMPTS = [
+    "a photo of a person", "a photo of a celebrity", "a photo of a smiling person", "a photo of a young woman",
+    "a photo of a young man", "a photo of an old man", "a photo of an old woman",
+    "a photo of a woman wearing lipstick", "a photo of a man with a beard", "a photo of a person wearing glasses",
+    "a photo of a woman with long blond hair", "a photo of a man with short black hair",
+    "a photo of a smiling woman with brown hair", "a photo of a person with red hair",
+    "a photo of a person with big lips", "a portrait of a person with gray hair",
+]
+FASHION_PROMPTS_CLIP = CLIP_SCORE_PROMPTS  # kept for symmetry of names; fashion LoRAs are not CLIP-scored
+
+FACES_PRESETS: dict[str, dict[str, Any]] = {
+    "ci": dict(n_loras=6, rank_share={4: 4, 8: 1, 16: 1}, alpha=8.0, images=(3, 4), lr=(1e-3, 3e-3),
+               steps=(2, 3), grad_accum=(1, 2), micro_batch=2, reuse_identity=0.3,
+               clip_prompts=4, clip_steps=2, guidance=4.0, clip_seed=42),
+    "default": dict(n_loras=640, rank_share={4: 8, 8: 1, 16: 1}, alpha=8.0, images=(8, 9, 10, 11, 12),
+                    lr=(3e-4, 1e-3, 3e-3, 1e-2), steps=(25, 33, 42, 50), grad_accum=(1, 2), micro_batch=2,
+                    reuse_identity=0.15, clip_prompts=16, clip_steps=10, guidance=4.0, clip_seed=42),
+}
+FASHION_PRESETS: dict[str, dict[str, Any]] = {
+    "ci": dict(n_loras=6, rank=4, alpha=8.0, per_class=(1, 2), lr=(1e-3, 3e-3), steps=(2, 3), grad_accum=(1, 2),
+               micro_batch=2),
+    "default": dict(n_loras=420, rank=4, alpha=8.0, per_class=(3, 4, 5, 6), lr=(3e-4, 1e-3, 3e-3, 1e-2),
+                    steps=(25, 33, 42, 50), grad_accum=(1, 2), micro_batch=2),
+}
+MAX_IDENTITY_IMAGES = 20  # a LoRA's images are drawn from images 0..19 of its identity
+
+
+def _preset(table: dict, preset: str, what: str) -> dict:
+    if preset not in table:
+        raise KeyError(f"unknown preset {preset!r} for the {what} zoo; known: {', '.join(table)}")
+    return table[preset]
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the SD side: load, encode, train K adapters, sample with K adapters
+
+
+def _unet_target(path: str, module) -> bool:
+    """``to_q`` / ``to_v`` of every attention of every transformer block (self ``attn1`` and cross ``attn2``)."""
+    return path.endswith((".attn1.to_q", ".attn1.to_v", ".attn2.to_q", ".attn2.to_v")) and ".transformer_blocks." in path
+
+
+class ImageLoRATrainer:
+    """A loaded SD pipeline (frozen) with helpers to train and sample K LoRAs of the UNet in one batched pass."""
+
+    def __init__(self, sd_dir: str | Path, device: str | None = None):
+        from diffusers import DDPMScheduler
+
+        from .image_bases import load_sd_pipeline
+
+        self.device = _device(device)
+        self.pipe = load_sd_pipeline(sd_dir, self.device)
+        self.unet, self.vae = self.pipe.unet.eval(), self.pipe.vae.eval()
+        self.unet.requires_grad_(False)
+        self.vae.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.resolution = int(self.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.sd_dir = str(sd_dir)
+
+    @torch.no_grad()
+    def encode_images(self, images_uint8: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> scaled latents (posterior mean · scaling_factor), on CPU."""
+        out = []
+        for i in range(0, len(images_uint8), 64):
+            x = torch.from_numpy(images_uint8[i:i + 64]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            out.append(self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist.mean.float().cpu())
+        return torch.cat(out) * float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        from .image_bases import encode_prompts
+
+        return torch.cat([encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, list(prompts[i:i + 256]),
+                                         self.device).float().cpu() for i in range(0, len(prompts), 256)])
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> uint8 images (N, H, W, 3)."""
+        out = []
+        for i in range(0, len(latents), 64):
+            z = latents[i:i + 64].to(self.device, self.vae.dtype) / float(self.vae.config.scaling_factor)
+            x = self.vae.decode(z).sample.float().cpu()
+            out.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out)
+
+    def inject(self, jobs_seeds: list[int], rank: int, alpha: float):
+        from .multilora import inject_multilora
+
+        return inject_multilora(self.unet, _unet_target, len(jobs_seeds), rank=rank, alpha=alpha,
+                                seeds=list(jobs_seeds), name_prefix="unet.")
+
+    def train(self, ml, plans: list[dict], lr: torch.Tensor) -> dict:
+        """DreamBooth-style ε-prediction finetuning of K adapters together.
+
+        ``plans[k]``: ``latents`` (n_k, 4, h, w), ``cond`` (n_k, T, d) text states of each image's caption,
+        ``steps``, ``grad_accum``, ``micro_batch`` and ``seed``. Every random draw of job k (which images, noise,
+        timesteps) is made up front from ``torch.Generator().manual_seed(seed_k)``, so it does not depend on the group.
+        """
+        from .multilora import PerLoRAAdam, accumulation_schedule, sum_of_means
+
+        K = len(plans)
+        T = self.train_scheduler.config.num_train_timesteps
+        alphas = self.train_scheduler.alphas_cumprod.float()
+        draws = []
+        for p in plans:
+            g = torch.Generator().manual_seed(int(p["seed"]) + 1)
+            micro = p["steps"] * p["grad_accum"]
+            n, b = len(p["latents"]), p["micro_batch"]
+            pick = torch.stack([torch.randperm(n, generator=g)[:b] if n >= b else torch.randint(0, n, (b,), generator=g)
+                                for _ in range(micro)])
+            noise = torch.randn((micro, b) + tuple(p["latents"].shape[1:]), generator=g)
+            t = torch.randint(0, T, (micro, b), generator=g)
+            draws.append((pick, noise, t))
+        opt = PerLoRAAdam(ml, lr=lr, weight_decay=torch.zeros(K))
+        losses = [[] for _ in range(K)]
+        ml.train()
+        t0 = time.time()
+        for s, (part, step, w) in enumerate(accumulation_schedule([p["steps"] * p["grad_accum"] for p in plans],
+                                                                  [p["grad_accum"] for p in plans])):
+            ks = part.nonzero().flatten().tolist()
+            z0, eps, tt, cond, idx = [], [], [], [], []
+            for k in ks:
+                pick, noise, t = draws[k]
+                z0.append(plans[k]["latents"][pick[s]])
+                cond.append(plans[k]["cond"][pick[s]])
+                eps.append(noise[s])
+                tt.append(t[s])
+                idx.append(torch.full((len(pick[s]),), k))
+            z0, eps, tt, cond, idx = (torch.cat(v) for v in (z0, eps, tt, cond, idx))
+            a = alphas[tt].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            ml.set_index(idx)
+            pred = self.unet(zt.to(self.device), tt.to(self.device),
+                             encoder_hidden_states=cond.to(self.device)).sample.float()
+            per = (pred - eps.to(self.device)).pow(2).flatten(1).mean(1)
+            sum_of_means(per, idx.to(self.device), K, weight=w.to(self.device)).backward()
+            opt.step(step)
+            opt.zero_grad(step)
+            for k in ks:
+                losses[k].append(float(per.detach()[idx.to(per.device) == k].mean()))
+        ml.set_index(None)
+        return {"seconds": time.time() - t0, "final_loss": [float(np.mean(l[-4:])) if l else float("nan")
+                                                          for l in losses]}
+
+
+@torch.no_grad()
+def sample_with_adapters(trainer: ImageLoRATrainer, ml, adapter_idx: Sequence[int], prompts: Sequence[str],
+                         seed: int, steps: int, guidance: float, chunk: int = 256) -> np.ndarray:
+    """Generate one image per (adapter, prompt) pair: ``adapter_idx[i]`` (-1 = base model) with ``prompts[i]``.
+
+    The initial noise of a pair depends only on ``seed`` and the prompt's position in ``sorted(set(prompts))``, so
+    the same prompt starts from the same noise for every adapter (and in every group). Classifier-free guidance with
+    the empty prompt; the adapter acts on both halves, as a LoRA loaded into a diffusers pipeline does.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    uniq = sorted(set(prompts))
+    emb = trainer.encode_prompts(uniq)
+    uncond = trainer.encode_prompts([""])
+    g = torch.Generator().manual_seed(int(seed))
+    shape = (4, trainer.unet.config.sample_size, trainer.unet.config.sample_size)
+    noise_of = {p: torch.randn(shape, generator=g) for p in uniq}
+    pos = [uniq.index(p) for p in prompts]
+    out = []
+    if ml is not None:
+        ml.eval()
+    for i in range(0, len(prompts), chunk):
+        sl = slice(i, i + chunk)
+        cond = emb[pos[sl]]
+        n = len(cond)
+        sched = DPMSolverMultistepScheduler.from_config(trainer.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        lat = torch.stack([noise_of[p] for p in prompts[sl]]).to(trainer.device) * sched.init_noise_sigma
+        ctx = torch.cat([uncond.expand(n, -1, -1), cond]).to(trainer.device)
+        if ml is not None:
+            ml.set_index(torch.as_tensor(list(adapter_idx[sl])))
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([lat, lat]), t)
+            e_u, e_c = trainer.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+            lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
+        out.append(trainer.decode(lat.cpu()))
+    if ml is not None:
+        ml.set_index(None)
+    return np.concatenate(out)
+
+
+def load_adapters(unet, loras: Sequence, rank: int | None = None):
+    """Inject a `MultiLoRA` into ``unet`` holding the given LoRAs (module names ``unet.<path>``) as adapters 0..K-1.
+
+    Used to relabel a collection (e.g. CLIP score with another scorer) and to check exported LoRAs against
+    diffusers' own loader. All LoRAs must have one rank per module (padding is not used here).
+    """
+    from .multilora import inject_multilora
+
+    rank = rank or loras[0].ranks[0]
+    ml = inject_multilora(unet, _unet_target, len(loras), rank=rank, alpha=float(rank), seeds=list(range(len(loras))),
+                          name_prefix="unet.")
+    ml.scale = 1.0
+    with torch.no_grad():
+        for path, layer in ml.layers.items():
+            layer.scale = 1.0  # U already carries the scale
+            for k, lora in enumerate(loras):
+                try:
+                    m = lora["unet." + path]
+                except KeyError:
+                    raise KeyError(f"LoRA {k} ({lora.source or 'unnamed'}) has no module unet.{path}") from None
+                if m.rank != rank:
+                    raise ValueError(f"LoRA {k}: module unet.{path} has rank {m.rank}, expected {rank}")
+                layer.B[k] = m.U.to(layer.B.dtype)
+                layer.A[k] = m.V.T.to(layer.A.dtype)
+    return ml
+
+
+def _majority(values: Sequence) -> Any:
+    """Most common value; ties broken by the first value reaching the top count in sorted order (deterministic)."""
+    vals, counts = np.unique(np.asarray(values), return_counts=True)
+    return vals[int(np.argmax(counts))].item()
+
+
+def _samples_dir(bases: dict[str, Path]) -> Path | None:
+    """``OUT/samples`` when ``bases['sd']`` is the zoo's own ``OUT/base/sd``; None for a user-given model."""
+    sd = Path(bases["sd"])
+    if sd.parent.name == "base" and (sd / "record.json").is_file() and "pretrained" not in json.loads(
+            (sd / "record.json").read_text()):
+        return sd.parent.parent / "samples"
+    return None
+
+
+def _save_strip(path: Path, rows: list[np.ndarray]) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = rows[0].shape[1:3]
+    ncol = max(len(r) for r in rows)
+    grid = Image.new("RGB", (w * ncol, h * len(rows)), (255, 255, 255))
+    for r, imgs in enumerate(rows):
+        for c, im in enumerate(imgs):
+            grid.paste(Image.fromarray(im), (c * w, r * h))
+    grid.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# faces
+
+
+class FacesRecipe:
+    """CelebA-LoRA on the face world (see module docstring)."""
+
+    name = "faces"
+    requires: tuple[str, ...] = ("sd", "clip")
+    sample_every = 100  # save training images + generations of every 100th job to OUT/samples
+
+    def jobs(self, preset: str, seed: int) -> list[Job]:
+        P = _preset(FACES_PRESETS, preset, "faces")
+        ranks = [r for r, n in P["rank_share"].items() for _ in range(n)]
+        out = []
+        for i in range(P["n_loras"]):
+            rng = np.random.default_rng([int(seed), 0xFACE5, i])
+            identity = i
+            if i > 0 and rng.random() < P["reuse_identity"]:
+                identity = int(rng.integers(0, i))  # a second LoRA of an earlier identity (same group)
+            n_img = int(rng.choice(P["images"]))
+            images = sorted(int(x) for x in rng.choice(MAX_IDENTITY_IMAGES, n_img, replace=False))
+            params = {"identity": identity, "images": images, "rank": int(ranks[i % len(ranks)]),
+                      "alpha": float(P["alpha"]), "lr": float(rng.choice(P["lr"])),
+                      "steps": int(rng.choice(P["steps"])), "grad_accum": int(rng.choice(P["grad_accum"])),
+                      "instance_prompt": str(rng.choice(INSTANCE_WORDS)), "micro_batch": int(P["micro_batch"]),
+                      "clip": {"prompts": CLIP_SCORE_PROMPTS[:P["clip_prompts"]], "steps": P["clip_steps"],
+                               "guidance": P["guidance"], "seed": P["clip_seed"]}}
+            out.append(Job(id=f"faces-{i:05d}", seed=int(seed) * 1_000_003 + i, params=params))
+        return out
+
+    def group_key(self, job: Job) -> Hashable:
+        return (job.params["rank"], job.params["alpha"], json.dumps(job.params["clip"], sort_keys=True))
+
+    def label_schema(self) -> dict[str, dict[str, Any]]:
+        s = {a: {"kind": "binary", "task": "attributes",
+                 "description": f"{a}: majority vote over the LoRA's finetuning images"}
+             for a in ("male", "young", "wearing_lipstick", "big_lips", "no_beard")}
+        for a in ("eyeglasses", "smiling"):
+            s[a] = {"kind": "binary", "task": "more_attributes",
+                    "description": f"{a}: majority vote over the LoRA's finetuning images"}
+        s["hair_colour"] = {"kind": "category", "task": "hair_colour", "description": "the identity's hair colour"}
+        s["skin_tone"] = {"kind": "category", "task": "skin_tone", "description": "the identity's skin tone"}
+        s["clip_score"] = {"kind": "regression", "task": "clip_score",
+                           "description": "mean CLIP score (torchmetrics definition, zoo CLIP) of images generated "
+                                          "WITH the LoRA for the fixed prompt set, one image per prompt, seed 42; "
+                                          "settings in each row's extras"}
+        return s
+
+    def tasks(self) -> dict[str, list[str]]:
+        return {"attributes": ["male", "young", "wearing_lipstick", "big_lips", "no_beard"],
+                "more_attributes": ["eyeglasses", "smiling"], "hair_colour": ["hair_colour"],
+                "skin_tone": ["skin_tone"], "clip_score": ["clip_score"]}
+
+    def run_group(self, jobs: list[Job], bases: dict[str, Path], device: str | None = None) -> list[JobResult]:
+        from .clipscore import CLIPScorer, ScoreSettings
+        from .faces import Identity, render_face
+        from .image_bases import resolve_base
+
+        for j in jobs[1:]:
+            if self.group_key(j) != self.group_key(jobs[0]):
+                raise ValueError(f"job {j.id} cannot share a group with {jobs[0].id} (different rank/alpha/clip)")
+        p0 = jobs[0].params
+        trainer = ImageLoRATrainer(resolve_base(bases["sd"]), device)
+        res = trainer.resolution
+        plans, infos = [], []
+        for j in jobs:
+            ident = Identity.from_seed(j.params["identity"])
+            faces = [render_face(ident, i, res) for i in j.params["images"]]
+            caption = f"a photo of a {j.params['instance_prompt']}"
+            lat = trainer.encode_images(np.stack([np.asarray(f.image) for f in faces]))
+            cond = trainer.encode_prompts([caption]).expand(len(faces), -1, -1)
+            plans.append(dict(latents=lat, cond=cond, steps=j.params["steps"], grad_accum=j.params["grad_accum"],
+                              micro_batch=j.params["micro_batch"], seed=j.seed))
+            infos.append((ident, faces, caption))
+        ml = trainer.inject([j.seed for j in jobs], rank=p0["rank"], alpha=p0["alpha"])
+        try:
+            stats = trainer.train(ml, plans, torch.tensor([j.params["lr"] for j in jobs]))
+            clip = p0["clip"]
+            prompts = list(clip["prompts"])
+            K, Pn = len(jobs), len(prompts)
+            t0 = time.time()
+            gen = sample_with_adapters(trainer, ml, [k for k in range(K) for _ in range(Pn)] + [-1] * Pn,
+                                       prompts * (K + 1), clip["seed"], clip["steps"], clip["guidance"])
+            sample_seconds = time.time() - t0
+            scorer = CLIPScorer(resolve_base(bases["clip"]), device=trainer.device)
+            scores = scorer.score(list(gen), prompts * (K + 1)).view(K + 1, Pn)
+            settings = ScoreSettings(backbone=str(bases["clip"]), prompts=prompts, seed=clip["seed"],
+                                     steps=clip["steps"], guidance=clip["guidance"], resolution=res,
+                                     scheduler="DPMSolverMultistepScheduler")
+            results = []
+            samples = _samples_dir(bases)
+            for k, j in enumerate(jobs):
+                ident, faces, caption = infos[k]
+                votes = {a: _majority([f.attributes[a] for f in faces])
+                         for a in ("male", "young", "wearing_lipstick", "big_lips", "no_beard", "eyeglasses",
+                                   "smiling")}
+                row = {"id": j.id, "group": f"identity-{j.params['identity']:06d}"}
+                row.update({a: int(v) for a, v in votes.items()})
+                row.update({"hair_colour": ident.hair_colour, "skin_tone": ident.skin_tone,
+                            "clip_score": float(scores[k].mean())})
+                row.update({"rank": j.params["rank"], "alpha": j.params["alpha"], "lr": j.params["lr"],
+                            "steps": j.params["steps"], "grad_accum": j.params["grad_accum"],
+                            "instance_prompt": j.params["instance_prompt"], "n_images": len(faces),
+                            "identity": j.params["identity"], "seed": j.seed})
+                lora = ml.export(k, dtype=torch.float16)
+                lora.source = j.id
+                results.append(JobResult(j.id, lora, row, extras={
+                    "image_ids": [f.id for f in faces], "instance_caption": caption,
+                    "clip_scores": [round(float(x), 4) for x in scores[k]],
+                    "base_clip_score": float(scores[K].mean()), "clip_settings": settings.to_json(),
+                    "final_loss": stats["final_loss"][k], "group_size": K,
+                    "group_train_seconds": round(stats["seconds"], 2),
+                    "group_sample_seconds": round(sample_seconds, 2)}))
+                num = int(j.id.rsplit("-", 1)[-1])
+                if samples is not None and num % self.sample_every == 0:
+                    _save_strip(samples / f"{j.id}.png", [np.stack([np.asarray(f.image) for f in faces]),
+                                                         gen[k * Pn:(k + 1) * Pn]])
+        finally:
+            ml.remove()
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fashion
+
+
+class FashionRecipe:
+    """Imagenette-LoRA on Fashion-MNIST (see module docstring)."""
+
+    name = "fashion"
+    requires: tuple[str, ...] = ("sd",)
+    sample_every = 100
+
+    def jobs(self, preset: str, seed: int) -> list[Job]:
+        from .fashion import CLASSES, class_indices
+
+        P = _preset(FASHION_PRESETS, preset, "fashion")
+        pools = class_indices("test")
+        out = []
+        for i in range(P["n_loras"]):
+            rng = np.random.default_rng([int(seed), 0xFA5, i])
+            keep = rng.random(len(CLASSES)) < 0.5
+            if not keep.any():
+                keep[int(rng.integers(len(CLASSES)))] = True
+            images = []
+            for c in np.flatnonzero(keep):
+                n = int(rng.choice(P["per_class"]))
+                images += [int(x) for x in rng.choice(pools[int(c)], n, replace=False)]
+            params = {"classes": [int(c) for c in np.flatnonzero(keep)], "images": sorted(images),
+                      "rank": int(P["rank"]), "alpha": float(P["alpha"]), "lr": float(rng.choice(P["lr"])),
+                      "steps": int(rng.choice(P["steps"])), "grad_accum": int(rng.choice(P["grad_accum"])),
+                      "micro_batch": int(P["micro_batch"])}
+            out.append(Job(id=f"fashion-{i:05d}", seed=int(seed) * 1_000_033 + i, params=params))
+        return out
+
+    def group_key(self, job: Job) -> Hashable:
+        return (job.params["rank"], job.params["alpha"])
+
+    def label_schema(self) -> dict[str, dict[str, Any]]:
+        from .fashion import CLASS_LABELS, CLASSES
+
+        return {lab: {"kind": "binary", "task": "membership",
+                      "description": f"1 if class {name!r} was in the LoRA's finetuning set"}
+                for lab, name in zip(CLASS_LABELS, CLASSES)}
+
+    def tasks(self) -> dict[str, list[str]]:
+        from .fashion import CLASS_LABELS
+
+        return {"membership": list(CLASS_LABELS)}
+
+    def run_group(self, jobs: list[Job], bases: dict[str, Path], device: str | None = None) -> list[JobResult]:
+        from .fashion import CLASS_LABELS, fashion_image
+        from .image_bases import resolve_base
+
+        for j in jobs[1:]:
+            if self.group_key(j) != self.group_key(jobs[0]):
+                raise ValueError(f"job {j.id} cannot share a group with {jobs[0].id} (different rank/alpha)")
+        p0 = jobs[0].params
+        trainer = ImageLoRATrainer(resolve_base(bases["sd"]), device)
+        plans, infos = [], []
+        for j in jobs:
+            imgs = [fashion_image(i, "test", trainer.resolution) for i in j.params["images"]]
+            lat = trainer.encode_images(np.stack([np.asarray(f.image) for f in imgs]))
+            cond = trainer.encode_prompts([f.caption for f in imgs])
+            plans.append(dict(latents=lat, cond=cond, steps=j.params["steps"], grad_accum=j.params["grad_accum"],
+                              micro_batch=j.params["micro_batch"], seed=j.seed))
+            infos.append(imgs)
+        ml = trainer.inject([j.seed for j in jobs], rank=p0["rank"], alpha=p0["alpha"])
+        try:
+            stats = trainer.train(ml, plans, torch.tensor([j.params["lr"] for j in jobs]))
+            samples = _samples_dir(bases)
+            results = []
+            for k, j in enumerate(jobs):
+                row = {"id": j.id, "group": "cls-" + "".join("1" if c in j.params["classes"] else "0"
+                                                             for c in range(len(CLASS_LABELS)))}
+                row.update({lab: int(c in j.params["classes"]) for c, lab in enumerate(CLASS_LABELS)})
+                row.update({"rank": j.params["rank"], "alpha": j.params["alpha"], "lr": j.params["lr"],
+                            "steps": j.params["steps"], "grad_accum": j.params["grad_accum"],
+                            "n_images": len(infos[k]), "n_classes": len(j.params["classes"]), "seed": j.seed})
+                lora = ml.export(k, dtype=torch.float16)
+                lora.source = j.id
+                results.append(JobResult(j.id, lora, row, extras={
+                    "image_ids": [f.id for f in infos[k]], "captions": [f.caption for f in infos[k]],
+                    "final_loss": stats["final_loss"][k], "group_size": len(jobs),
+                    "group_train_seconds": round(stats["seconds"], 2)}))
+                num = int(j.id.rsplit("-", 1)[-1])
+                if samples is not None and num % self.sample_every == 0:
+                    prompts = [f.caption for f in infos[k]][:8]
+                    gen = sample_with_adapters(trainer, ml, [k] * len(prompts), prompts, 42, 10, 4.0)
+                    _save_strip(samples / f"{j.id}.png",
+                                [np.stack([np.asarray(f.image) for f in infos[k][:8]]), gen])
+        finally:
+            ml.remove()
+        return results
