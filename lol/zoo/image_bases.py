@@ -631,6 +631,27 @@ def sd_quality(sd_dir: str, clip_dir: Path, P: dict, device: str, seed: int, sam
                      "scorer": str(clip_dir)}}
 
 
+def save_world_samples(samples_dir: Path, n: int = 32) -> list[Path]:
+    """Grids of real training images of both worlds (8 per row) with their captions, for people to look at."""
+    from PIL import Image
+
+    data = world_pairs(n, n, "train")
+    samples_dir = Path(samples_dir)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for w, name in ((0, "faces_world"), (1, "fashion_world")):
+        sel = np.flatnonzero(data.world == w)[:n]
+        H, W = data.images.shape[1:3]
+        grid = Image.new("RGB", (8 * W, ((len(sel) + 7) // 8) * H))
+        for k, i in enumerate(sel):
+            grid.paste(Image.fromarray(data.images[i]), ((k % 8) * W, (k // 8) * H))
+        grid.save(samples_dir / f"{name}.png")
+        (samples_dir / f"{name}.json").write_text(json.dumps(
+            {"ids": [data.ids[i] for i in sel], "captions": [data.captions[i] for i in sel]}, indent=1))
+        paths.append(samples_dir / f"{name}.png")
+    return paths
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -650,6 +671,7 @@ def main(argv=None) -> int:
             print(f"[{recipe.name}] already built at {d}", flush=True)
             continue
         recipe.build(args.preset, d, args.device, args.seed)
+    save_world_samples(out / "samples")
     return 0
 
 
