@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -31,6 +32,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
+@lru_cache(maxsize=1 << 16)  # names repeat across the LoRAs of one base model
 def module_key(name: str) -> str:
     """Format-independent identity of a module name: dots and underscores are the same separator.
 
@@ -190,6 +192,7 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 WRAPPERS = ("base_model.model.",)
 
 
+@lru_cache(maxsize=1 << 16)
 def split_component(name: str) -> tuple[str | None, str]:
     """``(component or None, key of the rest)``: ``"unet.down_blocks.0.attn1.to_q"`` → ``("unet",
     "down_blocks_0_attn1_to_q")``; ``"base_model.model.x"`` → ``(None, "x")``. Split on the dotted name (not the

@@ -250,18 +250,18 @@ def cmd_import(args) -> int:
                 labels, tasks = given["labels"], given.get("tasks")
 
     late_failures: list[int] = []
+    dtype = _torch_dtype(args.dtype)
 
     def stream():
         for j, (p, _) in enumerate(tqdm(keep, desc="packing", unit="LoRA", file=sys.stderr, mininterval=0.5)):
             try:
-                yield read_lora(p)
+                yield read_lora(p, dtype=dtype)  # read at the storage dtype: no widening and narrowing
             except (LoLError, OSError) as e:
                 failed.append((ids[j], str(e)))
                 late_failures.append(j)
                 yield LoRA.from_modules(LoRAModule(n, torch.zeros(o, 1), torch.zeros(i, 1), 1.0, 1.0)
                                         for n, (o, i) in zip(spec.names, spec.shapes))
 
-    dtype = _torch_dtype(args.dtype)
     prov = {"command": "lol import", "source_root": str(src), "files_found": len(paths)}
     c = write_collection(dest, stream(), table, labels=labels, tasks=tasks, base_model=args.base_model, dtype=dtype,
                          spec=spec, provenance=prov, rmax=rmax, overwrite=args.overwrite)

@@ -21,7 +21,7 @@ from ..lora import LoRA
 from .diffusers import looks_like_diffusers, read_diffusers, save_diffusers
 from .kohya import kohya_to_module, looks_like_kohya, module_to_kohya, read_kohya
 from .peft import CONFIG_NAME as PEFT_CONFIG_NAME, read_peft, save_peft
-from .safetensors_file import read_safetensors_header
+from .safetensors_file import load_safetensors, read_safetensors_header
 
 __all__ = ["read_lora", "detect_format", "save_peft", "save_diffusers", "read_peft", "read_diffusers", "read_kohya",
            "kohya_to_module", "module_to_kohya", "lora_files", "FORMATS"]
@@ -42,12 +42,14 @@ def _single_file(folder: Path) -> Path:
                                   f"`lol import`")
 
 
-def _detect_file(path: Path) -> str:
+def _reject_pickle(path: Path) -> None:
     if path.suffix in _PICKLE_SUFFIXES:
         raise LoRAFormatError(path, f"pickled {path.suffix} files are not read (unpickling runs code); use "
                                     f".safetensors, or a PEFT folder with adapter_model.bin")
-    header, _ = read_safetensors_header(path)
-    keys = list(header)
+
+
+def _detect_keys(path: Path, keys: list[str]) -> str:
+    """The format of a single safetensors file from its tensor names."""
     if not keys:
         raise LoRAFormatError(path, "safetensors file holds no tensors")
     from .pairs import reject_non_lora
@@ -63,6 +65,12 @@ def _detect_file(path: Path) -> str:
                                                                                    "text_encoder_2", "transformer"))]
     from .pairs import unknown_keys_error
     raise unknown_keys_error(path, odd or keys, "PEFT, diffusers or kohya")
+
+
+def _detect_file(path: Path) -> str:
+    _reject_pickle(path)
+    header, _ = read_safetensors_header(path)
+    return _detect_keys(path, list(header))
 
 
 def detect_format(path) -> str:
@@ -86,13 +94,18 @@ def read_lora(path, dtype: torch.dtype | None = None, shapes_only: bool = False)
     ``shapes_only=True`` reads only headers: names, shapes, ranks and keys are checked, and U, V are empty
     ``meta``-device tensors (alpha and scale are then not meaningful). Used to find a collection's spec cheaply."""
     path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "peft":
-        return read_peft(path, dtype, shapes_only)
-    if fmt == "collection":
-        raise LoRAFormatError(path, "is a packed collection of many LoRAs; open it with lol.open_collection")
-    file = _single_file(path) if path.is_dir() else path
-    return (read_kohya if fmt == "kohya" else read_diffusers)(file, dtype, shapes_only)
+    if not path.exists():
+        raise LoRAFormatError(path, "no such file or folder")
+    if path.is_dir():
+        if (path / PEFT_CONFIG_NAME).is_file():
+            return read_peft(path, dtype, shapes_only)
+        if (path / "collection.json").is_file():
+            raise LoRAFormatError(path, "is a packed collection of many LoRAs; open it with lol.open_collection")
+        path = _single_file(path)
+    _reject_pickle(path)
+    loaded = load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)  # the file is read once
+    fmt = _detect_keys(path, list(loaded.tensors))
+    return (read_kohya if fmt == "kohya" else read_diffusers)(path, dtype, shapes_only, loaded=loaded)
 
 
 def lora_files(root) -> list[Path]:

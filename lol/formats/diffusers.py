@@ -26,7 +26,7 @@ from ..errors import LoRAFormatError
 from ..lora import LoRA
 from .pairs import Pair, build_modules, reject_non_lora, unknown_keys_error
 from .peft import config_scale_rule, factor_tensors, peft_config_for
-from .safetensors_file import read_safetensors
+from .safetensors_file import Loaded, load_safetensors
 
 __all__ = ["read_diffusers", "save_diffusers", "COMPONENTS", "WEIGHT_NAME", "looks_like_diffusers"]
 
@@ -38,9 +38,25 @@ _SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:(?P<new>lora_A|lora_B)\.weight|(?:lo
 _PROCESSOR = re.compile(r"^(?P<block>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
 
 
+# the suffixes of `_SUFFIX`, tested with str.endswith (no two can end the same key, so the result is the regex's)
+_ENDINGS = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora.down.weight", "A"), (".lora.up.weight", "B"),
+            (".lora_linear_layer.down.weight", "A"), (".lora_linear_layer.up.weight", "B"), (".alpha", "alpha"))
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """``(module name with component, role)`` of one diffusers key, role ∈ A, B, alpha; None if not a LoRA key."""
+    if ".processor." in key and (m := _PROCESSOR.match(key)):
+        proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+        return _with_component(f"{m['block']}.{proj}"), "A" if m["role"] == "down" else "B"
+    for ending, role in _ENDINGS:
+        if key.endswith(ending) and len(key) > len(ending):
+            return _with_component(key[: -len(ending)]), role
+    return None
+
+
 def looks_like_diffusers(keys) -> bool:
     return any(k.split(".", 1)[0] in COMPONENTS or ".processor." in k for k in keys) and all(
-        _SUFFIX.match(k) or _PROCESSOR.match(k) for k in keys)
+        parse_key(k) is not None for k in keys)
 
 
 def _with_component(module: str) -> str:
@@ -63,22 +79,21 @@ def _metadata_configs(path, meta: dict) -> dict[str, dict]:
     return {c: cfg for c, cfg in out.items() if "r" in cfg and "lora_alpha" in cfg}
 
 
-def read_diffusers(path, dtype: torch.dtype | None = None, shapes_only: bool = False) -> LoRA:
+def read_diffusers(path, dtype: torch.dtype | None = None, shapes_only: bool = False,
+                   loaded: Loaded | None = None) -> LoRA:
+    """A diffusers file as a LoRA (see the module docstring); ``loaded``: the file already read by `read_lora`."""
     path = Path(path)
-    tensors, meta = read_safetensors(path, shapes_only=shapes_only)
+    loaded = loaded or load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)
+    tensors, meta = loaded.tensors, loaded.metadata
     reject_non_lora(path, tensors)
     pairs: dict[str, Pair] = {}
     unknown = []
     for key, t in tensors.items():
-        if m := _PROCESSOR.match(key):
-            proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-            name, role = _with_component(f"{m['block']}.{proj}"), "A" if m["role"] == "down" else "B"
-        elif m := _SUFFIX.match(key):
-            name = _with_component(m["module"])
-            role = "alpha" if m["alpha"] else "A" if (m["new"] == "lora_A" or m["old"] == "down") else "B"
-        else:
+        parsed = parse_key(key)
+        if parsed is None:
             unknown.append(key)
             continue
+        name, role = parsed
         pairs.setdefault(name, Pair()).set(role, key, t, path)
     if unknown:
         hint = "; this looks like kohya format (lora_unet_…)" if any(k.startswith("lora_") for k in unknown) else ""
@@ -97,7 +112,7 @@ def read_diffusers(path, dtype: torch.dtype | None = None, shapes_only: bool = F
             return rules[comp](inner, rank, None)
         return float(rank), 1.0
 
-    modules = build_modules(path, pairs, scale_of, dtype)
+    modules = build_modules(path, pairs, scale_of, dtype, all_finite=loaded.all_finite)
     return LoRA.from_modules(modules, format="diffusers", metadata=meta, source=str(path))
 
 

@@ -16,6 +16,7 @@ with an extra dot; modules are matched everywhere by `lol.lora.module_key`, whic
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from ..errors import LoRAFormatError
 from ..lora import LoRA
 from .pairs import Pair, build_modules, reject_non_lora, unknown_keys_error
-from .safetensors_file import read_safetensors
+from .safetensors_file import Loaded, load_safetensors
 
 __all__ = ["read_kohya", "kohya_to_module", "module_to_kohya", "COMPOUND_TOKENS", "KOHYA_PREFIXES",
            "looks_like_kohya"]
@@ -56,6 +57,7 @@ def looks_like_kohya(keys) -> bool:
     return bool(keys) and all(any(k.startswith(p) for p in KOHYA_PREFIXES) for k in keys)
 
 
+@lru_cache(maxsize=1 << 16)  # names repeat across the files of one base model
 def kohya_to_module(name: str) -> str:
     """``lora_unet_down_blocks_0_..._to_q`` → ``unet.down_blocks.0.....to_q`` (see the module docstring)."""
     for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
@@ -85,9 +87,11 @@ def module_to_kohya(name: str) -> str:
     return COMPONENT_PREFIX[component] + rest.replace(".", "_")
 
 
-def read_kohya(path, dtype: torch.dtype | None = None, shapes_only: bool = False) -> LoRA:
+def read_kohya(path, dtype: torch.dtype | None = None, shapes_only: bool = False, loaded: Loaded | None = None) -> LoRA:
+    """A kohya file as a LoRA (see the module docstring); ``loaded``: the file already read by `read_lora`."""
     path = Path(path)
-    tensors, meta = read_safetensors(path, shapes_only=shapes_only)
+    loaded = loaded or load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)
+    tensors, meta = loaded.tensors, loaded.metadata
     reject_non_lora(path, tensors)
     pairs: dict[str, Pair] = {}
     unknown = []
@@ -107,7 +111,7 @@ def read_kohya(path, dtype: torch.dtype | None = None, shapes_only: bool = False
         alpha = float(rank) if file_alpha is None else file_alpha
         return alpha, alpha / rank
 
-    modules = build_modules(path, pairs, scale_of, dtype)
+    modules = build_modules(path, pairs, scale_of, dtype, all_finite=loaded.all_finite)
     from dataclasses import replace
 
     modules = [replace(m, name=kohya_to_module(m.name)) for m in modules]

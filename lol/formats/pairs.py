@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LoRAFormatError
 from ..lora import LoRAModule
-from .safetensors_file import FLOAT_DTYPES
+from .safetensors_file import FLOAT_DTYPES, all_finite_bytes
 
 __all__ = ["Pair", "build_modules", "reject_non_lora", "unknown_keys_error", "peft_pattern_value"]
 
@@ -94,7 +94,8 @@ def _check_factor(path, key: str, t: torch.Tensor, finite_known: bool = False) -
 
 
 def _all_finite(pairs) -> bool:
-    """One isfinite pass over all factors of a file (one per dtype) instead of one per tensor."""
+    """One vectorized NaN/Inf test over all factors of a file (per dtype), for tensors not read by
+    `load_safetensors` (which tests the whole file in one pass)."""
     by_dtype: dict = {}
     for p in pairs.values():
         for t in (p.A, p.B):
@@ -102,27 +103,36 @@ def _all_finite(pairs) -> bool:
                 by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
     for dtype, ts in by_dtype.items():
         flat = torch.cat(ts)
-        mask = _EXPONENT_MASK.get(dtype)
-        if mask is not None:  # 16-bit: NaN/Inf have all exponent bits set; integer ops vectorize, isfinite does not
-            if bool(((flat.view(torch.int16) & mask) == mask).any()):
-                return False
-        elif not bool(torch.isfinite(flat).all()):
+        if not all_finite_bytes(flat.view(torch.uint8).numpy(), dtype):
             return False
     return True
 
 
-_EXPONENT_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+def _fold_scale(B: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``U = scale · B`` in ``out_dtype``, computed in float32 or wider and rounded once."""
+    if scale == 1.0:
+        return B.to(out_dtype)
+    if out_dtype == torch.float64:
+        return B.double() * scale
+    if B.dtype == out_dtype:  # torch computes 16-bit products in float32 and rounds once
+        return B * scale
+    if B.dtype.itemsize > out_dtype.itemsize:  # narrowing: the product first, then one rounding
+        return (B * scale).to(out_dtype)
+    return B.to(out_dtype).mul_(scale)  # widening is exact; then one rounding of the product
 
 
 def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, float | None], tuple[float, float]],
-                  dtype: torch.dtype | None = None) -> list[LoRAModule]:
+                  dtype: torch.dtype | None = None, all_finite: bool | None = None) -> list[LoRAModule]:
     """Check and convert every pair. ``scale_of(name, rank, file_alpha) -> (alpha, scale)`` is the format's rule.
 
-    Factors are returned in float32 (float64 if the file is float64) unless ``dtype`` is given; the scale is applied
-    in float64 and folded into U only.
+    Factors are returned in float32 (float64 if the file is float64) unless ``dtype`` is given; the scale is folded
+    into U only, computed in float32 or wider and rounded once to the output dtype. ``all_finite``: the result of a
+    NaN/Inf test already done on all the tensors (`load_safetensors`), else it is done here; when False the per-key
+    check names the culprit.
     """
     modules = []
-    all_finite = _all_finite(pairs)  # if not, the per-key check below names the culprit
+    if all_finite is None:
+        all_finite = _all_finite(pairs)
     for name, p in pairs.items():
         if p.A is None or p.B is None:
             have, missing = ("A (down)", "B (up)") if p.B is None else ("B (up)", "A (down)")
@@ -151,12 +161,9 @@ def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, fl
             raise LoRAFormatError(path, f"module {name!r}: rank 0")
         alpha, scale = scale_of(name, r, p.alpha)
         out_dtype = dtype or (torch.float64 if A.dtype == torch.float64 or B.dtype == torch.float64 else torch.float32)
-        if scale == 1.0 or B2.is_meta:
-            U = B2.to(out_dtype)
-        elif out_dtype == torch.float64:
-            U = B2.double() * scale
-        else:  # widen first (exact for 16-bit files), then one rounding of the product
-            U = B2.to(out_dtype).mul_(scale) if B2.dtype != out_dtype else B2 * scale
-        V = A2.to(out_dtype).T
+        if B2.is_meta:  # shapes only: names, shapes and ranks are what counts
+            U, V = B2, A2.T
+        else:
+            U, V = _fold_scale(B2, scale, out_dtype), A2.to(out_dtype).T
         modules.append(LoRAModule(name, U=U, V=V, alpha=float(alpha), scale=float(scale), kernel_shape=kernel))
     return modules

@@ -23,7 +23,7 @@ import torch
 from ..errors import LoRAFormatError
 from ..lora import LoRA
 from .pairs import Pair, build_modules, peft_pattern_value, reject_non_lora, unknown_keys_error
-from .safetensors_file import read_safetensors
+from .safetensors_file import load_safetensors
 
 __all__ = ["read_peft", "save_peft", "peft_config_for", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -72,11 +72,12 @@ def config_scale_rule(cfg: dict, path):
     return scale_of
 
 
-def _load_weights(folder: Path, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def _load_weights(folder: Path, shapes_only: bool = False, widen_to: torch.dtype | None = None):
+    """``(tensors, metadata, path, all_finite)`` of the adapter weights (``all_finite`` None when not yet checked)."""
     st, legacy = folder / WEIGHTS_NAME, folder / LEGACY_WEIGHTS_NAME
     if st.is_file():
-        tensors, meta = read_safetensors(st, shapes_only=shapes_only)
-        return tensors, meta, st
+        tensors, meta, finite = load_safetensors(st, shapes_only, widen_to=widen_to)
+        return tensors, meta, st, finite
     if legacy.is_file():
         try:
             sd = torch.load(legacy, map_location="cpu", weights_only=True)
@@ -85,14 +86,14 @@ def _load_weights(folder: Path, shapes_only: bool = False) -> tuple[dict[str, to
                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise LoRAFormatError(legacy, "does not hold a dict of tensors")
-        return dict(sd), {}, legacy
+        return dict(sd), {}, legacy, None
     raise LoRAFormatError(folder, f"PEFT folder has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 
 def read_peft(folder, dtype: torch.dtype | None = None, shapes_only: bool = False) -> LoRA:
     folder = Path(folder)
     cfg = _read_config(folder)
-    tensors, meta, wpath = _load_weights(folder, shapes_only)
+    tensors, meta, wpath, finite = _load_weights(folder, shapes_only, widen_to=dtype or torch.float32)
     reject_non_lora(wpath, tensors)
     pairs: dict[str, Pair] = {}
     unknown = []
@@ -112,7 +113,7 @@ def read_peft(folder, dtype: torch.dtype | None = None, shapes_only: bool = Fals
         raise err
     if not pairs:
         raise LoRAFormatError(wpath, "no lora_A / lora_B tensors found")
-    modules = build_modules(wpath, pairs, config_scale_rule(cfg, folder / CONFIG_NAME), dtype)
+    modules = build_modules(wpath, pairs, config_scale_rule(cfg, folder / CONFIG_NAME), dtype, all_finite=finite)
     return LoRA.from_modules(modules, format="peft", metadata=meta, config=cfg, source=str(folder))
 
 
