@@ -1,0 +1,521 @@
+"""Experiment runner: model × task × seed grids on packed collections → one tidy table; results tables; the shipped
+best checkpoint per task.
+
+* `task_refs` lists the tasks a grid runs (the collections' own `Collection.tasks`; `DEFAULT_TASKS` picks the paper's
+  ones) and which rows each uses: a collection with mixed ranks is restricted to its most common rank, since the
+  flatten MLP needs one rank (`main_rows`); `rank_generalization` uses the other ranks.
+* `run_grid` trains every (task, model, seed) with `lol.train.train` (grouped, seeded splits: the seed changes both the
+  split and the initialization, so the seed spread includes split variance), and returns `Grid`: ``runs`` (one row per
+  task, model, seed, split, label, metric), ``predictions`` (one row per LoRA, label and run) and the trained models.
+  With ``runs_dir`` every finished run is stored (checkpoint + rows) and skipped when the grid is run again.
+* `summarize` averages label metrics per task, then mean ± std over seeds; `results_table` / `write_table` give the
+  paper-style table (CSV + Markdown); `compare_to_baseline` states, per task, whether the best GL-invariant model
+  (chosen on validation) beats the flatten MLP on test by more than the seed spread.
+* `select_best` + `write_checkpoints` pick the model kind with the best mean validation score and its best seed, and
+  write ``<root>/<collection>/<task>/`` plus ``<root>/index.json`` ({label: folder}) for ``lol predict --task``.
+
+Only validation scores choose anything; test scores are reported, never used to select.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import LoLError
+from .models import MODELS
+
+__all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
+           "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize",
+           "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints",
+           "evaluate_rows", "rank_generalization", "primary_metric", "load_grid"]
+
+MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
+BASELINE = "mlp"
+# the paper's tasks of each default collection; a collection not listed runs all of its tasks
+DEFAULT_TASKS: dict[str, tuple[str, ...]] = {
+    "faces": ("clip_score", "attributes"),
+    "fashion": ("membership",),
+    "lm": ("challenge_accuracy", "eval_loss", "membership"),
+}
+# the task-level score used to select models (higher is better), by label kind
+PRIMARY_METRIC = {"regression": "r2", "binary": "auc", "category": "balanced_accuracy"}
+LOWER_IS_BETTER = {"mae"}
+
+
+def gl_invariant(kind: str) -> bool:
+    """True for model kinds invariant to GL(r) (by construction or by canonicalization), not only O(r)."""
+    return MODELS[kind].invariant_to == "GL(r)"
+
+
+def rank_agnostic(kind: str) -> bool:
+    """Kinds that read LoRAs of ranks other than the training rank: any rank (``glnet``, ``dense``) or, when built with
+    ``rank=R``, any rank ≤ R zero-padded (``svals``, ``canon_mlp``, ``canon_transformer``)."""
+    return kind in ("glnet", "dense", "svals", "canon_mlp", "canon_transformer")
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One task of one collection, on the rows selected by ``where`` ({column: value}; None = all rows)."""
+
+    collection: str
+    task: str
+    where: tuple = ()          # sorted (column, value) pairs (hashable)
+
+    @property
+    def name(self) -> str:
+        return f"{self.collection}/{self.task}"
+
+    @property
+    def filter(self) -> dict:
+        return dict(self.where)
+
+
+def main_rows(coll) -> dict:
+    """``{}`` when every LoRA of ``coll`` has one rank in every module; else ``{"rank": R}`` for the most common rank
+    R (needs a ``rank`` column, as zoo collections have)."""
+    ranks = coll.ranks
+    if len(torch.unique(ranks)) <= 1:
+        return {}
+    if "rank" not in coll.table.columns:
+        raise LoLError(f"{coll.path}: LoRAs have mixed ranks and the table has no 'rank' column to select one")
+    return {"rank": int(coll.table["rank"].mode().iloc[0])}
+
+
+def task_refs(collections: Mapping, tasks: Mapping[str, Sequence[str]] | None = None) -> list[TaskRef]:
+    """The tasks to run: ``tasks[name]`` (default `DEFAULT_TASKS`, else every task) of each collection, each on
+    `main_rows`. Unknown task names raise, naming the collection's tasks."""
+    out = []
+    for name, coll in collections.items():
+        want = (tasks or {}).get(name) or DEFAULT_TASKS.get(name) or tuple(coll.tasks)
+        bad = [t for t in want if t not in coll.tasks]
+        if bad:
+            raise LoLError(f"collection {name!r} ({coll.path}) has no task(s) {bad}; tasks: {list(coll.tasks)}")
+        where = tuple(sorted(main_rows(coll).items()))
+        out += [TaskRef(name, t, where) for t in want]
+    return out
+
+
+def _rows(coll, where: Mapping) -> np.ndarray:
+    mask = np.ones(len(coll), dtype=bool)
+    for col, val in where.items():
+        if col not in coll.table.columns:
+            raise LoLError(f"{coll.path}: no column {col!r} to select rows by")
+        mask &= (coll.table[col] == val).to_numpy()
+    idx = np.nonzero(mask)[0]
+    if len(idx) == 0:
+        raise LoLError(f"{coll.path}: no LoRA matches {dict(where)}")
+    return idx
+
+
+def task_data(coll, task: str, where: Mapping | None = None, dtype=torch.float32):
+    """(batch, {label: values}, {label: kind}, table) of ``task`` on the rows matching ``where``."""
+    idx = _rows(coll, where or {})
+    labels = coll.label_columns(task)
+    table = coll.table.iloc[idx].reset_index(drop=True)
+    kinds = {n: coll.labels[n]["kind"] for n in labels}
+    return coll.batch(idx, dtype=dtype), {n: table[n].to_numpy() for n in labels}, kinds, table
+
+
+def primary_metric(kinds: Iterable[str]) -> str:
+    """The metric that scores a task with labels of these kinds (higher is better; see `PRIMARY_METRIC`)."""
+    return PRIMARY_METRIC[_task_kind(kinds)]
+
+
+def _task_kind(kinds) -> str:
+    """The label kind whose primary metric scores a task (for a task mixing kinds: binary, then category)."""
+    return sorted(set(kinds))[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the grid
+
+@dataclass
+class Grid:
+    runs: pd.DataFrame                      # tidy metrics
+    predictions: pd.DataFrame               # tidy predictions (regression and binary labels)
+    models: dict = field(default_factory=dict)   # (collection, task, model, seed) → TrainResult or checkpoint path
+    failures: list = field(default_factory=list)  # (collection, task, model, seed, error message)
+
+
+def _metric_rows(ref: TaskRef, kind: str, seed: int, res, kinds: dict, n_split: dict) -> list[dict]:
+    base = {"collection": ref.collection, "task": ref.task, "model": kind, "invariant_to": MODELS[kind].invariant_to,
+            "gl_invariant": gl_invariant(kind), "seed": seed, "rows": json.dumps(ref.filter),
+            "best_epoch": res.best_epoch, "epochs_run": len(res.history), "seconds": round(res.seconds, 2),
+            "val_loss": min(h["val_loss"] for h in res.history)}
+    out = []
+    for split, per_label in res.metrics.items():
+        for label, ms in per_label.items():
+            for metric, value in ms.items():
+                out.append({**base, "split": split, "n": n_split[split], "label": label, "label_kind": kinds[label],
+                            "metric": metric, "value": float(value) if value is not None else math.nan})
+    return out
+
+
+def _prediction_rows(ref: TaskRef, kind: str, seed: int, res, cols: dict, kinds: dict) -> pd.DataFrame:
+    p = res.predictions
+    parts = []
+    for label, k in kinds.items():
+        if k == "category":
+            continue
+        parts.append(pd.DataFrame({"collection": ref.collection, "task": ref.task, "model": kind, "seed": seed,
+                                   "id": p["id"].to_numpy() if "id" in p else np.arange(len(p)),
+                                   "split": p["split"].to_numpy(), "label": label,
+                                   "y": pd.to_numeric(pd.Series(cols[label]), errors="coerce").to_numpy(float),
+                                   "pred": p[label].to_numpy(float)}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _run_dir(runs_dir, ref: TaskRef, kind: str, seed: int) -> Path:
+    return Path(runs_dir) / ref.collection / ref.task / kind / f"seed{seed}"
+
+
+def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models: Sequence[str] = MODEL_KINDS,
+             seeds: Sequence[int] = (0, 1, 2), config=None, hparams: Mapping[str, dict] | None = None,
+             runs_dir: str | Path | None = None, errors: str = "raise",
+             log: Callable[[str], None] | None = print) -> Grid:
+    """Train every model kind in ``models`` with every seed on every task of ``refs`` (default: `task_refs`).
+
+    ``config`` is a `lol.train.TrainConfig` (its ``seed`` and ``model`` fields are set per run); ``hparams`` maps a
+    kind to extra model hyperparameters. ``errors="record"`` keeps going when a run fails and lists it in
+    ``Grid.failures``; ``"raise"`` stops. With ``runs_dir``, each finished run is saved there (checkpoint, metric
+    rows, predictions) and reused, not retrained, when found."""
+    from .checkpoint import save_checkpoint
+    from .train import TrainConfig, train
+
+    if errors not in ("raise", "record"):
+        raise ValueError(f"run_grid: errors must be 'raise' or 'record', got {errors!r}")
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise LoLError(f"unknown model kind(s) {bad}; choose from {', '.join(MODELS)}")
+    config = config or TrainConfig()
+    hparams = dict(hparams or {})
+    refs = list(refs) if refs is not None else task_refs(collections)
+    runs, preds, grid = [], [], Grid(pd.DataFrame(), pd.DataFrame())
+    t_all = time.time()
+    for ref in refs:
+        coll = collections[ref.collection]
+        batch, cols, kinds, table = task_data(coll, ref.task, ref.filter)
+        for kind in models:
+            for seed in seeds:
+                key = (ref.collection, ref.task, kind, int(seed))
+                rdir = _run_dir(runs_dir, ref, kind, seed) if runs_dir is not None else None
+                if rdir is not None and (rdir / "done.json").is_file():
+                    runs.append(pd.read_csv(rdir / "metrics.csv"))
+                    if (rdir / "predictions.parquet").is_file():
+                        preds.append(pd.read_parquet(rdir / "predictions.parquet"))
+                    grid.models[key] = rdir / "checkpoint"
+                    continue
+                cfg = replace(config, seed=int(seed), model=dict(hparams.get(kind, {})))
+                try:
+                    res = train(batch, cols, kind, cfg, table=table, kinds=kinds)
+                except Exception as e:  # noqa: BLE001 — recorded and shown by the caller when errors="record"
+                    if errors == "raise":
+                        raise
+                    msg = f"{type(e).__name__}: {e}"
+                    grid.failures.append((*key, msg))
+                    if log:
+                        log(f"[grid] {ref.name} {kind} seed {seed}: FAILED {msg}")
+                    continue
+                res.fingerprint = coll.fingerprint
+                n_split = {s: int((res.split == s).sum()) for s in ("train", "val", "test")}
+                rows = pd.DataFrame(_metric_rows(ref, kind, int(seed), res, kinds, n_split))
+                pr = _prediction_rows(ref, kind, int(seed), res, cols, kinds)
+                runs.append(rows)
+                preds.append(pr)
+                if rdir is not None:
+                    tmp = rdir.with_name(rdir.name + ".tmp")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    _save(res, tmp / "checkpoint", ref)
+                    rows.to_csv(tmp / "metrics.csv", index=False)
+                    if len(pr):
+                        pr.to_parquet(tmp / "predictions.parquet", index=False)
+                    (tmp / "done.json").write_text(json.dumps({"seconds": res.seconds}))
+                    shutil.rmtree(rdir, ignore_errors=True)
+                    tmp.rename(rdir)
+                    grid.models[key] = rdir / "checkpoint"
+                else:
+                    grid.models[key] = res
+                if log:
+                    val = _task_value(rows, "val")
+                    log(f"[grid] {ref.name} {kind} seed {seed}: val {val[0]} {val[1]:.4f}, best epoch "
+                        f"{res.best_epoch}/{len(res.history)}, {res.seconds:.1f} s ({time.time() - t_all:.0f} s total)")
+    grid.runs = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
+    grid.predictions = pd.concat([p for p in preds if len(p)], ignore_index=True) if any(len(p) for p in preds) \
+        else pd.DataFrame()
+    return grid
+
+
+def _save(res, path: Path, ref: TaskRef, extra: dict | None = None) -> Path:
+    from .checkpoint import save_checkpoint
+
+    return save_checkpoint(path, res.model, res.targets, fingerprint=res.fingerprint, metrics=res.metrics,
+                           train_config=asdict(res.config),
+                           extra={"best_epoch": res.best_epoch, "seconds": round(res.seconds, 2),
+                                  "collection": ref.collection, "task": ref.task, "rows": ref.filter,
+                                  **(extra or {})})
+
+
+def _task_value(rows: pd.DataFrame, split: str) -> tuple[str, float]:
+    metric = PRIMARY_METRIC[_task_kind(rows["label_kind"])]
+    v = rows[(rows.split == split) & (rows.metric == metric)]["value"]
+    return metric, float(v.mean()) if len(v) else math.nan
+
+
+def load_grid(runs_dir: str | Path) -> Grid:
+    """Every finished run stored under ``runs_dir`` (as `run_grid` writes them)."""
+    runs, preds, models = [], [], {}
+    for done in sorted(Path(runs_dir).glob("*/*/*/seed*/done.json")):
+        d = done.parent
+        m = pd.read_csv(d / "metrics.csv")
+        runs.append(m)
+        if (d / "predictions.parquet").is_file():
+            preds.append(pd.read_parquet(d / "predictions.parquet"))
+        r = m.iloc[0]
+        models[(r.collection, r.task, r.model, int(r.seed))] = d / "checkpoint"
+    if not runs:
+        raise LoLError(f"{runs_dir}: no finished runs")
+    return Grid(pd.concat(runs, ignore_index=True), pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(),
+                models)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tables
+
+def task_scores(runs: pd.DataFrame) -> pd.DataFrame:
+    """One value per (collection, task, model, seed, split, metric): the mean over the task's labels that have the
+    metric (NaN values, e.g. an AUC on a split with one class, are skipped). ``label_kind`` is the kind of those
+    labels; ``task_kind`` the kind whose primary metric scores the task (they differ only for tasks mixing kinds)."""
+    keys = ["collection", "task", "model", "gl_invariant", "seed", "split", "metric", "label_kind"]
+    kinds = runs.groupby(["collection", "task"])["label_kind"].agg(_task_kind).rename("task_kind")
+    out = runs.groupby(keys, dropna=False)["value"].mean().reset_index()
+    return out.join(kinds, on=["collection", "task"])
+
+
+def summarize(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Mean and std over seeds (sample std; NaN with one seed) of every task-level metric on ``split``."""
+    s = task_scores(runs)
+    s = s[s.split == split]
+    g = s.groupby(["collection", "task", "model", "gl_invariant", "metric", "label_kind", "task_kind"])["value"]
+    out = g.agg(mean="mean", std="std", n_seeds="count").reset_index()
+    out.insert(0, "split", split)
+    return out
+
+
+def _fmt(mean, std) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.3f} ± {std:.3f}" if np.isfinite(std) else f"{mean:.3f}"
+
+
+def results_table(summary: pd.DataFrame, metrics: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+    """Models (rows, registry order) × (task · metric) (columns) of "mean ± std" strings. ``metrics`` maps a label
+    kind to the metrics shown (default: r2, spearman, kendall for regression; auc, tpr@1% FPR for binary)."""
+    metrics = metrics or {"regression": ("r2", "spearman", "kendall"), "binary": ("auc", "tpr_at_1pct_fpr"),
+                          "category": ("accuracy", "balanced_accuracy")}
+    rows = summary[summary.apply(lambda r: r.metric in metrics.get(r.label_kind, ()), axis=1)].copy()
+    rows["column"] = rows.collection + "/" + rows.task + " · " + rows.metric
+    rows["cell"] = [_fmt(m, s) for m, s in zip(rows["mean"], rows["std"])]
+    wide = rows.pivot(index="model", columns="column", values="cell")
+    order = [m for m in MODEL_KINDS if m in wide.index]
+    cols = list(dict.fromkeys(rows.sort_values(["collection", "task"], kind="stable")["column"]))
+    return wide.loc[order, cols].fillna("n/a")
+
+
+def write_table(df: pd.DataFrame, out_dir: str | Path, name: str, index: bool = True,
+                title: str | None = None) -> tuple[Path, Path]:
+    """``df`` as ``<out_dir>/<name>.csv`` and ``<name>.md`` (a Markdown table)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / f"{name}.csv", out / f"{name}.md"
+    df.to_csv(csv, index=index)
+    body = df.to_markdown(index=index) if _has_tabulate() else _markdown(df, index)
+    md.write_text((f"# {title}\n\n" if title else "") + body + "\n")
+    return csv, md
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _markdown(df: pd.DataFrame, index: bool) -> str:
+    d = df.reset_index() if index else df
+    cells = [[str(c) for c in d.columns]] + [["" if (isinstance(v, float) and math.isnan(v)) else
+                                               (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row]
+                                              for row in d.itertuples(index=False)]
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in cells[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def compare_to_baseline(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Per task: the GL-invariant model with the best mean **validation** primary metric, its **test** mean ± std,
+    the baseline's test mean ± std, the margin (difference of means) and the spread (the larger of the two seed
+    stds). ``beats_by_more_than_spread`` is margin > spread (False when undefined, e.g. one seed)."""
+    val, test = summarize(runs, "val"), summarize(runs, "test")
+    out = []
+    for (coll, task), g in test.groupby(["collection", "task"], sort=False):
+        metric = PRIMARY_METRIC[g.task_kind.iloc[0]]
+        v = val[(val.collection == coll) & (val.task == task) & (val.metric == metric) & val.gl_invariant]
+        v = v[np.isfinite(v["mean"])]
+        t = g[g.metric == metric].set_index("model")
+        row = {"collection": coll, "task": task, "metric": metric, "split": "test"}
+        best = v.sort_values("mean", ascending=False)["model"].iloc[0] if len(v) else None
+        row["best_gl_invariant"] = best
+        for name, kind in (("best", best), ("baseline", baseline)):
+            ok = kind is not None and kind in t.index
+            row[f"{name}_mean"] = float(t.loc[kind, "mean"]) if ok else math.nan
+            row[f"{name}_std"] = float(t.loc[kind, "std"]) if ok else math.nan
+        row["baseline"] = baseline
+        row["margin"] = row["best_mean"] - row["baseline_mean"]
+        row["spread"] = max(row["best_std"], row["baseline_std"])
+        row["beats_by_more_than_spread"] = bool(np.isfinite(row["margin"]) and np.isfinite(row["spread"])
+                                                and row["margin"] > row["spread"])
+        row["n_seeds"] = int(g.n_seeds.min())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# best checkpoints
+
+def select_best(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per task: the model kind with the best mean validation primary metric over seeds, and its seed with the best
+    validation value. Where that metric is undefined for every run (e.g. a validation split with one class, as in
+    the tiny CI collections), the lowest validation loss decides instead (column ``selected_by`` says which).
+    Columns: collection, task, model, seed, metric, selected_by, val_mean, val_seed, test_seed."""
+    s = task_scores(runs)
+    losses = runs.groupby(["collection", "task", "model", "seed"])["val_loss"].first()
+    out = []
+    for (coll, task), g in s.groupby(["collection", "task"], sort=False):
+        metric = PRIMARY_METRIC[g.task_kind.iloc[0]]
+        v = g[(g.split == "val") & (g.metric == metric)].set_index(["model", "seed"])["value"].dropna()
+        by = f"validation {metric}"
+        sign = 1.0
+        if v.empty:
+            v = -losses.loc[(coll, task)].dropna()
+            by, sign = "validation loss (the primary metric is undefined on every validation split)", -1.0
+        means = v.groupby(level="model").mean()
+        kind = means.idxmax()
+        per_seed = v.loc[kind]
+        seed = int(per_seed.idxmax())
+        t = g[(g.split == "test") & (g.metric == metric) & (g.model == kind) & (g.seed == seed)]["value"]
+        out.append({"collection": coll, "task": task, "model": kind, "seed": seed, "metric": metric,
+                    "selected_by": f"best mean {by} over seeds, then best seed",
+                    "val_mean": sign * float(means[kind]), "val_seed": sign * float(per_seed[seed]),
+                    "test_seed": float(t.iloc[0]) if len(t) else math.nan})
+    return pd.DataFrame(out)
+
+
+def write_checkpoints(grid: Grid, best: pd.DataFrame, root: str | Path, refs: Sequence[TaskRef] | None = None,
+                      index: bool = True) -> dict[str, str]:
+    """Write each selected run to ``<root>/<collection>/<task>/`` (config.json records the selection) and merge
+    ``{label: "<collection>/<task>"}`` into ``<root>/index.json`` (entries of other tasks are kept). Returns the
+    entries written."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    root = Path(root)
+    where = {(r.collection, r.task): r for r in (refs or [])}
+    entries = {}
+    for b in best.itertuples(index=False):
+        key = (b.collection, b.task, b.model, int(b.seed))
+        if key not in grid.models:
+            raise LoLError(f"no trained model for {key} in this grid")
+        m = grid.models[key]
+        dest = root / b.collection / b.task
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        selection = {"selected_by": b.selected_by, "metric": b.metric,
+                     "val_mean": b.val_mean, "val_seed": b.val_seed, "test_seed": b.test_seed}
+        if isinstance(m, (str, Path)):
+            shutil.copytree(m, tmp)
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["selection"] = selection
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+        else:
+            ref = where.get((b.collection, b.task), TaskRef(b.collection, b.task))
+            _save(m, tmp, ref, {"selection": selection})
+        load_checkpoint(tmp)   # what we ship must load
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        labels = json.loads((dest / "config.json").read_text())["labels"]
+        for lab in labels:
+            entries[lab["name"]] = f"{b.collection}/{b.task}"
+    if index:
+        path = root / "index.json"
+        current = json.loads(path.read_text()) if path.is_file() else {}
+        current.update(entries)
+        tmp = path.with_name(".index.json.tmp")
+        tmp.write_text(json.dumps(dict(sorted(current.items())), indent=1) + "\n")
+        tmp.replace(path)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation on other rows (rank generalization)
+
+@torch.no_grad()
+def evaluate_rows(model, targets, batch, cols: Mapping) -> dict[str, dict[str, float]]:
+    """{label: {metric: value}} of a trained model on ``batch`` against raw label values ``cols``."""
+    model.eval()
+    p = next(model.parameters())
+    outs = [model(batch.select(torch.arange(s, min(s + 64, len(batch)))).to(device=p.device, dtype=p.dtype))
+            for s in range(0, len(batch), 64)]
+    return targets.metrics(torch.cat(outs), dict(cols))
+
+
+def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2), config=None,
+                        train_rank: int = 4, eval_ranks: Sequence[int] = (8, 16), hparams=None,
+                        log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Train each rank-agnostic model on the rank-``train_rank`` LoRAs of ``coll`` (grouped split) and evaluate it on
+    that split's test LoRAs and on every LoRA of rank ``eval_ranks`` whose group (identity) is not in its train or
+    val split. The collection's U carries each LoRA's own scale alpha/r, so ΔW = U Vᵀ is exact at every rank.
+    Rank-padded kinds (svals, canon_*) are built with ``rank=max(eval_ranks)``. Returns tidy rows (model, seed,
+    eval_rank, n, label, metric, value)."""
+    from .train import TrainConfig, train
+
+    bad = [m for m in models if not rank_agnostic(m)]
+    if bad:
+        raise LoLError(f"rank generalization needs rank-agnostic models; {bad} read only their training rank")
+    config = config or TrainConfig()
+    top = max(eval_ranks)
+    batch, cols, kinds, table = task_data(coll, task, {"rank": train_rank})
+    others = {r: task_data(coll, task, {"rank": r}) for r in eval_ranks}
+    rows = []
+    for kind in models:
+        hp = dict((hparams or {}).get(kind, {}))
+        if kind in ("svals", "canon_mlp", "canon_transformer"):
+            hp.setdefault("rank", top)
+        for seed in seeds:
+            res = train(batch, cols, kind, replace(config, seed=int(seed), model=hp), table=table, kinds=kinds)
+            seen = set(table["group"][res.split != "test"]) if "group" in table else set()
+            te = np.nonzero(res.split == "test")[0]
+            evals = [(train_rank, batch.select(te), {k: v[te] for k, v in cols.items()})]
+            for r, (b, c, _, t) in others.items():
+                keep = np.array([g not in seen for g in t["group"]]) if "group" in t else np.ones(len(t), bool)
+                k = np.nonzero(keep)[0]
+                if len(k):
+                    evals.append((r, b.select(k), {n: v[k] for n, v in c.items()}))
+            for r, b, c in evals:
+                for label, ms in evaluate_rows(res.model, res.targets, b, c).items():
+                    for metric, value in ms.items():
+                        rows.append({"collection": str(coll.path.name), "task": task, "model": kind, "seed": seed,
+                                     "train_rank": train_rank, "eval_rank": r, "n": len(b), "label": label,
+                                     "label_kind": kinds[label], "metric": metric, "value": value})
+            if log:
+                log(f"[rank] {kind} seed {seed}: trained on {int((res.split == 'train').sum())} rank-{train_rank} "
+                    f"LoRAs, evaluated on ranks {[e[0] for e in evals]}")
+    return pd.DataFrame(rows)

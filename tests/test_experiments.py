@@ -1,0 +1,221 @@
+"""The experiment runner (`lol.experiments`) and figure functions (`lol.figures`) on tiny synthetic collections."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lol import experiments as X
+from lol import figures as F
+from lol import metrics as M
+from lol.collection import open_collection
+from lol.errors import LoLError
+from lol.models import build_model
+from lol.symmetry import gl_act, random_gl_like
+from lol.synth import random_lora, synth_collection, tiny_spec
+from lol.batch import LoRABatch
+from lol.train import TrainConfig
+
+CFG = TrainConfig(epochs=3, patience=3, progress=False, width=16)
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory):
+    d = tmp_path_factory.mktemp("c") / "synth"
+    synth_collection(tiny_spec(), 60, ranks=(4,), seed=0).write(d)
+    return open_collection(d)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "mixed"
+    synth_collection(tiny_spec(), 60, ranks=(2, 2, 4), seed=1).write(d)
+    return open_collection(d)
+
+
+@pytest.fixture(scope="module")
+def grid(coll):
+    refs = [X.TaskRef("synth", "spectrum"), X.TaskRef("synth", "direction")]
+    return X.run_grid({"synth": coll}, refs, models=("mlp", "svals", "glnet"), seeds=(0, 1), config=CFG, log=None)
+
+
+def test_grid_is_tidy_and_complete(grid):
+    r = grid.runs
+    assert set(r.model) == {"mlp", "svals", "glnet"} and set(r.seed) == {0, 1}
+    assert set(r.split) == {"train", "val", "test"}
+    # every run has every label × metric on every split, once
+    counts = r.groupby(["task", "model", "seed", "split", "label", "metric"]).size()
+    assert (counts == 1).all()
+    assert set(r[r.label == "sv_energy"].metric) == {"r2", "spearman", "kendall", "mae"}
+    assert set(r[r.label == "sv_high"].metric) >= {"auc", "tpr_at_1pct_fpr", "balanced_accuracy"}
+    assert r[r.model == "glnet"].gl_invariant.all() and not r[r.model == "mlp"].gl_invariant.any()
+
+
+def test_metrics_match_the_stored_predictions(grid):
+    """The tidy test metrics are the metrics of the tidy predictions (nothing lost or shuffled on the way)."""
+    p, r = grid.predictions, grid.runs
+    for model, seed in (("mlp", 0), ("glnet", 1)):
+        q = p[(p.model == model) & (p.seed == seed) & (p.split == "test") & (p.label == "sv_energy")]
+        want = r[(r.model == model) & (r.seed == seed) & (r.split == "test") & (r.label == "sv_energy")]
+        assert M.r2(q.y, q.pred) == pytest.approx(float(want[want.metric == "r2"].value.iloc[0]), rel=1e-6)
+        q = p[(p.model == model) & (p.seed == seed) & (p.split == "test") & (p.label == "probe_positive")]
+        want = r[(r.model == model) & (r.seed == seed) & (r.split == "test") & (r.label == "probe_positive")]
+        assert M.auc(q.y, q.pred) == pytest.approx(float(want[want.metric == "auc"].value.iloc[0]), rel=1e-6)
+
+
+def _runs(values: dict, kind="regression", metric="r2") -> pd.DataFrame:
+    """A hand-made tidy table: values[(model, seed, split)] = value of one label."""
+    rows = []
+    for (model, seed, split), v in values.items():
+        rows.append({"collection": "c", "task": "t", "model": model, "gl_invariant": X.gl_invariant(model),
+                     "seed": seed, "split": split, "label": "y", "label_kind": kind, "metric": metric, "value": v,
+                     "val_loss": 1.0 - (v if split == "val" else 0)})
+    return pd.DataFrame(rows)
+
+
+def test_summary_and_baseline_verdict():
+    vals = {}
+    for s, (mlp, gl, dense) in enumerate([(0.50, 0.80, 0.70), (0.52, 0.84, 0.90), (0.48, 0.82, 0.95)]):
+        for split in ("val", "test"):
+            vals[("mlp", s, split)] = mlp
+            vals[("glnet", s, split)] = gl
+            vals[("dense", s, split)] = dense if split == "test" else dense - 0.3   # best on test, worst on val
+    runs = _runs(vals)
+    summ = X.summarize(runs, "test").set_index("model")
+    assert summ.loc["glnet", "mean"] == pytest.approx(0.82)
+    assert summ.loc["glnet", "std"] == pytest.approx(np.std([0.80, 0.84, 0.82], ddof=1))
+    cmp = X.compare_to_baseline(runs).iloc[0]
+    assert cmp.best_gl_invariant == "glnet"          # chosen on validation, not on test (dense wins on test)
+    assert cmp.margin == pytest.approx(0.32) and cmp.spread == pytest.approx(0.02)
+    assert bool(cmp.beats_by_more_than_spread)
+    # a margin within the spread is not a win
+    close = {(m, s, sp): v for m, vs in (("mlp", [0.50, 0.52, 0.48]), ("glnet", [0.40, 0.60, 0.58]))
+             for s, v in enumerate(vs) for sp in ("val", "test")}
+    assert not bool(X.compare_to_baseline(_runs(close)).iloc[0].beats_by_more_than_spread)
+    best = X.select_best(runs).iloc[0]
+    assert best.model == "glnet" and best.seed == 1 and "validation r2" in best.selected_by
+
+
+def test_selection_falls_back_to_validation_loss():
+    runs = _runs({("mlp", 0, "val"): math.nan, ("glnet", 0, "val"): math.nan, ("mlp", 0, "test"): math.nan,
+                  ("glnet", 0, "test"): math.nan}, kind="binary", metric="auc")
+    runs.loc[runs.model == "glnet", "val_loss"] = 0.1
+    runs.loc[runs.model == "mlp", "val_loss"] = 0.5
+    best = X.select_best(runs).iloc[0]
+    assert best.model == "glnet" and "loss" in best.selected_by and best.val_mean == pytest.approx(0.1)
+
+
+def test_results_table_and_markdown(grid, tmp_path):
+    t = X.results_table(X.summarize(grid.runs))
+    assert list(t.index) == ["mlp", "svals", "glnet"]
+    assert "synth/spectrum · r2" in t.columns and "synth/direction · auc" in t.columns
+    assert all(("±" in c) or c == "n/a" for c in t.to_numpy().ravel())
+    csv, md = X.write_table(t, tmp_path, "results", title="T")
+    assert pd.read_csv(csv, index_col=0).shape == t.shape
+    text = md.read_text()
+    assert text.startswith("# T") and "| glnet |" in text
+
+
+def test_checkpoints_index_and_resume(coll, tmp_path, monkeypatch):
+    refs = [X.TaskRef("synth", "spectrum")]
+    runs_dir = tmp_path / "runs"
+    g1 = X.run_grid({"synth": coll}, refs, models=("svals", "glnet"), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    # a second call finds every run finished and trains nothing
+    import lol.train
+
+    monkeypatch.setattr(lol.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    g2 = X.run_grid({"synth": coll}, refs, models=("svals", "glnet"), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    pd.testing.assert_frame_equal(g1.runs.reset_index(drop=True), g2.runs.reset_index(drop=True), check_dtype=False)
+    assert len(X.load_grid(runs_dir).runs) == len(g1.runs)
+
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "index.json").write_text(json.dumps({"other_label": "x/y"}))
+    best = X.select_best(g2.runs)
+    entries = X.write_checkpoints(g2, best, root, refs)
+    assert entries == {"sv_energy": "synth/spectrum", "sv_high": "synth/spectrum"}
+    index = json.loads((root / "index.json").read_text())
+    assert index["other_label"] == "x/y" and index["sv_energy"] == "synth/spectrum"
+    from lol.checkpoint import default_checkpoint, load_checkpoint
+
+    ck = load_checkpoint(default_checkpoint("sv_energy", index=root / "index.json"))
+    assert ck.kind == best.model.iloc[0] and ck.config["selection"]["metric"] == "auc"   # a task mixing kinds is scored by its binary labels
+    # the shipped model predicts what it predicted during the grid
+    p = g2.predictions
+    p = p[(p.model == ck.kind) & (p.label == "sv_energy")].sort_values("id")
+    pred = ck.predict_batch(coll.batch())["sv_energy"]
+    np.testing.assert_allclose(pred, p.pred.to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_task_selection_and_errors(coll, mixed):
+    assert X.main_rows(coll) == {} and X.main_rows(mixed) == {"rank": 2}
+    refs = X.task_refs({"mixed": mixed})
+    assert [r.task for r in refs] == list(mixed.tasks) and refs[0].filter == {"rank": 2}
+    b, cols, kinds, table = X.task_data(mixed, "spectrum", {"rank": 2})
+    assert b.uniform_rank == 2 and len(table) == len(cols["sv_energy"]) == int((mixed.table["rank"] == 2).sum())
+    with pytest.raises(LoLError, match="no task"):
+        X.task_refs({"mixed": mixed}, {"mixed": ["nope"]})
+    with pytest.raises(LoLError, match="unknown model kind"):
+        X.run_grid({"mixed": mixed}, refs, models=("mlpx",), config=CFG, log=None)
+    # the flatten MLP cannot read mixed ranks: recorded, not hidden, with errors="record"
+    g = X.run_grid({"mixed": mixed}, [X.TaskRef("mixed", "spectrum")], models=("mlp",), seeds=(0,), config=CFG,
+                   errors="record", log=None)
+    assert g.failures and "rank" in g.failures[0][-1]
+
+
+def test_rank_generalization(mixed):
+    rows = X.rank_generalization(mixed, "spectrum", ["glnet", "svals"], seeds=(0,), config=CFG, train_rank=2,
+                                 eval_ranks=(4,), log=None)
+    assert set(rows.eval_rank) == {2, 4} and set(rows.model) == {"glnet", "svals"}
+    n4 = rows[rows.eval_rank == 4].n.iloc[0]
+    assert n4 == int((mixed.table["rank"] == 4).sum())     # no groups in this collection: all rank-4 LoRAs
+    assert np.isfinite(rows[(rows.metric == "r2")].value).all()
+    with pytest.raises(LoLError, match="rank-agnostic"):
+        X.rank_generalization(mixed, "spectrum", ["mlp"], config=CFG, train_rank=2, eval_ranks=(4,), log=None)
+
+
+def test_gl_invariant_flag_matches_the_models():
+    """`gl_invariant(kind)` is what the comparison trusts: flagged models give the same output for a LoRA moved by a
+    random non-orthogonal R ∈ GL(r) (float64); the others change (sensitivity)."""
+    spec = tiny_spec()
+    batch = LoRABatch.from_loras([random_lora(spec, 3, None, s) for s in range(12)], spec, dtype=torch.float64)
+    moved = gl_act(batch, random_gl_like(batch, seed=3, cond=4.0))
+    for kind in X.MODEL_KINDS:
+        torch.manual_seed(0)
+        m = build_model(kind, spec, 2, width=8).fit(batch).double().eval()
+        with torch.no_grad():
+            a, b = m(batch), m(moved)
+        err = float((a - b).abs().max() / a.abs().max())
+        if X.gl_invariant(kind):
+            assert err < 1e-8, kind
+        else:
+            assert err > 1e-3, kind
+
+
+def test_figures(grid, tmp_path):
+    p = grid.predictions
+    fig = F.scatter_pred_actual(p[p.task == "spectrum"], "sv_energy", ["mlp", "glnet"], seeds={"glnet": 1})
+    assert F.save(fig, tmp_path, "scatter")[0].stat().st_size > 1000
+    fig = F.scatter_pred_actual_plotly(p[p.task == "spectrum"], "sv_energy", ["mlp", "glnet"])
+    js = F.save(fig, tmp_path, "scatter", html=True)
+    assert json.loads(js[0].read_text())["data"] and js[1].suffix == ".html"
+    q = p[(p.task == "direction") & (p.label == "probe_positive")]
+    t = F.membership_table(q, ["mlp", "glnet"]).set_index("model")
+    r = q[(q.model == "glnet") & (q.seed == 0) & (q.split == "test")]
+    assert t.loc["glnet", "auc"] == pytest.approx(M.auc(r.y, r.pred))
+    assert t.loc["glnet", "negatives"] == int((r.y == 0).sum())
+    assert F.save(F.roc_curves(q, ["mlp", "glnet"]), tmp_path, "roc")[0].is_file()
+    assert F.save(F.results_bar(X.summarize(grid.runs)), tmp_path, "bar")[0].is_file()
+    rk = pd.DataFrame([{"task": "t", "model": m, "seed": s, "train_rank": 4, "eval_rank": r, "metric": "r2",
+                        "value": 0.1 * r + s} for m in ("glnet", "dense") for s in (0, 1) for r in (4, 8, 16)])
+    assert F.save(F.rank_generalization_plot(rk, "r2"), tmp_path, "rank")[0].is_file()
+    tp = pd.DataFrame([{"model": m, "n_loras": n, "loras_per_second": n * k} for m, k in (("glnet", 10), ("dense", 1))
+                       for n in (1, 8, 64)])
+    ratios = pd.DataFrame([{"task": "x", "standard_seconds": 1.0, "lol_seconds": 1e-3, "ratio": 1e3}])
+    assert F.save(F.speed_plot(tp, ratios), tmp_path, "speed")[0].is_file()
+    xy = np.random.default_rng(0).normal(size=(10, 2))
+    assert F.save(F.umap_panel({"a": xy, "b": xy}, np.arange(10), "c"), tmp_path, "umap")[0].is_file()

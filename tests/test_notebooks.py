@@ -1,0 +1,149 @@
+"""Every notebook runs in smoke mode with papermill on the zoo's CI preset (built once per session into a temp dir),
+and writes what it promises: results tables, figures, loadable checkpoints and an index that `lol predict --task`
+uses. Notebooks are committed with outputs stripped and with kernelspec / language_info metadata."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NB_DIR = REPO / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+KERNEL = "lol"
+
+pytest.importorskip("papermill")
+
+
+def _register_kernel() -> str:
+    """A kernelspec named ``lol`` that runs this interpreter, under the venv's share/jupyter (idempotent)."""
+    d = Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python (lol)", "language": "python"}
+    f = d / "kernel.json"
+    if not f.is_file() or json.loads(f.read_text()) != spec:
+        d.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(spec, indent=1))
+    return KERNEL
+
+
+@pytest.fixture(scope="session")
+def ci_zoo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo_ci")
+    subprocess.run([sys.executable, "-m", "lol", "zoo", "build", "--preset", "ci", "--out", str(out), "--no-progress"],
+                   check=True, cwd=REPO, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ci_zoo, tmp_path_factory):
+    """Run every notebook in order (03/04/06 read what 02 wrote) into one output folder."""
+    import papermill as pm
+
+    kernel = _register_kernel()
+    work = tmp_path_factory.mktemp("nb")
+    res, ck, runs = work / "results", work / "checkpoints", work / "runs"
+    params = {"smoke": True, "collections_dir": str(ci_zoo / "collections"), "out_dir": str(res),
+              "checkpoints_dir": str(ck), "runs_dir": str(runs), "data_dir": str(ci_zoo),
+              "zoo_dir": str(work / "zoo")}
+    executed = {}
+    for nb in NOTEBOOKS:
+        target = work / nb.name
+        declared = _parameters(nb)
+        pm.execute_notebook(str(nb), str(target), parameters={k: v for k, v in params.items() if k in declared},
+                            kernel_name=kernel, cwd=str(NB_DIR), progress_bar=False)
+        executed[nb.name] = target
+    return {"results": res, "checkpoints": ck, "executed": executed, "zoo": ci_zoo}
+
+
+def _parameters(nb: Path) -> set[str]:
+    cells = json.loads(nb.read_text())["cells"]
+    src = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    return {line.split("=")[0].strip() for line in src.splitlines() if "=" in line and not line.startswith("#")}
+
+
+def test_notebooks_are_committed_clean():
+    assert len(NOTEBOOKS) >= 7
+    for nb in NOTEBOOKS:
+        d = json.loads(nb.read_text())
+        assert d["metadata"]["kernelspec"]["language"] == "python" and d["metadata"]["language_info"]["name"] == "python"
+        tagged = [c for c in d["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, nb.name
+        assert "smoke" in _parameters(nb), nb.name
+        for c in d["cells"]:
+            if c["cell_type"] == "code":
+                assert c["outputs"] == [] and c["execution_count"] is None, f"{nb.name}: outputs not stripped"
+        # thin: notebooks call the library, they do not define models or training loops
+        code = "\n".join("".join(c["source"]) for c in d["cells"] if c["cell_type"] == "code")
+        assert "nn.Module" not in code and "optimizer" not in code.lower() and "class " not in code, nb.name
+
+
+def test_every_notebook_runs_in_smoke_mode(smoke_run):
+    assert set(smoke_run["executed"]) == {nb.name for nb in NOTEBOOKS}
+    for name, path in smoke_run["executed"].items():
+        d = json.loads(path.read_text())
+        errors = [o for c in d["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, f"{name}: {errors[:1]}"
+
+
+def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
+    res, ck = smoke_run["results"], smoke_run["checkpoints"]
+    runs = pd.read_csv(res / "runs.csv")
+    # every model kind on every default task of the CI collections
+    from lol.experiments import DEFAULT_TASKS, MODEL_KINDS
+
+    want = {(c, t) for c, ts in DEFAULT_TASKS.items() for t in ts}
+    assert set(zip(runs.collection, runs.task)) == want
+    assert set(runs.model) == set(MODEL_KINDS)
+    table = pd.read_csv(res / "results.csv", index_col=0)
+    assert list(table.index) == list(MODEL_KINDS)
+    assert "faces/clip_score · r2" in table.columns and "lm/membership · auc" in table.columns
+    assert (res / "results.md").read_text().startswith("# Test results")
+    cmp = pd.read_csv(res / "gl_vs_mlp.csv")
+    assert set(cmp.task) == {t for _, t in want} and cmp.best_gl_invariant.dropna().isin(
+        ["dense", "svals", "canon_mlp", "canon_transformer", "glnet"]).all()
+    index = json.loads((ck / "index.json").read_text())
+    assert index["clip_score"] == "faces/clip_score" and index["source_copy"] == "lm/membership"
+    from lol.checkpoint import load_checkpoint
+
+    for rel in set(index.values()):
+        c = load_checkpoint(ck / rel)
+        assert c.config["selection"]["selected_by"]
+    for f in ("results_bar.png", "scatter_faces_clip_score.png", "roc_fashion_membership.png",
+              "roc_lm_membership.png", "membership_metrics.csv", "rank_generalization.csv",
+              "rank_generalization_clip_score.png", "speed.csv", "throughput.csv", "speed.png",
+              "umap_faces_attributes.png", "embeddings_gl_change.csv"):
+        assert (res / f).is_file(), f
+
+
+def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):
+    """The index written by the notebook is what `lol predict --task` reads (via default_checkpoint)."""
+    from lol.checkpoint import default_checkpoint, load_checkpoint
+    from lol.collection import open_collection
+    from lol.predict import predict
+
+    ck = smoke_run["checkpoints"]
+    path = default_checkpoint("challenge_accuracy", index=ck / "index.json")
+    lm = open_collection(smoke_run["zoo"] / "collections" / "lm")
+    df = predict(load_checkpoint(path), [lm.lora(0), lm.lora(1)])
+    assert list(df.columns) == ["source", "challenge_accuracy"] and df.challenge_accuracy.notna().all()
+
+
+def test_embedding_notebook_shows_invariance(smoke_run):
+    ch = pd.read_csv(smoke_run["results"] / "embeddings_gl_change.csv").set_index("representation")["relative change"]
+    assert ch["GL-net embedding"] < 1e-8      # float64: the invariant embedding does not move
+    assert ch["raw factors (U, V)"] > 0.1     # the raw factors do
+
+
+def test_speed_notebook_recomputes_the_labels(smoke_run):
+    s = pd.read_csv(smoke_run["results"] / "speed.csv").set_index("task")
+    assert set(s.index) == {"faces/clip_score", "lm/challenge_accuracy"}
+    # the standard evaluation timed is the zoo's own labelling: it reproduces the stored label
+    assert abs(s.loc["lm/challenge_accuracy", "recomputed_label"] - s.loc["lm/challenge_accuracy", "stored_label"]) < 1e-6
+    assert abs(s.loc["faces/clip_score", "recomputed_label"] - s.loc["faces/clip_score", "stored_label"]) < 1e-3
+    assert (s.ratio > 0).all() and (s.standard_seconds > 0).all()
