@@ -18,6 +18,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ _ENDINGS = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora.down.weigh
             (".lora_linear_layer.down.weight", "A"), (".lora_linear_layer.up.weight", "B"), (".alpha", "alpha"))
 
 
+@lru_cache(maxsize=1 << 16)  # keys repeat across the files of one base model
 def parse_key(key: str) -> tuple[str, str] | None:
     """``(module name with component, role)`` of one diffusers key, role ∈ A, B, alpha; None if not a LoRA key."""
     if ".processor." in key and (m := _PROCESSOR.match(key)):

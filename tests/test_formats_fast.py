@@ -1,0 +1,132 @@
+"""The fast read path (`load_safetensors`: one read, one vectorized NaN/Inf test, one widening pass) and the packing
+path of `lol import` give exactly what the per-tensor route gives, and still refuse bad data by key."""
+import struct
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lol import read_lora
+from lol.cli import main
+from lol.collection import open_collection, write_collection
+from lol.formats import save_diffusers
+from lol.formats.safetensors_file import all_finite_bytes, load_safetensors
+from lol.synth import random_lora, tiny_spec
+
+Q = "unet.a.to_q"
+
+
+def _bits(values, dtype):
+    return torch.tensor(values, dtype=dtype).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype,int_dtype", [(torch.float16, torch.int16), (torch.bfloat16, torch.int16)])
+def test_exponent_test_is_exact_on_every_16_bit_pattern(dtype, int_dtype):
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(int_dtype).view(dtype)
+    finite = torch.isfinite(every.float())
+    assert all_finite_bytes(every[finite].view(torch.uint8).numpy().tobytes(), dtype)
+    ok = every[finite][:100]
+    for bad in every[~finite]:  # each NaN / ±Inf pattern alone among finite values is caught
+        buf = torch.cat([ok, bad.reshape(1), ok]).view(torch.uint8).numpy().tobytes()
+        assert not all_finite_bytes(buf, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exponent_test_wide_floats(dtype):
+    info = torch.finfo(dtype)
+    fine = [0.0, -0.0, info.max, -info.max, info.tiny, info.tiny / 4, 1.5, -3.0]
+    assert all_finite_bytes(_bits(fine, dtype), dtype)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        assert not all_finite_bytes(_bits(fine + [bad] + fine, dtype), dtype)
+    neg_nan = torch.tensor([float("nan")], dtype=dtype).neg()
+    assert not all_finite_bytes(neg_nan.view(torch.uint8).numpy().tobytes(), dtype)
+    assert all_finite_bytes(b"", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_widened_read_equals_per_tensor_route(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 6, generator=g).to(dtype), torch.randn(5, 3, generator=g).to(dtype)
+    f = tmp_path / "x.safetensors"
+    alpha = torch.tensor(28.0, dtype=dtype)  # alpha / r = 28 / 3 is no 16-bit number: the rounding route matters
+    save_file({f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B, f"{Q}.alpha": alpha}, str(f))
+    s = float(alpha) / 3
+    m = read_lora(f)[Q]  # float32 out
+    assert m.U.dtype == torch.float32 and torch.equal(m.U, B.float() * s) and torch.equal(m.V, A.float().T)
+    m64 = read_lora(f, dtype=torch.float64)[Q]
+    assert torch.equal(m64.U, B.double() * s) and torch.equal(m64.V, A.double().T)
+    m16 = read_lora(f, dtype=torch.float16)[Q]  # the storage dtype of `lol import`: one rounding of the product
+    assert torch.equal(m16.U.view(torch.int16), (B.float() * s).half().view(torch.int16))
+    assert torch.equal(m16.V, A.half().T)
+    loaded = load_safetensors(f, widen_to=torch.float32)
+    assert loaded.all_finite is True
+    assert {t.dtype for t in loaded.tensors.values()} == ({dtype} if dtype == torch.float32 else {torch.float32})
+
+
+def test_mixed_dtypes_and_unaligned_data_take_the_general_path(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    A16, B32 = torch.randn(2, 3, generator=g).half(), torch.randn(4, 2, generator=g)
+    f = tmp_path / "mixed.safetensors"
+    save_file({f"{Q}.lora_A.weight": A16, f"{Q}.lora_B.weight": B32, f"{Q}.alpha": torch.tensor(3.0)}, str(f))
+    assert load_safetensors(f).all_finite is None  # several dtypes: checked per tensor in build_modules
+    m = read_lora(f)[Q]
+    assert torch.equal(m.U, B32 * 1.5) and torch.equal(m.V, A16.float().T)
+    B32[1, 1] = float("nan")
+    save_file({f"{Q}.lora_A.weight": A16, f"{Q}.lora_B.weight": B32}, str(f))
+    with pytest.raises(Exception, match=f"{Q}.lora_B.weight.*1 NaN/Inf"):
+        read_lora(f)
+    # hand-made file: a float16 tensor at an odd byte offset (a 1-byte gap); safetensors itself pads, others may not
+    A, B = torch.randn(2, 3, generator=g).half(), torch.randn(4, 2, generator=g).half()
+    a, b = A.numpy().tobytes(), B.numpy().tobytes()
+    head = {f"{Q}.lora_A.weight": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, len(a)]},
+            f"{Q}.lora_B.weight": {"dtype": "F16", "shape": [4, 2], "data_offsets": [len(a) + 1, len(a) + 1 + len(b)]}}
+    raw = json.dumps(head).encode()
+    f2 = tmp_path / "gap.safetensors"
+    f2.write_bytes(struct.pack("<Q", len(raw)) + raw + a + b"\x00" + b)
+    m = read_lora(f2)[Q]
+    assert torch.equal(m.U, B.float()) and torch.equal(m.V, A.float().T)
+
+
+def test_shapes_only_read_agrees_with_full_read(tmp_path):
+    lora = random_lora(tiny_spec(), 3, alpha=6.0, seed=2)
+    f = save_diffusers(lora, tmp_path / "l.safetensors", dtype=torch.float16)
+    full, head = read_lora(f), read_lora(f, shapes_only=True)
+    assert head.names == full.names and head.ranks == full.ranks
+    assert [(m.out_features, m.in_features) for m in head] == [(m.out_features, m.in_features) for m in full]
+    assert all(m.U.is_meta and m.V.is_meta for m in head)
+
+
+def test_import_packs_the_same_bytes_as_the_float32_route(tmp_path, capsys):
+    """`lol import` reads each file at the storage dtype; the packed factors equal packing the float32 reads."""
+    spec = tiny_spec()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):  # scale 27.3/4 is not a float16 number, so U = s·B is rounded: the route matters
+        save_diffusers(random_lora(spec, 4, alpha=27.3, seed=i), src / f"f16_{i}.safetensors", dtype=torch.float16)
+    save_diffusers(random_lora(spec, 4, alpha=5.0, seed=9), src / "f32_0.safetensors", dtype=torch.float32)
+    assert main(["import", str(src), str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    files = sorted(src.glob("*.safetensors"))
+    ref = write_collection(tmp_path / "ref", [read_lora(p) for p in files],
+                           pd.DataFrame({"id": [p.name for p in files]}), dtype=torch.float16)
+    got, want = load_file(str(tmp_path / "c" / "factors.safetensors")), load_file(str(ref.path / "factors.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    assert open_collection(tmp_path / "c").meta["factors_sha256"] == ref.meta["factors_sha256"]
+
+
+@pytest.mark.parametrize("store,src_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float64, torch.float64)])
+def test_packing_same_dtype_bitwise_and_converting_paths(tmp_path, store, src_dtype):
+    spec = tiny_spec()
+    loras = [random_lora(spec, r, seed=i, dtype=src_dtype) for i, r in enumerate((2, 3, 1))]  # 3×3: odd (N, L)
+    c = write_collection(tmp_path / "c", loras, pd.DataFrame({"id": list("abc")}), dtype=store)
+    for i, lo in enumerate(loras):
+        back = c.lora(i, dtype=store)
+        for m in lo:
+            assert torch.equal(back[m.name].U, m.U.to(store)) and torch.equal(back[m.name].V, m.V.to(store))
+    assert np.array_equal(c.ranks.numpy(), np.array([[2] * 3, [3] * 3, [1] * 3]))
