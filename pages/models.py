@@ -39,6 +39,8 @@ rows = results.checkpoint_rows()
 if rows is None or rows.empty:
     st.info(f"No checkpoints under `{app_data.data_root() / 'checkpoints'}` yet.")
 else:
-    st.dataframe(rows, hide_index=True, width="stretch")
+    num = [c for c in rows.columns if c.startswith("test ")]
+    st.dataframe(rows.style.format({c: "{:.3f}" for c in num}, na_rep=""), hide_index=True, width="stretch")
+    st.caption("Metrics on each checkpoint's test split, as recorded when it was trained (`lol train`).")
     if ctx.model is not None:
         st.caption(f"The sidebar's LoL model: **{ctx.model.name}**.")

@@ -190,8 +190,8 @@ def test_results_reader_pivots_long_tables_and_finds_figures(tmp_path):
     assert [f.kind for f in out.figures] == ["plotly"]
     t = next(t for t in out.tables if t.name == "results")
     wide = results.model_by_task(t.frame)
-    assert wide.loc["glnet", "clip · r2"] == 0.8 and wide.loc["mlp", "clip · r2"] == 0.3
-    assert np.isnan(wide.loc["mlp", "clip · kendall"])
+    assert wide.loc["glnet", "clip · R²"] == 0.8 and wide.loc["mlp", "clip · R²"] == 0.3
+    assert np.isnan(wide.loc["mlp", "clip · Kendall τ"])
     assert any(t.error and "broken.json" in t.error for t in out.tables)
 
 

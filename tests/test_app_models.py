@@ -136,7 +136,7 @@ def test_models_page_lists_checkpoints_with_recorded_metrics(env):
     table = at.dataframe[-1].value
     row = table[(table["checkpoint"] == "faces/glnet") & (table["label"] == "clip_score")].iloc[0]
     assert row["model"] == "glnet" and row["shipped"] == "yes"
-    assert row["test r2"] == pytest.approx(recorded(env, "faces/glnet", "clip_score")["r2"])
+    assert row["test R²"] == pytest.approx(recorded(env, "faces/glnet", "clip_score")["r2"])
 
 
 def test_embeddings_of_the_model_and_prediction_colouring(env):

@@ -178,7 +178,7 @@ def test_models_page_reads_notebook_results(env):
     at = run_app("pages/models.py")
     assert_clean(at)
     table = at.dataframe[0].value
-    assert table.loc["glnet", "clip_score · r2"] == pytest.approx(0.81)
+    assert table.loc["glnet", "clip_score · R²"] == pytest.approx(0.81)
     assert any("No checkpoints" in i.value for i in at.info)
 
 

@@ -181,9 +181,16 @@ def _visit_all(page, url, t_start, timings) -> float:
             page.get_by_role("textbox", name="Seeds", exact=True).fill("42, 43")
             page.keyboard.press("Enter")
             _idle(page)
+            steps = page.get_by_role("slider").first  # Steps: 1 + 3 = 4 sampling steps keep the CPU run short
+            steps.focus()
+            page.keyboard.press("Home")
+            for _ in range(3):
+                page.keyboard.press("ArrowRight")
+            _idle(page)
             page.get_by_role("button", name="Generate").click()
             _idle(page, timeout=180_000)
             page.get_by_text("Done in").first.wait_for(timeout=60_000)
+            page.get_by_text("4 steps").first.wait_for(timeout=10_000)
             assert page.locator('[data-testid="stImage"]').count() == 4
         elif name == "membership":
             _select(page, "Collection", "lm (shipped)")
@@ -201,7 +208,7 @@ def _visit_all(page, url, t_start, timings) -> float:
         elif name == "models":
             _select(page, "Results table", "membership_results")
             _idle(page)
-            page.get_by_text("membership · auc").first.wait_for(state="attached", timeout=30_000)  # grid cells are drawn on a canvas
+            page.get_by_text("membership · AUC").first.wait_for(state="attached", timeout=30_000)  # grid cells are drawn on a canvas
         _no_errors(page, f"{title} after its interaction")
         page.screenshot(path=str(SHOTS / f"{name}.png"))
     # second visits: every page again, now warm

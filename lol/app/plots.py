@@ -117,7 +117,9 @@ def roc_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], titl
         fig.add_trace(go.Scatter(x=[max(fpr, min_fpr)], y=[tpr], mode="markers+text", text=[text],
                                  textposition="bottom right", name="threshold",
                                  marker=dict(size=14, color="#D55E00", symbol="x")))
-    fig.update_xaxes(type="log", title_text="false positive rate (log scale)", range=[np.log10(min_fpr), 0])
+    ticks = [v for v in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0) if v >= min_fpr * 0.999]
+    fig.update_xaxes(type="log", title_text="false positive rate (log scale)", range=[np.log10(min_fpr), 0],
+                     tickvals=ticks, ticktext=[f"{100 * v:g}%" for v in ticks])
     fig.update_yaxes(title_text="true positive rate", range=[0, 1.02])
     return style(fig, title)
 

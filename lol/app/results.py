@@ -16,6 +16,10 @@ __all__ = ["Table", "Figure", "Outputs", "output_dirs", "find_outputs", "model_b
 _TABLE_SUFFIXES = {".csv", ".parquet", ".json"}
 _FIG_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
 MAX_FILES = 60
+# metric keys of lol.metrics -> their names on screen
+METRIC_NAMES = {"r2": "R²", "spearman": "Spearman ρ", "kendall": "Kendall τ", "mae": "MAE", "auc": "AUC",
+                "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "tpr_at_1pct_fpr": "TPR @ 1% FPR",
+                "tpr_at_0.1pct_fpr": "TPR @ 0.1% FPR"}
 
 
 @dataclass
@@ -90,6 +94,8 @@ def model_by_task(df: pd.DataFrame) -> pd.DataFrame | None:
         return None
     index = cols["model"]
     columns = [cols["task"]] + ([cols["metric"]] if "metric" in cols else [])
+    if "metric" in cols:
+        df = df.assign(**{cols["metric"]: df[cols["metric"]].map(lambda m: METRIC_NAMES.get(str(m), str(m)))})
     try:
         wide = df.pivot_table(index=index, columns=columns, values=cols["value"], aggfunc="mean")
     except (ValueError, TypeError):
@@ -138,7 +144,7 @@ def checkpoint_rows(split: str = "test") -> pd.DataFrame | None:
         for label in info["labels"]:
             row = {**base, "label": label, "shipped": "yes" if shipped.get(str(d)) == label else ""}
             for k, v in (metrics.get(label) or {}).items():
-                row[f"{split} {k}"] = v
+                row[f"{split} {METRIC_NAMES.get(k, k)}"] = v
             rows.append(row)
     return pd.DataFrame(rows) if rows else None
 

@@ -54,7 +54,8 @@ def lora_row_markdown(df: pd.DataFrame, lora_id: str, cols=None) -> str:
         return ""
     r = row.iloc[0]
     cols = cols or [c for c in df.columns if c != "id"]
-    return " · ".join(f"{c}: **{_fmt(r[c])}**" for c in cols if c in r.index and pd.notna(r[c]))
+    return " · ".join(f"{c}: **{_fmt(r[c])}**" for c in cols
+                      if c in r.index and pd.notna(r[c]) and str(r[c]).strip() != "")
 
 
 def _fmt(v) -> str:
