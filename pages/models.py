@@ -24,8 +24,8 @@ else:
             st.error(t.error)
         else:
             wide = results.model_by_task(t.frame)
-            st.dataframe(wide if wide is not None else t.frame, width="stretch", height=min(600, 60 + 36 * len(
-                wide if wide is not None else t.frame)))
+            shown = results.pretty_columns(wide if wide is not None else t.frame)
+            st.dataframe(shown, width="stretch", height=min(600, 60 + 36 * len(shown)))
             st.caption(f"From `{t.path}`. Each metric under its own name (R², Spearman ρ, Kendall τ, AUC, TPR@FPR).")
     if found.figures:
         st.subheader("Figures from the notebooks")

@@ -210,3 +210,10 @@ def test_umap_result_is_persisted_and_reused(tmp_path, monkeypatch):
     assert np.array_equal(cache.umap_xy(x, "fp:test"), planted)
     assert cache.umap_xy(x, "fp:other").shape == (3, 2)  # another key is another file
     assert len(list((tmp_path / "cache" / "umap").glob("*.npy"))) == 2
+
+
+def test_pretty_columns_use_true_metric_names():
+    df = pd.DataFrame({"model": ["glnet"], "faces/clip_score · r2": ["0.8 ± 0.1"], "lm/membership · auc": ["0.9"],
+                       "lm/membership · tpr_at_1pct_fpr": ["0.2"]})
+    assert list(results.pretty_columns(df).columns) == ["model", "faces/clip_score · R²", "lm/membership · AUC",
+                                                        "lm/membership · TPR @ 1% FPR"]

@@ -10,8 +10,8 @@ import pandas as pd
 
 from . import data as app_data
 
-__all__ = ["Table", "Figure", "Outputs", "output_dirs", "find_outputs", "model_by_task", "show_figure",
-           "checkpoint_rows"]
+__all__ = ["Table", "Figure", "Outputs", "output_dirs", "find_outputs", "model_by_task", "pretty_columns",
+           "show_figure", "checkpoint_rows", "METRIC_NAMES"]
 
 _TABLE_SUFFIXES = {".csv", ".parquet", ".json"}
 _FIG_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
@@ -103,6 +103,15 @@ def model_by_task(df: pd.DataFrame) -> pd.DataFrame | None:
     if isinstance(wide.columns, pd.MultiIndex):
         wide.columns = [" · ".join(map(str, c)) for c in wide.columns]
     return wide.round(4)
+
+
+def pretty_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Metric keys in column names (``faces/clip_score · r2``) shown under their true names (``… · R²``)."""
+    def name(c):
+        head, sep, tail = str(c).rpartition(" · ")
+        return f"{head}{sep}{METRIC_NAMES.get(tail, tail)}" if sep else METRIC_NAMES.get(str(c), c)
+
+    return df.rename(columns=name)
 
 
 def show_figure(fig: Figure) -> None:
