@@ -10,6 +10,9 @@ The scale is folded into exactly one factor (U). For a conv LoRA the kernel is f
 
 The symmetry: for any invertible R ∈ GL(r), ``(U, V) ↦ (U R, V R⁻ᵀ)`` leaves ΔW unchanged; a LoRA over L modules
 carries one independent GL(r_ℓ) per module (see `lol.symmetry`).
+
+Module names are matched to a `ModuleSpec` in one place, `match_names` (`ModuleSpec.match` / `align`): the exact key
+first, then the key without a pipeline component prefix (``unet.``, ...), one to one, ambiguity refused.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def module_key(name: str) -> str:
     """Format-independent identity of a module name: dots and underscores are the same separator.
 
     kohya writes ``lora_unet_down_blocks_0_..._to_q`` where diffusers writes ``unet.down_blocks.0....to_q``;
-    both give the same key, so modules are matched by key, never by position.
+    both give the same key. Modules are matched by name, never by position: see `match_names`.
     """
     return re.sub(r"[._]+", "_", name).strip("_").lower()
 

@@ -143,12 +143,20 @@ def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | No
             flat = torch.frombuffer(body[:end], dtype=dt)
             if widen_to is not None and _wider(widen_to, dt):
                 flat = flat.to(widen_to)
-            for key, _, shape, b0, b1 in entries:
-                out[key] = flat[b0 // item: b1 // item].view(shape)
+            for key, _, shape, b0, _ in entries:  # one call per tensor: a contiguous view at its element offset
+                out[key] = flat.as_strided(shape, _strides(shape), b0 // item)
             return Loaded(out, meta, finite)
     for key, dt, shape, b0, b1 in entries:
         out[key] = torch.frombuffer(body[b0:b1], dtype=dt).view(shape) if b1 > b0 else torch.empty(shape, dtype=dt)
     return Loaded(out, meta, None)
+
+
+def _strides(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return strides[::-1]
 
 
 @lru_cache(maxsize=4096)
