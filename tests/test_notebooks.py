@@ -49,7 +49,7 @@ def smoke_run(ci_zoo, tmp_path_factory):
     res, ck, runs = work / "results", work / "checkpoints", work / "runs"
     params = {"smoke": True, "collections_dir": str(ci_zoo / "collections"), "out_dir": str(res),
               "checkpoints_dir": str(ck), "runs_dir": str(runs), "data_dir": str(ci_zoo),
-              "zoo_dir": str(work / "zoo")}
+              "zoo_dir": str(ci_zoo)}   # 01 re-runs the (resumable) build on the session's CI zoo: nothing left to do
     executed = {}
     for nb in NOTEBOOKS:
         target = work / nb.name
@@ -57,6 +57,7 @@ def smoke_run(ci_zoo, tmp_path_factory):
         pm.execute_notebook(str(nb), str(target), parameters={k: v for k, v in params.items() if k in declared},
                             kernel_name=kernel, cwd=str(NB_DIR), progress_bar=False)
         executed[nb.name] = target
+        print(f"{nb.name}: {json.loads(target.read_text())['metadata']['papermill']['duration']:.1f} s")
     return {"results": res, "checkpoints": ck, "executed": executed, "zoo": ci_zoo}
 
 
@@ -104,6 +105,8 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     assert list(table.index) == list(MODEL_KINDS)
     assert "faces/clip_score · r2" in table.columns and "lm/membership · auc" in table.columns
     assert (res / "results.md").read_text().startswith("# Test results")
+    readme = (res / "README.md").read_text()
+    assert "## Results table" in readme and "![results_bar](results_bar.png)" in readme and "## Speed" in readme
     cmp = pd.read_csv(res / "gl_vs_mlp.csv")
     assert set(cmp.task) == {t for _, t in want} and cmp.best_gl_invariant.dropna().isin(
         ["dense", "svals", "canon_mlp", "canon_transformer", "glnet"]).all()
