@@ -39,14 +39,17 @@ def faces_like(dest: Path, n: int = 40, seed: int = 0, modules=TINY_MODULES) -> 
         "clip_score": 20 + 2 * (norms - norms.mean()) / norms.std() + rng.normal(0, 0.3, n),
         "male": rng.random(n) < 0.5,
         "young": rng.random(n) < 0.7,
+        "hair_colour": rng.choice(["black", "blond", "red"], n),
         "lr": rng.choice([1e-4, 3e-4, 1e-3], n),
         "steps": rng.choice([100, 200], n),
     })
     labels = {"clip_score": {"kind": "regression", "description": "mean CLIP score over fixed prompts",
                              "task": "clip"},
               "male": {"kind": "binary", "description": "identity is male", "task": "attributes"},
-              "young": {"kind": "binary", "description": "identity is young", "task": "attributes"}}
-    write_collection(dest, loras, table, labels=labels, tasks={"clip": ["clip_score"], "attributes": ["male", "young"]},
+              "young": {"kind": "binary", "description": "identity is young", "task": "attributes"},
+              "hair_colour": {"kind": "category", "description": "hair colour", "task": "hair_colour"}}
+    write_collection(dest, loras, table, labels=labels, tasks={"clip": ["clip_score"], "attributes": ["male", "young"],
+                                                          "hair_colour": ["hair_colour"]},
                      base_model="tiny-test", dtype=torch.float32)
     return dest
 
@@ -153,7 +156,7 @@ def train_checkpoints(root: Path, epochs: int = 25) -> dict[str, Path]:
     out = {}
     faces = open_collection(root / "collections" / "faces")
     for kind in ("svals", "glnet"):
-        out[f"faces/{kind}"] = train(faces, ["clip_score", "male", "young"], kind, cfg).save(
+        out[f"faces/{kind}"] = train(faces, ["clip_score", "male", "young", "hair_colour"], kind, cfg).save(
             root / "checkpoints" / "faces" / kind)
     lm = root / "collections" / "lm"
     if lm.is_dir():

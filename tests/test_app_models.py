@@ -64,9 +64,11 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
                                  recorded(env, "faces/glnet", "clip_score")["r2"]], abs=1.5e-3)
     # attribute predictions vs truth: one AUC row per model and attribute
     attr = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
-    assert sorted(attr["attribute"].unique()) == ["male", "young"] and len(attr) == 4
+    assert sorted(attr["attribute"].unique()) == ["hair_colour", "male", "young"] and len(attr) == 6
     auc = attr[(attr["model"] == "faces/svals") & (attr["attribute"] == "male")]["AUC"].iloc[0]
     assert auc == pytest.approx(recorded(env, "faces/svals", "male")["auc"], abs=1e-6)
+    acc = attr[(attr["model"] == "faces/svals") & (attr["attribute"] == "hair_colour")]["accuracy"].iloc[0]
+    assert acc == pytest.approx(recorded(env, "faces/svals", "hair_colour")["accuracy"], abs=1e-6)
 
 
 def test_predict_upload_good_and_mismatched_files(env):

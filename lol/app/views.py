@@ -199,10 +199,12 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
             nav.open_lora(picked[0], "collection.py")
 
 
-def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], split: str | None) -> None:
-    """Per binary attribute: AUC and accuracy at 0.5 of each model on ``split`` (`lol.metrics.binary_metrics`),
-    and for one chosen LoRA its predicted probabilities next to the truth."""
-    from ..metrics import binary_metrics
+def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], split: str | None,
+                    categories: list[str] = ()) -> None:
+    """Per binary attribute: AUC and accuracy at 0.5 of each model on ``split`` (`lol.metrics.binary_metrics`);
+    per category label: accuracy and balanced accuracy (`lol.metrics.category_metrics`); and for one chosen LoRA
+    its predicted probabilities next to the truth."""
+    from ..metrics import binary_metrics, category_metrics
     from .preds import PRED
 
     rows = []
@@ -215,10 +217,21 @@ def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], split: st
             rows.append({"model": name, "attribute": lab, "AUC": r["auc"], "accuracy @0.5": r["accuracy"],
                          "balanced accuracy": r["balanced_accuracy"], "positives": int(m[lab].astype(float).sum()),
                          "LoRAs": len(m)})
+        for lab in categories:
+            if f"{lab}{PRED}" not in m:
+                continue
+            ok = m[lab].notna().to_numpy()
+            r = category_metrics(m[lab].to_numpy(object)[ok], m[f"{lab}{PRED}"].to_numpy(object)[ok])
+            rows.append({"model": name, "attribute": lab, "AUC": float("nan"), "accuracy @0.5": r["accuracy"],
+                         "balanced accuracy": r["balanced_accuracy"], "positives": None, "LoRAs": int(ok.sum())})
     if rows:
-        st.dataframe(pd.DataFrame(rows).style.format({"AUC": "{:.3f}", "accuracy @0.5": "{:.3f}",
-                                                      "balanced accuracy": "{:.3f}"}, na_rep="n/a"),
-                     hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(rows).rename(columns={"accuracy @0.5": "accuracy"}).style.format(
+            {"AUC": "{:.3f}", "accuracy": "{:.3f}", "balanced accuracy": "{:.3f}"}, na_rep="n/a"),
+            hide_index=True, width="stretch")
+        st.caption("Binary attributes: accuracy at probability 0.5; category labels (e.g. hair colour): accuracy of "
+                   "the most likely class.")
+    if not labels:
+        return
     first_name, first = next(iter(frames.items()))
     ids = first["id"].tolist()
     nav.sync_widget("attr_lora", ids)
