@@ -123,3 +123,20 @@ def test_full_ci_build_all_three_collections(tmp_path):
         col = open_collection(tmp_path / "collections" / name)
         assert len(col) == rec["collections"][name]["n_loras"] > 0
     assert open_collection(tmp_path / "collections" / "faces").spec.names[0].startswith("unet.")
+
+
+def test_given_base_never_replaces_a_trained_one_nor_mixes_groups(lm_build, tmp_path):
+    import shutil
+
+    out = tmp_path / "z"
+    shutil.copytree(lm_build / "base", out / "base")
+    with pytest.raises(ZooError, match="trained here"):
+        build("ci", out, only="lm", base_paths={"lm": lm_build / "base" / "lm"}, progress=False,
+              log=lambda *a: None)
+    # finished groups trained on one base are not mixed with another base's
+    shutil.copytree(lm_build / "_build", out / "_build")
+    rec = json.loads((out / "base" / "lm" / "record.json").read_text())
+    rec["note"] = "another base"
+    (out / "base" / "lm" / "record.json").write_text(json.dumps(rec))
+    with pytest.raises(ZooError, match="other inputs"):
+        build("ci", out, only="lm", progress=False, log=lambda *a: None)

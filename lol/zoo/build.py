@@ -103,6 +103,12 @@ def plan(only=None, base_recipes=None, collection_recipes=None) -> tuple[list[st
     return order, cols
 
 
+def _fingerprint(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else "missing"
+
+
 def _make_base(name: str, ref: str, out: Path, preset: str, seed: int, device: str | None,
                given: str | Path | None) -> dict[str, Any]:
     """Train (or link a user-given folder as) base ``name`` unless OUT/base/<name>/record.json says it is done."""
@@ -112,8 +118,13 @@ def _make_base(name: str, ref: str, out: Path, preset: str, seed: int, device: s
         given = Path(given).resolve()
         if not given.is_dir():
             raise ZooError(f"{given}: base model folder for {name!r} not found")
-        if rec_path.is_file() and json.loads(rec_path.read_text()).get("pretrained") == str(given):
-            return {"status": "exists", "path": f"base/{name}", "pretrained": str(given)}
+        if rec_path.is_file():
+            linked = json.loads(rec_path.read_text()).get("pretrained")
+            if linked == str(given):
+                return {"status": "exists", "path": f"base/{name}", "pretrained": str(given)}
+            if not linked:
+                raise ZooError(f"{path} holds a base model trained here; it is not replaced by {given}: use another "
+                               f"--out or delete {path}")
         recipe = load_object(ref, f"base recipe {name!r}", pretrained=given)
         status = "linked"
     else:
@@ -231,7 +242,8 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
         gs = group_size or (recipe.group_size(preset) if hasattr(recipe, "group_size") else None) or \
             P["group_size"].get(name, P["group_size"]["*"])
         build_dir = out / "_build" / name
-        manifest = load_or_create_manifest(build_dir, recipe, preset, seed, gs)
+        inputs = {"bases": {b: _fingerprint(bases[b] / "record.json") for b in recipe.requires}}
+        manifest = load_or_create_manifest(build_dir, recipe, preset, seed, gs, inputs=inputs)
         todo = pending_groups(build_dir, manifest)
         log(f"[zoo] collection {name}: {manifest['n_jobs']} LoRAs in {len(manifest['groups'])} groups of "
             f"≤{manifest['group_size']}; {len(todo)} group(s) to run ({executor})")

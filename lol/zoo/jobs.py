@@ -109,9 +109,9 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def load_or_create_manifest(build_dir: Path, recipe: CollectionRecipe, preset: str, seed: int,
-                            group_size: int) -> Manifest:
-    """The build's manifest: created once, then fixed. A re-run with another preset or seed is refused (a different
-    group size is ignored: the groups stay those of the manifest)."""
+                            group_size: int, inputs: dict[str, Any] | None = None) -> Manifest:
+    """The build's manifest: created once, then fixed. A re-run with another preset, seed or ``inputs`` (e.g. the
+    fingerprints of the base models) is refused; a different group size is ignored (the groups stay fixed)."""
     build_dir = Path(build_dir)
     path = build_dir / MANIFEST
     if path.is_file():
@@ -123,12 +123,17 @@ def load_or_create_manifest(build_dir: Path, recipe: CollectionRecipe, preset: s
             raise ZooError(f"{path} was made for collection {m.get('collection')!r}, preset {m.get('preset')!r}, "
                            f"seed {m.get('seed')}, not {recipe.name!r}, {preset!r}, {seed}; use another --out or "
                            f"delete {build_dir}")
+        if inputs is not None and m.get("inputs") != json.loads(json.dumps(inputs, default=str)):
+            raise ZooError(f"{path}: its finished groups were trained on other inputs ({m.get('inputs')}) than "
+                           f"now ({inputs}), e.g. another base model; use another --out or delete {build_dir}")
         fresh = make_manifest(recipe, preset, seed, m["group_size"])
         if json.loads(json.dumps(fresh["jobs"], default=str)) != m["jobs"]:
             raise ZooError(f"{path}: the recipe now makes different jobs than this manifest lists (code changed?); "
                            f"delete {build_dir} to rebuild this collection")
         return m
     m = make_manifest(recipe, preset, seed, group_size)
+    if inputs is not None:
+        m["inputs"] = inputs
     build_dir.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(path, m)
     return Manifest(json.loads(path.read_text()))
