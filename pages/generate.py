@@ -14,9 +14,10 @@ if ctx.require_collection():
     df = ctx.table().reset_index(drop=True)
     sd_dir = views.base_model_path(coll, "sd")
     if sd_dir is None:
-        st.info(f"No Stable Diffusion base model found for this collection (looked at the collection's base model "
-                f"and `{app_data.data_root() / 'base' / 'sd'}`). Build it with `lol zoo build`; the LoRA can still "
-                f"be inspected on the Collection page.")
+        st.info(f"No Stable Diffusion base model for this collection: its LoRAs are not image-model LoRAs, or the "
+                f"base model is missing (looked at the base recorded with the collection and "
+                f"`{app_data.data_root() / 'base' / 'sd'}`; build it with `lol zoo build`). The LoRAs can still be "
+                f"inspected on the Collection page.")
     else:
         ids = df["id"].astype(str).tolist()
         nav.sync_widget("gen_lora", ids)

@@ -33,13 +33,12 @@ else:
         model = models[names.index(pick)]
         f = preds.prediction_frame(lm, model, coll)
         if f is not None:
-            split = "test" if "split" in df and (df["split"] == "test").any() else None
             labels = [c for c in preds.predicted_labels(f, coll, "regression")]
             if labels:
                 cols = st.columns(min(2, len(labels)))
                 for i, lab in enumerate(labels[:2] if len(labels) <= 2 else labels):
                     with cols[i % len(cols)]:
-                        views.pred_vs_true_panel(f, df, lab, pick, split, key=f"lm_pv_{lab}")
+                        views.pred_vs_true_panel(f, df, lab, pick, key=f"lm_pv_{lab}")
     tasks = preds.membership_tasks(coll)
     if tasks:
         st.subheader("Source membership")

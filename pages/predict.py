@@ -26,18 +26,15 @@ if ctx.require_collection():
             regress = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "regression")})
             binary = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "binary")})
             category = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "category")})
-            split = "test" if "split" in df and (df["split"] == "test").any() else None
-            st.caption(f"Metrics on the {'test split' if split else 'whole collection (no test split)'}; "
-                       f"{'only test-split points are drawn' if split else ''}.")
             if regress:
                 label = st.selectbox("Label", regress, key="pred_label",
                                      index=next((i for i, r in enumerate(regress) if "clip" in r), 0))
                 cols = st.columns(len(frames))
                 for col, (name, f) in zip(cols, frames.items()):
                     with col:
-                        views.pred_vs_true_panel(f, df, label, name, split, key=f"pv_{name}")
+                        views.pred_vs_true_panel(f, df, label, name, key=f"pv_{name}")
             if binary or category:
                 st.subheader("Attributes: predicted vs truth")
-                views.attribute_panel(frames, df, binary, split, category)
+                views.attribute_panel(frames, df, binary, category)
     st.subheader("Predict for your own LoRA files")
     views.upload_predictions(ctx, models)

@@ -113,13 +113,13 @@ SOURCES = ("arith", "geo", "words", "logic", "time")
 
 
 def lm_like(dest: Path, n: int = 40, seed: int = 1) -> Path:
-    """A collection like the zoo's lm one: challenge_accuracy, eval_loss and source-membership labels."""
+    """A collection like the zoo's lm one: challenge_accuracy, eval_loss and source-membership labels; like the zoo's
+    tables it has groups but no split column (a model's split is drawn at training time from its seed)."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     loras = [random_lora(g, 4, LM_MODULES) for _ in range(n)]
     member = rng.random((n, len(SOURCES))) < 0.5
-    table = pd.DataFrame({"id": [f"lm-{i:03d}" for i in range(n)],
-                          "split": ["train" if i < n * 0.6 else ("val" if i < n * 0.8 else "test") for i in range(n)],
+    table = pd.DataFrame({"id": [f"lm-{i:03d}" for i in range(n)], "group": [f"run-{i // 2}" for i in range(n)],
                           "challenge_accuracy": 0.25 + 0.5 * rng.random(n), "eval_loss": 1 + rng.random(n),
                           **{f"source_{s}": member[:, j].astype(int) for j, s in enumerate(SOURCES)}})
     labels = {"challenge_accuracy": {"kind": "regression", "description": "accuracy", "task": "challenge_accuracy"},

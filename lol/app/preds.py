@@ -14,11 +14,12 @@ import streamlit as st
 from . import cache
 from .errors import plain
 
-__all__ = ["PRED", "ERR", "compatible_models", "prediction_frame", "predictions_or_none", "predicted_labels",
+__all__ = ["PRED", "ERR", "SPLIT", "model_split", "compatible_models", "prediction_frame", "predictions_or_none", "predicted_labels",
            "membership_tasks", "embeddings", "checkpoint_info", "predict_loras"]
 
 PRED = " (predicted)"
 ERR = " error"
+SPLIT = "split (model)"  # the split each LoRA was in when *this* model was trained ("" = not used by it)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -83,15 +84,47 @@ def _normalise(raw: pd.DataFrame, ids: list[str], labels: list[str]) -> pd.DataF
     return df[list(keep)].rename(columns=keep)
 
 
+def model_split(ckpt_path: str, coll) -> tuple[np.ndarray | None, str]:
+    """The split (train/val/test, "" for rows the model did not use) of every LoRA of ``coll`` when the checkpoint
+    was trained, and a note. From the collection's ``split`` column, else `lol.splits.make_splits` with the seed,
+    fractions and row filter recorded in the checkpoint (as `lol.train` drew it). None when the model was trained on
+    another collection (its fingerprint differs): then every LoRA here is unseen by it."""
+    from ..splits import make_splits
+
+    ck = cache.checkpoint(ckpt_path, "cpu")
+    fp = ck.config.get("fingerprint")
+    if fp and fp != getattr(coll, "fingerprint", None):
+        return None, "this model was trained on another collection: every LoRA here is unseen by it"
+    table = coll.table
+    mask = np.ones(len(table), dtype=bool)
+    for col, value in ck.config.get("rows") or []:
+        if col not in table.columns:
+            return None, f"the model's row filter uses a column {col!r} this collection lacks"
+        mask &= (table[col] == value).to_numpy()
+    split = np.full(len(table), "", dtype=object)
+    if "split" in table.columns and table["split"].notna().all():
+        split[mask] = table["split"].astype(str).to_numpy(object)[mask]
+        return split, "the collection's split column"
+    train = ck.config.get("train") or {}
+    if "seed" not in train or "fractions" not in train:
+        return None, "the checkpoint does not record how its split was drawn"
+    groups = table["group"].to_numpy()[mask] if "group" in table.columns else None
+    split[mask] = make_splits(int(mask.sum()), tuple(train["fractions"]), int(train["seed"]), groups)
+    return split, f"the seeded grouped split recorded with the model (seed {train['seed']})"
+
+
 def prediction_frame(ctx, model, coll) -> pd.DataFrame | None:
-    """Predictions of ``model`` for every LoRA of ``coll`` (cached), with ``<label> error`` columns added; on
-    failure one st.error line and None."""
+    """Predictions of ``model`` for every LoRA of ``coll`` (cached), with ``<label> error`` columns and the model's
+    own split (`SPLIT`) added; on failure one st.error line and None."""
     try:
         raw = cache.predictions(model.path, ctx.device, ctx.path, ctx.key)
         df = _normalise(raw, [str(i) for i in coll.table["id"]], checkpoint_info(model.path)["labels"])
+        split, note = model_split(model.path, coll)
     except Exception as e:  # noqa: BLE001 — e.g. a model for another base model: say so, keep the page alive
         st.error(f"{model.name}: could not predict on this collection: {plain(e)}")
         return None
+    df[SPLIT] = split if split is not None else "unseen"
+    df.attrs["split_note"] = note
     truth = coll.table.assign(id=coll.table["id"].astype(str)).set_index("id")
     for c in [c for c in df.columns if c.endswith(PRED)]:
         lab = c[: -len(PRED)]
@@ -99,6 +132,18 @@ def prediction_frame(ctx, model, coll) -> pd.DataFrame | None:
                 (getattr(coll, "labels", {}).get(lab, {}).get("kind") == "regression"):
             df[f"{lab}{ERR}"] = df[c].to_numpy(float) - truth.loc[df["id"], lab].to_numpy(float)
     return df
+
+
+def eval_split(frame: pd.DataFrame) -> tuple[str | None, str]:
+    """Which rows to score a model on: its ``test`` split when it has one, else the LoRAs it never saw (a model
+    from another collection), else all; with a sentence saying so."""
+    s = frame[SPLIT] if SPLIT in frame else pd.Series(dtype=object)
+    if (s == "test").any():
+        return "test", f"Metrics on the model's test split ({frame.attrs.get('split_note', '')}); only test LoRAs " \
+                       f"are drawn."
+    if (s == "unseen").any():
+        return "unseen", f"Metrics on all LoRAs: {frame.attrs.get('split_note', '')}."
+    return None, "Metrics on the whole collection (the model records no test split: includes its training LoRAs)."
 
 
 def predictions_or_none(ctx) -> pd.DataFrame | None:

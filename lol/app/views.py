@@ -135,8 +135,13 @@ def _procrustes_disparity(a, b) -> float:
 
 
 def base_model_path(coll, name: str = "sd"):
-    """The folder of a collection's base model (``sd`` or ``clip``): its recorded ``base_model`` when that is a
-    folder on this server, else ``DATA/base/<name>``; None when neither holds a loadable model."""
+    """The folder of a collection's base model ``name`` (``sd`` or ``clip``), or None.
+
+    A zoo collection records its bases as JSON (``{"sd": "base/sd", "clip": "base/clip"}``, relative to the build
+    folder that holds ``collections/``); a collection that records bases but not ``name`` (e.g. the LM collection)
+    has none. A collection that records nothing usable falls back to ``DATA/base/<name>`` when its modules are
+    diffusers UNet / text-encoder modules."""
+    import json
     from pathlib import Path
 
     from . import data as app_data
@@ -144,18 +149,31 @@ def base_model_path(coll, name: str = "sd"):
     marker = "model_index.json" if name == "sd" else "config.json"
 
     def ok(p):
-        if p is None or not p.is_dir():
+        if p is None or not Path(p).is_dir():
             return False
         from ..zoo.image_bases import resolve_base
 
         return (resolve_base(p) / marker).is_file()
 
-    base = getattr(coll, "base_model", None) if name == "sd" else None
-    if isinstance(base, str) and base:
-        p = Path(base)
-        p = p if p.is_absolute() else app_data.data_root() / p
-        if ok(p):
-            return p
+    base = getattr(coll, "base_model", None)
+    recorded = None
+    if isinstance(base, str) and base.strip().startswith("{"):
+        try:
+            recorded = json.loads(base)
+        except json.JSONDecodeError:
+            recorded = None
+    if isinstance(recorded, dict):
+        rel = recorded.get(name)
+        if rel is None:
+            return None
+        p = Path(rel)
+        if not p.is_absolute():
+            p = Path(coll.path).resolve().parent.parent / p
+        return p if ok(p) else None
+    if isinstance(base, str) and base and ok(Path(base)) and name == "sd":
+        return Path(base)
+    if not all(n.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") for n in coll.spec.names):
+        return None
     p = app_data.base_model_dir(name)
     return p if ok(p) else None
 
@@ -169,16 +187,20 @@ def _merge_truth(frame: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _split_rows(m: pd.DataFrame, split: str | None) -> pd.DataFrame:
-    return m[m["split"] == split] if split and "split" in m else m
+    """Rows in ``split`` by the model's own split column (`preds.SPLIT`), else the table's ``split``."""
+    from .preds import SPLIT
+
+    col = SPLIT if SPLIT in m else "split"
+    return m[m[col] == split] if split and col in m else m
 
 
-def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_name: str, split: str | None,
-                       key: str) -> None:
-    """Scatter of predicted vs actual ``label`` on ``split`` with R², Spearman ρ, Kendall τ (`lol.metrics`);
-    clicking a point opens that LoRA's detail view."""
+def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_name: str, key: str) -> None:
+    """Scatter of predicted vs actual ``label`` on the model's test split (`preds.eval_split`) with R², Spearman ρ,
+    Kendall τ (`lol.metrics`); clicking a point selects that LoRA and offers its detail view."""
     from ..metrics import kendall, r2, spearman
-    from .preds import PRED
+    from .preds import PRED, eval_split
 
+    split, note = eval_split(frame)
     m = _split_rows(_merge_truth(frame, df), split)
     y, p = m[label].to_numpy(float), m[f"{label}{PRED}"].to_numpy(float)
     st.markdown(f"**{model_name}**")
@@ -187,9 +209,10 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
     c2.metric("Spearman ρ", f"{spearman(y, p):.3f}")
     c3.metric("Kendall τ", f"{kendall(y, p):.3f}")
     c4.metric("LoRAs", len(m))
-    hover = [c for c in ("group", "split") if c in m.columns]
+    hover = [c for c in ("group",) if c in m.columns]
     fig = plots.pred_vs_true(m.rename(columns={f"{label}{PRED}": "predicted"}), label, "predicted", name=model_name,
                              hover=hover)
+    st.caption(note)
     event = st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode=("points", "box"))
     picked = plots.selected_ids(event)
     if picked:
@@ -199,17 +222,16 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
             nav.open_lora(picked[0], "collection.py")
 
 
-def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], split: str | None,
-                    categories: list[str] = ()) -> None:
-    """Per binary attribute: AUC and accuracy at 0.5 of each model on ``split`` (`lol.metrics.binary_metrics`);
+def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], categories: list[str] = ()) -> None:
+    """Per binary attribute: AUC and accuracy at 0.5 of each model on its test split (`lol.metrics.binary_metrics`);
     per category label: accuracy and balanced accuracy (`lol.metrics.category_metrics`); and for one chosen LoRA
     its predicted probabilities next to the truth."""
     from ..metrics import binary_metrics, category_metrics
-    from .preds import PRED
+    from .preds import PRED, eval_split
 
     rows = []
     for name, f in frames.items():
-        m = _split_rows(_merge_truth(f, df), split)
+        m = _split_rows(_merge_truth(f, df), eval_split(f)[0])
         for lab in labels:
             if f"{lab}{PRED}" not in m:
                 continue
@@ -354,9 +376,12 @@ def membership_section(ctx, coll, tasks: dict, key: str) -> None:
     st.plotly_chart(_prob_bars(row, labels, f"{lid}: predicted probability per {task} label"), width="stretch",
                     key=f"{key}_bars")
 
-    split = "test" if "split" in m_all and (m_all["split"] == "test").any() else None
+    from .preds import eval_split
+
+    split, note = eval_split(frame)
     m = _split_rows(m_all, split)
-    st.subheader(f"Over the {'test split' if split else 'whole collection'} ({len(m)} LoRAs)")
+    st.subheader(f"Over the {'test split' if split == 'test' else 'collection'} ({len(m)} LoRAs)")
+    st.caption(note)
     y = np.concatenate([m[lab].astype(float).to_numpy() for lab in labels])
     p = np.concatenate([m[f"{lab}{PRED}"].to_numpy(float) for lab in labels])
     rows, curves = [], []
