@@ -248,7 +248,8 @@ def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], categorie
                          "balanced accuracy": r["balanced_accuracy"], "positives": None, "LoRAs": int(ok.sum())})
     if rows:
         st.dataframe(pd.DataFrame(rows).rename(columns={"accuracy @0.5": "accuracy"}).style.format(
-            {"AUC": "{:.3f}", "accuracy": "{:.3f}", "balanced accuracy": "{:.3f}"}, na_rep="n/a"),
+            {"AUC": "{:.3f}", "accuracy": "{:.3f}", "balanced accuracy": "{:.3f}", "positives": "{:.0f}"},
+            na_rep="n/a"),
             hide_index=True, width="stretch")
         st.caption("Binary attributes: accuracy at probability 0.5; category labels (e.g. hair colour): accuracy of "
                    "the most likely class.")
