@@ -30,9 +30,9 @@ if ctx.require_collection():
                 label = st.selectbox("Label", regress, key="pred_label",
                                      index=next((i for i, r in enumerate(regress) if "clip" in r), 0))
                 cols = st.columns(len(frames))
-                for col, (name, f) in zip(cols, frames.items()):
-                    with col:
-                        views.pred_vs_true_panel(f, df, label, name, key=f"pv_{name}")
+                for i, (col, (name, f)) in enumerate(zip(cols, frames.items())):
+                    with col:  # first model blue, the compared one orange
+                        views.pred_vs_true_panel(f, df, label, name, key=f"pv_{name}", color=plots.PALETTE[i])
             if binary or category:
                 st.subheader("Attributes: predicted vs truth")
                 views.attribute_panel(frames, df, binary, category)

@@ -194,7 +194,8 @@ def _split_rows(m: pd.DataFrame, split: str | None) -> pd.DataFrame:
     return m[m[col] == split] if split and col in m else m
 
 
-def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_name: str, key: str) -> None:
+def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_name: str, key: str,
+                       color: str | None = None) -> None:
     """Scatter of predicted vs actual ``label`` on the model's test split (`preds.eval_split`) with R², Spearman ρ,
     Kendall τ (`lol.metrics`); clicking a point selects that LoRA and offers its detail view."""
     from ..metrics import kendall, r2, spearman
@@ -211,7 +212,7 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
     c4.metric("LoRAs", len(m))
     hover = [c for c in ("group",) if c in m.columns]
     fig = plots.pred_vs_true(m.rename(columns={f"{label}{PRED}": "predicted"}), label, "predicted", name=model_name,
-                             hover=hover)
+                             hover=hover, color=color)
     st.caption(note)
     event = st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode=("points", "box"))
     picked = plots.selected_ids(event)
