@@ -181,9 +181,13 @@ def _umap_mem(digest: str, _features: np.ndarray, n_neighbors: int, min_dist: fl
     x = (x - x.mean(0)) / (x.std(0) + 1e-12)
     import umap
 
+    import warnings
+
     reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed,
                         init="spectral" if len(x) > 50 else "random")
-    return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # seeded UMAP: one thread
+        return np.asarray(reducer.fit_transform(x), dtype=np.float64)
 
 
 # -------------------------------------------------------------------------------------------------------- models
