@@ -61,6 +61,8 @@ def test_widened_read_equals_per_tensor_route(tmp_path, dtype):
     m16 = read_lora(f, dtype=torch.float16)[Q]  # the storage dtype of `lol import`: one rounding of the product
     assert torch.equal(m16.U.view(torch.int16), (B.float() * s).half().view(torch.int16))
     assert torch.equal(m16.V, A.half().T)
+    mbf = read_lora(f, dtype=torch.bfloat16)[Q]  # also across float16 ↔ bfloat16: one rounding of the product
+    assert torch.equal(mbf.U.view(torch.int16), (B.float() * s).bfloat16().view(torch.int16))
     loaded = load_safetensors(f, widen_to=torch.float32)
     assert loaded.all_finite is True
     assert {t.dtype for t in loaded.tensors.values()} == ({dtype} if dtype == torch.float32 else {torch.float32})

@@ -103,7 +103,7 @@ def _all_finite(pairs) -> bool:
                 by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
     for dtype, ts in by_dtype.items():
         flat = torch.cat(ts)
-        if not all_finite_bytes(flat.view(torch.uint8).numpy(), dtype):
+        if not all_finite_bytes(flat.detach().view(torch.uint8).numpy(), dtype):
             return False
     return True
 
@@ -116,9 +116,10 @@ def _fold_scale(B: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.
         return B.double() * scale
     if B.dtype == out_dtype:  # torch computes 16-bit products in float32 and rounds once
         return B * scale
-    if B.dtype.itemsize > out_dtype.itemsize:  # narrowing: the product first, then one rounding
-        return (B * scale).to(out_dtype)
-    return B.to(out_dtype).mul_(scale)  # widening is exact; then one rounding of the product
+    if out_dtype.itemsize > B.dtype.itemsize:  # widening is exact; then one rounding of the product
+        return B.to(out_dtype).mul_(scale)
+    wide = torch.float64 if B.dtype == torch.float64 else torch.float32
+    return (B.to(wide) * scale).to(out_dtype)  # narrowing (or float16 ↔ bfloat16): the product, then one rounding
 
 
 def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, float | None], tuple[float, float]],
