@@ -1,7 +1,8 @@
 """I/O benchmark: reading LoRA files, packing them, opening a packed collection.
 
 On synthetic SD-1.x-shaped LoRAs (UNet to_q/to_v, 64 modules, rank 4, fp16 diffusers files, ~0.8 MB each), measured
-side by side in one run on the same files (page cache warm for all three, after one untimed pass):
+side by side in one run on the same files (page cache warm, after one untimed pass), in interleaved rounds (each
+figure is the best of its rounds, wall and CPU time; CPU time is the steadier one on a shared machine):
 
 * raw read: the files' bytes (``open().read()``), the floor for any reader;
 * raw read + write: the same bytes written to one new file (no fsync), the floor for any import, which must write
