@@ -200,7 +200,8 @@ def test_peft_and_diffusers_files_of_one_unet_adapter_batch_identically(tmp_path
     torch.manual_seed(1)
     unet.add_adapter(_unet_peft_config())
     sd = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "diffusers", unet_lora_layers=convert_state_dict_to_diffusers(sd),
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "diffusers",
+                                              unet_lora_layers=convert_state_dict_to_diffusers(sd),
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     model = get_peft_model(tiny_unet(), _unet_peft_config())
     loaded = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in sd.items()})
