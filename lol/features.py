@@ -14,9 +14,17 @@ oalign          factors rotated onto a training template (Procrustes)  ∏ O(r_�
 canon           SVD canonical form U' = Q₁P√S, V' = Q₂Q√S, sign-fixed  ∏ GL(r_ℓ) for generic inputs
 ============== ====================================================== =========================================
 
-All work on whole batches (one batched QR/SVD per module, never a loop over LoRAs). Ranks: a batch may be
-zero-padded (mixed ranks); `svals`, `oalign` and `canon` pad every module to the fitted ``rank`` so their width is
-fixed, and raise `SpecMismatchError` for a LoRA of larger rank; `flatten` needs every module at exactly its rank.
+All work on whole batches (one batched QR/SVD per module, never a loop over LoRAs).
+
+Ranks. A batch may be zero-padded (mixed ranks; padding columns change no ΔW). `svals`, `oalign` and `canon` keep a
+fixed number ``k = rank`` of components per module, so their width is fixed whatever ranks arrive later (validation
+and test LoRAs, rank generalization): ``k`` is set at ``fit`` to the largest true rank in the training batch, or given
+as ``rank=``. A module of rank r < k is padded with zero components; a module of rank r > k keeps its k **largest**
+components (the top-k singular values; the canonical columns of the top-k singular values). That is still a function
+of ΔW alone, hence still GL-invariant, and exact (identical to the rank-k form) whenever ΔW has rank ≤ k, e.g. a
+rank-8 LoRA with redundant columns. `oalign` maps a rank-r module onto its k-column template with an r×k Procrustes
+factor (see `OAlign`). `flatten` needs every module at exactly the fitted rank and refuses anything else, naming the
+ranks it got. `dense` reads any rank.
 """
 from __future__ import annotations
 
@@ -28,20 +36,23 @@ from .errors import SpecMismatchError
 from .lora import ModuleSpec
 
 __all__ = ["Featurizer", "FlattenFactors", "DenseDelta", "SingularValues", "OAlign", "SVDCanonical",
-           "qr_core", "singular_values", "canonical_factors", "pad_rank", "FEATURIZERS"]
+           "qr_core", "singular_values", "canonical_factors", "keep_components", "FEATURIZERS"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # batched linear algebra on one module: U (B, n, r), V (B, m, r)
 
-def pad_rank(X: torch.Tensor, r: int) -> torch.Tensor:
-    """Zero-pad (or keep) the last dimension to ``r``; zero columns change no ΔW."""
-    k = X.shape[-1]
-    if k == r:
+def keep_components(X: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` entries of the last dimension of X, zero-padded when there are fewer.
+
+    For singular values (descending) and canonical factors (columns ordered by singular value) this keeps the k
+    largest components; zero padding adds components that change no ΔW."""
+    r = X.shape[-1]
+    if r == k:
         return X
-    if k > r:
-        raise ValueError(f"cannot pad rank {k} down to {r}")
-    return torch.nn.functional.pad(X, (0, r - k))
+    if r > k:
+        return X[..., :k]
+    return torch.nn.functional.pad(X, (0, k - r))
 
 
 def qr_core(U: torch.Tensor, V: torch.Tensor):
@@ -60,13 +71,13 @@ def singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 def canonical_factors(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD canonical form: ``C = R₁R₂ᵀ = P S Qᵀ``, ``U' = Q₁P√S``, ``V' = Q₂Q√S`` with U'V'ᵀ = UVᵀ.
 
-    Columns are ordered by singular value (descending) and each column pair's sign is fixed so that the
-    largest-magnitude entry of the U' column is positive. The result depends on ΔW only — hence is invariant to
+    There are min(n, m, r) columns, ordered by singular value (descending); each column pair's sign is fixed so that
+    the largest-magnitude entry of the U' column is positive. The result depends on ΔW only — hence is invariant to
     (U, V) ↦ (UR, VR⁻ᵀ) for every R ∈ GL(r) — whenever the nonzero singular values are distinct and no U' column
     has two entries tied for largest magnitude (generic inputs). Zero singular values give zero columns.
     """
     Q1, Q2, C = qr_core(U, V)
-    P, S, Qh = torch.linalg.svd(C)
+    P, S, Qh = torch.linalg.svd(C, full_matrices=False)   # C is min(n,r)×min(m,r): square unless r > n or m
     rs = torch.sqrt(S).unsqueeze(-2)
     Uc = (Q1 @ P) * rs
     Vc = (Q2 @ Qh.mT) * rs
@@ -76,18 +87,11 @@ def canonical_factors(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, t
     return Uc * sign, Vc * sign
 
 
-def _check_max_rank(batch: LoRABatch, rank: int, what: str):
-    too = batch.ranks > rank
-    if bool(too.any()):
-        b, ell = (int(i) for i in torch.nonzero(too)[0])
-        raise SpecMismatchError(f"{what} was fitted for ranks ≤ {rank}, but LoRA {b} has rank "
-                                f"{int(batch.ranks[b, ell])} at module {batch.spec.names[ell]!r}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 class Featurizer(nn.Module):
-    """Base class. ``invariant_to`` is one of ``"nothing"``, ``"O(r)"``, ``"GL(r)"``."""
+    """Base class. ``invariant_to`` is one of ``"nothing"``, ``"O(r)"``, ``"GL(r)"``. ``rank`` is the number k of
+    components kept per module (see the module docstring): the largest true rank of the training batch unless given."""
 
     name = "base"
     invariant_to = "nothing"
@@ -126,18 +130,23 @@ class Featurizer(nn.Module):
 class FlattenFactors(Featurizer):
     """Raw U and V of every module, flattened: Σ(n+m)·r features. Invariant to **nothing** (not even O(r)).
 
-    Requires uniform rank: every module of every LoRA at the fitted rank (raises `SpecMismatchError` naming the
-    ranks otherwise), since padding would silently change what each input coordinate means."""
+    Requires uniform rank: every module of every LoRA at the fitted rank. Anything else raises `SpecMismatchError`
+    naming the ranks, since padding or truncating would silently change what each input coordinate means. A batch
+    zero-padded to a wider tensor (e.g. selected from a mixed-rank collection) is read at its true rank."""
 
     name = "flatten"
 
     def fit(self, batch):
-        r = batch.uniform_rank
-        if r is None:
+        r = self._true_rank(batch)
+        if r is None or (self.rank is not None and r != self.rank):
             self._raise(batch)
-        if self.rank is None:
-            self.rank = r
+        self.rank = r
         return self
+
+    @staticmethod
+    def _true_rank(batch) -> int | None:
+        r = torch.unique(batch.ranks)
+        return int(r[0]) if r.numel() == 1 else None
 
     def _raise(self, batch):
         ranks = sorted(set(batch.ranks.flatten().tolist()))
@@ -145,9 +154,11 @@ class FlattenFactors(Featurizer):
                                 f"{'' if self.rank is None else f' ({self.rank})'}; this batch has ranks {ranks}")
 
     def per_module(self, batch):
-        if batch.uniform_rank != self._need_rank():
+        r = self._need_rank()
+        if self._true_rank(batch) != r:
             self._raise(batch)
-        return [torch.cat([U.flatten(1), V.flatten(1)], 1) for U, V in zip(batch.U, batch.V)]
+        # columns beyond the true rank are zero padding (LoRABatch contract): drop them
+        return [torch.cat([U[..., :r].flatten(1), V[..., :r].flatten(1)], 1) for U, V in zip(batch.U, batch.V)]
 
 
 class DenseDelta(Featurizer):
@@ -166,9 +177,9 @@ class DenseDelta(Featurizer):
 
 
 class SingularValues(Featurizer):
-    """The singular values of each ΔW_ℓ (descending, zero-padded to ``rank``): L·rank features, computed as
-    ``svdvals(R₁R₂ᵀ)`` from QRs of U and V in O((n+m)r² + r³), never forming ΔW. Invariant to ∏ GL(r_ℓ) (and to
-    left/right rotations of ΔW, hence not complete). Mixed ranks work; ranks above the fitted ``rank`` raise."""
+    """The k = ``rank`` largest singular values of each ΔW_ℓ (descending, zero-padded when ΔW_ℓ has fewer): L·k
+    features, computed as ``svdvals(R₁R₂ᵀ)`` from QRs of U and V in O((n+m)r² + r³), never forming ΔW. Invariant to
+    ∏ GL(r_ℓ) (and to left/right rotations of ΔW, hence not complete). Any rank: a LoRA of rank > k keeps its top k."""
 
     name = "svals"
     invariant_to = "GL(r)"
@@ -177,26 +188,25 @@ class SingularValues(Featurizer):
         return len(self.spec) * self._need_rank()
 
     def per_module(self, batch):
-        r = self._need_rank()
-        _check_max_rank(batch, r, "singular-value features")
-        return [pad_rank(singular_values(U, V), r) for U, V in zip(batch.U, batch.V)]
+        k = self._need_rank()
+        return [keep_components(singular_values(U, V), k) for U, V in zip(batch.U, batch.V)]
 
 
 class SVDCanonical(Featurizer):
-    """SVD canonical factors (U', V') of every module (see `canonical_factors`), zero-padded to ``rank``, flattened:
-    Σ(n+m)·rank features. Invariant to ∏ GL(r_ℓ) for generic inputs (distinct singular values); complete (U'V'ᵀ = ΔW).
-    Mixed ranks work (a rank-k module has zero columns beyond k); ranks above the fitted ``rank`` raise."""
+    """SVD canonical factors (U', V') of every module (see `canonical_factors`), the k = ``rank`` columns of the
+    largest singular values (zero columns when ΔW_ℓ has fewer), flattened: Σ(n+m)·k features. Invariant to ∏ GL(r_ℓ)
+    for generic inputs (distinct singular values); complete for ΔW of rank ≤ k (U'V'ᵀ = ΔW), else the best rank-k
+    approximation of ΔW. Any rank."""
 
     name = "canon"
     invariant_to = "GL(r)"
 
     def factors(self, batch: LoRABatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        r = self._need_rank()
-        _check_max_rank(batch, r, "canonical-form features")
+        k = self._need_rank()
         out = []
         for U, V in zip(batch.U, batch.V):
             Uc, Vc = canonical_factors(U, V)
-            out.append((pad_rank(Uc, r), pad_rank(Vc, r)))
+            out.append((keep_components(Uc, k), keep_components(Vc, k)))
         return out
 
     def per_module(self, batch):
@@ -204,11 +214,15 @@ class SVDCanonical(Featurizer):
 
 
 class OAlign(Featurizer):
-    """Factors of each module rotated by orthogonal Procrustes onto a template LoRA from the training split, then
-    flattened: Σ(n+m)·rank features. Per module, O = argmin_{O ∈ O(r)} ‖UO − U_t‖² + ‖VO − V_t‖² (SVD of
-    UᵀU_t + VᵀV_t), features (UO, VO). Invariant to ∏ O(r_ℓ) **only**: a GL element that is not orthogonal (a scaling
-    or shear) changes the features. The template (the first training LoRA with every module at the full rank) is
-    stored in buffers ``template_U_ℓ``, ``template_V_ℓ``."""
+    """Factors of each module aligned by orthogonal Procrustes onto a template LoRA from the training split, then
+    flattened: Σ(n+m)·k features (k = ``rank``). Per module, O = argmax tr(Oᵀ M) with ``M = UᵀU_t + VᵀV_t`` (r × k)
+    over the r×k matrices with orthonormal rows (r ≤ k) or columns (r > k), i.e. ``O = A Bᵀ`` from the reduced SVD
+    ``M = A S Bᵀ``; features (UO, VO). For r ≤ k this is the square Procrustes rotation of U zero-padded to k (exact:
+    UO (VO)ᵀ = ΔW); for r > k it keeps the k-dimensional part of (U, V) best aligned with the template.
+
+    Invariant to ∏ O(r_ℓ) **only** (U ↦ UQ turns M into QᵀM and O into QᵀO): a GL element that is not orthogonal
+    (a scaling or shear) changes the features. The template (the first training LoRA with every module at rank k)
+    is stored in buffers ``template_U_ℓ``, ``template_V_ℓ``."""
 
     name = "oalign"
     invariant_to = "O(r)"
@@ -232,21 +246,18 @@ class OAlign(Featurizer):
             raise SpecMismatchError(f"O-Align needs a training LoRA with every module at rank {self.rank} as template")
         b = int(full[0])
         for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
-            getattr(self, f"template_U_{ell}").copy_(pad_rank(U[b], self.rank))
-            getattr(self, f"template_V_{ell}").copy_(pad_rank(V[b], self.rank))
+            getattr(self, f"template_U_{ell}").copy_(U[b, :, : self.rank])
+            getattr(self, f"template_V_{ell}").copy_(V[b, :, : self.rank])
         return self
 
     def per_module(self, batch):
-        r = self._need_rank()
-        _check_max_rank(batch, r, "O-Align features")
+        self._need_rank()
         out = []
         for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
-            U, V = pad_rank(U, r), pad_rank(V, r)
             Ut = getattr(self, f"template_U_{ell}").to(U.dtype)
             Vt = getattr(self, f"template_V_{ell}").to(U.dtype)
-            M = U.mT @ Ut + V.mT @ Vt
-            A, _, Bh = torch.linalg.svd(M)
-            O = A @ Bh
+            A, _, Bh = torch.linalg.svd(U.mT @ Ut + V.mT @ Vt, full_matrices=False)
+            O = A @ Bh                                                     # (B, r, k)
             out.append(torch.cat([(U @ O).flatten(1), (V @ O).flatten(1)], 1))
         return out
 

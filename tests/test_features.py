@@ -4,9 +4,10 @@ import torch
 from helpers_models import SPEC, random_batch
 from lol.batch import LoRABatch
 from lol.errors import SpecMismatchError
+from lol.lora import ModuleSpec
 from lol.features import (DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical, canonical_factors,
                           singular_values)
-from lol.symmetry import assert_gl_invariant, gl_invariance_error, one_sided_act
+from lol.symmetry import assert_gl_invariant, gl_act, gl_invariance_error, one_sided_act, random_gl_like
 
 
 @pytest.fixture
@@ -65,14 +66,81 @@ def test_oalign_is_orthogonal_invariant_but_not_gl_invariant(batch):
         assert_gl_invariant(f, x)
 
 
-def test_fitted_rank_bounds_are_enforced(batch):
-    f = SingularValues(SPEC, rank=2)
-    with pytest.raises(SpecMismatchError, match=r"ranks ≤ 2.*rank 3 at module"):
-        f(batch)
-    # smaller ranks are zero-padded: a rank-3 model accepts a rank-2 LoRA
-    g = SVDCanonical(SPEC).fit(batch)
-    small = random_batch(2, rank=2)
-    assert g(small).shape == (2, g.dim())
+WIDE = ModuleSpec(("a.to_q", "a.to_v", "b.to_q", "b.to_v"), ((24, 20), (24, 20), (32, 24), (32, 18)))
+
+
+def redundant(b4: LoRABatch, seed: int = 0) -> LoRABatch:
+    """The same ΔW at twice the rank: (U, V) → ([U, U], [V, V]/2), then a random GL(2r) element scrambles it."""
+    b8 = LoRABatch(b4.spec, [torch.cat([u, u], -1) for u in b4.U], [torch.cat([v, v], -1) / 2 for v in b4.V],
+                   b4.ranks * 2)
+    b8 = gl_act(b8, random_gl_like(b8, seed, cond=4.0))
+    for u, v, u4, v4 in zip(b8.U, b8.V, b4.U, b4.V):
+        assert torch.allclose(u @ v.mT, u4 @ v4.mT, atol=1e-10)
+    return b8
+
+
+def test_fixed_component_count_pads_smaller_and_keeps_largest_of_larger_ranks():
+    train = random_batch(6, spec=WIDE, rank=4, seed=11)
+    for cls in (SingularValues, SVDCanonical, OAlign):
+        f = cls(WIDE).fit(train)
+        assert f.rank == 4
+        for r in (2, 8, 16):
+            b = random_batch(3, spec=WIDE, rank=r, seed=r)
+            assert f(b).shape == (3, f.dim()), (cls.__name__, r)
+    # svals: exactly the 4 largest singular values of ΔW (of a rank-16 LoRA), zero-padded for rank 2
+    f = SingularValues(WIDE).fit(train)
+    b16, b2 = random_batch(3, spec=WIDE, rank=16, seed=1), random_batch(3, spec=WIDE, rank=2, seed=2)
+    dense16 = torch.linalg.svdvals(b16.U[0] @ b16.V[0].mT)
+    assert torch.allclose(f(b16)[:, :4], dense16[:, :4], atol=1e-10)
+    assert (f(b2).reshape(3, 4, 4)[:, :, 2:] == 0).all()
+    # canon: the rank-4 truncation is the best rank-4 approximation of ΔW (Eckart–Young)
+    g = SVDCanonical(WIDE).fit(train)
+    Uc, Vc = g.factors(b16)[0]
+    P, S, Qh = torch.linalg.svd(b16.U[0] @ b16.V[0].mT)
+    best4 = P[..., :4] @ torch.diag_embed(S[..., :4]) @ Qh[..., :4, :]
+    assert torch.allclose(Uc @ Vc.mT, best4, atol=1e-9)
+
+
+def test_a_redundant_higher_rank_form_gives_the_same_features():
+    """A rank-8 LoRA whose ΔW has rank 4 gets the rank-4 form's features (svals, canon: functions of ΔW alone); a
+    rank-4 LoRA inside a batch zero-padded to width 8 (as a mixed-rank collection is stored) gets its own features
+    from every featurizer, O-Align included."""
+    b4 = random_batch(4, spec=WIDE, rank=4, seed=12)
+    b8 = redundant(b4)
+    for cls in (SingularValues, SVDCanonical, DenseDelta):
+        f = cls(WIDE).fit(b4)
+        assert torch.allclose(f(b8), f(b4), atol=1e-9), cls.__name__
+    wide = LoRABatch(WIDE, [torch.nn.functional.pad(u, (0, 4)) for u in b4.U],
+                     [torch.nn.functional.pad(v, (0, 4)) for v in b4.V], b4.ranks)
+    for cls in (SingularValues, SVDCanonical, OAlign, FlattenFactors, DenseDelta):
+        f = cls(WIDE).fit(wide)                    # fitting on the padded batch finds the true rank, 4
+        assert f.rank == 4 and torch.allclose(f(wide), f(b4), atol=1e-10), cls.__name__
+    # sensitivity: a different rank-4 LoRA at rank 8 does not collide with b4
+    other = redundant(random_batch(4, spec=WIDE, rank=4, seed=13))
+    assert not torch.allclose(SingularValues(WIDE).fit(b4)(other), SingularValues(WIDE).fit(b4)(b4), atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [SingularValues, SVDCanonical])
+def test_invariance_holds_above_and_below_the_fitted_rank(cls):
+    f = cls(WIDE).fit(random_batch(6, spec=WIDE, rank=4, seed=14))
+    for r in (2, 8, 16):
+        b = random_batch(4, spec=WIDE, rank=r, seed=20 + r, mixed=(r == 8))
+        assert assert_gl_invariant(f, b, atol=1e-9, rtol=1e-8) < 1e-8
+        assert gl_invariance_error(f, b, act=one_sided_act) > 1e-2
+    # O-Align keeps O(r)-invariance at other ranks too, and not GL
+    o = OAlign(WIDE).fit(random_batch(6, spec=WIDE, rank=4, seed=14))
+    for r in (2, 8):
+        b = random_batch(4, spec=WIDE, rank=r, seed=30 + r)
+        assert gl_invariance_error(o, b, cond=1.0) < 1e-9
+        assert gl_invariance_error(o, b, cond=4.0) > 1e-2
+
+
+def test_flatten_refuses_other_ranks_naming_them():
+    f = FlattenFactors(WIDE).fit(random_batch(3, spec=WIDE, rank=4))
+    with pytest.raises(SpecMismatchError, match=r"one rank \(4\); this batch has ranks \[8\]"):
+        f(random_batch(2, spec=WIDE, rank=8))
+    with pytest.raises(SpecMismatchError, match=r"this batch has ranks \[1, 2, 3, 4\]"):
+        FlattenFactors(WIDE).fit(random_batch(6, spec=WIDE, rank=4, mixed=True))
 
 
 def test_featurizers_have_no_per_lora_loop_dependence():

@@ -96,10 +96,11 @@ class DenseMLP(FeatureMLP):
 
 
 class SingularValueMLP(FeatureMLP):
-    """MLP on the singular values of every ΔW ("MLP+SVD"): GL-invariant, not complete."""
+    """MLP on the singular values of every ΔW ("MLP+SVD"): GL-invariant, not complete. Reads any rank: the k largest
+    singular values per module, k fixed at fit (`lol.features.SingularValues`)."""
 
     kind = "svals"
-    requires = "the fitted module spec; ranks ≤ the fitted rank (smaller ranks are zero-padded)"
+    requires = "the fitted module spec (any ranks: the fitted rank's number of largest singular values is kept)"
     invariant_to = "GL(r)"
     featurizer_cls = SingularValues
 
@@ -108,15 +109,16 @@ class OAlignMLP(FeatureMLP):
     """MLP on factors aligned by orthogonal Procrustes to a training template: O(r)-invariant only."""
 
     kind = "oalign"
-    requires = "the fitted module spec; ranks ≤ the fitted (template) rank"
+    requires = "the fitted module spec (any ranks: aligned onto the template's rank)"
     invariant_to = "O(r)"
     featurizer_cls = OAlign
 
 
 class CanonicalMLP(FeatureMLP):
-    """MLP on the SVD canonical form (U', V') of every module: GL-invariant for generic inputs, complete."""
+    """MLP on the SVD canonical form (U', V') of every module: GL-invariant for generic inputs, complete up to the
+    fitted rank k; reads any rank (the columns of the k largest singular values, `lol.features.SVDCanonical`)."""
 
     kind = "canon_mlp"
-    requires = "the fitted module spec; ranks ≤ the fitted rank (smaller ranks are zero-padded)"
+    requires = "the fitted module spec (any ranks: the canonical columns of the fitted rank's largest singular values)"
     invariant_to = "GL(r)"
     featurizer_cls = SVDCanonical

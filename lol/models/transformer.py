@@ -26,7 +26,7 @@ class CanonicalTransformer(LoLModel):
     (Linear, LayerNorm, ReLU) → Linear."""
 
     kind = "canon_transformer"
-    requires = "the fitted module spec; ranks ≤ the fitted rank (smaller ranks are zero-padded)"
+    requires = "the fitted module spec (any ranks: the canonical columns of the fitted rank's largest singular values)"
     invariant_to = "GL(r)"
 
     def __init__(self, spec, n_outputs, width: int = 64, d_model: int = 64, depth: int = 2, heads: int = 4,
