@@ -1,6 +1,9 @@
 """Checkpoints: a folder with ``model.safetensors`` (weights and fitted featurizer state, e.g. the O-Align template, as
 tensors) and ``config.json`` (model kind and hyperparameters, label names/kinds and normalization, ModuleSpec,
-training-data fingerprint, metrics, training config). Loading needs no pickle and no training state.
+training-data fingerprint, metrics, training config, and the exact split: ``"split"``, the train/val/test LoRA ids
+with the collection fingerprint, see `lol.train.TrainResult.split_record`). Loading needs no pickle and no training
+state. `Checkpoint.split_of` is the one place a consumer (e.g. the app) learns which LoRAs a model was trained,
+validated and tested on.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ CHECKPOINT_INDEX = Path(__file__).resolve().parent.parent / "data" / "checkpoint
 
 
 def save_checkpoint(path, model: LoLModel, targets: TargetSet, *, fingerprint: str | None = None,
-                    metrics: dict | None = None, train_config: dict | None = None, extra: dict | None = None) -> Path:
+                    metrics: dict | None = None, train_config: dict | None = None, split: dict | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write the checkpoint folder. ``split`` is the exact split record (`lol.train.TrainResult.split_record`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -37,7 +42,7 @@ def save_checkpoint(path, model: LoLModel, targets: TargetSet, *, fingerprint: s
     config = {"format": FORMAT, "version": VERSION, "kind": model.kind, "hparams": model.config(),
               "n_outputs": model.n_outputs, "invariant_to": model.invariant_to, "requires": model.requires,
               "spec": model.spec.to_json(), "labels": targets.to_json(), "fingerprint": fingerprint,
-              "metrics": nan_to_none(metrics or {}), "train": train_config or {}, **(extra or {})}
+              "metrics": nan_to_none(metrics or {}), "train": train_config or {}, "split": split, **(extra or {})}
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str))
     return path
 
@@ -57,6 +62,22 @@ class Checkpoint:
     @property
     def labels(self) -> list[str]:
         return self.targets.names
+
+    @property
+    def split(self) -> dict | None:
+        """The recorded split (``{"by", "how", "fingerprint", "train", "val", "test"}``), or None (not recorded)."""
+        rec = self.config.get("split")
+        return rec if isinstance(rec, dict) and all(s in rec for s in ("train", "val", "test")) else None
+
+    def split_of(self, ids) -> np.ndarray | None:
+        """``"train"``/``"val"``/``"test"`` for each LoRA id in ``ids`` as recorded at training time, ``""`` for one the
+        model never used; None when the checkpoint records no split by id. Compare the collection's fingerprint with
+        ``split["fingerprint"]`` first: ids are only meaningful within the collection the model was trained on."""
+        rec = self.split
+        if rec is None or rec.get("by", "id") != "id":
+            return None
+        where = {str(i): s for s in ("train", "val", "test") for i in rec[s]}
+        return np.array([where.get(str(i), "") for i in ids], dtype=object)
 
     def predict_batch(self, batch: LoRABatch, chunk: int = 64) -> dict[str, np.ndarray]:
         """{label: predictions} for a batch over this checkpoint's spec (float32 on the model's device)."""

@@ -259,7 +259,7 @@ def _save(res, path: Path, ref: TaskRef, extra: dict | None = None) -> Path:
     from .checkpoint import save_checkpoint
 
     return save_checkpoint(path, res.model, res.targets, fingerprint=res.fingerprint, metrics=res.metrics,
-                           train_config=asdict(res.config),
+                           train_config=asdict(res.config), split=res.split_record(),
                            extra={"best_epoch": res.best_epoch, "seconds": round(res.seconds, 2),
                                   "collection": ref.collection, "task": ref.task, "rows": ref.filter,
                                   **(extra or {})})

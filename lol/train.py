@@ -12,6 +12,9 @@
 5. early stopping on the validation loss (the best epoch's weights are kept);
 6. metrics (`lol.metrics`) on every split, in each label's own units.
 
+`TrainResult.save` writes a checkpoint that records the exact split (`TrainResult.split_record`: the train/val/test
+LoRA ids and the collection fingerprint), so no consumer re-derives it.
+
 CUDA is used when present (else CPU). A run is deterministic for a given seed on a given device.
 """
 from __future__ import annotations
@@ -63,11 +66,23 @@ class TrainResult:
     predictions: pd.DataFrame                        # one row per LoRA: id (if known), split, predicted labels
     fingerprint: str | None = None
     seconds: float = 0.0
+    split_how: str = ""                              # how the split was made, in words
+
+    def split_record(self) -> dict:
+        """The exact split, for the checkpoint (`lol.checkpoint.save_checkpoint`): ``{"by": "id", "train": [ids],
+        "val": [...], "test": [...], "how": ..., "fingerprint": collection fingerprint}``. LoRAs are named by their
+        ``id`` when the training table had one, else (``"by": "position"``) by row number in the training batch."""
+        if "id" in self.predictions.columns:
+            by, names = "id", [str(i) for i in self.predictions["id"]]
+        else:
+            by, names = "position", list(range(len(self.split)))
+        return {"by": by, "how": self.split_how, "fingerprint": self.fingerprint,
+                **{s: [names[i] for i in np.nonzero(self.split == s)[0]] for s in ("train", "val", "test")}}
 
     def save(self, path) -> "Any":
         from .checkpoint import save_checkpoint
         return save_checkpoint(path, self.model, self.targets, fingerprint=self.fingerprint,
-                               metrics=self.metrics, train_config=asdict(self.config),
+                               metrics=self.metrics, train_config=asdict(self.config), split=self.split_record(),
                                extra={"best_epoch": self.best_epoch, "seconds": round(self.seconds, 2)})
 
 
@@ -104,18 +119,22 @@ def _resolve_data(data, labels, table, kinds):
 
 
 def _splits(n, table, cfg):
+    """→ (split array, {split: indices}, how the split was made in words)."""
     groups = table["group"].to_numpy() if table is not None and "group" in table.columns else None
     if table is not None and "split" in table.columns and table["split"].notna().all():
         split = table["split"].astype(str).to_numpy(object)
+        how = "the collection's split column"
     else:
         split = make_splits(n, cfg.fractions, cfg.seed, groups)
+        how = (f"seeded {'grouped ' if groups is not None else ''}split with seed {cfg.seed} and fractions "
+               f"{'/'.join(f'{f:g}' for f in cfg.fractions)}")
     if groups is not None:
         check_grouped(split, groups)
     idx = split_indices(split)
     if len(idx["train"]) == 0 or len(idx["val"]) == 0:
         raise LoLError(f"train: need LoRAs in both the train and val splits (got {len(idx['train'])} train, "
                        f"{len(idx['val'])} val)")
-    return split, idx
+    return split, idx, how
 
 
 def _outputs(model, inputs, n, chunk=256):
@@ -140,7 +159,7 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
     t0 = time.time()
     batch, cols, kinds, table, fingerprint = _resolve_data(data, labels, table, kinds)
     n = len(batch)
-    split, idx = _splits(n, table, cfg)
+    split, idx, split_how = _splits(n, table, cfg)
     targets = TargetSet.fit(cols, kinds, idx["train"])
     Y = targets.encode(cols)
     device = resolve_device(cfg.device)
@@ -210,4 +229,4 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
     if table is not None and "id" in table.columns:
         pred.insert(0, "id", table["id"].to_numpy())
     return TrainResult(model.cpu(), kind, targets, cfg, metrics, history, best[1], split, pred, fingerprint,
-                       time.time() - t0)
+                       time.time() - t0, split_how)

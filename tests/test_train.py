@@ -109,3 +109,58 @@ def test_bad_inputs_fail_clearly(task):
         train(batch, labels, "glnet", epoch=3)
     with pytest.raises(Exception, match="unknown model kind"):
         train(batch.select(range(20)), {k: v[:20] for k, v in labels.items()}, "resnet", progress=False)
+
+
+def _mixed_rank_collection(n_per_rank=8):
+    """LoRAs of ranks 4, 8, 16 in one padded batch, with a table: rank 4 in train, 8 in val, 16 in test."""
+    from helpers_models import SPEC, random_lora
+    from lol.batch import LoRABatch
+
+    ranks = [r for r in (4, 8, 16) for _ in range(n_per_rank)]
+    loras = [random_lora(SPEC, r, seed=i, dtype=torch.float32) for i, r in enumerate(ranks)]
+    batch = LoRABatch.from_loras(loras, SPEC)
+    y = np.array([float(sum(torch.linalg.matrix_norm(m.U @ m.V.T) for m in lo)) for lo in loras])
+    table = pd.DataFrame({"id": [f"r{r}-{i}" for i, r in enumerate(ranks)], "y": y,
+                          "split": [{4: "train", 8: "val", 16: "test"}[r] for r in ranks]})
+    return batch, table
+
+
+@pytest.mark.parametrize("kind", ["svals", "canon_mlp", "canon_transformer", "oalign", "glnet", "dense", "mlp"])
+def test_training_on_rank_4_evaluates_on_ranks_8_and_16(kind):
+    """The zoo's mixed-rank case: fitted on the rank-4 LoRAs, every model but the flatten MLP reads the rank-8 (val)
+    and rank-16 (test) LoRAs; the flatten MLP refuses with the ranks named."""
+    batch, table = _mixed_rank_collection()
+    hp = {"canon_transformer": {"d_model": 16, "heads": 2, "depth": 1}, "glnet": {"channels": 4}}.get(kind, {})
+    run = lambda: train(batch, ["y"], kind, table=table, epochs=2, width=8, progress=False, model=hp)  # noqa: E731
+    if kind == "mlp":
+        with pytest.raises(Exception, match=r"one rank \(4\); this batch has ranks \[4, 8, 16\]"):
+            run()
+        return
+    res = run()
+    if hasattr(res.model, "features") and kind != "dense":
+        assert res.model.features.rank == 4          # k fixed from the training LoRAs
+    assert np.isfinite(res.predictions["y"]).all()
+    assert set(res.metrics) == {"train", "val", "test"} and np.isfinite(res.metrics["test"]["y"]["mae"])
+
+
+def test_checkpoint_records_the_exact_split_by_id(task, tmp_path):
+    batch, labels = task
+    n = 60
+    table = pd.DataFrame({"id": [f"l{i}" for i in range(n)], "group": np.arange(n) // 4,
+                          "energy": labels["energy"][:n]})
+    res = train(batch.select(range(n)), ["energy"], "svals", table=table, epochs=2, progress=False, seed=3)
+    res.fingerprint = "abc123"
+    ck = load_checkpoint(res.save(tmp_path / "ck"))
+    rec = ck.split
+    assert rec["by"] == "id" and rec["fingerprint"] == "abc123"
+    assert rec["how"] == "seeded grouped split with seed 3 and fractions 0.7/0.15/0.15"
+    assert sorted(rec["train"] + rec["val"] + rec["test"]) == sorted(table["id"])
+    # consumers read it back without re-deriving it, ids in any order; an id the model never saw gets ""
+    ids = ["nope", *table["id"][::-1]]
+    assert list(ck.split_of(ids)) == ["", *res.split[::-1]]
+    # without ids (a bare LoRABatch) rows are recorded by position, and split_of declines
+    res2 = train(batch.select(range(n)), {"energy": labels["energy"][:n]}, "svals", epochs=1, progress=False)
+    ck2 = load_checkpoint(res2.save(tmp_path / "ck2"))
+    assert ck2.split["by"] == "position" and ck2.split["how"].startswith("seeded split with seed 0")
+    assert sorted(ck2.split["train"] + ck2.split["val"] + ck2.split["test"]) == list(range(n))
+    assert ck2.split_of(["l0"]) is None

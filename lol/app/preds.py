@@ -86,31 +86,18 @@ def _normalise(raw: pd.DataFrame, ids: list[str], labels: list[str]) -> pd.DataF
 
 def model_split(ckpt_path: str, coll) -> tuple[np.ndarray | None, str]:
     """The split (train/val/test, "" for rows the model did not use) of every LoRA of ``coll`` when the checkpoint
-    was trained, and a note. From the collection's ``split`` column, else `lol.splits.make_splits` with the seed,
-    fractions and row filter recorded in the checkpoint (as `lol.train` drew it). None when the model was trained on
-    another collection (its fingerprint differs): then every LoRA here is unseen by it."""
-    from ..splits import make_splits
-
+    was trained, and a note: the LoRA ids recorded in the checkpoint (`lol.checkpoint.Checkpoint.split_of`), never
+    re-derived. None when the model was trained on another collection (its fingerprint differs): then every LoRA here
+    is unseen by it. All "" (no test split known) for a checkpoint that records no split by id."""
     ck = cache.checkpoint(ckpt_path, "cpu")
-    fp = ck.config.get("fingerprint")
+    rec = ck.split or {}
+    fp = rec.get("fingerprint") or ck.config.get("fingerprint")
     if fp and fp != getattr(coll, "fingerprint", None):
         return None, "this model was trained on another collection: every LoRA here is unseen by it"
-    table = coll.table
-    mask = np.ones(len(table), dtype=bool)
-    for col, value in ck.config.get("rows") or []:
-        if col not in table.columns:
-            return None, f"the model's row filter uses a column {col!r} this collection lacks"
-        mask &= (table[col] == value).to_numpy()
-    split = np.full(len(table), "", dtype=object)
-    if "split" in table.columns and table["split"].notna().all():
-        split[mask] = table["split"].astype(str).to_numpy(object)[mask]
-        return split, "the collection's split column"
-    train = ck.config.get("train") or {}
-    if "seed" not in train or "fractions" not in train:
-        return None, "the checkpoint does not record how its split was drawn"
-    groups = table["group"].to_numpy()[mask] if "group" in table.columns else None
-    split[mask] = make_splits(int(mask.sum()), tuple(train["fractions"]), int(train["seed"]), groups)
-    return split, f"the seeded grouped split recorded with the model (seed {train['seed']})"
+    split = ck.split_of(coll.table["id"].astype(str))
+    if split is None:
+        return np.full(len(coll.table), "", dtype=object), "the checkpoint does not record which LoRAs it used"
+    return split, f"the split recorded with the model: {rec.get('how') or 'its train/val/test LoRA ids'}"
 
 
 def prediction_frame(ctx, model, coll) -> pd.DataFrame | None:
