@@ -34,6 +34,10 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
+    r = zsub.add_parser("report", help="write OUT/README.md from the build's own records")
+    r.add_argument("--out", default="data")
+    r.set_defaults(func=cmd_report)
+
 
 def cmd_build(args) -> int:
     from ..zoo.build import build
@@ -61,4 +65,11 @@ def cmd_status(args) -> int:
         else:
             print(f"collection {c:8s} {info['jobs_done']}/{info['jobs']} LoRAs "
                   f"({info['groups_done']}/{info['groups']} groups){', packed' if info['packed'] else ''}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..zoo.report import write_data_readme
+
+    print(f"wrote {write_data_readme(args.out)}")
     return 0
