@@ -7,8 +7,11 @@ subprocess so its peak memory (CPU: process max RSS; CUDA: max allocated) is its
 
 GL-net is also stated against the FLOP ceiling: its first equivariant layer costs ``2·h·Σ(n+m)·r`` FLOP per LoRA
 (51 MFLOP at h = 64), so ``ceiling = matmul GFLOP/s / first-layer FLOP`` LoRAs/s. Goals (from the issue): GL-net
-≥ 35 % of that ceiling and ≥ 50× the dense-ΔW model. ``glnet_loop`` is the same GL-net with its first layer run as a
-naive loop over modules (no grouping of equal shapes), for reference; its outputs are checked to match.
+≥ 35 % of that ceiling and ≥ 50× the dense-ΔW model. ``glnet`` has the paper's flat head (L·h² products into the MLP,
+whose first Linear alone costs 2·L·h²·width FLOP, 34 MFLOP at h = width = 64); ``glnet_sketch`` is the same network
+with the invariant sketch head (``head_channels``, default 16: L·s² products). ``glnet_loop`` is GL-net with its first
+layer run as a naive loop over modules and its head on the materialized products, for reference; its outputs are
+checked to match.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import subprocess
 import sys
 import time
 
-KINDS = ("mlp", "mlp_aug", "dense", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet", "glnet_loop")
+KINDS = ("mlp", "mlp_aug", "dense", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet", "glnet_sketch",
+         "glnet_loop")
 
 
 def _spec():
@@ -59,7 +63,8 @@ def _sync(device):
 
 
 def glnet_loop_forward(model, batch):
-    """GL-net with the first layer as a plain per-module loop (reference for the grouped implementation)."""
+    """GL-net with the first layer as a plain per-module loop and the head on the materialized (B, L·h²) products
+    (reference for the grouped first layer and the chunked head)."""
     import torch
     inp = model.input
     phi = {ell: inp.phi[g][k] for g, (_, idx) in enumerate(inp.u_groups) for k, ell in enumerate(idx)}
@@ -68,6 +73,8 @@ def glnet_loop_forward(model, batch):
     HV = torch.stack([torch.matmul(psi[ell], V).mT for ell, V in enumerate(batch.V)])
     for layer in model.hidden:
         HU, HV = layer(*model.gate(HU, HV))
+    if model.sketch is not None:
+        HU, HV = model.sketch(HU, HV)
     return model.head(model.trunk(model.inv(HU, HV)))
 
 
@@ -76,12 +83,14 @@ def child(args) -> dict:
     from lol.models import build_model
     device = torch.device(args.device)
     spec = _spec()
-    kind = "glnet" if args.kind == "glnet_loop" else args.kind
+    kind = "glnet" if args.kind.startswith("glnet") else args.kind
     hp = {"width": args.width}
     if kind == "dense":
         hp["width"] = args.dense_width
     if kind == "glnet":
         hp.update(channels=args.channels, depth=args.depth)
+    if args.kind == "glnet_sketch":
+        hp.update(head_channels=args.head_channels)
     torch.manual_seed(0)
     model = build_model(kind, spec, 1, **hp)
     n = args.dense_batch if kind == "dense" else args.batch
@@ -126,12 +135,18 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--head-channels", type=int, default=16, help="sketch width s of glnet_sketch")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the matmul ceiling and every model (default: torch's choice); "
+                        "1 is steadier on a shared machine, where a parallel op waits for a busy core")
     p.add_argument("--child", dest="kind", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.kind:
         print(json.dumps(child(args)))
         return 0
@@ -144,7 +159,8 @@ def main(argv=None):
     rows = []
     passthrough = ["--device", args.device, "--batch", str(args.batch), "--dense-batch", str(args.dense_batch),
                    "--dense-width", str(args.dense_width), "--width", str(args.width), "--channels",
-                   str(args.channels), "--depth", str(args.depth), "--rank", str(args.rank), "--seconds",
+                   str(args.channels), "--depth", str(args.depth), "--head-channels", str(args.head_channels),
+                   "--rank", str(args.rank), "--threads", str(torch.get_num_threads()), "--seconds",
                    str(args.seconds)]
     for kind in args.kinds.split(","):
         r = subprocess.run([sys.executable, "-m", "bench.bench_models", *passthrough, "--child", kind],
@@ -157,16 +173,17 @@ def main(argv=None):
         print(f"{kind:18s} {x['loras_per_s']:10.1f} LoRAs/s  batch {x['batch']:3d}  {x['ms_per_batch']:9.1f} ms/batch"
               f"  peak mem {x['peak_mem_mb']:8.0f} MB  weights {x['weights_mb']:7.1f} MB", flush=True)
     by = {x["kind"]: x for x in rows}
-    if "glnet" in by:
-        g = by["glnet"]
+    for name in ("glnet", "glnet_sketch"):
+        if name not in by:
+            continue
+        g = by[name]
         ceiling = gflops * 1e9 / g["first_layer_flop_per_lora"]
-        print(f"GL-net first layer: {g['first_layer_flop_per_lora'] / 1e6:.1f} MFLOP/LoRA → ceiling "
-              f"{ceiling:.0f} LoRAs/s; GL-net reaches {g['loras_per_s']:.0f} = {100 * g['loras_per_s'] / ceiling:.0f}% "
-              f"of it (goal ≥ 35%)")
+        print(f"{name}: first layer {g['first_layer_flop_per_lora'] / 1e6:.1f} MFLOP/LoRA → ceiling {ceiling:.0f} "
+              f"LoRAs/s; reaches {g['loras_per_s']:.0f} = {100 * g['loras_per_s'] / ceiling:.0f}% of it (goal ≥ 35%)")
         if "dense" in by:
-            print(f"GL-net / dense-ΔW model: {g['loras_per_s'] / by['dense']['loras_per_s']:.0f}× (goal ≥ 50×)")
-        if "glnet_loop" in by:
-            print(f"grouped / per-module loop: {g['loras_per_s'] / by['glnet_loop']['loras_per_s']:.2f}×")
+            print(f"{name} / dense-ΔW model: {g['loras_per_s'] / by['dense']['loras_per_s']:.0f}× (goal ≥ 50×)")
+    if "glnet" in by and "glnet_loop" in by:
+        print(f"glnet / per-module loop: {by['glnet']['loras_per_s'] / by['glnet_loop']['loras_per_s']:.2f}×")
     return 0
 
 

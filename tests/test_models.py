@@ -123,6 +123,29 @@ def test_glnet_any_depth_and_gate_and_pool_is_invariant(mixed):
         assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
 
 
+def test_glnet_head_computes_the_trunk_on_products_it_never_holds_whole(mixed):
+    """embed = trunk(invariant_features): the chunked head (Σ_ℓ W_ℓ vec(P_ℓ)) equals the Linear on the flat products,
+    for every pool, with and without the invariant sketch, for any chunk size."""
+    for hp in ({}, {"pool": "mean"}, {"head_channels": 3}, {"head_channels": 4, "depth": 1}):
+        m = make("glnet", mixed, **hp).double().eval()
+        with torch.no_grad():
+            want = m.trunk(m.invariant_features(mixed))
+            assert torch.allclose(m.embed(mixed), want, atol=1e-12, rtol=1e-10), hp
+            HU, HV = m.equivariant(mixed.U, mixed.V)
+            for budget in (1, 50, 10**9):
+                y = m.inv.linear(HU, HV, m.trunk[0], budget=budget)
+                assert torch.allclose(y, m.trunk[0](m.invariant_features(mixed)), atol=1e-12, rtol=1e-10)
+    m = make("glnet", mixed, head_channels=3)
+    assert m.invariant_features(mixed).shape == (len(mixed), len(SPEC) * 9)
+    assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+    assert gl_invariance_error(m, mixed, act=one_sided_act) > 1e-3
+    fresh = build_model("glnet", SPEC, 3, **m.config())
+    fresh.load_state_dict(m.state_dict())
+    # a checkpoint written before head_channels existed (no such hparam) builds the paper's flat head
+    old = {k: v for k, v in make("glnet", mixed).config().items() if k != "head_channels"}
+    assert build_model("glnet", SPEC, 3, **old).sketch is None
+
+
 def test_glnet_is_rank_agnostic():
     train = random_batch(8, rank=4, seed=6)
     m = make("glnet", train).double().eval()

@@ -14,16 +14,21 @@ Layers, all per module ℓ and never mixing U with V or one module with another:
 3. `GLHidden`: per-module h×h maps ``(U, V) ↦ (W_ℓ U, W'_ℓ V)`` for deeper layers, one batched matmul over modules.
 4. `InvariantHead`: ``P_ℓ = (Φ U)(Ψ V)ᵀ ∈ R^{h×h}`` per module — invariant since ``U R (V R⁻ᵀ)ᵀ = U Vᵀ`` — either
    flattened (``pool="flat"``) or averaged to one number per module (``pool="mean"``), scaled per module by a
-   constant fitted on the training split, then an MLP (Linear, LayerNorm, ReLU, Linear).
+   constant fitted on the training split, then an MLP (Linear, LayerNorm, ReLU, Linear). Optionally
+   (``head_channels=s``) a last per-module h → s linear map on both sides first (an *invariant sketch*: P_ℓ becomes
+   the s×s matrix ``A_ℓ P_ℓ B_ℓᵀ``), which makes the head L·s² wide instead of L·h².
 
 Every layer output depends on (U, V) only through ΔW_ℓ = U_ℓ V_ℓᵀ (each gate and each P is a function of ΔW), so the
 model is GL-invariant, rank-agnostic, and a LoRA given at a larger rank with the same ΔW gets the same prediction.
 With ``depth=1`` the model is an MLP over the learned bilinear sketches ``Φ_ℓ ΔW_ℓ Ψ_ℓᵀ``.
 
-Internal layout: U-side activations are one tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules zero-padded to the
-batch's largest rank; zero columns stay zero through every layer and add nothing to P). Transposed factors make every
-layer one large contiguous matmul: the first layer computes ``Uᵀ Φᵀ`` as a (B·r × n) @ (n × h) product per module
-(after a cheap batched transpose), instead of the permuting copy that ``Φ U`` over a batch would need.
+Internal layout and cost: U-side activations are one contiguous tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules
+zero-padded to the batch's largest rank; zero columns stay zero through every layer and add nothing to P), and so
+are the V-side ones. Transposed factors make every layer one large matmul on views: the first layer packs each group
+of equal-dimension modules once as (G, B·r, n) and multiplies it by the group's stacked (G, n, h) weights — the only
+O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — and writes the result straight into the modules' slots; hidden layers are
+one (L, B·r, h) @ (L, h, h) product; the gate is two elementwise passes. The flat head never materializes the
+(B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear chunk by chunk of modules.
 """
 from __future__ import annotations
 
@@ -76,19 +81,22 @@ class GLInput(nn.Module):
                                      for d, idx in self.u_groups])
         self.psi = nn.ParameterList([nn.Parameter(torch.randn(len(idx), channels, d) / math.sqrt(d))
                                      for d, idx in self.v_groups])
-        for name, groups in (("u_order", self.u_groups), ("v_order", self.v_groups)):
-            flat = [ell for _, idx in groups for ell in idx]
-            self.register_buffer(name, torch.argsort(torch.tensor(flat)), persistent=False)
 
-    def _side(self, Xs, groups, weights, order, r):
+    def _side(self, Xs, groups, weights, r):
+        """(L, B, r, h): each group's (G, B·r, d) @ (G, d, h) product written straight into its modules' slots."""
         B = Xs[0].shape[0]
-        Y = torch.cat([torch.bmm(X, W.to(X.dtype).mT) for W, X in zip(weights, pack_factors(Xs, groups, r))])
-        return Y.index_select(0, order.to(Y.device)).reshape(self.L, B, r, self.h)
+        H = Xs[0].new_empty(self.L, B * r, self.h)
+        for (_, idx), W, X in zip(groups, weights, pack_factors(Xs, groups, r)):
+            Y = torch.bmm(X, W.to(X.dtype).mT)
+            if idx[-1] - idx[0] == len(idx) - 1:               # consecutive modules: a plain slice
+                H[idx[0]: idx[-1] + 1] = Y
+            else:
+                H.index_copy_(0, torch.tensor(idx, device=H.device), Y)
+        return H.view(self.L, B, r, self.h)
 
     def forward(self, Us: list[torch.Tensor], Vs: list[torch.Tensor]):
         r = max(u.shape[-1] for u in Us)
-        return (self._side(Us, self.u_groups, self.phi, self.u_order, r),
-                self._side(Vs, self.v_groups, self.psi, self.v_order, r))
+        return self._side(Us, self.u_groups, self.phi, r), self._side(Vs, self.v_groups, self.psi, r)
 
     def flops_per_lora(self, spec: ModuleSpec, r: int) -> int:
         """Multiply-adds × 2 of this layer for one LoRA of rank r: 2·h·Σ(n + m)·r."""
@@ -96,13 +104,15 @@ class GLInput(nn.Module):
 
 
 class GLHidden(nn.Module):
-    """Per-module h×h maps ``(U_ℓ, V_ℓ) ↦ (W_ℓ U_ℓ, W'_ℓ V_ℓ)`` on (L, B, r, h) activations. GL-equivariant."""
+    """Per-module maps ``(U_ℓ, V_ℓ) ↦ (W_ℓ U_ℓ, W'_ℓ V_ℓ)`` (h → h' channels, h' = h by default) on (L, B, r, h)
+    activations, one batched matmul over modules. GL-equivariant."""
 
-    def __init__(self, n_modules: int, channels: int):
+    def __init__(self, n_modules: int, channels: int, out_channels: int | None = None, gain: float = 2.0):
         super().__init__()
-        std = math.sqrt(2.0 / channels)  # the gate keeps about half of the rows
-        self.wu = nn.Parameter(torch.randn(n_modules, channels, channels) * std)
-        self.wv = nn.Parameter(torch.randn(n_modules, channels, channels) * std)
+        out = channels if out_channels is None else int(out_channels)
+        std = math.sqrt(gain / channels)  # gain 2: the gate before it keeps about half of the rows
+        self.wu = nn.Parameter(torch.randn(n_modules, out, channels) * std)
+        self.wv = nn.Parameter(torch.randn(n_modules, out, channels) * std)
 
     def forward(self, HU, HV):
         L, B, r, h = HU.shape
@@ -121,19 +131,24 @@ class RowGate(nn.Module):
 
     def _g(self, z):
         if self.gate == "hard":
-            return (z > 0).to(z.dtype)
+            return z > 0                                  # multiplying by a bool mask: one pass, no float copy
         rms = torch.sqrt((z * z).mean(-1, keepdim=True) + 1e-30)
         return torch.sigmoid(z / rms)
 
     def forward(self, HU, HV):
-        zu = torch.einsum("lbri,lbr->lbi", HU, HV.sum(-1))   # U (Vᵀ 1): row sums of U Vᵀ, never formed
-        zv = torch.einsum("lbri,lbr->lbi", HV, HU.sum(-1))   # V (Uᵀ 1)
-        return HU * self._g(zu).unsqueeze(2), HV * self._g(zv).unsqueeze(2)
+        # on transposed factors (L, B, r, h): U (Vᵀ 1) = (Vᵀ1)ᵀ (ΦU)ᵀ as a (1 × r) @ (r × h) product per module and LoRA
+        zu = torch.matmul(HV.sum(-1).unsqueeze(-2), HU)   # U (Vᵀ 1), the row sums of U Vᵀ: (L, B, 1, h)
+        zv = torch.matmul(HU.sum(-1).unsqueeze(-2), HV)   # V (Uᵀ 1)
+        return HU * self._g(zu), HV * self._g(zv)
 
 
 class InvariantHead(nn.Module):
     """``P_ℓ = (Φ U)(Ψ V)ᵀ`` per module and LoRA, scaled by fitted per-module constants: (B, L·h·h) for
-    ``pool="flat"``, (B, L) for ``pool="mean"``. GL-invariant."""
+    ``pool="flat"``, (B, L) for ``pool="mean"``. GL-invariant.
+
+    The flat products come out of one batched matmul already in (B, L, h, h) order (so the trunk reads them without a
+    copy), with the constant folded into the U side first; the mean is computed without forming P:
+    ``mean(P) = Σ_j (1ᵀ(ΦU)_j)(1ᵀ(ΨV)_j) / (h h')``."""
 
     def __init__(self, n_modules: int, pool: str = "flat"):
         super().__init__()
@@ -143,16 +158,39 @@ class InvariantHead(nn.Module):
         self.register_buffer("scale", torch.ones(n_modules))
 
     def products(self, HU, HV):
+        """The unscaled P: (B, L, h, h') for ``pool="flat"``, its mean over (h, h') (B, L) for ``"mean"``."""
         L, B, r, h = HU.shape
-        P = torch.bmm(HU.reshape(L * B, r, h).mT, HV.reshape(L * B, r, h)).reshape(L, B, h, h).transpose(0, 1)
-        return P if self.pool == "flat" else P.mean((-1, -2))        # (B, L)
+        if self.pool == "mean":
+            return (HU.sum(-1) * HV.sum(-1)).sum(-1).T / (h * HV.shape[-1])
+        hu = HU.transpose(0, 1).reshape(B * L, r, h)     # (B, L, r, h): a small copy of the factors, not of P
+        hv = HV.transpose(0, 1).reshape(B * L, r, -1)
+        return torch.bmm(hu.mT, hv).view(B, L, h, -1)
 
     def forward(self, HU, HV):
-        P = self.products(HU, HV)
-        s = self.scale.to(P.dtype)
-        if self.pool == "flat":
-            return (P * s[None, :, None, None]).flatten(1)
-        return P * s
+        P = self.products(HU * self.scale.to(HU.dtype)[:, None, None, None], HV)
+        return P.flatten(1) if self.pool == "flat" else P
+
+    def linear(self, HU, HV, lin: nn.Linear, budget: int | None = None) -> torch.Tensor:
+        """``lin(self(HU, HV))`` without holding the (B, L·h·h') products at once: ``b + Σ_ℓ s_ℓ W_ℓ vec(P_ℓ)`` over
+        chunks of modules, each chunk's P (about ``budget`` numbers; default 2¹⁸ on CPU — 1 MiB in float32, a core's L2
+        cache — and 2²⁴ elsewhere, where fewer, larger kernels win; computed by one batched matmul on views of the
+        activations) consumed by one batched matmul against views of the weight while still in cache. Same value, same invariance; it spares allocating, writing and re-reading the largest
+        tensor of the model (1 MiB per LoRA at h = 64 on SD-1.x q/v)."""
+        if self.pool == "mean":
+            return lin(self(HU, HV))
+        L, B, r, h = HU.shape
+        h2 = HV.shape[-1]
+        W = lin.weight.view(lin.out_features, L, h * h2)
+        HU = HU * self.scale.to(HU.dtype)[:, None, None, None]
+        if budget is None:
+            budget = 1 << 18 if HU.device.type == "cpu" else 1 << 24
+        step = max(1, budget // (B * h * h2))
+        y = lin.bias
+        for l0 in range(0, L, step):
+            l1 = min(L, l0 + step)
+            P = torch.bmm(HU[l0:l1].reshape(-1, r, h).mT, HV[l0:l1].reshape(-1, r, h2))      # (Lc·B, h, h')
+            y = y + torch.bmm(P.view(l1 - l0, B, -1), W[:, l0:l1].permute(1, 2, 0)).sum(0)
+        return y
 
     @torch.no_grad()
     def fit(self, Ps: list[torch.Tensor]):
@@ -167,7 +205,9 @@ class GLNet(LoLModel):
 
     Invariant to ∏ GL(r_ℓ) by construction; any rank (and mixed ranks) at inference, whatever rank it was trained at.
     Hyperparameters: ``channels`` h (equivariant width), ``depth`` (equivariant linear layers), ``gate``, ``pool``,
-    ``width`` (MLP width)."""
+    ``head_channels`` s (None: the paper's h×h products; s < h: the invariant sketch, L·s² head inputs — far cheaper
+    when h is large: at h = 64 the flat head's first Linear alone costs 2·L·h²·width FLOP per LoRA, about 65 % of the
+    first equivariant layer on SD-1.x q/v), ``width`` (MLP width)."""
 
     kind = "glnet"
     requires = "the fitted module spec (any ranks, mixed ranks allowed)"
@@ -175,28 +215,34 @@ class GLNet(LoLModel):
     precompute = False
 
     def __init__(self, spec, n_outputs, width: int = 64, channels: int = 32, depth: int = 2, gate: str = "hard",
-                 pool: str = "flat"):
+                 pool: str = "flat", head_channels: int | None = None):
         super().__init__(spec, n_outputs, width)
         if depth < 1:
             raise ValueError(f"GLNet: depth must be ≥ 1, got {depth}")
         self.channels, self.depth, self.gate_kind, self.pool = int(channels), int(depth), gate, pool
+        self.head_channels = None if head_channels is None else int(head_channels)
         self.input = GLInput(spec, channels)
         self.gate = RowGate(gate)
         self.hidden = nn.ModuleList([GLHidden(len(spec), channels) for _ in range(depth - 1)])
+        # optional invariant sketch: a linear h → s map on both sides, so P_ℓ is s×s (= A_ℓ P_ℓ B_ℓᵀ), not h×h
+        self.sketch = None if head_channels is None else GLHidden(len(spec), channels, self.head_channels, gain=1.0)
         self.inv = InvariantHead(len(spec), pool)
-        d = len(spec) * (channels * channels if pool == "flat" else 1)
-        self.trunk = MLPTrunk(d, width, depth=1)
+        s = self.head_channels or channels
+        self.trunk = MLPTrunk(len(spec) * (s * s if pool == "flat" else 1), width, depth=1)
         self.head = nn.Linear(width, n_outputs)
 
     def config(self):
         return {"width": self.width, "channels": self.channels, "depth": self.depth, "gate": self.gate_kind,
-                "pool": self.pool}
+                "pool": self.pool, "head_channels": self.head_channels}
 
     def equivariant(self, Us, Vs):
-        """The equivariant trunk: per-module lists → (L, B, r, h) activations (transposed factors) of both sides."""
+        """The equivariant trunk: per-module lists → (L, B, r, h) activations (transposed factors) of both sides
+        (h = ``head_channels`` when the sketch is on)."""
         HU, HV = self.input(Us, Vs)
         for layer in self.hidden:
             HU, HV = layer(*self.gate(HU, HV))
+        if self.sketch is not None:
+            HU, HV = self.sketch(HU, HV)
         return HU, HV
 
     def invariant_features(self, batch):
@@ -216,4 +262,12 @@ class GLNet(LoLModel):
         return self
 
     def embed_features(self, batch):
-        return self.trunk(self.invariant_features(batch))
+        """``trunk(invariant_features(batch))``, with the trunk's first Linear applied inside the invariant head
+        (`InvariantHead.linear`)."""
+        self.check(batch)
+        HU, HV = self.equivariant(batch.U, batch.V)
+        first, *rest = self.trunk
+        y = self.inv.linear(HU, HV, first)
+        for layer in rest:
+            y = layer(y)
+        return y
