@@ -132,6 +132,9 @@ def test_glnet_head_computes_the_trunk_on_products_it_never_holds_whole(mixed):
             want = m.trunk(m.invariant_features(mixed))
             assert torch.allclose(m.embed(mixed), want, atol=1e-12, rtol=1e-10), hp
             HU, HV = m.equivariant(mixed.U, mixed.V)
+            # the fitted per-module scale is 1/RMS of the unscaled products over the training batch
+            P = m.inv.products(HU, HV).reshape(len(mixed), len(SPEC), -1)
+            assert torch.allclose(m.inv.scale, P.square().mean((0, 2)).rsqrt(), rtol=1e-5)  # fitted in float32
             for budget in (1, 50, 10**9):
                 y = m.inv.linear(HU, HV, m.trunk[0], budget=budget)
                 assert torch.allclose(y, m.trunk[0](m.invariant_features(mixed)), atol=1e-12, rtol=1e-10)

@@ -192,11 +192,18 @@ class InvariantHead(nn.Module):
             y = y + torch.bmm(P.view(l1 - l0, B, -1), W[:, l0:l1].permute(1, 2, 0)).sum(0)
         return y
 
+    def mean_square(self, HU, HV) -> torch.Tensor:
+        """Per LoRA and module, the mean of the unscaled P² (B, L). For ``pool="flat"`` it comes from r×r Gram
+        matrices, ``‖(ΦU)(ΨV)ᵀ‖²_F = ⟨UᵀΦᵀΦU, VᵀΨᵀΨV⟩``, never forming P."""
+        if self.pool == "mean":
+            return self.products(HU, HV) ** 2
+        return ((HU @ HU.mT) * (HV @ HV.mT)).sum((-1, -2)).T / (HU.shape[-1] * HV.shape[-1])
+
     @torch.no_grad()
-    def fit(self, Ps: list[torch.Tensor]):
-        """Per-module 1/RMS of the unscaled products over the training split (a constant: keeps invariance)."""
-        P = torch.cat(Ps).double()
-        rms = torch.sqrt((P.reshape(P.shape[0], P.shape[1], -1) ** 2).mean((0, 2)))
+    def fit(self, mean_squares: list[torch.Tensor]):
+        """Per-module 1/RMS of the unscaled products over the training split (a constant: keeps invariance), from
+        `mean_square` of each training chunk."""
+        rms = torch.sqrt(torch.cat(mean_squares).double().mean(0))
         self.scale.copy_(torch.where(rms > 0, 1 / rms, torch.ones_like(rms)).to(self.scale.dtype))
 
 
@@ -253,11 +260,11 @@ class GLNet(LoLModel):
     @torch.no_grad()
     def fit(self, batch, chunk: int = 256):
         self.check(batch)
-        Ps = []
+        ms = []
         for s in range(0, len(batch), chunk):
             b = batch.select(torch.arange(s, min(s + chunk, len(batch))))
-            Ps.append(self.inv.products(*self.equivariant(b.U, b.V)))
-        self.inv.fit(Ps)
+            ms.append(self.inv.mean_square(*self.equivariant(b.U, b.V)))
+        self.inv.fit(ms)
         self.fitted = True
         return self
 
