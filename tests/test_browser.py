@@ -191,7 +191,9 @@ def _visit_all(page, url, t_start, timings) -> float:
             _idle(page, timeout=180_000)
             page.get_by_text("Done in").first.wait_for(timeout=60_000)
             page.get_by_text("4 steps").first.wait_for(timeout=10_000)
-            assert page.locator('[data-testid="stImage"]').count() == 4
+            images = page.locator('[data-testid="stImage"]')
+            images.nth(3).wait_for(timeout=60_000)  # the grid renders after the progress text
+            assert images.count() == 4
         elif name == "membership":
             _select(page, "Collection", "lm (shipped)")
             _idle(page)
