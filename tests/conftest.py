@@ -13,3 +13,20 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def ci_zoo(tmp_path_factory):
+    """The zoo's ci preset (tiny real SD / CLIP / LM bases and the faces, fashion and lm collections), built once per
+    test session with the real CLI; LOL_CI_ZOO=DIR reuses (or fills) an existing ci build."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    given = os.environ.get("LOL_CI_ZOO")
+    out = Path(given) if given else tmp_path_factory.mktemp("zoo_ci")
+    if not all((out / "collections" / c / "collection.json").is_file() for c in ("faces", "fashion", "lm")):
+        subprocess.run([sys.executable, "-m", "lol", "zoo", "build", "--preset", "ci", "--out", str(out),
+                        "--no-progress"], check=True, cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, timeout=900)
+    return out

@@ -1,33 +1,21 @@
 """The explorer on real zoo output: `lol zoo build --preset ci` (real SD / CLIP / LM bases and the faces, fashion and
-lm collections), plus small models trained on them with `lol.train`. Every page, for every collection, renders
-without an exception or error; Generate runs the real pipeline. Slow (the build takes minutes on a CPU): runs with
-LOL_SLOW=1; LOL_CI_ZOO=DIR reuses an existing ci build."""
+lm collections, the session's `ci_zoo` fixture), plus small models trained on them with `lol.train`. Every page, for
+every collection, renders without an exception or error; Generate runs the real pipeline."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from test_app_pages import assert_clean, run_app, widget
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("LOL_SLOW") != "1",
-                                 reason="builds the zoo's ci preset (minutes on a CPU); set LOL_SLOW=1 to run")]
 
 PAGES = ("collection", "predict", "embeddings", "generate", "membership", "language_models", "models")
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    given = os.environ.get("LOL_CI_ZOO")
-    root = Path(given) if given else tmp_path_factory.mktemp("cizoo") / "data"
-    if not (root / "collections" / "faces" / "collection.json").is_file():
-        subprocess.run([sys.executable, "-m", "lol", "zoo", "build", "--preset", "ci", "--out", str(root),
-                        "--no-progress"], check=True, timeout=1800)
+def zoo(ci_zoo, tmp_path_factory):
+    root = ci_zoo
     ckpts = tmp_path_factory.mktemp("cizoo_models")
     from lol.collection import open_collection
     from lol.train import TrainConfig, train

@@ -32,14 +32,6 @@ def _register_kernel() -> str:
 
 
 @pytest.fixture(scope="session")
-def ci_zoo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zoo_ci")
-    subprocess.run([sys.executable, "-m", "lol", "zoo", "build", "--preset", "ci", "--out", str(out), "--no-progress"],
-                   check=True, cwd=REPO, capture_output=True, timeout=600)
-    return out
-
-
-@pytest.fixture(scope="session")
 def smoke_run(ci_zoo, tmp_path_factory):
     """Run every notebook in order (03/04/06 read what 02 wrote) into one output folder."""
     import papermill as pm
