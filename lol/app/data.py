@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 __all__ = ["REPO", "data_root", "cache_root", "shipped_collections", "checkpoint_index", "checkpoint_dirs",
-           "base_model_dir", "results_dirs", "default_device", "devices"]
+           "base_model_dir", "results_dirs", "default_device", "devices", "describe_base"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,3 +100,16 @@ def devices() -> list[str]:
 
 def default_device() -> str:
     return devices()[0]
+
+
+def describe_base(base) -> str:
+    """A collection's base-model description for people: the zoo records ``{"sd": "base/sd", ...}`` as JSON."""
+    if not base:
+        return ""
+    try:
+        parsed = json.loads(base)
+    except (TypeError, ValueError):
+        return str(base)
+    if isinstance(parsed, dict):
+        return ", ".join(str(v) for v in parsed.values())
+    return str(base)

@@ -260,7 +260,7 @@ def _describe(ctx: AppContext) -> str:
     parts = [f"{len(c)} LoRAs"]
     try:
         parts.append(f"{len(c.spec)} modules")
-        base = getattr(c, "base_model", None)
+        base = app_data.describe_base(getattr(c, "base_model", None))
         if base:
             parts.append(f"base: {base}")
     except Exception:  # noqa: BLE001 — description only

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from . import cache, nav, plots
+from . import data as app_data
 
 __all__ = ["collection_caption", "label_columns", "labels_of_kind", "label_description", "lora_detail",
            "lora_row_markdown"]
@@ -15,7 +16,7 @@ _NON_LABEL = {"id", "group", "split", "rank", "path", "file", "source_path"}
 def collection_caption(ctx) -> str:
     c = ctx.collection
     bits = [f"**{ctx.source}**", f"{len(c)} LoRAs", f"{len(c.spec)} adapted modules"]
-    base = getattr(c, "base_model", None)
+    base = app_data.describe_base(getattr(c, "base_model", None))
     if base:
         bits.append(f"base model: `{base}`")
     return " · ".join(bits)
