@@ -30,3 +30,13 @@ def ci_zoo(tmp_path_factory):
                         "--no-progress"], check=True, cwd=Path(__file__).resolve().parents[1],
                        capture_output=True, timeout=900)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
