@@ -13,6 +13,8 @@ model's ``state_dict`` is everything a checkpoint needs; ``config()`` gives the 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from ..batch import LoRABatch
 from ..errors import SpecMismatchError
 from ..lora import ModuleSpec
 
-__all__ = ["LoLModel", "MLPTrunk", "Standardize"]
+__all__ = ["LoLModel", "FeaturizedModel", "MLPTrunk", "Standardize", "iter_chunks"]
 
 
 class MLPTrunk(nn.Sequential):
@@ -137,3 +139,30 @@ class LoLModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"modules={len(self.spec)}, outputs={self.n_outputs}, invariant_to={self.invariant_to!r}"
+
+
+def iter_chunks(batch: LoRABatch, size: int) -> Iterator[LoRABatch]:
+    for s in range(0, len(batch), size):
+        yield batch.select(torch.arange(s, min(s + size, len(batch))))
+
+
+class FeaturizedModel(LoLModel):
+    """A model over a fixed featurizer: ``fit`` fits the featurizer, builds the layers (whose sizes depend on it) and
+    the training-split standardization; ``featurize`` is ``features → Standardize``. Subclasses provide
+    ``self.features``, ``self.built``, ``_build()`` and set ``self.norm`` there."""
+
+    fit_chunk = 256      # LoRAs featurized at a time while fitting the standardization
+
+    @torch.no_grad()
+    def fit(self, batch: LoRABatch) -> "FeaturizedModel":
+        self.check(batch)
+        self.features.fit(batch)
+        if not self.built:
+            self._build()
+        self.norm.fit_stream(self.features(c) for c in iter_chunks(batch, self.fit_chunk))
+        self.fitted = True
+        return self
+
+    def featurize(self, batch: LoRABatch):
+        self.check(batch)
+        return self.norm(self.features(batch))

@@ -3,30 +3,22 @@ singular values, O-Aligned factors, SVD canonical form. Each is ``featurizer →
 the model is exactly the symmetry of its featurizer (the standardization and MLP act on invariant features)."""
 from __future__ import annotations
 
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..batch import LoRABatch
 from ..features import DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical
-from .base import LoLModel, MLPTrunk, Standardize
+from .base import FeaturizedModel, MLPTrunk, Standardize, iter_chunks
 
 __all__ = ["FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "SingularValueMLP", "OAlignMLP",
            "CanonicalMLP", "iter_chunks"]
 
 
-def iter_chunks(batch: LoRABatch, size: int) -> Iterator[LoRABatch]:
-    for s in range(0, len(batch), size):
-        yield batch.select(torch.arange(s, min(s + size, len(batch))))
-
-
-class FeatureMLP(LoLModel):
+class FeatureMLP(FeaturizedModel):
     """``featurizer → Standardize → depth × (Linear, LayerNorm, ReLU) → Linear``."""
 
     featurizer_cls = FlattenFactors
     standardize = "feature"
-    fit_chunk = 256
 
     def __init__(self, spec, n_outputs, width: int = 64, depth: int = 2, rank: int | None = None):
         super().__init__(spec, n_outputs, width)
@@ -45,20 +37,6 @@ class FeatureMLP(LoLModel):
 
     def config(self):
         return {"width": self.width, "depth": self.depth, "rank": self.features.rank}
-
-    @torch.no_grad()
-    def fit(self, batch):
-        self.check(batch)
-        self.features.fit(batch)
-        if not self.built:
-            self._build()
-        self.norm.fit_stream(self.features(c) for c in iter_chunks(batch, self.fit_chunk))
-        self.fitted = True
-        return self
-
-    def featurize(self, batch):
-        self.check(batch)
-        return self.norm(self.features(batch))
 
     def embed_features(self, x):
         return self.trunk(x)

@@ -14,14 +14,13 @@ import torch
 from torch import nn
 
 from ..features import SVDCanonical
-from .base import LoLModel, MLPTrunk, Standardize
+from .base import FeaturizedModel, MLPTrunk, Standardize
 from .glnet import _groups
-from .mlp import iter_chunks
 
 __all__ = ["CanonicalTransformer"]
 
 
-class CanonicalTransformer(LoLModel):
+class CanonicalTransformer(FeaturizedModel):
     """Tokens ``W_ℓ vec(U'_ℓ, V'_ℓ) + e_ℓ`` → ``depth`` pre-norm encoder layers (``d_model``, ``heads``) → mean pool →
     (Linear, LayerNorm, ReLU) → Linear."""
 
@@ -59,20 +58,6 @@ class CanonicalTransformer(LoLModel):
     def config(self):
         return {"width": self.width, "d_model": self.d_model, "depth": self.depth, "heads": self.heads,
                 "rank": self.features.rank}
-
-    @torch.no_grad()
-    def fit(self, batch):
-        self.check(batch)
-        self.features.fit(batch)
-        if not self.built:
-            self._build()
-        self.norm.fit_stream(self.features(c) for c in iter_chunks(batch, 256))
-        self.fitted = True
-        return self
-
-    def featurize(self, batch):
-        self.check(batch)
-        return self.norm(self.features(batch))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Σ D_ℓ) standardized canonical features → (B, L, d) tokens."""
