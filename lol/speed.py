@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Timing", "time_call", "clip_evaluation", "lm_evaluation", "lol_prediction", "throughput"]
+__all__ = ["Timing", "time_call", "clip_evaluation", "lm_evaluation", "lol_prediction", "throughput",
+           "speed_ratios"]
 
 
 @dataclass
@@ -35,14 +36,21 @@ class Timing:
     setup_seconds: float = 0.0
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()   # GPU work is asynchronous: a call's time includes the kernels it launched
+
+
 def time_call(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> Timing:
     value = None
     for _ in range(warmup):
         value = fn()
     times = []
     for _ in range(repeat):
+        _sync()
         t0 = time.perf_counter()
         value = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), times, value)
 
@@ -123,13 +131,14 @@ def lm_evaluation(coll, index: int, lm_dir, repeat: int = 3, warmup: int = 1, de
     return t
 
 
-def lol_prediction(checkpoint, coll, index: int, repeat: int = 20, warmup: int = 3) -> Timing:
+def lol_prediction(checkpoint, coll, index: int, repeat: int = 20, warmup: int = 3, device: str | None = "cpu"
+                   ) -> Timing:
     """A checkpoint's prediction for LoRA ``index`` (a batch of one, from the memory-mapped collection: featurize +
-    forward). ``value`` is ``{label: prediction}``."""
+    forward, moving the factors to the model's device included). ``value`` is ``{label: prediction}``."""
     from .checkpoint import Checkpoint, load_checkpoint
 
     t0 = time.perf_counter()
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device="cpu")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=device)
     setup = time.perf_counter() - t0
     dtype = next(ckpt.model.parameters()).dtype
 
@@ -147,9 +156,47 @@ def throughput(models: dict, batches: Sequence, repeat: int = 3, warmup: int = 1
     rows = []
     for name, model in models.items():
         model.eval()
+        dev = next(model.parameters()).device
         for b in batches:
+            b = b.to(device=dev)
             with torch.no_grad():
                 t = time_call(lambda: model(b), repeat, warmup)
             rows.append({"model": name, "n_loras": len(b), "seconds": t.seconds,
                          "loras_per_second": len(b) / t.seconds if t.seconds > 0 else np.inf})
+    return rows
+
+
+def speed_ratios(base_dir, collections_dir, checkpoints_dir, repeat: int = 3, device: str | None = None) -> list[dict]:
+    """One row per task whose collection and shipped checkpoint exist: seconds per LoRA of the standard evaluation
+    and of the LoL prediction, both measured here, on ``device`` (default: CUDA when present), for the same LoRA.
+
+    * ``faces/clip_score``: `clip_evaluation` of the first rank-4 face LoRA against the ``faces/clip_score`` checkpoint;
+    * ``lm/challenge_accuracy``: `lm_evaluation` of LoRA 0 against the ``lm/challenge_accuracy`` checkpoint.
+    ``ratio`` = standard / LoL; the recomputed label is reported next to the stored one as a check."""
+    from .collection import open_collection
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base, cdir, ckdir = Path(base_dir), Path(collections_dir), Path(checkpoints_dir)
+    rows = []
+    if (cdir / "faces" / "collection.json").is_file() and (ckdir / "faces" / "clip_score").is_dir():
+        faces = open_collection(cdir / "faces")
+        i = int((faces.table["rank"] == 4).to_numpy().nonzero()[0][0])
+        std = clip_evaluation(faces, i, base / "sd", base / "clip", repeat=repeat, device=device)
+        lol = lol_prediction(ckdir / "faces" / "clip_score", faces, i, repeat=max(20, repeat), device=device)
+        rows.append({"task": "faces/clip_score", "standard_evaluation": "generate images + CLIP score",
+                     "standard_seconds": std.seconds, "lol_seconds": lol.seconds,
+                     "recomputed_label": std.value["score"], "stored_label": std.value["label"],
+                     "lol_prediction": float(lol.value["clip_score"])})
+    if (cdir / "lm" / "collection.json").is_file() and (ckdir / "lm" / "challenge_accuracy").is_dir():
+        lm = open_collection(cdir / "lm")
+        std = lm_evaluation(lm, 0, base / "lm", repeat=repeat, device=device)
+        lol = lol_prediction(ckdir / "lm" / "challenge_accuracy", lm, 0, repeat=max(20, repeat), device=device)
+        rows.append({"task": "lm/challenge_accuracy", "standard_evaluation": "run the LM on the challenge set",
+                     "standard_seconds": std.seconds, "lol_seconds": lol.seconds,
+                     "recomputed_label": std.value["accuracy"], "stored_label": std.value["label"],
+                     "lol_prediction": float(lol.value["challenge_accuracy"])})
+    for r in rows:
+        r["ratio"] = r["standard_seconds"] / r["lol_seconds"]
+        r["device"] = device
+        r["paper_claim"] = "> 50,000×"
     return rows
