@@ -67,6 +67,7 @@ class TrainResult:
     fingerprint: str | None = None
     seconds: float = 0.0
     split_how: str = ""                              # how the split was made, in words
+    device: str = ""                                 # where it trained and computed `predictions` (model: on CPU)
 
     def split_record(self) -> dict:
         """The exact split, for the checkpoint (`lol.checkpoint.save_checkpoint`): ``{"by": "id", "train": [ids],
@@ -83,7 +84,8 @@ class TrainResult:
         from .checkpoint import save_checkpoint
         return save_checkpoint(path, self.model, self.targets, fingerprint=self.fingerprint,
                                metrics=self.metrics, train_config=asdict(self.config), split=self.split_record(),
-                               extra={"best_epoch": self.best_epoch, "seconds": round(self.seconds, 2)})
+                               extra={"best_epoch": self.best_epoch, "seconds": round(self.seconds, 2),
+                                      "device": self.device})
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -229,4 +231,4 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
     if table is not None and "id" in table.columns:
         pred.insert(0, "id", table["id"].to_numpy())
     return TrainResult(model.cpu(), kind, targets, cfg, metrics, history, best[1], split, pred, fingerprint,
-                       time.time() - t0, split_how)
+                       time.time() - t0, split_how, str(device))

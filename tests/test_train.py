@@ -77,8 +77,8 @@ def test_binary_and_category_labels_with_groups(task, tmp_path):
     # grouped split: each group of three LoRAs sits in one split
     assert (pd.Series(res.split).groupby(table["group"]).nunique() == 1).all()
     assert set(res.predictions["energy_bin"]) <= {"low", "mid", "high"}
-    # checkpoint round trip: same predictions, no pickle, featurizer state restored
-    ck = load_checkpoint(res.save(tmp_path / "ck"))
+    # checkpoint round trip: same predictions on the device that made them, no pickle, featurizer state restored
+    ck = load_checkpoint(res.save(tmp_path / "ck"), device=res.device)
     again = ck.predict_batch(batch.select(range(n)))
     assert np.allclose(again["probe_positive"], res.predictions["probe_positive"], atol=1e-6)
     assert (again["energy_bin"] == res.predictions["energy_bin"].to_numpy()).all()
