@@ -9,12 +9,13 @@ name            features                                               invariant
 ============== ====================================================== =========================================
 flatten         raw U, V of every module                               nothing
 dense           ΔW = U Vᵀ of every module (the only one forming ΔW)    ∏ GL(r_ℓ), complete
-svals           singular values of every ΔW, via QR (never forms ΔW)  ∏ GL(r_ℓ), not complete
+svals           singular values of every ΔW via the r×r core (no ΔW)  ∏ GL(r_ℓ), not complete
 oalign          factors rotated onto a training template (Procrustes)  ∏ O(r_ℓ) only, not GL
 canon           SVD canonical form U' = Q₁P√S, V' = Q₂Q√S, sign-fixed  ∏ GL(r_ℓ) for generic inputs
 ============== ====================================================== =========================================
 
-All work on whole batches (one batched QR/SVD per module, never a loop over LoRAs).
+All work on whole batches (one batched QR — on a GPU, Gram matrix — and r×r SVD per module, never a loop over
+LoRAs).
 
 Ranks. A batch may be zero-padded (mixed ranks; padding columns change no ΔW). `svals`, `oalign` and `canon` keep a
 fixed number ``k = rank`` of components per module, so their width is fixed whatever ranks arrive later (validation
@@ -36,7 +37,7 @@ from .errors import SpecMismatchError
 from .lora import ModuleSpec
 
 __all__ = ["Featurizer", "FlattenFactors", "DenseDelta", "SingularValues", "OAlign", "SVDCanonical",
-           "qr_core", "singular_values", "canonical_factors", "keep_components", "FEATURIZERS"]
+           "gram_root", "core", "singular_values", "canonical_factors", "keep_components", "FEATURIZERS"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,36 +56,83 @@ def keep_components(X: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nn.functional.pad(X, (0, k - r))
 
 
-def qr_core(U: torch.Tensor, V: torch.Tensor):
-    """``U = Q₁R₁``, ``V = Q₂R₂`` (reduced QR) and the r×r core ``C = R₁R₂ᵀ``, so ΔW = Q₁ C Q₂ᵀ. Cost O((n+m)r²)."""
-    Q1, R1 = torch.linalg.qr(U)
-    Q2, R2 = torch.linalg.qr(V)
-    return Q1, Q2, R1 @ R2.mT
+def gram_root(U: torch.Tensor) -> torch.Tensor:
+    """An r×r ``R`` with ``RᵀR = UᵀU`` (float64), ``R = diag(√λ) Eᵀ`` from ``eigh(UᵀU)``, so ``U = Q R`` for some Q with
+    orthonormal columns — the R factor of U up to a rotation, which no quantity below depends on. Eigenvalues below
+    ``r·ε·λ_max`` (zero-padding columns, rank-deficient factors) are set to zero.
+
+    A Gram matrix and a batched r×r eigendecomposition instead of a QR of the tall U: one batched matmul, fast on
+    GPUs (batched QR of tall matrices is not; on a CPU the QR is faster for small n). The Gram matrix is formed in
+    float64, so singular values down to ~1e-7 of the largest are accurate to float32 precision."""
+    return _gram(U)[0]
 
 
-def singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Singular values of ΔW = U Vᵀ (descending, (B, r)) as ``svdvals(R₁R₂ᵀ)``; ΔW is never formed."""
-    _, _, C = qr_core(U, V)
-    return torch.linalg.svdvals(C)
+def _gram(U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R⁺): `gram_root` and its pseudo-inverse ``E diag(1/√λ)`` (zero where λ was set to zero)."""
+    U = U.to(torch.float64)
+    lam, E = torch.linalg.eigh(U.mT @ U)
+    tol = lam.amax(-1, keepdim=True).clamp(min=0) * (U.shape[-1] * torch.finfo(torch.float64).eps)
+    keep = lam > tol
+    root = torch.where(keep, lam, torch.zeros_like(lam)).sqrt()
+    inv = torch.where(keep, 1.0 / torch.where(keep, root, torch.ones_like(root)), torch.zeros_like(root))
+    return root.unsqueeze(-1) * E.mT, E * inv.unsqueeze(-2)
 
 
-def canonical_factors(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _method(U: torch.Tensor, method: str | None) -> str:
+    """``"qr"`` (Householder QR of U and V: the most accurate, fastest on a CPU) or ``"gram"`` (`gram_root`: one
+    batched matmul, far faster on a GPU, where batched QR of tall matrices is slow); default by U's device."""
+    method = method or ("qr" if U.device.type == "cpu" else "gram")
+    if method not in ("qr", "gram"):
+        raise ValueError(f"method must be 'qr' or 'gram', got {method!r}")
+    return method
+
+
+def core(U: torch.Tensor, V: torch.Tensor, method: str | None = None) -> torch.Tensor:
+    """The core ``C = R₁R₂ᵀ`` with U = Q₁R₁, V = Q₂R₂ (Q orthonormal): ΔW = Q₁ C Q₂ᵀ, so C has the singular values
+    of ΔW. R from a reduced QR (``method="qr"``) or `gram_root` (``"gram"``, float64). O((n+m)r²), ΔW never formed."""
+    if _method(U, method) == "qr":
+        return torch.linalg.qr(U)[1] @ torch.linalg.qr(V)[1].mT
+    return gram_root(U) @ gram_root(V).mT
+
+
+def singular_values(U: torch.Tensor, V: torch.Tensor, method: str | None = None) -> torch.Tensor:
+    """The min(n, m, r) singular values of ΔW = U Vᵀ (descending, (B, ·)) as ``svdvals(R₁R₂ᵀ)`` (see `core`), in
+    U's dtype; ΔW is never formed. GL(r)-invariant: (U R, V R⁻ᵀ) has the same ΔW, hence the same values."""
+    k = min(U.shape[-2], V.shape[-2], U.shape[-1])
+    return torch.linalg.svdvals(core(U, V, method))[..., :k].to(U.dtype)
+
+
+def canonical_factors(U: torch.Tensor, V: torch.Tensor, method: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD canonical form: ``C = R₁R₂ᵀ = P S Qᵀ``, ``U' = Q₁P√S``, ``V' = Q₂Q√S`` with U'V'ᵀ = UVᵀ.
 
-    There are min(n, m, r) columns, ordered by singular value (descending); each column pair's sign is fixed so that
-    the largest-magnitude entry of the U' column is positive. The result depends on ΔW only — hence is invariant to
-    (U, V) ↦ (UR, VR⁻ᵀ) for every R ∈ GL(r) — whenever the nonzero singular values are distinct and no U' column
-    has two entries tied for largest magnitude (generic inputs). Zero singular values give zero columns.
+    Computed as ``U' = U·(R₁⁺P√S)`` (R₁⁺ the pseudo-inverse of `gram_root`, from the same eigendecomposition;
+    likewise V'), one skinny matmul per
+    factor. There are min(n, m, r) columns, ordered by singular value (descending); each column pair's sign is fixed
+    so that the largest-magnitude entry of the U' column is positive. The result depends on ΔW only — hence is
+    invariant to (U, V) ↦ (UR, VR⁻ᵀ) for every R ∈ GL(r) — whenever the nonzero singular values are distinct and no
+    U' column has two entries tied for largest magnitude (generic inputs). Zero singular values give zero columns.
     """
-    Q1, Q2, C = qr_core(U, V)
-    P, S, Qh = torch.linalg.svd(C, full_matrices=False)   # C is min(n,r)×min(m,r): square unless r > n or m
-    rs = torch.sqrt(S).unsqueeze(-2)
-    Uc = (Q1 @ P) * rs
-    Vc = (Q2 @ Qh.mT) * rs
+    k = min(U.shape[-2], V.shape[-2], U.shape[-1])
+    if _method(U, method) == "qr":
+        Q1, R1 = torch.linalg.qr(U)
+        Q2, R2 = torch.linalg.qr(V)
+        P, S, Qh = torch.linalg.svd(R1 @ R2.mT, full_matrices=False)  # min(n,r)×min(m,r): square unless r > n or m
+        P, S, Q = P[..., :k], S[..., :k], Qh.mT[..., :k]
+        rs = torch.sqrt(S).unsqueeze(-2)
+        Uc, Vc = (Q1 @ P) * rs, (Q2 @ Q) * rs
+    else:
+        (R1, R1p), (R2, R2p) = _gram(U), _gram(V)
+        P, S, Qh = torch.linalg.svd(R1 @ R2.mT)
+        P, S, Q = P[..., :k], S[..., :k], Qh.mT[..., :k]
+        rs = torch.sqrt(S).unsqueeze(-2)
+        # Q₁P = U R₁⁺ P: only directions with S > 0 matter, and there R₁⁺ is exact (R₁'s zero rows meet P's)
+        Uc = U.to(torch.float64) @ (R1p @ P * rs)
+        Vc = V.to(torch.float64) @ (R2p @ Q * rs)
     idx = Uc.abs().argmax(dim=-2, keepdim=True)
     sign = torch.sign(torch.gather(Uc, -2, idx))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return Uc * sign, Vc * sign
+    return (Uc * sign).to(U.dtype), (Vc * sign).to(V.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +226,7 @@ class DenseDelta(Featurizer):
 
 class SingularValues(Featurizer):
     """The k = ``rank`` largest singular values of each ΔW_ℓ (descending, zero-padded when ΔW_ℓ has fewer): L·k
-    features, computed as ``svdvals(R₁R₂ᵀ)`` from QRs of U and V in O((n+m)r² + r³), never forming ΔW. Invariant to
+    features, computed as ``svdvals(R₁R₂ᵀ)`` (see `core`) in O((n+m)r² + r³), never forming ΔW. Invariant to
     ∏ GL(r_ℓ) (and to left/right rotations of ΔW, hence not complete). Any rank: a LoRA of rank > k keeps its top k."""
 
     name = "svals"

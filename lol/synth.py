@@ -6,7 +6,7 @@ with fixed probe vectors (u_ℓ, v_ℓ) to a per-LoRA degree t ∈ [-1, 1]. Ever
 function of the ΔW_ℓ = U_ℓ V_ℓᵀ alone, hence invariant to (U, V) ↦ (U R, V R⁻ᵀ) for every R ∈ GL(r):
 
 * ``sv_energy`` (regression): mean over modules of log Σ_i σ_i(ΔW_ℓ) (log nuclear norm), singular values computed in
-  O((n + m) r²) by the QR trick (`singular_values`);
+  O((n + m) r²) without forming ΔW (`lol.features.singular_values`);
 * ``sv_high`` (binary): ``sv_energy`` above the collection's median (the threshold is in the label's description);
 * ``probe`` (regression): mean over modules of u_ℓᵀ ΔW_ℓ v_ℓ / ‖ΔW_ℓ‖_F — depends on the *direction* of ΔW, which
   singular values alone do not see;
@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .features import singular_values
 from .lora import LoRA, LoRAModule, ModuleSpec, lora_scale
 
 __all__ = ["sd15_unet_qv_spec", "tiny_spec", "random_lora", "synth_collection", "SynthSet", "singular_values",
@@ -73,14 +74,6 @@ def probe_vectors(spec: ModuleSpec, seed: int = 1234) -> list[tuple[torch.Tensor
         u, v = torch.randn(o, generator=g, dtype=torch.float64), torch.randn(i, generator=g, dtype=torch.float64)
         out.append((u / u.norm(), v / v.norm()))
     return out
-
-
-def singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """The r singular values of ΔW = U Vᵀ in O((n + m) r²): ``U = Q₁R₁``, ``V = Q₂R₂``, ``svdvals(R₁ R₂ᵀ)``.
-    GL(r)-invariant: (U R, V R⁻ᵀ) has the same ΔW, hence the same values."""
-    _, R1 = torch.linalg.qr(U.double())
-    _, R2 = torch.linalg.qr(V.double())
-    return torch.linalg.svdvals(R1 @ R2.T)
 
 
 def random_lora(spec: ModuleSpec, rank: int = 4, alpha: float | None = None, seed: int = 0,

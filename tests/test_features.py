@@ -15,15 +15,50 @@ def batch():
     return random_batch(6, rank=3, mixed=True, seed=1)
 
 
-def test_singular_values_match_dense_svd_without_forming_delta(batch):
+@pytest.mark.parametrize("method", ["qr", "gram"])
+def test_singular_values_match_dense_svd_without_forming_delta(batch, method):
     for U, V in zip(batch.U, batch.V):
         dense = torch.linalg.svdvals(U @ V.mT)[:, :3]
-        assert torch.allclose(singular_values(U, V), dense, atol=1e-10)
+        assert torch.allclose(singular_values(U, V, method), dense, atol=1e-10)
 
 
-def test_canonical_form_reconstructs_delta_and_is_balanced(batch):
+@pytest.mark.parametrize("method", ["qr", "gram"])
+def test_core_methods_are_gl_invariant_and_agree(batch, method):
+    """Both routes to the r×r core (QR on CPUs, Gram roots on GPUs) give GL-invariant singular values and
+    canonical factors, equal to each other; an unknown method is refused."""
+    def feats(b):
+        out = []
+        for U, V in zip(b.U, b.V):
+            Uc, Vc = canonical_factors(U, V, method)
+            out += [singular_values(U, V, method), Uc.flatten(1), Vc.flatten(1)]
+        return torch.cat(out, 1)
+    assert assert_gl_invariant(feats, batch, atol=1e-9, rtol=1e-8) < 1e-8
+    assert gl_invariance_error(feats, batch, act=one_sided_act) > 1e-2
+    other = {"qr": "gram", "gram": "qr"}[method]
     for U, V in zip(batch.U, batch.V):
-        Uc, Vc = canonical_factors(U, V)
+        for a, b in zip(canonical_factors(U, V, method), canonical_factors(U, V, other)):
+            assert torch.allclose(a, b, atol=1e-9)
+    with pytest.raises(ValueError, match="method must be 'qr' or 'gram'"):
+        singular_values(batch.U[0], batch.V[0], "svd")
+
+
+def test_gram_route_is_accurate_in_float32_for_ill_conditioned_factors():
+    """float32 factors whose singular values span 1e-4..1: the float64 Gram route loses nothing against QR."""
+    g = torch.Generator().manual_seed(0)
+    Q1 = torch.linalg.qr(torch.randn(2, 320, 4, generator=g, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(2, 768, 4, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([1.0, 1e-1, 1e-2, 1e-4], dtype=torch.float64)
+    U, V = (Q1 * s).float(), (Q2 * torch.tensor([1.0, 0.5, 2.0, 0.3], dtype=torch.float64)).float()
+    exact = torch.linalg.svdvals((U.double() @ V.double().mT))[:, :4]
+    for method in ("qr", "gram"):
+        got = singular_values(U, V, method).double()
+        assert ((got - exact).abs() / exact).max() < 1e-4, method
+
+
+@pytest.mark.parametrize("method", ["qr", "gram"])
+def test_canonical_form_reconstructs_delta_and_is_balanced(batch, method):
+    for U, V in zip(batch.U, batch.V):
+        Uc, Vc = canonical_factors(U, V, method)
         assert torch.allclose(Uc @ Vc.mT, U @ V.mT, atol=1e-10)
         # balanced: U'ᵀU' = V'ᵀV' = S (diagonal, descending)
         G = Uc.mT @ Uc

@@ -81,7 +81,7 @@ def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[st
     """Per-module table (shape, rank, alpha, scale, ‖ΔW‖_F) and singular values of ΔW for one LoRA of a collection.
 
     Both are GL(r)-invariant: ‖ΔW‖_F from `LoRAModule.delta_norm` (r×r Gram matrices), σ(ΔW) from
-    `lol.features.singular_values` (QR of U and V, then the r×r core), never forming ΔW."""
+    `lol.features.singular_values` (Gram roots of U and V, then the r×r core), never forming ΔW."""
     lora = collection(path, key).lora(int(index))
     return module_summary(lora)
 
