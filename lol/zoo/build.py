@@ -249,7 +249,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             f"≤{manifest['group_size']}; {len(todo)} group(s) to run ({executor})")
         t0 = time.time()
         summaries = make_executor(executor, device=device, progress=progress).run(
-            recipe, build_dir, manifest, {b: bases[b] for b in recipe.requires})
+            recipe, build_dir, manifest, {**{b: bases[b] for b in recipe.requires}, "samples": out / "samples"})
         run_s = time.time() - t0
         results = collect_results(build_dir, manifest)
         dest = _pack(name, recipe, results, out, bases, manifest, preset, seed)

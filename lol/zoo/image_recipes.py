@@ -259,12 +259,9 @@ def _majority(values: Sequence) -> Any:
 
 
 def _samples_dir(bases: dict[str, Path]) -> Path | None:
-    """``OUT/samples`` when ``bases['sd']`` is the zoo's own ``OUT/base/sd``; None for a user-given model."""
-    sd = Path(bases["sd"])
-    if sd.parent.name == "base" and (sd / "record.json").is_file() and "pretrained" not in json.loads(
-            (sd / "record.json").read_text()):
-        return sd.parent.parent / "samples"
-    return None
+    """Where a build wants sample sheets: ``bases["samples"]`` (the zoo builder passes ``OUT/samples``); None — no
+    sheets — when a recipe is run directly (tests, notebooks), so shipped samples are never overwritten."""
+    return Path(bases["samples"]) if bases.get("samples") else None
 
 
 def _save_strip(path: Path, rows: list[np.ndarray]) -> None:
