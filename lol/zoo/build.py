@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .jobs import ZooError, collect_results, load_object, load_or_create_manifest, make_executor, pending_groups
+from .jobs import ZooError, collect_results, compute_seconds, load_object, load_or_create_manifest, make_executor, pending_groups
 
 __all__ = ["PRESETS", "BASE_RECIPES", "COLLECTION_RECIPES", "build", "plan", "status", "folder_size"]
 
@@ -259,6 +259,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             "n_loras": len(results), "n_groups": len(manifest["groups"]), "group_size": manifest["group_size"],
             "groups_run_now": len(summaries), "seconds_now": round(run_s, 1),
             "seconds_total": round(prev.get("seconds_total", 0.0) + run_s, 1),
+            "compute_seconds": round(compute_seconds(build_dir, manifest), 1),
             "seconds_per_lora_now": round(sum(group_s) / max(1, sum(s["n_jobs"] for s in summaries)), 3)
             if summaries else prev.get("seconds_per_lora_now"),
             "size_bytes": folder_size(dest), "path": f"collections/{name}", "executor": executor,

@@ -32,7 +32,7 @@ from ..errors import LoLError
 from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
-__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "run_group_to_disk",
+__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "compute_seconds", "run_group_to_disk",
            "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor", "make_executor",
            "recipe_ref", "load_object"]
 
@@ -224,6 +224,14 @@ def collect_results(build_dir: Path, manifest: Manifest) -> list[JobResult]:
         for r in read_group(build_dir, gid):
             by_id[r.job_id] = r
     return [by_id[j["id"]] for j in manifest["jobs"]]
+
+
+def compute_seconds(build_dir: Path, manifest: Manifest) -> float:
+    """Σ of every finished group's training seconds (its completion record): the build's compute time, including
+    groups finished by earlier, interrupted runs."""
+    gdir = _groups_dir(build_dir)
+    return sum(float(json.loads((gdir / g / DONE).read_text()).get("seconds", 0.0))
+               for g in manifest["groups"] if (gdir / g / DONE).is_file())
 
 
 def run_group_to_disk(recipe_or_ref, build_dir: str, gid: str, jobs: list[Job], bases: dict[str, str],

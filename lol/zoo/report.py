@@ -74,8 +74,9 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
     rec = build.get("collections", {}).get(name, {})
     lines.append(f"{len(coll)} LoRAs over {len(coll.spec)} modules (Σ(n+m) = {coll.spec.total_out_plus_in}), "
                  f"ranks {ranks}, {_mb(_size(folder))} on disk"
-                 + (f", built in {rec['seconds_total']:.0f} s ({rec.get('executor', 'local')} executor, "
-                    f"groups of {rec.get('group_size')})" if "seconds_total" in rec else "") + ".")
+                 + (f", built in {rec.get('compute_seconds', rec['seconds_total']):.0f} s of training "
+                    f"({rec.get('executor', 'local')} executor, groups of {rec.get('group_size')}; summed over every "
+                    f"group, resumed runs included)" if "seconds_total" in rec else "") + ".")
     if "group" in t.columns:
         lines.append(f"Groups (for group-disjoint splits): {t['group'].nunique()} distinct.")
     lines += ["", "Tasks: " + "; ".join(f"**{k}** ({len(v)} label{'s' if len(v) != 1 else ''})"
