@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 
-.PHONY: app test bench system-deps clean-venv
+.PHONY: app test bench notebooks system-deps clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ system-deps:
 
 test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+
+# full mode of every notebook: regenerates results/ and data/checkpoints/ (finished runs cached in .cache/experiments)
+notebooks: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m lol.notebooks
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench

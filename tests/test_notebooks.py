@@ -14,49 +14,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
-KERNEL = "lol"
 
 pytest.importorskip("papermill")
-
-
-def _register_kernel() -> str:
-    """A kernelspec named ``lol`` that runs this interpreter, under the venv's share/jupyter (idempotent)."""
-    d = Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python (lol)", "language": "python"}
-    f = d / "kernel.json"
-    if not f.is_file() or json.loads(f.read_text()) != spec:
-        d.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(spec, indent=1))
-    return KERNEL
+from lol.notebooks import declared_parameters, run_notebooks  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def smoke_run(ci_zoo, tmp_path_factory):
     """Run every notebook in order (03/04/06 read what 02 wrote) into one output folder."""
-    import papermill as pm
-
-    kernel = _register_kernel()
     work = tmp_path_factory.mktemp("nb")
     res, ck, runs = work / "results", work / "checkpoints", work / "runs"
     params = {"smoke": True, "collections_dir": str(ci_zoo / "collections"), "out_dir": str(res),
               "checkpoints_dir": str(ck), "runs_dir": str(runs), "data_dir": str(ci_zoo),
               "zoo_dir": str(ci_zoo)}   # 01 re-runs the (resumable) build on the session's CI zoo: nothing left to do
-    executed = {}
-    for nb in NOTEBOOKS:
-        target = work / nb.name
-        declared = _parameters(nb)
-        pm.execute_notebook(str(nb), str(target), parameters={k: v for k, v in params.items() if k in declared},
-                            kernel_name=kernel, cwd=str(NB_DIR), progress_bar=False)
-        executed[nb.name] = target
-        print(f"{nb.name}: {json.loads(target.read_text())['metadata']['papermill']['duration']:.1f} s")
+    executed = run_notebooks(work, params)
     return {"results": res, "checkpoints": ck, "executed": executed, "zoo": ci_zoo}
-
-
-def _parameters(nb: Path) -> set[str]:
-    cells = json.loads(nb.read_text())["cells"]
-    src = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
-    return {line.split("=")[0].strip() for line in src.splitlines() if "=" in line and not line.startswith("#")}
 
 
 def test_notebooks_are_committed_clean():
@@ -66,7 +38,7 @@ def test_notebooks_are_committed_clean():
         assert d["metadata"]["kernelspec"]["language"] == "python" and d["metadata"]["language_info"]["name"] == "python"
         tagged = [c for c in d["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, nb.name
-        assert "smoke" in _parameters(nb), nb.name
+        assert "smoke" in declared_parameters(nb), nb.name
         for c in d["cells"]:
             if c["cell_type"] == "code":
                 assert c["outputs"] == [] and c["execution_count"] is None, f"{nb.name}: outputs not stripped"
