@@ -30,9 +30,12 @@ if ctx.require_collection():
             prompts_text = st.text_area("Prompts (one per line)", value=views.default_prompt(coll, df, lora_id),
                                         key="gen_prompts", height=90)
         c1, c2, c3, c4, c5 = st.columns(5)
+        steps0, guidance0 = views.generation_defaults(coll)
         seeds_text = c1.text_input("Seeds", value="42", key="gen_seeds", help="e.g. 42, 43, 44")
-        steps = c2.slider("Steps", 1, 50, 20, key="gen_steps")
-        guidance = c3.slider("Guidance scale", 1.0, 12.0, 7.5, 0.5, key="gen_guidance")
+        steps = c2.slider("Steps", 1, 50, steps0, key="gen_steps")
+        guidance = c3.slider("Guidance scale", 1.0, 12.0, guidance0, 0.5, key="gen_guidance",
+                             help="Classifier-free guidance; a zoo base model starts at the scale it was trained "
+                                  "and labelled with.")
         strength = c4.slider("LoRA strength", 0.0, 2.0, 1.0, 0.1, key="gen_strength",
                              help="The adapter weight: 0 is the base model, 1 the LoRA as trained.")
         c5.markdown("&nbsp;")

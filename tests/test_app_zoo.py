@@ -49,6 +49,14 @@ def test_every_page_on_the_ci_zoo(zoo, monkeypatch, tmp_path):
             at.run()
             assert_clean(at)
             if page == "generate" and coll.startswith("faces"):
+                # starts from the LoRA's identity described in the base model's words, at the base's guidance scale
+                from lol.collection import open_collection
+                from lol.zoo.faces import Identity, caption
+
+                table = open_collection(root / "collections" / "faces").table.set_index("id")
+                ident = int(table.loc[at.selectbox(key="gen_lora").value, "identity"])
+                assert at.text_area(key="gen_prompts").value == caption(Identity.from_seed(ident).attributes())
+                assert widget(at, "slider", "Guidance scale").value == 4.0
                 widget(at, "slider", "Steps").set_value(2)
                 at.button(key="gen_go").click().run()
                 assert_clean(at)

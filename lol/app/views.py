@@ -461,16 +461,36 @@ def lm_context(ctx):
 # ----------------------------------------------------------------------------------------------------- generation
 
 def default_prompt(coll, df: pd.DataFrame, lora_id: str) -> str:
-    """A prompt for the LoRA: its instance prompt if the table has one, else the collection's CLIP prompts."""
+    """A prompt for the LoRA. For a zoo faces LoRA: the caption of its identity in the face world's words (``"a photo
+    of a young man with brown hair"``), which the base model was trained on, so base and LoRA images can be compared;
+    the DreamBooth caption it was finetuned with ("a photo of a celebrity") is a word the small base model never saw.
+    Else a ``prompt`` / ``caption`` column of the table, the collection's recorded CLIP prompts, or a generic prompt."""
     row = df[df["id"].astype(str) == str(lora_id)]
-    for col in ("instance_prompt", "prompt", "caption"):
+    prov = getattr(coll, "provenance", None) or {}
+    zoo = prov.get("zoo", {}) if isinstance(prov, dict) else {}
+    if str(zoo.get("recipe", "")).endswith(":FacesRecipe") and "identity" in df.columns and not row.empty:
+        from ..zoo.faces import Identity, caption
+
+        return caption(Identity.from_seed(int(row.iloc[0]["identity"])).attributes())
+    for col in ("prompt", "caption"):
         if col in df.columns and not row.empty and isinstance(row.iloc[0][col], str):
-            return f"a photo of {row.iloc[0][col]}"
-    prov = getattr(coll, "provenance", {}) or {}
+            return row.iloc[0][col]
     prompts = prov.get("clip_prompts") or (prov.get("score_settings") or {}).get("prompts")
     if prompts:
         return "\n".join(prompts[:2])
     return "a photo of a person"
+
+
+def generation_defaults(coll) -> tuple[int, float]:
+    """(steps, guidance scale) the Generate page starts from: for a zoo collection its base model's own guidance
+    (`lol.zoo.image_bases.GUIDANCE`, what it was trained and labelled with) and 20 steps; else diffusers' usual
+    Stable Diffusion settings (30 steps, guidance 7.5)."""
+    prov = getattr(coll, "provenance", None) or {}
+    if isinstance(prov, dict) and "zoo" in prov:
+        from ..zoo.image_bases import GUIDANCE
+
+        return 20, float(GUIDANCE)
+    return 30, 7.5
 
 
 def score_generation(res, coll, device: str) -> None:

@@ -252,6 +252,11 @@ def load_adapters(unet, loras: Sequence, rank: int | None = None):
     return ml
 
 
+def instance_caption(instance_prompt: str) -> str:
+    """The caption a face LoRA is finetuned with (DreamBooth-style: one caption for all its images)."""
+    return f"a photo of a {instance_prompt}"
+
+
 def _majority(values: Sequence) -> Any:
     """Most common value; ties broken by the first value reaching the top count in sorted order (deterministic)."""
     vals, counts = np.unique(np.asarray(values), return_counts=True)
@@ -346,7 +351,7 @@ class FacesRecipe:
         for j in jobs:
             ident = Identity.from_seed(j.params["identity"])
             faces = [render_face(ident, i, res) for i in j.params["images"]]
-            caption = f"a photo of a {j.params['instance_prompt']}"
+            caption = instance_caption(j.params["instance_prompt"])
             lat = trainer.encode_images(np.stack([np.asarray(f.image) for f in faces]))
             cond = trainer.encode_prompts([caption]).expand(len(faces), -1, -1)
             plans.append(dict(latents=lat, cond=cond, steps=j.params["steps"], grad_accum=j.params["grad_accum"],
