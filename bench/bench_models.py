@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-KINDS = ("mlp", "mlp_aug", "dense", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet", "glnet_sketch",
+KINDS = ("mlp", "mlp_aug", "dense", "colspace", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet", "glnet_sketch",
          "glnet_loop")
 
 

@@ -9,6 +9,7 @@ name            features                                               invariant
 ============== ====================================================== =========================================
 flatten         raw U, V of every module                               nothing
 dense           ΔW = U Vᵀ of every module (the only one forming ΔW)    ∏ GL(r_ℓ), complete
+colspace        projector onto each ΔW's column space (n×n)            ∏ GL(r_ℓ), scale and row space too
 svals           singular values of every ΔW via the r×r core (no ΔW)  ∏ GL(r_ℓ), not complete
 oalign          factors rotated onto a training template (Procrustes)  ∏ O(r_ℓ) only, not GL
 canon           SVD canonical form U' = Q₁P√S, V' = Q₂Q√S, sign-fixed  ∏ GL(r_ℓ) for generic inputs
@@ -36,7 +37,8 @@ from .batch import LoRABatch
 from .errors import SpecMismatchError
 from .lora import ModuleSpec
 
-__all__ = ["Featurizer", "FlattenFactors", "DenseDelta", "SingularValues", "OAlign", "SVDCanonical",
+__all__ = ["Featurizer", "FlattenFactors", "DenseDelta", "ColumnSpace", "SingularValues", "OAlign", "SVDCanonical",
+           "column_space_projector",
            "gram_root", "core", "singular_values", "canonical_factors", "keep_components", "FEATURIZERS"]
 
 
@@ -135,6 +137,20 @@ def canonical_factors(U: torch.Tensor, V: torch.Tensor, method: str | None = Non
     return (Uc * sign).to(U.dtype), (Vc * sign).to(V.dtype)
 
 
+def column_space_projector(U: torch.Tensor, V: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """The orthogonal projector (B, n, n) onto the column space of ΔW = U Vᵀ: ``Σ_j u'_j u'_jᵀ / s_j`` over the
+    canonical columns (`canonical_factors`, U'ᵀU' = S) with ``s_j > rtol·s_max`` (default: √ε of the dtype).
+
+    A function of ΔW's column space alone — the output-side subspace the finetuning moved — so invariant to GL(r), to
+    any rescaling of ΔW and to its row space (where a LoRA's random A init sits). Cost O(n²r) per module."""
+    Uc, _ = canonical_factors(U, V)
+    s = (Uc * Uc).sum(-2)                                    # = S, the singular values of ΔW
+    rtol = torch.finfo(U.dtype).eps ** 0.5 if rtol is None else rtol
+    keep = s > rtol * s.amax(-1, keepdim=True).clamp(min=torch.finfo(U.dtype).tiny)
+    inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    return (Uc * inv.unsqueeze(-2)) @ Uc.mT
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 class Featurizer(nn.Module):
@@ -144,6 +160,7 @@ class Featurizer(nn.Module):
     name = "base"
     invariant_to = "nothing"
     forms_delta = False
+    fixed_dim = False       # True: the width does not depend on a fitted rank
 
     def __init__(self, spec: ModuleSpec, rank: int | None = None):
         super().__init__()
@@ -216,12 +233,29 @@ class DenseDelta(Featurizer):
     name = "dense"
     invariant_to = "GL(r)"
     forms_delta = True
+    fixed_dim = True
 
     def dim(self):
         return self.spec.total_dense
 
     def per_module(self, batch):
         return [(U @ V.mT).flatten(1) for U, V in zip(batch.U, batch.V)]
+
+
+class ColumnSpace(Featurizer):
+    """The projector onto each ΔW_ℓ's column space (`column_space_projector`), flattened: Σ n² features. Invariant to
+    ∏ GL(r_ℓ), to rescaling each ΔW_ℓ and to its row space — it keeps only the output-side subspace a finetune moved,
+    which is where data-dependent signal sits when the input side is dominated by LoRA's random A init. Any rank."""
+
+    name = "colspace"
+    invariant_to = "GL(r)"
+    fixed_dim = True
+
+    def dim(self):
+        return sum(o * o for o, _ in self.spec.shapes)
+
+    def per_module(self, batch):
+        return [column_space_projector(U, V).flatten(1) for U, V in zip(batch.U, batch.V)]
 
 
 class SingularValues(Featurizer):
@@ -310,4 +344,4 @@ class OAlign(Featurizer):
         return out
 
 
-FEATURIZERS = {c.name: c for c in (FlattenFactors, DenseDelta, SingularValues, OAlign, SVDCanonical)}
+FEATURIZERS = {c.name: c for c in (FlattenFactors, DenseDelta, ColumnSpace, SingularValues, OAlign, SVDCanonical)}

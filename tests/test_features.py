@@ -5,8 +5,8 @@ from helpers_models import SPEC, random_batch
 from lol.batch import LoRABatch
 from lol.errors import SpecMismatchError
 from lol.lora import ModuleSpec
-from lol.features import (DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical, canonical_factors,
-                          singular_values)
+from lol.features import (ColumnSpace, DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical,
+                          canonical_factors, column_space_projector, singular_values)
 from lol.symmetry import assert_gl_invariant, gl_act, gl_invariance_error, one_sided_act, random_gl_like
 
 
@@ -67,6 +67,23 @@ def test_canonical_form_reconstructs_delta_and_is_balanced(batch, method):
         # sign rule: the largest-magnitude entry of every nonzero U' column is positive
         big = torch.gather(Uc, 1, Uc.abs().argmax(1, keepdim=True))
         assert (big[Uc.abs().amax(1, keepdim=True) > 1e-9] > 0).all()
+
+
+def test_column_space_projector_is_the_projector_of_delta_and_gl_invariant(batch):
+    f = ColumnSpace(SPEC).fit(batch)
+    assert f.invariant_to == "GL(r)" and f(batch).shape == (6, f.dim())
+    for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
+        P = column_space_projector(U, V)
+        torch.testing.assert_close(P @ P, P, atol=1e-9, rtol=1e-7)            # a projector ...
+        D = U @ V.mT
+        torch.testing.assert_close(P @ D, D, atol=1e-9, rtol=1e-7)            # ... onto col(ΔW) ...
+        ranks = torch.linalg.matrix_rank(D)
+        torch.testing.assert_close(torch.diagonal(P, dim1=-2, dim2=-1).sum(-1), ranks.to(P.dtype))  # ... of its rank
+    assert assert_gl_invariant(f, batch, atol=1e-9, rtol=1e-8) < 1e-8
+    g = torch.Generator().manual_seed(3)
+    moved = batch.with_factors([U + 0.3 * torch.randn(U.shape, generator=g, dtype=U.dtype) * (U != 0)
+                                for U in batch.U], batch.V)
+    assert float((f(moved) - f(batch)).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("cls", [DenseDelta, SingularValues, SVDCanonical])

@@ -33,7 +33,8 @@ def mixed():
 
 
 def test_registry_has_every_kind_and_rejects_unknown():
-    assert set(MODELS) == {"mlp", "mlp_aug", "dense", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet"}
+    assert set(MODELS) == {"mlp", "mlp_aug", "dense", "colspace", "svals", "oalign", "canon_mlp", "canon_transformer",
+                           "glnet"}
     with pytest.raises(LoLError, match="unknown model kind 'nope'.*glnet"):
         build_model("nope", SPEC, 1)
 
@@ -59,6 +60,23 @@ def test_invariant_models_are_gl_invariant_and_sensitive(kind, mixed):
     assert assert_gl_invariant(m.embed, b, atol=1e-10, rtol=1e-8) < 1e-8
     # sensitivity: the same-size change U ↦ U R without V ↦ V R⁻ᵀ moves the output
     assert gl_invariance_error(m, b, act=one_sided_act) > 1e-3
+
+
+def test_colspace_model_is_gl_invariant_and_sees_only_the_column_space(mixed):
+    """Invariant to GL(r), to rescaling ΔW and to V (row space) — a one-sided U ↦ UR keeps col(ΔW), so it too leaves
+    the output unchanged; a perturbation of U that moves col(ΔW) changes it."""
+    m = make("colspace", mixed).double().eval()
+    assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+    assert assert_gl_invariant(m.embed, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+    with torch.no_grad():
+        y = m(mixed)
+        scaled = mixed.with_factors([3.0 * U for U in mixed.U], [V * 0.5 for V in mixed.V])
+        torch.testing.assert_close(m(scaled), y, atol=1e-9, rtol=1e-7)
+        assert gl_invariance_error(m, mixed, act=one_sided_act) < 1e-8
+        g = torch.Generator().manual_seed(9)
+        moved = mixed.with_factors([U + 0.3 * torch.randn(U.shape, generator=g, dtype=U.dtype) * (U != 0)
+                                    for U in mixed.U], mixed.V)
+        assert float((m(moved) - y).abs().max()) > 1e-3
 
 
 def test_flatten_mlp_is_not_invariant_and_oalign_only_orthogonal(uniform):

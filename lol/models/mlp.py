@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..features import DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical
+from ..features import ColumnSpace, DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical
 from .base import FeaturizedModel, MLPTrunk, Standardize, iter_chunks
 
-__all__ = ["FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "SingularValueMLP", "OAlignMLP",
+__all__ = ["FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "ColumnSpaceMLP", "SingularValueMLP", "OAlignMLP",
            "CanonicalMLP", "iter_chunks"]
 
 
@@ -24,7 +24,7 @@ class FeatureMLP(FeaturizedModel):
         self.depth = int(depth)
         self.features = self.featurizer_cls(spec, rank)
         self.built = False
-        if rank is not None or self.featurizer_cls is DenseDelta:
+        if rank is not None or self.featurizer_cls.fixed_dim:
             self._build()
 
     def _build(self):
@@ -68,6 +68,19 @@ class DenseMLP(FeatureMLP):
     requires = "the fitted module spec (any ranks)"
     invariant_to = "GL(r)"
     featurizer_cls = DenseDelta
+    standardize = "scalar"
+    fit_chunk = 8
+
+
+class ColumnSpaceMLP(FeatureMLP):
+    """MLP on the projector onto each ΔW's column space (`lol.features.ColumnSpace`): GL-invariant, blind by design
+    to singular values and to the row space; Σ n² inputs (as costly as dense ΔW for square modules). Scalar
+    standardization, as for dense."""
+
+    kind = "colspace"
+    requires = "the fitted module spec (any ranks)"
+    invariant_to = "GL(r)"
+    featurizer_cls = ColumnSpace
     standardize = "scalar"
     fit_chunk = 8
 
