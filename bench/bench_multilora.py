@@ -30,12 +30,20 @@ def tiny_unet():
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def job_batch(gen, bs):
     x = torch.randn(bs, 4, 16, 16, generator=gen)
     c = torch.randn(bs, 8, 64, generator=gen)
     t = torch.randint(0, 1000, (bs,), generator=gen)
     eps = torch.randn(bs, 4, 16, 16, generator=gen)
-    return x, c, t, eps
+    return tuple(v.to(DEVICE) for v in (x, c, t, eps))
 
 
 def run_peft(K, steps, bs) -> tuple[float, float]:
@@ -46,6 +54,8 @@ def run_peft(K, steps, bs) -> tuple[float, float]:
     for k in range(K):
         t0 = time.perf_counter()
         model = get_peft_model(tiny_unet(), LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
+        model.to(DEVICE)
+        _sync()
         setup += time.perf_counter() - t0
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         gen = torch.Generator().manual_seed(k)
@@ -56,6 +66,7 @@ def run_peft(K, steps, bs) -> tuple[float, float]:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        _sync()
         total += time.perf_counter() - t0
     return total, setup
 
@@ -65,13 +76,15 @@ def run_multilora(K, steps, bs) -> tuple[float, float]:
     from lol.zoo.multilora import PerLoRAAdam, inject_multilora, sum_of_means
 
     t0 = time.perf_counter()
-    model = tiny_unet()
+    model = tiny_unet().to(DEVICE)
     ml = inject_multilora(model, ["to_q", "to_v"], K, rank=4, alpha=4.0, seeds=list(range(K)))
+    _sync()
     setup = time.perf_counter() - t0
     opt = PerLoRAAdam(ml, lr=torch.full((K,), 1e-3), weight_decay=torch.full((K,), 1e-2))
     gens = [torch.Generator().manual_seed(k) for k in range(K)]
-    idx = torch.arange(K).repeat_interleave(bs)
+    idx = torch.arange(K).repeat_interleave(bs).to(DEVICE)
     ml.set_index(idx)
+    _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         parts = [job_batch(g, bs) for g in gens]
@@ -80,6 +93,7 @@ def run_multilora(K, steps, bs) -> tuple[float, float]:
         sum_of_means(per, idx, K).backward()
         opt.step()
         opt.zero_grad()
+    _sync()
     return time.perf_counter() - t0, setup
 
 
@@ -89,11 +103,15 @@ def main(argv=None) -> list[dict]:
                     help="comma list of KxB: K LoRAs (jobs) of B samples per step each")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per LoRA")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv or [])
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     run_multilora(2, 1, 2)  # warm-up (imports, allocator)
     run_peft(1, 1, 2)
-    print(f"tiny UNet 16×16×4, rank 4 on to_q/to_v, {args.steps} AdamW steps per LoRA, {args.threads} thread(s)")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{args.threads} CPU thread(s)"
+    print(f"tiny UNet 16×16×4, rank 4 on to_q/to_v, {args.steps} AdamW steps per LoRA, on {where}")
     print(f"{'K':>4} {'B':>3} | {'PEFT one at a time':>30} | {'multilora K-batched':>30} | speed-up  | incl. setup")
     out = []
     for cfg in args.configs.split(","):
