@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+WIDE = ("dense", "colspace")   # Σ n·m (dense ΔW) or Σ n² (column-space projectors) inputs: --dense-width/-batch
 KINDS = ("mlp", "mlp_aug", "dense", "colspace", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet", "glnet_sketch",
          "glnet_loop")
 
@@ -85,7 +86,7 @@ def child(args) -> dict:
     spec = _spec()
     kind = "glnet" if args.kind.startswith("glnet") else args.kind
     hp = {"width": args.width}
-    if kind == "dense":
+    if kind in WIDE:
         hp["width"] = args.dense_width
     if kind == "glnet":
         hp.update(channels=args.channels, depth=args.depth)
@@ -93,7 +94,7 @@ def child(args) -> dict:
         hp.update(head_channels=args.head_channels)
     torch.manual_seed(0)
     model = build_model(kind, spec, 1, **hp)
-    n = args.dense_batch if kind == "dense" else args.batch
+    n = args.dense_batch if kind in WIDE else args.batch
     with torch.no_grad():
         model.fit(_batch(spec, 8, args.rank, 1, "cpu"))
     model.to(device).eval()
@@ -129,9 +130,10 @@ def main(argv=None):
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=64, help="LoRAs per forward pass")
-    p.add_argument("--dense-batch", type=int, default=4, help="LoRAs per pass for the dense model (187 MB each)")
+    p.add_argument("--dense-batch", type=int, default=4,
+                   help="LoRAs per pass for the dense and colspace models (187 MB of features each)")
     p.add_argument("--dense-width", type=int, default=4,
-                   help="MLP width of the dense model (its first layer has 46.7M × width weights)")
+                   help="MLP width of the dense and colspace models (first layer: ~47M × width weights)")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
