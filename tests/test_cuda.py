@@ -42,6 +42,21 @@ def test_invariant_models_on_cuda_are_invariant_sensitive_and_match_cpu(kind):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-10, rtol=1e-8)
 
 
+def test_colspace_on_cuda_is_invariant_and_matches_cpu():
+    """The column-space model (Gram route on the GPU) equals its CPU output (QR route) and is GL-invariant there;
+    moving col(ΔW) changes it (a one-sided U ↦ UR does not: it keeps the column space)."""
+    b = random_batch(6, rank=3, seed=4, mixed=True)
+    m = _model("colspace", b).double().eval()
+    with torch.no_grad():
+        cpu = m(b)
+    gm, gb = m.to("cuda"), b.to(device="cuda")
+    assert assert_gl_invariant(gm, gb, atol=1e-10, rtol=1e-8) < 1e-8
+    with torch.no_grad():
+        torch.testing.assert_close(gm(gb).cpu(), cpu, atol=1e-8, rtol=1e-6)
+        moved = gb.with_factors([U + 0.3 * torch.randn_like(U) * (U != 0) for U in gb.U], gb.V)
+        assert float((gm(moved) - gm(gb)).abs().max()) > 1e-3
+
+
 def test_training_on_cuda_learns_the_invariant_task():
     """`lol.train.train` picks CUDA by default and learns the GL-scrambled synthetic task as on the CPU."""
     from lol.train import TrainConfig, train
