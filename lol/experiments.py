@@ -58,8 +58,9 @@ def gl_invariant(kind: str) -> bool:
 
 def rank_agnostic(kind: str) -> bool:
     """Kinds that read LoRAs of ranks other than the training rank: any rank (``glnet``, ``dense``, ``colspace``) or,
-    when built with ``rank=R``, any rank ≤ R zero-padded (``svals``, ``canon_mlp``, ``canon_transformer``)."""
-    return kind in ("glnet", "dense", "colspace", "svals", "canon_mlp", "canon_transformer")
+    when built with ``rank=R``, any rank ≤ R zero-padded (``svals``, ``canon_mlp``, ``canon_transformer``,
+    ``colsketch``)."""
+    return kind in ("glnet", "dense", "colspace", "colsketch", "svals", "canon_mlp", "canon_transformer")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from .errors import SpecMismatchError
 from .lora import ModuleSpec
 
 __all__ = ["Featurizer", "FlattenFactors", "DenseDelta", "ColumnSpace", "SingularValues", "OAlign", "SVDCanonical",
-           "column_space_projector",
+           "column_basis", "column_space_projector",
            "gram_root", "core", "singular_values", "canonical_factors", "keep_components", "FEATURIZERS"]
 
 
@@ -137,18 +137,25 @@ def canonical_factors(U: torch.Tensor, V: torch.Tensor, method: str | None = Non
     return (Uc * sign).to(U.dtype), (Vc * sign).to(V.dtype)
 
 
-def column_space_projector(U: torch.Tensor, V: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """The orthogonal projector (B, n, n) onto the column space of ΔW = U Vᵀ: ``Σ_j u'_j u'_jᵀ / s_j`` over the
-    canonical columns (`canonical_factors`, U'ᵀU' = S) with ``s_j > rtol·s_max`` (default: √ε of the dtype).
-
-    A function of ΔW's column space alone — the output-side subspace the finetuning moved — so invariant to GL(r), to
-    any rescaling of ΔW and to its row space (where a LoRA's random A init sits). Cost O(n²r) per module."""
+def column_basis(U: torch.Tensor, V: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """An orthonormal basis (B, n, min(n, m, r)) of the column space of ΔW = U Vᵀ: the canonical columns
+    (`canonical_factors`, U'ᵀU' = S) divided by √s_j, ordered by singular value; columns with ``s_j ≤ rtol·s_max``
+    (default: √ε of the dtype) are zero. The basis itself depends on the sign rule; ``basis·basisᵀ`` does not."""
     Uc, _ = canonical_factors(U, V)
     s = (Uc * Uc).sum(-2)                                    # = S, the singular values of ΔW
     rtol = torch.finfo(U.dtype).eps ** 0.5 if rtol is None else rtol
     keep = s > rtol * s.amax(-1, keepdim=True).clamp(min=torch.finfo(U.dtype).tiny)
-    inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-    return (Uc * inv.unsqueeze(-2)) @ Uc.mT
+    inv = torch.where(keep, torch.where(keep, s, torch.ones_like(s)).rsqrt(), torch.zeros_like(s))
+    return Uc * inv.unsqueeze(-2)
+
+
+def column_space_projector(U: torch.Tensor, V: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """The orthogonal projector (B, n, n) onto the column space of ΔW = U Vᵀ (`column_basis` times its transpose).
+
+    A function of ΔW's column space alone — the output-side subspace the finetuning moved — so invariant to GL(r), to
+    any rescaling of ΔW and to its row space (where a LoRA's random A init sits). Cost O(n²r) per module."""
+    Q = column_basis(U, V, rtol)
+    return Q @ Q.mT
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,6 +263,23 @@ class ColumnSpace(Featurizer):
 
     def per_module(self, batch):
         return [column_space_projector(U, V).flatten(1) for U, V in zip(batch.U, batch.V)]
+
+
+class ColumnBasis(Featurizer):
+    """Orthonormal bases of each ΔW_ℓ's column space (`column_basis`), the k = ``rank`` directions of the largest
+    singular values (zero columns when ΔW_ℓ has fewer), flattened: Σ n·k features. Not invariant as such (the basis
+    carries the canonical sign rule); a model reading only ``Q Qᵀ`` through it is GL-invariant (see
+    `lol.models.ColumnSketch`). Any rank."""
+
+    name = "colbasis"
+    invariant_to = "GL(r) up to the basis' sign rule (Q Qᵀ exactly)"
+
+    def dim(self):
+        return sum(o for o, _ in self.spec.shapes) * self._need_rank()
+
+    def per_module(self, batch):
+        k = self._need_rank()
+        return [keep_components(column_basis(U, V), k).flatten(1) for U, V in zip(batch.U, batch.V)]
 
 
 class SingularValues(Featurizer):

@@ -6,7 +6,7 @@ from lol.batch import LoRABatch
 from lol.errors import SpecMismatchError
 from lol.lora import ModuleSpec
 from lol.features import (ColumnSpace, DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical,
-                          canonical_factors, column_space_projector, singular_values)
+                          canonical_factors, column_basis, column_space_projector, singular_values)
 from lol.symmetry import assert_gl_invariant, gl_act, gl_invariance_error, one_sided_act, random_gl_like
 
 
@@ -74,6 +74,9 @@ def test_column_space_projector_is_the_projector_of_delta_and_gl_invariant(batch
     assert f.invariant_to == "GL(r)" and f(batch).shape == (6, f.dim())
     for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
         P = column_space_projector(U, V)
+        Q = column_basis(U, V)                                                 # orthonormal columns, or zero
+        G = Q.mT @ Q
+        torch.testing.assert_close(G, torch.diag_embed((torch.diagonal(G, dim1=-2, dim2=-1) > 0.5).to(G.dtype)))
         torch.testing.assert_close(P @ P, P, atol=1e-9, rtol=1e-7)            # a projector ...
         D = U @ V.mT
         torch.testing.assert_close(P @ D, D, atol=1e-9, rtol=1e-7)            # ... onto col(ΔW) ...

@@ -9,7 +9,7 @@ from lol.models import MODELS, GLHidden, GLInput, GLNet, InvariantHead, RowGate,
 from lol.models.glnet import unpack_factors
 from lol.symmetry import (assert_gl_equivariant, assert_gl_invariant, gl_invariance_error, one_sided_act)
 
-INVARIANT = ["dense", "svals", "canon_mlp", "canon_transformer", "glnet"]
+INVARIANT = ["dense", "svals", "canon_mlp", "canon_transformer", "glnet"]   # + colspace, colsketch: own test
 SMALL = {"width": 16, "canon_transformer": {"d_model": 16, "heads": 2}, "glnet": {"channels": 6}}
 
 
@@ -33,8 +33,8 @@ def mixed():
 
 
 def test_registry_has_every_kind_and_rejects_unknown():
-    assert set(MODELS) == {"mlp", "mlp_aug", "dense", "colspace", "svals", "oalign", "canon_mlp", "canon_transformer",
-                           "glnet"}
+    assert set(MODELS) == {"mlp", "mlp_aug", "dense", "colspace", "colsketch", "svals", "oalign", "canon_mlp",
+                           "canon_transformer", "glnet"}
     with pytest.raises(LoLError, match="unknown model kind 'nope'.*glnet"):
         build_model("nope", SPEC, 1)
 
@@ -62,10 +62,11 @@ def test_invariant_models_are_gl_invariant_and_sensitive(kind, mixed):
     assert gl_invariance_error(m, b, act=one_sided_act) > 1e-3
 
 
-def test_colspace_model_is_gl_invariant_and_sees_only_the_column_space(mixed):
+@pytest.mark.parametrize("kind", ["colspace", "colsketch"])
+def test_column_space_models_are_gl_invariant_and_see_only_the_column_space(kind, mixed):
     """Invariant to GL(r), to rescaling ΔW and to V (row space) — a one-sided U ↦ UR keeps col(ΔW), so it too leaves
     the output unchanged; a perturbation of U that moves col(ΔW) changes it."""
-    m = make("colspace", mixed).double().eval()
+    m = make(kind, mixed).double().eval()
     assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
     assert assert_gl_invariant(m.embed, mixed, atol=1e-10, rtol=1e-8) < 1e-8
     with torch.no_grad():

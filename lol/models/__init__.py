@@ -9,6 +9,7 @@ kind                      model                                                i
 ``mlp_aug``               same, trained with random GL(r) augmentation         nothing (approximately GL by training)
 ``dense``                 MLP on dense ΔW ("MLP+Mul")                          GL(r)
 ``colspace``              MLP on the projector onto each ΔW's column space     GL(r), scale, row space
+``colsketch``             learned quadratic forms Φ P Φᵀ of those projectors   GL(r), scale, row space
 ``svals``                 MLP on singular values of ΔW ("MLP+SVD")             GL(r)
 ``oalign``                MLP on O-Aligned factors                             O(r) only
 ``canon_mlp``             MLP on the SVD canonical form                        GL(r), generic inputs
@@ -21,18 +22,19 @@ from __future__ import annotations
 from ..errors import LoLError
 from ..lora import ModuleSpec
 from .base import LoLModel, MLPTrunk, Standardize
+from .colsketch import ColumnSketch
 from .glnet import GLHidden, GLInput, GLNet, InvariantHead, RowGate
 from .mlp import (AugmentedMLP, CanonicalMLP, ColumnSpaceMLP, DenseMLP, FeatureMLP, FlattenMLP, OAlignMLP,
                   SingularValueMLP)
 from .transformer import CanonicalTransformer
 
-__all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "ColumnSpaceMLP",
+__all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "ColumnSpaceMLP", "ColumnSketch",
            "SingularValueMLP", "OAlignMLP", "CanonicalMLP", "CanonicalTransformer", "GLNet", "GLInput", "GLHidden",
            "RowGate", "InvariantHead", "MLPTrunk", "Standardize"]
 
 MODELS: dict[str, type[LoLModel]] = {cls.kind: cls for cls in (
-    FlattenMLP, AugmentedMLP, DenseMLP, ColumnSpaceMLP, SingularValueMLP, OAlignMLP, CanonicalMLP, CanonicalTransformer,
-    GLNet)}
+    FlattenMLP, AugmentedMLP, DenseMLP, ColumnSpaceMLP, ColumnSketch, SingularValueMLP, OAlignMLP, CanonicalMLP,
+    CanonicalTransformer, GLNet)}
 
 
 def build_model(kind: str, spec: ModuleSpec, n_outputs: int, **hparams) -> LoLModel:
