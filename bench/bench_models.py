@@ -24,8 +24,8 @@ import sys
 import time
 
 WIDE = ("dense", "colspace")   # Σ n·m (dense ΔW) or Σ n² (column-space projectors) inputs: --dense-width/-batch
-KINDS = ("mlp", "mlp_aug", "dense", "colspace", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet", "glnet_sketch",
-         "glnet_loop")
+KINDS = ("mlp", "mlp_aug", "dense", "colspace", "colsketch", "svals", "oalign", "canon_mlp", "canon_transformer",
+         "glnet", "glnet_sketch", "glnet_loop")
 
 
 def _spec():
