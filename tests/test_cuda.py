@@ -42,11 +42,12 @@ def test_invariant_models_on_cuda_are_invariant_sensitive_and_match_cpu(kind):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-10, rtol=1e-8)
 
 
-def test_colspace_on_cuda_is_invariant_and_matches_cpu():
-    """The column-space model (Gram route on the GPU) equals its CPU output (QR route) and is GL-invariant there;
-    moving col(ΔW) changes it (a one-sided U ↦ UR does not: it keeps the column space)."""
+@pytest.mark.parametrize("kind", ["colspace", "colsketch"])
+def test_column_space_models_on_cuda_are_invariant_and_match_cpu(kind):
+    """The column-space models (Gram route on the GPU) equal their CPU output (QR route) and are GL-invariant there;
+    moving col(ΔW) changes them (a one-sided U ↦ UR does not: it keeps the column space)."""
     b = random_batch(6, rank=3, seed=4, mixed=True)
-    m = _model("colspace", b).double().eval()
+    m = _model(kind, b).double().eval()
     with torch.no_grad():
         cpu = m(b)
     gm, gb = m.to("cuda"), b.to(device="cuda")
