@@ -19,13 +19,16 @@ __all__ = ["ColumnSketch"]
 
 
 class ColumnSketch(LoLModel):
-    """``column bases → per-module Φ P Φᵀ (s × s, upper triangle) → LayerNorm → MLP → head`` (module docstring)."""
+    """``column bases → per-module Φ P Φᵀ (s × s, upper triangle) → LayerNorm → MLP → head`` (module docstring).
+
+    ``channels`` = s: 64 by default, chosen on validation AUC of fashion and lm membership (3 seeds; s = 8/16/32/64
+    gave 0.52/0.61/0.64/0.64 on fashion and 0.64/0.75/0.83/0.86 on lm)."""
 
     kind = "colsketch"
     requires = "the fitted module spec (any ranks: the fitted rank's number of largest directions is kept)"
     invariant_to = "GL(r)"
 
-    def __init__(self, spec, n_outputs, width: int = 64, depth: int = 2, channels: int = 16,
+    def __init__(self, spec, n_outputs, width: int = 64, depth: int = 2, channels: int = 64,
                  rank: int | None = None):
         super().__init__(spec, n_outputs, width)
         self.depth, self.channels = int(depth), int(channels)
