@@ -25,16 +25,23 @@ def _model(kind, batch):
     return build_model(kind, SPEC, 3, width=16, **SMALL.get(kind, {})).fit(batch)
 
 
-@pytest.mark.parametrize("kind", INVARIANT)
-def test_invariant_models_on_cuda_are_invariant_sensitive_and_match_cpu(kind):
-    """float64 on the GPU: random non-orthogonal R leaves the output unchanged, a one-sided change does not, and
-    the GPU output equals the CPU output of the same weights."""
+def _on_cuda(kind):
+    """A float64 model of ``kind`` and a mixed-rank batch on the GPU, the CPU output of the same weights, and the
+    GL-invariance check there (random non-orthogonal R)."""
     b = random_batch(6, rank=3, seed=4, mixed=True)
     m = _model(kind, b).double().eval()
     with torch.no_grad():
         cpu = m(b)
     gm, gb = m.to("cuda"), b.to(device="cuda")
     assert assert_gl_invariant(gm, gb, atol=1e-10, rtol=1e-8) < 1e-8
+    return gm, gb, cpu
+
+
+@pytest.mark.parametrize("kind", INVARIANT)
+def test_invariant_models_on_cuda_are_invariant_sensitive_and_match_cpu(kind):
+    """float64 on the GPU: random non-orthogonal R leaves the output unchanged, a one-sided change does not, and
+    the GPU output equals the CPU output of the same weights."""
+    gm, gb, cpu = _on_cuda(kind)
     assert gl_invariance_error(gm, gb, act=one_sided_act) > 1e-3
     with torch.no_grad():
         gpu = gm(gb)
@@ -46,12 +53,7 @@ def test_invariant_models_on_cuda_are_invariant_sensitive_and_match_cpu(kind):
 def test_column_space_models_on_cuda_are_invariant_and_match_cpu(kind):
     """The column-space models (Gram route on the GPU) equal their CPU output (QR route) and are GL-invariant there;
     moving col(ΔW) changes them (a one-sided U ↦ UR does not: it keeps the column space)."""
-    b = random_batch(6, rank=3, seed=4, mixed=True)
-    m = _model(kind, b).double().eval()
-    with torch.no_grad():
-        cpu = m(b)
-    gm, gb = m.to("cuda"), b.to(device="cuda")
-    assert assert_gl_invariant(gm, gb, atol=1e-10, rtol=1e-8) < 1e-8
+    gm, gb, cpu = _on_cuda(kind)
     with torch.no_grad():
         torch.testing.assert_close(gm(gb).cpu(), cpu, atol=1e-8, rtol=1e-6)
         moved = gb.with_factors([U + 0.3 * torch.randn_like(U) * (U != 0) for U in gb.U], gb.V)
