@@ -108,29 +108,23 @@ def canonical_factors(U: torch.Tensor, V: torch.Tensor, method: str | None = Non
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD canonical form: ``C = R₁R₂ᵀ = P S Qᵀ``, ``U' = Q₁P√S``, ``V' = Q₂Q√S`` with U'V'ᵀ = UVᵀ.
 
-    Computed as ``U' = U·(R₁⁺P√S)`` (R₁⁺ the pseudo-inverse of `gram_root`, from the same eigendecomposition;
-    likewise V'), one skinny matmul per
-    factor. There are min(n, m, r) columns, ordered by singular value (descending); each column pair's sign is fixed
-    so that the largest-magnitude entry of the U' column is positive. The result depends on ΔW only — hence is
-    invariant to (U, V) ↦ (UR, VR⁻ᵀ) for every R ∈ GL(r) — whenever the nonzero singular values are distinct and no
-    U' column has two entries tied for largest magnitude (generic inputs). Zero singular values give zero columns.
+    ``method`` as in `core`: ``"qr"`` takes Q₁, Q₂ from the QRs; ``"gram"`` takes ``Q₁ = U R₁⁺`` (R₁⁺ the
+    pseudo-inverse of `gram_root`, from the same eigendecomposition; likewise Q₂), exact on the directions with S > 0,
+    the only ones that reach U'. There are min(n, m, r) columns, ordered by singular value (descending); each column
+    pair's sign is fixed so that the largest-magnitude entry of the U' column is positive. The result depends on ΔW
+    only — hence is invariant to (U, V) ↦ (UR, VR⁻ᵀ) for every R ∈ GL(r) — whenever the nonzero singular values are
+    distinct and no U' column has two entries tied for largest magnitude (generic inputs). Zero singular values give
+    zero columns.
     """
     k = min(U.shape[-2], V.shape[-2], U.shape[-1])
     if _method(U, method) == "qr":
-        Q1, R1 = torch.linalg.qr(U)
-        Q2, R2 = torch.linalg.qr(V)
-        P, S, Qh = torch.linalg.svd(R1 @ R2.mT, full_matrices=False)  # min(n,r)×min(m,r): square unless r > n or m
-        P, S, Q = P[..., :k], S[..., :k], Qh.mT[..., :k]
-        rs = torch.sqrt(S).unsqueeze(-2)
-        Uc, Vc = (Q1 @ P) * rs, (Q2 @ Q) * rs
+        (Q1, R1), (Q2, R2) = torch.linalg.qr(U), torch.linalg.qr(V)
     else:
         (R1, R1p), (R2, R2p) = _gram(U), _gram(V)
-        P, S, Qh = torch.linalg.svd(R1 @ R2.mT)
-        P, S, Q = P[..., :k], S[..., :k], Qh.mT[..., :k]
-        rs = torch.sqrt(S).unsqueeze(-2)
-        # Q₁P = U R₁⁺ P: only directions with S > 0 matter, and there R₁⁺ is exact (R₁'s zero rows meet P's)
-        Uc = U.to(torch.float64) @ (R1p @ P * rs)
-        Vc = V.to(torch.float64) @ (R2p @ Q * rs)
+        Q1, Q2 = U.to(torch.float64) @ R1p, V.to(torch.float64) @ R2p
+    P, S, Qh = torch.linalg.svd(R1 @ R2.mT, full_matrices=False)  # min(n,r)×min(m,r): square unless r > n or m
+    rs = torch.sqrt(S[..., :k]).unsqueeze(-2)
+    Uc, Vc = (Q1 @ P[..., :k]) * rs, (Q2 @ Qh.mT[..., :k]) * rs
     idx = Uc.abs().argmax(dim=-2, keepdim=True)
     sign = torch.sign(torch.gather(Uc, -2, idx))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
