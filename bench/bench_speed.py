@@ -22,7 +22,6 @@ def main(argv=None) -> None:
     from lol import speed
     from lol.collection import open_collection
     from lol.experiments import write_table
-    from lol.models import build_model
 
     ap = argparse.ArgumentParser(prog="python -m bench speed")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -53,15 +52,8 @@ def main(argv=None) -> None:
 
     coll_name = "faces" if (data / "collections" / "faces" / "collection.json").is_file() else "lm"
     coll = open_collection(data / "collections" / coll_name)
-    idx = list(range(len(coll)))
-    if "rank" in coll.table:
-        r0 = int(coll.table["rank"].mode().iloc[0])
-        idx = (coll.table["rank"] == r0).to_numpy().nonzero()[0].tolist()
     sizes = [int(s) for s in a.sizes.split(",")]
-    batches = [coll.batch([idx[k % len(idx)] for k in range(n)]) for n in sizes]
-    torch.manual_seed(0)
-    models = {k: build_model(k, coll.spec, 1).fit(batches[-1]).to(device) for k in ("glnet", "dense", "svals")}
-    tp = pd.DataFrame(speed.throughput(models, batches, repeat=a.repeat))
+    tp = pd.DataFrame(speed.collection_throughput(coll, sizes, repeat=a.repeat, device=device))
     tp.insert(0, "collection", coll_name)
     tp.insert(1, "device", device)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["Timing", "time_call", "clip_evaluation", "lm_evaluation", "lol_prediction", "throughput",
-           "speed_ratios"]
+           "collection_throughput", "speed_ratios"]
 
 
 @dataclass
@@ -166,6 +166,28 @@ def throughput(models: dict, batches: Sequence, repeat: int = 3, warmup: int = 1
     return rows
 
 
+def collection_throughput(coll, sizes: Sequence[int], kinds: Sequence[str] = ("glnet", "dense", "svals"),
+                          repeat: int = 3, device: str | None = None) -> list[dict]:
+    """`throughput` of freshly built models of ``kinds`` (weights do not change the cost) on LoRAs of ``coll`` at
+    its most common rank, one batch per size (LoRAs repeated when the collection is smaller), on ``device``."""
+    from .models import build_model
+
+    idx = list(range(len(coll)))
+    if "rank" in coll.table:
+        r0 = int(coll.table["rank"].mode().iloc[0])
+        idx = (coll.table["rank"] == r0).to_numpy().nonzero()[0].tolist()
+    batches = [coll.batch([idx[k % len(idx)] for k in range(n)]) for n in sizes]
+    torch.manual_seed(0)
+    models = {k: build_model(k, coll.spec, 1).fit(batches[-1]).to(device or "cpu") for k in kinds}
+    return throughput(models, batches, repeat=repeat)
+
+
+def _ratio_row(task: str, what: str, std: Timing, lol: Timing, measured: str, label: str) -> dict:
+    return {"task": task, "standard_evaluation": what, "standard_seconds": std.seconds, "lol_seconds": lol.seconds,
+            "recomputed_label": std.value[measured], "stored_label": std.value["label"],
+            "lol_prediction": float(lol.value[label])}
+
+
 def speed_ratios(base_dir, collections_dir, checkpoints_dir, repeat: int = 3, device: str | None = None) -> list[dict]:
     """One row per task whose collection and shipped checkpoint exist: seconds per LoRA of the standard evaluation
     and of the LoL prediction, both measured here, on ``device`` (default: CUDA when present), for the same LoRA.
@@ -183,18 +205,13 @@ def speed_ratios(base_dir, collections_dir, checkpoints_dir, repeat: int = 3, de
         i = int((faces.table["rank"] == 4).to_numpy().nonzero()[0][0])
         std = clip_evaluation(faces, i, base / "sd", base / "clip", repeat=repeat, device=device)
         lol = lol_prediction(ckdir / "faces" / "clip_score", faces, i, repeat=max(20, repeat), device=device)
-        rows.append({"task": "faces/clip_score", "standard_evaluation": "generate images + CLIP score",
-                     "standard_seconds": std.seconds, "lol_seconds": lol.seconds,
-                     "recomputed_label": std.value["score"], "stored_label": std.value["label"],
-                     "lol_prediction": float(lol.value["clip_score"])})
+        rows.append(_ratio_row("faces/clip_score", "generate images + CLIP score", std, lol, "score", "clip_score"))
     if (cdir / "lm" / "collection.json").is_file() and (ckdir / "lm" / "challenge_accuracy").is_dir():
         lm = open_collection(cdir / "lm")
         std = lm_evaluation(lm, 0, base / "lm", repeat=repeat, device=device)
         lol = lol_prediction(ckdir / "lm" / "challenge_accuracy", lm, 0, repeat=max(20, repeat), device=device)
-        rows.append({"task": "lm/challenge_accuracy", "standard_evaluation": "run the LM on the challenge set",
-                     "standard_seconds": std.seconds, "lol_seconds": lol.seconds,
-                     "recomputed_label": std.value["accuracy"], "stored_label": std.value["label"],
-                     "lol_prediction": float(lol.value["challenge_accuracy"])})
+        rows.append(_ratio_row("lm/challenge_accuracy", "run the LM on the challenge set", std, lol, "accuracy",
+                               "challenge_accuracy"))
     for r in rows:
         r["ratio"] = r["standard_seconds"] / r["lol_seconds"]
         r["device"] = device
