@@ -124,7 +124,8 @@ def test_full_ci_build_all_three_collections(tmp_path):
         assert len(col) == rec["collections"][name]["n_loras"] > 0
     assert open_collection(tmp_path / "collections" / "faces").spec.names[0].startswith("unet.")
     # the build (and only the build: recipes run directly write none) leaves sample sheets of its first LoRAs
-    assert (tmp_path / "samples" / "faces-00000.png").is_file() and (tmp_path / "samples" / "fashion-00000.png").is_file()
+    samples = tmp_path / "samples"
+    assert (samples / "faces-00000.png").is_file() and (samples / "fashion-00000.png").is_file()
 
 
 def test_given_base_never_replaces_a_trained_one_nor_mixes_groups(lm_build, tmp_path):

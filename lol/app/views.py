@@ -460,15 +460,21 @@ def lm_context(ctx):
 
 # ----------------------------------------------------------------------------------------------------- generation
 
+def _provenance(coll) -> dict:
+    """The collection's provenance record ({} when it has none, e.g. an object that is not a packed collection)."""
+    prov = getattr(coll, "provenance", None)
+    return prov if isinstance(prov, dict) else {}
+
+
 def default_prompt(coll, df: pd.DataFrame, lora_id: str) -> str:
     """A prompt for the LoRA. For a zoo faces LoRA: the caption of its identity in the face world's words (``"a photo
     of a young man with brown hair"``), which the base model was trained on, so base and LoRA images can be compared;
     the DreamBooth caption it was finetuned with ("a photo of a celebrity") is a word the small base model never saw.
     Else a ``prompt`` / ``caption`` column of the table, the collection's recorded CLIP prompts, or a generic prompt."""
     row = df[df["id"].astype(str) == str(lora_id)]
-    prov = getattr(coll, "provenance", None) or {}
-    zoo = prov.get("zoo", {}) if isinstance(prov, dict) else {}
-    if str(zoo.get("recipe", "")).endswith(":FacesRecipe") and "identity" in df.columns and not row.empty:
+    prov = _provenance(coll)
+    if str(prov.get("zoo", {}).get("recipe", "")).endswith(":FacesRecipe") and "identity" in df.columns \
+            and not row.empty:
         from ..zoo.faces import Identity, caption
 
         return caption(Identity.from_seed(int(row.iloc[0]["identity"])).attributes())
@@ -485,8 +491,7 @@ def generation_defaults(coll) -> tuple[int, float]:
     """(steps, guidance scale) the Generate page starts from: for a zoo collection its base model's own guidance
     (`lol.zoo.image_bases.GUIDANCE`, what it was trained and labelled with) and 20 steps; else diffusers' usual
     Stable Diffusion settings (30 steps, guidance 7.5)."""
-    prov = getattr(coll, "provenance", None) or {}
-    if isinstance(prov, dict) and "zoo" in prov:
+    if "zoo" in _provenance(coll):
         from ..zoo.image_bases import GUIDANCE
 
         return 20, float(GUIDANCE)

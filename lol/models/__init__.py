@@ -28,7 +28,8 @@ from .mlp import (AugmentedMLP, CanonicalMLP, ColumnSpaceMLP, DenseMLP, FeatureM
                   SingularValueMLP)
 from .transformer import CanonicalTransformer
 
-__all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "ColumnSpaceMLP", "ColumnSketch",
+__all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
+           "ColumnSpaceMLP", "ColumnSketch",
            "SingularValueMLP", "OAlignMLP", "CanonicalMLP", "CanonicalTransformer", "GLNet", "GLInput", "GLHidden",
            "RowGate", "InvariantHead", "MLPTrunk", "Standardize"]
 

@@ -32,8 +32,9 @@ from ..errors import LoLError
 from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
-__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "compute_seconds", "run_group_to_disk",
-           "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor", "make_executor",
+__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "compute_seconds",
+           "run_group_to_disk", "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor",
+           "make_executor",
            "recipe_ref", "load_object"]
 
 MANIFEST = "manifest.json"
