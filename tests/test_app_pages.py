@@ -124,7 +124,42 @@ def test_bad_upload_gives_a_plain_message_and_app_keeps_working(env):
     assert any("uploaded earlier" in c.value for c in at.sidebar.caption)
 
 
-def test_server_path_missing_then_folder_of_loose_files(env, tmp_path):
+def test_server_folders_are_off_unless_the_operator_allows_them(env, monkeypatch):
+    monkeypatch.delenv("LOL_ALLOW_SERVER_FOLDERS", raising=False)
+    monkeypatch.delenv("LOL_FOLDER_ROOTS", raising=False)
+    at = run_app()
+    assert "A folder or packed collection on the server…" not in widget(at, "selectbox", "Collection").options
+
+
+def test_server_path_outside_the_allowed_roots_is_refused(env, tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "l0.safetensors").write_bytes(app_support.diffusers_bytes(seed=0))
+    (allowed / "link").symlink_to(tmp_path / "outside")  # a symlink out of the root is outside too
+    monkeypatch.setenv("LOL_FOLDER_ROOTS", str(allowed))
+    at = run_app()
+    widget(at, "selectbox", "Collection").select("A folder or packed collection on the server…").run()
+    for typed in ("/etc", str(tmp_path / "outside"), str(allowed / ".." / "outside"), str(allowed / "link")):
+        widget(at, "text_input", "Path on the server").input(typed).run()
+        assert_clean(at)
+        assert any("outside the folders this server allows" in i.value for i in at.info), (typed, at.info)
+        assert not at.dataframe, typed  # nothing was read
+
+
+def test_server_folder_scan_is_bounded(tmp_path, monkeypatch):
+    from lol.app.sources import FolderRefused, find_lora_files
+
+    for i in range(5):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / f"x{i}.safetensors").write_bytes(b"")
+    assert len(find_lora_files(tmp_path, limit=10)) == 5
+    with pytest.raises(FolderRefused, match="more than 9 files"):
+        find_lora_files(tmp_path, limit=9)
+
+
+def test_server_path_missing_then_folder_of_loose_files(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOL_FOLDER_ROOTS", str(tmp_path))
     at = run_app()
     widget(at, "selectbox", "Collection").select("A folder or packed collection on the server…").run()
     widget(at, "text_input", "Path on the server").input(str(tmp_path / "nope")).run()

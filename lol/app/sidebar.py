@@ -87,17 +87,28 @@ def _render() -> AppContext:
     sb = st.sidebar
     sb.markdown("### Collection")
     shipped = _shipped()
-    options = [f"{n} (shipped)" for n in shipped] + [_SERVER, _UPLOAD]
+    from .sources import server_roots
+
+    roots = server_roots()
+    options = [f"{n} (shipped)" for n in shipped] + ([_SERVER] if roots else []) + [_UPLOAD]
+    if st.session_state.get("collection_choice") not in options:
+        st.session_state.pop("collection_choice", None)
     choice = sb.selectbox("Collection", options, key="collection_choice", label_visibility="collapsed",
                           help="Shipped defaults live under data/collections (built by `lol zoo build`).")
     if not shipped:
         sb.caption(f"No shipped collections under `{app_data.data_root() / 'collections'}` yet: build them with "
                    f"`lol zoo build`, or choose a folder or upload files.")
     if choice == _SERVER:
-        path = sb.text_input("Path on the server", key="server_path", placeholder="/path/to/collection or folder",
-                             help="A packed collection, or a folder of LoRA files (.safetensors or PEFT folders).")
+        path = sb.text_input("Path on the server", key="server_path", placeholder=str(roots[0]),
+                             help="A packed collection, or a folder of LoRA files (.safetensors or PEFT folders), "
+                                  "inside " + ", ".join(str(r) for r in roots) + ".")
         if path.strip():
-            _open(ctx, Path(path.strip()).expanduser(), kind="server", name=path.strip())
+            from .sources import FolderRefused, resolve_server_path
+
+            try:
+                _open(ctx, resolve_server_path(path), kind="server", name=path.strip())
+            except FolderRefused as e:
+                ctx.source, ctx.kind, ctx.problem = path.strip(), "server", str(e)
         else:
             ctx.problem = "Enter the path of a packed collection or a folder of LoRA files in the sidebar."
     elif choice == _UPLOAD:

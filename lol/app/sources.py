@@ -3,14 +3,99 @@
 
 LoRAs whose modules do not match the first readable one (another base model or layer set) are left out and named
 in the returned notes; unreadable files likewise. Nothing is silently dropped.
+
+Folders on the server are a visitor-typed path, so they are off unless the operator allows them:
+``LOL_ALLOW_SERVER_FOLDERS=1`` allows folders under the data folder (``LOL_DATA``), ``LOL_FOLDER_ROOTS`` (paths
+separated by ``os.pathsep``) names the allowed roots and implies the permission. Every path is resolved (symlinks and
+``..`` followed) and must lie inside a root; a scan visits at most ``LOL_FOLDER_MAX_FILES`` entries (default 20,000).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CollectionError, LoLError
 
-__all__ = ["is_packed", "pack_loras"]
+__all__ = ["is_packed", "pack_loras", "server_roots", "resolve_server_path", "find_lora_files", "FolderRefused",
+           "ALLOW_ENV", "ROOTS_ENV", "MAX_FILES_ENV"]
+
+ALLOW_ENV, ROOTS_ENV, MAX_FILES_ENV = "LOL_ALLOW_SERVER_FOLDERS", "LOL_FOLDER_ROOTS", "LOL_FOLDER_MAX_FILES"
+DEFAULT_MAX_FILES = 20_000
+PEFT_CONFIG = "adapter_config.json"
+
+
+class FolderRefused(LoLError, PermissionError):
+    """A server path outside the allowed roots, or a scan over its bound."""
+
+
+def server_roots() -> list[Path]:
+    """The folders visitors may open on the server, resolved; empty when the operator has not allowed any."""
+    roots = [r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    if not roots:
+        if os.environ.get(ALLOW_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):
+            return []
+        from .data import data_root
+
+        roots = [str(data_root())]
+    return [Path(r.strip()).expanduser().resolve() for r in roots]
+
+
+def resolve_server_path(text: str) -> Path:
+    """The path a visitor typed, resolved, if it lies inside an allowed root; else `FolderRefused` (one line that
+    names the allowed roots, never the disk's contents)."""
+    roots = server_roots()
+    if not roots:
+        raise FolderRefused(f"Folders on the server are off. The operator can allow them with {ALLOW_ENV}=1 "
+                            f"(the data folder) or {ROOTS_ENV}=/some/folder.")
+    p = Path(str(text).strip()).expanduser()
+    if not p.is_absolute():
+        p = roots[0] / p
+    p = p.resolve()
+    if not any(p == r or p.is_relative_to(r) for r in roots):
+        raise FolderRefused(f"{text.strip()}: outside the folders this server allows ("
+                            + ", ".join(str(r) for r in roots) + ")")
+    return p
+
+
+def max_files() -> int:
+    try:
+        return max(1, int(os.environ.get(MAX_FILES_ENV, DEFAULT_MAX_FILES)))
+    except ValueError:
+        return DEFAULT_MAX_FILES
+
+
+def find_lora_files(root, limit: int | None = None) -> list[Path]:
+    """Every LoRA under ``root`` in sorted order: PEFT folders (not descended into) and ``.safetensors`` files, as
+    `lol.formats.lora_files` finds them, but visiting at most ``limit`` entries (`max_files`); a larger tree raises
+    `FolderRefused`. Symlinked folders are not followed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CollectionError(f"{root}: not a folder")
+    limit = max_files() if limit is None else limit
+    found: list[Path] = []
+    visited = 0
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        if (d / PEFT_CONFIG).is_file():
+            found.append(d)
+            continue
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise CollectionError(f"{d}: cannot list the folder ({e.strerror})") from None
+        visited += len(entries)
+        if visited > limit:
+            raise FolderRefused(f"{root}: more than {limit:,} files and folders to look through; choose a smaller "
+                                f"folder (the bound is {MAX_FILES_ENV})")
+        sub = []
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                sub.append(Path(e.path))
+            elif e.name.endswith(".safetensors"):
+                found.append(Path(e.path))
+        stack.extend(reversed(sub))
+    return sorted(found)
 
 
 def is_packed(path) -> bool:
@@ -24,13 +109,13 @@ def pack_loras(src, dest) -> tuple[Path, list[str]]:
     import pandas as pd
 
     from ..collection import write_collection
-    from ..formats import lora_files, read_lora
+    from ..formats import read_lora
 
     src, dest = Path(src), Path(dest)
     if src.is_file() or (src.is_dir() and (src / "adapter_config.json").is_file()):
         files, root = [src], src.parent
     else:
-        files, root = lora_files(src), src
+        files, root = find_lora_files(src), src
     if not files:
         raise CollectionError(f"{src}: no LoRA files here (looked for .safetensors files and PEFT folders)")
     notes: list[str] = []
