@@ -33,12 +33,12 @@ import torch
 
 from .batch import LoRABatch
 from .errors import CollectionError, SpecMismatchError
+from .labels import LABEL_KINDS
 from .lora import LoRA, LoRAModule, ModuleSpec
 
 __all__ = ["Collection", "open_collection", "write_collection", "FORMAT_VERSION", "LABEL_KINDS"]
 
 FORMAT_VERSION = 1
-LABEL_KINDS = ("regression", "binary", "category")
 META_NAME, FACTORS_NAME, TABLE_NAME = "collection.json", "factors.safetensors", "loras.parquet"
 _ST_DTYPE = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int32: "I32"}
@@ -392,35 +392,19 @@ class Collection:
 
 
 def _map_factors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the factors file, memory-mapped by the `safetensors` library (private pages: the file is never
+    modified; nothing is read until sliced). Its parse errors become `CollectionError`s naming the file."""
     from .errors import LoRAFormatError
-    from .formats.safetensors_file import read_safetensors_header
+    from .formats.safetensors_file import open_safetensors
 
     try:
-        header, _ = read_safetensors_header(path)
+        with open_safetensors(path) as f:
+            out = {key: f.get_tensor(key) for key in f.keys()}
     except LoRAFormatError as e:
         raise CollectionError(str(e)) from None
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private pages: the file is never modified
-    buf = torch.frombuffer(mm, dtype=torch.uint8)
-    base = 8 + hlen
-    out = {}
-    for key, info in header.items():
-        dt = _TORCH_DTYPE.get(info.get("dtype"))
-        if dt is None:
-            raise CollectionError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        shape = tuple(int(s) for s in info["shape"])
-        a, b = (base + int(o) for o in info["data_offsets"])
-        need = int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()
-        if b - a != need or b > size:
-            raise CollectionError(f"{path}: tensor {key!r} {shape} lies outside the file (truncated or corrupt)")
-        if not need:
-            out[key] = torch.empty(shape, dtype=dt)
-        elif a % torch.empty((), dtype=dt).element_size():  # misaligned (e.g. float64 factors): copy this one
-            out[key] = buf[a:b].clone().view(dt).view(shape)
-        else:
-            out[key] = buf[a:b].view(dt).view(shape)
+    for key, t in out.items():
+        if t.dtype not in _ST_DTYPE:
+            raise CollectionError(f"{path}: tensor {key!r} has unsupported dtype {str(t.dtype).replace('torch.', '')}")
     return out
 
 

@@ -1,14 +1,16 @@
-"""Careful safetensors reading: every failure is a `LoRAFormatError` that names the file and the problem.
+"""Reading safetensors files through the `safetensors` library itself, with every failure a `LoRAFormatError` that
+names the file and the problem.
 
-The file layout is ``[8-byte little-endian header length N][N bytes of JSON header][tensor data]``. The header length
-is checked against the file size before anything is parsed, and every tensor's byte range against the data size, so
-a truncated or corrupt file gives a plain error instead of a crash. Tensors are views into the bytes read
-(``torch.frombuffer``), so reading costs about one pass over the file; a file whose tensors share one float dtype
-is checked for NaN/Inf and (optionally) widened in one vectorized pass over all its data (`load_safetensors`).
+The library parses and validates the header (JSON, dtypes, shapes, byte ranges that exactly tile the data) and
+memory-maps the data (``safe_open``); nothing here parses the format by hand. Before handing a file to it, two cheap
+checks keep the clearest messages for the commonest broken files: a file too short for the 8-byte header length,
+and a header length larger than the file (a truncated file or not safetensors at all). Its own errors become one
+line naming the file (`_library_error`). What the library does not check and a LoRA reader must — finiteness
+(NaN/Inf, one vectorized integer pass per tensor, `all_finite_bytes`) and exact widening of 16-bit factors — is done
+here; dtypes and factor shapes are checked where tensors are paired (`lol.formats.pairs`).
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 from functools import lru_cache
@@ -20,80 +22,94 @@ import torch
 
 from ..errors import LoRAFormatError
 
-__all__ = ["read_safetensors", "read_safetensors_header", "load_safetensors", "Loaded", "all_finite_bytes",
+__all__ = ["open_safetensors", "read_safetensors", "read_safetensors_header", "load_safetensors", "Loaded", "all_finite_bytes",
            "FLOAT_DTYPES"]
 
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# safetensors dtype names → torch dtypes, for header-only reads (full reads get their dtype from the library)
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _DTYPES.items()}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
 
 
-def _parse_header(path: Path, head, size: int) -> tuple[dict, int]:
+def _precheck(path: Path) -> None:
+    """The two clearest messages, from the first 8 bytes and the file size, before the library sees the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise LoRAFormatError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
     if size < 8 or len(head) < 8:
         raise LoRAFormatError(path, f"not a safetensors file: {size} bytes, too short for a header")
-    (n,) = struct.unpack("<Q", head[:8])
+    (n,) = struct.unpack("<Q", head)
     if n > size - 8:
         raise LoRAFormatError(path, f"not a valid safetensors file: header length {n} exceeds the file size "
                                     f"({size} bytes); the file is truncated or not safetensors")
+
+
+# the library's messages (after "Error while deserializing header: ") → ours; the library's text is kept after it
+_LIBRARY_ERRORS = (
+    ("incomplete metadata", "the file is truncated or corrupt: the tensors' byte ranges do not match its data"),
+    ("invalid offset", "the file is truncated or corrupt: a tensor's byte range does not follow the previous one"),
+    ("invalid shape, data type, or offset", "the file is truncated or corrupt: a tensor's byte range does not "
+                                            "match its shape and dtype"),
+    ("invalid json", "corrupt safetensors header"),
+    ("invalid utf-8", "corrupt safetensors header"),
+    ("header too large", "not a valid safetensors file: header too large"),
+    ("header too small", "not a safetensors file: header too small"),
+)
+
+
+def _library_error(path: Path, e: Exception) -> LoRAFormatError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    detail = msg.split(": ", 1)[1] if msg.startswith("Error while deserializing header: ") else msg
+    for needle, ours in _LIBRARY_ERRORS:
+        if needle in detail.lower():
+            return LoRAFormatError(path, f"{ours} (safetensors: {detail})")
+    return LoRAFormatError(path, f"cannot be read as safetensors ({detail})")
+
+
+def open_safetensors(path):
+    """``safe_open(path, framework="pt")`` with our checks first and every error a `LoRAFormatError` naming the file."""
+    path = Path(path)
+    from safetensors import safe_open
+
+    _precheck(path)
     try:
-        header = json.loads(bytes(head[8:8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoRAFormatError(path, f"corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise LoRAFormatError(path, "corrupt safetensors header (not a JSON object)")
-    return header, 8 + n
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError and the library's other parse errors: all one line
+        raise _library_error(path, e) from None
+
+
+def _str_meta(meta) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (meta or {}).items()}
 
 
 def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str]]:
-    """The tensor table ``{key: {"dtype", "shape", "data_offsets"}}`` and ``__metadata__``, without reading tensors."""
+    """The tensor table ``{key: {"dtype", "shape"}}`` and ``__metadata__``, without reading tensor data."""
     path = Path(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n <= size - 8:
-                head += f.read(n)
-    header, _ = _parse_header(path, head, size)
-    meta = header.pop("__metadata__", None) or {}
-    return header, {str(k): str(v) for k, v in meta.items()}
+    with open_safetensors(path) as f:
+        table = {}
+        for key in f.keys():
+            sl = f.get_slice(key)
+            table[key] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape())}
+        return table, _str_meta(f.metadata())
 
 
 class Loaded(NamedTuple):
-    """One safetensors file read: its tensors, ``__metadata__``, and whether every tensor is finite (checked in one
-    vectorized pass over the data; None when not checked: shapes-only read, or tensors of several dtypes)."""
+    """One safetensors file read: its tensors, ``__metadata__``, and whether every floating tensor is finite (None
+    for a shapes-only read)."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     all_finite: bool | None
-
-
-def _entries(path: Path, header: dict, body_len: int | None):
-    """Validated ``(key, dtype, shape, start, end)`` per tensor; with ``body_len`` the byte ranges are checked."""
-    out = []
-    for key, info in header.items():
-        try:
-            name = info["dtype"]
-            dtype = _DTYPES[name]
-            shape = list(map(int, info["shape"]))
-            b0, b1 = map(int, info["data_offsets"]) if body_len is not None else (0, 0)
-            if shape and min(shape) < 0:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise LoRAFormatError(path, f"corrupt safetensors header entry for {key!r}: {info!r}") from None
-        if body_len is not None:
-            numel = 1
-            for d in shape:
-                numel *= d
-            if b1 - b0 != numel * _ITEMSIZE[name] or b0 < 0 or b1 > body_len:
-                raise LoRAFormatError(path, f"tensor {key!r} ({name} {shape}) lies outside the file's data "
-                                            f"(bytes {b0}-{b1} of {body_len}); the file is truncated or corrupt")
-        out.append((key, dtype, shape, b0, b1))
-    return out
 
 
 # IEEE exponent field per float width: a value is NaN or ±Inf exactly when all its exponent bits are set
@@ -109,54 +125,42 @@ def all_finite_bytes(buf, dtype: torch.dtype) -> bool:
     return not bits.size or int(np.bitwise_and(bits, uint(mask)).max()) != mask
 
 
+def _finite(t: torch.Tensor) -> bool:
+    if t.dtype not in _EXPONENT or not t.numel():
+        return True
+    return all_finite_bytes(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy(), t.dtype)
+
+
 def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | None = None) -> Loaded:
-    """Read one safetensors file with one read and validated offsets.
+    """Read one safetensors file with the `safetensors` library (memory-mapped, validated by it).
 
-    When every tensor has the same floating dtype (the usual LoRA file), finiteness is checked in one vectorized
-    pass over the whole data and, if ``widen_to`` is a wider float dtype (float16/bfloat16 → float32/float64,
-    float32 → float64), the data is converted in one pass; each tensor is then a view. Widening is exact. Otherwise
-    tensors are views of the file's bytes in their own dtype and ``all_finite`` is None.
-    With ``shapes_only`` only the header is read and the tensors are empty ``meta``-device tensors."""
+    Every floating tensor is checked for NaN/Inf (``all_finite``); floating tensors narrower than ``widen_to``
+    (float16/bfloat16 → float32/float64, float32 → float64) are widened, which is exact. With ``shapes_only`` no data
+    is read and the tensors are empty ``meta``-device tensors of the right dtype and shape."""
     path = Path(path)
-    if shapes_only:
-        header, meta = read_safetensors_header(path)
-        return Loaded({key: _meta(tuple(shape), dt) for key, dt, shape, _, _ in _entries(path, header, None)},
-                      meta, None)
-    size = os.path.getsize(path)
-    data = bytearray(size)  # writable, so tensors can be zero-copy views
-    with open(path, "rb") as f:
-        got = f.readinto(data)
-    if got != size:
-        raise LoRAFormatError(path, f"could only read {got} of {size} bytes")
-    header, start = _parse_header(path, data, size)
-    meta = header.pop("__metadata__", None) or {}
-    meta = {str(k): str(v) for k, v in meta.items()}
-    body = memoryview(data)[start:]
-    entries = _entries(path, header, len(body))
-    dtypes = {e[1] for e in entries}
-    out: dict[str, torch.Tensor] = {}
-    if len(dtypes) == 1 and (dt := next(iter(dtypes))) in FLOAT_DTYPES:
-        item = dt.itemsize
-        end = max(e[4] for e in entries)
-        if end and all(e[3] % item == 0 for e in entries):  # one typed view of all data (offsets on item bounds)
-            finite = all_finite_bytes(body[:end], dt)
-            flat = torch.frombuffer(body[:end], dtype=dt)
-            if widen_to is not None and _wider(widen_to, dt):
-                flat = flat.to(widen_to)
-            for key, _, shape, b0, _ in entries:  # one call per tensor: a contiguous view at its element offset
-                out[key] = flat.as_strided(shape, _strides(shape), b0 // item)
-            return Loaded(out, meta, finite)
-    for key, dt, shape, b0, b1 in entries:
-        out[key] = torch.frombuffer(body[b0:b1], dtype=dt).view(shape) if b1 > b0 else torch.empty(shape, dtype=dt)
-    return Loaded(out, meta, None)
-
-
-def _strides(shape: list[int]) -> list[int]:
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return strides[::-1]
+    with open_safetensors(path) as f:
+        meta = _str_meta(f.metadata())
+        keys = list(f.keys())
+        try:
+            if shapes_only:
+                out = {}
+                for key in keys:
+                    sl = f.get_slice(key)
+                    name = sl.get_dtype()
+                    if name not in _DTYPES:
+                        raise LoRAFormatError(path, f"tensor {key!r} has dtype {name}, which lol does not read; "
+                                                    f"LoRA factors are float16/bfloat16/float32/float64")
+                    out[key] = _meta(tuple(int(d) for d in sl.get_shape()), _DTYPES[name])
+                return Loaded(out, meta, None)
+            tensors = {key: f.get_tensor(key) for key in keys}
+        except LoRAFormatError:
+            raise
+        except Exception as e:  # the library's errors while mapping a tensor (e.g. an unsupported dtype)
+            raise _library_error(path, e) from None
+    finite = all(_finite(t) for t in tensors.values())
+    if widen_to is not None:
+        tensors = {k: (t.to(widen_to) if _wider(widen_to, t.dtype) else t) for k, t in tensors.items()}
+    return Loaded(tensors, meta, finite)
 
 
 @lru_cache(maxsize=4096)
@@ -165,16 +169,15 @@ def _meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+_ORDER = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
 def _wider(to: torch.dtype, frm: torch.dtype) -> bool:
-    order = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-    return to in order and order[to] > order[frm]
+    return to in _ORDER and frm in _ORDER and _ORDER[to] > _ORDER[frm]
 
 
 def read_safetensors(path, keys=None, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (or only ``keys``) and the ``__metadata__`` of one safetensors file, with validated offsets.
-
-    With ``shapes_only`` only the header is read and the tensors are empty ``meta``-device tensors of the right
-    dtype and shape (for checking names and shapes without reading data)."""
+    """All tensors (or only ``keys``) and the ``__metadata__`` of one safetensors file (see `load_safetensors`)."""
     tensors, meta, _ = load_safetensors(path, shapes_only)
     if keys is not None:
         tensors = {k: v for k, v in tensors.items() if k in keys}
