@@ -23,9 +23,14 @@ if ctx.require_collection():
         frames = {m.name: preds.prediction_frame(ctx, m, coll) for m in chosen}
         frames = {k: v for k, v in frames.items() if v is not None}
         if frames:
-            regress = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "regression")})
-            binary = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "binary")})
-            category = sorted({lab for f in frames.values() for lab in preds.predicted_labels(f, coll, "category")})
+            # labels every shown model predicts: a comparison is only drawn on labels both models have
+            regress, binary, category = (preds.common_labels(frames.values(), coll, kind)
+                                         for kind in ("regression", "binary", "category"))
+            if len(frames) > 1 and not (regress or binary or category):
+                a, b = list(frames)
+                st.info(f"**{a}** and **{b}** predict no label in common, so there is nothing to compare "
+                        f"({a}: {', '.join(preds.all_predicted(frames[a], coll))}; "
+                        f"{b}: {', '.join(preds.all_predicted(frames[b], coll))}).")
             if regress:
                 label = st.selectbox("Label", regress, key="pred_label",
                                      index=next((i for i, r in enumerate(regress) if "clip" in r), 0))

@@ -14,8 +14,9 @@ import streamlit as st
 from . import cache
 from .errors import plain
 
-__all__ = ["PRED", "ERR", "SPLIT", "model_split", "compatible_models", "prediction_frame", "predictions_or_none", "predicted_labels",
-           "membership_tasks", "embeddings", "checkpoint_info", "predict_loras"]
+__all__ = ["PRED", "ERR", "SPLIT", "model_split", "compatible_models", "prediction_frame", "predictions_or_none",
+           "predicted_labels", "common_labels", "all_predicted", "membership_tasks", "embeddings", "checkpoint_info",
+           "predict_loras"]
 
 PRED = " (predicted)"
 ERR = " error"
@@ -148,6 +149,18 @@ def predicted_labels(frame: pd.DataFrame, coll, kind: str) -> list[str]:
     cols = set(coll.table.columns)
     return [c[: -len(PRED)] for c in frame.columns if c.endswith(PRED)
             and labels.get(c[: -len(PRED)], {}).get("kind") == kind and c[: -len(PRED)] in cols]
+
+
+def common_labels(frames, coll, kind: str) -> list[str]:
+    """Labels of ``kind`` that every frame in ``frames`` predicts (and the collection has truth for), sorted: what a
+    side-by-side comparison of several models can show."""
+    sets = [set(predicted_labels(f, coll, kind)) for f in frames]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def all_predicted(frame: pd.DataFrame, coll) -> list[str]:
+    """Every label ``frame`` predicts that the collection has truth for, in the frame's order."""
+    return [lab for kind in ("regression", "binary", "category") for lab in predicted_labels(frame, coll, kind)]
 
 
 def predict_loras(model, loras, device: str) -> pd.DataFrame:
