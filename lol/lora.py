@@ -310,6 +310,9 @@ class LoRA:
 
     ``format`` is the source format (``"peft"``, ``"diffusers"``, ``"kohya"``, ``"synthetic"``, ...);
     ``metadata`` holds the file's string metadata (safetensors ``__metadata__``); ``config`` the PEFT config, if any.
+    ``full_weight_modules``: ``(name, shape)`` of every tensor the file holds whole beside the LoRA pairs (PEFT
+    ``modules_to_save`` such as classifier / ``score`` heads, ``lm_head``, embeddings; trained biases). They are
+    listed, not read: a LoL model sees the low-rank modules only.
     """
 
     modules: dict[str, LoRAModule]
@@ -317,6 +320,7 @@ class LoRA:
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     source: str | None = None
+    full_weight_modules: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def from_modules(cls, modules: Iterable[LoRAModule], **kwargs) -> "LoRA":
@@ -363,5 +367,6 @@ class LoRA:
 
     def __repr__(self) -> str:
         ranks = sorted(set(self.ranks))
-        return (f"LoRA(format={self.format!r}, modules={len(self)}, ranks={ranks}, "
+        full = f", full_weight_modules={len(self.full_weight_modules)}" if self.full_weight_modules else ""
+        return (f"LoRA(format={self.format!r}, modules={len(self)}, ranks={ranks}{full}, "
                 f"source={self.source!r})")

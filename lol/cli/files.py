@@ -80,14 +80,20 @@ def cmd_inspect(args) -> int:
     metadata = dict(lora.metadata)
     if lora.config:
         metadata["adapter_config"] = lora.config
+    full = [{"name": n, "shape": list(s)} for n, s in lora.full_weight_modules]
     if args.json:
-        print(json.dumps({"path": str(path), "format": fmt, "modules": mods, "metadata": metadata}, indent=1))
+        print(json.dumps({"path": str(path), "format": fmt, "modules": mods, "full_weight_modules": full,
+                          "metadata": metadata}, indent=1))
         return 0
     print(f"{path}: {fmt} LoRA, {len(mods)} modules, ranks {sorted(set(lora.ranks))}, "
           f"{lora.num_parameters():,} parameters")
-    _print_table([[m["name"], f"{m['out_features']}×{m['in_features']}", m["rank"], _fmt(m["alpha"]),
-                   _fmt(m["scale"]), _fmt(m["delta_norm"])] for m in mods],
-                 ["module", "out×in", "rank", "alpha", "scale", "‖ΔW‖_F"])
+    rows = [[m["name"], f"{m['out_features']}×{m['in_features']}", m["rank"], _fmt(m["alpha"]), _fmt(m["scale"]),
+             _fmt(m["delta_norm"])] for m in mods]
+    rows += [[f["name"], "×".join(map(str, f["shape"])), "full", "-", "-", "-"] for f in full]
+    _print_table(rows, ["module", "out×in", "rank", "alpha", "scale", "‖ΔW‖_F"])
+    if full:
+        print(f"{len(full)} full-weight tensor(s) (rank 'full': saved whole beside the LoRA pairs, e.g. "
+              f"modules_to_save heads; listed, not used by LoL models)")
     if metadata:
         print("metadata:")
         for k, v in metadata.items():
@@ -158,21 +164,10 @@ def _read_labels(path: Path):
 
 
 def _label_schema(df, reserved) -> dict:
-    import pandas as pd
+    from ..labels import infer_kind
 
-    schema = {}
-    for col in df.columns:
-        if col in reserved:
-            continue
-        s = df[col].dropna()
-        if pd.api.types.is_bool_dtype(s) or (pd.api.types.is_numeric_dtype(s) and len(s) and set(s.unique()) <= {0, 1}):
-            kind = "binary"
-        elif pd.api.types.is_numeric_dtype(s):
-            kind = "regression"
-        else:
-            kind = "category"
-        schema[col] = {"kind": kind, "description": f"column {col!r} of the labels table", "task": "labels"}
-    return schema
+    return {col: {"kind": infer_kind(df[col]), "description": f"column {col!r} of the labels table", "task": "labels"}
+            for col in df.columns if col not in reserved}
 
 
 def cmd_import(args) -> int:

@@ -24,10 +24,11 @@ from .peft import CONFIG_NAME as PEFT_CONFIG_NAME, read_peft, save_peft
 from .safetensors_file import load_safetensors, read_safetensors_header
 
 __all__ = ["read_lora", "detect_format", "save_peft", "save_diffusers", "read_peft", "read_diffusers", "read_kohya",
-           "kohya_to_module", "module_to_kohya", "lora_files", "FORMATS"]
+           "kohya_to_module", "module_to_kohya", "lora_files", "FORMATS", "PICKLE_SUFFIXES"]
 
 FORMATS = ("peft", "diffusers", "kohya")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# the one list of pickled-file suffixes: never unpickled (`_reject_pickle`), listed as skipped by `lol import`
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _single_file(folder: Path) -> Path:
@@ -43,7 +44,7 @@ def _single_file(folder: Path) -> Path:
 
 
 def _reject_pickle(path: Path) -> None:
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise LoRAFormatError(path, f"pickled {path.suffix} files are not read (unpickling runs code); use "
                                     f".safetensors, or a PEFT folder with adapter_model.bin")
 

@@ -20,23 +20,44 @@ __all__ = ["Pair", "build_modules", "reject_non_lora", "unknown_keys_error", "pe
 
 # keys that mark adapters which are not a plain low-rank pair (U, V)
 _NOT_PLAIN = (  # (substring that must occur, exact pattern, what it is)
-    ("hada_", re.compile(r"(^|[._])hada_"), "LyCORIS LoHa (hada_*: Hadamard product of two low-rank pairs)"),
-    ("lokr_", re.compile(r"(^|[._])lokr_"), "LyCORIS LoKr (lokr_*: Kronecker-product factors)"),
+    ("hada_", re.compile(r"(^|[._])hada_"), "LoHa adapter (LyCORIS or PEFT LOHA; hada_*: Hadamard product of two low-rank "
+                                                        "pairs)"),
+    ("lokr_", re.compile(r"(^|[._])lokr_"), "LoKr adapter (LyCORIS or PEFT LOKR; lokr_*: Kronecker-product factors)"),
     ("magnitude", re.compile(r"lora_magnitude_vector"), "DoRA (a learned magnitude vector rescales W + ΔW)"),
     ("dora_scale", re.compile(r"(^|[._])dora_scale"), "DoRA (a learned magnitude vector rescales W + ΔW)"),
     (".lora_mid.", re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker core (lora_mid)"),
+    ("oft_", re.compile(r"(^|[._])oft_(blocks|diag|R|r|s)\b"), "OFT / BOFT adapter (a learned orthogonal matrix "
+                                                              "multiplies W; no additive low-rank ΔW)"),
+    ("boft_", re.compile(r"(^|[._])boft_[RS]\b"), "BOFT adapter (butterfly orthogonal finetuning; no additive "
+                                                  "low-rank ΔW)"),
+    ("ia3_l", re.compile(r"(^|[._])ia3_l\b"), "PEFT (IA)³ adapter (ia3_l: per-channel scaling vectors)"),
+    ("on_input", re.compile(r"\.on_input$"), "LyCORIS (IA)³ adapter (per-channel scaling vectors)"),
+    ("vera_lambda", re.compile(r"(^|[._])vera_lambda_[bd]\b"), "VeRA adapter (vera_lambda_*: learned vectors "
+                                                               "scaling frozen shared random matrices)"),
+    ("lora_E", re.compile(r"\.lora_E(\.|$)"), "AdaLoRA adapter (lora_E: learned singular values); read the PEFT "
+                                              "folder with its adapter_config.json (peft_type ADALORA)"),
+    (".diff", re.compile(r"\.diff(_b)?$"), "LyCORIS full module (.diff: a dense ΔW stored whole)"),
+    (".a1.", re.compile(r"\.a1\.weight$"), "LyCORIS GLoRA adapter (a1/a2/b1/b2: generalized LoRA)"),
+    ("_norm", re.compile(r"\.(w|b)_norm$"), "LyCORIS norm module (w_norm / b_norm: finetuned normalization)"),
+    (":", re.compile(r"^[^.:]+:\d+:(up|down)$"), "cloneofsimo lora_diffusion file (modules numbered by position, e.g. "
+                                                 "'unet:0:up', not named by module; lol pairs modules by name and "
+                                                 "cannot place them; convert it to diffusers or kohya format)"),
+    ("<", re.compile(r"^<[^>]+>$"), "cloneofsimo lora_diffusion file with textual-inversion embeddings (e.g. "
+                                   "'<s1>'), not only a LoRA"),
 )
 
 
 def reject_non_lora(path, keys) -> None:
-    """Raise a `LoRAFormatError` if the keys belong to an adapter type whose ΔW is not ``U Vᵀ``."""
+    """Raise a `LoRAFormatError` that says what the file is if its keys belong to an adapter type whose ΔW is not a
+    named ``U Vᵀ`` (LyCORIS, DoRA, OFT/BOFT, (IA)³, VeRA, AdaLoRA without its config, cloneofsimo files)."""
     joined = "\n".join(keys)
     for needle, pattern, what in _NOT_PLAIN:
         if needle not in joined:  # a plain substring scan first; keys are only matched one by one on a hit
             continue
         hits = [k for k in keys if pattern.search(k)]
         if hits:
-            raise LoRAFormatError(path, f"this is a {what}, not a plain low-rank (lora_A, lora_B) adapter; "
+            article = "an" if what[:1].lower() in "aeiou" else "a"
+            raise LoRAFormatError(path, f"this is {article} {what}, not a plain low-rank (lora_A, lora_B) adapter; "
                                         f"found e.g. {hits[0]!r}. lol reads plain LoRA only")
 
 

@@ -35,6 +35,35 @@ _KEY = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_A|lora_B|lora_embedding_A|lo
                   r"(?:\.(?P<adapter>[A-Za-z0-9_-]+))?(?:\.weight)?$")
 
 
+# what each other PEFT adapter type is, for the one-line refusal
+PEFT_TYPES = {
+    "IA3": "(IA)³: learned per-channel scaling vectors, no low-rank ΔW",
+    "LOHA": "LoHa: ΔW is the Hadamard product of two low-rank products, not U Vᵀ",
+    "LOKR": "LoKr: ΔW is a Kronecker product of factors, not U Vᵀ",
+    "OFT": "OFT: W is multiplied by a learned orthogonal matrix, not changed by an additive low-rank ΔW",
+    "BOFT": "BOFT: W is multiplied by a butterfly-factored orthogonal matrix, not changed by an additive low-rank ΔW",
+    "VERA": "VeRA: frozen random matrices shared by all layers, scaled by learned vectors; the shared matrices are "
+            "not in the adapter's weights",
+    "VBLORA": "VB-LoRA: factors mixed from a shared vector bank",
+    "PROMPT_TUNING": "soft prompt: learned virtual-token embeddings, no weight change",
+    "PREFIX_TUNING": "prefix tuning: learned key/value prefixes, no weight change",
+    "P_TUNING": "p-tuning: learned virtual-token embeddings from a prompt encoder, no weight change",
+    "MULTITASK_PROMPT_TUNING": "multitask soft prompt, no weight change",
+    "ADAPTION_PROMPT": "LLaMA-Adapter: learned adaption prompts with gated attention, no weight change",
+    "LN_TUNING": "LayerNorm tuning: finetuned normalization weights, no low-rank ΔW",
+    "FOURIERFT": "FourierFT: ΔW from learned spectral coefficients, not U Vᵀ",
+    "HRA": "HRA: W multiplied by learned Householder reflections",
+    "BONE": "Bone: block-affine weight change, not U Vᵀ",
+    "MISS": "MiSS: shard-shared weight change, not U Vᵀ",
+    "XLORA": "X-LoRA: a learned router mixing several LoRAs per token",
+    "POLY": "Poly: a router over a LoRA inventory",
+    "C3A": "C³A: circular-convolution weight change, not U Vᵀ",
+    "RANDLORA": "RandLoRA: learned scalings of shared random full-rank bases",
+    "SHIRA": "SHiRA: a sparse high-rank weight change",
+    "TRAINABLE_TOKENS": "trainable tokens: new embedding rows, no low-rank ΔW",
+}
+
+
 def _read_config(folder: Path) -> dict:
     cfg_path = folder / CONFIG_NAME
     try:
@@ -44,8 +73,10 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(cfg, dict):
         raise LoRAFormatError(cfg_path, "adapter config is not a JSON object")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise LoRAFormatError(cfg_path, f"peft_type is {peft_type!r}; only plain LORA adapters are low-rank pairs")
+    if peft_type not in ("LORA", "ADALORA"):
+        what = PEFT_TYPES.get(peft_type, "an adapter type lol does not know")
+        raise LoRAFormatError(cfg_path, f"this is a PEFT {peft_type} adapter ({what}), not a LoRA; lol reads "
+                                        f"low-rank (lora_A, lora_B) adapters only (PEFT LORA and ADALORA)")
     if cfg.get("use_dora"):
         raise LoRAFormatError(cfg_path, "use_dora is true: DoRA rescales W + ΔW by a learned magnitude vector, so it "
                                         "is not a plain low-rank (lora_A, lora_B) adapter")
@@ -94,27 +125,74 @@ def read_peft(folder, dtype: torch.dtype | None = None, shapes_only: bool = Fals
     folder = Path(folder)
     cfg = _read_config(folder)
     tensors, meta, wpath, finite = _load_weights(folder, shapes_only, widen_to=dtype or torch.float32)
-    reject_non_lora(wpath, tensors)
+    adalora = str(cfg.get("peft_type", "LORA")).upper() == "ADALORA"
+    reject_non_lora(wpath, [k for k in tensors if not (adalora and _ADALORA_E.match(k))])
     pairs: dict[str, Pair] = {}
-    unknown = []
+    singular: dict[str, torch.Tensor] = {}  # AdaLoRA's lora_E per module
+    unknown, full = [], []
     for key, t in tensors.items():
+        if adalora and (e := _ADALORA_E.match(key)):
+            singular[_strip(e["module"])] = t
+            continue
         m = _KEY.match(key)
         if not m:
-            unknown.append(key)
+            (full if is_full_weight_key(key) else unknown).append(key)
             continue
-        name = m["module"][len(PREFIX):] if m["module"].startswith(PREFIX) else m["module"]
         role = "A" if m["role"].endswith("A") else "B"
-        pairs.setdefault(name, Pair()).set(role, key, t, wpath)
+        pairs.setdefault(_strip(m["module"]), Pair()).set(role, key, t, wpath)
     if unknown:
-        err = unknown_keys_error(wpath, unknown, "PEFT")
-        if any("modules_to_save" in k or not k.split(".")[-2].startswith("lora") for k in unknown):
-            err = LoRAFormatError(wpath, err.problem + "; full-weight modules (modules_to_save) are not low-rank "
-                                                       "and are not read")
-        raise err
+        raise unknown_keys_error(wpath, unknown, "PEFT")
     if not pairs:
-        raise LoRAFormatError(wpath, "no lora_A / lora_B tensors found")
-    modules = build_modules(wpath, pairs, config_scale_rule(cfg, folder / CONFIG_NAME), dtype, all_finite=finite)
-    return LoRA.from_modules(modules, format="peft", metadata=meta, config=cfg, source=str(folder))
+        what = f"; it holds only full-weight tensors ({', '.join(map(repr, full[:3]))})" if full else ""
+        raise LoRAFormatError(wpath, f"no lora_A / lora_B tensors found{what}")
+    scale_rule = config_scale_rule(cfg, folder / CONFIG_NAME)
+    if adalora:
+        pairs, scale_rule = _adalora_pairs(wpath, pairs, singular, cfg, shapes_only)
+    modules = build_modules(wpath, pairs, scale_rule, dtype, all_finite=finite)
+    full_weights = tuple((_strip(k), tuple(int(d) for d in tensors[k].shape)) for k in full)
+    return LoRA.from_modules(modules, format="peft", metadata=meta, config=cfg, source=str(folder),
+                             full_weight_modules=full_weights)
+
+
+def _strip(name: str) -> str:
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def is_full_weight_key(key: str) -> bool:
+    """A tensor PEFT saves whole beside the LoRA pairs: ``modules_to_save`` copies (classifier / ``score`` heads,
+    ``lm_head``, embeddings), biases trained with ``bias="all"|"lora_only"`` (``…base_layer.bias``), trainable-token
+    deltas. Such keys have no segment that names a LoRA factor (``lora_*``)."""
+    return not any(part.startswith("lora_") for part in key.split("."))
+
+
+_ADALORA_E = re.compile(r"^(?P<module>.+?)\.lora_E(?:\.(?P<adapter>[A-Za-z0-9_-]+))?(?:\.weight)?$")
+
+
+def _adalora_pairs(path, pairs: dict[str, Pair], singular: dict[str, torch.Tensor], cfg: dict, shapes_only: bool):
+    """AdaLoRA stores ΔW in SVD-like form, ``ΔW = B · (A ⊙ E) · scaling / (ranknum + 1e-5)`` (peft's
+    ``AdaLoraLayer.get_delta_weight``), with E (r × 1) the learned singular values, ``scaling = lora_alpha`` (or r when
+    lora_alpha ≤ 0) and ``ranknum`` the module's rank as float32 (peft does not save it: always float(r)). That is
+    exactly a LoRA with ``A' = A ⊙ E`` and scale ``scaling / (float32(r) + 1e-5)``."""
+    for name, p in pairs.items():
+        E = singular.pop(name, None)
+        if E is None:
+            raise LoRAFormatError(path, f"AdaLoRA module {name!r}: found {p.keys.get('A') or p.keys.get('B')!r} but "
+                                        f"no lora_E (the singular values)")
+        if p.A is not None and tuple(E.shape) != (int(p.A.shape[0]), 1):
+            raise LoRAFormatError(path, f"AdaLoRA module {name!r}: lora_E has shape {tuple(E.shape)}, expected "
+                                        f"({int(p.A.shape[0])}, 1) from lora_A {tuple(p.A.shape)}")
+        if p.A is not None and not shapes_only:
+            p.A = p.A * E.to(p.A.dtype)
+    if singular:
+        raise LoRAFormatError(path, f"AdaLoRA lora_E without lora_A / lora_B for module(s) {sorted(singular)[:3]}")
+    alpha = float(cfg["lora_alpha"])
+
+    def scale_of(name, rank, file_alpha):
+        a = alpha if alpha > 0 else float(rank)
+        ranknum = float(torch.tensor(float(rank), dtype=torch.float32) + 1e-5)  # float32, as peft computes it
+        return a, a / ranknum
+
+    return pairs, scale_of
 
 
 def _most_common(values):
