@@ -24,8 +24,14 @@ import sys
 import time
 
 WIDE = ("dense", "colspace")   # Σ n·m (dense ΔW) or Σ n² (column-space projectors) inputs: --dense-width/-batch
-KINDS = ("mlp", "mlp_aug", "dense", "colspace", "colsketch", "svals", "oalign", "canon_mlp", "canon_transformer",
-         "glnet", "glnet_sketch", "glnet_loop")
+VARIANTS = ("glnet_sketch", "glnet_loop")  # GL-net timing variants of this bench, beside the registry's kinds
+
+
+def kinds() -> tuple[str, ...]:
+    """Every kind of the model registry (the one list), then this bench's GL-net variants."""
+    from lol.models import MODELS
+
+    return (*MODELS, *VARIANTS)
 
 
 def _spec():
@@ -127,7 +133,7 @@ def child(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench models")
-    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--kinds", default=",".join(kinds()))
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=64, help="LoRAs per forward pass")
     p.add_argument("--dense-batch", type=int, default=4,
@@ -146,7 +152,10 @@ def main(argv=None):
     p.add_argument("--child", dest="kind", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    from lol.devices import default_device
+
+    args.device = default_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kind:

@@ -22,10 +22,12 @@ def main(argv=None) -> None:
     from lol import speed
     from lol.collection import open_collection
     from lol.experiments import write_table
+    from lol.paths import data_root
 
     ap = argparse.ArgumentParser(prog="python -m bench speed")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    ap.add_argument("--data", default=str(REPO / "data"), help="folder with base/, collections/, checkpoints/")
+    ap.add_argument("--data", default=str(data_root()), help="folder with base/, collections/, checkpoints/ "
+                                                           "(default: $LOL_DATA, else data/)")
     ap.add_argument("--out", default=str(REPO / "artifacts" / "bench"))
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="1,8,64,512,4096")
@@ -33,7 +35,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from lol.devices import default_device
+
+    device = default_device(a.device)
     data, out = Path(a.data), Path(a.out)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name})")

@@ -17,16 +17,15 @@ import torch
 from .batch import LoRABatch
 from .errors import LoLError
 from .lora import ModuleSpec
-from .models import LoLModel, build_model
+from .models import MODELS, LoLModel, build_model, gl_invariant
+from .models.base import iter_chunks
 from .targets import TargetSet, nan_to_none
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint", "CONFIG_NAME", "WEIGHTS_NAME",
-           "CHECKPOINT_INDEX"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "lol-checkpoint"
 VERSION = 1
-CHECKPOINT_INDEX = Path(__file__).resolve().parent.parent / "data" / "checkpoints" / "index.json"
 
 
 def save_checkpoint(path, model: LoLModel, targets: TargetSet, *, fingerprint: str | None = None,
@@ -85,9 +84,8 @@ class Checkpoint:
         outs = []
         self.model.eval()
         with torch.no_grad():
-            for s in range(0, len(batch), chunk):
-                b = batch.select(torch.arange(s, min(s + chunk, len(batch)))).to(device=p.device, dtype=p.dtype)
-                outs.append(self.model(b))
+            for b in iter_chunks(batch, chunk):
+                outs.append(self.model(b.to(device=p.device, dtype=p.dtype)))
         return self.targets.decode(torch.cat(outs))
 
 
@@ -134,15 +132,33 @@ def load_checkpoint(path, device=None) -> Checkpoint:
 
 
 def default_checkpoint(label: str, index: Path | None = None) -> Path:
-    """The shipped checkpoint for ``label`` from ``data/checkpoints/index.json`` ({label: relative folder})."""
-    index = Path(index) if index is not None else CHECKPOINT_INDEX
+    """The shipped checkpoint for ``label`` from the checkpoint index (``$LOL_DATA/checkpoints/index.json``, default
+    ``<repo>/data``; `lol.paths`), ``{label: folder relative to the index}``.
+
+    A default keeps the GL(r) promise: a checkpoint whose model kind is not GL(r)-invariant (``mlp``, ``mlp_aug``,
+    ``oalign``) is refused as a default (pass its folder explicitly to use it anyway)."""
+    from .paths import checkpoint_index, checkpoint_index_path
+
+    index = Path(index) if index is not None else checkpoint_index_path()
     if not index.is_file():
-        raise LoLError(f"no default checkpoint for {label!r}: {index} does not exist yet (train one with "
-                       f"`lol train ... --out DIR` and pass --checkpoint DIR)")
+        raise LoLError(f"no default checkpoint for {label!r}: {index} does not exist (set LOL_DATA to a data folder "
+                       f"with checkpoints/index.json, or train one with `lol train ... --out DIR` and pass "
+                       f"--checkpoint DIR)")
     try:
-        table = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise LoLError(f"{index}: invalid JSON ({e})") from None
+        table = checkpoint_index(index)
+    except ValueError as e:
+        raise LoLError(str(e)) from None
     if label not in table:
         raise LoLError(f"{index}: no default checkpoint for {label!r} (available: {', '.join(sorted(table)) or 'none'})")
-    return (index.parent / table[label]).resolve()
+    path = table[label]
+    cfg_path = path / CONFIG_NAME
+    try:
+        kind = json.loads(cfg_path.read_text()).get("kind")
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoLError(f"{cfg_path}: the default checkpoint for {label!r} cannot be read ({e})") from None
+    if not gl_invariant(kind):
+        inv = getattr(MODELS.get(kind), "invariant_to", "unknown")
+        raise LoLError(f"{index}: the default checkpoint for {label!r} ({path}) is a {kind!r} model, invariant to "
+                       f"{inv} only, not GL(r): defaults must be GL(r)-invariant (same ΔW, same prediction); pass "
+                       f"--checkpoint {path} to use it anyway")
+    return path

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from .errors import LoLError
-from .models import MODELS
+from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize",
@@ -53,14 +53,14 @@ LOWER_IS_BETTER = {"mae"}
 
 def gl_invariant(kind: str) -> bool:
     """True for model kinds invariant to GL(r) (by construction or by canonicalization), not only O(r)."""
-    return MODELS[kind].invariant_to == "GL(r)"
+    return _gl_invariant(kind)
 
 
 def rank_agnostic(kind: str) -> bool:
     """Kinds that read LoRAs of ranks other than the training rank: any rank (``glnet``, ``dense``, ``colspace``) or,
     when built with ``rank=R``, any rank ≤ R zero-padded (``svals``, ``canon_mlp``, ``canon_transformer``,
     ``colsketch``)."""
-    return kind in ("glnet", "dense", "colspace", "colsketch", "svals", "canon_mlp", "canon_transformer")
+    return bool(MODELS[kind].rank_agnostic)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from torch import nn
 from .batch import LoRABatch
 from .errors import SpecMismatchError
 from .lora import ModuleSpec
+from .symmetry import GL, NOTHING, ORTHOGONAL
 
 __all__ = ["Featurizer", "FlattenFactors", "DenseDelta", "ColumnSpace", "SingularValues", "OAlign", "SVDCanonical",
            "column_basis", "column_space_projector",
@@ -159,7 +160,7 @@ class Featurizer(nn.Module):
     components kept per module (see the module docstring): the largest true rank of the training batch unless given."""
 
     name = "base"
-    invariant_to = "nothing"
+    invariant_to = NOTHING
     forms_delta = False
     fixed_dim = False       # True: the width does not depend on a fitted rank
 
@@ -232,7 +233,7 @@ class DenseDelta(Featurizer):
     forms ΔW. Invariant to ∏ GL(r_ℓ) and complete (determines the LoRA's effect exactly); any rank, mixed ranks."""
 
     name = "dense"
-    invariant_to = "GL(r)"
+    invariant_to = GL
     forms_delta = True
     fixed_dim = True
 
@@ -249,7 +250,7 @@ class ColumnSpace(Featurizer):
     which is where data-dependent signal sits when the input side is dominated by LoRA's random A init. Any rank."""
 
     name = "colspace"
-    invariant_to = "GL(r)"
+    invariant_to = GL
     fixed_dim = True
 
     def dim(self):
@@ -266,7 +267,7 @@ class ColumnBasis(Featurizer):
     `lol.models.ColumnSketch`). Any rank."""
 
     name = "colbasis"
-    invariant_to = "GL(r) up to the basis' sign rule (Q Qᵀ exactly)"
+    invariant_to = GL  # up to the basis' sign rule (Q Qᵀ exactly)
 
     def dim(self):
         return sum(o for o, _ in self.spec.shapes) * self._need_rank()
@@ -282,7 +283,7 @@ class SingularValues(Featurizer):
     ∏ GL(r_ℓ) (and to left/right rotations of ΔW, hence not complete). Any rank: a LoRA of rank > k keeps its top k."""
 
     name = "svals"
-    invariant_to = "GL(r)"
+    invariant_to = GL
 
     def dim(self):
         return len(self.spec) * self._need_rank()
@@ -299,7 +300,7 @@ class SVDCanonical(Featurizer):
     approximation of ΔW. Any rank."""
 
     name = "canon"
-    invariant_to = "GL(r)"
+    invariant_to = GL
 
     def factors(self, batch: LoRABatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         k = self._need_rank()
@@ -325,7 +326,7 @@ class OAlign(Featurizer):
     is stored in buffers ``template_U_ℓ``, ``template_V_ℓ``."""
 
     name = "oalign"
-    invariant_to = "O(r)"
+    invariant_to = ORTHOGONAL
 
     def __init__(self, spec, rank=None):
         super().__init__(spec, rank)

@@ -24,8 +24,12 @@ import torch
 from .batch import LoRABatch
 from .lora import LoRA
 
-__all__ = ["random_gl", "random_gl_like", "gl_act", "one_sided_act", "gl_invariance_error",
+__all__ = ["INVARIANCES", "GL", "ORTHOGONAL", "NOTHING", "random_gl", "random_gl_like", "gl_act", "one_sided_act", "gl_invariance_error",
            "gl_equivariance_error", "assert_gl_invariant", "assert_gl_equivariant"]
+
+# the fixed vocabulary of `invariant_to` (models and featurizers): what a model's output is exactly invariant to
+NOTHING, ORTHOGONAL, GL = "nothing", "O(r)", "GL(r)"
+INVARIANCES = (NOTHING, ORTHOGONAL, GL)
 
 
 def random_gl(r: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,

@@ -20,18 +20,11 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .errors import LoLError
+from .labels import LABEL_KINDS, infer_kind
 
 __all__ = ["Target", "TargetSet", "infer_kind"]
 
-KINDS = ("regression", "binary", "category")
-
-
-def infer_kind(values) -> str:
-    """``binary`` for bool or 0/1 values, ``regression`` for other numbers, ``category`` otherwise."""
-    s = pd.Series(values).dropna()
-    if s.dtype == bool or (pd.api.types.is_numeric_dtype(s) and set(np.unique(s.to_numpy())) <= {0, 1}):
-        return "binary"
-    return "regression" if pd.api.types.is_numeric_dtype(s) else "category"
+KINDS = LABEL_KINDS  # the one list lives in `lol.labels`
 
 
 def _py(v):

@@ -89,7 +89,9 @@ class TrainResult:
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .devices import default_device
+
+    return torch.device(default_device(device))
 
 
 def _resolve_data(data, labels, table, kinds):

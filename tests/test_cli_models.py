@@ -67,17 +67,42 @@ def test_predict_names_a_spec_mismatch(ckpt, tmp_path, capsys):
     assert err.startswith("error:") and "missing" in err and first.split(".")[-1] in err
 
 
-def test_predict_default_checkpoint_and_bad_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
-    import lol.checkpoint as C
+def test_predict_default_checkpoint_and_bad_checkpoint(ckpt, coll, tmp_path, capsys, monkeypatch):
+    """``lol predict --task`` reads ``$LOL_DATA/checkpoints/index.json`` from any working directory, and refuses a
+    default that is not GL(r)-invariant."""
     path = save_peft(random_lora(tiny_spec(), 4, seed=4), tmp_path / "x")
-    monkeypatch.setattr(C, "CHECKPOINT_INDEX", tmp_path / "none" / "index.json")
+    monkeypatch.chdir(tmp_path)  # not the repository: the data folder comes from LOL_DATA, never from the cwd
+    monkeypatch.setenv("LOL_DATA", str(tmp_path / "none"))
     assert main(["predict", "--task", "sv_energy", str(path)]) == 2
-    assert "no default checkpoint for 'sv_energy'" in capsys.readouterr().err
-    index = tmp_path / "idx" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"sv_energy": str(ckpt)}))
-    monkeypatch.setattr(C, "CHECKPOINT_INDEX", index)
+    err = capsys.readouterr().err
+    assert "no default checkpoint for 'sv_energy'" in err and str(tmp_path / "none") in err
+    data = tmp_path / "data"
+    (data / "checkpoints").mkdir(parents=True)
+    (data / "checkpoints" / "index.json").write_text(json.dumps({"sv_energy": str(ckpt)}))
+    monkeypatch.setenv("LOL_DATA", str(data))
     assert main(["predict", "--task", "sv_energy", str(path), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)[0]["predictions"]) == {"sv_energy"}
     assert main(["predict", "--checkpoint", str(tmp_path), str(path)]) == 2
     assert "not a LoL checkpoint (missing config.json)" in capsys.readouterr().err
+    # an O(r)-only model (oalign) is never served as a default, only when asked for by its path
+    for kind in ("oalign",):
+        other = tmp_path / f"ck_{kind}"
+        assert main(["train", "--collection", str(coll), "--task", "sv_energy", "--model", kind, "--out", str(other),
+                     "--epochs", "1", "--no-progress"]) == 0
+        capsys.readouterr()
+        (data / "checkpoints" / "index.json").write_text(json.dumps({"sv_energy": str(other)}))
+        uniform = save_peft(random_lora(tiny_spec(), 4, seed=5), tmp_path / f"u_{kind}")
+        assert main(["predict", "--task", "sv_energy", str(uniform)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and f"'{kind}' model" in err and "not GL(r)" in err and "--checkpoint" in err
+        assert main(["predict", "--checkpoint", str(other), str(uniform)]) == 0
+        capsys.readouterr()
+
+
+def test_train_offers_every_registry_kind():
+    from lol.cli import build_parser
+    from lol.models import MODELS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    model = next(a for a in train._actions if a.dest == "model")
+    assert tuple(model.choices) == tuple(MODELS) and {"colspace", "colsketch"} <= set(model.choices)

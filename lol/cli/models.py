@@ -10,14 +10,14 @@ import sys
 
 from ..errors import LoLError
 
-KINDS = ("mlp", "mlp_aug", "dense", "svals", "oalign", "canon_mlp", "canon_transformer", "glnet")
-
 
 def register(sub) -> None:
+    from ..models import MODELS  # the registry is the one list of kinds
+
     p = sub.add_parser("train", help="train a LoL model on a collection and write a checkpoint")
     p.add_argument("--collection", required=True, help="packed collection folder")
     p.add_argument("--task", required=True, help="task name, or LABEL[,LABEL...]")
-    p.add_argument("--model", default="glnet", choices=KINDS, help="model kind (default: glnet)")
+    p.add_argument("--model", default="glnet", choices=tuple(MODELS), help="model kind (default: glnet)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="LoRA files or folders (any supported format)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", help="checkpoint folder written by `lol train`")
-    g.add_argument("--task", help="use the shipped default checkpoint for this label (data/checkpoints/index.json)")
+    g.add_argument("--task", help="use the shipped default checkpoint for this label ($LOL_DATA/checkpoints/index.json, "
+                                  "default data/ of this repository)")
     p.add_argument("--json", action="store_true", help="print JSON [{path, predictions: {label: value}}]")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..errors import LoLError
 from ..lora import ModuleSpec
+from ..symmetry import GL, INVARIANCES
 from .base import LoLModel, MLPTrunk, Standardize
 from .colsketch import ColumnSketch
 from .glnet import GLHidden, GLInput, GLNet, InvariantHead, RowGate
@@ -28,7 +29,7 @@ from .mlp import (AugmentedMLP, CanonicalMLP, ColumnSpaceMLP, DenseMLP, FeatureM
                   SingularValueMLP)
 from .transformer import CanonicalTransformer
 
-__all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
+__all__ = ["MODELS", "build_model", "gl_invariant", "gl_invariant_kinds", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
            "ColumnSpaceMLP", "ColumnSketch",
            "SingularValueMLP", "OAlignMLP", "CanonicalMLP", "CanonicalTransformer", "GLNet", "GLInput", "GLHidden",
            "RowGate", "InvariantHead", "MLPTrunk", "Standardize"]
@@ -36,6 +37,20 @@ __all__ = ["MODELS", "build_model", "LoLModel", "FeatureMLP", "FlattenMLP", "Aug
 MODELS: dict[str, type[LoLModel]] = {cls.kind: cls for cls in (
     FlattenMLP, AugmentedMLP, DenseMLP, ColumnSpaceMLP, ColumnSketch, SingularValueMLP, OAlignMLP, CanonicalMLP,
     CanonicalTransformer, GLNet)}
+for _cls in MODELS.values():  # the registry is the one home of kinds and their symmetry: no free text
+    if _cls.invariant_to not in INVARIANCES:
+        raise TypeError(f"model {_cls.kind!r}: invariant_to {_cls.invariant_to!r} is not one of {INVARIANCES}")
+
+
+def gl_invariant(kind: str) -> bool:
+    """True for kinds invariant to GL(r) (by construction or canonicalization), not only O(r). Unknown kinds:
+    False."""
+    cls = MODELS.get(kind)
+    return cls is not None and cls.invariant_to == GL
+
+
+def gl_invariant_kinds() -> tuple[str, ...]:
+    return tuple(k for k in MODELS if gl_invariant(k))
 
 
 def build_model(kind: str, spec: ModuleSpec, n_outputs: int, **hparams) -> LoLModel:

@@ -21,6 +21,7 @@ from torch import nn
 from ..batch import LoRABatch
 from ..errors import SpecMismatchError
 from ..lora import ModuleSpec
+from ..symmetry import NOTHING
 
 __all__ = ["LoLModel", "FeaturizedModel", "MLPTrunk", "Standardize", "iter_chunks"]
 
@@ -77,11 +78,14 @@ class Standardize(nn.Module):
 
 
 class LoLModel(nn.Module):
-    """Base class of every model in the registry. Subclasses set ``kind``, ``requires`` and ``invariant_to``."""
+    """Base class of every model in the registry. Subclasses set ``kind``, ``requires``, ``invariant_to`` (from the
+    fixed vocabulary `lol.symmetry.INVARIANCES`) and ``rank_agnostic``."""
 
     kind = "base"
     requires = "a batch over the model's module spec"
-    invariant_to = "nothing"
+    invariant_to = NOTHING   # one of `lol.symmetry.INVARIANCES`: "nothing", "O(r)", "GL(r)"
+    rank_agnostic = False    # reads LoRAs of ranks other than the training rank (any rank, or any rank ≤ a fitted one)
+    symmetry_note = ""       # free text for people (e.g. "approximately GL(r) by augmentation"); never compared
     precompute = True    # featurize(batch) is parameter-free: the trainer may compute it once per LoRA
     augment_gl = False   # the trainer applies a random GL(r) element to every training minibatch
 

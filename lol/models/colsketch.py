@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..features import ColumnBasis
+from ..symmetry import GL
 from .base import LoLModel, MLPTrunk
 
 __all__ = ["ColumnSketch"]
@@ -26,7 +27,8 @@ class ColumnSketch(LoLModel):
 
     kind = "colsketch"
     requires = "the fitted module spec (any ranks: the fitted rank's number of largest directions is kept)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
 
     def __init__(self, spec, n_outputs, width: int = 64, depth: int = 2, channels: int = 64,
                  rank: int | None = None):

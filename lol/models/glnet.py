@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..lora import ModuleSpec
+from ..symmetry import GL
 from .base import LoLModel, MLPTrunk
 
 __all__ = ["GLInput", "GLHidden", "RowGate", "InvariantHead", "GLNet", "pack_factors", "unpack_factors"]
@@ -218,7 +219,8 @@ class GLNet(LoLModel):
 
     kind = "glnet"
     requires = "the fitted module spec (any ranks, mixed ranks allowed)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
     precompute = False
 
     def __init__(self, spec, n_outputs, width: int = 64, channels: int = 32, depth: int = 2, gate: str = "hard",

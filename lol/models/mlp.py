@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..features import ColumnSpace, DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical
+from ..symmetry import GL, NOTHING, ORTHOGONAL
 from .base import FeaturizedModel, MLPTrunk, Standardize, iter_chunks
 
 __all__ = ["FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP", "ColumnSpaceMLP", "SingularValueMLP", "OAlignMLP",
@@ -46,7 +47,7 @@ class FlattenMLP(FeatureMLP):
 
     kind = "mlp"
     requires = "the fitted module spec; every module of every LoRA at the fitted rank (uniform rank)"
-    invariant_to = "nothing"
+    invariant_to = NOTHING
     featurizer_cls = FlattenFactors
 
 
@@ -55,7 +56,8 @@ class AugmentedMLP(FlattenMLP):
     approximately invariant (it learns the symmetry from data; nothing enforces it)."""
 
     kind = "mlp_aug"
-    invariant_to = "nothing (approximately GL(r) by augmentation)"
+    invariant_to = NOTHING
+    symmetry_note = "approximately GL(r) by augmentation"
     precompute = False
     augment_gl = True
 
@@ -66,7 +68,8 @@ class DenseMLP(FeatureMLP):
 
     kind = "dense"
     requires = "the fitted module spec (any ranks)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
     featurizer_cls = DenseDelta
     standardize = "scalar"
     fit_chunk = 8
@@ -79,7 +82,8 @@ class ColumnSpaceMLP(FeatureMLP):
 
     kind = "colspace"
     requires = "the fitted module spec (any ranks)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
     featurizer_cls = ColumnSpace
     standardize = "scalar"
     fit_chunk = 8
@@ -91,7 +95,8 @@ class SingularValueMLP(FeatureMLP):
 
     kind = "svals"
     requires = "the fitted module spec (any ranks: the fitted rank's number of largest singular values is kept)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
     featurizer_cls = SingularValues
 
 
@@ -100,7 +105,7 @@ class OAlignMLP(FeatureMLP):
 
     kind = "oalign"
     requires = "the fitted module spec (any ranks: aligned onto the template's rank)"
-    invariant_to = "O(r)"
+    invariant_to = ORTHOGONAL
     featurizer_cls = OAlign
 
 
@@ -110,5 +115,6 @@ class CanonicalMLP(FeatureMLP):
 
     kind = "canon_mlp"
     requires = "the fitted module spec (any ranks: the canonical columns of the fitted rank's largest singular values)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
     featurizer_cls = SVDCanonical

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..features import SVDCanonical
+from ..symmetry import GL
 from .base import FeaturizedModel, MLPTrunk, Standardize
 from .glnet import _groups
 
@@ -26,7 +27,8 @@ class CanonicalTransformer(FeaturizedModel):
 
     kind = "canon_transformer"
     requires = "the fitted module spec (any ranks: the canonical columns of the fitted rank's largest singular values)"
-    invariant_to = "GL(r)"
+    invariant_to = GL
+    rank_agnostic = True
 
     def __init__(self, spec, n_outputs, width: int = 64, d_model: int = 64, depth: int = 2, heads: int = 4,
                  rank: int | None = None):

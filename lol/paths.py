@@ -1,0 +1,151 @@
+"""Where lol finds its data, and how it writes folders: the one home of both.
+
+``LOL_DATA`` overrides the data folder (default ``<repo>/data``: what ``lol zoo build`` writes and the repository
+ships). The library, the CLI (``lol predict --task``) and the app all resolve it here, at call time, so one
+environment variable moves every default at once and ``lol predict --task`` works from any working directory.
+
+`atomic_dir` is the one atomic-folder writer: build into a hidden temporary sibling, rename into place at the end,
+remove the temporary folder on any failure. `clean_stale_temp` removes temporary siblings left by killed processes.
+Pure path logic: no torch, no pandas.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["REPO", "data_root", "collections_root", "checkpoints_root", "checkpoint_index_path", "checkpoint_index",
+           "atomic_dir", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
+
+REPO = Path(__file__).resolve().parent.parent
+TEMP_MARK = ".lol-tmp-"  # every temporary sibling's name holds it: `clean_stale_temp` removes only these
+
+
+def data_root() -> Path:
+    """``$LOL_DATA`` if set, else ``<repo>/data``."""
+    return Path(os.environ.get("LOL_DATA") or REPO / "data").expanduser()
+
+
+def collections_root(root: Path | None = None) -> Path:
+    return Path(root or data_root()) / "collections"
+
+
+def checkpoints_root(root: Path | None = None) -> Path:
+    return Path(root or data_root()) / "checkpoints"
+
+
+def checkpoint_index_path(root: Path | None = None) -> Path:
+    """``DATA/checkpoints/index.json``: ``{label: checkpoint folder relative to it}``."""
+    return checkpoints_root(root) / "index.json"
+
+
+def checkpoint_index(index: Path | None = None) -> dict[str, Path]:
+    """The index as ``{label: absolute checkpoint folder}``; ``{}`` when there is none. A malformed index raises
+    `ValueError` naming the file. (`lol.checkpoint.default_checkpoint` adds the symmetry check of the default.)"""
+    idx = Path(index) if index is not None else checkpoint_index_path()
+    if not idx.is_file():
+        return {}
+    try:
+        raw = json.loads(idx.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{idx}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{idx}: expected an object {{label: checkpoint folder}}, got {type(raw).__name__}")
+    out = {}
+    for label, rel in raw.items():
+        if isinstance(rel, dict):  # tolerate {"label": {"path": ...}}
+            rel = rel.get("path") or rel.get("dir")
+        if isinstance(rel, str):
+            out[str(label)] = (idx.parent / rel).resolve()
+    return out
+
+
+def temp_sibling(dest: Path, what: str = "tmp") -> Path:
+    """A fresh, unique hidden sibling of ``dest`` (not created): ``.<name>.lol-tmp-<what>-<pid>-<random>``."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}{TEMP_MARK}{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp(dest: Path) -> list[Path]:
+    """Remove the temporary siblings of ``dest`` whose writing process no longer runs (killed, crashed); returns
+    what was removed. Siblings of live processes (a concurrent writer) are left alone."""
+    dest = Path(dest)
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    prefix = f".{dest.name}{TEMP_MARK}"
+    for p in dest.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(dest, overwrite: bool = False) -> Iterator[Path]:
+    """``with atomic_dir(dest) as tmp:`` write into ``tmp``; on success ``tmp`` replaces ``dest`` (renames only, so
+    readers see the old folder or the new one, never a mix); on any exception ``tmp`` is removed and ``dest`` is
+    untouched. Without ``overwrite`` an existing non-empty ``dest`` is refused with `FileExistsError`, also when it
+    appears while writing (a concurrent writer finished first)."""
+    dest = Path(dest)
+    clean_stale_temp(dest)
+    tmp = temp_sibling(dest)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            if not overwrite:
+                raise FileExistsError(17, "already exists", str(dest))
+            old = temp_sibling(dest, "old")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if dest.is_dir():
+                dest.rmdir()
+            try:
+                tmp.rename(dest)
+            except OSError as e:  # a concurrent writer renamed its folder into place first
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(e.errno, "already exists (written meanwhile by another process)",
+                                          str(dest)) from None
+                raise
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
