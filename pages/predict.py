@@ -2,7 +2,7 @@
 Kendall τ; two models side by side; attribute predictions vs truth; predictions for uploaded LoRA files."""
 import streamlit as st
 
-from lol.app import nav, plots, preds, views
+from lol.app import answers, cache, plots, preds, views
 from lol.app.sidebar import render
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
@@ -11,9 +11,16 @@ if ctx.require_collection():
     coll = ctx.collection
     df = ctx.table().reset_index(drop=True)
     models = preds.compatible_models(ctx, coll)
-    if not models:
-        st.info("No trained LoL model fits this collection (same modules and labels). Train one with "
-                "`lol models train` or the notebooks, or choose another collection; uploads below need a model too.")
+    base = next((b for b in cache.shipped_bases() if b.spec.keys == coll.spec.keys), None)
+    if not getattr(coll, "labels", None) and base is not None:
+        # no labels (e.g. uploaded files): predictions and nearest known LoRAs instead of predicted-vs-actual
+        st.markdown(f"These LoRAs fit **{base.name}**; they have no measured labels, so here are the predictions "
+                    f"and, for each, the nearest LoRAs of the collection the model was trained on.")
+        ids = df["id"].astype(str).tolist()[:64]
+        answers.answers_for(ctx, base, [(i, coll.lora(k)) for k, i in enumerate(ids)], key="pred_coll")
+    elif not models:
+        st.info("No trained LoL model fits this collection (same modules and labels). Train one with `lol train` "
+                "or the notebooks, or choose another collection.")
     else:
         names = [m.name for m in models]
         first = ctx.model if ctx.model is not None and ctx.model.name in names else models[0]
@@ -42,4 +49,4 @@ if ctx.require_collection():
                 st.subheader("Attributes: predicted vs truth")
                 views.attribute_panel(frames, df, binary, category)
     st.subheader("Predict for your own LoRA files")
-    views.upload_predictions(ctx, models)
+    answers.upload_section(ctx)

@@ -47,37 +47,104 @@ def _file_bytes(lora, tmp: Path, name="pytorch_lora_weights.safetensors") -> byt
 
 # ------------------------------------------------------------------------------------------------------ uploads
 
+class Streamed(Uploaded):
+    """An upload that can only be read as a stream (like streamlit's UploadedFile, a BytesIO): getvalue would copy."""
+
+    def __init__(self, name, data: bytes):
+        import io
+
+        super().__init__(name, data)
+        self._io = io.BytesIO(data)
+
+    def getvalue(self):
+        raise AssertionError("the upload was copied into memory a second time (getvalue)")
+
+    def seek(self, *a):
+        return self._io.seek(*a)
+
+    def read(self, *a):
+        return self._io.read(*a)
+
+
+def _staging_dirs() -> set:
+    return set(Path(tempfile.gettempdir()).glob(f"{upload.PREFIX}*"))
+
+
 def test_upload_reads_diffusers_file_and_names_bad_ones(tmp_path):
     good = _lora(0)
-    files = [Uploaded("good.safetensors", _file_bytes(good, tmp_path)),
+    before = _staging_dirs()
+    files = [Streamed("good.safetensors", _file_bytes(good, tmp_path)),
              Uploaded("junk.safetensors", b"\x00\x01not a safetensors file"),
              Uploaded("evil.bin", b"PK\x03\x04pickle"),
              Uploaded("notes.txt", b"hello")]
-    dest = upload.new_upload_dir()
-    try:
-        res = upload.read_uploads(files, dest)
-        assert [u.name for u in res.loras] == ["good.safetensors"]
-        _assert_same_deltas(res.loras[0].lora, good)  # the uploaded file round-trips (same ΔW per module)
-        msgs = " | ".join(res.errors)
-        assert len(res.errors) == 3
-        assert "junk.safetensors" in msgs and "evil.bin" in msgs and "pickle" in msgs.lower()
-        assert "notes.txt" in msgs and "unsupported file type" in msgs
-        # refused files are not left in the staging folder; the temporary path never leaks into messages
-        assert sorted(p.name for p in dest.iterdir()) == ["good.safetensors"]
-        assert str(dest) not in msgs
-    finally:
-        upload.remove_upload_dir(dest)
-    assert not dest.exists()
+    res = upload.read_uploads(files)
+    assert [u.name for u in res.loras] == ["good.safetensors"]
+    _assert_same_deltas(res.loras[0].lora, good)  # round-trips (same ΔW per module), after the file is deleted
+    msgs = " | ".join(res.errors)
+    assert len(res.errors) == 3
+    assert "junk.safetensors" in msgs and "notes.txt" in msgs and "unsupported file type" in msgs
+    assert "evil.bin: a pickled checkpoint (.bin) is not read, because unpickling an uploaded file can run code" in msgs
+    assert upload.PREFIX not in msgs and tempfile.gettempdir() not in msgs  # no temporary path on screen
+    assert _staging_dirs() == before  # the staging folder is gone
 
 
-def test_upload_spec_mismatch_is_named(tmp_path):
+def test_upload_over_the_size_limit_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOL_UPLOAD_MAX_MB", "1")
+    big = Uploaded("big.safetensors", b"")
+    big.size = 3 << 20
+    res = upload.read_uploads([big])
+    assert res.errors == ["big.safetensors: 3 MB is over this server's limit of 1 MB per file"]
+    assert "1 MB per file" in upload.limits_caption()
+
+
+def test_upload_limit_of_the_server_is_at_least_1_gb():
+    import tomllib
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["maxUploadSize"] >= 1024
+
+
+def _bases(tmp_path):
+    from lol.catalog import bases
+
+    faces = app_support.faces_like(tmp_path / "c" / "faces", n=8)
+    lm = app_support.lm_like(tmp_path / "c" / "lm", n=8)
+    return bases({"faces": faces, "lm": lm})
+
+
+def test_mixed_uploads_are_judged_per_file(tmp_path):
+    known = _bases(tmp_path)
+    lm_lora = app_support.random_lora(torch.Generator().manual_seed(1), 2, app_support.LM_MODULES)
     other = _lora(1, modules=(("unet.down.attn1.to_q", 16, 16), ("unet.down.attn1.to_k", 16, 16)))
-    files = [Uploaded("other_base.safetensors", _file_bytes(other, tmp_path))]
-    res = upload.read_uploads(files, upload.new_upload_dir(), spec=_lora(0).spec, what="the model X")
-    assert not res.loras
-    assert len(res.errors) == 1 and "other_base.safetensors" in res.errors[0]
-    assert "does not match the base model of the model X" in res.errors[0]
-    upload.remove_upload_dir(res.folder)
+    files = [Uploaded("z_faces.safetensors", _file_bytes(_lora(0), tmp_path, "a.safetensors")),
+             Uploaded("a_lm.safetensors", _file_bytes(lm_lora, tmp_path, "b.safetensors")),
+             Uploaded("other_base.safetensors", _file_bytes(other, tmp_path, "c.safetensors"))]
+    res = upload.read_uploads(files, known)
+    fits = {u.name: u.base.collections for u in res.loras}
+    assert fits == {"z_faces.safetensors": ["faces"], "a_lm.safetensors": ["lm"]}  # the first file decides nothing
+    assert len(res.errors) == 1 and res.errors[0].startswith("other_base.safetensors: fits none of the shipped")
+    # on a page for the faces base, the lm file is caught in one line naming the base it fits
+    res = upload.read_uploads(files[:2], known, want=known[0])
+    assert [u.name for u in res.loras] == ["z_faces.safetensors"]
+    assert res.errors == ["a_lm.safetensors: a LoRA for the 4-module base of lm, not for the 4-module base of faces"]
+
+
+def test_pack_uploads_packs_the_largest_group_and_records_its_base(tmp_path):
+    from lol.app.sources import pack_uploads
+    from lol.collection import open_collection
+
+    known = _bases(tmp_path)
+    known[0].models["sd"] = tmp_path / "base" / "sd"
+    lm_lora = app_support.random_lora(torch.Generator().manual_seed(1), 2, app_support.LM_MODULES)
+    files = [Uploaded(f"f{i}.safetensors", _file_bytes(_lora(i), tmp_path, f"{i}.safetensors")) for i in range(2)]
+    files.append(Uploaded("lm.safetensors", _file_bytes(lm_lora, tmp_path, "lm.safetensors")))
+    res = upload.read_uploads(files, known, require_base=False)
+    dest, errors, notes = pack_uploads(res.loras, tmp_path / "packed")
+    c = open_collection(dest)
+    assert c.table["id"].tolist() == ["f0.safetensors", "f1.safetensors"] and not notes
+    assert errors == ["lm.safetensors: a LoRA for the 4-module base of lm, not for the Stable Diffusion base of faces like "
+                      "the other uploads; upload it on its own"]
+    assert json.loads(c.base_model) == {"sd": str(tmp_path / "base" / "sd")}
 
 
 def test_upload_peft_pair_and_safe_names(tmp_path):
@@ -85,22 +152,12 @@ def test_upload_peft_pair_and_safe_names(tmp_path):
     folder = save_peft(lora, tmp_path / "peft")
     files = [Uploaded(p.name, p.read_bytes()) for p in sorted(Path(folder).iterdir()) if p.is_file()]
     files.append(Uploaded("../../escape.safetensors", _file_bytes(lora, tmp_path, "x.safetensors")))
-    dest = upload.new_upload_dir()
-    res = upload.read_uploads(files, dest)
+    res = upload.read_uploads(files)
     assert not res.errors, res.errors
     assert len(res.loras) == 2
     # nothing is written outside the temporary folder, whatever the uploaded name says
-    for u in res.loras:
-        assert Path(u.path).resolve().is_relative_to(dest.resolve())
-    assert not (dest.parent.parent / "escape.safetensors").exists()
-    upload.remove_upload_dir(dest)
-
-
-def test_remove_upload_dir_refuses_other_folders(tmp_path):
-    keep = tmp_path / "lol-upload-x"
-    keep.mkdir()
-    upload.remove_upload_dir(keep)  # not directly under the system temp folder: left alone
-    assert keep.exists()
+    assert not (Path(tempfile.gettempdir()).parent / "escape.safetensors").exists()
+    assert not (Path(tempfile.gettempdir()) / "escape.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ packing

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import app_support
 from test_app_pages import assert_clean, markdown_text, run_app, widget
@@ -81,7 +82,7 @@ def test_predict_upload_good_and_mismatched_files(env):
                   ("garbage.safetensors", b"12345678", "application/octet-stream")]).run()
     assert not at.exception
     errs = [e.value for e in at.error]
-    assert any("other_base.safetensors" in e and "does not match" in e for e in errs), errs
+    assert any(e.startswith("other_base.safetensors: fits none of the shipped base models") for e in errs), errs
     assert any("garbage.safetensors" in e for e in errs), errs
     assert any("Predicted 1 LoRA" in s.value for s in at.success)
     table = next(d.value for d in at.dataframe if "file" in d.value.columns)
@@ -153,3 +154,43 @@ def test_embeddings_of_the_model_and_prediction_colouring(env):
     assert "clip_score (predicted)" in colour.options and "clip_score error" in colour.options
     colour.select("clip_score error").run()
     assert_clean(at)
+
+
+def test_upload_of_a_known_lora_finds_itself_as_nearest_even_after_a_gl_transform(env, tmp_path):
+    """A collection LoRA, refactored by a random R ∈ GL(r) per module and uploaded, gets the model's predictions
+    and its own id as the nearest LoRA (the GL-net embedding depends on ΔW only)."""
+    from lol.collection import open_collection
+    from lol.formats import save_diffusers
+    from lol.lora import LoRA, LoRAModule
+
+    lora = open_collection(env / "collections" / "faces").lora(7)
+    g = torch.Generator().manual_seed(3)
+    mods = []
+    for m in lora:
+        r = torch.randn(m.rank, m.rank, generator=g, dtype=torch.float64) + 3 * torch.eye(m.rank, dtype=torch.float64)
+        mods.append(LoRAModule(m.name, (m.U.double() @ r).float(), (m.V.double() @ torch.linalg.inv(r).T).float(),
+                               alpha=m.alpha, scale=m.scale))
+    data = save_diffusers(LoRA.from_modules(mods, format="synthetic"), tmp_path / "moved.safetensors").read_bytes()
+    at = run_app("pages/predict.py")
+    next(u for u in at.file_uploader if u.key == "pred_upload").set_value(
+        [("moved.safetensors", data, "application/octet-stream")]).run()
+    assert_clean(at)
+    near = next(d.value for d in at.dataframe if "distance" in d.value.columns)
+    assert near["LoRA"].iloc[0] == "faces-007" and near["distance"].iloc[0] < 1e-3 * near["distance"].iloc[1]
+    assert len(near) == 5
+
+
+def test_uploaded_collection_without_labels_gets_predictions(env):
+    at = run_app()
+    widget(at, "selectbox", "Collection").select("Uploaded LoRA files…").run()
+    good = app_support.diffusers_bytes(seed=5, rank=3)
+    lm = app_support.diffusers_bytes(seed=6, modules=app_support.LM_MODULES)
+    at.sidebar.file_uploader[0].set_value([("mine.safetensors", good, "application/octet-stream"),
+                                           ("lm.safetensors", lm, "application/octet-stream")]).run()
+    errs = [e.value for e in at.sidebar.error]
+    assert len(errs) == 1 and errs[0].startswith("lm.safetensors: a LoRA for the") and "of lm, not for" in errs[0]
+    at.switch_page("pages/predict.py")
+    at.run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "file" in d.value.columns)
+    assert table["file"].tolist() == ["mine.safetensors"] and "clip_score" in table.columns

@@ -100,11 +100,12 @@ def test_bad_upload_gives_a_plain_message_and_app_keeps_working(env):
     assert_clean(at)
     assert any("Upload one or more LoRA files" in i.value for i in at.info)
     up = at.sidebar.file_uploader[0]
-    # (streamlit's uploader itself refuses other extensions such as .ckpt before the app sees them)
     up.set_value([("broken.safetensors", b"\x00garbage", "application/octet-stream"),
-                  ("adapter_config.json", b'{"r": 4}', "application/json")]).run()
+                  ("adapter_config.json", b'{"r": 4}', "application/json"),
+                  ("model.ckpt", b"PK\x03\x04", "application/octet-stream")]).run()
     assert not at.exception
     errors = [e.value for e in at.sidebar.error]
+    assert any(e.startswith("model.ckpt: a pickled checkpoint (.ckpt) is not read") for e in errors), errors
     assert any("broken.safetensors" in e for e in errors), errors
     assert any("adapter_config.json" in e and "adapter_model.safetensors" in e for e in errors), errors
     assert any("None of the uploaded files" in i.value for i in at.info)

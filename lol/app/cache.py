@@ -24,7 +24,7 @@ import streamlit as st
 from . import data as app_data
 
 __all__ = ["collection", "packed", "collection_table", "checkpoint", "predictions", "invariant_features",
-           "umap_xy", "pipeline", "clip_scorer", "lora_summary", "path_key"]
+           "umap_xy", "pipeline", "clip_scorer", "lora_summary", "path_key", "shipped_bases", "model_embeddings"]
 
 
 def path_key(path) -> str:
@@ -222,6 +222,27 @@ def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> p
     df = pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
     df.insert(0, "id", coll.table["id"].astype(str).to_numpy())
     return df
+
+
+@st.cache_data(show_spinner="Embedding the collection with the LoL model…", max_entries=16)
+def model_embeddings(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> np.ndarray:
+    """The model's ``embed`` of every LoRA of a collection (`lol.neighbours.embed_collection`), in table order."""
+    from ..neighbours import embed_collection
+
+    return embed_collection(checkpoint(ckpt_path, device), collection(coll_path, coll_key))
+
+
+@st.cache_resource(show_spinner=False, ttl=60)
+def _bases(key: str) -> list:
+    from ..catalog import bases
+
+    return bases(app_data.shipped_collections())
+
+
+def shipped_bases() -> list:
+    """`lol.catalog.bases` of the shipped collections (one per module spec, with the base-model folders they
+    record), re-read when the collections folder changes."""
+    return _bases(path_key(app_data.data_root() / "collections"))
 
 
 @st.cache_resource(show_spinner="Loading Stable Diffusion…", max_entries=2)

@@ -190,19 +190,4 @@ def membership_tasks(coll) -> dict[str, list[str]]:
 def embeddings(ctx) -> np.ndarray:
     """The sidebar model's ``embed`` of every LoRA (penultimate representation; GL-invariant for invariant
     models), cached per model, device and collection."""
-    return _embeddings(ctx.model.path, ctx.device, ctx.path, ctx.key)
-
-
-@st.cache_data(show_spinner="Embedding the collection with the LoL model…", max_entries=16)
-def _embeddings(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> np.ndarray:
-    import torch
-
-    ck = cache.checkpoint(ckpt_path, device)
-    model = getattr(ck, "model", ck)
-    coll = cache.collection(coll_path, coll_key)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(coll), 128):
-            b = coll.batch(list(range(s, min(s + 128, len(coll)))), dtype=torch.float32, device=device)
-            out.append(model.embed(b).double().cpu().numpy())
-    return np.concatenate(out, 0)
+    return cache.model_embeddings(ctx.model.path, ctx.device, ctx.path, ctx.key)

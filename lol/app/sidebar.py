@@ -209,53 +209,62 @@ def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
 
 
 def _uploads(ctx: AppContext, sb) -> None:
-    from .sources import pack_loras
-    from .upload import ACCEPTED_TYPES, new_upload_dir, remove_upload_dir, stage_uploads
+    """Uploaded files as a collection: read and judged one by one (`lol.app.upload.read_uploads`; the staging folder
+    is removed at once), then the largest group fitting one base is packed under the app cache
+    (`lol.app.sources.pack_uploads`); the other files are named with the base they fit."""
+    from .sources import pack_uploads
+    from .upload import ACCEPTED_TYPES, limits_caption, read_uploads
 
     files = sb.file_uploader("LoRA files", type=ACCEPTED_TYPES, accept_multiple_files=True, key="sidebar_upload",
-                             help="diffusers / kohya / PEFT .safetensors; for a PEFT adapter upload "
-                                  "adapter_model.safetensors together with adapter_config.json.")
+                             help=limits_caption())
     ctx.kind, ctx.source = "upload", "uploaded files"
     state = st.session_state.get("_lol_upload")
     page = _page_id()
     if files:
         st.session_state["_lol_upload_page"] = page
     elif state and st.session_state.get("_lol_upload_page") == page:  # emptied by the user on this page: forget
-        remove_upload_dir(Path(state[1]))
         del st.session_state["_lol_upload"]
         state = None
     elif state:  # the uploader is empty again after a page switch: keep the files already read
         sb.caption(f"Using the {len(state[0])} file(s) uploaded earlier.")
         if sb.button("Forget them", key="upload_forget"):
-            remove_upload_dir(Path(state[1]))
             del st.session_state["_lol_upload"]
             state = None
     if not files and not state:
+        sb.caption(limits_caption())
         ctx.problem = "Upload one or more LoRA files in the sidebar."
         return
     sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files) if files else state[0]
     if not state or state[0] != sig:
-        if state:
-            remove_upload_dir(Path(state[1]))
-        folder = new_upload_dir()
-        staged, errors = stage_uploads(files, folder / "files")
-        packed_path = None
-        if staged:
-            try:
-                packed_path, notes = pack_loras(folder / "files", folder / "collection")
-                errors = errors + notes
-            except Exception as e:  # noqa: BLE001
-                errors = errors + [plain(e).replace(str(folder / "files"), "uploaded files")]
-        state = (sig, str(folder), str(packed_path) if packed_path else None, errors)
+        import hashlib
+
+        res = read_uploads(files, cache.shipped_bases(), require_base=False)
+        dest = app_data.cache_root() / "uploads" / hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
+        packed_path, errors, notes = pack_uploads(res.loras, dest)
+        _prune(dest.parent, keep=16)
+        state = (sig, str(packed_path) if packed_path else None, res.errors + errors, notes)
         st.session_state["_lol_upload"] = state
-    _, _, packed_path, errors = state
+    _, packed_path, errors, notes = state
     ctx.upload_errors = list(errors)
     for e in errors:
         sb.error(e)
+    for n in notes:
+        sb.warning(n)
     if packed_path is None:
         ctx.problem = "None of the uploaded files could be read as a LoRA (see the messages in the sidebar)."
         return
     _open(ctx, Path(packed_path), kind="upload", name=f"{len(sig)} uploaded file(s)")
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Keep the ``keep`` newest packed uploads under the app cache (older sessions' uploads go)."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    dirs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in dirs[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _page_id() -> str:

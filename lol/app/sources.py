@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import CollectionError, LoLError
 
-__all__ = ["is_packed", "pack_loras", "server_roots", "resolve_server_path", "find_lora_files", "FolderRefused",
+__all__ = ["is_packed", "pack_loras", "pack_uploads", "server_roots", "resolve_server_path", "find_lora_files", "FolderRefused",
            "ALLOW_ENV", "ROOTS_ENV", "MAX_FILES_ENV"]
 
 ALLOW_ENV, ROOTS_ENV, MAX_FILES_ENV = "LOL_ALLOW_SERVER_FOLDERS", "LOL_FOLDER_ROOTS", "LOL_FOLDER_MAX_FILES"
@@ -146,3 +146,40 @@ def _storage_dtype(loras):
     import torch
 
     return torch.float64 if any(m.U.dtype == torch.float64 for lo in loras for m in lo) else torch.float32
+
+
+def pack_uploads(uploaded: list, dest) -> tuple[Path | None, list[str], list[str]]:
+    """Pack uploaded LoRAs (`lol.app.upload.UploadedLoRA`, judged against the shipped bases) into ``dest``.
+
+    Each file is judged on its own: the largest group of files sharing one base (a shipped base first on a tie) is
+    packed, and records that base's model folders so Generate finds them; every other file gets one line naming the
+    base it fits. Returns ``(dest or None, errors, notes)``."""
+    import json
+
+    import pandas as pd
+
+    from ..collection import write_collection
+
+    groups: dict = {}
+    for u in uploaded:
+        k = ("base", id(u.base)) if u.base is not None else ("spec", u.lora.spec.keys, u.lora.spec.shapes)
+        groups.setdefault(k, []).append(u)
+    if not groups:
+        return None, [], []
+    best = max(groups.values(), key=lambda g: (len(g), g[0].base is not None))
+    base = best[0].base
+    where = base.name if base is not None else f"the modules of {best[0].name}"
+    errors = [f"{u.name}: " + (f"a LoRA for {u.base.name}, not for {where} like the other uploads; upload it on "
+                               f"its own" if u.base is not None else
+                               f"its modules differ from {where} (the other uploads); upload it on its own")
+              for g in groups.values() if g is not best for u in g]
+    notes = [] if base is not None else [f"The uploads fit none of the shipped base models: they can be inspected, "
+                                         f"not predicted or generated with."]
+    rows = [{"id": u.name, "format": u.lora.format, "modules": len(u.lora)} for u in best]
+    loras = [u.lora for u in best]
+    base_model = json.dumps({k: str(p) for k, p in base.models.items()}) if base is not None and base.models \
+        else None
+    write_collection(Path(dest), loras, pd.DataFrame(rows), spec=base.spec if base is not None else loras[0].spec,
+                     dtype=_storage_dtype(loras), overwrite=True, base_model=base_model,
+                     provenance={"uploaded": True, "base_of": list(base.collections) if base is not None else []})
+    return Path(dest), errors, notes

@@ -1,32 +1,38 @@
-"""Uploaded LoRA files: written only into a per-session temporary folder, read with the library's own reader.
+"""Uploaded LoRA files: streamed into a private temporary folder, read with the library's own reader, judged one by
+one against the shipped base models (`lol.catalog`), and the folder removed again before the page goes on.
 
 Accepted: single-file LoRAs (``.safetensors``: diffusers, kohya, PEFT weights) and a PEFT adapter as the pair
-``adapter_model.safetensors`` + ``adapter_config.json``. Pickled files (``.bin``, ``.pt``, ``.ckpt``) are refused:
-unpickling an untrusted upload can run code. Every problem becomes one plain message naming the file; nothing is
-raised to the page.
+``adapter_model.safetensors`` + ``adapter_config.json``. Pickled files (``.bin``, ``.pt``, ``.ckpt`` …) are taken
+by the uploader only so the page can say in words why they are not read (unpickling an upload can run code). Files
+over `max_upload_mb` are refused with their size. Every problem is one plain line naming the file.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from ..errors import LoLError
 
-__all__ = ["UploadedLoRA", "UploadResult", "new_upload_dir", "stage_uploads", "read_uploads", "remove_upload_dir",
-           "ACCEPTED_TYPES", "MAX_FILES"]
+__all__ = ["UploadedLoRA", "UploadResult", "read_uploads", "staging_dir", "max_upload_mb", "limits_caption",
+           "ACCEPTED_TYPES", "PICKLE_SUFFIXES", "MAX_FILES"]
 
-ACCEPTED_TYPES = ["safetensors", "json"]
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ACCEPTED_TYPES = ["safetensors", "json"] + [s[1:] for s in PICKLE_SUFFIXES]
 MAX_FILES = 64
+CHUNK = 16 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
+PREFIX = "lol-upload-"
 
 
 class UploadedFileLike(Protocol):
     name: str
+    size: int
 
     def getvalue(self) -> bytes: ...
 
@@ -34,24 +40,47 @@ class UploadedFileLike(Protocol):
 @dataclass
 class UploadedLoRA:
     name: str            # the uploaded file name (or the PEFT pair's name)
-    path: Path           # where it was staged (inside the temporary folder)
-    lora: object         # lol.lora.LoRA
+    lora: object         # lol.lora.LoRA (its tensors no longer need the staged file)
+    base: object = None  # lol.catalog.Base it fits, when bases were given
+    note: str = ""       # one line: which base it fits
 
 
 @dataclass
 class UploadResult:
     loras: list[UploadedLoRA] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    folder: Path | None = None  # the temporary folder the files were staged in
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.loras) and not self.errors
 
 
-def new_upload_dir() -> Path:
-    """A fresh private temporary folder (mode 0700) for one session's uploads."""
-    return Path(tempfile.mkdtemp(prefix="lol-upload-"))
+def max_upload_mb() -> int:
+    """The largest file the page reads: ``LOL_UPLOAD_MAX_MB``, else streamlit's ``server.maxUploadSize``."""
+    env = os.environ.get("LOL_UPLOAD_MAX_MB", "").strip()
+    if env.isdigit():
+        return int(env)
+    try:
+        import streamlit as st
+
+        return int(st.get_option("server.maxUploadSize"))
+    except (ImportError, RuntimeError, ValueError, TypeError):
+        return 2048
+
+
+def limits_caption() -> str:
+    mb = max_upload_mb()
+    size = f"{mb / 1024:g} GB" if mb >= 1024 else f"{mb} MB"
+    return (f"Up to {size} per file, {MAX_FILES} files at once. Read: .safetensors LoRAs (diffusers, kohya, PEFT); a "
+            f"PEFT adapter as adapter_model.safetensors + adapter_config.json. Pickled .bin / .pt / .ckpt files are "
+            f"not read: unpickling an uploaded file can run code (convert them to .safetensors first). The files are "
+            f"deleted from the server as soon as they are read.")
+
+
+@contextlib.contextmanager
+def staging_dir() -> Iterator[Path]:
+    """A fresh private temporary folder (mode 0700), removed on exit whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix=PREFIX))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _safe_name(name: str) -> str:
@@ -60,30 +89,49 @@ def _safe_name(name: str) -> str:
     return base[:120]
 
 
-def stage_uploads(files: Iterable[UploadedFileLike], dest: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Write uploads under ``dest`` (which must be a temporary folder) and return ``[(display name, path)]`` of the
-    LoRAs to read, plus error messages for files refused before reading. A PEFT pair becomes one folder."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    files = list(files)
+def _size(f) -> int | None:
+    s = getattr(f, "size", None)
+    return int(s) if isinstance(s, int) else None
+
+
+def _write(f, path: Path) -> None:
+    """Stream the upload to ``path`` in chunks (streamlit keeps the upload in memory once; no second copy)."""
+    if hasattr(f, "seek") and hasattr(f, "read"):
+        f.seek(0)
+        with open(path, "wb") as out:
+            shutil.copyfileobj(f, out, CHUNK)
+    else:
+        path.write_bytes(f.getvalue())
+
+
+def _fmt_mb(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MB"
+
+
+def _stage(files: list, dest: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Write the readable uploads under ``dest``; ``[(display name, path)]`` plus one message per refused file."""
     errors: list[str] = []
     if len(files) > MAX_FILES:
         errors.append(f"{len(files)} files uploaded; at most {MAX_FILES} are read at once (the rest are ignored)")
         files = files[:MAX_FILES]
+    limit = max_upload_mb() << 20
     names = [_safe_name(f.name) for f in files]
     peft_pair = "adapter_config.json" in names and "adapter_model.safetensors" in names
+    folder = dest / "peft_adapter"
     staged: list[tuple[str, Path]] = []
-    if peft_pair:
-        folder = dest / "peft_adapter"
-        folder.mkdir(exist_ok=True)
     for f, name in zip(files, names):
         suffix = Path(name).suffix.lower()
+        size = _size(f)
         if suffix in PICKLE_SUFFIXES:
-            errors.append(f"{f.name}: pickled checkpoints are not read (unpickling an uploaded file can run code); "
-                          f"upload a .safetensors file instead")
+            errors.append(f"{f.name}: a pickled checkpoint ({suffix}) is not read, because unpickling an uploaded "
+                          f"file can run code on the server; save the LoRA as .safetensors and upload that")
+            continue
+        if size is not None and size > limit:
+            errors.append(f"{f.name}: {_fmt_mb(size)} is over this server's limit of {_fmt_mb(limit)} per file")
             continue
         if peft_pair and name in ("adapter_config.json", "adapter_model.safetensors"):
-            (folder / name).write_bytes(f.getvalue())
+            folder.mkdir(exist_ok=True)
+            _write(f, folder / name)
             continue
         if suffix == ".json":
             errors.append(f"{f.name}: a .json file is read only as adapter_config.json uploaded together with "
@@ -98,44 +146,44 @@ def stage_uploads(files: Iterable[UploadedFileLike], dest: Path) -> tuple[list[t
         while path.exists():
             path = dest / f"{Path(name).stem}-{i}{suffix}"
             i += 1
-        path.write_bytes(f.getvalue())
+        _write(f, path)
         staged.append((f.name, path))
-    if peft_pair:
+    if peft_pair and folder.is_dir():
         staged.insert(0, ("adapter_model.safetensors + adapter_config.json", folder))
     return staged, errors
 
 
-def read_uploads(files: Iterable[UploadedFileLike], dest: Path, spec=None, what: str = "the chosen collection"
+def read_uploads(files: Iterable[UploadedFileLike], bases=None, want=None, require_base: bool = True
                  ) -> UploadResult:
-    """Stage and read uploads with `lol.formats.read_lora`; with a ``spec``, also check each LoRA matches that base
-    model's modules (`ModuleSpec.check`). Unreadable or mismatched files become messages in ``.errors``."""
+    """Stage, read (`lol.formats.read_lora`) and judge every upload on its own; the staging folder is gone when this
+    returns. With ``bases`` (`lol.catalog.bases`), each LoRA is matched to the base it fits: one that fits none is an
+    error naming the file (kept, with ``base=None``, when not ``require_base``); with ``want`` (the base the page
+    is on), one for another known base is an error too."""
+    from ..catalog import judge
     from ..formats import read_lora
 
-    staged, errors = stage_uploads(files, dest)
-    result = UploadResult(errors=errors, folder=Path(dest))
-    for name, path in staged:
-        try:
-            lora = read_lora(path)
-            if spec is not None:
-                spec.check(lora, what=what)
-        except LoLError as e:
-            result.errors.append(_plain(name, path, e))
-            _discard(path)
-            continue
-        except (ValueError, KeyError, OSError, RuntimeError) as e:  # e.g. a corrupt header that safetensors rejects
-            result.errors.append(f"{name}: not a readable LoRA file ({type(e).__name__}: {_first_line(e)})")
-            _discard(path)
-            continue
-        result.loras.append(UploadedLoRA(name, path, lora))
+    result = UploadResult()
+    with staging_dir() as dest:
+        staged, result.errors = _stage(list(files), dest)
+        for name, path in staged:
+            try:
+                lora = read_lora(path)
+            except LoLError as e:
+                result.errors.append(_plain(name, path, e))
+                continue
+            except (ValueError, KeyError, OSError, RuntimeError) as e:  # e.g. a header safetensors itself rejects
+                result.errors.append(f"{name}: not a readable LoRA file ({type(e).__name__}: {_first_line(e)})")
+                continue
+            if bases is None:
+                result.loras.append(UploadedLoRA(name, lora))
+                continue
+            fit = judge(name, lora, bases, want)
+            if (fit.base is None and require_base) or (fit.base is not None and want is not None
+                                                       and fit.base is not want):
+                result.errors.append(fit.message)
+            else:
+                result.loras.append(UploadedLoRA(name, lora, fit.base, fit.message))
     return result
-
-
-def _discard(path: Path) -> None:
-    """Remove a refused upload from the staging folder, so opening the folder sees only readable LoRAs."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _first_line(e: Exception) -> str:
@@ -147,10 +195,3 @@ def _plain(name: str, path: Path, e: Exception) -> str:
     """The error with the temporary path replaced by the name the user uploaded."""
     msg = _first_line(e).replace(str(path), name)
     return msg if name in msg else f"{name}: {msg}"
-
-
-def remove_upload_dir(path: Path) -> None:
-    """Delete a session's upload folder (only ever a ``lol-upload-*`` folder under the system temp dir)."""
-    path = Path(path)
-    if path.name.startswith("lol-upload-") and path.parent == Path(tempfile.gettempdir()):
-        shutil.rmtree(path, ignore_errors=True)

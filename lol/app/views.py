@@ -6,6 +6,7 @@ import streamlit as st
 
 from . import cache, nav, plots
 from . import data as app_data
+from .errors import plain
 
 __all__ = ["collection_caption", "label_columns", "labels_of_kind", "label_description", "lora_detail",
            "lora_row_markdown"]
@@ -285,63 +286,6 @@ def _prob_bars(row, labels, title):
     return plots.style(fig, title, height=380, legend=False)
 
 
-def upload_predictions(ctx, models) -> None:
-    """Upload LoRA files and predict with a model that fits them; unsupported or mismatched files get one clear
-    message each (naming the file), the others are predicted."""
-    from .preds import checkpoint_info, predict_loras
-    from .upload import ACCEPTED_TYPES, new_upload_dir, read_uploads, remove_upload_dir
-
-    all_models = ctx.models
-    files = st.file_uploader("LoRA files (.safetensors; a PEFT adapter as adapter_model.safetensors + "
-                             "adapter_config.json)", type=ACCEPTED_TYPES, accept_multiple_files=True,
-                             key="pred_upload")
-    if not files:
-        return
-    if not all_models:
-        st.info("No trained LoL model to predict with yet.")
-        return
-    names = [m.name for m in all_models]
-    default = names.index(models[0].name) if models else 0
-    pick = st.selectbox("Predict with", names, index=default, key="pred_upload_model")
-    model = all_models[names.index(pick)]
-    info = checkpoint_info(model.path)
-    if info["error"]:
-        st.error(f"{model.name}: {info['error']}")
-        return
-    from ..lora import ModuleSpec
-
-    spec = ModuleSpec.from_json(info["spec"]) if info["spec"] else None
-    sig = (tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files), model.path)
-    cached = st.session_state.get("_lol_pred_upload")
-    if cached is None or cached[0] != sig:
-        if cached is not None and cached[1].folder is not None:
-            remove_upload_dir(cached[1].folder)
-        res = read_uploads(files, new_upload_dir(), spec=spec, what=f"the model {model.name}")
-        st.session_state["_lol_pred_upload"] = cached = (sig, res)
-    res = cached[1]
-    for e in res.errors:
-        st.error(e)
-    if not res.loras:
-        return
-    try:
-        out = predict_loras(model, [u.lora for u in res.loras], ctx.device)
-    except Exception as e:  # noqa: BLE001
-        st.error(f"Prediction failed: {plain_error(e)}")
-        return
-    out = out.reset_index(drop=True)
-    if "id" in out.columns:
-        out = out.drop(columns=["id"])
-    out.insert(0, "file", [u.name for u in res.loras])
-    st.success(f"Predicted {len(res.loras)} LoRA(s) with {model.name}.")
-    st.dataframe(out, hide_index=True, width="stretch")
-
-
-def plain_error(e) -> str:
-    from .errors import plain
-
-    return plain(e)
-
-
 # ----------------------------------------------------------------------------------------------------- membership
 
 def membership_section(ctx, coll, tasks: dict, key: str) -> None:
@@ -452,7 +396,7 @@ def lm_context(ctx):
         key = cache.path_key(shipped)
         coll = cache.collection(str(shipped), key)
     except Exception as e:  # noqa: BLE001
-        st.error(f"Could not open the shipped lm collection: {plain_error(e)}")
+        st.error(f"Could not open the shipped lm collection: {plain(e)}")
         return None
     return replace(ctx, source="lm (shipped)", path=str(Path(shipped)), key=key, kind="shipped", collection=coll,
                    problem=None)

@@ -1,0 +1,30 @@
+"""Numbers for people: every float in a table shown with a few significant digits, booleans as yes/no, missing
+values as an empty cell (never "None" or "nan"), via a pandas Styler so sorting still uses the true values."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+__all__ = ["number", "table"]
+
+
+def number(v, digits: int = 4) -> str:
+    """``0.123456789`` → ``0.1235``; ``12345.678`` → ``12,346``; integers with thousands separators; NaN/None → ""."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 10 ** digits or abs(v) < 10 ** -(digits - 1)):
+            return f"{v:.{digits - 1}e}" if abs(v) < 1 else f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def table(df: pd.DataFrame, digits: int = 4):
+    """A Styler of ``df`` with `number` applied to every float column and empty cells for missing values."""
+    floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
+    return df.style.format({c: (lambda v, d=digits: number(v, d)) for c in floats}, na_rep="")

@@ -1,0 +1,105 @@
+"""What a data folder offers, and what fits what: the packed collections, the base models they were trained on, and
+the trained checkpoints — read from their own metadata (``collection.json``, a checkpoint's ``config.json``), never
+guessed from names. Used by the explorer to tell which shipped base an uploaded LoRA belongs to and which models can
+predict for it.
+
+A *base* here is one module spec (names and shapes of the adapted layers) with the base-model folders the
+collections on it record (``{"sd": "base/sd", "clip": "base/clip"}``); collections that share a spec (the zoo's faces
+and fashion share one Stable Diffusion base) share a base. No Streamlit, no torch at import.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LoLError
+from .lora import ModuleSpec
+
+__all__ = ["Base", "bases", "fitting_base", "judge", "Fit"]
+
+
+@dataclass
+class Base:
+    spec: ModuleSpec
+    collections: list[str] = field(default_factory=list)    # shipped collections on this base, in order
+    models: dict[str, Path] = field(default_factory=dict)    # {"sd": folder, "clip": folder, "lm": folder}
+
+    @property
+    def name(self) -> str:
+        """For people: ``"the Stable Diffusion base of faces and fashion"``."""
+        kind = ("Stable Diffusion" if "sd" in self.models else "language-model" if "lm" in self.models
+                else f"{len(self.spec)}-module")
+        colls = " and ".join([", ".join(self.collections[:-1]), self.collections[-1]] if len(self.collections) > 1
+                             else self.collections)
+        return f"the {kind} base of {colls}" if colls else f"a {kind} base"
+
+    def fits(self, lora) -> bool:
+        try:
+            self.spec.match(lora)
+        except LoLError:
+            return False
+        return True
+
+
+def _recorded_models(meta: dict, coll_dir: Path) -> dict[str, Path]:
+    raw = meta.get("base_model")
+    try:
+        rec = json.loads(raw) if isinstance(raw, str) and raw.strip().startswith("{") else None
+    except json.JSONDecodeError:
+        rec = None
+    if not isinstance(rec, dict):
+        return {}
+    out = {}
+    for k, rel in rec.items():
+        p = Path(str(rel))
+        out[str(k)] = p if p.is_absolute() else (coll_dir.resolve().parent.parent / p)
+    return out
+
+
+def bases(collections: dict[str, Path]) -> list[Base]:
+    """One `Base` per distinct module spec among ``collections`` (``{name: packed folder}``), in their order.
+    Unreadable ``collection.json`` files are skipped (the collection itself reports the problem when opened)."""
+    out: list[Base] = []
+    for name, folder in collections.items():
+        try:
+            meta = json.loads((Path(folder) / "collection.json").read_text())
+            spec = ModuleSpec.from_json(meta["spec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        same = next((b for b in out if b.spec.keys == spec.keys and b.spec.shapes == spec.shapes), None)
+        if same is None:
+            same = Base(spec)
+            out.append(same)
+        same.collections.append(name)
+        for k, p in _recorded_models(meta, Path(folder)).items():
+            same.models.setdefault(k, p)
+    return out
+
+
+def fitting_base(lora, known: list[Base]) -> Base | None:
+    """The first base whose modules the LoRA matches (by name, across formats: `ModuleSpec.match`), else None."""
+    return next((b for b in known if b.fits(lora)), None)
+
+
+@dataclass
+class Fit:
+    """How an uploaded LoRA relates to the known bases: ``base`` it fits (or None) and one line saying so."""
+
+    base: Base | None
+    message: str
+
+
+def judge(name: str, lora, known: list[Base], want: Base | None = None) -> Fit:
+    """One short line for one file: which base it fits, or that it fits none (with its module count and the first
+    module name, so the user can tell what it was trained on). With ``want`` (the base the page is on), a LoRA for
+    another known base is named as such."""
+    base = fitting_base(lora, known)
+    if base is None:
+        first = lora.names[0] if len(lora.names) else "?"
+        return Fit(None, f"{name}: fits none of the shipped base models ({len(lora.names)} modules, e.g. "
+                         f"{first}; the shipped bases: " + "; ".join(b.name.removeprefix("the ") for b in known)
+                   + ")")
+    if want is not None and base is not want:
+        return Fit(base, f"{name}: a LoRA for {base.name}, not for {want.name}")
+    return Fit(base, f"{name}: fits {base.name}")
