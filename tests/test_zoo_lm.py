@@ -84,6 +84,17 @@ def test_challenge_is_harder_and_splits_are_deterministic_and_disjoint():
         make_item("astronomy", "standard", np.random.default_rng(0))
 
 
+def test_retest_splits_are_the_same_size_and_disjoint_from_every_other_split():
+    w = make_world(3, 6, 4, 4, 5, n_retest=1)
+    assert "challenge_retest" not in make_world(3, 6, 4, 4, 5) and make_world(3, 6, 4, 4, 5)["test"] == w["test"]
+    assert len(w["challenge_retest"]) == len(w["challenge"]) and len(w["eval_retest"]) == len(w["eval"])
+    assert {it.level for it in w["challenge_retest"]} == {"challenge"}
+    big = {"addition", "reverse_word", "copy", "sort_digits", "max_of_list", "count_vowels"}
+    for a in ("challenge_retest", "eval_retest"):
+        others = {it.question for k in w if k != a for it in w[k] if it.source in big}
+        assert not [it for it in w[a] if it.source in big and it.question in others], a
+
+
 def test_byte_tokenizer_round_trips_and_loads_next_to_a_qwen2_config(tmp_path):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -139,6 +150,15 @@ def test_lm_recipe_jobs_labels_and_group_training(ci_base):
     schema = r.label_schema()
     assert schema["challenge_accuracy"]["kind"] == "regression"
     assert {k for k, v in schema.items() if v["task"] == "membership"} == {f"source_{s}" for s in SOURCES}
+    assert schema["challenge_accuracy"]["retest"] == "challenge_accuracy_retest"
+    assert schema["eval_loss"]["retest"] == "eval_loss_retest"
+    assert all(schema[f"source_{s}"]["exact"] for s in SOURCES)
+    flagged = [j for j in jobs if j.params["retest"]]
+    assert flagged and len(flagged) < len(jobs) and len({r.group_key(j) for j in jobs}) == 2
+    rt = r.run_group(flagged[:2], {"lm": out}, "cpu")  # measured twice, on disjoint question and eval sets
+    for x in rt:
+        assert 0 <= x.row["challenge_accuracy_retest"] <= 1 and x.row["eval_loss_retest"] > 0
+    jobs = [j for j in jobs if not j.params["retest"]]
     res = r.run_group(jobs[:3], {"lm": out}, "cpu")
     for j, x in zip(jobs[:3], res):
         assert x.job_id == j.id
@@ -146,6 +166,7 @@ def test_lm_recipe_jobs_labels_and_group_training(ci_base):
         assert all(m.rank == 4 and m.scale == 2.0 for m in x.lora)
         assert all(x.row[f"source_{s}"] == int(s in j.params["sources"]) for s in SOURCES)
         assert 0 <= x.row["challenge_accuracy"] <= 1 and x.row["eval_loss"] > 0
+        assert np.isnan(x.row["challenge_accuracy_retest"]) and np.isnan(x.row["eval_loss_retest"])  # not retested
         assert max(float(m.U.abs().max()) for m in x.lora) > 0                 # B moved off its zero init
     # a job's result does not depend on its group: job 1 trained alone equals job 1 trained with 0 and 2
     alone = r.run_group([jobs[1]], {"lm": out}, "cpu")[0]

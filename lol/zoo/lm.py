@@ -35,26 +35,30 @@ TARGETS = ("q_proj", "v_proj")
 
 # per preset: model config, pretraining, world sizes and collection size. A job trains for
 # round(epochs · epoch_scale · n_train / batch_size) steps (the paper's epochs {2, 3, 4}, rescaled to our budget).
-# Measured on the shared 2-core build machine, 1 torch thread, heavily loaded (≈5 other busy processes):
+# ``world.n_retest`` > 0 adds the disjoint retest splits (a second challenge set of the same size, a second eval set)
+# on which every LoRA is measured a second time: the labels' test–retest reliability (`lol.reliability`).
+# Measured on the 2-core build machine, 1 torch thread per process:
 #   ci:      base 120 steps ≈ 10 s (quiet) – 3 min (loaded); 8 LoRAs ≈ 4–50 s.
-#   default: base 1000 steps (214k parameters) 548 s, test accuracy 0.73, challenge 0.27 (chance 0.25);
-#            400 LoRAs in groups of 16 at ≈ 5.7 s per LoRA (training + evaluation) ≈ 38 min.
+#   default (v1, shipped before Zoo v2): base 1000 steps on standard items only, challenge accuracy 0.27 (chance
+#            0.25): LoRAs hardly moved it; 216 challenge questions gave a label noise (0.031) as large as its spread.
+#   default (v2): the base also pretrains on challenge-level items (it must be clearly above chance with headroom),
+#            1,170 challenge questions (as ARC-C's 1,172) + 1,170 retest questions; lr log-uniform over 2.5 decades.
 LM_PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(
         model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2),
-        pretrain=dict(steps=120, batch_size=32, lr=3e-3, warmup=10, challenge_fraction=0.0, pool=1500),
-        world=dict(n_train=12, n_eval=2, n_test=3, n_challenge=2),
+        pretrain=dict(steps=120, batch_size=32, lr=3e-3, warmup=10, challenge_fraction=0.3, pool=1500),
+        world=dict(n_train=12, n_eval=2, n_test=3, n_challenge=2, n_retest=1), retest_every=2,
         n_loras=8, lr=(3e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(4, 8, 16),
         epoch_scale=0.5, dropout=0.1, rank=4, alpha=8.0,
     ),
     "default": dict(
         model=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2),
-        pretrain=dict(steps=1000, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.0, pool=40000),
-        world=dict(n_train=32, n_eval=8, n_test=16, n_challenge=12),
-        n_loras=400, lr=(3e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
-        epoch_scale=0.5, dropout=0.1, rank=4, alpha=8.0,
+        pretrain=dict(steps=2000, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.35, pool=40000),
+        world=dict(n_train=64, n_eval=32, n_test=16, n_challenge=65, n_retest=1), retest_every=4,
+        n_loras=400, lr=(1e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
+        epoch_scale=1.0, dropout=0.1, rank=4, alpha=8.0,
     ),
 }
 
@@ -175,8 +179,8 @@ def _per_source(items: Sequence[QAItem], correct: torch.Tensor) -> dict[str, flo
 
 
 @lru_cache(maxsize=4)
-def _world(seed: int, n_train: int, n_eval: int, n_test: int, n_challenge: int):
-    return make_world(seed, n_train, n_eval, n_test, n_challenge)
+def _world(seed: int, n_train: int, n_eval: int, n_test: int, n_challenge: int, n_retest: int = 0):
+    return make_world(seed, n_train, n_eval, n_test, n_challenge, n_retest)
 
 
 def _device(device: str | None) -> str:
@@ -229,8 +233,7 @@ class LMBase:
         tok = byte_tokenizer()
         world_cfg = dict(seed=int(seed), **P["world"])
         world = _world(**world_cfg)
-        held = {it.question for k in ("eval", "test") for it in world[k]}
-        held |= {it.question for it in world["challenge"]}
+        held = {it.question for k in world if k != "train" for it in world[k]}  # every held-out split
         pc = P["pretrain"]
         n_ch = int(pc["pool"] * pc["challenge_fraction"]) // len(SOURCES)
         n_st = (pc["pool"] - n_ch * len(SOURCES)) // len(SOURCES)
@@ -265,6 +268,7 @@ class LMBase:
         model.eval()
         ev = evaluate(model, tok, world["eval"], world["test"], device)
         ch = evaluate(model, tok, [], world["challenge"], device)
+        rt = evaluate(model, tok, world.get("eval_retest", []), world.get("challenge_retest", []), device)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
@@ -283,6 +287,9 @@ class LMBase:
             "challenge_accuracy": float(ch["correct"].float().mean()),
             "challenge_accuracy_per_source": _per_source(world["challenge"], ch["correct"][0]),
             "chance_accuracy": 0.25,
+            **({"challenge_accuracy_retest": float(rt["correct"].float().mean())} if "correct" in rt else {}),
+            **({"eval_loss_retest": float(rt["eval_loss"][0])} if "eval_loss" in rt else {}),
+            "n_challenge_questions": len(world["challenge"]), "n_eval_items": len(world["eval"]),
         }
 
 
@@ -314,23 +321,29 @@ class LMRecipe:
                 "dropout": float(rng.uniform(0.0, P["dropout"])),
                 "epoch_scale": P["epoch_scale"], "rank": P["rank"], "alpha": P["alpha"],
                 "world": dict(seed=int(seed), **P["world"]),
+                "retest": bool(P["world"].get("n_retest")) and i % P.get("retest_every", 1) == 0,
             }
             out.append(Job(id=f"lm-{i:05d}", seed=int(seed) * 100003 + i, params=params))
         return out
 
     def group_key(self, job: Job) -> Hashable:
-        return (job.params["rank"], job.params["alpha"], json.dumps(job.params["world"], sort_keys=True))
+        # jobs measured a second time (retest) train together: the retest sets are evaluated for their groups only
+        return (job.params["rank"], job.params["alpha"], json.dumps(job.params["world"], sort_keys=True),
+                bool(job.params.get("retest")))
 
     def label_schema(self) -> dict[str, dict[str, Any]]:
         schema = {
-            "challenge_accuracy": {"kind": "regression", "task": "challenge_accuracy",
+            "challenge_accuracy": {"kind": "regression", "task": "challenge_accuracy", "retest":
+                                   "challenge_accuracy_retest",
                                    "description": "accuracy on the held-out harder split (4 options, max "
-                                                  "log-likelihood)"},
-            "eval_loss": {"kind": "regression", "task": "eval_loss",
-                          "description": "mean answer-token NLL on the standard eval split"},
+                                                  "log-likelihood); retest: a disjoint challenge set of the same "
+                                                  "size"},
+            "eval_loss": {"kind": "regression", "task": "eval_loss", "retest": "eval_loss_retest",
+                          "description": "mean answer-token NLL on the eval split (half standard, half challenge "
+                                         "items); retest: a disjoint eval set of the same size"},
         }
         for s in SOURCES:
-            schema[f"source_{s}"] = {"kind": "binary", "task": "membership",
+            schema[f"source_{s}"] = {"kind": "binary", "task": "membership", "exact": True,
                                      "description": f"1 if source {s!r} was in the finetuning set"}
         return schema
 
@@ -385,11 +398,17 @@ class LMRecipe:
             opt.zero_grad(step)
         train_s = time.time() - t0
         ev = evaluate(model, tok, world["eval"], world["challenge"], device, multilora=ml, n_adapters=K)
+        rt = (evaluate(model, tok, world.get("eval_retest", []), world.get("challenge_retest", []), device,
+                       multilora=ml, n_adapters=K) if p0.get("retest") else {})
+        eval_s = time.time() - t0 - train_s
         results = []
         for k, j in enumerate(jobs):
             row = {"id": j.id, "group": "src-" + "".join("1" if s in j.params["sources"] else "0" for s in SOURCES),
                    "challenge_accuracy": float(ev["correct"][k].float().mean()),
                    "eval_loss": float(ev["eval_loss"][k])}
+            row["challenge_accuracy_retest"] = (float(rt["correct"][k].float().mean()) if "correct" in rt
+                                                else float("nan"))
+            row["eval_loss_retest"] = float(rt["eval_loss"][k]) if "eval_loss" in rt else float("nan")
             row.update({f"source_{s}": int(s in j.params["sources"]) for s in SOURCES})
             row.update({"lr": j.params["lr"], "weight_decay": j.params["weight_decay"], "epochs": j.params["epochs"],
                         "batch_size": j.params["batch_size"], "dropout": j.params["dropout"],
@@ -399,6 +418,7 @@ class LMRecipe:
             per_src = _per_source(world["challenge"], ev["correct"][k])
             results.append(JobResult(j.id, ml.export(k), row,
                                      extras={"challenge_accuracy_per_source": per_src,
-                                             "group_train_seconds": round(train_s, 2), "group_size": K}))
+                                             "group_train_seconds": round(train_s, 2),
+                                             "group_eval_seconds": round(eval_s, 2), "group_size": K}))
         ml.remove()
         return results

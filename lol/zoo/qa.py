@@ -262,23 +262,35 @@ def make_split(n_per_source: int, level: str, seed: int, sources=None, exclude: 
     return items
 
 
-def make_world(seed: int, n_train: int, n_eval: int, n_test: int, n_challenge: int) -> dict[str, list[QAItem]]:
+def make_world(seed: int, n_train: int, n_eval: int, n_test: int, n_challenge: int, n_retest: int = 0
+               ) -> dict[str, list[QAItem]]:
     """The world's splits, like ARC's: ``test`` (standard level, the base model's per-source accuracy),
     ``challenge`` (the harder level: the held-out test of finetuned models), and per source ``train`` (finetuning
     pools) and ``eval`` (for eval loss), each half standard, half challenge level (as ARC's training set holds Easy
     and Challenge questions). No split shares a question with another (as far as a source's question space allows).
+
+    With ``n_retest`` > 0 the world also holds the *retest* splits that measure how reliable a label is:
+    ``challenge_retest`` (``n_challenge`` more challenge items per source) and ``eval_retest`` (``n_eval`` more eval
+    items), disjoint from every other split, so a label measured on them is an independent second measurement.
+    Without it the splits are exactly those of earlier worlds (same seeds, same items).
     """
     test = make_split(n_test, "standard", seed * 8 + 1)
     challenge = make_split(n_challenge, "challenge", seed * 8 + 2)
     used = {it.question for it in test + challenge}
-    splits = {}
-    for name, n, off in (("eval", n_eval, 3), ("train", n_train, 5)):
+    out = {"test": test, "challenge": challenge}
+    if n_retest:
+        out["challenge_retest"] = make_split(n_challenge, "challenge", seed * 8 + 1_000_002, exclude=used)
+        used |= {it.question for it in out["challenge_retest"]}
+    parts = [("eval", n_eval, 3), ("train", n_train, 5)]
+    if n_retest:
+        parts.append(("eval_retest", n_eval, 1_000_003))
+    for name, n, off in parts:
         st = make_split(n - n // 2, "standard", seed * 8 + off, exclude=used)
         ch = make_split(n // 2, "challenge", seed * 8 + off + 1, exclude=used)
         used |= {it.question for it in st + ch}
         # source by source: standard items then challenge items of that source
-        splits[name] = [it for src in SOURCES for part in (st, ch) for it in part if it.source == src]
-    return {"train": splits["train"], "eval": splits["eval"], "test": test, "challenge": challenge}
+        out[name] = [it for src in SOURCES for part in (st, ch) for it in part if it.source == src]
+    return out
 
 
 def byte_tokenizer():

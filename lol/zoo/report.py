@@ -92,7 +92,44 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
                          f"{col.max():.4g} |")
         else:
             lines.append(f"| {lab} | {info.get('kind')} | {col.nunique()} values | | | |")
+    lines += [""] + _reliability_lines(t, coll.labels)
     return lines + [""]
+
+
+RELIABILITY_GOAL = 0.95
+
+
+def _reliability_lines(table, labels) -> list[str]:
+    """The labels' reliability (`lol.reliability`): test–retest for measured labels, vote ambiguity for voted ones,
+    and the labels that carry no evidence either way (said, not hidden)."""
+    from ..reliability import label_reliability
+
+    rel = label_reliability(table, labels)
+    lines = ["**Label reliability.** A measured label is measured a second time, independently (other seeds, a "
+             "disjoint question or eval set of the same size); the test–retest correlation r is the ceiling on any "
+             f"model's test R² for that label (goal: r ≥ {RELIABILITY_GOAL}). A voted label is ambiguous when its "
+             "vote share is within 0.1 of one half.", ""]
+    reg = {k: v for k, v in rel.items() if v["method"] == "retest"}
+    if reg:
+        lines += ["| label | LoRAs measured twice | test–retest r | R² ceiling | label std | noise std per measurement "
+                  "| goal met |", "|---|---|---|---|---|---|---|"]
+        for lab, v in reg.items():
+            ok = "yes" if v["r"] >= RELIABILITY_GOAL else "**no**"
+            lines.append(f"| {lab} | {v['n']} | {v['r']:.3f} | {v['r2_ceiling']:.3f} | {v['label_std']:.4g} | "
+                         f"{v['noise_std']:.4g} | {ok} |")
+        lines.append("")
+    other = {k: v for k, v in rel.items() if v["method"] != "retest"}
+    if other:
+        lines += ["| label | evidence | LoRAs | ambiguous share |", "|---|---|---|---|"]
+        for lab, v in other.items():
+            how = "exact by construction" if v["method"] == "exact" else f"vote share (`{v['vote']}`)"
+            lines.append(f"| {lab} | {how} | {v['n']} | {v['ambiguous']:.3f} |")
+        lines.append("")
+    missing = [lab for lab, info in labels.items() if lab not in rel and lab in table.columns]
+    if missing:
+        lines += ["No reliability evidence recorded (collection built before Zoo v2's retest measurements): "
+                  + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+    return lines
 
 
 def data_readme(out: str | Path) -> str:
