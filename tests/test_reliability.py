@@ -1,0 +1,55 @@
+"""lol.reliability: test–retest reliability is the ceiling on R², and it is measured, not assumed."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lol.metrics import r2
+from lol.reliability import label_reliability, retest_reliability, vote_ambiguity
+
+
+def test_retest_reliability_recovers_the_true_share_of_variance_and_bounds_r2():
+    rng = np.random.default_rng(0)
+    t = rng.normal(0, 2.0, 20000)                     # what the weights determine
+    y1, y2 = t + rng.normal(0, 1.0, t.size), t + rng.normal(0, 1.0, t.size)   # two independent measurements
+    rel = retest_reliability(y1, y2)
+    assert rel["n"] == t.size
+    assert rel["r"] == pytest.approx(4 / 5, abs=0.01) and rel["r2_ceiling"] == rel["r"]
+    assert rel["noise_std"] == pytest.approx(1.0, abs=0.02) and rel["label_std"] == pytest.approx(5 ** 0.5, abs=0.03)
+    assert r2(y1, t) == pytest.approx(rel["r"], abs=0.01)   # the perfect model of the weights reaches the ceiling
+    assert r2(y1, t + 0.5) < rel["r"]                        # anything else stays below it
+    noiseless = retest_reliability(t, t + 1e-9 * rng.normal(size=t.size))
+    assert noiseless["r"] > 0.999
+
+
+def test_retest_reliability_drops_missing_pairs_and_refuses_mismatched_lengths():
+    a = [1.0, 2.0, 3.0, np.nan, 5.0]
+    b = [1.1, 1.9, 3.2, 4.0, np.nan]
+    assert retest_reliability(a, b)["n"] == 3
+    assert math.isnan(retest_reliability([1.0, 2.0], [1.0, 2.0])["r"])
+    with pytest.raises(ValueError, match="3 first measurements but 2"):
+        retest_reliability([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_vote_ambiguity():
+    v = vote_ambiguity([0.5, 0.55, 0.6, 0.75, 1.0, 0.0, 0.4, np.nan])
+    assert v["n"] == 7 and v["ambiguous"] == pytest.approx(4 / 7) and v["ties"] == pytest.approx(1 / 7)
+
+
+def test_label_reliability_reads_the_schema():
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=200)
+    table = pd.DataFrame({"score": t + 0.1 * rng.normal(size=200),
+                          "score_retest": np.where(np.arange(200) % 2 == 0, t + 0.1 * rng.normal(size=200), np.nan),
+                          "male": rng.integers(0, 2, 200), "male_vote": rng.uniform(0, 1, 200),
+                          "src": rng.integers(0, 2, 200), "other": rng.normal(size=200)})
+    labels = {"score": {"kind": "regression", "retest": "score_retest"},
+              "male": {"kind": "binary", "vote": "male_vote"},
+              "src": {"kind": "binary", "exact": True},
+              "other": {"kind": "regression"}}
+    rel = label_reliability(table, labels)
+    assert set(rel) == {"score", "male", "src"}           # no evidence, no claim
+    assert rel["score"]["n"] == 100 and rel["score"]["r"] > 0.95
+    assert rel["male"]["method"] == "vote" and 0.1 < rel["male"]["ambiguous"] < 0.3
+    assert rel["src"] == {"kind": "binary", "method": "exact", "n": 200, "ambiguous": 0.0}
