@@ -17,11 +17,11 @@ Opening memory-maps the factors (copy-on-write, never modifying the file) and re
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
-import shutil
 import struct
 from collections.abc import Sequence
 from functools import cached_property
@@ -35,6 +35,7 @@ from .batch import LoRABatch
 from .errors import CollectionError, SpecMismatchError
 from .labels import LABEL_KINDS
 from .lora import LoRA, LoRAModule, ModuleSpec
+from .paths import atomic_dir
 
 __all__ = ["Collection", "open_collection", "write_collection", "FORMAT_VERSION", "LABEL_KINDS"]
 
@@ -157,123 +158,136 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
     if st_dtype is None or not dtype.is_floating_point:
         raise CollectionError(f"factor dtype must be float16/bfloat16/float32/float64, got {dtype}")
 
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        it = iter(loras)
-        first = next(it, None)
-        if first is None:
-            raise CollectionError("no LoRAs to pack (the iterable is empty)")
-        spec = spec or first.spec
-        first_mods = _ordered_modules(first, spec, 0)
-        kernels = [list(m.kernel_shape) if m.kernel_shape else None for m in first_mods]
-        sources, formats = [first.source], [first.format]
-
-        def rest():
-            for i, lora in enumerate(it, start=1):
-                sources.append(lora.source)
-                formats.append(lora.format)
-                yield _ordered_modules(lora, spec, i)
-
-        if rmax is None and isinstance(loras, Sequence):
-            rmax = [max(lora_mods.rank for lora_mods in (_ordered_modules(lo, spec, i)[ell]
-                                                          for i, lo in enumerate(loras)))
-                    for ell in range(len(spec))]
-        if rmax is None:
-            spool = _Spool(tmp, spec, dtype)
-            spool.add(first_mods)
-            for mods in rest():
-                spool.add(mods)
-            rmax = [max(e[1][ell] for e in spool.entries) for ell in range(len(spec))]
-            stream = spool.replay()
-        else:
-            def chain():
-                yield first_mods
-                yield from rest()
-            stream = chain()
-        rmax = [int(r) for r in rmax]
-
-        L, size = len(spec), torch.empty((), dtype=dtype).element_size()
-        # the 4-byte tensors first: every tensor then starts at an offset aligned to its item size (16-bit factors)
-        entries = [("rank", "I32", (n, L), n * L * 4), ("alpha", "F32", (n, L), n * L * 4),
-                   ("scale", "F32", (n, L), n * L * 4)]
-        for name, (o, i_), r in zip(spec.names, spec.shapes, rmax):
-            entries.append((f"U/{name}", st_dtype, (n, o, r), n * o * r * size))
-            entries.append((f"V/{name}", st_dtype, (n, i_, r), n * i_ * r * size))
-        head, offsets = _safetensors_header(entries, {"format": "pt", "lol": "collection"})
-        total = len(head) + sum(e[3] for e in entries)
-        fpath = tmp / FACTORS_NAME
-        with open(fpath, "w+b") as f:
-            f.write(head)
-            f.truncate(total)
-            # shared: writes go to the file's pages; populated up front (Linux), not one page fault at a time
-            mm = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        views = {key: torch.frombuffer(mm, dtype=_TORCH_DTYPE[dt], count=nbytes // _TORCH_DTYPE[dt].itemsize,
-                                       offset=offsets[key][0]).view(shape)
-                 for key, dt, shape, nbytes in entries}
-        U_views = [views[f"U/{name}"] for name in spec.names]
-        V_views = [views[f"V/{name}"] for name in spec.names]
-        U_np = [_numpy(t) for t in U_views]  # the same bytes, for numpy's faster small (transposed) copies
-        V_np = [_numpy(t) for t in V_views]
-        count = 0
-        with torch.no_grad():
-            for j, mods in enumerate(stream):
-                if j >= n:
-                    raise CollectionError(f"more LoRAs than table rows ({n})")
-                ranks = [m.rank for m in mods]
-                for ell, (m, r) in enumerate(zip(mods, ranks)):
-                    if r > rmax[ell]:
-                        raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} > rmax {rmax[ell]}")
-                    for dst_np, dst, src in ((U_np[ell], U_views[ell], m.U), (V_np[ell], V_views[ell], m.V)):
-                        if src.dtype == dtype and src.device.type == "cpu":  # same dtype: a bitwise numpy copy,
-                            np.copyto(dst_np[j, :, :r], _numpy(src))         # several times faster for V = Aᵀ
-                        else:
-                            dst[j, :, :r].copy_(src)  # converts: one rounding to the storage dtype
-                views["rank"][j] = torch.tensor(ranks, dtype=torch.int32)
-                views["alpha"][j] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
-                views["scale"][j] = torch.tensor([m.scale for m in mods], dtype=torch.float32)
-                count += 1
-        if count != n:
-            raise CollectionError(f"the table has {n} rows but {count} LoRAs were given")
-        del views, U_views, V_views, U_np, V_np
-        sha = hashlib.sha256(mm)  # hashed from the written pages: no second read of the file
-        mm.close()
-        (tmp / "spool.bin").unlink(missing_ok=True)
-
-        if "source" not in table.columns:
-            table["source"] = [s or "" for s in sources]
-        if "format" not in table.columns:
-            table["format"] = [fm or "unknown" for fm in formats]
-        front = [c for c in ("id", "source", "format", "group", "split") if c in table.columns]
-        table = table[front + [c for c in table.columns if c not in front]]
-        table.to_parquet(tmp / TABLE_NAME, index=False)
-        meta = {
-            "format": "lol-collection", "version": FORMAT_VERSION, "n": n, "spec": spec.to_json(),
-            "kernel_shapes": kernels, "rmax": rmax, "dtype": str(dtype).replace("torch.", ""),
-            "base_model": base_model, "labels": labels, "tasks": tasks, "provenance": provenance or {},
-            "factors_sha256": sha.hexdigest(),
-        }
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
-        for name in (FACTORS_NAME, TABLE_NAME, META_NAME):  # durable before the rename makes them visible
-            _fsync(tmp / name)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dest, overwrite=overwrite) as tmp:
+            _write_into(tmp, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax)
+    except FileExistsError:
+        raise CollectionError(f"{dest}: already exists (written meanwhile by another process; pass overwrite=True "
+                              f"to replace it)") from None
     return open_collection(dest)
+
+
+def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax) -> None:
+    """`write_collection`'s work, into the temporary folder ``tmp`` (made durable before the caller renames it)."""
+    it = iter(loras)
+    first = next(it, None)
+    if first is None:
+        raise CollectionError("no LoRAs to pack (the iterable is empty)")
+    spec = spec or first.spec
+    first_mods = _ordered_modules(first, spec, 0)
+    kernels = [list(m.kernel_shape) if m.kernel_shape else None for m in first_mods]
+    sources, formats = [first.source], [first.format]
+
+    def rest():
+        for i, lora in enumerate(it, start=1):
+            sources.append(lora.source)
+            formats.append(lora.format)
+            yield _ordered_modules(lora, spec, i)
+
+    if rmax is None and isinstance(loras, Sequence):
+        rmax = [max(lora_mods.rank for lora_mods in (_ordered_modules(lo, spec, i)[ell]
+                                                      for i, lo in enumerate(loras)))
+                for ell in range(len(spec))]
+    if rmax is None:
+        spool = _Spool(tmp, spec, dtype)
+        spool.add(first_mods)
+        for mods in rest():
+            spool.add(mods)
+        rmax = [max(e[1][ell] for e in spool.entries) for ell in range(len(spec))]
+        stream = spool.replay()
+    else:
+        def chain():
+            yield first_mods
+            yield from rest()
+        stream = chain()
+    rmax = [int(r) for r in rmax]
+
+    L, size = len(spec), torch.empty((), dtype=dtype).element_size()
+    # the 4-byte tensors first: every tensor then starts at an offset aligned to its item size (16-bit factors)
+    entries = [("rank", "I32", (n, L), n * L * 4), ("alpha", "F32", (n, L), n * L * 4),
+               ("scale", "F32", (n, L), n * L * 4)]
+    for name, (o, i_), r in zip(spec.names, spec.shapes, rmax):
+        entries.append((f"U/{name}", st_dtype, (n, o, r), n * o * r * size))
+        entries.append((f"V/{name}", st_dtype, (n, i_, r), n * i_ * r * size))
+    head, offsets = _safetensors_header(entries, {"format": "pt", "lol": "collection"})
+    total = len(head) + sum(e[3] for e in entries)
+    fpath = tmp / FACTORS_NAME
+    with open(fpath, "w+b") as f:
+        f.write(head)
+        _reserve(f, total, tmp)  # every block allocated now: a full disk is an error here, never a SIGBUS later
+        # shared: writes go to the file's pages; populated up front (Linux), not one page fault at a time
+        mm = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    views = {key: torch.frombuffer(mm, dtype=_TORCH_DTYPE[dt], count=nbytes // _TORCH_DTYPE[dt].itemsize,
+                                   offset=offsets[key][0]).view(shape)
+             for key, dt, shape, nbytes in entries}
+    U_views = [views[f"U/{name}"] for name in spec.names]
+    V_views = [views[f"V/{name}"] for name in spec.names]
+    U_np = [_numpy(t) for t in U_views]  # the same bytes, for numpy's faster small (transposed) copies
+    V_np = [_numpy(t) for t in V_views]
+    count = 0
+    with torch.no_grad():
+        for j, mods in enumerate(stream):
+            if j >= n:
+                raise CollectionError(f"more LoRAs than table rows ({n})")
+            ranks = [m.rank for m in mods]
+            for ell, (m, r) in enumerate(zip(mods, ranks)):
+                if r > rmax[ell]:
+                    raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} > rmax {rmax[ell]}")
+                for dst_np, dst, src in ((U_np[ell], U_views[ell], m.U), (V_np[ell], V_views[ell], m.V)):
+                    if src.dtype == dtype and src.device.type == "cpu":  # same dtype: a bitwise numpy copy,
+                        np.copyto(dst_np[j, :, :r], _numpy(src))         # several times faster for V = Aᵀ
+                    else:
+                        dst[j, :, :r].copy_(src)  # converts: one rounding to the storage dtype
+            views["rank"][j] = torch.tensor(ranks, dtype=torch.int32)
+            views["alpha"][j] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
+            views["scale"][j] = torch.tensor([m.scale for m in mods], dtype=torch.float32)
+            count += 1
+    if count != n:
+        raise CollectionError(f"the table has {n} rows but {count} LoRAs were given")
+    del views, U_views, V_views, U_np, V_np
+    sha = hashlib.sha256(mm)  # hashed from the written pages: no second read of the file
+    mm.close()
+    (tmp / "spool.bin").unlink(missing_ok=True)
+
+    if "source" not in table.columns:
+        table["source"] = [s or "" for s in sources]
+    if "format" not in table.columns:
+        table["format"] = [fm or "unknown" for fm in formats]
+    front = [c for c in ("id", "source", "format", "group", "split") if c in table.columns]
+    table = table[front + [c for c in table.columns if c not in front]]
+    table.to_parquet(tmp / TABLE_NAME, index=False)
+    meta = {
+        "format": "lol-collection", "version": FORMAT_VERSION, "n": n, "spec": spec.to_json(),
+        "kernel_shapes": kernels, "rmax": rmax, "dtype": str(dtype).replace("torch.", ""),
+        "base_model": base_model, "labels": labels, "tasks": tasks, "provenance": provenance or {},
+        "factors_sha256": sha.hexdigest(),
+    }
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
+    for name in (FACTORS_NAME, TABLE_NAME, META_NAME):  # durable before the rename makes them visible
+        _fsync(tmp / name)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """The same memory as a numpy array (bfloat16, which numpy lacks, as int16 bits: copies stay bitwise)."""
     t = t.detach()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _reserve(f, total: int, folder: Path) -> None:
+    """Allocate ``total`` bytes of ``f`` on disk up front (``posix_fallocate``), so that writing through the memory
+    map cannot hit a full disk (which would kill the process with SIGBUS). Where the file system cannot allocate
+    (no fallocate support), fall back to a sparse ``truncate``."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, total)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(e.errno, f"no space for the {total / 1e6:.1f} MB factors file ({os.strerror(e.errno)})",
+                          str(folder.parent)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        f.truncate(total)
+    except AttributeError:  # no posix_fallocate on this platform
+        f.truncate(total)
 
 
 def _fsync(path: Path) -> None:

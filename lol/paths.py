@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["REPO", "data_root", "collections_root", "checkpoints_root", "checkpoint_index_path", "checkpoint_index",
-           "atomic_dir", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
+           "atomic_dir", "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
 
 REPO = Path(__file__).resolve().parent.parent
 TEMP_MARK = ".lol-tmp-"  # every temporary sibling's name holds it: `clean_stale_temp` removes only these
@@ -114,28 +114,58 @@ def atomic_dir(dest, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            if not overwrite:
-                raise FileExistsError(17, "already exists", str(dest))
-            old = temp_sibling(dest, "old")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if dest.is_dir():
-                dest.rmdir()
-            try:
-                tmp.rename(dest)
-            except OSError as e:  # a concurrent writer renamed its folder into place first
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise FileExistsError(e.errno, "already exists (written meanwhile by another process)",
-                                          str(dest)) from None
-                raise
-        _fsync_dir(dest.parent)
+        replace_dir(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, dest: Path, overwrite: bool = False) -> None:
+    """Rename the finished folder ``tmp`` to ``dest`` (renames only: readers see the old folder or the new one).
+    An existing non-empty ``dest`` is replaced only with ``overwrite``, else `FileExistsError`, also when it
+    appears between the check and the rename (a concurrent writer finished first)."""
+    tmp, dest = Path(tmp), Path(dest)
+    _fsync_dir(tmp)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if not overwrite:
+            raise FileExistsError(errno.EEXIST, "already exists", str(dest))
+        old = temp_sibling(dest, "old")
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if dest.is_dir():
+            dest.rmdir()
+        try:
+            tmp.rename(dest)
+        except OSError as e:  # a concurrent writer renamed its folder into place first
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(e.errno, "already exists (written meanwhile by another process)",
+                                      str(dest)) from None
+            raise
+    _fsync_dir(dest.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(dest, what: str = "writing") -> Iterator[Path]:
+    """Hold an exclusive advisory lock for writing ``dest`` (``flock`` on the hidden sibling ``.<name>.lock``, which is
+    left in place: removing a lock file races with its next user). A second holder is refused at once with
+    `BlockingIOError` naming ``dest``; the lock ends with the process, so a killed writer never blocks the next."""
+    import fcntl
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = dest.parent / f".{dest.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockingIOError(errno.EWOULDBLOCK, f"another process is {what} it now (lock {lock.name} held); "
+                                                     f"nothing was changed", str(dest)) from None
+        yield lock
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

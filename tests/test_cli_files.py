@@ -40,7 +40,8 @@ def test_inspect_table_and_exact_json(tmp_path, capsys):
     assert rc == 0 and "unet.down.attn2.to_v" in out and "8×6" in out and "6.75" in out
     rc, out, _ = run(capsys, "inspect", f, "--json")
     d = json.loads(out)
-    assert set(d) == {"path", "format", "modules", "metadata"} and d["format"] == "diffusers"
+    assert set(d) == {"path", "format", "modules", "full_weight_modules", "metadata"} and d["format"] == "diffusers"
+    assert d["full_weight_modules"] == []
     assert set(d["modules"][0]) == {"name", "out_features", "in_features", "rank", "alpha", "scale", "delta_norm"}
     m = d["modules"][1]
     assert (m["name"], m["out_features"], m["in_features"], m["rank"], m["alpha"]) == \

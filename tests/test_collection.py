@@ -147,7 +147,7 @@ def test_write_errors(tmp_path):
     other = LoRA.from_modules([LoRAModule("unet.other", torch.zeros(3, 1), torch.zeros(3, 1), 1.0, 1.0)])
     with pytest.raises(SpecMismatchError, match="LoRA #2"):
         write_collection(tmp_path / "x", iter(loras[:2] + [other] + loras[3:]), _table(6))
-    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp*"))  # atomic: nothing left behind
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))  # atomic: nothing left behind
     write_collection(tmp_path / "y", loras, _table(6))
     with pytest.raises(CollectionError, match="already exists"):
         write_collection(tmp_path / "y", loras, _table(6))

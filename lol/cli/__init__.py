@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (LoLError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-            msg = f"{e.filename}: {msg}"
+    except (LoLError, OSError) as e:  # every OSError too (full disk, permissions, a held lock): one line
+        if isinstance(e, OSError) and e.strerror:  # "PATH: problem", without Python's "[Errno N]" decoration
+            msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        else:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+                msg = f"{e.filename}: {msg}"
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from .peft import CONFIG_NAME as PEFT_CONFIG_NAME, read_peft, save_peft
 from .safetensors_file import load_safetensors, read_safetensors_header
 
 __all__ = ["read_lora", "detect_format", "save_peft", "save_diffusers", "read_peft", "read_diffusers", "read_kohya",
-           "kohya_to_module", "module_to_kohya", "lora_files", "FORMATS", "PICKLE_SUFFIXES"]
+           "kohya_to_module", "module_to_kohya", "lora_files", "scan_tree", "FORMATS", "PICKLE_SUFFIXES"]
 
 FORMATS = ("peft", "diffusers", "kohya")
 # the one list of pickled-file suffixes: never unpickled (`_reject_pickle`), listed as skipped by `lol import`
@@ -111,20 +111,34 @@ def read_lora(path, dtype: torch.dtype | None = None, shapes_only: bool = False)
 
 def lora_files(root) -> list[Path]:
     """Every LoRA under ``root`` in sorted order: PEFT folders (not descended into) and ``.safetensors`` files."""
+    return scan_tree(root)[0]
+
+
+def scan_tree(root) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(LoRAs, skipped)`` under ``root``: the LoRAs of `lora_files`, and every other file with the reason it is not
+    a LoRA (pickles by name, never opened). Files inside a PEFT folder belong to it and are not listed."""
     root = Path(root)
     if not root.is_dir():
         raise LoRAFormatError(root, "not a folder")
     found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
 
     def walk(d: Path):
         if (d / PEFT_CONFIG_NAME).is_file():
             found.append(d)
             return
         for p in sorted(d.iterdir(), key=lambda p: p.name):
-            if p.is_dir():
+            if p.is_symlink() and not p.exists():
+                skipped.append((p, "broken symbolic link"))
+            elif p.is_dir():
                 walk(p)
             elif p.suffix == ".safetensors":
                 found.append(p)
+            elif p.suffix in PICKLE_SUFFIXES:
+                skipped.append((p, f"pickled {p.suffix} file, not read (unpickling runs code); convert it to "
+                                   f".safetensors"))
+            else:
+                skipped.append((p, "not a LoRA file (only .safetensors files and PEFT folders are imported)"))
 
     walk(root)
-    return found
+    return found, skipped
