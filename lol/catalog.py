@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import LoLError
 from .lora import ModuleSpec
 
-__all__ = ["Base", "bases", "fitting_base", "judge", "Fit"]
+__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder"]
 
 
 @dataclass
@@ -103,3 +103,38 @@ def judge(name: str, lora, known: list[Base], want: Base | None = None) -> Fit:
     if want is not None and base is not want:
         return Fit(base, f"{name}: a LoRA for {base.name}, not for {want.name}")
     return Fit(base, f"{name}: fits {base.name}")
+
+
+_MARKER = {"sd": "model_index.json", "clip": "config.json", "lm": "config.json"}
+
+
+def _usable(p: Path | None, name: str) -> bool:
+    if p is None or not Path(p).is_dir():
+        return False
+    from .zoo.image_bases import resolve_base
+
+    try:
+        return (resolve_base(p) / _MARKER.get(name, "config.json")).is_file()
+    except (LoLError, OSError, ValueError):
+        return False
+
+
+def model_folder(coll, name: str, known: list[Base], data_root: Path | None = None) -> Path | None:
+    """The folder of base model ``name`` (``sd``, ``clip``, ``lm``) for a collection: the one it records, else the
+    one recorded by a shipped collection on the same base (the zoo's fashion collection records only ``sd``; the
+    faces collection on the same base records ``clip`` too), else — for image LoRAs (every module a diffusers
+    ``unet.`` / ``text_encoder.`` one) of a collection that records no base — ``data_root/base/<name>``; None when
+    there is none here."""
+    meta = {"base_model": getattr(coll, "base_model", None)}
+    rec = _recorded_models(meta, Path(getattr(coll, "path", ".")))
+    if _usable(rec.get(name), name):
+        return rec[name]
+    spec = coll.spec
+    for b in known:
+        if b.spec.keys == spec.keys and b.spec.shapes == spec.shapes and _usable(b.models.get(name), name):
+            return b.models[name]
+    image = all(n.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") for n in spec.names)
+    if not rec and data_root is not None and name in ("sd", "clip") and image \
+            and _usable(Path(data_root) / "base" / name, name):
+        return Path(data_root) / "base" / name
+    return None

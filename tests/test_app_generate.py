@@ -71,8 +71,35 @@ def test_generate_page(env):
     widget(at, "text_input", "Seeds").input("42")
     at.button(key="gen_go").click().run()
     assert_clean(at)
-    assert len(at.image) == 2  # base | LoRA
+    # base | LoRA | difference (this collection records no finetuning images), each with its own CLIP score
+    caps = [i.proto.imgs[0].caption for i in at.image]
+    assert len(caps) == 3 and caps[0].startswith("base · CLIP ") and caps[1].startswith("LoRA · CLIP ")
+    assert caps[2].startswith("mean |Δ|")
     m = {x.label: x.value for x in at.metric}
-    assert float(m["CLIP score, LoRA images"]) >= 0 and float(m["CLIP score, base images"]) >= 0
-    assert m["stored label (clip_score)"] != "n/a"
+    assert m["Measured clip_score"] != "n/a" and "Predicted clip_score" in m
+    assert "vs base" in next(x.delta for x in at.metric if x.label == "CLIP score of these images")
+    assert any("**The comparison:**" in c.value for c in at.caption)
     assert any("Done in" in p.proto.text for p in at.get("progress"))
+    png = at.get("download_button")
+    assert png, "no PNG download of the grid"
+
+
+def test_images_are_enlarged_sharp_and_the_grid_is_one_png():
+    import io
+
+    from PIL import Image
+
+    from lol.app.generation import difference, grid_png, sharp
+
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    big = sharp(a)
+    assert big.size == (192, 192)
+    arr = np.asarray(big)
+    assert (arr[::3, ::3] == np.asarray(a)).all() and (arr[1::3, 2::3] == np.asarray(a)).all()  # whole-pixel blocks
+    assert sharp(Image.new("RGB", (512, 512))).size == (512, 512)  # large images are never shrunk
+    same, mad = difference(a, a)
+    assert mad == 0 and not np.asarray(same).any()
+    png = grid_png([[(a, "base"), (a, "LoRA"), (same, "difference")]] * 2, title="t")
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.width >= 3 * 192 and im.height >= 2 * 192

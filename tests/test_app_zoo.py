@@ -55,9 +55,22 @@ def test_every_page_on_the_ci_zoo(zoo, monkeypatch, tmp_path):
 
                 table = open_collection(root / "collections" / "faces").table.set_index("id")
                 ident = int(table.loc[at.selectbox(key="gen_lora").value, "identity"])
-                assert at.text_area(key="gen_prompts").value == caption(Identity.from_seed(ident).attributes())
+                prompt = widget(at, "text_area", "Prompts (one per line)").value
+                assert prompt == caption(Identity.from_seed(ident).attributes())
                 assert widget(at, "slider", "Guidance scale").value == 4.0
                 widget(at, "slider", "Steps").set_value(2)
                 at.button(key="gen_go").click().run()
                 assert_clean(at)
-                assert len(at.image) == 2
+                caps = [i.proto.imgs[0].caption for i in at.image]  # finetuning image | base | LoRA | difference
+                assert len(caps) == 4 and caps[0].startswith("trained on: a photo of"), caps
+                assert "CLIP" in caps[1] and "CLIP" in caps[2]
+            if page == "generate" and coll.startswith("fashion"):
+                # a garment of the LoRA's own classes, scored with the CLIP model of the same base (recorded by
+                # the faces collection: fashion records only its sd base)
+                prompt = widget(at, "text_area", "Prompts (one per line)").value
+                assert prompt.startswith("a photo of a") and "person" not in prompt
+                widget(at, "slider", "Steps").set_value(2)
+                at.button(key="gen_go").click().run()
+                assert_clean(at)
+                caps = [i.proto.imgs[0].caption for i in at.image]
+                assert any(c.startswith("base · CLIP ") for c in caps), caps

@@ -1,0 +1,120 @@
+"""What a collection records about how its LoRAs were made, for showing one of them next to its base model: the
+prompt and generation settings the base model knows, the LoRA's own finetuning images (redrawn from the recipe,
+preset and seed the zoo recorded in the collection's provenance, when it recorded them), and how its labels were
+measured. Everything is read from the collection (its provenance and table) or recomputed from it; nothing about a
+collection is guessed from its name. Collections without a zoo record get generic defaults and no finetuning images.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+from .errors import LoLError
+
+__all__ = ["zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
+           "label_protocol"]
+
+GENERIC_PROMPT = "a photo"
+
+
+def zoo_record(coll) -> dict:
+    """The collection's zoo provenance (``{"recipe": "module:Class", "preset": ..., "seed": ...}``) or {}."""
+    prov = getattr(coll, "provenance", None)
+    rec = prov.get("zoo") if isinstance(prov, dict) else None
+    return rec if isinstance(rec, dict) else {}
+
+
+def _recipe_name(coll) -> str:
+    return str(zoo_record(coll).get("recipe", "")).rpartition(":")[2]
+
+
+@lru_cache(maxsize=8)
+def _jobs(recipe: str, preset: str, seed: int) -> dict[str, dict]:
+    module, _, cls = recipe.partition(":")
+    if not module.startswith("lol.zoo."):  # only the project's own recipes are imported
+        return {}
+    obj = getattr(importlib.import_module(module), cls)()
+    return {j.id: j.params for j in obj.jobs(preset, seed)}
+
+
+def job_params(coll, lora_id: str) -> dict | None:
+    """The zoo job parameters that made ``lora_id`` (finetuning images, identity, CLIP protocol …), recomputed from
+    the recorded recipe, preset and seed (the zoo's jobs are a pure function of them); None without a record."""
+    rec = zoo_record(coll)
+    if not rec.get("recipe") or rec.get("preset") is None or rec.get("seed") is None:
+        return None
+    try:
+        return _jobs(str(rec["recipe"]), str(rec["preset"]), int(rec["seed"])).get(str(lora_id))
+    except (ImportError, AttributeError, KeyError, ValueError, TypeError):
+        return None
+
+
+def default_prompt(coll, row: dict) -> str:
+    """A prompt in words the base model was trained on, so base and LoRA images can be compared:
+
+    * faces: the caption of the LoRA's identity in the face world's words (``"a photo of a young man with brown
+      hair"``); the DreamBooth word it was finetuned with ("celebrity") is one the small base never saw;
+    * fashion: the caption of the first class in its finetuning set (``"a photo of a sneaker"``);
+    * else a ``prompt`` / ``caption`` column, or a generic prompt."""
+    name = _recipe_name(coll)
+    if name == "FacesRecipe" and row.get("identity") is not None:
+        from .zoo.faces import Identity, caption
+
+        return caption(Identity.from_seed(int(row["identity"])).attributes())
+    if name == "FashionRecipe":
+        from .zoo.fashion import CLASS_LABELS, caption
+
+        members = [i for i, lab in enumerate(CLASS_LABELS) if str(row.get(lab, 0)) in ("1", "True", "1.0")]
+        if members:
+            return caption(members[0])
+    for col in ("prompt", "caption"):
+        if isinstance(row.get(col), str) and row[col].strip():
+            return row[col]
+    return GENERIC_PROMPT
+
+
+def generation_defaults(coll) -> tuple[int, float]:
+    """(steps, guidance scale): for a zoo collection its base model's own guidance (what it was trained and
+    labelled with) and 20 steps; else diffusers' usual Stable Diffusion settings (30 steps, guidance 7.5)."""
+    if zoo_record(coll):
+        from .zoo.image_bases import GUIDANCE
+
+        return 20, float(GUIDANCE)
+    return 30, 7.5
+
+
+def finetune_images(coll, lora_id: str, n: int = 4, size: int = 64) -> list[tuple[object, str]]:
+    """Up to ``n`` of the images ``lora_id`` was finetuned on, as ``(PIL image, caption)``, redrawn exactly as the
+    zoo drew them; [] when the collection does not record how (or the data they come from is not installed)."""
+    params = job_params(coll, lora_id)
+    if not params or not params.get("images"):
+        return []
+    name = _recipe_name(coll)
+    idx = list(params["images"])[:n]
+    try:
+        if name == "FacesRecipe":
+            from .zoo.faces import Identity, render_face
+
+            ident = Identity.from_seed(int(params["identity"]))
+            return [(f.image, f.caption) for f in (render_face(ident, i, size) for i in idx)]
+        if name == "FashionRecipe":
+            from .zoo.fashion import fashion_image
+
+            return [(f.image, f.caption) for f in (fashion_image(i, "test", size) for i in idx)]
+    except (LoLError, OSError, ImportError, ValueError) as e:  # e.g. Fashion-MNIST not installed here
+        import logging
+
+        logging.getLogger("lol").info("finetuning images of %s not drawn: %s", lora_id, e)
+    return []
+
+
+def label_protocol(coll, label: str, lora_id: str) -> str:
+    """How ``label`` was measured for ``lora_id``, in one sentence (from the job's recorded protocol)."""
+    params = job_params(coll, lora_id) or {}
+    clip = params.get("clip") if isinstance(params.get("clip"), dict) else None
+    desc = ((getattr(coll, "labels", {}) or {}).get(label) or {}).get("description", "")
+    if clip and "clip" in label:
+        return (f"measured when the collection was built: mean CLIP score of the LoRA's images over "
+                f"{len(clip.get('prompts', []))} fixed prompts × {clip.get('images', 1)} image(s), seed "
+                f"{clip.get('seed')}, {clip.get('steps')} steps, guidance {clip.get('guidance')}")
+    return f"measured when the collection was built{': ' + desc if desc else ''}"
