@@ -23,7 +23,9 @@ app: $(STAMP)
 system-deps:
 	@bash scripts/system-deps
 
+# lint first (ruff: pyflakes, bugbear, blind except; scope in pyproject.toml), then the tests
 test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
 # full mode of every notebook: regenerates results/ and data/checkpoints/ (finished runs cached in .cache/experiments)

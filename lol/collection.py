@@ -445,7 +445,7 @@ def open_collection(path) -> Collection:
     spec = ModuleSpec.from_json(meta["spec"])
     try:
         table = pd.read_parquet(path / TABLE_NAME)
-    except Exception as e:  # pyarrow raises several types for a bad file
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for a bad file; all become one line
         raise CollectionError(f"{path / TABLE_NAME}: cannot be read ({type(e).__name__}: {e})") from None
     if "id" not in table.columns:
         raise CollectionError(f"{path / TABLE_NAME}: no 'id' column")

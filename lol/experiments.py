@@ -189,7 +189,6 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
     kind to extra model hyperparameters. ``errors="record"`` keeps going when a run fails and lists it in
     ``Grid.failures``; ``"raise"`` stops. With ``runs_dir``, each finished run is saved there (checkpoint, metric
     rows, predictions) and reused, not retrained, when found."""
-    from .checkpoint import save_checkpoint
     from .train import TrainConfig, train
 
     if errors not in ("raise", "record"):
@@ -426,7 +425,7 @@ def write_checkpoints(grid: Grid, best: pd.DataFrame, root: str | Path, refs: Se
     """Write each selected run to ``<root>/<collection>/<task>/`` (config.json records the selection) and merge
     ``{label: "<collection>/<task>"}`` into ``<root>/index.json`` (entries of other tasks are kept). Returns the
     entries written."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint
 
     root = Path(root)
     where = {(r.collection, r.task): r for r in (refs or [])}

@@ -160,7 +160,7 @@ def throughput(models: dict, batches: Sequence, repeat: int = 3, warmup: int = 1
         for b in batches:
             b = b.to(device=dev)
             with torch.no_grad():
-                t = time_call(lambda: model(b), repeat, warmup)
+                t = time_call(lambda model=model, b=b: model(b), repeat, warmup)
             rows.append({"model": name, "n_loras": len(b), "seconds": t.seconds,
                          "loras_per_second": len(b) / t.seconds if t.seconds > 0 else np.inf})
     return rows

@@ -24,7 +24,8 @@ import torch
 from .batch import LoRABatch
 from .lora import LoRA
 
-__all__ = ["INVARIANCES", "GL", "ORTHOGONAL", "NOTHING", "random_gl", "random_gl_like", "gl_act", "one_sided_act", "gl_invariance_error",
+__all__ = ["INVARIANCES", "GL", "ORTHOGONAL", "NOTHING",
+           "random_gl", "random_gl_like", "gl_act", "one_sided_act", "gl_invariance_error",
            "gl_equivariance_error", "assert_gl_invariant", "assert_gl_equivariant"]
 
 # the fixed vocabulary of `invariant_to` (models and featurizers): what a model's output is exactly invariant to

@@ -72,7 +72,7 @@ def test_canonical_form_reconstructs_delta_and_is_balanced(batch, method):
 def test_column_space_projector_is_the_projector_of_delta_and_gl_invariant(batch):
     f = ColumnSpace(SPEC).fit(batch)
     assert f.invariant_to == "GL(r)" and f(batch).shape == (6, f.dim())
-    for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
+    for U, V in zip(batch.U, batch.V):
         P = column_space_projector(U, V)
         Q = column_basis(U, V)                                                 # orthonormal columns, or zero
         G = Q.mT @ Q

@@ -39,7 +39,7 @@ def _save(model, config, folder, seed=0):
     torch.manual_seed(seed)
     pm = peft.get_peft_model(model, config)
     with torch.no_grad():
-        for name, p in pm.named_parameters():
+        for _, p in pm.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.5)
     pm.save_pretrained(str(folder))

@@ -5,7 +5,7 @@ from helpers_models import SPEC, random_batch
 from lol.batch import LoRABatch
 from lol.errors import LoLError, SpecMismatchError
 from lol.lora import ModuleSpec
-from lol.models import MODELS, GLHidden, GLInput, GLNet, InvariantHead, RowGate, build_model
+from lol.models import MODELS, GLHidden, GLInput, InvariantHead, RowGate, build_model
 from lol.models.glnet import unpack_factors
 from lol.symmetry import (assert_gl_equivariant, assert_gl_invariant, gl_invariance_error, one_sided_act)
 
@@ -119,7 +119,7 @@ def test_glnet_layers_are_equivariant(mixed):
     assert assert_gl_equivariant(_lists(lambda U, V, r: hidden(*_packed_input(U, V)), ranks), hb) < 1e-12
     for gate in ("hard", "sigmoid"):
         g = RowGate(gate)
-        assert assert_gl_equivariant(_lists(lambda U, V, r: g(*_packed_input(U, V)), ranks), hb) < 1e-12
+        assert assert_gl_equivariant(_lists(lambda U, V, r, g=g: g(*_packed_input(U, V)), ranks), hb) < 1e-12
     # the gate is not the identity and the entrywise ReLU is not equivariant (sensitivity)
     HU, HV = _packed_input(hb.U, hb.V)
     assert (RowGate("hard")(HU, HV)[0] == 0).any()

@@ -5,7 +5,6 @@ import torch
 
 from helpers_models import synthetic_task
 from lol.checkpoint import load_checkpoint
-from lol.symmetry import gl_invariance_error
 from lol.train import TrainConfig, train
 
 

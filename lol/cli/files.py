@@ -155,7 +155,7 @@ def _read_labels(path: Path):
         raise LoRAFormatError(path, "labels table not found")
     try:
         df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-    except Exception as e:  # pandas raises many types for a bad table
+    except Exception as e:  # noqa: BLE001 -- pandas/pyarrow raise many types for a bad table; all become one line
         raise LoRAFormatError(path, f"cannot read the labels table ({type(e).__name__}: {e})") from None
     key = "id" if "id" in df.columns else "path" if "path" in df.columns else None
     if key is None:

@@ -112,7 +112,7 @@ def _load_weights(folder: Path, shapes_only: bool = False, widen_to: torch.dtype
     if legacy.is_file():
         try:
             sd = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler's errors are many; all mean "not a plain tensor dict"
+        except Exception as e:  # noqa: BLE001 -- the unpickler's errors are many; all mean "not a plain tensor dict"
             raise LoRAFormatError(legacy, f"cannot be read as a plain tensor dict with torch.load(weights_only=True) "
                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

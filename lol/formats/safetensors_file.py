@@ -84,7 +84,7 @@ def open_safetensors(path):
     _precheck(path)
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as e:  # SafetensorError, OSError and the library's other parse errors: all one line
+    except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError and the library's other errors: one line each
         raise _library_error(path, e) from None
 
 
@@ -155,7 +155,7 @@ def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | No
             tensors = {key: f.get_tensor(key) for key in keys}
         except LoRAFormatError:
             raise
-        except Exception as e:  # the library's errors while mapping a tensor (e.g. an unsupported dtype)
+        except Exception as e:  # noqa: BLE001 -- the library's errors while mapping a tensor (e.g. unsupported dtype)
             raise _library_error(path, e) from None
     finite = all(_finite(t) for t in tensors.values())
     if widen_to is not None:

@@ -3,7 +3,6 @@ singular values, O-Aligned factors, SVD canonical form. Each is ``featurizer →
 the model is exactly the symmetry of its featurizer (the standardization and MLP act on invariant features)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..features import ColumnSpace, DenseDelta, FlattenFactors, OAlign, SingularValues, SVDCanonical
