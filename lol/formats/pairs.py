@@ -7,6 +7,7 @@ notation (paper §1) ``U = s · B`` and ``V = Aᵀ`` with the kernel flattened i
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,15 +51,24 @@ _NOT_PLAIN = (  # (substring that must occur, exact pattern, what it is)
 def reject_non_lora(path, keys) -> None:
     """Raise a `LoRAFormatError` that says what the file is if its keys belong to an adapter type whose ΔW is not a
     named ``U Vᵀ`` (LyCORIS, DoRA, OFT/BOFT, (IA)³, VeRA, AdaLoRA without its config, cloneofsimo files)."""
+    found = _non_lora(tuple(keys))
+    if found:
+        what, hit = found
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise LoRAFormatError(path, f"this is {article} {what}, not a plain low-rank (lora_A, lora_B) adapter; "
+                                    f"found e.g. {hit!r}. lol reads plain LoRA only")
+
+
+@lru_cache(maxsize=256)  # the files of one base model share their key set: scanned once
+def _non_lora(keys: tuple[str, ...]) -> tuple[str, str] | None:
     joined = "\n".join(keys)
     for needle, pattern, what in _NOT_PLAIN:
         if needle not in joined:  # a plain substring scan first; keys are only matched one by one on a hit
             continue
         hits = [k for k in keys if pattern.search(k)]
         if hits:
-            article = "an" if what[:1].lower() in "aeiou" else "a"
-            raise LoRAFormatError(path, f"this is {article} {what}, not a plain low-rank (lora_A, lora_B) adapter; "
-                                        f"found e.g. {hits[0]!r}. lol reads plain LoRA only")
+            return what, hits[0]
+    return None
 
 
 def unknown_keys_error(path, keys, fmt: str) -> LoRAFormatError:

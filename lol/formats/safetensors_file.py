@@ -125,10 +125,17 @@ def all_finite_bytes(buf, dtype: torch.dtype) -> bool:
     return not bits.size or int(np.bitwise_and(bits, uint(mask)).max()) != mask
 
 
-def _finite(t: torch.Tensor) -> bool:
-    if t.dtype not in _EXPONENT or not t.numel():
-        return True
-    return all_finite_bytes(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy(), t.dtype)
+def _all_finite(tensors) -> bool:
+    """Every floating tensor finite: one vectorized pass per dtype over all tensors' bytes together."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.dtype in _EXPONENT and t.numel():
+            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    for dtype, ts in by_dtype.items():
+        flat = ts[0] if len(ts) == 1 else torch.cat(ts)
+        if not all_finite_bytes(flat.view(torch.uint8).numpy(), dtype):
+            return False
+    return True
 
 
 def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | None = None) -> Loaded:
@@ -157,7 +164,7 @@ def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | No
             raise
         except Exception as e:  # noqa: BLE001 -- the library's errors while mapping a tensor (e.g. unsupported dtype)
             raise _library_error(path, e) from None
-    finite = all(_finite(t) for t in tensors.values())
+    finite = _all_finite(tensors.values())
     if widen_to is not None:
         tensors = {k: (t.to(widen_to) if _wider(widen_to, t.dtype) else t) for k, t in tensors.items()}
     return Loaded(tensors, meta, finite)
