@@ -6,7 +6,9 @@ import streamlit as st
 from lol.app import nav, warmup
 from lol.app.errors import guard
 
-st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=":material/hub:", layout="wide")
+# the favicon is a local file (served by this server): nothing is fetched from the internet, even offline
+st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=str(nav.REPO / "assets" / "favicon.png"),
+                   layout="wide")
 
 page = st.navigation(nav.pages())
 guard(page.run, what=f"the {page.title} page")  # each page draws the shared sidebar first (lol.app.sidebar.render)

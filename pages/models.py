@@ -2,7 +2,7 @@
 the trained checkpoints with the metrics recorded when they were trained."""
 import streamlit as st
 
-from lol.app import results
+from lol.app import fmt, glossary, results, views
 from lol.app import data as app_data
 from lol.app.sidebar import render
 
@@ -25,22 +25,25 @@ else:
         else:
             wide = results.model_by_task(t.frame)
             shown = results.pretty_columns(wide if wide is not None else t.frame)
-            st.dataframe(shown, width="stretch", height=min(600, 60 + 36 * len(shown)))
-            st.caption(f"From `{t.path}`. Each metric under its own name (R², Spearman ρ, Kendall τ, AUC, TPR@FPR).")
+            st.dataframe(results.mark_best(shown), width="stretch", height=min(600, 60 + 36 * len(shown)),
+                         column_config=views.metric_columns(shown))
+            st.caption(f"From `{t.path}`. Best value of each column in **bold on green** (lowest for errors and "
+                       f"losses). Hover a column header for what its metric means.")
     if found.figures:
         st.subheader("Figures from the notebooks")
-        cols = st.columns(2)
-        for i, fig in enumerate(found.figures):
-            with cols[i % 2]:
-                results.show_figure(fig)
+        figs = results.unique_figures(found.figures)
+        names = [f.name for f in figs]
+        pick = st.selectbox("Figure", names, key="models_figure") if len(names) > 1 else names[0]
+        results.show_figure(figs[names.index(pick)])  # one at a time, at full width
 
 st.subheader("Trained checkpoints")
 rows = results.checkpoint_rows()
 if rows is None or rows.empty:
     st.info(f"No checkpoints under `{app_data.data_root() / 'checkpoints'}` yet.")
 else:
-    num = [c for c in rows.columns if c.startswith("test ")]
-    st.dataframe(rows.style.format({c: "{:.3f}" for c in num}, na_rep=""), hide_index=True, width="stretch")
-    st.caption("Metrics on each checkpoint's test split, as recorded when it was trained (`lol train`).")
+    st.dataframe(fmt.table(rows, digits=3), hide_index=True, width="stretch",
+                 column_config=views.metric_columns(rows))
+    st.caption("Metrics on each checkpoint's test split, as recorded when it was trained (`lol train`). Model kinds: "
+               + "; ".join(f"**{k}**: {v}" for k, v in glossary.KIND_HELP.items() if k in set(rows["model"])))
     if ctx.model is not None:
         st.caption(f"The sidebar's LoL model: **{ctx.model.name}**.")

@@ -29,6 +29,10 @@ def env(model_root, monkeypatch):
     return model_root
 
 
+GLNET = "faces/glnet — clip_score, male, … (4 labels) · GL-net"
+SVALS = "faces/svals — clip_score, male, … (4 labels) · singular-value MLP"
+
+
 def recorded(root, ckpt: str, label: str) -> dict:
     cfg = json.loads((root / "checkpoints" / ckpt / "config.json").read_text())
     return cfg["metrics"]["test"][label]
@@ -40,7 +44,8 @@ def metrics_shown(at) -> list[tuple[str, str]]:
 
 def test_predict_page_metrics_match_training_record_and_compare(env):
     at = run_app()
-    assert widget(at, "selectbox", "LoL model").value == "clip_score · faces/glnet"  # the shipped one first
+    # the shipped one first, named by checkpoint (collection/…), what it predicts and its model family
+    assert widget(at, "selectbox", "LoL model").value == GLNET
     at.switch_page("pages/predict.py")
     at.run()
     assert_clean(at)
@@ -53,11 +58,11 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
     assert shown["LoRAs"] == "8"  # the test split of the 40-LoRA collection
 
     # change the model in the sidebar, then compare two models side by side
-    widget(at, "selectbox", "LoL model").select("faces/svals").run()
+    widget(at, "selectbox", "LoL model").select(SVALS).run()
     assert_clean(at)
     rec = recorded(env, "faces/svals", "clip_score")
     assert float(dict(metrics_shown(at))["R²"]) == pytest.approx(rec["r2"], abs=1.5e-3)
-    widget(at, "selectbox", "Compare with").select("clip_score · faces/glnet").run()
+    widget(at, "selectbox", "Compare with").select(GLNET).run()
     assert_clean(at)
     r2s = [float(v) for k, v in metrics_shown(at) if k == "R²"]
     assert len(r2s) == 2
@@ -66,9 +71,9 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
     # attribute predictions vs truth: one AUC row per model and attribute
     attr = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
     assert sorted(attr["attribute"].unique()) == ["hair_colour", "male", "young"] and len(attr) == 6
-    auc = attr[(attr["model"] == "faces/svals") & (attr["attribute"] == "male")]["AUC"].iloc[0]
+    auc = attr[(attr["model"] == SVALS) & (attr["attribute"] == "male")]["AUC"].iloc[0]
     assert auc == pytest.approx(recorded(env, "faces/svals", "male")["auc"], abs=1e-6)
-    acc = attr[(attr["model"] == "faces/svals") & (attr["attribute"] == "hair_colour")]["accuracy"].iloc[0]
+    acc = attr[(attr["model"] == SVALS) & (attr["attribute"] == "hair_colour")]["accuracy"].iloc[0]
     assert acc == pytest.approx(recorded(env, "faces/svals", "hair_colour")["accuracy"], abs=1e-6)
 
 
@@ -130,7 +135,8 @@ def test_membership_page_roc_threshold_counts(env):
 def test_language_models_page(env):
     at = run_app("pages/language_models.py")
     assert_clean(at)
-    assert widget(at, "selectbox", "LoL model for the LM collection").value == "challenge_accuracy · lm/svals"
+    assert widget(at, "selectbox", "LoL model for the LM collection").value == \
+        "lm/svals — challenge_accuracy, eval_loss, … (7 labels) · singular-value MLP"
     r2s = [float(v) for k, v in metrics_shown(at) if k == "R²"]
     assert r2s == pytest.approx([recorded(env, "lm/svals", "challenge_accuracy")["r2"],
                                  recorded(env, "lm/svals", "eval_loss")["r2"]], abs=1.5e-3)

@@ -170,7 +170,7 @@ def _visit_all(page, url, t_start, timings) -> float:
         timings[title] = [_goto(page, title)]
         _no_errors(page, title)
         if name == "predict":
-            _select(page, "Compare with", "faces/svals")
+            _select(page, "Compare with", "faces/svals — clip_score, male, … (4 labels) · singular-value MLP")
             page.get_by_text("R²", exact=True).nth(1).wait_for(timeout=60_000)  # a second model's panel
             _idle(page)
         elif name == "embeddings":

@@ -27,4 +27,4 @@ def number(v, digits: int = 4) -> str:
 def table(df: pd.DataFrame, digits: int = 4):
     """A Styler of ``df`` with `number` applied to every float column and empty cells for missing values."""
     floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
-    return df.style.format({c: (lambda v, d=digits: number(v, d)) for c in floats}, na_rep="")
+    return df.style.format(na_rep="").format({c: (lambda v, d=digits: number(v, d)) for c in floats}, na_rep="")

@@ -11,7 +11,7 @@ import pandas as pd
 from . import data as app_data
 
 __all__ = ["Table", "Figure", "Outputs", "output_dirs", "find_outputs", "model_by_task", "pretty_columns",
-           "show_figure", "checkpoint_rows", "METRIC_NAMES"]
+           "show_figure", "checkpoint_rows", "METRIC_NAMES", "mark_best", "unique_figures"]
 
 _TABLE_SUFFIXES = {".csv", ".parquet", ".json"}
 _FIG_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
@@ -112,6 +112,32 @@ def pretty_columns(df: pd.DataFrame) -> pd.DataFrame:
         return f"{head}{sep}{METRIC_NAMES.get(tail, tail)}" if sep else METRIC_NAMES.get(str(c), c)
 
     return df.rename(columns=name)
+
+
+def mark_best(df: pd.DataFrame):
+    """A Styler with numbers formatted (`lol.app.fmt`) and the best value of every numeric column in bold on
+    green: the highest, or the lowest for errors and losses (MAE, loss)."""
+    from .fmt import table
+    from .glossary import LOWER_IS_BETTER
+
+    sty = table(df)
+    for c in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[c]) or df[c].notna().sum() < 2:
+            continue
+        low = any(w.lower() in str(c).lower() for w in LOWER_IS_BETTER)
+        best = df[c].min() if low else df[c].max()
+        sty = sty.apply(lambda s, b=best: ["font-weight: bold; background-color: #d7f0d7" if v == b else ""
+                                           for v in s], subset=[c])
+    return sty
+
+
+def unique_figures(figs: list[Figure]) -> list[Figure]:
+    """One figure per name: an interactive plotly version wins over a PNG/SVG export of the same figure."""
+    by_name: dict[str, Figure] = {}
+    for f in figs:
+        if f.name not in by_name or (f.kind == "plotly" and by_name[f.name].kind != "plotly"):
+            by_name[f.name] = f
+    return list(by_name.values())
 
 
 def show_figure(fig: Figure) -> None:

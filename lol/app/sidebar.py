@@ -27,6 +27,7 @@ class ModelChoice:
     name: str          # shown in the sidebar, e.g. "clip_score · glnet"
     path: str          # checkpoint folder
     label: str | None  # the label it was trained for, when known
+    kind: str | None = None  # model kind (lol.models)
 
 
 @dataclass
@@ -138,8 +139,12 @@ def _render() -> AppContext:
         if st.session_state.get("model_choice") not in names:
             st.session_state["model_choice"] = names[0]
         pick = sb.selectbox("LoL model", names, key="model_choice", label_visibility="collapsed",
-                            help="Trained checkpoints whose modules and labels fit the chosen collection.")
+                            help="Trained checkpoints whose modules and labels fit the chosen collection: "
+                                 "checkpoint — what it predicts · model family.")
         ctx.model = fitting[names.index(pick)]
+        from .glossary import kind_help
+
+        sb.caption(kind_help(ctx.model.kind))
     elif ctx.models:
         sb.caption("None of the trained checkpoints fits this collection (other modules or labels).")
     else:
@@ -172,13 +177,12 @@ def _models() -> list[ModelChoice]:
         except ValueError:
             rel = d.name
         label = by_path.get(str(d))
+        from .glossary import model_name
         from .preds import checkpoint_info
 
-        kind = checkpoint_info(str(d)).get("kind")
-        name = f"{label} · {rel}" if label and label not in rel else rel
-        if kind and kind not in name:
-            name = f"{name} ({kind})"
-        out.append(ModelChoice(name=name, path=str(d), label=label))
+        info = checkpoint_info(str(d))
+        out.append(ModelChoice(name=model_name(rel, info.get("labels") or [], info.get("kind")), path=str(d),
+                               label=label, kind=info.get("kind")))
     # shipped (indexed) models first
     return sorted(out, key=lambda m: (m.label is None, m.name))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from . import cache, nav, plots
+from . import cache, fmt, nav, plots
+from .glossary import metric_help
 from . import data as app_data
 from .errors import plain
 
@@ -77,8 +78,7 @@ def lora_detail(ctx, index: int, lora_id: str, df: pd.DataFrame) -> None:
     c3.metric("‖ΔW‖_F summed over modules", f"{table['‖ΔW‖_F'].sum():.4g}")
     left, right = st.columns([1, 1])
     with left:
-        st.dataframe(table.style.format({"alpha α": "{:.3g}", "scale s": "{:.3g}", "‖ΔW‖_F": "{:.4g}",
-                                         "σ₁(ΔW)": "{:.4g}"}), hide_index=True, height=380, width="stretch")
+        st.dataframe(fmt.table(table), hide_index=True, height=380, width="stretch")
     with right:
         st.plotly_chart(plots.spectra(svals), width="stretch", key=f"spectra_{lora_id}")
     st.caption("‖ΔW‖_F and the singular values σᵢ(ΔW) are computed from the factors (QR of U and V, r×r core), "
@@ -164,10 +164,10 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
     y, p = m[label].to_numpy(float), m[f"{label}{PRED}"].to_numpy(float)
     st.markdown(f"**{model_name}**")
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric("R²", f"{r2(y, p):.3f}")
-    c2.metric("Spearman ρ", f"{spearman(y, p):.3f}")
-    c3.metric("Kendall τ", f"{kendall(y, p):.3f}")
-    c4.metric("LoRAs", len(m))
+    c1.metric("R²", f"{r2(y, p):.3f}", help=metric_help("R²"))
+    c2.metric("Spearman ρ", f"{spearman(y, p):.3f}", help=metric_help("Spearman ρ"))
+    c3.metric("Kendall τ", f"{kendall(y, p):.3f}", help=metric_help("Kendall τ"))
+    c4.metric("LoRAs", len(m), help=metric_help("LoRAs"))
     hover = [c for c in ("group",) if c in m.columns]
     fig = plots.pred_vs_true(m.rename(columns={f"{label}{PRED}": "predicted"}), label, "predicted", name=model_name,
                              hover=hover, color=color)
@@ -204,12 +204,10 @@ def attribute_panel(frames: dict, df: pd.DataFrame, labels: list[str], categorie
             ok = m[lab].notna().to_numpy()
             r = category_metrics(m[lab].to_numpy(object)[ok], m[f"{lab}{PRED}"].to_numpy(object)[ok])
             rows.append({"model": name, "attribute": lab, "AUC": float("nan"), "accuracy @0.5": r["accuracy"],
-                         "balanced accuracy": r["balanced_accuracy"], "positives": None, "LoRAs": int(ok.sum())})
+                         "balanced accuracy": r["balanced_accuracy"], "positives": float("nan"), "LoRAs": int(ok.sum())})
     if rows:
-        st.dataframe(pd.DataFrame(rows).rename(columns={"accuracy @0.5": "accuracy"}).style.format(
-            {"AUC": "{:.3f}", "accuracy": "{:.3f}", "balanced accuracy": "{:.3f}", "positives": "{:.0f}"},
-            na_rep="n/a"),
-            hide_index=True, width="stretch")
+        table = pd.DataFrame(rows).rename(columns={"accuracy @0.5": "accuracy"})
+        st.dataframe(fmt.table(table, digits=3), hide_index=True, width="stretch", column_config=metric_columns(table))
         st.caption("Binary attributes: accuracy at probability 0.5; category labels (e.g. hair colour): accuracy of "
                    "the most likely class.")
     if not labels:
@@ -323,8 +321,7 @@ def membership_section(ctx, coll, tasks: dict, key: str) -> None:
     except ValueError as e:
         st.info(f"No ROC curve: {e}")
     table = pd.DataFrame([pooled] + rows)
-    st.dataframe(table.style.format({"AUC": "{:.3f}", "TPR @ 1% FPR": "{:.3f}", "TPR @ 0.1% FPR": "{:.3f}"},
-                                    na_rep="n/a"), hide_index=True, width="stretch")
+    st.dataframe(fmt.table(table, digits=3), hide_index=True, width="stretch", column_config=metric_columns(table))
     st.caption("TPR at a low FPR needs many negatives: with fewer than 100 (1000) negatives, TPR @ 1% (0.1%) FPR is "
                "the TPR at zero false positives.")
 
@@ -356,3 +353,8 @@ def lm_context(ctx):
         return None
     return replace(ctx, source="lm (shipped)", path=str(Path(shipped)), key=key, kind="shipped", collection=coll,
                    problem=None)
+
+
+def metric_columns(table: pd.DataFrame) -> dict:
+    """``st.dataframe`` column_config giving every metric column its explanation as a header tooltip."""
+    return {c: st.column_config.Column(help=metric_help(str(c))) for c in table.columns if metric_help(str(c))}
