@@ -15,7 +15,7 @@ import pandas as pd
 from . import metrics as M
 
 __all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "rank_generalization_plot", "speed_plot",
-           "umap_panel", "results_bar", "save", "scatter_pred_actual_plotly"]
+           "umap_panel", "results_bar", "r2_vs_ceiling", "save", "scatter_pred_actual_plotly"]
 
 
 def _plt():
@@ -213,6 +213,30 @@ def results_bar(summary: pd.DataFrame, metric_by_kind: Mapping[str, str] | None 
         ax.set_title(f"{coll}/{task}", fontsize=9)
         ax.set_ylabel(f"test {metric}")
     fig.suptitle("test score, mean ± std over seeds (blue: GL-invariant)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def r2_vs_ceiling(summary: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping[str, float]]):
+    """Each model's test R² (mean ± std over seeds) on every regression task that has a measured reliability, with
+    the ceiling that label noise puts on any model (test–retest r, `lol.reliability`) as a dashed line."""
+    from .experiments import MODEL_KINDS
+
+    tasks = [t for t in dict.fromkeys(zip(summary.collection, summary.task)) if t in ceilings]
+    fig, axes = _grid(max(1, len(tasks)), size=(4.2, 3.2), ncols=3)
+    for ax, (coll, task) in zip(axes, tasks):
+        g = summary[(summary.collection == coll) & (summary.task == task) & (summary.metric == "r2")]
+        g = g.set_index("model").reindex([m for m in MODEL_KINDS if m in set(g.model)])
+        colors = ["tab:blue" if inv else "tab:gray" for inv in g.gl_invariant]
+        ax.bar(range(len(g)), g["mean"], yerr=g["std"].fillna(0), color=colors, capsize=2)
+        c = ceilings[(coll, task)]["r2_ceiling"]
+        ax.axhline(c, color="tab:red", ls="--", lw=1.2, label=f"ceiling (test–retest r) {c:.3f}")
+        ax.set_xticks(range(len(g)), g.index, rotation=60, fontsize=7)
+        ax.set_ylim(min(0.0, float(np.nanmin(g["mean"])) if len(g) else 0.0), 1.0)
+        ax.set_title(f"{coll}/{task}", fontsize=9)
+        ax.set_ylabel("test R²")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("test R² against the label-noise ceiling (blue: GL-invariant)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["retest_reliability", "vote_ambiguity", "label_reliability"]
+__all__ = ["retest_reliability", "vote_ambiguity", "label_reliability", "task_ceilings"]
 
 
 def retest_reliability(first, second) -> dict[str, float]:
@@ -76,4 +76,17 @@ def label_reliability(table, labels: Mapping[str, Mapping[str, Any]]) -> dict[st
             out[name] = {"kind": kind, "method": "vote", "vote": vote, **vote_ambiguity(table[vote])}
         elif info.get("exact"):
             out[name] = {"kind": kind, "method": "exact", "n": int(len(table)), "ambiguous": 0.0}
+    return out
+
+
+def task_ceilings(collections: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(collection, task): reliability figures}`` for every single-label regression task whose label was measured
+    twice (``collections``: name → `lol.collection.Collection`). ``r2_ceiling`` is what the results notebook draws
+    each model's test R² against."""
+    out = {}
+    for name, coll in collections.items():
+        rel = label_reliability(coll.table, coll.labels)
+        for task, labels in coll.tasks.items():
+            if len(labels) == 1 and labels[0] in rel and rel[labels[0]]["method"] == "retest":
+                out[(name, task)] = rel[labels[0]]
     return out

@@ -53,3 +53,29 @@ def test_label_reliability_reads_the_schema():
     assert rel["score"]["n"] == 100 and rel["score"]["r"] > 0.95
     assert rel["male"]["method"] == "vote" and 0.1 < rel["male"]["ambiguous"] < 0.3
     assert rel["src"] == {"kind": "binary", "method": "exact", "n": 200, "ambiguous": 0.0}
+
+
+def test_task_ceilings_and_the_figure_that_draws_r2_against_them():
+    from types import SimpleNamespace
+
+    from lol.figures import r2_vs_ceiling
+    from lol.reliability import task_ceilings
+
+    rng = np.random.default_rng(2)
+    t = rng.normal(size=300)
+    coll = SimpleNamespace(
+        table=pd.DataFrame({"acc": t + 0.5 * rng.normal(size=300), "acc_retest": t + 0.5 * rng.normal(size=300),
+                            "loss": rng.normal(size=300), "src": rng.integers(0, 2, 300)}),
+        labels={"acc": {"kind": "regression", "retest": "acc_retest"}, "loss": {"kind": "regression"},
+                "src": {"kind": "binary", "exact": True}},
+        tasks={"acc": ["acc"], "loss": ["loss"], "membership": ["src"]})
+    ceil = task_ceilings({"lm": coll})
+    assert set(ceil) == {("lm", "acc")} and ceil[("lm", "acc")]["r2_ceiling"] == pytest.approx(0.8, abs=0.06)
+    summary = pd.DataFrame({"collection": "lm", "task": "acc", "model": ["glnet", "glnet", "mlp", "mlp"],
+                            "gl_invariant": [True, True, False, False], "metric": ["r2", "kendall"] * 2,
+                            "mean": [0.7, 0.5, 0.2, 0.1], "std": [0.02, 0.01, 0.05, 0.04]})
+    fig = r2_vs_ceiling(summary, ceil)
+    ax = fig.axes[0]
+    assert [round(p.get_height(), 3) for p in ax.patches] == [0.2, 0.7]   # registry order: mlp first, glnet last
+    dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(ceil[("lm", "acc")]["r2_ceiling"])
