@@ -12,4 +12,4 @@ st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=st
 
 page = st.navigation(nav.pages())
 guard(page.run, what=f"the {page.title} page")  # each page draws the shared sidebar first (lol.app.sidebar.render)
-warmup.start()  # after the first page is drawn: compile UMAP in the background
+warmup.start()  # once per server (`python -m lol.app.serve` starts it before the first visit): fill every cache

@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from lol.app import cache, nav, plots, views
+from lol.app import nav, plots, views
 from lol.app.sidebar import render
 
 ctx = render()  # the shared sidebar: collection, device, LoL model

@@ -1,6 +1,5 @@
 """Embeddings: a UMAP map of GL-invariant embeddings of the collection, coloured by any column; a click opens the
 LoRA. The note at the bottom shows why: raw factors move under a GL transform, invariant features do not."""
-import numpy as np
 import streamlit as st
 
 from lol.app import cache, nav, plots, preds, views

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import app_support
-from test_app_pages import assert_clean, markdown_text, run_app, widget
+from test_app_pages import assert_clean, run_app, widget
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 and the main interactions behave (choose a LoRA, change the colour or a model, upload a bad file, missing data)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import app_support
 
@@ -234,3 +232,19 @@ def test_language_models_page_finds_lm_collection(env):
     assert_clean(at)
     assert "lm (shipped)" in markdown_text(at) or any("lm" in c.value for c in at.caption)
     widget(at, "selectbox", "Label")
+
+
+def test_state_is_in_the_url_and_a_prepared_url_opens_that_view(env):
+    from streamlit.testing.v1 import AppTest
+
+    at = run_app()
+    widget(at, "selectbox", "LoRA").select("faces-017").run()
+    assert at.query_params["collection"] == "faces" and at.query_params["lora"] == "faces-017"
+    # a bookmarked address opens the lm collection with its LoRA chosen, on the page in its path
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["collection"] = "lm"
+    at.query_params["lora"] = "lm-012"
+    at.run()
+    assert_clean(at)
+    assert widget(at, "selectbox", "Collection").value == "lm (shipped)"
+    assert widget(at, "selectbox", "LoRA").value == "lm-012"

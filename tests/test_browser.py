@@ -127,7 +127,7 @@ def _goto(page, title):
     return time.perf_counter() - t
 
 
-def test_every_page_in_a_real_browser(server):
+def test_every_page_in_a_real_browser(server, data_root, tmp_path):
     chromium = _chromium()
     if chromium is None:
         pytest.skip("chromium is not installed (Debian package `chromium`; scripts/system-deps installs it)")
@@ -138,9 +138,9 @@ def test_every_page_in_a_real_browser(server):
     timings: dict[str, list[float]] = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 2000})
+        page = browser.new_page(viewport={"width": 1280, "height": 720})  # a projector; screenshots at this size
         try:
-            first_page = _visit_all(page, url, t_start, timings)
+            first_page = _visit_all(page, url, t_start, timings, data_root, tmp_path)
         except Exception:
             page.screenshot(path=str(SHOTS / "failure.png"))  # what was on screen when it failed
             raise
@@ -148,7 +148,7 @@ def test_every_page_in_a_real_browser(server):
     _report(first_page, timings)
 
 
-def _visit_all(page, url, t_start, timings) -> float:
+def _visit_all(page, url, t_start, timings, data_root, tmp) -> float:
     """Every page with one interaction each, then every page again; returns server start → first page (s)."""
     page.goto(url)
     _title(page, "Collection", timeout=120_000)
@@ -173,11 +173,27 @@ def _visit_all(page, url, t_start, timings) -> float:
             _select(page, "Compare with", "faces/svals — clip_score, male, … (4 labels) · singular-value MLP")
             page.get_by_text("R²", exact=True).nth(1).wait_for(timeout=60_000)  # a second model's panel
             _idle(page)
+            # upload: one LoRA for this base gets predictions and nearest LoRAs, a pickle is explained in words
+            good, pickled = tmp / "mine.safetensors", tmp / "model.bin"
+            from lol.collection import open_collection
+            from lol.formats import save_diffusers
+
+            save_diffusers(open_collection(data_root / "collections" / "faces").lora(3), good)
+            pickled.write_bytes(b"PK\x03\x04")
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').last.set_input_files([str(good), str(pickled)])
+            page.get_by_text("Nearest LoRAs in the faces collection").first.wait_for(timeout=60_000)
+            page.get_by_text("model.bin: a pickled checkpoint (.bin) is not read").first.wait_for(timeout=10_000)
+            _idle(page)
+            page.screenshot(path=str(SHOTS / "predict_upload.png"))
+            page.locator('[data-testid="stFileUploaderDeleteBtn"] button').first.click()  # the pickle's message
+            page.locator('[data-testid="stFileUploaderDeleteBtn"] button').first.click()  # goes with the files
+            _idle(page)
         elif name == "embeddings":
             _select(page, "Colour by", "male")
             _idle(page)
             page.get_by_text("male = True").first.wait_for(timeout=30_000)
         elif name == "generate":
+            page.get_by_role("button", name="Settings").click()  # seeds, steps, guidance, strength: a popover
             page.get_by_role("textbox", name="Seeds", exact=True).fill("42, 43")
             page.keyboard.press("Enter")
             _idle(page)
@@ -187,13 +203,15 @@ def _visit_all(page, url, t_start, timings) -> float:
             for _ in range(3):
                 page.keyboard.press("ArrowRight")
             _idle(page)
-            page.get_by_role("button", name="Generate").click()
+            page.keyboard.press("Escape")  # close the popover
+            page.get_by_role("button", name="Generate", exact=True).click()
             _idle(page, timeout=180_000)
             page.get_by_text("Done in").first.wait_for(timeout=60_000)
             page.get_by_text("4 steps").first.wait_for(timeout=10_000)
             images = page.locator('[data-testid="stImage"]')
-            images.nth(3).wait_for(timeout=60_000)  # the grid renders after the progress text
-            assert images.count() == 4
+            images.nth(5).wait_for(timeout=60_000)  # the grid renders after the progress text
+            assert images.count() == 6  # 2 seeds × (base | LoRA | difference): no finetuning images recorded here
+            page.get_by_role("button", name="PNG of the grid").wait_for(timeout=10_000)
         elif name == "membership":
             _select(page, "Collection", "lm (shipped)")
             _idle(page)

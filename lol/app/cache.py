@@ -67,12 +67,9 @@ def collection_table(path: str, key: str) -> pd.DataFrame:
     """The collection's table (id, group, split, labels, hyperparameters) plus per-LoRA rank summary columns."""
     coll = collection(path, key)
     df = coll.table.copy()
-    try:
-        ranks = np.asarray(coll.ranks)
-        if ranks.ndim == 2 and len(ranks) == len(df):
-            df["rank"] = ranks.max(axis=1)
-    except Exception:  # ranks are a summary only; the table stands without them
-        pass
+    ranks = np.asarray(coll.ranks)
+    if ranks.ndim == 2 and len(ranks) == len(df) and "rank" not in df.columns:
+        df["rank"] = ranks.max(axis=1)
     return df
 
 
@@ -204,7 +201,6 @@ def checkpoint(path: str, device: str):
 def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> pd.DataFrame:
     """``Checkpoint.predict_batch`` over every LoRA of a collection (in chunks): ``id`` plus one column per label
     (regression in its units, binary as probability, category as class), in table order."""
-    import torch
 
     ck = checkpoint(ckpt_path, device)
     coll = collection(coll_path, coll_key)

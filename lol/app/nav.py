@@ -39,6 +39,11 @@ def chosen_lora(ids) -> str | None:
     return v if v is not None and v in set(map(str, ids)) else None
 
 
+def current_lora() -> str | None:
+    """The LoRA chosen on any page so far (None before any choice)."""
+    return st.session_state.get(_KEY)
+
+
 def set_chosen(lora_id: str) -> None:
     st.session_state[_KEY] = str(lora_id)
 

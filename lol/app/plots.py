@@ -73,7 +73,7 @@ def _is_categorical(s: pd.Series) -> bool:
 def _hover(df: pd.DataFrame, id_col: str, extra: Sequence[str]) -> tuple[np.ndarray, str]:
     cols = [id_col] + [c for c in extra if c in df.columns and c != id_col]
     custom = df[cols].astype(object).to_numpy()
-    lines = [f"<b>%{{customdata[0]}}</b>"] + [f"{c}: %{{customdata[{i}]}}" for i, c in enumerate(cols) if i]
+    lines = ["<b>%{customdata[0]}</b>"] + [f"{c}: %{{customdata[{i}]}}" for i, c in enumerate(cols) if i]
     return custom, "<br>".join(lines)
 
 

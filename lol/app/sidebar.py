@@ -84,6 +84,7 @@ def _render() -> AppContext:
     for k in _KEEP:
         if k in st.session_state:
             st.session_state[k] = st.session_state[k]
+    url = _from_url()  # a prepared view: ?collection=lm&model=lm/membership&lora=lm-00012 on the first run
     ctx = AppContext()
     sb = st.sidebar
     sb.markdown("### Collection")
@@ -92,6 +93,8 @@ def _render() -> AppContext:
 
     roots = server_roots()
     options = [f"{n} (shipped)" for n in shipped] + ([_SERVER] if roots else []) + [_UPLOAD]
+    if url.get("collection") and f"{url['collection']} (shipped)" in options:
+        st.session_state["collection_choice"] = f"{url['collection']} (shipped)"
     if st.session_state.get("collection_choice") not in options:
         st.session_state.pop("collection_choice", None)
     choice = sb.selectbox("Collection", options, key="collection_choice", label_visibility="collapsed",
@@ -136,6 +139,9 @@ def _render() -> AppContext:
         fitting = compatible_models(ctx, ctx.collection)
     if fitting:
         names = [m.name for m in fitting]
+        wanted = [n for n in names if url.get("model") and n.startswith(f"{url['model']} — ")]
+        if wanted:
+            st.session_state["model_choice"] = wanted[0]
         if st.session_state.get("model_choice") not in names:
             st.session_state["model_choice"] = names[0]
         pick = sb.selectbox("LoL model", names, key="model_choice", label_visibility="collapsed",
@@ -151,7 +157,44 @@ def _render() -> AppContext:
         sb.caption(f"No trained checkpoints under `{app_data.data_root() / 'checkpoints'}` yet "
                    f"(train them with `lol train` or the notebooks).")
     st.session_state["_lol_ctx"] = ctx
+    to_url(ctx)
     return ctx
+
+
+_URL_READ = "_lol_url_read"
+
+
+def _from_url() -> dict:
+    """The query parameters of the page's address, read once per browser session (later choices win)."""
+    if st.session_state.get(_URL_READ):
+        return {}
+    st.session_state[_URL_READ] = True
+    q = {k: st.query_params.get(k) for k in ("collection", "model", "lora")}
+    if q.get("lora"):
+        from .nav import set_chosen
+
+        set_chosen(q["lora"])
+    return {k: v for k, v in q.items() if v}
+
+
+def to_url(ctx: AppContext) -> None:
+    """Write the current choice into the address bar (collection, model, LoRA; the page is its path), so the view
+    can be bookmarked or opened prepared at a talk."""
+    from .nav import current_lora
+
+    want = {}
+    if ctx.kind == "shipped" and ctx.source:
+        want["collection"] = ctx.source
+    if ctx.model is not None:
+        want["model"] = ctx.model.name.split(" — ", 1)[0]
+    lora = current_lora()
+    if lora and ctx.collection is not None:
+        want["lora"] = str(lora)
+    for k in ("collection", "model", "lora"):
+        if k in want and st.query_params.get(k) != want[k]:
+            st.query_params[k] = want[k]
+        elif k not in want and k in st.query_params:
+            del st.query_params[k]
 
 
 def _shipped() -> dict[str, Path]:

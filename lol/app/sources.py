@@ -173,8 +173,8 @@ def pack_uploads(uploaded: list, dest) -> tuple[Path | None, list[str], list[str
                                f"its own" if u.base is not None else
                                f"its modules differ from {where} (the other uploads); upload it on its own")
               for g in groups.values() if g is not best for u in g]
-    notes = [] if base is not None else [f"The uploads fit none of the shipped base models: they can be inspected, "
-                                         f"not predicted or generated with."]
+    notes = [] if base is not None else ["The uploads fit none of the shipped base models: they can be inspected, "
+                                         "not predicted or generated with."]
     rows = [{"id": u.name, "format": u.lora.format, "modules": len(u.lora)} for u in best]
     loras = [u.lora for u in best]
     base_model = json.dumps({k: str(p) for k, p in base.models.items()}) if base is not None and base.models \

@@ -1,18 +1,33 @@
-"""Background warm-up: UMAP's first fit in a process spends 10–20 s compiling (numba JIT). After the first page has
-been drawn, one daemon thread per server process imports umap and fits a tiny random set, so the Embeddings page is
-quick on its first visit too. ``LOL_APP_WARMUP=0`` turns it off."""
+"""Background warm-up, so that no page's first visit stalls a talk. Started once per server process (app.py calls
+`start` at the top of every run; only the first call starts the thread), it fills the same caches the pages read,
+with the same keys, most-visited first:
+
+1. UMAP's numba compilation (10–20 s on its first fit in a process);
+2. for every shipped collection (the sidebar's default first): the collection and its table, every fitting
+   checkpoint's predictions and embedding, the invariant features, and the UMAP maps the Embeddings page draws
+   by default (persisted under the app cache, so a restarted server reads them from disk);
+3. the Stable Diffusion pipeline and CLIP scorer of the first image collection, so the first Generate click
+   does not load them.
+
+``LOL_APP_WARMUP=0`` turns it off (the tests do). Failures are logged and skipped: warming is an optimisation,
+and the page that needs the object reports the problem itself.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 
-__all__ = ["start", "done"]
+__all__ = ["start", "done", "timings"]
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _done = threading.Event()
+_timings: dict[str, float] = {}
 log = logging.getLogger("lol.app")
+
+UMAP_DEFAULTS = dict(n_neighbors=15, min_dist=0.1)  # the Embeddings page's default sliders
 
 
 def start() -> None:
@@ -29,18 +44,90 @@ def done() -> bool:
     return _done.is_set()
 
 
+def timings() -> dict[str, float]:
+    """Seconds each warm-up step took (for the server log and the tests)."""
+    return dict(_timings)
+
+
+def _step(name: str, fn, *args) -> object:
+    t = time.perf_counter()
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 — an optimisation only: the page reports the problem when it needs it
+        log.warning("warm-up step %s failed: %s", name, e)
+        return None
+    finally:
+        _timings[name] = time.perf_counter() - t
+
+
+def _umap_compile() -> None:
+    import warnings
+
+    import numpy as np
+    import umap
+
+    x = np.random.default_rng(0).normal(size=(32, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        umap.UMAP(n_neighbors=5, init="random", random_state=0).fit_transform(x)
+
+
+def _collection(name: str, path, device: str, models: list) -> None:
+    from . import cache
+    from .preds import checkpoint_info
+
+    p, key = str(path), cache.path_key(path)
+    coll = cache.collection(p, key)
+    cache.collection_table(p, key)
+    fp = getattr(coll, "fingerprint", key)
+    fitting = []
+    for m in models:
+        info = checkpoint_info(str(m))
+        if not info.get("error") and info.get("spec") and tuple(info["spec"]["names"]) == tuple(coll.spec.names):
+            fitting.append(str(m))
+    for ck in fitting:
+        _step(f"{name}: predictions {ck}", cache.predictions, ck, device, p, key)
+    for kind in ("svals", "canon"):
+        feats = _step(f"{name}: {kind} features", cache.invariant_features, p, key, kind)
+        if feats is not None:
+            _step(f"{name}: {kind} map", cache.umap_xy, feats, f"{fp}:{kind}:", *UMAP_DEFAULTS.values())
+    for ck in fitting:
+        emb = _step(f"{name}: embedding {ck}", cache.model_embeddings, ck, device, p, key)
+        if emb is not None:
+            _step(f"{name}: model map {ck}", cache.umap_xy, emb, f"{fp}:model:{ck}", *UMAP_DEFAULTS.values())
+
+
+def _generation(device: str) -> None:
+    from .. import catalog
+    from . import cache
+    from . import data as app_data
+
+    for path in app_data.shipped_collections().values():
+        coll = cache.collection(str(path), cache.path_key(path))
+        sd = catalog.model_folder(coll, "sd", cache.shipped_bases(), app_data.data_root())
+        if sd is None:
+            continue
+        _step("pipeline", cache.pipeline, str(sd), device)
+        clip = catalog.model_folder(coll, "clip", cache.shipped_bases(), app_data.data_root())
+        if clip is not None:
+            _step("clip scorer", cache.clip_scorer, str(clip), device)
+        return
+
+
 def _warm() -> None:
     try:
-        import warnings
+        from . import data as app_data
 
-        import numpy as np
-        import umap
-
-        x = np.random.default_rng(0).normal(size=(32, 8))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            umap.UMAP(n_neighbors=5, init="random", random_state=0).fit_transform(x)
-    except Exception as e:  # noqa: BLE001 — warm-up is an optimisation only
-        log.warning("UMAP warm-up failed: %s", e)
+        device = app_data.default_device()
+        _step("umap compile", _umap_compile)
+        models = app_data.checkpoint_dirs()
+        shipped = app_data.shipped_collections()
+        first = next(iter(shipped.items()), None)
+        if first is not None:  # the landing collection first, then the pipeline, then the others
+            _step(f"{first[0]}", _collection, first[0], first[1], device, models)
+        _step("generation", _generation, device)
+        for name, path in list(shipped.items())[1:]:
+            _step(name, _collection, name, path, device, models)
+        log.info("warm-up done: %s", {k: round(v, 1) for k, v in _timings.items()})
     finally:
         _done.set()
