@@ -10,6 +10,8 @@ from lol.app.errors import guard
 st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=str(nav.REPO / "assets" / "favicon.png"),
                    layout="wide")
 
+# a projector is 1280×720: less empty space above the title (streamlit's default top padding is 6rem)
+st.html("<style>.stMainBlockContainer, .block-container {padding-top: 2rem;}</style>")
 page = st.navigation(nav.pages())
 guard(page.run, what=f"the {page.title} page")  # each page draws the shared sidebar first (lol.app.sidebar.render)
 warmup.start()  # once per server (`python -m lol.app.serve` starts it before the first visit): fill every cache

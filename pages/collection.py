@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from lol.app import nav, plots, views
+from lol.app import fmt, nav, plots, views
 from lol.app.sidebar import render
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
@@ -38,7 +38,7 @@ if ctx.require_collection():
             view = view[view[filt_col].between(*rng)]
     st.markdown(f"**{len(view)}** of {len(df)} LoRAs shown · select a row to open its detail view")
     event = st.dataframe(view, key="coll_table", on_select="rerun", selection_mode="single-row",
-                         hide_index=True, height=300, width="stretch")
+                         hide_index=True, height=300, width="stretch", column_config=fmt.number_columns(view))
     rows = event.selection.rows if event and hasattr(event, "selection") else []
     if rows and rows[0] < len(view):
         nav.choose_once("coll_table", str(view.iloc[rows[0]]["id"]))

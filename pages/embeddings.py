@@ -4,6 +4,7 @@ import streamlit as st
 
 from lol.app import cache, nav, plots, preds, views
 from lol.app.errors import plain
+from lol.errors import LoLError
 from lol.app.sidebar import render
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
@@ -28,7 +29,7 @@ if ctx.require_collection():
             feats = preds.embeddings(ctx)
         else:
             feats = cache.invariant_features(ctx.path, ctx.key, kind)
-    except Exception as e:  # noqa: BLE001 — e.g. a model trained for another base model
+    except LoLError as e:  # e.g. a model trained for another base model
         st.error(f"Could not compute the embedding: {plain(e)}")
 
     if feats is not None:

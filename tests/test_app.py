@@ -274,3 +274,56 @@ def test_pretty_columns_use_true_metric_names():
                        "lm/membership · tpr_at_1pct_fpr": ["0.2"]})
     assert list(results.pretty_columns(df).columns) == ["model", "faces/clip_score · R²", "lm/membership · AUC",
                                                         "lm/membership · TPR @ 1% FPR"]
+
+
+def test_error_boundary_shows_lol_errors_plainly_and_lets_bugs_through():
+    from streamlit.testing.v1 import AppTest
+
+    def script():
+        import streamlit as st
+
+        from lol.app.errors import guard
+        from lol.errors import CollectionError
+
+        def bad_file():
+            raise CollectionError("/data/x: not a collection")
+
+        def bug():
+            raise KeyError("clip_score (predicted)")
+
+        guard(bad_file, what="the Collection page")
+        st.write("after")
+        guard(bug, what="the Predict page")
+        st.write("never")
+
+    at = AppTest.from_function(script, default_timeout=30).run()
+    assert [e.value for e in at.error] == ["The Collection page could not be drawn: /data/x: not a collection"]
+    assert "after" in [m.value for m in at.markdown] and "never" not in [m.value for m in at.markdown]
+    assert at.exception and "clip_score (predicted)" in at.exception[0].value
+
+
+def test_every_command_the_app_mentions_exists():
+    """Messages on screen that tell users to run `lol …` or `make …` name commands that exist."""
+    import argparse
+    import re
+
+    from lol.cli import build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    text = "\n".join(p.read_text() for p in [*(repo / "lol" / "app").glob("*.py"), *(repo / "pages").glob("*.py")])
+    parser = build_parser()
+
+    def subparsers(p):
+        return next((a.choices for a in p._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    lol_cmds = set(re.findall(r"`lol ([a-z]+(?: [a-z]+)?)", text))
+    assert lol_cmds, "no `lol …` command found in the app's messages (the pattern is broken)"
+    for cmd in lol_cmds:
+        first, _, second = cmd.partition(" ")
+        assert first in subparsers(parser), f"the app mentions `lol {cmd}`: no such command"
+        sub = subparsers(subparsers(parser)[first])
+        if sub and second:
+            assert second in sub, f"the app mentions `lol {cmd}`: no such command"
+    targets = set(re.findall(r"^([a-z]+):", (repo / "Makefile").read_text(), flags=re.M))
+    for target in re.findall(r"`make ([a-z]+)", text):
+        assert target in targets, f"the app mentions `make {target}`: no such Makefile target"

@@ -199,3 +199,26 @@ def test_uploaded_collection_without_labels_gets_predictions(env):
     assert not at.exception
     table = next(d.value for d in at.dataframe if "file" in d.value.columns)
     assert table["file"].tolist() == ["mine.safetensors"] and "clip_score" in table.columns
+
+
+def test_warm_up_fills_what_the_pages_read(env, tmp_path, monkeypatch, caplog):
+    """After the warm-up, the Embeddings page's default map (and the invariant ones) come from its cache: the page
+    computes no new UMAP, because the warm-up used the page's own keys."""
+    import logging
+
+    from lol.app import warmup
+
+    monkeypatch.setenv("LOL_APP_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="lol.app"):
+        warmup._warm()
+    assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
+    steps = warmup.timings()
+    assert {"faces: svals map", "faces: canon map", "lm: svals map"} <= set(steps), steps
+    maps = tmp_path / "cache" / "umap"
+    before = sorted(p.name for p in maps.iterdir())
+    at = run_app("pages/embeddings.py")
+    assert_clean(at)
+    for choice in widget(at, "selectbox", "Embed").options:  # model embedding, singular values, SVD canonical
+        widget(at, "selectbox", "Embed").select(choice).run()
+        assert_clean(at)
+    assert sorted(p.name for p in maps.iterdir()) == before

@@ -1,6 +1,6 @@
-"""Turning failures into one plain line for the screen. A page never shows a traceback: expected problems (bad files,
-mismatched base models, missing data) are LoLError/OSError with a message naming the file; anything else is shown as
-its type and first line, and the full traceback goes to the server log only."""
+"""One plain line for the screen, and the error boundary of every page: expected problems (bad files, mismatched
+base models, missing data) are `LoLError`/`OSError` whose messages name the file, shown as one line; anything else
+is a bug and is not hidden (streamlit shows it, the tests fail on it)."""
 from __future__ import annotations
 
 import logging
@@ -24,13 +24,17 @@ def plain(e: BaseException) -> str:
 
 
 def guard(fn, *args, what: str = "this page", **kwargs):
-    """Run ``fn``; an unexpected exception becomes an st.error line (traceback to the server log), so the rest of
-    the app keeps working. Streamlit's own control flow (rerun, stop) passes through: it is not an Exception."""
+    """The error boundary of a page: run ``fn``; a `LoLError` or `OSError` (a bad file, a mismatched base model,
+    missing data — the library's messages name the file and the problem) is shown as one plain line and the rest
+    of the app keeps working. Any other exception is a bug: it propagates, so streamlit shows it and the tests
+    (which fail on any exception element) catch it. Streamlit's own control flow (rerun, stop) passes through."""
     import streamlit as st
+
+    from ..errors import LoLError
 
     try:
         return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        log.error("error in %s:\n%s", what, traceback.format_exc())
-        st.error(f"Something went wrong in {what}: {plain(e)}")
+    except (LoLError, OSError) as e:
+        log.info("in %s: %s", what, traceback.format_exc())
+        st.error(f"{what[:1].upper()}{what[1:]} could not be drawn: {plain(e)}")
         return None

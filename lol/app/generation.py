@@ -171,10 +171,7 @@ def generate_side_by_side(pipe, lora, lora_id: str, prompts: Sequence[str], seed
 
 
 def _adapters(pipe) -> set[str]:
-    try:
-        return {a for names in pipe.get_list_adapters().values() for a in names}
-    except Exception:  # noqa: BLE001 — no adapters loaded yet
-        return set()
+    return {a for names in pipe.get_list_adapters().values() for a in names}
 
 
 # ------------------------------------------------------------------------------------------------------ on screen

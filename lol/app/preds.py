@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from . import cache
+from ..errors import LoLError
 from .errors import plain
 
 __all__ = ["PRED", "ERR", "SPLIT", "model_split", "compatible_models", "prediction_frame", "predictions_or_none",
@@ -31,7 +32,7 @@ def checkpoint_info(path: str) -> dict:
     "error": None}`` of a checkpoint folder (`lol.checkpoint`), or ``{"error": message}`` when it cannot be loaded."""
     try:
         ck = cache.checkpoint(path, "cpu")
-    except Exception as e:  # noqa: BLE001 — an unreadable checkpoint is listed with its problem
+    except (LoLError, OSError, ValueError, KeyError) as e:  # an unreadable checkpoint is listed with its problem
         return {"spec": None, "labels": [], "kind": None, "invariant_to": None, "metrics": {}, "error": plain(e)}
     return {"spec": ck.spec.to_json(), "labels": list(ck.labels), "kind": ck.kind,
             "invariant_to": ck.config.get("invariant_to"), "metrics": ck.config.get("metrics") or {},
@@ -108,7 +109,7 @@ def prediction_frame(ctx, model, coll) -> pd.DataFrame | None:
         raw = cache.predictions(model.path, ctx.device, ctx.path, ctx.key)
         df = _normalise(raw, [str(i) for i in coll.table["id"]], checkpoint_info(model.path)["labels"])
         split, note = model_split(model.path, coll)
-    except Exception as e:  # noqa: BLE001 — e.g. a model for another base model: say so, keep the page alive
+    except LoLError as e:  # e.g. a model for another base model: say so, keep the page alive
         st.error(f"{model.name}: could not predict on this collection: {plain(e)}")
         return None
     df[SPLIT] = split if split is not None else "unseen"

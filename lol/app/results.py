@@ -151,7 +151,7 @@ def show_figure(fig: Figure) -> None:
         else:
             st.image(str(fig.path), width="stretch")
         st.caption(f"{fig.name} — `{fig.path.name}`")
-    except Exception as e:  # noqa: BLE001 — a broken figure file must not break the page
+    except (OSError, ValueError) as e:  # a broken figure file (unreadable image, bad plotly JSON): say which
         st.warning(f"{fig.path}: could not show this figure ({type(e).__name__}: {e})")
 
 

@@ -14,6 +14,7 @@ import streamlit as st
 
 from . import cache
 from . import data as app_data
+from ..errors import LoLError
 from .errors import plain
 
 __all__ = ["AppContext", "ModelChoice", "render", "context"]
@@ -67,12 +68,9 @@ def context() -> AppContext:
 
 
 def render() -> AppContext:
-    """Draw the sidebar and return the choice; never raises (problems become ``ctx.problem`` or a message)."""
-    try:
-        return _render()
-    except Exception as e:  # noqa: BLE001
-        st.sidebar.error(f"Sidebar: {plain(e)}")
-        return AppContext(problem=f"The sidebar could not be drawn: {plain(e)}")
+    """Draw the sidebar and return the choice. Expected problems (a collection that cannot be opened, bad uploads)
+    become ``ctx.problem`` or a message; anything else is a bug and propagates to the page's error boundary."""
+    return _render()
 
 
 # widget keys whose value must survive page switches (streamlit forgets a page's widget state when the page
@@ -251,7 +249,7 @@ def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
             ctx.problem = f"{name}: the collection is empty (no LoRAs in {path})."
             return
         ctx.collection = coll
-    except Exception as e:  # noqa: BLE001 — any failure to open becomes one plain line
+    except (LoLError, OSError, ValueError) as e:  # a bad folder or file: one plain line
         ctx.problem = f"Could not open {name}: {plain(e)}"
 
 
@@ -324,12 +322,8 @@ def _page_id() -> str:
 
 def _describe(ctx: AppContext) -> str:
     c = ctx.collection
-    parts = [f"{len(c)} LoRAs"]
-    try:
-        parts.append(f"{len(c.spec)} modules")
-        base = app_data.describe_base(getattr(c, "base_model", None))
-        if base:
-            parts.append(f"base: {base}")
-    except Exception:  # noqa: BLE001 — description only
-        pass
+    parts = [f"{len(c)} LoRAs", f"{len(c.spec)} modules"]
+    base = app_data.describe_base(getattr(c, "base_model", None))
+    if base:
+        parts.append(f"base: {base}")
     return " · ".join(parts)

@@ -7,6 +7,7 @@ import streamlit as st
 from . import cache, fmt, nav, plots
 from .glossary import metric_help
 from . import data as app_data
+from ..errors import LoLError
 from .errors import plain
 
 __all__ = ["collection_caption", "label_columns", "labels_of_kind", "label_description", "lora_detail",
@@ -25,10 +26,7 @@ def collection_caption(ctx) -> str:
 
 
 def _labels(coll) -> dict:
-    try:
-        return dict(getattr(coll, "labels", {}) or {})
-    except Exception:  # noqa: BLE001
-        return {}
+    return dict(getattr(coll, "labels", {}) or {})
 
 
 def label_columns(coll, df: pd.DataFrame) -> list[str]:
@@ -348,7 +346,7 @@ def lm_context(ctx):
     try:
         key = cache.path_key(shipped)
         coll = cache.collection(str(shipped), key)
-    except Exception as e:  # noqa: BLE001
+    except (LoLError, OSError) as e:
         st.error(f"Could not open the shipped lm collection: {plain(e)}")
         return None
     return replace(ctx, source="lm (shipped)", path=str(Path(shipped)), key=key, kind="shipped", collection=coll,

@@ -85,16 +85,23 @@ def _collection(name: str, path, device: str, models: list) -> None:
         info = checkpoint_info(str(m))
         if not info.get("error") and info.get("spec") and tuple(info["spec"]["names"]) == tuple(coll.spec.names):
             fitting.append(str(m))
-    for ck in fitting:
+    # what the pages show first: the sidebar's default model (the first fitting one) on Predict and as the
+    # Embeddings page's default map; then the invariant maps; then the other models
+    def invariant_maps():
+        for kind in ("svals", "canon"):
+            feats = _step(f"{name}: {kind} features", cache.invariant_features, p, key, kind)
+            if feats is not None:
+                _step(f"{name}: {kind} map", cache.umap_xy, feats, f"{fp}:{kind}:", *UMAP_DEFAULTS.values())
+
+    for i, ck in enumerate(fitting):
         _step(f"{name}: predictions {ck}", cache.predictions, ck, device, p, key)
-    for kind in ("svals", "canon"):
-        feats = _step(f"{name}: {kind} features", cache.invariant_features, p, key, kind)
-        if feats is not None:
-            _step(f"{name}: {kind} map", cache.umap_xy, feats, f"{fp}:{kind}:", *UMAP_DEFAULTS.values())
-    for ck in fitting:
         emb = _step(f"{name}: embedding {ck}", cache.model_embeddings, ck, device, p, key)
         if emb is not None:
             _step(f"{name}: model map {ck}", cache.umap_xy, emb, f"{fp}:model:{ck}", *UMAP_DEFAULTS.values())
+        if i == 0:
+            invariant_maps()
+    if not fitting:
+        invariant_maps()
 
 
 def _generation(device: str) -> None:
@@ -128,6 +135,6 @@ def _warm() -> None:
         _step("generation", _generation, device)
         for name, path in list(shipped.items())[1:]:
             _step(name, _collection, name, path, device, models)
-        log.info("warm-up done: %s", {k: round(v, 1) for k, v in _timings.items()})
+        log.warning("warm-up done: %s", {k: round(v, 1) for k, v in _timings.items()})
     finally:
         _done.set()
