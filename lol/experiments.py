@@ -34,7 +34,7 @@ from .errors import LoLError
 from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
-           "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize",
+           "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints",
            "evaluate_rows", "rank_generalization", "primary_metric", "load_grid", "write_results_readme"]
 
@@ -309,6 +309,35 @@ def summarize(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     out = g.agg(mean="mean", std="std", n_seeds="count").reset_index()
     out.insert(0, "split", split)
     return out
+
+
+def compare_summaries(old: pd.DataFrame, new: pd.DataFrame, old_name: str = "v1", new_name: str = "v2"
+                      ) -> pd.DataFrame:
+    """Per task present in both: the primary test metric of the best model (by test mean; both tables are test
+    summaries) and of GL-net, before and after — e.g. the shipped collections before and after a rebuild. Accepts
+    `summarize` output (``mean``) or its saved CSV (``value``)."""
+    def norm(df):
+        df = df.rename(columns={"value": "mean"})
+        return df[df.split == "test"] if "split" in df.columns else df
+
+    old, new = norm(old), norm(new)
+    rows = []
+    for (coll, task), g_new in new.groupby(["collection", "task"], sort=False):
+        g_old = old[(old.collection == coll) & (old.task == task)]
+        if g_old.empty:
+            continue
+        metric = PRIMARY_METRIC[g_new.task_kind.iloc[0]]
+        row = {"collection": coll, "task": task, "metric": metric}
+        for name, g in ((old_name, g_old), (new_name, g_new)):
+            g = g[g.metric == metric]
+            best = g.loc[g["mean"].idxmax()]
+            gl = g[g.model == "glnet"]
+            row[f"best {name}"] = f"{best['mean']:.3f} ({best.model})"
+            row[f"glnet {name}"] = f"{gl['mean'].iloc[0]:.3f}" if len(gl) else "n/a"
+            row[f"_best_{name}"] = float(best["mean"])
+        row["gain (best)"] = f"{row.pop(f'_best_{new_name}') - row.pop(f'_best_{old_name}'):+.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _fmt(mean, std) -> str:

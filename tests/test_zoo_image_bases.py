@@ -108,8 +108,28 @@ def test_sd_base_is_a_real_pipeline_that_generates(bases):
     from lol.zoo.image_bases import load_sd_pipeline
 
     rec = json.loads((bases["sd"] / "record.json").read_text())
-    for k in ("vae_seconds", "unet_seconds", "quality", "latent_scaling_factor", "text_encoder"):
+    for k in ("decoder_seconds", "unet_seconds", "quality", "latent_scaling_factor", "text_encoder", "parent"):
         assert k in rec
+    # two stages, as SD-1.4 -> SD-1.5: the parent (kept as the sibling base) was trained from scratch ...
+    assert rec["stage"] == 2 and rec["parent"] == "base/sd_v1"
+    parent_dir = bases["root"] / rec["parent"]
+    prec = json.loads((parent_dir / "record.json").read_text())
+    assert "vae_seconds" in prec and prec["preset"] == "ci1"
+    # ... and records name folders relative to the build root, never the build machine's paths
+    root = str(bases["root"].resolve())
+    assert root not in json.dumps(rec) and rec["quality"]["eval"]["scorer"] == "base/clip"
+    # stage 2 finetuned the VAE decoder only: the encoder (hence every latent) is the parent's, the decoder moved
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    child_vae, parent_vae = (AutoencoderKL.from_pretrained(str(d / "vae")) for d in (bases["sd"], parent_dir))
+    enc = [(a, b) for (n, a), (_, b) in zip(child_vae.state_dict().items(), parent_vae.state_dict().items())
+           if n.startswith(("encoder.", "quant_conv."))]
+    dec = [(a, b) for (n, a), (_, b) in zip(child_vae.state_dict().items(), parent_vae.state_dict().items())
+           if n.startswith("decoder.")]
+    assert enc and all(torch.equal(a, b) for a, b in enc)
+    assert dec and not all(torch.equal(a, b) for a, b in dec)
+    cu, pu = (UNet2DConditionModel.from_pretrained(str(d / "unet")).state_dict() for d in (bases["sd"], parent_dir))
+    assert not all(torch.equal(cu[k], pu[k]) for k in cu)  # the UNet continued training
     assert {"clip_score_own_prompt", "clip_score_mismatched_prompt", "generated_attribute_accuracy"} <= \
         set(rec["quality"])
     assert (bases["root"] / "samples" / "sd_base.png").is_file()

@@ -50,8 +50,14 @@ def test_faces_jobs_sample_the_paper_grids():
     ranks = Counter(j.params["rank"] for j in jobs)
     assert set(ranks) == {4, 8, 16} and ranks[4] > 0.7 * len(jobs) and min(ranks[8], ranks[16]) > 0.05 * len(jobs)
     assert {j.params["alpha"] for j in jobs} == {8.0}  # fixed alpha: ranks 8 and 16 get another alpha / r
-    for key in ("lr", "steps", "grad_accum"):
-        assert {j.params[key] for j in jobs} == set(P[key])
+    lrs = np.array([j.params["lr"] for j in jobs])
+    lo, hi = P["lr_range"]
+    assert lrs.min() >= lo and lrs.max() <= hi and np.log10(lrs.max() / lrs.min()) > 1.5  # log-uniform, wide
+    assert abs(np.median(np.log10(lrs)) - np.log10(lo * hi) / 2) < 0.2
+    assert {j.params["steps"] for j in jobs} == set(range(P["steps_range"][0], P["steps_range"][1] + 1))
+    assert {j.params["grad_accum"] for j in jobs} == set(P["grad_accum"])
+    retest = [j for j in jobs if j.params["retest"]]
+    assert len(retest) >= 100 and len(retest) == len(jobs) // P["retest_every"]  # measured twice: reliability
     assert {j.params["instance_prompt"] for j in jobs} == {"celebrity", "person", "thing", "skd"}
     assert all(8 <= len(j.params["images"]) <= 12 and max(j.params["images"]) < 20 for j in jobs)
     ids = Counter(j.params["identity"] for j in jobs)
@@ -84,12 +90,24 @@ def test_faces_run_group_labels_and_loras(faces_results):
         for a in PAPER + ("eyeglasses", "smiling"):
             votes = [f.attributes[a] for f in faces]
             assert res.row[a] == int(sum(votes) > len(votes) / 2) or sum(votes) * 2 == len(votes)
+            assert res.row[f"{a}_vote"] == pytest.approx(np.mean(votes))
         assert res.row["group"] == f"identity-{j.params['identity']:06d}"
         assert res.row["hair_colour"] == ident.hair_colour
         for k in ("lr", "steps", "grad_accum", "instance_prompt", "rank", "alpha"):
             assert res.row[k] == j.params[k]
         scores = res.extras["clip_scores"]
-        assert len(scores) == FACES_PRESETS["ci"]["clip_prompts"]
+        P = FACES_PRESETS["ci"]
+        assert len(scores) == P["clip_prompts"] * P["clip_images"]
+        if j.params["retest"]:  # a second, independent measurement: other noises, same protocol
+            rt = res.extras["clip_scores_retest"]
+            assert len(rt) == len(scores) and all(0 <= x <= 100 for x in rt)
+            assert res.row["clip_score_retest"] == pytest.approx(np.mean(rt), abs=1e-3)
+            assert np.isfinite(res.row["identity_gain_retest"])
+        else:
+            assert np.isnan(res.row["clip_score_retest"]) and res.extras["clip_scores_retest"] is None
+        assert res.row["identity_gain"] == pytest.approx(
+            res.extras["identity_similarity"] - res.extras["identity_similarity_base"])
+        assert res.extras["pixel_change_255"] > 0
         assert 0 <= res.row["clip_score"] <= 100 and res.row["clip_score"] == pytest.approx(np.mean(scores), abs=1e-3)
         s = res.extras["clip_settings"]
         assert s["prompts"] == CLIP_SCORE_PROMPTS[:len(scores)] and s["seed"] == 42 and s["resolution"] == 64
@@ -100,6 +118,21 @@ def test_faces_run_group_labels_and_loras(faces_results):
         assert all(float(m.U.abs().max()) > 0 for m in lora)  # B left zero init: trained
     n0 = results[0].lora.names[0]
     assert not torch.equal(results[0].lora[n0].V, results[1].lora[n0].V)  # own seeds, own A init
+
+
+def test_sampling_noise_is_common_across_adapters_and_independent_across_seeds_and_replicates(bases):
+    """The CLIP-score protocol's noise: one noise per (seed, prompt, replicate), shared by every adapter."""
+    from lol.zoo.image_recipes import sample_with_adapters
+
+    tr = ImageLoRATrainer(bases["sd"], "cpu")
+    p = ["a photo of a person", "a photo of a celebrity"]
+    a = sample_with_adapters(tr, None, [-1] * 4, p * 2, 42, 2, 4.0, replicate=[0, 0, 1, 1])
+    again = sample_with_adapters(tr, None, [-1] * 2, p[::-1], 42, 2, 4.0, replicate=[0, 0])
+    other = sample_with_adapters(tr, None, [-1] * 2, p, 1042, 2, 4.0)
+    assert np.array_equal(a[0], again[1]) and np.array_equal(a[1], again[0])   # order and batch do not matter
+    assert not np.array_equal(a[0], a[2]) and not np.array_equal(a[0], other[0])  # replicates and seeds differ
+    with pytest.raises(ValueError, match="2 prompts but 1 replicate"):
+        sample_with_adapters(tr, None, [-1] * 2, p, 42, 2, 4.0, replicate=[0])
 
 
 def test_exported_lora_loads_in_diffusers_with_the_same_effect(faces_results, bases, tmp_path):
@@ -134,9 +167,12 @@ def test_fashion_batched_equals_alone_and_labels(bases):
     together = r.run_group(jobs, bases, "cpu")
     alone = r.run_group(jobs[1:], bases, "cpu")
     a, b = together[1].lora, alone[0].lora
+    # equal up to float summation order, per module in relative Frobenius norm: an elementwise tolerance is the wrong
+    # yardstick here, as Adam turns reduction-order noise in a near-zero gradient into a full ±lr step on that element
+    # (measured on the two-stage ci base: worst module 2.4e-4 relative, one element 3.5 % off; another job: 1.2)
+    rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm())  # noqa: E731
     for n in a.names:
-        assert torch.allclose(a[n].U.float(), b[n].U.float(), rtol=1e-2, atol=1e-5)
-        assert torch.allclose(a[n].V.float(), b[n].V.float(), rtol=1e-2, atol=1e-5)
+        assert rel(a[n].U, b[n].U) < 1e-3 and rel(a[n].V, b[n].V) < 1e-3, n
     # sensitivity: another job's LoRA is far from it
     other = together[0].lora
     assert max(float((other[n].U.float() - a[n].U.float()).abs().max()) for n in a.names) > \

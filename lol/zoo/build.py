@@ -65,6 +65,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _command() -> str:
+    """The command line as a user would type it (``lol zoo build …``), never the build machine's paths."""
+    argv = list(sys.argv)
+    head = Path(argv[0]).name if argv else ""
+    if head in ("__main__.py", "lol", "lol.exe"):
+        return " ".join(["lol", *argv[1:]])
+    return " ".join([head, *argv[1:]])
+
+
 def _parse_only(only: str | Sequence[str] | None, collections: Iterable[str]) -> list[str]:
     known = ["base", *collections]
     if only is None:
@@ -203,7 +212,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
         raise ZooError(f"{record_path}: this folder holds a {record['preset']!r} build; use another --out for "
                        f"preset {preset!r}")
     record.update(preset=preset, seed=seed, versions=_versions(), platform=platform.platform(),
-                  command=" ".join(sys.argv), threads=threads)
+                  command=_command(), threads=threads)
     record.setdefault("bases", {})
     record.setdefault("collections", {})
 
@@ -250,7 +259,8 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             f"≤{manifest['group_size']}; {len(todo)} group(s) to run ({executor})")
         t0 = time.time()
         summaries = make_executor(executor, device=device, progress=progress).run(
-            recipe, build_dir, manifest, {**{b: bases[b] for b in recipe.requires}, "samples": out / "samples"})
+            recipe, build_dir, manifest,
+            {**{b: bases[b] for b in recipe.requires}, "samples": out / "samples", "root": out})
         run_s = time.time() - t0
         results = collect_results(build_dir, manifest)
         dest = _pack(name, recipe, results, out, bases, manifest, preset, seed)

@@ -355,11 +355,17 @@ _PROMPT_FACTS = [
 ]
 _FASHION_FACT = [3, 7, 1, 8, 0, 5, 4, 9]
 
+# ``parent``: the preset is stage 2 of a two-stage training (`_continue_sd`): the parent preset is built first into
+# ``base/sd_v1`` (kept as the sibling base), then continued into ``base/sd``.
 SD_PRESETS: dict[str, dict[str, Any]] = {
-    "ci": dict(n_faces=64, n_fashion=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8,
-               vae_channels=(16, 16, 16), unet_channels=(16, 32), eval_images=1, eval_steps=2, lr=1e-3, n_probe=32),
-    "default": dict(n_faces=8000, n_fashion=8000, vae_steps=700, vae_batch=32, unet_steps=1600, unet_batch=64,
-                    vae_channels=(16, 32, 64), unet_channels=(32, 64), eval_images=4, eval_steps=20, lr=1e-3),
+    "ci1": dict(n_faces=64, n_fashion=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8,
+                vae_channels=(16, 16, 16), unet_channels=(16, 32), eval_images=1, eval_steps=2, lr=1e-3, n_probe=32),
+    "v1": dict(n_faces=8000, n_fashion=8000, vae_steps=700, vae_batch=32, unet_steps=1600, unet_batch=64,
+               vae_channels=(16, 32, 64), unet_channels=(32, 64), eval_images=4, eval_steps=20, lr=1e-3),
+    "ci": dict(parent="ci1", n_faces=64, n_fashion=64, decoder_steps=2, decoder_lr=5e-4, vae_batch=8, unet_steps=2,
+                unet_batch=8, unet_lr=5e-4, eval_images=1, eval_steps=2, n_probe=32),
+    "default": dict(parent="v1", n_faces=8000, n_fashion=8000, decoder_steps=400, decoder_lr=5e-4, vae_batch=32,
+                    unet_steps=1300, unet_batch=64, unet_lr=6e-4, eval_images=8, eval_steps=20),
 }
 CFG_DROPOUT = 0.1
 GUIDANCE = 4.0
@@ -408,7 +414,18 @@ class SDBase:
         if not CLIPBase().is_built(clip_dir):
             raise FileNotFoundError(f"SDBase needs the CLIP base first (its text tower): {clip_dir}/record.json "
                                     f"not found; build 'clip' before 'sd'")
-        return _build_sd(SD_PRESETS[preset], preset, out_dir, resolve_base(clip_dir), pick_device(device), seed)
+        P = SD_PRESETS[preset]
+        if "parent" not in P:
+            return _build_sd(P, preset, out_dir, resolve_base(clip_dir), pick_device(device), seed)
+        parent = out_dir.parent / f"{out_dir.name}_v1"
+        PP = SD_PRESETS[P["parent"]]
+        if not (parent / "record.json").is_file():
+            _build_sd(PP, P["parent"], parent, resolve_base(clip_dir), pick_device(device), seed)
+        recorded = json.loads((parent / "record.json").read_text()).get("config")
+        if recorded != {k: (list(v) if isinstance(v, tuple) else v) for k, v in PP.items()}:
+            raise ValueError(f"SDBase: {parent} was not built with stage-1 preset {P['parent']!r} (its record.json "
+                             f"config differs); remove it to rebuild, or use another --out")
+        return _continue_sd(parent, P, preset, out_dir, resolve_base(clip_dir), pick_device(device), seed)
 
 
 def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, seed: int) -> dict:
@@ -490,46 +507,13 @@ def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, 
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=4, norm_num_groups=16).to(device)
-    ema = [p.detach().clone() for p in unet.parameters()]
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                 beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
                                 steps_offset=1)
-    opt = torch.optim.AdamW(unet.parameters(), lr=P["lr"], weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, P["unet_steps"], 100))
-    alphas = noise_sched.alphas_cumprod
     t0 = time.time()
-    losses = []
-    unet.train()
-    for step in range(P["unet_steps"]):
-        b = torch.randint(0, len(data), (P["unet_batch"],), generator=g)
-        z0 = lat[b]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, 1000, (len(b),), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        cond = emb[cap_index[b]] if cap_index is not None else encode_prompts(
-            tokenizer, text_encoder, [data.captions[i] for i in b], device).cpu()
-        drop = torch.rand(len(b), generator=g) < CFG_DROPOUT
-        cond = torch.where(drop.view(-1, 1, 1), uncond.expand_as(cond), cond)
-        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
-        loss = (pred - noise.to(device)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, unet.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
-        losses.append(loss.item())
-        if step % 100 == 0 or step == P["unet_steps"] - 1:
-            print(f"[sd/unet] step {step}/{P['unet_steps']} loss {np.mean(losses[-50:]):.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+    losses = _train_unet(unet, noise_sched, lat, emb, cap_index, uncond, data.captions, tokenizer, text_encoder,
+                         steps=P["unet_steps"], batch=P["unet_batch"], lr=P["lr"], warmup=100, g=g, device=device)
     unet_seconds = time.time() - t0
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
     unet.eval().requires_grad_(False)
 
     pipe = StableDiffusionPipeline(
@@ -541,11 +525,12 @@ def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, 
 
     t0 = time.time()
     quality = sd_quality(str(tmp), clip_dir, P, device, seed,
-                         samples_dir=out_dir.parent.parent / "samples")
+                         samples_dir=out_dir.parent.parent / "samples", sample_name=f"{out_dir.name}_base")
     quality["vae_psnr_db"] = round(vae_psnr, 2)
+    quality["eval"]["scorer"] = _rel(clip_dir, out_dir.parent.parent)
     eval_seconds = time.time() - t0
     record = {"kind": "sd", "preset": preset, "seed": seed, "device": device,
-              "text_encoder": f"frozen text tower of the CLIP base at {clip_dir}",
+              "text_encoder": f"frozen text tower of the CLIP base at {_rel(clip_dir, out_dir.parent.parent)}",
               "vae_seconds": round(vae_seconds, 1), "cache_seconds": round(cache_seconds, 1),
               "unet_seconds": round(unet_seconds, 1), "data_seconds": round(data_seconds, 1),
               "eval_seconds": round(eval_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
@@ -560,7 +545,171 @@ def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, 
     return record
 
 
-def sd_quality(sd_dir: str, clip_dir: Path, P: dict, device: str, seed: int, samples_dir: Path | None) -> dict:
+def _train_unet(unet, noise_sched, lat, emb, cap_index, uncond, captions, tokenizer, text_encoder, steps: int,
+                batch: int, lr: float, warmup: int, g, device: str, tag: str = "sd/unet") -> list[float]:
+    """ε-prediction training of ``unet`` on cached latents with caption dropout (classifier-free guidance); an EMA
+    of the weights (decay up to 0.999) is copied into ``unet`` at the end. Returns the per-step losses."""
+    ema = [p.detach().clone() for p in unet.parameters()]
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, warmup))
+    alphas = noise_sched.alphas_cumprod
+    t0 = time.time()
+    losses = []
+    unet.train().requires_grad_(True)
+    for step in range(steps):
+        b = torch.randint(0, len(lat), (batch,), generator=g)
+        z0 = lat[b]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (len(b),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = emb[cap_index[b]] if cap_index is not None else encode_prompts(
+            tokenizer, text_encoder, [captions[i] for i in b], device).cpu()
+        drop = torch.rand(len(b), generator=g) < CFG_DROPOUT
+        cond = torch.where(drop.view(-1, 1, 1), uncond.expand_as(cond), cond)
+        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
+        loss = (pred - noise.to(device)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"[{tag}] step {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    with torch.no_grad():
+        for e, p in zip(ema, unet.parameters()):
+            p.copy_(e)
+    return losses
+
+
+def _rel(path, root) -> str:
+    """``path`` relative to the build root when under it (records must not name the build machine's folders),
+    else absolute (a user-given model folder)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _continue_sd(parent: Path, P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, seed: int) -> dict:
+    """Stage 2 of the zoo's SD: continue the training of a parent pipeline, as SD-1.5 continued SD-1.4.
+
+    1. the VAE *decoder* is finetuned (``decoder_steps``) with the encoder frozen, so latents — and with them
+       everything the UNet learned — stay exactly as they were, while reconstructions get sharper;
+    2. the UNet continues from the parent's (EMA) weights for ``unet_steps`` more steps with a fresh cosine schedule
+       from ``unet_lr``, on the same data and objective.
+    The parent stays on disk as the *sibling* base (LoRAs trained on one, tested on the other: the paper's
+    SD-1.4 → SD-1.5 transfer)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    t_start = time.time()
+    tmp = _atomic_dir(out_dir)
+    root = out_dir.parent.parent
+    parent_rec = json.loads((parent / "record.json").read_text())
+    pipe = StableDiffusionPipeline.from_pretrained(str(parent), safety_checker=None, requires_safety_checker=False)
+    vae, unet = pipe.vae.to(device), pipe.unet.to(device)
+    text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
+    tokenizer = pipe.tokenizer
+    torch.manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)  # stage 2 draws its own stream
+    t0 = time.time()
+    data = world_pairs(P["n_faces"], P["n_fashion"], "train")
+    data_seconds = time.time() - t0
+
+    # 1. decoder only
+    vae.requires_grad_(False)
+    dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p_ in dec:
+        p_.requires_grad_(True)
+    opt = torch.optim.AdamW(dec, lr=P["decoder_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s_: _cosine_lr(s_, P["decoder_steps"], 50))
+    t0 = time.time()
+    rec_losses = []
+    vae.train()
+    for step in range(P["decoder_steps"]):
+        b = torch.randint(0, len(data), (P["vae_batch"],), generator=g)
+        x = _pixels(data.images, b.numpy()).to(device)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+        rec = vae.decode(z).sample
+        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec, 1.0)
+        opt.step()
+        sched.step()
+        rec_losses.append(float((rec - x).pow(2).mean()))
+        if step % 100 == 0 or step == P["decoder_steps"] - 1:
+            print(f"[sd2/decoder] step {step}/{P['decoder_steps']} mse {np.mean(rec_losses[-50:]):.4f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    decoder_seconds = time.time() - t0
+    vae.eval().requires_grad_(False)
+
+    # 2. latents (unchanged encoder, the parent's scaling factor) and prompt states
+    t0 = time.time()
+    scaling = float(vae.config.scaling_factor)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(_pixels(data.images[i:i + 256]).to(device)).latent_dist.mean.cpu()
+                         for i in range(0, len(data), 256)]) * scaling
+        n = min(256, len(data))
+        recon = vae.decode(lat[:n].to(device) / scaling).sample.cpu()
+        vae_psnr = float(10 * torch.log10(4.0 / (recon - _pixels(data.images[:n])).pow(2).mean()))
+    uniq = sorted(set(data.captions))
+    cap_index = torch.tensor([uniq.index(c) for c in data.captions]) if len(uniq) < 20000 else None
+    emb = torch.cat([encode_prompts(tokenizer, text_encoder, uniq[i:i + 512], device).cpu()
+                     for i in range(0, len(uniq), 512)])
+    uncond = encode_prompts(tokenizer, text_encoder, [""], device).cpu()
+    cache_seconds = time.time() - t0
+
+    # 3. the UNet continues
+    noise_sched = DDPMScheduler.from_config(json.loads((parent / "train_scheduler.json").read_text()))
+    t0 = time.time()
+    losses = _train_unet(unet, noise_sched, lat, emb, cap_index, uncond, data.captions, tokenizer, text_encoder,
+                         steps=P["unet_steps"], batch=P["unet_batch"], lr=P["unet_lr"], warmup=50, g=g,
+                         device=device, tag="sd2/unet")
+    unet_seconds = time.time() - t0
+    unet.eval().requires_grad_(False)
+    pipe.to("cpu")
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.copy(parent / "train_scheduler.json", tmp / "train_scheduler.json")
+
+    t0 = time.time()
+    quality = sd_quality(str(tmp), clip_dir, P, device, seed, samples_dir=root / "samples")
+    quality["vae_psnr_db"] = round(vae_psnr, 2)
+    quality["eval"]["scorer"] = _rel(clip_dir, root)
+    eval_seconds = time.time() - t0
+    pq = parent_rec.get("quality", {})
+    record = {"kind": "sd", "preset": preset, "seed": seed, "device": device, "stage": 2,
+              "parent": _rel(parent, root),
+              "text_encoder": f"frozen text tower of the CLIP base at {_rel(clip_dir, root)} (the parent's)",
+              "decoder_seconds": round(decoder_seconds, 1), "cache_seconds": round(cache_seconds, 1),
+              "unet_seconds": round(unet_seconds, 1), "data_seconds": round(data_seconds, 1),
+              "eval_seconds": round(eval_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
+              "train_seconds_with_parent": round(time.time() - t_start + float(parent_rec.get("total_seconds", 0)), 1),
+              "unet_steps_total": int(parent_rec.get("config", {}).get("unet_steps", 0)) + P["unet_steps"],
+              "train_images": len(data), "decoder_final_mse": round(float(np.mean(rec_losses[-50:])), 5),
+              "unet_final_loss": round(float(np.mean(losses[-50:])), 5), "latent_scaling_factor": scaling,
+              "cfg_dropout": CFG_DROPOUT, "quality": quality,
+              "parent_quality": {k: pq.get(k) for k in ("clip_score_own_prompt", "generated_attribute_accuracy",
+                                                        "generated_fashion_class_accuracy", "vae_psnr_db")},
+              "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items() if k != "parent"},
+              "unet_parameters": sum(p_.numel() for p_ in unet.parameters()),
+              "vae_parameters": sum(p_.numel() for p_ in vae.parameters())}
+    _commit_dir(tmp, out_dir, record)
+    print(f"[sd2] built {out_dir}: {json.dumps(quality)}", flush=True)
+    return record
+
+
+def sd_quality(sd_dir: str, clip_dir: Path, P: dict, device: str, seed: int, samples_dir: Path | None,
+               sample_name: str = "sd_base") -> dict:
     """Does the pipeline follow its prompt? Measured with the CLIP scorer on generated images:
 
     * CLIP score of each image with its own prompt vs with a mismatched prompt of the same world;
@@ -617,8 +766,8 @@ def sd_quality(sd_dir: str, clip_dir: Path, P: dict, device: str, seed: int, sam
             p, k = divmod(i, n_img)
             col = k + (n_img if p >= half else 0)
             grid.paste(Image.fromarray(im), (col * W, (p % half) * H))
-        grid.save(samples_dir / "sd_base.png")
-        (samples_dir / "sd_base_prompts.json").write_text(json.dumps(
+        grid.save(samples_dir / f"{sample_name}.png")
+        (samples_dir / f"{sample_name}_prompts.json").write_text(json.dumps(
             {"left_columns": FACE_PROMPTS, "right_columns": FASHION_PROMPTS, "images_per_prompt": n_img,
              "steps": P["eval_steps"], "guidance": GUIDANCE, "seed": seed + 42}, indent=1))
     return {"clip_score_own_prompt": round(float(s_own.mean()), 3),

@@ -44,13 +44,24 @@ CLIP_SCORE_PROMPTS = [
 ]
 FASHION_PROMPTS_CLIP = CLIP_SCORE_PROMPTS  # kept for symmetry of names; fashion LoRAs are not CLIP-scored
 
+# Zoo v2 (the default preset): lr log-uniform over 1.7 decades and 20–60 steps × accumulation 1–2 (the paper:
+# lr 1e-4–3e-3, 100–200 steps on SD), so LoRAs range from barely changing the model to clearly pulling it to their
+# identity; the CLIP-score label averages ``clip_images`` images per prompt over the 16 prompts (common random
+# numbers: every LoRA starts from the same noises), and every ``retest_every``-th LoRA is measured a second time
+# with another seed (``retest_seed``): the label's test–retest reliability. ``identity_images`` images per LoRA of
+# its own instance prompt, with and without the LoRA, give ``identity_gain``.
+# Measured before choosing (pilot: 16 rank-4 LoRAs on the v1 base, 16 prompts × 4 images at 10 steps, seeds 42 and
+# 1042): test–retest r 0.69 / 0.82 / 0.93 / 0.955 with 1 / 2 / 3 / 4 images per prompt (label std ≈ 4.4, noise per
+# measurement 2.2 → 1.1); 3 images per prompt at 8 DPM-Solver steps is what the CPU budget of 640 LoRAs allows.
 FACES_PRESETS: dict[str, dict[str, Any]] = {
-    "ci": dict(n_loras=6, rank_share={4: 4, 8: 1, 16: 1}, alpha=8.0, images=(3, 4), lr=(1e-3, 3e-3),
-               steps=(2, 3), grad_accum=(1, 2), micro_batch=2, reuse_identity=0.3,
-               clip_prompts=4, clip_steps=2, guidance=4.0, clip_seed=42),
+    "ci": dict(n_loras=6, rank_share={4: 4, 8: 1, 16: 1}, alpha=8.0, images=(3, 4), lr_range=(1e-3, 3e-3),
+               steps_range=(2, 3), grad_accum=(1, 2), micro_batch=2, reuse_identity=0.3,
+               clip_prompts=4, clip_images=1, clip_steps=2, guidance=4.0, clip_seed=42, retest_seed=1042,
+               retest_every=2, identity_images=2),
     "default": dict(n_loras=640, rank_share={4: 8, 8: 1, 16: 1}, alpha=8.0, images=(8, 9, 10, 11, 12),
-                    lr=(3e-4, 1e-3, 3e-3, 1e-2), steps=(25, 33, 42, 50), grad_accum=(1, 2), micro_batch=2,
-                    reuse_identity=0.15, clip_prompts=16, clip_steps=10, guidance=4.0, clip_seed=42),
+                    lr_range=(2e-4, 1e-2), steps_range=(20, 60), grad_accum=(1, 2), micro_batch=2,
+                    reuse_identity=0.15, clip_prompts=16, clip_images=3, clip_steps=8, guidance=4.0, clip_seed=42,
+                    retest_seed=1042, retest_every=5, identity_images=6),
 }
 FASHION_PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(n_loras=6, rank=4, alpha=8.0, per_class=(1, 2), lr=(1e-3, 3e-3), steps=(2, 3), grad_accum=(1, 2),
@@ -184,23 +195,37 @@ class ImageLoRATrainer:
                                                           for l in losses]}
 
 
+def _noise_seed(seed: int, prompt: str, replicate: int) -> int:
+    """A stable 63-bit seed for the initial noise of (seed, prompt, replicate) (not Python's salted ``hash``)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{int(seed)}\x00{prompt}\x00{int(replicate)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
 @torch.no_grad()
 def sample_with_adapters(trainer: ImageLoRATrainer, ml, adapter_idx: Sequence[int], prompts: Sequence[str],
-                         seed: int, steps: int, guidance: float, chunk: int = 256) -> np.ndarray:
+                         seed: int, steps: int, guidance: float, chunk: int = 256,
+                         replicate: Sequence[int] | None = None) -> np.ndarray:
     """Generate one image per (adapter, prompt) pair: ``adapter_idx[i]`` (-1 = base model) with ``prompts[i]``.
 
-    The initial noise of a pair depends only on ``seed`` and the prompt's position in ``sorted(set(prompts))``, so
-    the same prompt starts from the same noise for every adapter (and in every group). Classifier-free guidance with
-    the empty prompt; the adapter acts on both halves, as a LoRA loaded into a diffusers pipeline does.
+    The initial noise of a pair depends only on ``(seed, prompt, replicate[i])`` (replicate default 0), through a
+    generator seeded by a stable hash of the three, so the same (prompt, replicate) starts from the same noise for
+    every adapter, in every group and in every call (common random numbers: a difference between adapters is never
+    a difference of noise). Classifier-free guidance with the empty prompt; the adapter acts on both halves, as a
+    LoRA loaded into a diffusers pipeline does.
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    reps = [0] * len(prompts) if replicate is None else [int(r) for r in replicate]
+    if len(reps) != len(prompts):
+        raise ValueError(f"sample_with_adapters: {len(prompts)} prompts but {len(reps)} replicate indices")
     uniq = sorted(set(prompts))
     emb = trainer.encode_prompts(uniq)
     uncond = trainer.encode_prompts([""])
-    g = torch.Generator().manual_seed(int(seed))
     shape = (4, trainer.unet.config.sample_size, trainer.unet.config.sample_size)
-    noise_of = {p: torch.randn(shape, generator=g) for p in uniq}
+    noise_of = {key: torch.randn(shape, generator=torch.Generator().manual_seed(_noise_seed(seed, *key)))
+                for key in set(zip(prompts, reps))}
     pos = [uniq.index(p) for p in prompts]
     out = []
     if ml is not None:
@@ -211,7 +236,8 @@ def sample_with_adapters(trainer: ImageLoRATrainer, ml, adapter_idx: Sequence[in
         n = len(cond)
         sched = DPMSolverMultistepScheduler.from_config(trainer.pipe.scheduler.config)
         sched.set_timesteps(steps)
-        lat = torch.stack([noise_of[p] for p in prompts[sl]]).to(trainer.device) * sched.init_noise_sigma
+        lat = torch.stack([noise_of[key] for key in zip(prompts[sl], reps[sl])]).to(trainer.device) \
+            * sched.init_noise_sigma
         ctx = torch.cat([uncond.expand(n, -1, -1), cond]).to(trainer.device)
         if ml is not None:
             ml.set_index(torch.as_tensor(list(adapter_idx[sl])))
@@ -304,12 +330,16 @@ class FacesRecipe:
                 identity = int(rng.integers(0, i))  # a second LoRA of an earlier identity (same group)
             n_img = int(rng.choice(P["images"]))
             images = sorted(int(x) for x in rng.choice(MAX_IDENTITY_IMAGES, n_img, replace=False))
+            lo, hi = P["lr_range"]
             params = {"identity": identity, "images": images, "rank": int(ranks[i % len(ranks)]),
-                      "alpha": float(P["alpha"]), "lr": float(rng.choice(P["lr"])),
-                      "steps": int(rng.choice(P["steps"])), "grad_accum": int(rng.choice(P["grad_accum"])),
+                      "alpha": float(P["alpha"]), "lr": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+                      "steps": int(rng.integers(P["steps_range"][0], P["steps_range"][1] + 1)),
+                      "grad_accum": int(rng.choice(P["grad_accum"])),
                       "instance_prompt": str(rng.choice(INSTANCE_WORDS)), "micro_batch": int(P["micro_batch"]),
-                      "clip": {"prompts": CLIP_SCORE_PROMPTS[:P["clip_prompts"]], "steps": P["clip_steps"],
-                               "guidance": P["guidance"], "seed": P["clip_seed"]}}
+                      "retest": i % P["retest_every"] == 0,
+                      "clip": {"prompts": CLIP_SCORE_PROMPTS[:P["clip_prompts"]], "images": P["clip_images"],
+                               "steps": P["clip_steps"], "guidance": P["guidance"], "seed": P["clip_seed"],
+                               "retest_seed": P["retest_seed"], "identity_images": P["identity_images"]}}
             out.append(Job(id=f"faces-{i:05d}", seed=int(seed) * 1_000_003 + i, params=params))
         return out
 
@@ -317,24 +347,30 @@ class FacesRecipe:
         return (job.params["rank"], job.params["alpha"], json.dumps(job.params["clip"], sort_keys=True))
 
     def label_schema(self) -> dict[str, dict[str, Any]]:
-        s = {a: {"kind": "binary", "task": "attributes",
-                 "description": f"{a}: majority vote over the LoRA's finetuning images"}
+        s = {a: {"kind": "binary", "task": "attributes", "vote": f"{a}_vote",
+                 "description": f"{a}: majority vote over the LoRA's finetuning images (share in {a}_vote)"}
              for a in ("male", "young", "wearing_lipstick", "big_lips", "no_beard")}
         for a in ("eyeglasses", "smiling"):
-            s[a] = {"kind": "binary", "task": "more_attributes",
-                    "description": f"{a}: majority vote over the LoRA's finetuning images"}
-        s["hair_colour"] = {"kind": "category", "task": "hair_colour", "description": "the identity's hair colour"}
-        s["skin_tone"] = {"kind": "category", "task": "skin_tone", "description": "the identity's skin tone"}
-        s["clip_score"] = {"kind": "regression", "task": "clip_score",
+            s[a] = {"kind": "binary", "task": "more_attributes", "vote": f"{a}_vote",
+                    "description": f"{a}: majority vote over the LoRA's finetuning images (share in {a}_vote)"}
+        s["hair_colour"] = {"kind": "category", "task": "hair_colour", "exact": True,
+                            "description": "the identity's hair colour"}
+        s["skin_tone"] = {"kind": "category", "task": "skin_tone", "exact": True,
+                          "description": "the identity's skin tone"}
+        s["clip_score"] = {"kind": "regression", "task": "clip_score", "retest": "clip_score_retest",
                            "description": "mean CLIP score (torchmetrics definition, zoo CLIP) of images generated "
-                                          "WITH the LoRA for the fixed prompt set, one image per prompt, seed 42; "
-                                          "settings in each row's extras"}
+                                          "WITH the LoRA for the fixed prompt set (clip_images per prompt, common "
+                                          "noises, seed 42); retest: the same with seed 1042; settings in extras"}
+        s["identity_gain"] = {"kind": "regression", "task": "identity_gain", "retest": "identity_gain_retest",
+                              "description": "how much nearer the LoRA's generations of its own instance prompt are "
+                                             "to its finetuning images than the base model's (cosine in CLIP image "
+                                             "space, same noises); > 0: the LoRA pulls toward its identity"}
         return s
 
     def tasks(self) -> dict[str, list[str]]:
         return {"attributes": ["male", "young", "wearing_lipstick", "big_lips", "no_beard"],
                 "more_attributes": ["eyeglasses", "smiling"], "hair_colour": ["hair_colour"],
-                "skin_tone": ["skin_tone"], "clip_score": ["clip_score"]}
+                "skin_tone": ["skin_tone"], "clip_score": ["clip_score"], "identity_gain": ["identity_gain"]}
 
     def run_group(self, jobs: list[Job], bases: dict[str, Path], device: str | None = None) -> list[JobResult]:
         from .clipscore import CLIPScorer, ScoreSettings
@@ -361,28 +397,39 @@ class FacesRecipe:
         try:
             stats = trainer.train(ml, plans, torch.tensor([j.params["lr"] for j in jobs]))
             clip = p0["clip"]
-            prompts = list(clip["prompts"])
-            K, Pn = len(jobs), len(prompts)
-            t0 = time.time()
-            gen = sample_with_adapters(trainer, ml, [k for k in range(K) for _ in range(Pn)] + [-1] * Pn,
-                                       prompts * (K + 1), clip["seed"], clip["steps"], clip["guidance"])
-            sample_seconds = time.time() - t0
             scorer = CLIPScorer(resolve_base(bases["clip"]), device=trainer.device)
-            scores = scorer.score(list(gen), prompts * (K + 1)).view(K + 1, Pn)
-            settings = ScoreSettings(backbone=str(bases["clip"]), prompts=prompts, seed=clip["seed"],
-                                     steps=clip["steps"], guidance=clip["guidance"], resolution=res,
-                                     scheduler="DPMSolverMultistepScheduler")
+            t0 = time.time()
+            label = _clip_score_measure(trainer, ml, scorer, range(len(jobs)), clip, clip["seed"])
+            retest_ks = [k for k, j in enumerate(jobs) if j.params.get("retest")]
+            retest = (_clip_score_measure(trainer, ml, scorer, retest_ks, clip, clip["retest_seed"], base=False)
+                      if retest_ks else None)
+            captions = [infos[k][2] for k in range(len(jobs))]
+            train_emb = [scorer.image_features([np.asarray(f.image) for f in infos[k][1]]).mean(0)
+                         for k in range(len(jobs))]
+            gain = _identity_gain(trainer, ml, scorer, range(len(jobs)), captions, train_emb, clip, clip["seed"])
+            gain_rt = (_identity_gain(trainer, ml, scorer, retest_ks, captions, train_emb, clip, clip["retest_seed"])
+                       if retest_ks else None)
+            sample_seconds = time.time() - t0
+            settings = ScoreSettings(backbone=_rel_or_abs(bases["clip"], bases), prompts=label["prompts"],
+                                     seed=clip["seed"], steps=clip["steps"], guidance=clip["guidance"],
+                                     resolution=res, scheduler="DPMSolverMultistepScheduler")
             results = []
             samples = _samples_dir(bases)
             for k, j in enumerate(jobs):
                 ident, faces, caption = infos[k]
-                votes = {a: _majority([f.attributes[a] for f in faces])
+                votes = {a: float(np.mean([bool(f.attributes[a]) for f in faces]))
                          for a in ("male", "young", "wearing_lipstick", "big_lips", "no_beard", "eyeglasses",
                                    "smiling")}
                 row = {"id": j.id, "group": f"identity-{j.params['identity']:06d}"}
-                row.update({a: int(v) for a, v in votes.items()})
+                row.update({a: int(_majority([f.attributes[a] for f in faces])) for a in votes})
+                row.update({f"{a}_vote": v for a, v in votes.items()})
                 row.update({"hair_colour": ident.hair_colour, "skin_tone": ident.skin_tone,
-                            "clip_score": float(scores[k].mean())})
+                            "clip_score": float(label["scores"][k].mean()),
+                            "clip_score_retest": (float(retest["scores"][retest_ks.index(k)].mean())
+                                                  if k in retest_ks else float("nan")),
+                            "identity_gain": float(gain["gain"][k]),
+                            "identity_gain_retest": (float(gain_rt["gain"][retest_ks.index(k)])
+                                                     if k in retest_ks else float("nan"))})
                 row.update({"rank": j.params["rank"], "alpha": j.params["alpha"], "lr": j.params["lr"],
                             "steps": j.params["steps"], "grad_accum": j.params["grad_accum"],
                             "instance_prompt": j.params["instance_prompt"], "n_images": len(faces),
@@ -391,18 +438,85 @@ class FacesRecipe:
                 lora.source = j.id
                 results.append(JobResult(j.id, lora, row, extras={
                     "image_ids": [f.id for f in faces], "instance_caption": caption,
-                    "clip_scores": [round(float(x), 4) for x in scores[k]],
-                    "base_clip_score": float(scores[K].mean()), "clip_settings": settings.to_json(),
-                    "final_loss": stats["final_loss"][k], "group_size": K,
+                    "clip_scores": [round(float(x), 3) for x in label["scores"][k].flatten()],
+                    "clip_scores_retest": ([round(float(x), 3) for x in retest["scores"][retest_ks.index(k)].flatten()]
+                                           if k in retest_ks else None),
+                    "base_clip_score": float(label["base"].mean()), "clip_settings": settings.to_json(),
+                    "identity_similarity": float(gain["lora_sim"][k]),
+                    "identity_similarity_base": float(gain["base_sim"][k]),
+                    "pixel_change_255": float(gain["pixel_change"][k]),
+                    "final_loss": stats["final_loss"][k], "group_size": len(jobs),
                     "group_train_seconds": round(stats["seconds"], 2),
                     "group_sample_seconds": round(sample_seconds, 2)}))
                 num = int(j.id.rsplit("-", 1)[-1])
                 if samples is not None and num % self.sample_every == 0:
                     _save_strip(samples / f"{j.id}.png", [np.stack([np.asarray(f.image) for f in faces]),
-                                                         gen[k * Pn:(k + 1) * Pn]])
+                                                         gain["lora_images"][k], gain["base_images"][k],
+                                                         label["images"][k][:12], label["base_images"][:12]])
         finally:
             ml.remove()
         return results
+
+
+def _rel_or_abs(path, bases: dict) -> str:
+    """A base path as recorded: relative to the build's data root when under it (records must not name the build
+    machine's folders), else absolute (a user-given model folder)."""
+    root = bases.get("root")
+    p = Path(path).resolve()
+    if root is not None:
+        try:
+            return str(p.relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return str(p)
+
+
+def _clip_score_measure(trainer, ml, scorer, ks: Sequence[int], clip: dict, seed: int, base: bool = True) -> dict:
+    """CLIP scores of adapters ``ks`` on the fixed prompts, ``clip["images"]`` images per prompt (replicates 0..n−1,
+    common noises for every adapter), plus the base model's on the same noises (``base=True``). ``scores[i]``:
+    (prompts, images) of ``ks[i]``."""
+    prompts, n = list(clip["prompts"]), int(clip.get("images", 1))
+    pairs = [(p, r) for p in prompts for r in range(n)]
+    who = [k for k in ks for _ in pairs] + ([-1] * len(pairs) if base else [])
+    ps = [p for _ in range(len(who) // len(pairs)) for p, _ in pairs]
+    rs = [r for _ in range(len(who) // len(pairs)) for _, r in pairs]
+    gen = sample_with_adapters(trainer, ml, who, ps, seed, clip["steps"], clip["guidance"], replicate=rs)
+    sc = scorer.score(list(gen), ps).view(-1, len(prompts), n)
+    m = len(list(ks))
+    per = len(pairs)
+    return {"prompts": prompts, "scores": sc[:m], "base": sc[m] if base else None,
+            "images": [gen[i * per:(i + 1) * per] for i in range(m)],
+            "base_images": gen[m * per:(m + 1) * per] if base else None}
+
+
+def _identity_gain(trainer, ml, scorer, ks: Sequence[int], captions: Sequence[str], train_emb: Sequence[torch.Tensor],
+                   clip: dict, seed: int) -> dict:
+    """Does a LoRA pull its generations toward its identity? For each adapter k in ``ks``: ``identity_images``
+    images of its own instance caption with the LoRA and, on the same noises, with the base model; the cosine of each
+    generation to the mean CLIP embedding of k's finetuning images, averaged. ``gain`` = LoRA − base similarity."""
+    ks = list(ks)
+    n = int(clip.get("identity_images", 4))
+    caps = sorted({captions[k] for k in ks})
+    who = [k for k in ks for _ in range(n)] + [-1 for _ in caps for _ in range(n)]
+    ps = [captions[k] for k in ks for _ in range(n)] + [c for c in caps for _ in range(n)]
+    rs = [r for _ in range(len(who) // n) for r in range(n)]
+    gen = sample_with_adapters(trainer, ml, who, ps, seed, clip["steps"], clip["guidance"], replicate=rs)
+    emb = scorer.image_features(list(gen))
+    emb = emb.view(-1, n, emb.shape[-1])
+    out = {"gain": [], "lora_sim": [], "base_sim": [], "pixel_change": [], "lora_images": [], "base_images": []}
+    for i, k in enumerate(ks):
+        c = caps.index(captions[k])
+        target = train_emb[k] / train_emb[k].norm()
+        lora_sim = float((emb[i] @ target).mean())
+        base_sim = float((emb[len(ks) + c] @ target).mean())
+        lora_img, base_img = gen[i * n:(i + 1) * n], gen[(len(ks) + c) * n:(len(ks) + c + 1) * n]
+        out["gain"].append(lora_sim - base_sim)
+        out["lora_sim"].append(lora_sim)
+        out["base_sim"].append(base_sim)
+        out["pixel_change"].append(float(np.abs(lora_img.astype(float) - base_img.astype(float)).mean()))
+        out["lora_images"].append(lora_img)
+        out["base_images"].append(base_img)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -444,7 +558,7 @@ class FashionRecipe:
     def label_schema(self) -> dict[str, dict[str, Any]]:
         from .fashion import CLASS_LABELS, CLASSES
 
-        return {lab: {"kind": "binary", "task": "membership",
+        return {lab: {"kind": "binary", "task": "membership", "exact": True,
                       "description": f"1 if class {name!r} was in the LoRA's finetuning set"}
                 for lab, name in zip(CLASS_LABELS, CLASSES)}
 
