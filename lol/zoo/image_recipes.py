@@ -429,7 +429,8 @@ class FacesRecipe:
                                                   if k in retest_ks else float("nan")),
                             "identity_gain": float(gain["gain"][k]),
                             "identity_gain_retest": (float(gain_rt["gain"][retest_ks.index(k)])
-                                                     if k in retest_ks else float("nan"))})
+                                                     if k in retest_ks else float("nan")),
+                            "pixel_change_255": float(gain["pixel_change"][k])})
                 row.update({"rank": j.params["rank"], "alpha": j.params["alpha"], "lr": j.params["lr"],
                             "steps": j.params["steps"], "grad_accum": j.params["grad_accum"],
                             "instance_prompt": j.params["instance_prompt"], "n_images": len(faces),

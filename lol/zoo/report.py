@@ -92,11 +92,29 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
                          f"{col.max():.4g} |")
         else:
             lines.append(f"| {lab} | {info.get('kind')} | {col.nunique()} values | | | |")
-    lines += [""] + _reliability_lines(t, coll.labels)
+    lines += [""] + _reliability_lines(t, coll.labels) + _effect_lines(t)
     return lines + [""]
 
 
 RELIABILITY_GOAL = 0.95
+IDENTITY_GOAL = 0.9
+
+
+def _effect_lines(table) -> list[str]:
+    """Do the LoRAs do what a DreamBooth LoRA does? (faces: generations pulled toward the LoRA's own identity)."""
+    if "identity_gain" not in table.columns:
+        return []
+    g = table["identity_gain"].astype(float).dropna()
+    share = float((g > 0).mean())
+    line = (f"**LoRA effect.** `identity_gain` > 0 (the LoRA's generations of its own instance prompt are nearer its "
+            f"finetuning images in CLIP image space than the base model's, same noises) for {share:.1%} of {len(g)} "
+            f"LoRAs (goal ≥ {IDENTITY_GOAL:.0%}: {'met' if share >= IDENTITY_GOAL else '**not met**'}); median gain "
+            f"{g.median():.3f}, quartiles {g.quantile(0.25):.3f} / {g.quantile(0.75):.3f}.")
+    if "pixel_change_255" in table.columns:
+        p = table["pixel_change_255"].astype(float).dropna()
+        line += (f" Mean absolute pixel change LoRA vs base on those images: median {p.median():.1f}/255, "
+                 f"quartiles {p.quantile(0.25):.1f} / {p.quantile(0.75):.1f}.")
+    return [line, ""]
 
 
 def _reliability_lines(table, labels) -> list[str]:
