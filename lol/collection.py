@@ -2,17 +2,26 @@
 
 A collection is a folder with three files:
 
-* ``collection.json``: format version, the spec (module names and (out, in) shapes), conv kernel shapes, base model
-  description, label schema ``{name: {"kind": "regression"|"binary"|"category", "description", "task"}}``, label
-  groups ``{"tasks": {task: [label, ...]}}``, provenance, and the SHA-256 of the factors file;
-* ``factors.safetensors``: per module ℓ, ``U/<name>`` (N, out_ℓ, rmax_ℓ) and ``V/<name>`` (N, in_ℓ, rmax_ℓ)
-  (float16 by default; U has the scale folded in, so ``ΔW = U Vᵀ``), zero-padded past each LoRA's true rank;
-  ``rank`` (N, L) int32; ``alpha`` and ``scale`` (N, L) float32;
+* ``collection.json``: format version, layout, the spec (module names and (out, in) shapes), conv kernel shapes, base
+  model description, label schema ``{name: {"kind": "regression"|"binary"|"category", "description", "task"}}``,
+  label groups ``{"tasks": {task: [label, ...]}}``, provenance, and the SHA-256 of the factors file;
+* ``factors.safetensors``: ``rank`` (N, L) int32; ``alpha`` and ``scale`` (N, L) float32; and the factors (float16 by
+  default, stored at the dtype written, never widened; U has the scale folded in, so ``ΔW = U Vᵀ``), in one of two
+  layouts:
+
+  - **rank buckets** (version 2, written now): per module ℓ and per rank r that occurs in it, ``U/<name>/r<r>``
+    (N_r, out_ℓ, r) and ``V/<name>/r<r>`` (N_r, in_ℓ, r) hold the LoRAs whose module ℓ has rank r, in collection
+    order. Nothing is padded; where a LoRA sits is read from ``rank`` alone (its row in bucket r is the number of
+    earlier LoRAs with rank r in that module).
+  - **padded** (version 1, still read, written with ``layout="padded"``): ``U/<name>`` (N, out_ℓ, rmax_ℓ) and
+    ``V/<name>`` (N, in_ℓ, rmax_ℓ), zero-padded past each LoRA's true rank;
+
 * ``loras.parquet``: one row per LoRA, in factor order: ``id`` (unique), ``source``, ``format``, optional ``group``
   and ``split``, then label and metadata columns.
 
-Opening memory-maps the factors (copy-on-write, never modifying the file) and reads only headers and the table;
-`Collection.batch` slices the maps into a `LoRABatch`. Zero padding is invisible to GL-invariant computations:
+Opening memory-maps the factors through the `safetensors` library (copy-on-write, never modifying the file) and reads
+only headers, ranks and the table; `Collection.batch` gathers rows of the maps into a `LoRABatch`, zero-padded in
+memory to the largest selected rank per module as before. Zero padding is invisible to GL-invariant computations:
 ``U Vᵀ`` is unchanged and the GL(r) action acts on the first ``rank`` columns only.
 """
 from __future__ import annotations
@@ -37,9 +46,10 @@ from .labels import LABEL_KINDS
 from .lora import LoRA, LoRAModule, ModuleSpec
 from .paths import atomic_dir
 
-__all__ = ["Collection", "open_collection", "write_collection", "FORMAT_VERSION", "LABEL_KINDS"]
+__all__ = ["Collection", "open_collection", "write_collection", "FORMAT_VERSION", "LAYOUTS", "LABEL_KINDS"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rank buckets; 1: padded to the largest rank (still read)
+LAYOUTS = {"rank_buckets": 2, "padded": 1}
 META_NAME, FACTORS_NAME, TABLE_NAME = "collection.json", "factors.safetensors", "loras.parquet"
 _ST_DTYPE = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int32: "I32"}
@@ -76,7 +86,7 @@ def _ordered_modules(lora: LoRA, spec: ModuleSpec, i: int) -> list[LoRAModule]:
 
 class _Spool:
     """LoRAs of an iterator written once to a scratch file (target dtype, no padding) and replayed from a memory map,
-    so the largest rank per module is known before the packed file is laid out, without holding all LoRAs in RAM."""
+    so every rank is known before the packed file is laid out, without holding all LoRAs in RAM."""
 
     def __init__(self, folder: Path, spec: ModuleSpec, dtype: torch.dtype):
         self.path, self.spec, self.dtype = folder / "spool.bin", spec, dtype
@@ -126,21 +136,43 @@ def _safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], me
                   for k, v in table.items() if k != "__metadata__"}
 
 
+def _bucket_rows(ranks: torch.Tensor) -> torch.Tensor:
+    """For (N, L) ranks, the (N, L) row of each LoRA in its rank bucket: the number of earlier LoRAs whose module has
+    the same rank (the rank-bucket layout's whole index, so nothing but ``rank`` is stored)."""
+    rows = torch.zeros_like(ranks, dtype=torch.long)
+    for ell in range(ranks.shape[1]):
+        col = ranks[:, ell]
+        for r in torch.unique(col).tolist():
+            mask = col == r
+            rows[mask, ell] = torch.arange(int(mask.sum()))
+    return rows
+
+
+def _bucket_key(side: str, name: str, r: int) -> str:
+    return f"{side}/{name}/r{int(r)}"
+
+
 def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = None, tasks: dict | None = None,
                      base_model: str | None = None, dtype: torch.dtype = torch.float16,
                      spec: ModuleSpec | None = None, provenance: dict | None = None,
-                     rmax: Sequence[int] | None = None, overwrite: bool = False) -> "Collection":
+                     rmax: Sequence[int] | None = None, overwrite: bool = False,
+                     ranks: Sequence[Sequence[int]] | None = None, layout: str = "rank_buckets") -> "Collection":
     """Pack LoRAs (row ``i`` of ``table`` describes the ``i``-th LoRA) into the collection folder ``dest``.
 
-    Streaming: each LoRA is written as it arrives and dropped. When the largest rank per module is not known
-    (``rmax`` not given and ``loras`` is not a sequence), LoRAs go once through a scratch spool first. Atomic: all
-    files are written into a temporary sibling folder that is renamed to ``dest`` at the end. ``spec`` defaults to
-    the first LoRA's; every LoRA is matched to it by module key. Missing ``source`` / ``format`` columns are filled
-    from the LoRAs. Deterministic: the same inputs give byte-identical files.
+    Streaming: each LoRA is written as it arrives and dropped. The layout needs every LoRA's rank per module before
+    the file is laid out: pass them as ``ranks`` ((N, L), spec order; each LoRA must then have exactly those), or
+    give a sequence (scanned first); otherwise LoRAs go once through a scratch spool. ``rmax`` (per module) is an
+    upper bound that is checked, and the width of the ``"padded"`` layout (version 1, for readers older than version
+    2; the default ``"rank_buckets"`` stores no padding). Atomic: all files are written into a temporary sibling
+    folder that is renamed to ``dest`` at the end. ``spec`` defaults to the first LoRA's; every LoRA is matched to it
+    by module key. Missing ``source`` / ``format`` columns are filled from the LoRAs. Deterministic: the same inputs
+    give byte-identical files.
     """
     import pandas as pd
 
     dest = Path(dest)
+    if layout not in LAYOUTS:
+        raise CollectionError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise CollectionError(f"{dest}: already exists (pass overwrite=True to replace it)")
     table = pd.DataFrame(table).reset_index(drop=True)
@@ -160,20 +192,37 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
 
     try:
         with atomic_dir(dest, overwrite=overwrite) as tmp:
-            _write_into(tmp, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax)
+            _write_into(tmp, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax,
+                        ranks, layout)
     except FileExistsError:
         raise CollectionError(f"{dest}: already exists (written meanwhile by another process; pass overwrite=True "
                               f"to replace it)") from None
     return open_collection(dest)
 
 
-def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax) -> None:
+def _known_ranks(ranks, n: int, L: int) -> torch.Tensor:
+    try:
+        t = torch.as_tensor([[int(r) for r in row] for row in ranks], dtype=torch.long)
+    except (TypeError, ValueError) as e:
+        raise CollectionError(f"ranks must be N lists of L integers ({e})") from None
+    if t.shape != (n, L):
+        if t.ndim == 2 and t.shape[1] == L:
+            raise CollectionError(f"the table has {n} rows but ranks were given for {t.shape[0]} LoRAs")
+        raise CollectionError(f"ranks has shape {tuple(t.shape)}, expected ({n}, {L}) (table rows, spec modules)")
+    if bool((t < 1).any()):
+        raise CollectionError("ranks must be ≥ 1")
+    return t
+
+
+def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax,
+                ranks, layout) -> None:
     """`write_collection`'s work, into the temporary folder ``tmp`` (made durable before the caller renames it)."""
     it = iter(loras)
     first = next(it, None)
     if first is None:
         raise CollectionError("no LoRAs to pack (the iterable is empty)")
     spec = spec or first.spec
+    L = len(spec)
     first_mods = _ordered_modules(first, spec, 0)
     kernels = [list(m.kernel_shape) if m.kernel_shape else None for m in first_mods]
     sources, formats = [first.source], [first.format]
@@ -184,31 +233,60 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
             formats.append(lora.format)
             yield _ordered_modules(lora, spec, i)
 
-    if rmax is None and isinstance(loras, Sequence):
-        rmax = [max(lora_mods.rank for lora_mods in (_ordered_modules(lo, spec, i)[ell]
-                                                      for i, lo in enumerate(loras)))
-                for ell in range(len(spec))]
-    if rmax is None:
+    def chain():
+        yield first_mods
+        yield from rest()
+
+    # every rank up front (the buckets' sizes), unless the padded layout streams with a given rmax
+    known = None
+    if ranks is not None:
+        known = _known_ranks(ranks, n, L)
+    elif isinstance(loras, Sequence):
+        if len(loras) != n:
+            raise CollectionError(f"the table has {n} rows but {len(loras)} LoRAs were given")
+        known = torch.tensor([[m.rank for m in _ordered_modules(lo, spec, i)] for i, lo in enumerate(loras)],
+                             dtype=torch.long).reshape(n, L)
+    if known is None and (layout == "rank_buckets" or rmax is None):
         spool = _Spool(tmp, spec, dtype)
-        spool.add(first_mods)
-        for mods in rest():
+        for mods in chain():
             spool.add(mods)
-        rmax = [max(e[1][ell] for e in spool.entries) for ell in range(len(spec))]
+        if len(spool.entries) != n:
+            spool.f.close()
+            raise CollectionError(f"the table has {n} rows but {len(spool.entries)} LoRAs were given")
+        known = torch.tensor([e[1] for e in spool.entries], dtype=torch.long).reshape(n, L)
         stream = spool.replay()
     else:
-        def chain():
-            yield first_mods
-            yield from rest()
         stream = chain()
-    rmax = [int(r) for r in rmax]
+    if rmax is not None:
+        rmax = [int(r) for r in rmax]
+        if len(rmax) != L:
+            raise CollectionError(f"rmax has {len(rmax)} entries but the spec has {L} modules")
+        if known is not None:
+            over = (known > torch.tensor(rmax)).nonzero()
+            if len(over):
+                j, ell = (int(x) for x in over[0])
+                raise CollectionError(f"LoRA #{j} module {spec.names[ell]!r} has rank {int(known[j, ell])} > rmax "
+                                      f"{rmax[ell]}")
+    else:
+        rmax = [int(r) for r in known.max(dim=0).values]
 
-    L, size = len(spec), torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
     # the 4-byte tensors first: every tensor then starts at an offset aligned to its item size (16-bit factors)
     entries = [("rank", "I32", (n, L), n * L * 4), ("alpha", "F32", (n, L), n * L * 4),
                ("scale", "F32", (n, L), n * L * 4)]
-    for name, (o, i_), r in zip(spec.names, spec.shapes, rmax):
-        entries.append((f"U/{name}", st_dtype, (n, o, r), n * o * r * size))
-        entries.append((f"V/{name}", st_dtype, (n, i_, r), n * i_ * r * size))
+    # per module: {bucket width: key suffix}; LoRA j of module ℓ goes to bucket width[j, ℓ] at row rows[j, ℓ]
+    if layout == "padded":
+        for name, (o, i_), r in zip(spec.names, spec.shapes, rmax):
+            entries.append((f"U/{name}", st_dtype, (n, o, r), n * o * r * size))
+            entries.append((f"V/{name}", st_dtype, (n, i_, r), n * i_ * r * size))
+    else:
+        for ell, (name, (o, i_)) in enumerate(zip(spec.names, spec.shapes)):
+            counts = torch.bincount(known[:, ell])
+            for r in torch.nonzero(counts).reshape(-1).tolist():
+                c = int(counts[r])
+                entries.append((_bucket_key("U", name, r), st_dtype, (c, o, r), c * o * r * size))
+                entries.append((_bucket_key("V", name, r), st_dtype, (c, i_, r), c * i_ * r * size))
+        rows = _bucket_rows(known)
     head, offsets = _safetensors_header(entries, {"format": "pt", "lol": "collection"})
     total = len(head) + sum(e[3] for e in entries)
     fpath = tmp / FACTORS_NAME
@@ -219,32 +297,39 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
         mm = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     views = {key: torch.frombuffer(mm, dtype=_TORCH_DTYPE[dt], count=nbytes // _TORCH_DTYPE[dt].itemsize,
                                    offset=offsets[key][0]).view(shape)
-             for key, dt, shape, nbytes in entries}
-    U_views = [views[f"U/{name}"] for name in spec.names]
-    V_views = [views[f"V/{name}"] for name in spec.names]
-    U_np = [_numpy(t) for t in U_views]  # the same bytes, for numpy's faster small (transposed) copies
-    V_np = [_numpy(t) for t in V_views]
+             for key, dt, shape, nbytes in entries if nbytes}
+    np_views = {key: _numpy(t) for key, t in views.items()}  # the same bytes, for numpy's faster small copies
+
+    def target(j: int, ell: int, side: str) -> tuple[str, int]:
+        if layout == "padded":
+            return f"{side}/{spec.names[ell]}", j
+        return _bucket_key(side, spec.names[ell], int(known[j, ell])), int(rows[j, ell])
+
     count = 0
     with torch.no_grad():
         for j, mods in enumerate(stream):
             if j >= n:
                 raise CollectionError(f"more LoRAs than table rows ({n})")
-            ranks = [m.rank for m in mods]
-            for ell, (m, r) in enumerate(zip(mods, ranks)):
+            ranks_j = [m.rank for m in mods]
+            for ell, (m, r) in enumerate(zip(mods, ranks_j)):
+                if known is not None and r != int(known[j, ell]):
+                    raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} but the given ranks say "
+                                          f"{int(known[j, ell])}")
                 if r > rmax[ell]:
                     raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} > rmax {rmax[ell]}")
-                for dst_np, dst, src in ((U_np[ell], U_views[ell], m.U), (V_np[ell], V_views[ell], m.V)):
+                for side, src in (("U", m.U), ("V", m.V)):
+                    key, row = target(j, ell, side)
                     if src.dtype == dtype and src.device.type == "cpu":  # same dtype: a bitwise numpy copy,
-                        np.copyto(dst_np[j, :, :r], _numpy(src))         # several times faster for V = Aᵀ
+                        np.copyto(np_views[key][row, :, :r], _numpy(src))  # several times faster for V = Aᵀ
                     else:
-                        dst[j, :, :r].copy_(src)  # converts: one rounding to the storage dtype
-            views["rank"][j] = torch.tensor(ranks, dtype=torch.int32)
+                        views[key][row, :, :r].copy_(src)  # converts: one rounding to the storage dtype
+            views["rank"][j] = torch.tensor(ranks_j, dtype=torch.int32)
             views["alpha"][j] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
             views["scale"][j] = torch.tensor([m.scale for m in mods], dtype=torch.float32)
             count += 1
     if count != n:
         raise CollectionError(f"the table has {n} rows but {count} LoRAs were given")
-    del views, U_views, V_views, U_np, V_np
+    del views, np_views
     sha = hashlib.sha256(mm)  # hashed from the written pages: no second read of the file
     mm.close()
     (tmp / "spool.bin").unlink(missing_ok=True)
@@ -257,7 +342,7 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
     table = table[front + [c for c in table.columns if c not in front]]
     table.to_parquet(tmp / TABLE_NAME, index=False)
     meta = {
-        "format": "lol-collection", "version": FORMAT_VERSION, "n": n, "spec": spec.to_json(),
+        "format": "lol-collection", "version": LAYOUTS[layout], "layout": layout, "n": n, "spec": spec.to_json(),
         "kernel_shapes": kernels, "rmax": rmax, "dtype": str(dtype).replace("torch.", ""),
         "base_model": base_model, "labels": labels, "tasks": tasks, "provenance": provenance or {},
         "factors_sha256": sha.hexdigest(),
@@ -317,11 +402,24 @@ class Collection:
         self.base_model: str | None = meta.get("base_model")
         self.provenance: dict = meta.get("provenance") or {}
         self.kernel_shapes = [tuple(k) if k else None for k in meta.get("kernel_shapes") or [None] * len(self.spec)]
-        self._U = [tensors[f"U/{n}"] for n in self.spec.names]
-        self._V = [tensors[f"V/{n}"] for n in self.spec.names]
+        self.layout: str = meta.get("layout") or "padded"
         self.ranks = tensors["rank"].long()  # (N, L), small: read now
         self.alpha = tensors["alpha"].clone()
         self.scale = tensors["scale"].clone()
+        # per module: {bucket width: (U, V) mapped}, and per LoRA the width of its bucket and its row there. Padded:
+        # one bucket of width rmax holding every LoRA; rank buckets: one per rank, the LoRAs of that rank in order
+        self._buckets: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        if self.layout == "padded":
+            for n in self.spec.names:
+                U, V = tensors[f"U/{n}"], tensors[f"V/{n}"]
+                self._buckets.append({int(U.shape[2]): (U, V)})
+            self._width = torch.tensor([next(iter(b)) for b in self._buckets], dtype=torch.long).expand(len(table), -1)
+            self._row = torch.arange(len(table)).unsqueeze(1).expand(-1, len(self.spec))
+        else:
+            for ell, n in enumerate(self.spec.names):
+                self._buckets.append({r: (tensors[_bucket_key("U", n, r)], tensors[_bucket_key("V", n, r)])
+                                      for r in torch.unique(self.ranks[:, ell]).tolist()})
+            self._width, self._row = self.ranks, _bucket_rows(self.ranks)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -359,15 +457,40 @@ class Collection:
             raise IndexError(f"{self.path}: index out of range for a collection of {len(self)} LoRAs")
         return idx % len(self) if idx.numel() else idx
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the factors."""
+        return next(iter(self._buckets[0].values()))[0].dtype
+
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        """Every mapped factor tensor (U and V of every bucket of every module)."""
+        return [t for b in self._buckets for pair in b.values() for t in pair]
+
     def batch(self, indices=None, dtype: torch.dtype = torch.float32, device=None) -> LoRABatch:
-        """A `LoRABatch` of the selected LoRAs (all by default); per module the width is the largest selected rank."""
+        """A `LoRABatch` of the selected LoRAs (all by default); per module the width is the largest selected rank,
+        smaller ranks zero-padded (``ranks`` keeps each LoRA's true rank)."""
         idx = self._index(indices)
         ranks = self.ranks[idx]
         Us, Vs = [], []
-        for ell in range(len(self.spec)):
+        for ell, (o, i_) in enumerate(self.spec.shapes):
             r = int(ranks[:, ell].max()) if len(idx) else 0
-            Us.append(self._U[ell][idx, :, :r].to(device=device, dtype=dtype))
-            Vs.append(self._V[ell][idx, :, :r].to(device=device, dtype=dtype))
+            buckets = self._buckets[ell]
+            widths, rows = self._width[idx, ell], self._row[idx, ell]
+            if len(buckets) == 1:  # one bucket (padded layout, or one rank): a gather of rows, as one slice
+                U, V = next(iter(buckets.values()))
+                Us.append(U[rows, :, :r].to(device=device, dtype=dtype))
+                Vs.append(V[rows, :, :r].to(device=device, dtype=dtype))
+                continue
+            U_out = torch.zeros(len(idx), o, r, dtype=dtype, device=device)
+            V_out = torch.zeros(len(idx), i_, r, dtype=dtype, device=device)
+            for w in torch.unique(widths).tolist():
+                sel = (widths == w).nonzero().reshape(-1)
+                U, V = buckets[w]
+                k = min(w, r)
+                U_out[sel.to(U_out.device), :, :k] = U[rows[sel], :, :k].to(device=device, dtype=dtype)
+                V_out[sel.to(V_out.device), :, :k] = V[rows[sel], :, :k].to(device=device, dtype=dtype)
+            Us.append(U_out)
+            Vs.append(V_out)
         return LoRABatch(self.spec, Us, Vs, ranks.to(device) if device is not None else ranks)
 
     def lora(self, i: int, dtype: torch.dtype = torch.float32) -> LoRA:
@@ -377,7 +500,9 @@ class Collection:
         mods = []
         for ell, name in enumerate(self.spec.names):
             r = int(self.ranks[i, ell])
-            mods.append(LoRAModule(name, self._U[ell][i, :, :r].to(dtype), self._V[ell][i, :, :r].to(dtype),
+            U, V = self._buckets[ell][int(self._width[i, ell])]
+            j = int(self._row[i, ell])
+            mods.append(LoRAModule(name, U[j, :, :r].to(dtype), V[j, :, :r].to(dtype),
                                    alpha=float(self.alpha[i, ell]), scale=float(self.scale[i, ell]),
                                    kernel_shape=self.kernel_shapes[ell]))
         return LoRA.from_modules(mods, format=str(row.get("format", "unknown")),
@@ -439,9 +564,14 @@ def open_collection(path) -> Collection:
         raise CollectionError(f"{path / META_NAME}: not valid JSON ({e})") from None
     if meta.get("format") != "lol-collection" or "spec" not in meta:
         raise CollectionError(f"{path / META_NAME}: not a lol collection description")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
+    version = int(meta.get("version", 0))
+    if version > FORMAT_VERSION:
         raise CollectionError(f"{path / META_NAME}: format version {meta['version']} is newer than this lol "
                               f"({FORMAT_VERSION})")
+    layout = meta.get("layout") or "padded"  # version 1 has no "layout": padded
+    if LAYOUTS.get(layout) != max(version, 1):
+        raise CollectionError(f"{path / META_NAME}: layout {layout!r} does not match format version {version} "
+                              f"(known: {LAYOUTS})")
     spec = ModuleSpec.from_json(meta["spec"])
     try:
         table = pd.read_parquet(path / TABLE_NAME)
@@ -457,6 +587,16 @@ def open_collection(path) -> Collection:
         if tuple(tensors[key].shape) != (n, L):
             raise CollectionError(f"{fpath}: {key!r} has shape {tuple(tensors[key].shape)} but the table "
                                   f"{TABLE_NAME} has {n} rows and the spec {L} modules: expected ({n}, {L})")
+    if bool((tensors["rank"] < 1).any()):
+        raise CollectionError(f"{fpath}: ranks below 1")
+    if layout == "padded":
+        _check_padded(fpath, tensors, spec, n)
+    else:
+        _check_buckets(fpath, tensors, spec)
+    return Collection(path, meta, table, tensors)
+
+
+def _check_padded(fpath: Path, tensors: dict, spec: ModuleSpec, n: int) -> None:
     for name, (o, i) in zip(spec.names, spec.shapes):
         for side, dim in (("U", o), ("V", i)):
             key = f"{side}/{name}"
@@ -467,6 +607,32 @@ def open_collection(path) -> Collection:
                 raise CollectionError(f"{fpath}: {key!r} has shape {tuple(t.shape)}, expected ({n}, {dim}, rmax) "
                                       f"from the spec and the {n}-row table")
     rmax = torch.tensor([tensors[f"U/{nm}"].shape[2] for nm in spec.names])
-    if bool((tensors["rank"].long() > rmax).any()) or bool((tensors["rank"] < 1).any()):
+    if bool((tensors["rank"].long() > rmax).any()):
         raise CollectionError(f"{fpath}: ranks outside 1..rmax")
-    return Collection(path, meta, table, tensors)
+    for name in spec.names:
+        if tensors[f"V/{name}"].shape[2] != tensors[f"U/{name}"].shape[2]:
+            raise CollectionError(f"{fpath}: 'U/{name}' and 'V/{name}' have different widths "
+                                  f"({tensors[f'U/{name}'].shape[2]} and {tensors[f'V/{name}'].shape[2]})")
+
+
+def _check_buckets(fpath: Path, tensors: dict, spec: ModuleSpec) -> None:
+    """Every bucket the ranks call for is there with its shape, and nothing else is."""
+    ranks = tensors["rank"].long()
+    expected = {"rank", "alpha", "scale"}
+    for ell, (name, (o, i)) in enumerate(zip(spec.names, spec.shapes)):
+        counts = torch.bincount(ranks[:, ell])
+        for r in torch.nonzero(counts).reshape(-1).tolist():
+            for side, dim in (("U", o), ("V", i)):
+                key = _bucket_key(side, name, r)
+                expected.add(key)
+                t = tensors.get(key)
+                want = (int(counts[r]), dim, r)
+                if t is None:
+                    raise CollectionError(f"{fpath}: missing tensor {key!r} for the {want[0]} LoRA(s) whose module "
+                                          f"{name!r} has rank {r}")
+                if tuple(t.shape) != want:
+                    raise CollectionError(f"{fpath}: {key!r} has shape {tuple(t.shape)}, expected {want} from the "
+                                          f"spec and the ranks")
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise CollectionError(f"{fpath}: unexpected tensor(s) {extra[:3]} (no LoRA of the ranks tensor belongs there)")

@@ -159,7 +159,8 @@ class SynthSet:
 
         return write_collection(dest, self.loras(), self.table, labels=self.labels, tasks=self.tasks,
                                 base_model=base_model or "synthetic", dtype=dtype, spec=self.spec,
-                                provenance=self.provenance, rmax=[max(self.ranks)] * len(self.spec), **kwargs)
+                                provenance=self.provenance, ranks=[[r] * len(self.spec) for r in self.ranks],
+                                **kwargs)
 
 
 def synth_collection(spec: ModuleSpec, n: int, ranks: Sequence[int] = (4,), seed: int = 0, label: str = "sv_energy",

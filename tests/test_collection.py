@@ -2,6 +2,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -82,9 +83,11 @@ def test_factors_file_is_standard_safetensors(tmp_path):
     spec, loras = _loras()
     write_collection(tmp_path / "c", loras, _table(6))
     t = load_file(str(tmp_path / "c" / "factors.safetensors"))
-    name = spec.names[2]
-    assert t[f"U/{name}"].shape == (6, 12, 4) and t[f"U/{name}"].dtype == torch.float16
+    name = spec.names[2]  # ranks 2, 4, 2, 4, 2, 4: two buckets of three LoRAs, no padding
+    assert t[f"U/{name}/r2"].shape == (3, 12, 2) and t[f"U/{name}/r4"].shape == (3, 12, 4)
+    assert t[f"V/{name}/r4"].dtype == torch.float16 and f"U/{name}" not in t
     assert t["rank"].dtype == torch.int32 and t["alpha"].shape == (6, 3) and t["scale"].dtype == torch.float32
+    assert sorted(k for k in t if k.startswith(f"U/{spec.names[1]}/")) == [f"U/{spec.names[1]}/r{r}" for r in (1, 2, 4)]
 
 
 def _mapped_ranges(path):
@@ -107,7 +110,9 @@ def test_open_is_lazy(tmp_path):
     c = open_collection(tmp_path / "c")
     ranges = _mapped_ranges((tmp_path / "c" / "factors.safetensors").resolve())
     assert ranges, "the factors file is not memory-mapped"
-    for t in [*c._U, *c._V]:
+    tensors = c._factor_tensors()
+    assert len(tensors) == 2 * (2 + 3 + 2)  # U and V of buckets {2, 4}, {1, 2, 4}, {2, 4}
+    for t in tensors:
         p = t.data_ptr()
         assert any(lo <= p < hi for lo, hi in ranges), "a factor tensor is a copy, not a view of the mapped file"
 
@@ -128,7 +133,7 @@ def test_validation_errors_name_the_file(tmp_path):
     meta = json.loads((tmp_path / "c" / "collection.json").read_text())
     meta["spec"]["shapes"][0] = [9, 8]
     (tmp_path / "c" / "collection.json").write_text(json.dumps(meta))
-    with pytest.raises(CollectionError, match=r"factors\.safetensors.*U/unet\.down\.attn1\.to_q.*expected \(6, 9"):
+    with pytest.raises(CollectionError, match=r"factors\.safetensors: 'U/unet\.down\.attn1\.to_q/r2'.*expected \(3, 9, 2\)"):
         open_collection(tmp_path / "c")
     for name in ("loras.parquet", "factors.safetensors", "collection.json"):
         (tmp_path / "c" / name).unlink()
@@ -178,7 +183,7 @@ def test_open_1000_sd_sized_lora_collection_is_fast(tmp_path):
     entries = [("rank", "I32", (n, L), n * L * 4), ("alpha", "F32", (n, L), n * L * 4),
                ("scale", "F32", (n, L), n * L * 4)]
     for name, (o, i) in zip(spec.names, spec.shapes):
-        entries += [(f"U/{name}", "F16", (n, o, 4), n * o * 8), (f"V/{name}", "F16", (n, i, 4), n * i * 8)]
+        entries += [(f"U/{name}/r4", "F16", (n, o, 4), n * o * 8), (f"V/{name}/r4", "F16", (n, i, 4), n * i * 8)]
     head, off = _safetensors_header(entries, {"format": "pt"})
     f = tmp_path / "c" / "factors.safetensors"
     with open(f, "wb") as fh:
@@ -192,6 +197,167 @@ def test_open_1000_sd_sized_lora_collection_is_fast(tmp_path):
     t0 = time.perf_counter()
     c = open_collection(tmp_path / "c")
     elapsed = time.perf_counter() - t0
-    assert len(c) == n and c.ranks.shape == (n, L) and c._U[0].shape == (n, 320, 4)
+    assert len(c) == n and c.ranks.shape == (n, L) and c._buckets[0][4][0].shape == (n, 320, 4)
     assert f.stat().st_size > 790e6
     print(f"opened a {f.stat().st_size / 1e6:.0f} MB collection in {elapsed * 1e3:.1f} ms")
+
+
+# ------------------------------------------------------------------------------------------- layouts (rank buckets)
+
+def _same_batch(a: LoRABatch, b: LoRABatch) -> None:
+    assert torch.equal(a.ranks, b.ranks)
+    for u, v, ur, vr in zip(a.U, a.V, b.U, b.V):
+        assert u.dtype == ur.dtype and torch.equal(u, ur) and torch.equal(v, vr)
+
+
+def test_rank_buckets_store_no_padding(tmp_path):
+    """The factors file holds exactly Σ (out + in)·rank values per LoRA module (fp16: 2 bytes each) plus the header and
+    the (N, L) rank/alpha/scale tensors; the padded layout of the same LoRAs holds N·(out + in)·rmax per module."""
+    from safetensors import safe_open
+
+    spec, loras = _loras(n=8, ranks=(1, 2, 8, 3))
+    c = write_collection(tmp_path / "b", loras, _table(8))
+    p = write_collection(tmp_path / "p", loras, _table(8), layout="padded")
+    assert (c.layout, c.meta["version"], p.layout, p.meta["version"]) == ("rank_buckets", 2, "padded", 1)
+    ranks = c.ranks
+    want = sum(int(ranks[j, ell]) * (o + i) * 2 for j in range(8) for ell, (o, i) in enumerate(spec.shapes))
+    padded = sum(8 * int(ranks[:, ell].max()) * (o + i) * 2 for ell, (o, i) in enumerate(spec.shapes))
+    for folder, factor_bytes in (("b", want), ("p", padded)):
+        f = tmp_path / folder / "factors.safetensors"
+        with safe_open(str(f), framework="pt") as st:
+            header_len = int.from_bytes(f.read_bytes()[:8], "little")
+            keys = list(st.keys())
+        assert f.stat().st_size == 8 + header_len + 3 * 8 * 3 * 4 + factor_bytes, (folder, keys)
+    assert want < padded / 2
+
+
+@pytest.mark.parametrize("as_iterator", [False, True])
+def test_both_layouts_give_the_same_batches_and_loras(tmp_path, as_iterator):
+    spec, loras = _loras(n=9, ranks=(1, 4, 2))
+    b = write_collection(tmp_path / "b", iter(loras) if as_iterator else loras, _table(9))
+    p = write_collection(tmp_path / "p", iter(loras) if as_iterator else loras, _table(9), layout="padded")
+    for idx in (None, [4, 0, 4, -1], [2], [0, 3, 6], []):
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            _same_batch(b.batch(idx, dtype=dtype), p.batch(idx, dtype=dtype))
+    sel = [5, 1, 8, 1]
+    _same_batch(b.batch(sel), LoRABatch.from_loras([b.lora(i) for i in sel], spec))  # padding as from_loras pads
+    one = b.batch([0, 3, 6])  # one rank selected: width is that rank, nothing padded
+    assert [u.shape[-1] for u in one.U] == [1, 1, 1]
+    mixed = b.batch([0, 1])  # ranks 1 and 4 (module 1 of LoRA 1 has rank 1): width 4, zeros past rank 1
+    assert mixed.U[0].shape == (2, 8, 4) and float(mixed.U[0][0, :, 1:].abs().max()) == 0.0
+    assert mixed.V[1].shape == (2, 6, 1)
+    for i in range(9):
+        for mb, mp in zip(b.lora(i), p.lora(i)):
+            assert (mb.name, mb.rank, mb.alpha, mb.scale) == (mp.name, mp.rank, mp.alpha, mp.scale)
+            assert torch.equal(mb.U, mp.U) and torch.equal(mb.V, mp.V)
+
+
+def test_float16_factors_are_stored_bitwise(tmp_path):
+    spec, loras = _loras(n=5, ranks=(3, 1), dtype=torch.float16)
+    c = write_collection(tmp_path / "c", loras, _table(5))
+    assert c.dtype == torch.float16
+    for i, lo in enumerate(loras):
+        for m in lo:
+            b = c.lora(i, dtype=torch.float16)[m.name]
+            assert torch.equal(b.U.view(torch.int16), m.U.view(torch.int16))
+            assert torch.equal(b.V.view(torch.int16), m.V.view(torch.int16))
+
+
+def test_given_ranks_stream_without_a_spool_and_are_checked(tmp_path, monkeypatch):
+    import lol.collection as coll
+
+    spec, loras = _loras(n=6)
+    ranks = [[m.rank for m in spec.match(lo)] for lo in loras]
+
+    def no_spool(*a, **k):
+        raise AssertionError("spooled although the ranks were given")
+
+    monkeypatch.setattr(coll._Spool, "__init__", no_spool)
+    c = write_collection(tmp_path / "c", iter(loras), _table(6), ranks=ranks)
+    write_collection(tmp_path / "ref", loras, _table(6))
+    assert (tmp_path / "c" / "factors.safetensors").read_bytes() == (tmp_path / "ref" / "factors.safetensors").read_bytes()
+    assert c.ranks.tolist() == ranks
+    wrong = [list(r) for r in ranks]
+    wrong[3][2] = 1
+    with pytest.raises(CollectionError, match=r"LoRA #3 module 'unet\.up\.attn1\.to_q' has rank 4 but the given ranks say 1"):
+        write_collection(tmp_path / "x", iter(loras), _table(6), ranks=wrong)
+    with pytest.raises(CollectionError, match="6 rows but ranks were given for 5"):
+        write_collection(tmp_path / "x", iter(loras), _table(6), ranks=ranks[:5])
+    monkeypatch.undo()
+    with pytest.raises(CollectionError, match=r"LoRA #1 module 'unet\.down\.attn1\.to_q' has rank 4 > rmax 3"):
+        write_collection(tmp_path / "x", iter(loras), _table(6), rmax=[3, 4, 4])
+    with pytest.raises(CollectionError, match="layout must be one of"):
+        write_collection(tmp_path / "x", loras, _table(6), layout="sparse")
+    assert not (tmp_path / "x").exists()
+
+
+def test_bucket_validation_errors_name_the_file_and_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    spec, loras = _loras(n=4)
+    write_collection(tmp_path / "c", loras, _table(4))
+    f = tmp_path / "c" / "factors.safetensors"
+    good = load_file(str(f))
+    name = spec.names[0]
+
+    def broken(tensors, pattern):
+        save_file(tensors, str(f), metadata={"format": "pt"})
+        with pytest.raises(CollectionError, match=pattern):
+            open_collection(tmp_path / "c")
+
+    broken({k: v for k, v in good.items() if k != f"V/{name}/r4"},
+           rf"factors\.safetensors: missing tensor 'V/{name}/r4' for the 2 LoRA\(s\) whose module '{name}' has rank 4")
+    broken({**good, f"U/{name}/r2": good[f"U/{name}/r2"][:1]},
+           rf"factors\.safetensors: 'U/{name}/r2' has shape \(1, 8, 2\), expected \(2, 8, 2\)")
+    broken({**good, f"U/{name}/r3": torch.zeros(1, 8, 3, dtype=torch.float16)},
+           rf"factors\.safetensors: unexpected tensor\(s\) \['U/{name}/r3'\]")
+    save_file(good, str(f), metadata={"format": "pt"})
+    open_collection(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "collection.json").read_text())
+    (tmp_path / "c" / "collection.json").write_text(json.dumps({**meta, "layout": "padded"}))
+    with pytest.raises(CollectionError, match=r"collection\.json: layout 'padded' does not match format version 2"):
+        open_collection(tmp_path / "c")
+    (tmp_path / "c" / "collection.json").write_text(json.dumps({**meta, "version": 3}))
+    with pytest.raises(CollectionError, match=r"collection\.json: format version 3 is newer"):
+        open_collection(tmp_path / "c")
+
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "collection_v1"
+
+
+def test_reads_collections_written_by_format_version_1(tmp_path):
+    """tests/fixtures/collection_v1 was written by the padded writer of format version 1 (commit ba5377b, before rank
+    buckets): 5 LoRAs of tiny_spec, ranks 2/4/3 by seed, LoRA 1's second module cut to rank 1 (alpha 5), fp16."""
+    import shutil
+
+    from lol.synth import random_lora
+
+    spec = tiny_spec()
+    c = open_collection(FIXTURE_V1)
+    assert (c.layout, c.meta["version"], len(c), c.dtype) == ("padded", 1, 5, torch.float16)
+    c.verify()
+    assert c.ranks.tolist() == [[2, 2, 2], [4, 1, 4], [3, 3, 3], [2, 2, 2], [4, 4, 4]]
+    assert c.labels["y"]["kind"] == "regression" and c.table["y"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    for i in range(5):
+        lo = random_lora(spec, rank=(2, 4, 3)[i % 3], alpha=27.0, seed=i)
+        back = c.lora(i)
+        for m in lo:
+            b = back[m.name]
+            if i == 1 and m.name == spec.names[1]:
+                assert (b.rank, b.alpha, b.scale) == (1, 5.0, 5.0)
+                assert torch.allclose(b.U, m.U[:, :1], rtol=1e-3, atol=1e-4)
+                continue
+            assert (b.rank, b.alpha) == (m.rank, m.alpha)
+            assert torch.allclose(b.U, m.U, rtol=1e-3, atol=1e-4) and torch.allclose(b.V, m.V, rtol=1e-3, atol=1e-4)
+    _same_batch(c.batch([1, 3, 4, 1], dtype=torch.float64),
+                LoRABatch.from_loras([c.lora(i) for i in (1, 3, 4, 1)], spec, dtype=torch.float64))
+    # repacking it gives the rank-bucket layout with the same LoRAs
+    shutil.copytree(FIXTURE_V1, tmp_path / "v1")
+    new = write_collection(tmp_path / "v2", open_collection(tmp_path / "v1").loras(dtype=torch.float16), c.table,
+                           labels=c.labels, tasks=c.tasks, base_model=c.base_model)
+    assert new.layout == "rank_buckets"
+    def data_bytes(f):  # past the header (for LoRAs this small the header's longer key list outweighs the padding)
+        return f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little")
+
+    assert data_bytes(tmp_path / "v2" / "factors.safetensors") < data_bytes(FIXTURE_V1 / "factors.safetensors")
+    _same_batch(new.batch(dtype=torch.float32), c.batch(dtype=torch.float32))

@@ -227,7 +227,6 @@ def _import_locked(args, src: Path, dest: Path) -> int:
             keep.append((p, lo))
         except LoLError as e:
             mismatched.append((p.relative_to(src).as_posix(), str(e)))
-    rmax = [max(r[ell] for r in ranks) for ell in range(len(spec))]
     ids = [p.relative_to(src).as_posix() for p, _ in keep]
     table = pd.DataFrame({"id": ids, "source": [str(p) for p, _ in keep], "format": [lo.format for _, lo in keep]})
     labels = tasks = None
@@ -245,15 +244,15 @@ def _import_locked(args, src: Path, dest: Path) -> int:
                 except (LoLError, OSError) as e:
                     failed.append((ids[j], str(e)))
                     late_failures.append(j)
-                    yield LoRA.from_modules(LoRAModule(n, torch.zeros(o, 1), torch.zeros(i, 1), 1.0, 1.0)
-                                            for n, (o, i) in zip(spec.names, spec.shapes))
+                    yield LoRA.from_modules(LoRAModule(n, torch.zeros(o, r), torch.zeros(i, r), 1.0, 1.0)  # its
+                                            for n, (o, i), r in zip(spec.names, spec.shapes, ranks[j]))  # header's ranks
 
     prov = {"command": "lol import", "source_root": str(src), "files_found": len(paths)}
     common = dict(labels=labels, tasks=tasks, base_model=args.base_model, dtype=dtype, spec=spec, provenance=prov)
     stage = temp_sibling(dest, "stage")  # never visible as DEST until complete and valid
     loras = stream()
     try:
-        c = write_collection(stage, loras, table, rmax=rmax, **common)
+        c = write_collection(stage, loras, table, ranks=ranks, **common)  # ranks from the headers: no spool
         if late_failures:  # a file whose header was fine but whose data is not: re-pack without it, still staged
             good = [j for j in range(len(keep)) if j not in set(late_failures)]
             if not good:
