@@ -27,6 +27,8 @@ def register(sub) -> None:
     b.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (default 1: fastest for the tiny zoo models on a shared CPU)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--pack-partial", action="store_true",
+                   help="train nothing: pack the groups finished so far (an interrupted build ships what it has)")
     b.set_defaults(func=cmd_build)
 
     s = zsub.add_parser("status", help="what is built in an output folder")
@@ -44,7 +46,8 @@ def cmd_build(args) -> int:
 
     rec = build(preset=args.preset, out=args.out, executor=args.executor, only=args.only,
                 base_paths={"sd": args.base, "clip": args.scorer, "lm": args.lm_base}, group_size=args.group_size,
-                device=args.device, progress=not args.no_progress, threads=args.threads)
+                device=args.device, progress=not args.no_progress, threads=args.threads,
+                pack_partial=args.pack_partial)
     cols = ", ".join(f"{k}: {v['n_loras']} LoRAs" for k, v in rec["collections"].items()) or "none"
     print(f"zoo build ({args.preset}) in {args.out}: collections {cols}; {rec['last_run_seconds']} s this run")
     return 0

@@ -171,7 +171,7 @@ def _pack(name: str, recipe, results, out: Path, bases: dict[str, Path], manifes
     write_collection(dest, (r.lora for r in results), rows, labels=schema, tasks=tasks,
                      base_model=json.dumps(base_dirs, sort_keys=True),
                      provenance={"zoo": {"collection": name, "recipe": manifest["recipe"], "preset": preset,
-                                         "seed": seed, "n_jobs": manifest["n_jobs"],
+                                         "seed": seed, "n_jobs": manifest["n_jobs"], "n_packed": len(results),
                                          "group_size": manifest["group_size"], "bases": base_dirs}},
                      overwrite=True)
     return dest
@@ -181,12 +181,15 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
           base_paths: dict[str, str | Path] | None = None, group_size: int | None = None, device: str | None = None,
           progress: bool = True, base_recipes: dict[str, str] | None = None,
           collection_recipes: dict[str, str] | None = None, threads: int | None = None,
-          log=print) -> dict[str, Any]:
+          pack_partial: bool = False, log=print) -> dict[str, Any]:
     """Build (or finish building) the zoo in ``out``; returns the content written to ``out/build.json``.
 
     ``base_paths`` maps base names (``sd``, ``clip``, ``lm``) to existing model folders used instead of training.
     ``threads`` sets torch's intra-op threads (the zoo's tiny models run many small ops: on a shared CPU one thread
     per process is often >10× faster than two; parallelism comes from Ray workers).
+    ``pack_partial`` trains nothing: it packs the groups finished so far into the collection (its provenance says
+    how many of the planned LoRAs it holds), so an interrupted build can ship what it has; a later plain build
+    resumes and repacks the whole collection.
     """
     if threads:
         import torch
@@ -258,11 +261,13 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
         log(f"[zoo] collection {name}: {manifest['n_jobs']} LoRAs in {len(manifest['groups'])} groups of "
             f"≤{manifest['group_size']}; {len(todo)} group(s) to run ({executor})")
         t0 = time.time()
-        summaries = make_executor(executor, device=device, progress=progress).run(
+        summaries = [] if pack_partial else make_executor(executor, device=device, progress=progress).run(
             recipe, build_dir, manifest,
             {**{b: bases[b] for b in recipe.requires}, "samples": out / "samples", "root": out})
         run_s = time.time() - t0
-        results = collect_results(build_dir, manifest)
+        results = collect_results(build_dir, manifest, partial=pack_partial)
+        if not results:
+            raise ZooError(f"collection {name}: no finished group to pack in {build_dir}")
         dest = _pack(name, recipe, results, out, bases, manifest, preset, seed)
         group_s = [s["seconds"] for s in summaries]
         prev = record["collections"].get(name, {})
@@ -274,6 +279,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             "seconds_per_lora_now": round(sum(group_s) / max(1, sum(s["n_jobs"] for s in summaries)), 3)
             if summaries else prev.get("seconds_per_lora_now"),
             "size_bytes": folder_size(dest), "path": f"collections/{name}", "executor": executor,
+            "n_planned": manifest["n_jobs"], "complete": len(results) == manifest["n_jobs"],
         }
         mine["collections"].add(name)
         log(f"[zoo] collection {name}: packed {len(results)} LoRAs into {dest} in {run_s:.1f} s")

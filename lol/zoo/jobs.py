@@ -215,16 +215,20 @@ def read_group(build_dir: Path, gid: str) -> list[JobResult]:
     return out
 
 
-def collect_results(build_dir: Path, manifest: Manifest) -> list[JobResult]:
-    """Every job's result in manifest job order; raises `ZooError` naming unfinished groups."""
+def collect_results(build_dir: Path, manifest: Manifest, partial: bool = False) -> list[JobResult]:
+    """Every job's result in manifest job order; raises `ZooError` naming unfinished groups, unless ``partial``:
+    then the results of the finished groups only (still in manifest order), e.g. to ship what an interrupted build
+    has finished so far."""
     missing = pending_groups(build_dir, manifest)
-    if missing:
+    if missing and not partial:
         raise ZooError(f"{build_dir}: {len(missing)} group(s) not finished (e.g. {', '.join(missing[:3])})")
     by_id = {}
     for gid in manifest["groups"]:
+        if gid in missing:
+            continue
         for r in read_group(build_dir, gid):
             by_id[r.job_id] = r
-    return [by_id[j["id"]] for j in manifest["jobs"]]
+    return [by_id[j["id"]] for j in manifest["jobs"] if j["id"] in by_id]
 
 
 def compute_seconds(build_dir: Path, manifest: Manifest) -> float:
