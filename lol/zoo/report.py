@@ -14,6 +14,7 @@ __all__ = ["data_readme", "write_data_readme"]
 
 BASE_TITLES = {
     "sd": "Text-to-image model (`StableDiffusionPipeline`)",
+    "sd_v1": "Sibling text-to-image model: stage 1 of `base/sd`, as SD-1.4 is to SD-1.5 (`StableDiffusionPipeline`)",
     "clip": "CLIP scorer (`transformers.CLIPModel`)",
     "lm": "Causal language model (`transformers` Qwen2 family)",
 }
@@ -169,7 +170,9 @@ def data_readme(out: str | Path) -> str:
         lines += [f"Preset `{build.get('preset')}`, seed {build.get('seed')}; "
                   + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
     lines += ["## Base models", ""]
-    for name in ("sd", "clip", "lm"):
+    for name in ("sd", "sd_v1", "clip", "lm"):
+        if name == "sd_v1" and not (out / "base" / name).is_dir():
+            continue
         lines += _base_section(name, out / "base" / name)
     lines += ["## Collections", ""]
     for name in ("faces", "fashion", "lm"):
