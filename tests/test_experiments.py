@@ -219,3 +219,24 @@ def test_figures(grid, tmp_path):
     assert F.save(F.speed_plot(tp, ratios), tmp_path, "speed")[0].is_file()
     xy = np.random.default_rng(0).normal(size=(10, 2))
     assert F.save(F.umap_panel({"a": xy, "b": xy}, np.arange(10), "c"), tmp_path, "umap")[0].is_file()
+
+
+def test_compare_summaries_sets_best_and_glnet_side_by_side():
+    import pandas as pd
+
+    from lol.experiments import compare_summaries
+
+    def summ(vals):
+        return pd.DataFrame([{"split": "test", "collection": "lm", "task": "acc", "model": m, "gl_invariant": m != "mlp",
+                              "metric": met, "label_kind": "regression", "task_kind": "regression", "value": v,
+                              "std": 0.01, "n_seeds": 3}
+                             for (m, met), v in vals.items()])
+
+    old = summ({("mlp", "r2"): 0.10, ("glnet", "r2"): 0.20, ("glnet", "kendall"): 0.9})
+    new = summ({("mlp", "r2"): 0.30, ("glnet", "r2"): 0.85, ("svals", "r2"): 0.90})
+    t = compare_summaries(old, new)
+    assert len(t) == 1
+    r = t.iloc[0]
+    assert r["metric"] == "r2" and r["best v1"] == "0.200 (glnet)" and r["best v2"] == "0.900 (svals)"
+    assert r["glnet v1"] == "0.200" and r["glnet v2"] == "0.850" and r["gain (best)"] == "+0.700"
+    assert compare_summaries(old, summ({("mlp", "r2"): 0.3}).assign(task="other")).empty  # no common task
