@@ -11,8 +11,9 @@ best checkpoint per task.
 * `summarize` averages label metrics per task, then mean ± std over seeds; `results_table` / `write_table` give the
   paper-style table (CSV + Markdown); `compare_to_baseline` states, per task, whether the best GL-invariant model
   (chosen on validation) beats the flatten MLP on test by more than the seed spread.
-* `select_best` + `write_checkpoints` pick the model kind with the best mean validation score and its best seed, and
-  write ``<root>/<collection>/<task>/`` plus ``<root>/index.json`` ({label: folder}) for ``lol predict --task``.
+* `select_best` + `write_checkpoints` pick, among GL(r)-invariant kinds, the one with the best mean validation score
+  and its best seed, and write ``<root>/<collection>/<task>/`` plus ``<root>/index.json`` ({label: folder}) for
+  ``lol predict --task``.
 
 Only validation scores choose anything; test scores are reported, never used to select.
 """
@@ -421,29 +422,44 @@ def compare_to_baseline(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.Data
 # ---------------------------------------------------------------------------------------------------------------------
 # best checkpoints
 
-def select_best(runs: pd.DataFrame) -> pd.DataFrame:
+def select_best(runs: pd.DataFrame, gl_only: bool = True) -> pd.DataFrame:
     """Per task: the model kind with the best mean validation primary metric over seeds, and its seed with the best
-    validation value. Where that metric is undefined for every run (e.g. a validation split with one class, as in
-    the tiny CI collections), the lowest validation loss decides instead (column ``selected_by`` says which).
-    Columns: collection, task, model, seed, metric, selected_by, val_mean, val_seed, test_seed."""
+    validation value. Only GL(r)-invariant kinds are candidates (``gl_only``, the default): what this selects is
+    shipped as the default of ``lol predict --task`` and the app, and a default must give the same prediction for the
+    same ΔW (`lol.checkpoint.default_checkpoint` refuses other kinds); a task with no GL-invariant run is an error, not
+    a silent fallback. Where the metric is undefined for every candidate run (e.g. a validation split with one class,
+    as in the tiny CI collections), the lowest validation loss decides instead (column ``selected_by`` says which).
+    Columns: collection, task, model, seed, metric, selected_by, candidates, val_mean, val_seed, test_seed."""
     s = task_scores(runs)
     losses = runs.groupby(["collection", "task", "model", "seed"])["val_loss"].first()
     out = []
     for (coll, task), g in s.groupby(["collection", "task"], sort=False):
         metric = PRIMARY_METRIC[g.task_kind.iloc[0]]
+        kinds_run = sorted(set(g.model))
+        candidates = [k for k in kinds_run if gl_invariant(k)] if gl_only else kinds_run
+        if not candidates:
+            from .models import gl_invariant_kinds
+
+            raise LoLError(f"select_best: task {coll}/{task} has no run of a GL(r)-invariant model kind (kinds run: "
+                           f"{', '.join(kinds_run)}); a shipped default must be one of {', '.join(gl_invariant_kinds())}"
+                           f" (or pass gl_only=False to choose among all kinds)")
+        g = g[g.model.isin(candidates)]
         v = g[(g.split == "val") & (g.metric == metric)].set_index(["model", "seed"])["value"].dropna()
         by = f"validation {metric}"
         sign = 1.0
         if v.empty:
-            v = -losses.loc[(coll, task)].dropna()
+            lv = losses.loc[(coll, task)]
+            v = -lv[lv.index.get_level_values("model").isin(candidates)].dropna()
             by, sign = "validation loss (the primary metric is undefined on every validation split)", -1.0
         means = v.groupby(level="model").mean()
         kind = means.idxmax()
         per_seed = v.loc[kind]
         seed = int(per_seed.idxmax())
         t = g[(g.split == "test") & (g.metric == metric) & (g.model == kind) & (g.seed == seed)]["value"]
+        among = "GL(r)-invariant kinds" if gl_only else "all kinds"
         out.append({"collection": coll, "task": task, "model": kind, "seed": seed, "metric": metric,
-                    "selected_by": f"best mean {by} over seeds, then best seed",
+                    "selected_by": f"best mean {by} over seeds among {among}, then best seed",
+                    "candidates": ", ".join(candidates),
                     "val_mean": sign * float(means[kind]), "val_seed": sign * float(per_seed[seed]),
                     "test_seed": float(t.iloc[0]) if len(t) else math.nan})
     return pd.DataFrame(out)
@@ -467,7 +483,7 @@ def write_checkpoints(grid: Grid, best: pd.DataFrame, root: str | Path, refs: Se
         dest = root / b.collection / b.task
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        selection = {"selected_by": b.selected_by, "metric": b.metric,
+        selection = {"selected_by": b.selected_by, "metric": b.metric, "candidates": getattr(b, "candidates", None),
                      "val_mean": b.val_mean, "val_seed": b.val_seed, "test_seed": b.test_seed}
         if isinstance(m, (str, Path)):
             shutil.copytree(m, tmp)

@@ -109,6 +109,29 @@ def test_selection_falls_back_to_validation_loss():
     assert best.model == "glnet" and "loss" in best.selected_by and best.val_mean == pytest.approx(0.1)
 
 
+def test_selection_is_among_gl_invariant_kinds_only():
+    """The shipped default is chosen on validation among GL(r)-invariant kinds: mlp, mlp_aug and oalign (best on
+    validation here) are never chosen; with none of those kinds run, selection is refused, not silently made."""
+    order = {"mlp": 0.95, "mlp_aug": 0.93, "oalign": 0.90, "svals": 0.85, "glnet": 0.80, "dense": 0.70}
+    vals = {(m, s, sp): v + 0.01 * s for m, v in order.items() for s in (0, 1) for sp in ("val", "test")}
+    vals[("dense", 0, "test")] = 0.99   # best on test: test never chooses
+    runs = _runs(vals)
+    best = X.select_best(runs).iloc[0]
+    assert best.model == "svals" and best.seed == 1 and X.gl_invariant(best.model)
+    assert "GL(r)-invariant" in best.selected_by and set(best.candidates.split(", ")) == {"svals", "glnet", "dense"}
+    assert best.val_mean == pytest.approx(0.855)
+    assert X.select_best(runs, gl_only=False).iloc[0].model == "mlp"
+    with pytest.raises(LoLError, match=r"c/t has no run of a GL\(r\)-invariant model kind \(kinds run: mlp, "
+                                      r"mlp_aug, oalign\)"):
+        X.select_best(_runs({k: v for k, v in vals.items() if k[0] in ("mlp", "mlp_aug", "oalign")}))
+    # the validation-loss fallback also only looks at GL-invariant kinds (mlp has the lowest loss here)
+    nan = _runs({(m, 0, sp): math.nan for m in ("mlp", "oalign", "glnet", "svals") for sp in ("val", "test")},
+                kind="binary", metric="auc")
+    nan["val_loss"] = nan.model.map({"mlp": 0.05, "oalign": 0.06, "glnet": 0.1, "svals": 0.3})
+    best = X.select_best(nan).iloc[0]
+    assert best.model == "glnet" and "loss" in best.selected_by and best.val_mean == pytest.approx(0.1)
+
+
 def test_results_table_and_markdown(grid, tmp_path):
     t = X.results_table(X.summarize(grid.runs))
     assert list(t.index) == ["mlp", "svals", "glnet"]
