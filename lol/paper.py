@@ -1,0 +1,243 @@
+"""The paper's numbers as data, and ours beside them in the paper's own metrics (``results/paper_comparison.md``).
+
+Reference: Putterman et al., arXiv 2410.04207, first public version, as summarized in ``docs/paper.md`` §4 and issue
+12. Tables 2–5 and Figure 4 of the paper; the table numbers other than Table 4 (dataset size, named in issue 12) are
+our reading of the paper's order and are recorded here as ``paper_ref`` for orientation only. Percentages are stored
+as fractions (91.3 % → 0.913), like every metric of ours.
+
+`paper_comparison` takes the tidy ``runs`` table of `lol.experiments.run_grid` (and its ``predictions`` for the
+normalized test MSE) and gives one row per (paper table, task, metric): the paper's GL-net and best other model, ours
+for GL-net and for the best other model (chosen on **validation**, as everything here), which of ours is best, GL-net's
+place among ours on test, and an empty ``why`` column for measured notes. The metrics:
+
+* ``mse_norm``: test MSE of the regression target z-scored with the **training split's** mean and std (population
+  std, as `lol.targets.TargetSet.fit`), i.e. the loss the models were trained on; computed from the per-LoRA
+  predictions (train rows give the statistics), or taken from ``runs`` when a ``mse_norm`` metric is there;
+* ``kendall`` (τ-b) and ``r2`` (the coefficient of determination; the paper's "R²" may be a correlation, see
+  ``docs/paper.md``);
+* ``accuracy``: for binary tasks (attributes, membership) the mean over labels of the per-label accuracy at 0.5, for
+  a category task (dataset size) the accuracy;
+* ``auc`` and ``tpr_at_1pct_fpr`` for membership where we report them (the paper has no number: its columns are NaN).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["PAPER", "PAPER_FIGURE4", "PAPER_MODELS", "DEFAULT_TASKS", "mse_norm_rows", "paper_comparison",
+           "write_paper_comparison"]
+
+# the paper's model families → our model kinds
+PAPER_MODELS = {"MLP": "mlp", "O-Align": "oalign", "SVD": "svals", "Dense": "dense", "GL-net": "glnet"}
+
+_T2 = ("Table 2", "CelebA-LoRA CLIP score")
+_T3a = ("Table 3", "CelebA-LoRA 5 attributes")
+_T3b = ("Table 3", "Imagenette-LoRA class membership")
+_T4 = ("Table 4", "Imagenette-LoRA dataset size (number of classes)")
+_T5 = ("Table 5", "Qwen2-ARC-LoRA")
+
+
+def _row(ref, key, metric, higher, values, what=""):
+    return {"paper_ref": ref[0], "paper_task": ref[1] + (f": {what}" if what else ""), "key": key, "metric": metric,
+            "higher_is_better": higher, "paper": dict(zip(("mlp", "oalign", "svals", "dense", "glnet"), values))}
+
+
+# (paper ref, our task key, metric, higher is better, paper values for MLP, O-Align, SVD, Dense, GL-net)
+PAPER: list[dict] = [
+    _row(_T2, "clip_score", "mse_norm", False, (.988, .175, .148, .169, .111)),
+    _row(_T2, "clip_score", "kendall", True, (.226, .654, .667, .677, .695)),
+    _row(_T2, "clip_score", "r2", True, (.333, .856, .863, .871, .884)),
+    _row(_T3a, "attributes", "accuracy", True, (.724, .872, .773, .891, .913), "mean per-label accuracy"),
+    _row(_T3b, "membership", "accuracy", True, (.496, .878, .656, .889, .904), "mean per-label accuracy"),
+    _row(_T3b, "membership", "auc", True, (math.nan,) * 5, "mean per-label AUC (ours only)"),
+    _row(_T3b, "membership", "tpr_at_1pct_fpr", True, (math.nan,) * 5, "TPR at 1% FPR (ours only)"),
+    _row(_T4, "dataset_size", "accuracy", True, (.209, .352, .731, .316, .468)),
+    _row(_T5, "lm_membership", "accuracy", True, (.516, .550, .551, .625, .605), "source membership"),
+    _row(_T5, "lm_membership", "auc", True, (math.nan,) * 5, "source membership AUC (ours only)"),
+    _row(_T5, "lm_membership", "tpr_at_1pct_fpr", True, (math.nan,) * 5, "source membership TPR at 1% FPR (ours only)"),
+    _row(_T5, "eval_loss", "r2", True, (.113, .821, .999, .987, .998), "finetuning validation loss"),
+    _row(_T5, "challenge_accuracy", "r2", True, (.107, .965, .983, .981, .987), "ARC-C test accuracy"),
+]
+
+# Figure 4: CelebA attributes, trained on rank 4, BCE test loss at each test rank (lower is better). Dense is given
+# in docs/paper.md only as its range over the ranks (.424 at rank 1 to .328); SVD as .571–1.01 (does not transfer)
+PAPER_FIGURE4 = pd.DataFrame({
+    "rank": [1, 2, 4, 8, 16, 32],
+    "glnet": [.418, .335, .323, .324, .317, .284],
+    "dense": [.424, math.nan, math.nan, math.nan, math.nan, .328],
+})
+
+# our (collection, task) for each paper task key; override with ``tasks=`` where a collection names it otherwise
+DEFAULT_TASKS: dict[str, tuple[str, str]] = {
+    "clip_score": ("faces", "clip_score"),
+    "attributes": ("faces", "attributes"),
+    "membership": ("fashion", "membership"),
+    "dataset_size": ("fashion", "dataset_size"),
+    "lm_membership": ("lm", "membership"),
+    "eval_loss": ("lm", "eval_loss"),
+    "challenge_accuracy": ("lm", "challenge_accuracy"),
+}
+
+_KEYS = ["collection", "task", "model", "seed"]
+
+
+def mse_norm_rows(predictions: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Tidy rows (as ``runs``: collection, task, model, seed, split, label, label_kind, metric, value) of ``mse_norm``
+    on every split, from per-LoRA predictions (columns collection, task, model, seed, split, label, y, pred): the
+    target is z-scored with the mean and population std of that run's **training** rows (std 0 → 1, as the
+    training code). Runs or labels without training rows are left out (the statistics are unknown). Only labels that
+    are regression labels in ``runs`` (when given) are used."""
+    need = {*_KEYS, "split", "label", "y", "pred"}
+    if predictions is None or not len(predictions):
+        return pd.DataFrame(columns=[*_KEYS, "split", "label", "label_kind", "metric", "value"])
+    missing = need - set(predictions.columns)
+    if missing:
+        raise ValueError(f"mse_norm_rows: predictions lack column(s) {sorted(missing)}")
+    p = predictions
+    if runs is not None and len(runs):
+        reg = runs[runs.label_kind == "regression"][["collection", "task", "label"]].drop_duplicates()
+        p = p.merge(reg, on=["collection", "task", "label"])
+    out = []
+    for key, g in p.groupby([*_KEYS, "label"], sort=False):
+        tr = g[g.split == "train"]["y"].to_numpy(float)
+        tr = tr[np.isfinite(tr)]
+        if not len(tr):
+            continue
+        std = float(tr.std())  # the mean cancels: (y − m)/s − (p − m)/s = (y − p)/s
+        std = std if std > 0 else 1.0
+        for split, s in g.groupby("split"):
+            y, q = s["y"].to_numpy(float), s["pred"].to_numpy(float)
+            ok = np.isfinite(y) & np.isfinite(q)
+            v = float(np.mean(((y[ok] - q[ok]) / std) ** 2)) if ok.any() else math.nan
+            out.append({**dict(zip([*_KEYS, "label"], key)), "split": split, "label_kind": "regression",
+                        "metric": "mse_norm", "value": v})
+    return pd.DataFrame(out, columns=[*_KEYS, "label", "split", "label_kind", "metric", "value"])
+
+
+def _scores(runs: pd.DataFrame, predictions: pd.DataFrame | None) -> pd.DataFrame:
+    """Per (collection, task, model, seed, split, metric): the mean over the task's labels."""
+    cols = [*_KEYS, "split", "label", "label_kind", "metric", "value"]
+    missing = set(cols) - set(runs.columns)
+    if missing:
+        raise ValueError(f"paper_comparison: runs lack column(s) {sorted(missing)} (expected run_grid's runs table)")
+    r = runs[cols]
+    if "mse_norm" not in set(r.metric) and predictions is not None:
+        r = pd.concat([r, mse_norm_rows(predictions, runs)[cols]], ignore_index=True)
+    return r.groupby([*_KEYS, "split", "metric"], dropna=False)["value"].mean().reset_index()
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def paper_comparison(runs: pd.DataFrame, predictions: pd.DataFrame | None = None,
+                     tasks: Mapping[str, tuple[str, str]] | None = None,
+                     rows: Sequence[dict] | None = None) -> pd.DataFrame:
+    """The paper's numbers and ours side by side, one row per (paper table, task, metric); see the module docstring.
+
+    ``runs``: `lol.experiments.run_grid`'s tidy table (``grid.runs``, or ``results/runs.csv``); ``predictions``:
+    ``grid.predictions`` (all splits; needed for ``mse_norm`` unless ``runs`` has it); ``tasks``: overrides of
+    `DEFAULT_TASKS`. Ours are test means over seeds; "best other" and "best" are chosen by the mean **validation**
+    value of the same metric (lowest for ``mse_norm``), never on test. A paper task we did not run has empty values
+    of ours and says so in ``note``; ``why`` is left empty for measured notes."""
+    tasks = {**DEFAULT_TASKS, **dict(tasks or {})}
+    s = _scores(runs, predictions)
+    mean = s.groupby(["collection", "task", "model", "split", "metric"])["value"].agg(
+        ["mean", "std", "count"]).reset_index()
+    out = []
+    for spec in rows or PAPER:
+        coll, task = tasks.get(spec["key"], (None, None))
+        metric, higher = spec["metric"], spec["higher_is_better"]
+        paper = spec["paper"]
+        others = {k: v for k, v in paper.items() if k != "glnet" and math.isfinite(v)}
+        pick = max if higher else min
+        p_other = pick(others, key=others.get) if others else None
+        row = {"paper_ref": spec["paper_ref"], "paper_task": spec["paper_task"],
+               "ours": f"{coll}/{task}" if coll else "", "metric": metric,
+               "better": "higher" if higher else "lower",
+               "paper_glnet": paper.get("glnet", math.nan),
+               "paper_best_other": paper[p_other] if p_other else math.nan,
+               "paper_best_other_model": p_other or "",
+               "ours_glnet": math.nan, "ours_glnet_std": math.nan, "ours_best_other": math.nan,
+               "ours_best_other_std": math.nan, "ours_best_other_model": "", "ours_best_model": "",
+               "glnet_place": math.nan, "n_models": 0, "n_seeds": 0, "note": "", "why": ""}
+        have = coll is not None and (coll, task) in set(zip(s.collection, s.task))
+        if not have:
+            row["note"] = f"no runs of {coll}/{task}" if coll else "no task of ours is mapped to this paper task"
+            out.append(row)
+            continue
+        sel = mean[(mean.collection == coll) & (mean.task == task) & (mean.metric == metric)]
+        test = sel[sel.split == "test"].set_index("model")
+        val = sel[sel.split == "val"].set_index("model")["mean"].dropna()
+        if test.empty:
+            row["note"] = f"no {metric} in our runs of {coll}/{task}"
+            out.append(row)
+            continue
+        row["n_models"], row["n_seeds"] = int(test["mean"].notna().sum()), int(test["count"].max())
+        if "glnet" in test.index:
+            row["ours_glnet"], row["ours_glnet_std"] = float(test.loc["glnet", "mean"]), float(test.loc["glnet", "std"])
+            t = test["mean"].dropna()
+            row["glnet_place"] = int((t > t["glnet"]).sum() + 1) if higher else int((t < t["glnet"]).sum() + 1)
+        val_other = val.drop("glnet", errors="ignore")
+        if len(val_other):
+            bo = val_other.idxmax() if higher else val_other.idxmin()
+            row["ours_best_other_model"] = bo
+            row["ours_best_other"], row["ours_best_other_std"] = (float(test.loc[bo, "mean"]),
+                                                                  float(test.loc[bo, "std"])) if bo in test.index \
+                else (math.nan, math.nan)
+        if len(val):
+            row["ours_best_model"] = val.idxmax() if higher else val.idxmin()
+        else:
+            row["note"] = f"no validation {metric}: best not chosen"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def write_paper_comparison(table: pd.DataFrame, out_dir: str | Path, name: str = "paper_comparison",
+                           figure4: pd.DataFrame | None = None) -> tuple[Path, Path]:
+    """``table`` (from `paper_comparison`) as ``<out_dir>/<name>.csv`` and a Markdown page ``<name>.md``: one section
+    per paper table, ``ours (± std over seeds)`` beside the paper's GL-net / best other, then Figure 4 (the paper's
+    rank-generalization numbers, and ours when ``figure4`` is given: columns rank and one per model)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / f"{name}.csv", out / f"{name}.md"
+    table.to_csv(csv, index=False)
+
+    def pm(v, sd):
+        return _fmt(v) + (f" ± {_fmt(sd)}" if _fmt(sd) else "") if _fmt(v) else "–"
+
+    lines = ["# The paper's numbers and ours", "",
+             "Paper: Putterman et al., arXiv 2410.04207 (first version; tables as summarized in docs/paper.md). Ours: "
+             "test mean ± std over seeds. *best other* is the best non-GL-net model (paper: on test as published; "
+             "ours: chosen on validation). *GL-net place*: GL-net's rank among our models on test (1 = best). "
+             "Fractions, not percent. `mse_norm`: test MSE of the target z-scored with training-split statistics.",
+             ""]
+    head = ["paper task", "ours", "metric", "paper GL-net", "paper best other", "ours GL-net",
+            "ours best other", "ours best (val)", "GL-net place", "note", "why"]
+    for ref, g in table.groupby("paper_ref", sort=False):
+        lines += [f"## {ref}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in g.itertuples(index=False):
+            place = f"{int(r.glnet_place)}/{r.n_models}" if _fmt(float(r.glnet_place)) else ""
+            best_other = (f"{_fmt(r.paper_best_other)} ({r.paper_best_other_model})"
+                          if r.paper_best_other_model else "–")
+            ours_other = (f"{pm(r.ours_best_other, r.ours_best_other_std)} ({r.ours_best_other_model})"
+                          if r.ours_best_other_model else "–")
+            cells = [r.paper_task, r.ours or "–", f"{r.metric} ({r.better} is better)", _fmt(r.paper_glnet) or "–",
+                     best_other, pm(r.ours_glnet, r.ours_glnet_std), ours_other, r.ours_best_model or "–", place,
+                     r.note, r.why]
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    ours = figure4.set_index("rank") if figure4 is not None else pd.DataFrame()
+    head = ["rank", "paper GL-net", "paper Dense", *(f"ours {c}" for c in ours.columns)]
+    lines += ["## Figure 4 (rank generalization, CelebA attributes, trained on rank 4, BCE test loss)", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in PAPER_FIGURE4.itertuples(index=False):
+        cells = [str(r.rank), _fmt(r.glnet) or "–", _fmt(r.dense) or "–"]
+        cells += [_fmt(float(ours.loc[r.rank, c])) or "–" if r.rank in ours.index else "–" for c in ours.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    md.write_text("\n".join(lines) + "\n")
+    return csv, md

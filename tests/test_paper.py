@@ -1,0 +1,111 @@
+"""lol.paper: the paper's numbers beside ours in the paper's metrics, on a small hand-made runs table."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from lol import paper as P
+
+
+def _run_rows(coll, task, model, seed, split, label, kind, metrics: dict) -> list[dict]:
+    return [{"collection": coll, "task": task, "model": model, "seed": seed, "split": split, "label": label,
+             "label_kind": kind, "metric": m, "value": v, "gl_invariant": model != "mlp", "val_loss": 0.0}
+            for m, v in metrics.items()]
+
+
+def _tables():
+    rows, preds = [], []
+    # faces/clip_score (regression). Test r2: glnet .80/.82, dense .70/.72, mlp .90/.92 (best on test) but on
+    # validation dense (.75) beats mlp (.10): "best other" is dense, chosen on validation
+    r2 = {"glnet": (.80, .85), "dense": (.70, .75), "mlp": (.90, .10)}
+    for model, (test, val) in r2.items():
+        for seed in (0, 1):
+            for split, v in (("test", test + .02 * seed), ("val", val)):
+                rows += _run_rows("faces", "clip_score", model, seed, split, "clip_score", "regression",
+                                  {"r2": v, "kendall": v / 2})
+            # predictions: train y = 0, 2·std (population std = std); test y = 1, 1 with errors ± err
+            std, err = {"glnet": (2.0, 1.0), "dense": (1.0, 1.0), "mlp": (4.0, 2.0)}[model]
+            for i, (split, y, p) in enumerate([("train", 0.0, 0.0), ("train", 2 * std, 2 * std),
+                                               ("val", 1.0, 1.0 + err), ("test", 1.0, 1.0 + err),
+                                               ("test", 1.0, 1.0 - err)]):
+                preds.append({"collection": "faces", "task": "clip_score", "model": model, "seed": seed,
+                              "id": f"l{i}", "split": split, "label": "clip_score", "y": y, "pred": p})
+    # faces/attributes (binary, two labels): mean per-label accuracy
+    for model, (a, b) in {"glnet": (.90, .80), "dense": (.95, .85), "mlp": (.60, .70)}.items():
+        for split in ("test", "val"):
+            rows += _run_rows("faces", "attributes", model, 0, split, "male", "binary", {"accuracy": a, "auc": .9})
+            rows += _run_rows("faces", "attributes", model, 0, split, "young", "binary", {"accuracy": b, "auc": .9})
+    # fashion/n_classes (category)
+    for model, acc in {"glnet": .40, "svals": .70}.items():
+        for split in ("test", "val"):
+            rows += _run_rows("fashion", "n_classes", model, 0, split, "n_classes", "category",
+                              {"accuracy": acc, "balanced_accuracy": acc})
+    return pd.DataFrame(rows), pd.DataFrame(preds)
+
+
+def test_mse_on_the_normalized_target_uses_training_statistics():
+    runs, preds = _tables()
+    m = P.mse_norm_rows(preds, runs)
+    test = m[m.split == "test"].groupby("model")["value"].mean()
+    # glnet: errors ±1, train std 2 → (1/2)² = .25; dense: std 1 → 1; mlp: errors ±2, std 4 → .25
+    assert test.to_dict() == pytest.approx({"glnet": 0.25, "dense": 1.0, "mlp": 0.25})
+    assert set(m.split) == {"train", "val", "test"} and (m[m.split == "train"].value == 0).all()
+    # a run without training rows has no statistics: left out, not guessed
+    assert P.mse_norm_rows(preds[preds.split != "train"], runs).empty
+
+
+def test_paper_comparison_side_by_side():
+    runs, preds = _tables()
+    t = P.paper_comparison(runs, preds, tasks={"dataset_size": ("fashion", "n_classes")})
+    assert len(t) == len(P.PAPER)
+    key = t.set_index(["paper_task", "metric"])
+    r = key.loc[("CelebA-LoRA CLIP score", "r2")]
+    assert (r.paper_glnet, r.paper_best_other, r.paper_best_other_model) == (.884, .871, "dense")
+    assert r.ours_glnet == pytest.approx(.81) and r.ours_glnet_std == pytest.approx(.02 / math.sqrt(2))
+    assert r.ours_best_other_model == "dense" and r.ours_best_other == pytest.approx(.71)  # validation chooses
+    assert r.ours_best_model == "glnet" and r.glnet_place == 2 and r.n_models == 3 and r.n_seeds == 2
+    assert r.why == "" and r.better == "higher"
+    mse = key.loc[("CelebA-LoRA CLIP score", "mse_norm")]
+    assert (mse.paper_glnet, mse.paper_best_other, mse.paper_best_other_model) == (.111, .148, "svals")
+    assert mse.ours_glnet == pytest.approx(.25) and mse.better == "lower"
+    # validation mse_norm of the others: dense 1, mlp .25 → mlp; on test glnet ties mlp for first place
+    assert mse.ours_best_other_model == "mlp" and mse.ours_best_other == pytest.approx(.25)
+    assert mse.glnet_place == 1
+    acc = key.loc[("CelebA-LoRA 5 attributes: mean per-label accuracy", "accuracy")]
+    assert acc.ours_glnet == pytest.approx(.85) and acc.ours_best_other == pytest.approx(.90)
+    assert acc.ours_best_other_model == "dense" and acc.ours_best_model == "dense" and acc.glnet_place == 2
+    assert acc.paper_glnet == .913 and acc.paper_best_other == .891
+    size = key.loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")]
+    assert size.ours == "fashion/n_classes" and size.ours_glnet == pytest.approx(.40)
+    assert size.ours_best_other_model == "svals" and size.paper_best_other == .731
+    # a paper task we did not run says so and has no numbers of ours
+    lm = key.loc[("Qwen2-ARC-LoRA: ARC-C test accuracy", "r2")]
+    assert lm.note == "no runs of lm/challenge_accuracy" and math.isnan(lm.ours_glnet)
+    # without the mapping, the dataset-size row names the task it looked for
+    t2 = P.paper_comparison(runs, preds)
+    assert "no runs of fashion/dataset_size" in set(t2.note)
+    # no predictions: no normalized MSE, said in the row
+    t3 = P.paper_comparison(runs).set_index(["paper_task", "metric"])
+    assert t3.loc[("CelebA-LoRA CLIP score", "mse_norm")].note == "no mse_norm in our runs of faces/clip_score"
+
+
+def test_written_markdown_and_csv(tmp_path):
+    runs, preds = _tables()
+    t = P.paper_comparison(runs, preds)
+    fig = pd.DataFrame({"rank": [2, 4, 8], "glnet": [.5, .4, .45]})
+    csv, md = P.write_paper_comparison(t, tmp_path, figure4=fig)
+    assert pd.read_csv(csv).shape == t.shape
+    text = md.read_text()
+    for ref in ("## Table 2", "## Table 3", "## Table 4", "## Table 5", "## Figure 4"):
+        assert ref in text
+    assert "| CelebA-LoRA CLIP score | faces/clip_score | r2 (higher is better) | 0.884 | 0.871 (dense) | 0.810 ± 0.014 |" \
+        in text
+    assert "| 4 | 0.323 | – | 0.400 |" in text and "| 1 | 0.418 | 0.424 | – |" in text
+
+
+def test_bad_runs_table_is_named():
+    with pytest.raises(ValueError, match=r"runs lack column\(s\) \['label_kind'"):
+        P.paper_comparison(pd.DataFrame({"collection": ["c"], "task": ["t"], "model": ["m"], "seed": [0],
+                                         "split": ["test"], "label": ["y"], "metric": ["r2"], "value": [1.0]}))
