@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from .errors import LoLError
 
-__all__ = ["zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
+__all__ = ["domain", "zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
            "label_protocol"]
 
 GENERIC_PROMPT = "a photo"
@@ -22,6 +22,24 @@ def zoo_record(coll) -> dict:
     prov = getattr(coll, "provenance", None)
     rec = prov.get("zoo") if isinstance(prov, dict) else None
     return rec if isinstance(rec, dict) else {}
+
+
+def domain(coll) -> str | None:
+    """``"image"`` or ``"language"``: what kind of base model the collection's LoRAs adapt, from the base models its
+    zoo record names (``sd`` / ``lm``), else from its module names (diffusers ``unet.`` / ``text_encoder.`` modules;
+    transformer ``layers.N.self_attn`` / ``mlp`` modules); None when neither tells."""
+    bases = zoo_record(coll).get("bases")
+    if isinstance(bases, dict):
+        if "lm" in bases:
+            return "language"
+        if "sd" in bases:
+            return "image"
+    names = list(getattr(coll.spec, "names", ()))
+    if names and all(n.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2", "transformer") for n in names):
+        return "image"
+    if names and all(".layers." in f".{n}" and (".self_attn." in n or ".mlp." in n) for n in names):
+        return "language"
+    return None
 
 
 def _recipe_name(coll) -> str:

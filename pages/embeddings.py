@@ -46,7 +46,7 @@ if ctx.require_collection():
         xy = cache.umap_xy(feats, key, n_neighbors=n_neighbors, min_dist=min_dist)
         hover = [c for c in ("group", "split") if c in color_df.columns]
         fig = plots.embedding_scatter(xy, color_df, None if color == "(none)" else color, hover=hover,
-                                      title=f"UMAP of {src.split(' (')[0].lower()} ({len(df)} LoRAs)")
+                                      title=f"UMAP · {src.split(' (')[0]} · {len(df)} LoRAs")
         event = st.plotly_chart(fig, width="stretch", key="emb_map", on_select="rerun",
                                 selection_mode=("points", "box", "lasso"))
         picked = plots.selected_ids(event)

@@ -38,7 +38,7 @@ else:
                 cols = st.columns(min(2, len(labels)))
                 for i, lab in enumerate(labels[:2] if len(labels) <= 2 else labels):
                     with cols[i % len(cols)]:
-                        views.pred_vs_true_panel(f, df, lab, pick, key=f"lm_pv_{lab}")
+                        views.pred_vs_true_panel(f, df, lab, pick, key=f"lm_pv_{lab}", narrow=len(cols) > 1)
     tasks = preds.membership_tasks(coll)
     if tasks:
         st.subheader("Source membership")

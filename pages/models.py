@@ -1,5 +1,6 @@
 """Models: the results table (model × task) and the figures the notebooks produced, read from their outputs; and
 the trained checkpoints with the metrics recorded when they were trained."""
+import pandas as pd
 import streamlit as st
 
 from lol.app import fmt, glossary, results, views
@@ -25,8 +26,12 @@ else:
         else:
             wide = results.model_by_task(t.frame)
             shown = results.pretty_columns(wide if wide is not None else t.frame)
+            config = views.metric_columns(shown)
+            if "model" in shown.columns:
+                config["model"] = st.column_config.Column(help=" ".join(
+                    f"{k}: {v}" for k, v in glossary.KIND_HELP.items() if k in set(shown["model"].astype(str))))
             st.dataframe(results.mark_best(shown), width="stretch", height=min(600, 60 + 36 * len(shown)),
-                         column_config=views.metric_columns(shown))
+                         column_config=config, hide_index=isinstance(shown.index, pd.RangeIndex))
             st.caption(f"From `{t.path}`. Best value of each column in **bold on green** (lowest for errors and "
                        f"losses). Hover a column header for what its metric means.")
     if found.figures:

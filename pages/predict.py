@@ -44,7 +44,8 @@ if ctx.require_collection():
                 cols = st.columns(len(frames))
                 for i, (col, (name, f)) in enumerate(zip(cols, frames.items())):
                     with col:  # first model blue, the compared one orange
-                        views.pred_vs_true_panel(f, df, label, name, key=f"pv_{name}", color=plots.PALETTE[i])
+                        views.pred_vs_true_panel(f, df, label, name, key=f"pv_{name}", color=plots.PALETTE[i],
+                                                 narrow=len(frames) > 1)
             if binary or category:
                 st.subheader("Attributes: predicted vs truth")
                 views.attribute_panel(frames, df, binary, category)

@@ -327,3 +327,11 @@ def test_every_command_the_app_mentions_exists():
     targets = set(re.findall(r"^([a-z]+):", (repo / "Makefile").read_text(), flags=re.M))
     for target in re.findall(r"`make ([a-z]+)", text):
         assert target in targets, f"the app mentions `make {target}`: no such Makefile target"
+
+
+def test_best_result_is_marked_in_numeric_and_mean_pm_spread_columns():
+    df = pd.DataFrame({"model": ["a", "b", "c"], "faces · R²": [0.2, 0.8, 0.5], "lm · MAE": [0.3, 0.1, 0.2],
+                       "fashion · AUC": ["0.468 ± 0.040", "0.655 ± 0.095", "n/a"]})
+    styles = results.mark_best(df)._compute().ctx  # {(row, col): [(prop, value)]}
+    bold = sorted((r, c) for (r, c), props in styles.items() if ("font-weight", "bold") in props)
+    assert bold == [(1, 1), (1, 2), (1, 3)]  # highest R², lowest MAE, highest AUC mean

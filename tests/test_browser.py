@@ -185,9 +185,10 @@ def _visit_all(page, url, t_start, timings, data_root, tmp) -> float:
             page.get_by_text("model.bin: a pickled checkpoint (.bin) is not read").first.wait_for(timeout=10_000)
             _idle(page)
             page.screenshot(path=str(SHOTS / "predict_upload.png"))
-            page.locator('[data-testid="stFileUploaderDeleteBtn"] button').first.click()  # the pickle's message
-            page.locator('[data-testid="stFileUploaderDeleteBtn"] button').first.click()  # goes with the files
-            _idle(page)
+            for _ in range(2):  # remove both files: the pickle's message goes with them
+                page.locator('[data-testid="stFileUploaderDeleteBtn"]').first.click()
+                _idle(page)
+            assert page.get_by_text("model.bin: a pickled checkpoint").count() == 0
         elif name == "embeddings":
             _select(page, "Colour by", "male")
             _idle(page)

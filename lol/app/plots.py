@@ -98,6 +98,7 @@ def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, id_col: str 
                                          line=dict(width=0.5, color="white"))))
     fig.update_xaxes(title_text="actual " + axis_title(true_col, unit))
     fig.update_yaxes(title_text="predicted " + axis_title(true_col, unit))
+    fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning
     return style(fig, title, legend=False)
 
 
@@ -129,11 +130,32 @@ def spectra(svals: Mapping[str, Sequence[float]], title: str | None = None, max_
     fig = go.Figure()
     for i, (name, s) in enumerate(list(svals.items())[:max_lines]):
         s = np.asarray(s, dtype=float)
-        fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", name=name,
+        fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", name=_short(name),
                                  line=dict(width=2, color=PALETTE[i % len(PALETTE)]), marker=dict(size=7)))
     fig.update_xaxes(title_text="singular value index i", dtick=1)
     fig.update_yaxes(title_text="σᵢ(ΔW) (log scale)", type="log")
-    return style(fig, title, legend=len(svals) <= 12)
+    fig = style(fig, title, legend=True)
+    if len(svals) > 12:  # many modules: a compact legend in small type
+        fig.update_layout(legend=dict(font=dict(size=FONT_SIZE - 7), itemsizing="constant"))
+    return fig
+
+
+def _short(module: str) -> str:
+    """``unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q`` → ``down_blocks.0.attentions.1.attn1.to_q``:
+    without the component prefix and the (single) transformer block, still one name per module."""
+    parts = module.split(".")
+    if parts and parts[0] in ("unet", "text_encoder", "text_encoder_2", "base_model"):
+        parts = parts[1:]
+    out, skip = [], False
+    for p in parts:
+        if skip:
+            skip = False
+            continue
+        if p == "transformer_blocks":
+            skip = True
+            continue
+        out.append(p)
+    return ".".join(out) or module
 
 
 def distribution(df: pd.DataFrame, col: str, title: str | None = None, height: int = 320) -> go.Figure:
@@ -187,6 +209,7 @@ def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *
                                                                         side="right")))))
     fig.update_xaxes(title_text="UMAP 1 (unitless)", showticklabels=False)
     fig.update_yaxes(title_text="UMAP 2 (unitless)", showticklabels=False)
+    fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning
     return style(fig, title, height=height)
 
 

@@ -122,13 +122,23 @@ def mark_best(df: pd.DataFrame):
 
     sty = table(df)
     for c in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[c]) or df[c].notna().sum() < 2:
+        vals = df[c] if pd.api.types.is_numeric_dtype(df[c]) else df[c].map(_leading_number)
+        if pd.to_numeric(vals, errors="coerce").notna().sum() < 2:
             continue
+        vals = pd.to_numeric(vals, errors="coerce")
         low = any(w.lower() in str(c).lower() for w in LOWER_IS_BETTER)
-        best = df[c].min() if low else df[c].max()
-        sty = sty.apply(lambda s, b=best: ["font-weight: bold; background-color: #d7f0d7" if v == b else ""
-                                           for v in s], subset=[c])
+        best = vals.min() if low else vals.max()
+        mark = ["font-weight: bold; background-color: #d7f0d7" if v == best else "" for v in vals]
+        sty = sty.apply(lambda _s, m=mark: m, subset=[c])
     return sty
+
+
+def _leading_number(v) -> float:
+    """``"0.468 ± 0.040"`` → 0.468 (a mean ± spread cell of the notebooks' tables); NaN when there is none."""
+    import re
+
+    m = re.match(r"\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", str(v)) if isinstance(v, str) else None
+    return float(m.group(1)) if m else float("nan")
 
 
 def unique_figures(figs: list[Figure]) -> list[Figure]:

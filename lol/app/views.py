@@ -151,7 +151,7 @@ def _split_rows(m: pd.DataFrame, split: str | None) -> pd.DataFrame:
 
 
 def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_name: str, key: str,
-                       color: str | None = None) -> None:
+                       color: str | None = None, narrow: bool = False) -> None:
     """Scatter of predicted vs actual ``label`` on the model's test split (`preds.eval_split`) with R², Spearman ρ,
     Kendall τ (`lol.metrics`); clicking a point selects that LoRA and offers its detail view."""
     from ..metrics import kendall, r2, spearman
@@ -161,7 +161,7 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
     m = _split_rows(_merge_truth(frame, df), split)
     y, p = m[label].to_numpy(float), m[f"{label}{PRED}"].to_numpy(float)
     st.markdown(f"**{model_name}**")
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2, c3, c4 = (st.columns(2) + st.columns(2)) if narrow else st.columns(4)
     c1.metric("R²", f"{r2(y, p):.3f}", help=metric_help("R²"))
     c2.metric("Spearman ρ", f"{spearman(y, p):.3f}", help=metric_help("Spearman ρ"))
     c3.metric("Kendall τ", f"{kendall(y, p):.3f}", help=metric_help("Kendall τ"))
@@ -325,20 +325,15 @@ def membership_section(ctx, coll, tasks: dict, key: str) -> None:
 
 
 def lm_context(ctx):
-    """The sidebar's collection when it is a language-model collection (has challenge_accuracy / eval_loss or
-    source labels), else the shipped ``lm`` collection opened like the sidebar would; None when neither exists."""
+    """The sidebar's collection when its LoRAs adapt a language model (`lol.showcase.domain`), else the shipped
+    ``lm`` collection opened like the sidebar would; None when neither exists."""
     from dataclasses import replace
     from pathlib import Path
 
+    from ..showcase import domain
     from . import data as app_data
-    from .preds import membership_tasks
 
-    def is_lm(coll):
-        labels = set(getattr(coll, "labels", {}) or {})
-        return bool(labels & {"challenge_accuracy", "eval_loss"}) or any(
-            "source" in t for t in membership_tasks(coll)) or any(lab.startswith("source_") for lab in labels)
-
-    if ctx.collection is not None and is_lm(ctx.collection):
+    if ctx.collection is not None and domain(ctx.collection) == "language":
         return ctx
     shipped = app_data.shipped_collections().get("lm")
     if shipped is None:
