@@ -181,7 +181,8 @@ def paper_comparison(runs: pd.DataFrame, predictions: pd.DataFrame | None = None
         if "glnet" in test.index:
             row["ours_glnet"], row["ours_glnet_std"] = float(test.loc["glnet", "mean"]), float(test.loc["glnet", "std"])
             t = test["mean"].dropna()
-            row["glnet_place"] = int((t > t["glnet"]).sum() + 1) if higher else int((t < t["glnet"]).sum() + 1)
+            if "glnet" in t.index:  # GL-net's metric can be undefined (NaN, e.g. one class only in a tiny test split)
+                row["glnet_place"] = int((t > t["glnet"]).sum() + 1) if higher else int((t < t["glnet"]).sum() + 1)
         val_other = val.drop("glnet", errors="ignore")
         if len(val_other):
             bo = val_other.idxmax() if higher else val_other.idxmin()

@@ -109,3 +109,19 @@ def test_bad_runs_table_is_named():
     with pytest.raises(ValueError, match=r"runs lack column\(s\) \['label_kind'"):
         P.paper_comparison(pd.DataFrame({"collection": ["c"], "task": ["t"], "model": ["m"], "seed": [0],
                                          "split": ["test"], "label": ["y"], "metric": ["r2"], "value": [1.0]}))
+
+
+def test_glnet_with_an_undefined_metric_gets_no_place():
+    """Regression: smoke-mode runs can leave GL-net's metric NaN (one class in a tiny split); that is no crash."""
+    import math
+
+    import pandas as pd
+
+    from lol.paper import paper_comparison
+
+    rows = [{"collection": "lm", "task": "challenge_accuracy", "model": m, "seed": 0, "split": sp, "label": "challenge_accuracy",
+             "label_kind": "regression", "metric": "r2", "value": v, "gl_invariant": m != "mlp"}
+            for m, v in (("glnet", math.nan), ("svals", 0.5), ("mlp", 0.1)) for sp in ("val", "test")]
+    t = paper_comparison(pd.DataFrame(rows))
+    r = t[(t.ours == "lm/challenge_accuracy") & (t.metric == "r2")]
+    assert len(r) == 1 and math.isnan(r.iloc[0]["glnet_place"]) and r.iloc[0]["ours_best_other_model"] == "svals"
