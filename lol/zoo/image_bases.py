@@ -455,49 +455,20 @@ def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, 
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=ch, layers_per_block=1,
                         latent_channels=4, norm_num_groups=16, sample_size=64).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=P["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, P["vae_steps"], 50))
     t0 = time.time()
-    rec_losses = []
-    for step in range(P["vae_steps"]):
-        b = torch.randint(0, len(data), (P["vae_batch"],), generator=g)
-        x = _pixels(data.images, b.numpy()).to(device)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
-        rec = vae.decode(z).sample
-        rec_loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean()
-        loss = rec_loss + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        rec_losses.append(float((rec - x).pow(2).mean()))
-        if step % 100 == 0 or step == P["vae_steps"] - 1:
-            print(f"[sd/vae] step {step}/{P['vae_steps']} mse {np.mean(rec_losses[-50:]):.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+    rec_losses = _train_vae(vae, list(vae.parameters()), data, P["vae_steps"], P["vae_batch"], P["lr"], g, device,
+                            kl_weight=1e-6, encoder_grad=True, tag="sd/vae")
     vae_seconds = time.time() - t0
     vae.eval().requires_grad_(False)
 
     # 2. cache latents (posterior mean) and the latent scale (1 / std, as SD's scaling_factor)
     t0 = time.time()
-    lat = []
-    with torch.no_grad():
-        for i in range(0, len(data), 256):
-            lat.append(vae.encode(_pixels(data.images[i:i + 256]).to(device)).latent_dist.mean.cpu())
-    lat = torch.cat(lat)
+    lat = _posterior_means(vae, data, device)
     scaling = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scaling)
     lat = lat * scaling
-    with torch.no_grad():
-        n = min(256, len(data))
-        recon = vae.decode(lat[:n].to(device) / scaling).sample.cpu()
-        vae_psnr = float(10 * torch.log10(4.0 / (recon - _pixels(data.images[:n])).pow(2).mean()))
-    uniq = sorted(set(data.captions))
-    cap_index = torch.tensor([uniq.index(c) for c in data.captions]) if len(uniq) < 20000 else None
-    emb = torch.cat([encode_prompts(tokenizer, text_encoder, uniq[i:i + 512], device).cpu()
-                     for i in range(0, len(uniq), 512)])
-    uncond = encode_prompts(tokenizer, text_encoder, [""], device).cpu()
+    vae_psnr = _vae_psnr(vae, lat, data, device)
+    cap_index, emb, uncond = _prompt_states(tokenizer, text_encoder, data.captions, device)
     cache_seconds = time.time() - t0
 
     # 3. UNet from scratch, epsilon prediction, caption dropout for classifier-free guidance
@@ -543,6 +514,61 @@ def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, 
     _commit_dir(tmp, out_dir, record)
     print(f"[sd] built {out_dir}: {json.dumps(quality)}", flush=True)
     return record
+
+
+def _train_vae(vae, params: list, data: WorldData, steps: int, batch: int, lr: float, g, device: str,
+               kl_weight: float, encoder_grad: bool, tag: str) -> list[float]:
+    """Reconstruction training (MSE + ½·L1, plus ``kl_weight``·KL) of the ``params`` of ``vae`` on the world's
+    images; with ``encoder_grad=False`` the encoder runs without gradients (decoder-only finetuning: every latent
+    stays as it was). Returns the per-step reconstruction MSEs."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, 50))
+    t0 = time.time()
+    rec_losses = []
+    for step in range(steps):
+        b = torch.randint(0, len(data), (batch,), generator=g)
+        x = _pixels(data.images, b.numpy()).to(device)
+        with torch.set_grad_enabled(encoder_grad):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+        rec = vae.decode(z).sample
+        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean()
+        if kl_weight:
+            loss = loss + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        rec_losses.append(float((rec - x).detach().pow(2).mean()))
+        if step % 100 == 0 or step == steps - 1:
+            print(f"[{tag}] step {step}/{steps} mse {np.mean(rec_losses[-50:]):.4f} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    return rec_losses
+
+
+@torch.no_grad()
+def _posterior_means(vae, data: WorldData, device: str) -> torch.Tensor:
+    return torch.cat([vae.encode(_pixels(data.images[i:i + 256]).to(device)).latent_dist.mean.cpu()
+                      for i in range(0, len(data), 256)])
+
+
+@torch.no_grad()
+def _vae_psnr(vae, scaled_latents: torch.Tensor, data: WorldData, device: str) -> float:
+    """PSNR (dB, images in [-1, 1]) of decoding the first 256 training images' scaled posterior means."""
+    n = min(256, len(data))
+    z = scaled_latents[:n].to(device) / float(vae.config.scaling_factor)
+    recon = vae.decode(z).sample.cpu()
+    return float(10 * torch.log10(4.0 / (recon - _pixels(data.images[:n])).pow(2).mean()))
+
+
+def _prompt_states(tokenizer, text_encoder, captions: list[str], device: str):
+    """(caption index per image or None, text states of each distinct caption, the empty prompt's states)."""
+    uniq = sorted(set(captions))
+    cap_index = torch.tensor([uniq.index(c) for c in captions]) if len(uniq) < 20000 else None
+    emb = torch.cat([encode_prompts(tokenizer, text_encoder, uniq[i:i + 512], device).cpu()
+                     for i in range(0, len(uniq), 512)])
+    return cap_index, emb, encode_prompts(tokenizer, text_encoder, [""], device).cpu()
 
 
 def _train_unet(unet, noise_sched, lat, emb, cap_index, uncond, captions, tokenizer, text_encoder, steps: int,
@@ -628,45 +654,18 @@ def _continue_sd(parent: Path, P: dict, preset: str, out_dir: Path, clip_dir: Pa
     dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p_ in dec:
         p_.requires_grad_(True)
-    opt = torch.optim.AdamW(dec, lr=P["decoder_lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s_: _cosine_lr(s_, P["decoder_steps"], 50))
     t0 = time.time()
-    rec_losses = []
-    vae.train()
-    for step in range(P["decoder_steps"]):
-        b = torch.randint(0, len(data), (P["vae_batch"],), generator=g)
-        x = _pixels(data.images, b.numpy()).to(device)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
-        rec = vae.decode(z).sample
-        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec, 1.0)
-        opt.step()
-        sched.step()
-        rec_losses.append(float((rec - x).pow(2).mean()))
-        if step % 100 == 0 or step == P["decoder_steps"] - 1:
-            print(f"[sd2/decoder] step {step}/{P['decoder_steps']} mse {np.mean(rec_losses[-50:]):.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+    rec_losses = _train_vae(vae, dec, data, P["decoder_steps"], P["vae_batch"], P["decoder_lr"], g, device,
+                            kl_weight=0.0, encoder_grad=False, tag="sd2/decoder")
     decoder_seconds = time.time() - t0
     vae.eval().requires_grad_(False)
 
     # 2. latents (unchanged encoder, the parent's scaling factor) and prompt states
     t0 = time.time()
     scaling = float(vae.config.scaling_factor)
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(_pixels(data.images[i:i + 256]).to(device)).latent_dist.mean.cpu()
-                         for i in range(0, len(data), 256)]) * scaling
-        n = min(256, len(data))
-        recon = vae.decode(lat[:n].to(device) / scaling).sample.cpu()
-        vae_psnr = float(10 * torch.log10(4.0 / (recon - _pixels(data.images[:n])).pow(2).mean()))
-    uniq = sorted(set(data.captions))
-    cap_index = torch.tensor([uniq.index(c) for c in data.captions]) if len(uniq) < 20000 else None
-    emb = torch.cat([encode_prompts(tokenizer, text_encoder, uniq[i:i + 512], device).cpu()
-                     for i in range(0, len(uniq), 512)])
-    uncond = encode_prompts(tokenizer, text_encoder, [""], device).cpu()
+    lat = _posterior_means(vae, data, device) * scaling
+    vae_psnr = _vae_psnr(vae, lat, data, device)
+    cap_index, emb, uncond = _prompt_states(tokenizer, text_encoder, data.captions, device)
     cache_seconds = time.time() - t0
 
     # 3. the UNet continues
