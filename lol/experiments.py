@@ -180,6 +180,13 @@ def _run_dir(runs_dir, ref: TaskRef, kind: str, seed: int) -> Path:
     return Path(runs_dir) / ref.collection / ref.task / kind / f"seed{seed}"
 
 
+def _cached(rdir: Path, fingerprint: str) -> bool:
+    """A finished run of this very data: a cached run of another version of the collection (rebuilt, repacked) is
+    trained again, never reused."""
+    done = rdir / "done.json"
+    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
+
+
 def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models: Sequence[str] = MODEL_KINDS,
              seeds: Sequence[int] = (0, 1, 2), config=None, hparams: Mapping[str, dict] | None = None,
              runs_dir: str | Path | None = None, errors: str = "raise",
@@ -209,7 +216,7 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
             for seed in seeds:
                 key = (ref.collection, ref.task, kind, int(seed))
                 rdir = _run_dir(runs_dir, ref, kind, seed) if runs_dir is not None else None
-                if rdir is not None and (rdir / "done.json").is_file():
+                if rdir is not None and _cached(rdir, coll.fingerprint):
                     runs.append(pd.read_csv(rdir / "metrics.csv"))
                     if (rdir / "predictions.parquet").is_file():
                         preds.append(pd.read_parquet(rdir / "predictions.parquet"))
@@ -240,7 +247,8 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
                     rows.to_csv(tmp / "metrics.csv", index=False)
                     if len(pr):
                         pr.to_parquet(tmp / "predictions.parquet", index=False)
-                    (tmp / "done.json").write_text(json.dumps({"seconds": res.seconds}))
+                    (tmp / "done.json").write_text(json.dumps({"seconds": res.seconds,
+                                                               "fingerprint": coll.fingerprint}))
                     shutil.rmtree(rdir, ignore_errors=True)
                     tmp.rename(rdir)
                     grid.models[key] = rdir / "checkpoint"

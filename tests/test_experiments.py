@@ -154,6 +154,11 @@ def test_checkpoints_index_and_resume(coll, tmp_path, monkeypatch):
     g2 = X.run_grid({"synth": coll}, refs, models=("svals", "glnet"), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
     pd.testing.assert_frame_equal(g1.runs.reset_index(drop=True), g2.runs.reset_index(drop=True), check_dtype=False)
     assert len(X.load_grid(runs_dir).runs) == len(g1.runs)
+    # a cached run of another version of the collection (rebuilt data) is never reused: it is trained again
+    done = next(runs_dir.glob("synth/spectrum/svals/seed0/done.json"))
+    done.write_text(json.dumps({**json.loads(done.read_text()), "fingerprint": "an-older-build"}))
+    with pytest.raises(AssertionError, match="retrained"):
+        X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
 
     root = tmp_path / "ck"
     root.mkdir()
