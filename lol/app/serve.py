@@ -14,9 +14,22 @@ def main(argv: list[str] | None = None) -> None:
 
     from . import warmup
 
-    threading.Timer(2.0, warmup.start).start()  # after streamlit has set up its runtime and caches
+    threading.Thread(target=_warm_when_up, args=(warmup.start,), name="lol-app-serve", daemon=True).start()
     sys.argv = ["streamlit", "run", str(REPO / "app.py"), *(sys.argv[1:] if argv is None else argv)]
     cli.main()
+
+
+def _warm_when_up(start, poll: float = 0.25) -> None:
+    """Start the warm-up once streamlit's runtime accepts sessions, so it never slows the server's start."""
+    import time
+
+    from streamlit.runtime import Runtime
+    from streamlit.runtime.runtime import RuntimeState
+
+    while not (Runtime.exists() and Runtime.instance().state in (RuntimeState.NO_SESSIONS_CONNECTED,
+                                                                  RuntimeState.ONE_OR_MORE_SESSIONS_CONNECTED)):
+        time.sleep(poll)
+    start()
 
 
 if __name__ == "__main__":
