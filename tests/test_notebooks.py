@@ -4,8 +4,6 @@ uses. Notebooks are committed with outputs stripped and with kernelspec / langua
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd

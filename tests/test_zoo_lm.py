@@ -1,6 +1,5 @@
 """The LM zoo: QA world (sources, exact answers, splits, determinism), byte tokenizer, LMBase and LMRecipe."""
 import json
-import string
 
 import numpy as np
 import pytest

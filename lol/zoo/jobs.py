@@ -22,9 +22,8 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 

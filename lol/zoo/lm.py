@@ -254,7 +254,7 @@ class LMBase:
             opt, lambda s: min(1.0, (s + 1) / pc["warmup"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / pc["steps"]))))
         gen = torch.Generator().manual_seed(seed)
         losses = []
-        for step in range(pc["steps"]):
+        for _step in range(pc["steps"]):
             sel = torch.randint(0, len(seqs), (pc["batch_size"],), generator=gen).tolist()
             ids, mask = _pad([seqs[i] for i in sel], [masks[i] for i in sel], tok.pad_token_id)
             loss = answer_nll(model, ids.to(device), mask.to(device)).mean()
@@ -386,7 +386,7 @@ class LMRecipe:
             plans.append(dict(order=order[: steps * bs], bs=bs, steps=steps, n_train=len(pool)))
         t0 = time.time()
         ml.train()
-        for t, (part, step, w) in enumerate(accumulation_schedule([p["steps"] for p in plans], [1] * K)):
+        for t, (part, step, _w) in enumerate(accumulation_schedule([p["steps"] for p in plans], [1] * K)):
             ks = part.nonzero().flatten().tolist()
             rows = [i for k in ks for i in plans[k]["order"][t * plans[k]["bs"]: (t + 1) * plans[k]["bs"]]]
             idx = torch.cat([torch.full((plans[k]["bs"],), k) for k in ks])

@@ -7,7 +7,6 @@ waits s seconds per group so tests can interrupt a build mid-way.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Hashable
