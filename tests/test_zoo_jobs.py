@@ -62,6 +62,25 @@ def test_manifest_groups_are_deterministic_and_respect_keys():
         make_manifest(r, "ci", 0, 0)
 
 
+def test_run_order_spreads_every_kind_of_group_over_the_run():
+    """A build cut short holds every kind of LoRA in its share: groups of a rare key are not all left for last."""
+    from lol.zoo.jobs import run_order
+
+    class Rare(ToyRecipe):
+        def group_key(self, job):
+            return "rare" if job.id.endswith(("-0000", "-0001")) else "common"
+
+    r = Rare()
+    m = make_manifest(r, "ci", 0, 1)
+    todo = list(m["groups"])
+    order = run_order(todo, m, r)
+    assert sorted(order) == sorted(todo)
+    key = {g: r.group_key(m.group_jobs(g)[0]) for g in todo}
+    rare = [i for i, g in enumerate(order) if key[g] == "rare"]
+    assert len(rare) == 2 and rare[0] < len(order) / 2 and rare[1] >= len(order) / 2  # one in each half
+    assert [g for g in order if key[g] == "common"] == [g for g in todo if key[g] == "common"]  # manifest order kept
+
+
 def test_manifest_is_fixed_and_checked(tmp_path):
     r = ToyRecipe()
     m = load_or_create_manifest(tmp_path, r, "ci", 0, 4)

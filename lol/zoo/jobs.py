@@ -31,7 +31,7 @@ from ..errors import LoLError
 from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
-__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "compute_seconds",
+__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "run_order", "compute_seconds",
            "run_group_to_disk", "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor",
            "make_executor",
            "recipe_ref", "load_object"]
@@ -151,6 +151,20 @@ def pending_groups(build_dir: Path, manifest: Manifest) -> list[str]:
         if p.name.startswith(".") and ".tmp-" in p.name:
             shutil.rmtree(p, ignore_errors=True)
     return [g for g in manifest["groups"] if not (gdir / g / DONE).is_file()]
+
+
+def run_order(todo: Sequence[str], manifest: Manifest, recipe) -> list[str]:
+    """The order to run pending groups in: every kind of group (one ``group_key``, e.g. one rank) spread evenly over
+    the run, in proportion to how many it has, instead of one kind after another — so a build cut short (and packed
+    with ``--pack-partial``) holds every kind of LoRA in its planned shares. Within a kind, manifest order."""
+    rec = load_object(recipe, "collection recipe") if isinstance(recipe, str) else recipe
+    kinds: dict[str, list[str]] = {}
+    for g in todo:
+        key = json.dumps(rec.group_key(manifest.group_jobs(g)[0]), sort_keys=True, default=str)
+        kinds.setdefault(key, []).append(g)
+    order = sorted(((i + 0.5) / len(members), k, g) for k, members in enumerate(kinds.values())
+                   for i, g in enumerate(members))
+    return [g for *_, g in order]
 
 
 # --- one group's outputs ------------------------------------------------------------------------------------------
@@ -275,7 +289,7 @@ class LocalExecutor:
 
     def run(self, recipe, build_dir: Path, manifest: Manifest, bases: dict[str, Path],
             max_groups: int | None = None) -> list[dict]:
-        todo = pending_groups(build_dir, manifest)
+        todo = run_order(pending_groups(build_dir, manifest), manifest, recipe)
         if max_groups is not None:
             todo = todo[:max_groups]
         n_done = manifest["n_jobs"] - sum(len(manifest["groups"][g]) for g in pending_groups(build_dir, manifest))
@@ -314,7 +328,7 @@ class RayExecutor:
                 ray.init(num_cpus=self.num_cpus or os.cpu_count(), **kw)
         gpu = torch.cuda.is_available()
         task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)(run_group_to_disk)
-        todo = pending_groups(build_dir, manifest)
+        todo = run_order(pending_groups(build_dir, manifest), manifest, recipe)
         if max_groups is not None:
             todo = todo[:max_groups]
         n_done = manifest["n_jobs"] - sum(len(manifest["groups"][g]) for g in pending_groups(build_dir, manifest))
