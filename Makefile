@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 app: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m lol.app.serve --server.address localhost --server.port $(PORT) \
+	HF_HUB_OFFLINE=1 $(PY) scripts/serve.py --server.address localhost --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
 system-deps:

@@ -14,4 +14,4 @@ st.set_page_config(page_title="LoL explorer — Learning on LoRAs", page_icon=st
 st.html("<style>.stMainBlockContainer, .block-container {padding-top: 2rem;}</style>")
 page = st.navigation(nav.pages())
 guard(page.run, what=f"the {page.title} page")  # each page draws the shared sidebar first (lol.app.sidebar.render)
-warmup.start()  # once per server (`python -m lol.app.serve` starts it before the first visit): fill every cache
+warmup.start()  # once per server (`python scripts/serve.py` starts it before the first visit): fill every cache

@@ -1,5 +1,5 @@
 """End to end in a real headless Chromium (Debian ``chromium`` driven by playwright): start the app as ``make app``
-does (``python -m lol.app.serve``) on a free localhost port, visit every page through the sidebar navigation at
+does (``python scripts/serve.py``) on a free localhost port, visit every page through the sidebar navigation at
 1280×720, do one interaction per page (Compare-with, an upload, a generation …), assert no error element is shown,
 save a screenshot per page under artifacts/screenshots/, and print load timings (server start → first page
 interactive; first and second visit of every page)."""
@@ -65,7 +65,7 @@ def server(data_root):
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log = open(data_root.parent / "streamlit.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "lol.app.serve",  # what `make app` runs: warm-up at start
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"),  # as `make app`: warm-up at start
                              "--server.port", str(port), "--server.address", "localhost",
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
