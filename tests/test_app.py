@@ -335,3 +335,12 @@ def test_best_result_is_marked_in_numeric_and_mean_pm_spread_columns():
     styles = results.mark_best(df)._compute().ctx  # {(row, col): [(prop, value)]}
     bold = sorted((r, c) for (r, c), props in styles.items() if ("font-weight", "bold") in props)
     assert bold == [(1, 1), (1, 2), (1, 3)]  # highest R², lowest MAE, highest AUC mean
+
+
+def test_a_table_too_large_to_style_is_shown_plain():
+    """The Models page lists per-LoRA tables too (predictions_test: ~1M cells), which pandas refuses to style."""
+    n = pd.get_option("styler.render.max_elements") // 4 + 1
+    big = pd.DataFrame({"a": np.arange(n, dtype=float), "b": 1.0, "c": 2.0, "d": 3.0})
+    out = results.mark_best(big)
+    assert isinstance(out, pd.DataFrame) and out is big
+    assert not isinstance(results.mark_best(big.head(10)), pd.DataFrame)  # small tables are still marked

@@ -120,6 +120,8 @@ def mark_best(df: pd.DataFrame):
     from .fmt import table
     from .glossary import LOWER_IS_BETTER
 
+    if df.size > pd.get_option("styler.render.max_elements"):
+        return df  # a per-LoRA table (e.g. predictions_test: ~1M cells) is shown plain: pandas cannot style it
     sty = table(df)
     for c in df.columns:
         vals = df[c] if pd.api.types.is_numeric_dtype(df[c]) else df[c].map(_leading_number)
