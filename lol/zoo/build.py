@@ -278,7 +278,8 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             "compute_seconds": round(compute_seconds(build_dir, manifest), 1),
             "seconds_per_lora_now": round(sum(group_s) / max(1, sum(s["n_jobs"] for s in summaries)), 3)
             if summaries else prev.get("seconds_per_lora_now"),
-            "size_bytes": folder_size(dest), "path": f"collections/{name}", "executor": executor,
+            "size_bytes": folder_size(dest), "path": f"collections/{name}",
+            "executor": executor if summaries else prev.get("executor", executor),
             "n_planned": manifest["n_jobs"], "complete": len(results) == manifest["n_jobs"],
         }
         mine["collections"].add(name)

@@ -78,6 +78,10 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
                  + (f", built in {rec.get('compute_seconds', rec['seconds_total']):.0f} s of training "
                     f"({rec.get('executor', 'local')} executor, groups of {rec.get('group_size')}; summed over every "
                     f"group, resumed runs included)" if "seconds_total" in rec else "") + ".")
+    if rec.get("complete") is False:
+        lines.append(f"**A partial build**: {len(coll)} of the {rec['n_planned']} planned LoRAs (every rank in its "
+                     f"planned share); `lol zoo build --preset {build.get('preset', 'default')} --out data --only "
+                     f"{name}` resumes it and repacks the whole collection.")
     if "group" in t.columns:
         lines.append(f"Groups (for group-disjoint splits): {t['group'].nunique()} distinct.")
     lines += ["", "Tasks: " + "; ".join(f"**{k}** ({len(v)} label{'s' if len(v) != 1 else ''})"
