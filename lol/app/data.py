@@ -38,24 +38,10 @@ def shipped_collections(root: Path | None = None) -> dict[str, Path]:
 
 def checkpoint_index(root: Path | None = None) -> dict[str, Path]:
     """``DATA/checkpoints/index.json`` as ``{label: checkpoint folder}`` (the shipped model for each label);
-    empty when there is none. A malformed index raises ValueError naming the file."""
-    base = (root or data_root()) / "checkpoints"
-    idx = base / "index.json"
-    if not idx.is_file():
-        return {}
-    try:
-        raw = json.loads(idx.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{idx}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{idx}: expected an object {{label: checkpoint folder}}, got {type(raw).__name__}")
-    out = {}
-    for label, rel in raw.items():
-        if isinstance(rel, dict):  # tolerate {"label": {"path": ...}}
-            rel = rel.get("path") or rel.get("dir")
-        if isinstance(rel, str):
-            out[str(label)] = (base / rel).resolve()
-    return out
+    empty when there is none. A malformed index raises ValueError naming the file (`lol.paths.checkpoint_index`)."""
+    from ..paths import checkpoint_index as read_index
+
+    return read_index((root or data_root()) / "checkpoints" / "index.json")
 
 
 def checkpoint_dirs(root: Path | None = None) -> list[Path]:
