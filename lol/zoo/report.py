@@ -78,6 +78,10 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
                  + (f", built in {rec.get('compute_seconds', rec['seconds_total']):.0f} s of training "
                     f"({rec.get('executor', 'local')} executor, groups of {rec.get('group_size')}; summed over every "
                     f"group, resumed runs included)" if "seconds_total" in rec else "") + ".")
+    zoo = (coll.provenance or {}).get("zoo", {})
+    if zoo.get("bases"):
+        lines.append("Built on " + ", ".join(f"`{v}` ({k})" for k, v in zoo["bases"].items()) + "."
+                     + (f" Note: {zoo['note']}." if zoo.get("note") else ""))
     if rec.get("complete") is False:
         lines.append(f"**A partial build**: {len(coll)} of the {rec['n_planned']} planned LoRAs (every rank in its "
                      f"planned share); `lol zoo build --preset {build.get('preset', 'default')} --out data --only "
