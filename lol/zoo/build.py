@@ -164,8 +164,9 @@ def _pack(name: str, recipe, results, out: Path, bases: dict[str, Path], manifes
             raise ZooError(f"collection {name}: row id {row['id']!r} differs from job id {r.job_id!r}")
         row.setdefault("group", r.job_id)
         rows.append(row)
-    base_dirs = {b: str(Path(bases[b]).resolve().relative_to(out.resolve())) if Path(bases[b]).resolve().is_relative_to(
-        out.resolve()) else str(Path(bases[b]).resolve()) for b in recipe.requires}
+    from .image_bases import _rel
+
+    base_dirs = {b: _rel(bases[b], out) for b in recipe.requires}
     dest = out / "collections" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_collection(dest, (r.lora for r in results), rows, labels=schema, tasks=tasks,

@@ -616,8 +616,10 @@ def _train_unet(unet, noise_sched, lat, emb, cap_index, uncond, captions, tokeni
 
 def _rel(path, root) -> str:
     """``path`` relative to the build root when under it (records must not name the build machine's folders),
-    else absolute (a user-given model folder)."""
+    else absolute (a user-given model folder, or no root given)."""
     p = Path(path).resolve()
+    if root is None:
+        return str(p)
     try:
         return str(p.relative_to(Path(root).resolve()))
     except ValueError:

@@ -375,7 +375,7 @@ class FacesRecipe:
     def run_group(self, jobs: list[Job], bases: dict[str, Path], device: str | None = None) -> list[JobResult]:
         from .clipscore import CLIPScorer, ScoreSettings
         from .faces import Identity, render_face
-        from .image_bases import resolve_base
+        from .image_bases import _rel, resolve_base
 
         for j in jobs[1:]:
             if self.group_key(j) != self.group_key(jobs[0]):
@@ -410,7 +410,7 @@ class FacesRecipe:
             gain_rt = (_identity_gain(trainer, ml, scorer, retest_ks, captions, train_emb, clip, clip["retest_seed"])
                        if retest_ks else None)
             sample_seconds = time.time() - t0
-            settings = ScoreSettings(backbone=_rel_or_abs(bases["clip"], bases), prompts=label["prompts"],
+            settings = ScoreSettings(backbone=_rel(bases["clip"], bases.get("root")), prompts=label["prompts"],
                                      seed=clip["seed"], steps=clip["steps"], guidance=clip["guidance"],
                                      resolution=res, scheduler="DPMSolverMultistepScheduler")
             results = []
@@ -457,19 +457,6 @@ class FacesRecipe:
         finally:
             ml.remove()
         return results
-
-
-def _rel_or_abs(path, bases: dict) -> str:
-    """A base path as recorded: relative to the build's data root when under it (records must not name the build
-    machine's folders), else absolute (a user-given model folder)."""
-    root = bases.get("root")
-    p = Path(path).resolve()
-    if root is not None:
-        try:
-            return str(p.relative_to(Path(root).resolve()))
-        except ValueError:
-            pass
-    return str(p)
 
 
 def _clip_score_measure(trainer, ml, scorer, ks: Sequence[int], clip: dict, seed: int, base: bool = True) -> dict:
