@@ -1,4 +1,5 @@
-"""`lol zoo build`, `lol zoo status`: build the LoRA zoo (base models + labelled collections), resumably.
+"""`lol zoo build`, `lol zoo status`, `lol zoo report`, `lol zoo maps`: build the LoRA zoo (base models + labelled
+collections), resumably; describe it; ship the explorer's default maps with each collection.
 
 Light at import: torch, transformers and diffusers are imported only when a build runs.
 """
@@ -40,6 +41,13 @@ def register(sub) -> None:
     r.add_argument("--out", default="data")
     r.set_defaults(func=cmd_report)
 
+    m = zsub.add_parser("maps", help="write each collection's default 2-D maps (UMAP of its invariant features and "
+                                     "of every fitting checkpoint's embedding) beside it, for the explorer; run "
+                                     "again after a collection is rebuilt")
+    m.add_argument("--out", default="data", help="data folder (collections/ and checkpoints/ under it)")
+    m.add_argument("--only", default=None, help="comma list of collections (default: all under OUT/collections)")
+    m.set_defaults(func=cmd_maps)
+
 
 def cmd_build(args) -> int:
     from ..zoo.build import build
@@ -75,4 +83,24 @@ def cmd_report(args) -> int:
     from ..zoo.report import write_data_readme
 
     print(f"wrote {write_data_readme(args.out)}")
+    return 0
+
+
+def cmd_maps(args) -> int:
+    from pathlib import Path
+
+    from ..errors import CollectionError
+    from ..maps import write_maps
+
+    root = Path(args.out)
+    found = sorted(p for p in (root / "collections").glob("*") if (p / "collection.json").is_file())
+    names = args.only.split(",") if args.only else [p.name for p in found]
+    missing = sorted(set(names) - {p.name for p in found})
+    if missing:
+        raise CollectionError(f"{root / 'collections'}: no packed collection {', '.join(missing)}")
+    ckpts = sorted(p.parent for p in (root / "checkpoints").rglob("model.safetensors")
+                   if (p.parent / "config.json").is_file())
+    for name in names:
+        meta = write_maps(root / "collections" / name, ckpts, progress=lambda t: print(t, flush=True))
+        print(f"wrote {meta.with_name('maps.npz')} ({len(json.loads(meta.read_text())['maps'])} maps)")
     return 0

@@ -1,0 +1,170 @@
+"""2-D maps of a collection: UMAP of its GL-invariant features or of a trained model's embedding, and the maps shipped
+with a collection so that an explorer shows them at once.
+
+* `collection_features`: one feature row per LoRA (``svals``, ``canon`` … of `lol.features.FEATURIZERS`, or the raw
+  factors), optionally after an independent random GL(r) move of every module (the invariance check).
+* `umap_2d`: the map itself (features standardised per dimension, then seeded UMAP).
+* `write_maps`: the default maps of a packed collection — the invariant features and every given checkpoint whose
+  modules fit — written beside it as ``maps.npz`` + ``maps.json``, keyed by the collection fingerprint, the
+  checkpoint's weights (SHA-256) and the UMAP parameters. `lol zoo maps` runs it; run it again after a collection is
+  rebuilt (a map whose fingerprint no longer matches is never used).
+* `shipped_map`: the stored map for a (kind, checkpoint, parameters), or None when none matches.
+
+The maps file is not part of the collection's fingerprint (``collection.json`` + ``loras.parquet``), so writing it
+changes nothing a model or a cached experiment is keyed by.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["MAPS_NAME", "MAPS_META", "DEFAULT_PARAMS", "INVARIANT_KINDS", "collection_features", "umap_2d",
+           "weights_sha256", "write_maps", "shipped_map", "map_key"]
+
+MAPS_NAME, MAPS_META = "maps.npz", "maps.json"
+DEFAULT_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "seed": 0}  # what an explorer shows first
+INVARIANT_KINDS = ("svals", "canon")
+
+
+def collection_features(coll, kind: str = "svals", gl_seed: int | None = None, limit: int | None = None,
+                        float64: bool = False, chunk: int = 128) -> np.ndarray:
+    """Features of the first ``limit`` (all) LoRAs of a packed collection, one row per LoRA (float64 numpy).
+
+    ``kind`` is a `lol.features.FEATURIZERS` name (``svals``: singular values of each ΔW; ``canon``: SVD canonical
+    factors; both ∏GL(r_ℓ)-invariant) or ``"raw"``: the flattened raw (U, V), zero-padded to the largest rank,
+    invariant to nothing. With ``gl_seed``, every module of every LoRA first gets an independent random
+    non-orthogonal R ∈ GL(r) (`lol.symmetry.random_gl_like` + `gl_act`): invariant features must not move."""
+    import torch
+
+    from .features import FEATURIZERS
+    from .symmetry import gl_act, random_gl_like
+
+    ranks = np.asarray(coll.ranks)
+    rank = int(ranks.max()) if ranks.size else 1
+    feat = None if kind == "raw" else FEATURIZERS[kind](coll.spec, rank=rank)
+    dtype = torch.float64 if float64 else torch.float32
+    if feat is not None and float64:
+        feat = feat.double()
+    n = len(coll) if limit is None else min(limit, len(coll))
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            batch = coll.batch(list(range(start, min(start + chunk, n))), dtype=dtype, device="cpu")
+            if gl_seed is not None:
+                batch = gl_act(batch, random_gl_like(batch, seed=gl_seed * 100_003 + start))
+            f = torch.cat([t.flatten(1) for t in batch.U + batch.V], dim=1) if feat is None else feat(batch)
+            out.append(f.double().cpu().numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
+
+
+def umap_2d(features: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
+    """(n, 2) UMAP of ``features`` (rows = LoRAs), each dimension standardised first; fewer than 4 rows are laid
+    out on a line in row order. ``n_neighbors`` is capped at n − 1."""
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) < 4:
+        return np.stack([np.arange(len(x), dtype=float), np.zeros(len(x))], axis=1)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-12)
+    import umap
+
+    reducer = umap.UMAP(n_neighbors=int(min(n_neighbors, len(x) - 1)), min_dist=float(min_dist),
+                        random_state=int(seed), init="spectral" if len(x) > 50 else "random")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # seeded UMAP: one thread
+        return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+
+
+def weights_sha256(checkpoint_dir) -> str:
+    """SHA-256 of a checkpoint's weights file: what a model map is keyed by (a retrained model gets a new map)."""
+    from .checkpoint import WEIGHTS_NAME
+
+    h = hashlib.sha256()
+    with open(Path(checkpoint_dir) / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def map_key(kind: str, weights: str | None = None, n_neighbors: int = 15, min_dist: float = 0.1,
+            seed: int = 0) -> str:
+    """The name of one map in ``maps.npz``: ``svals|15|0.1|0`` or ``model:<weights sha[:16]>|15|0.1|0``."""
+    what = f"model:{weights[:16]}" if kind == "model" else kind
+    return f"{what}|{int(n_neighbors)}|{float(min_dist):g}|{int(seed)}"
+
+
+def _read(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    meta_file, data_file = folder / MAPS_META, folder / MAPS_NAME
+    if not (meta_file.is_file() and data_file.is_file()):
+        return {}, {}
+    try:
+        meta = json.loads(meta_file.read_text())
+        with np.load(data_file, allow_pickle=False) as z:
+            return meta, {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError):  # a damaged maps file is as good as none: maps are recomputed
+        return {}, {}
+
+
+def shipped_map(coll, kind: str, checkpoint_dir=None, n_neighbors: int = 15, min_dist: float = 0.1,
+                seed: int = 0) -> np.ndarray | None:
+    """The map stored beside the packed collection ``coll`` for ``kind`` (``"model"`` with ``checkpoint_dir``), when
+    it was written for this very collection (same fingerprint), these weights and these UMAP parameters; else
+    None (the caller computes it)."""
+    meta, maps = _read(Path(coll.path))
+    if meta.get("fingerprint") != coll.fingerprint:
+        return None
+    weights = weights_sha256(checkpoint_dir) if kind == "model" else None
+    xy = maps.get(map_key(kind, weights, n_neighbors, min_dist, seed))
+    return xy if xy is not None and xy.shape == (len(coll), 2) else None
+
+
+def write_maps(collection_dir, checkpoints=(), params: dict | None = None, device: str = "cpu",
+               progress=None) -> Path:
+    """Compute and store the default maps of the packed collection at ``collection_dir``: one per invariant
+    feature kind (`INVARIANT_KINDS`) and one per checkpoint folder in ``checkpoints`` whose modules are the
+    collection's (others are skipped), with UMAP ``params`` (`DEFAULT_PARAMS`). Replaces earlier maps; written to a
+    temporary file and renamed, so a reader never sees half a file. ``progress(text)`` is called per map. Returns
+    the ``maps.json`` path."""
+    from .checkpoint import load_checkpoint
+    from .collection import open_collection
+    from .neighbours import embed_collection
+
+    folder = Path(collection_dir)
+    coll = open_collection(folder)
+    p = {**DEFAULT_PARAMS, **(params or {})}
+    say = progress or (lambda _t: None)
+    maps, entries = {}, {}
+    for kind in INVARIANT_KINDS:
+        say(f"{folder.name}: {kind} features")
+        k = map_key(kind, None, **p)
+        maps[k] = umap_2d(collection_features(coll, kind), **p)
+        entries[k] = {"kind": kind}
+    for ck_dir in checkpoints:
+        ck = load_checkpoint(ck_dir, device=device)
+        if ck.spec.keys != coll.spec.keys:
+            continue
+        say(f"{folder.name}: embedding of {ck_dir}")
+        sha = weights_sha256(ck_dir)
+        k = map_key("model", sha, **p)
+        maps[k] = umap_2d(embed_collection(ck, coll), **p)
+        entries[k] = {"kind": "model", "checkpoint": str(ck_dir), "weights_sha256": sha}
+    meta = {"fingerprint": coll.fingerprint, "n": len(coll), "params": p, "maps": entries,
+            "written_by": "lol.maps.write_maps (lol zoo maps)"}
+    _atomic(folder / MAPS_NAME, lambda f: np.savez_compressed(f, **maps))
+    _atomic(folder / MAPS_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return folder / MAPS_META
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
