@@ -23,16 +23,16 @@ if ctx.require_collection():
     min_dist = c3.select_slider("UMAP min. distance", [0.0, 0.1, 0.25, 0.5], value=0.1, key="emb_md")
 
     kind = sources[src]
-    feats = None
-    try:
-        if kind == "model":
-            feats = preds.embeddings(ctx)
-        else:
-            feats = cache.invariant_features(ctx.path, ctx.key, kind)
-    except LoLError as e:  # e.g. a model trained for another base model
-        st.error(f"Could not compute the embedding: {plain(e)}")
+    ckpt = ctx.model.path if kind == "model" else None
+    xy = cache.shipped_map(ctx.path, ctx.key, kind, ckpt, n_neighbors, min_dist)  # `lol zoo precompute` wrote it
+    if xy is None:
+        try:
+            feats = preds.embeddings(ctx) if kind == "model" else cache.invariant_features(ctx.path, ctx.key, kind)
+            xy = cache.umap_xy(feats, f"{coll.fingerprint}:{kind}:{ckpt or ''}", n_neighbors, min_dist)
+        except LoLError as e:  # e.g. a model trained for another base model
+            st.error(f"Could not compute the embedding: {plain(e)}")
 
-    if feats is not None:
+    if xy is not None:
         color_df = df.copy()
         p = preds.predictions_or_none(ctx)
         if p is not None:
@@ -42,8 +42,6 @@ if ctx.require_collection():
         default = next((c for c in views.label_columns(coll, df) if c in options), "(none)")
         color = st.selectbox("Colour by (label, attribute, hyperparameter, prediction or error)", options,
                              index=options.index(default), key="emb_color")
-        key = f"{getattr(coll, 'fingerprint', ctx.key)}:{kind}:{ctx.model.path if kind == 'model' else ''}"
-        xy = cache.umap_xy(feats, key, n_neighbors=n_neighbors, min_dist=min_dist)
         hover = [c for c in ("group", "split") if c in color_df.columns]
         fig = plots.embedding_scatter(xy, color_df, None if color == "(none)" else color, hover=hover,
                                       title=f"UMAP · {src.split(' (')[0]} · {len(df)} LoRAs")

@@ -4,8 +4,9 @@ decides what is kept.
 
 * ``st.cache_resource``: collections, LoL checkpoints, the Stable Diffusion pipeline, the CLIP scorer.
 * ``st.cache_data``: tables, invariant features, predictions, per-LoRA module summaries.
-* UMAP coordinates are also written to ``cache_root()/umap/<key>.npy``, keyed by the data fingerprint and the UMAP
-  parameters, so a server restart does not recompute them.
+* UMAP maps: first the ones shipped with the collection (`lol.precomputed`, `lol zoo precompute`); others are computed once and
+  written to ``cache_root()/umap/<key>.npy``, keyed by the data fingerprint and the UMAP parameters, so a server
+  restart does not recompute them.
 
 Keys are strings (paths, fingerprints) so Streamlit never hashes tensors.
 """
@@ -24,7 +25,7 @@ import streamlit as st
 from . import data as app_data
 
 __all__ = ["collection", "packed", "collection_table", "checkpoint", "predictions", "invariant_features",
-           "umap_xy", "pipeline", "clip_scorer", "lora_summary", "path_key", "shipped_bases", "model_embeddings"]
+           "umap_xy", "shipped_map", "pipeline", "clip_scorer", "lora_summary", "path_key", "shipped_bases", "model_embeddings"]
 
 
 def path_key(path) -> str:
@@ -102,67 +103,37 @@ def module_summary(lora) -> tuple[pd.DataFrame, dict[str, list[float]]]:
 @st.cache_data(show_spinner="Computing invariant features…", max_entries=32)
 def invariant_features(path: str, key: str, kind: str = "svals", gl_seed: int | None = None,
                        limit: int | None = None, float64: bool = False) -> np.ndarray:
-    """Features of every LoRA of a collection, one row per LoRA.
+    """`lol.precomputed.collection_features` of a collection (``svals``, ``canon`` or ``raw``; optionally GL-moved)."""
+    from ..precomputed import collection_features
 
-    ``kind`` is a `lol.features.FEATURIZERS` name (``svals``: singular values of each ΔW; ``canon``: SVD canonical
-    factors; both ∏GL(r_ℓ)-invariant) or ``"raw"``: the flattened raw (U, V), zero-padded to the largest rank,
-    invariant to nothing. With ``gl_seed``, every module of every LoRA first gets an independent random
-    non-orthogonal R ∈ GL(r) (`lol.symmetry.random_gl_like` + `gl_act`): invariant features must not move."""
-    import torch
-
-    from ..features import FEATURIZERS
-    from ..symmetry import gl_act, random_gl_like
-
-    coll = collection(path, key)
-    feat = None if kind == "raw" else FEATURIZERS[kind](coll.spec, rank=_max_rank(coll))
-    if feat is not None and float64:
-        feat = feat.double()
-
-    def fn(batch, start):
-        if gl_seed is not None:
-            batch = gl_act(batch, random_gl_like(batch, seed=gl_seed * 100_003 + start))
-        if feat is None:
-            return torch.cat([t.flatten(1) for t in batch.U + batch.V], dim=1)
-        return feat(batch)
-
-    return _batched(coll, fn, limit=limit, dtype=torch.float64 if float64 else torch.float32)
+    return collection_features(collection(path, key), kind, gl_seed, limit, float64)
 
 
-def _max_rank(coll) -> int:
-    ranks = np.asarray(coll.ranks)
-    return int(ranks.max()) if ranks.size else 1
+@st.cache_data(show_spinner=False, max_entries=64)
+def shipped_map(path: str, key: str, kind: str, ckpt_path: str | None, n_neighbors: int, min_dist: float
+                ) -> np.ndarray | None:
+    """The map shipped with the collection (`lol.precomputed.shipped_map`, written by `lol zoo precompute`) when it was made for
+    this collection, model weights and UMAP parameters; else None."""
+    from ..precomputed import shipped_map as stored
 
-
-def _batched(coll, fn, size: int = 128, limit: int | None = None, dtype=None) -> np.ndarray:
-    """``fn(batch, start)`` over the collection in chunks (CPU), stacked as float64 numpy."""
-    import torch
-
-    n = len(coll) if limit is None else min(limit, len(coll))
-    out = []
-    with torch.no_grad():
-        for start in range(0, n, size):
-            idx = list(range(start, min(start + size, n)))
-            batch = coll.batch(idx, dtype=dtype or torch.float32, device="cpu")
-            out.append(fn(batch, start).double().cpu().numpy())
-    return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
+    return stored(collection(path, key), kind, ckpt_path, n_neighbors, min_dist)
 
 
 def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0
             ) -> np.ndarray:
-    """2-D UMAP of ``features`` (rows = LoRAs), persisted under ``cache_root()/umap`` keyed by ``key`` (the data
-    fingerprint and the feature kind) and the parameters; later calls, across restarts, read the file."""
+    """2-D UMAP of ``features`` (`lol.precomputed.umap_2d`), persisted under ``cache_root()/umap`` keyed by ``key`` (the
+    data fingerprint and the feature kind) and the parameters; later calls, across restarts, read the file."""
     n = len(features)
     params = dict(n_neighbors=int(min(n_neighbors, max(2, n - 1))), min_dist=float(min_dist), seed=int(seed))
     digest = hashlib.sha1((key + json.dumps(params, sort_keys=True)).encode()).hexdigest()[:20]
-    folder = app_data.cache_root() / "umap"
-    file = folder / f"{digest}.npy"
+    file = app_data.cache_root() / "umap" / f"{digest}.npy"
     if file.is_file():
         xy = np.load(file, allow_pickle=False)
         if xy.shape == (n, 2):
             return xy
-    xy = _umap_mem(digest, features, params["n_neighbors"], params["min_dist"], params["seed"])
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+    xy = _umap_mem(digest, features, **params)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as f:
         np.save(f, xy, allow_pickle=False)
     os.replace(tmp, file)
@@ -172,19 +143,9 @@ def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: flo
 @st.cache_data(show_spinner="Running UMAP (first time only)…", max_entries=32)
 def _umap_mem(digest: str, _features: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
     """UMAP in memory, keyed by ``digest`` only (features are never hashed: they can be large)."""
-    x = np.asarray(_features, dtype=np.float64)
-    if len(x) < 4:  # UMAP needs a few points; tiny sets are laid out on a line in table order
-        return np.stack([np.arange(len(x), dtype=float), np.zeros(len(x))], axis=1)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-12)
-    import umap
+    from ..precomputed import umap_2d
 
-    import warnings
-
-    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed,
-                        init="spectral" if len(x) > 50 else "random")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # seeded UMAP: one thread
-        return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    return umap_2d(_features, n_neighbors, min_dist, seed)
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -199,25 +160,13 @@ def checkpoint(path: str, device: str):
 
 @st.cache_data(show_spinner="Predicting…", max_entries=32)
 def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> pd.DataFrame:
-    """``Checkpoint.predict_batch`` over every LoRA of a collection (in chunks): ``id`` plus one column per label
-    (regression in its units, binary as probability, category as class), in table order."""
+    """The checkpoint's predictions for every LoRA of a collection (`lol.precomputed.predict_collection`): ``id``
+    plus one column per label, in table order; the ones shipped with the collection when made with these weights."""
+    from ..precomputed import predict_collection, shipped_predictions
 
-    ck = checkpoint(ckpt_path, device)
     coll = collection(coll_path, coll_key)
-    if ck.spec.keys != coll.spec.keys:
-        from ..errors import SpecMismatchError
-
-        ck.spec.check(coll.lora(0), what=f"checkpoint {ckpt_path}")  # names the differences
-        raise SpecMismatchError(f"checkpoint {ckpt_path}: modules are in another order than the collection's")
-    dtype = next(ck.model.parameters()).dtype
-    parts: dict[str, list] = {name: [] for name in ck.labels}
-    for s in range(0, len(coll), 256):
-        out = ck.predict_batch(coll.batch(list(range(s, min(s + 256, len(coll)))), dtype=dtype))
-        for name in ck.labels:
-            parts[name].append(np.asarray(out[name]))
-    df = pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
-    df.insert(0, "id", coll.table["id"].astype(str).to_numpy())
-    return df
+    shipped = shipped_predictions(coll, ckpt_path)
+    return shipped if shipped is not None else predict_collection(checkpoint(ckpt_path, device), coll)
 
 
 @st.cache_data(show_spinner="Embedding the collection with the LoL model…", max_entries=16)

@@ -2,12 +2,12 @@
 `start` at the top of every run; only the first call starts the thread), it fills the same caches the pages read,
 with the same keys, most-visited first:
 
-1. UMAP's numba compilation (10–20 s on its first fit in a process);
-2. for every shipped collection (the sidebar's default first): the collection and its table, every fitting
-   checkpoint's predictions and embedding, the invariant features, and the UMAP maps the Embeddings page draws
-   by default (persisted under the app cache, so a restarted server reads them from disk);
-3. the Stable Diffusion pipeline and CLIP scorer of the first image collection, so the first Generate click
-   does not load them.
+1. for every shipped collection (the sidebar's default first): the collection and its table, every fitting
+   checkpoint's predictions, and the maps the Embeddings page draws by default: read from the collection when
+   shipped with it (`lol zoo precompute`), else computed and persisted under the app cache;
+2. the Stable Diffusion pipeline and CLIP scorer of the first image collection (after the first collection), so
+   the first Generate click does not load them;
+3. UMAP's numba compilation (10–20 s on its first fit in a process), for maps drawn with other settings.
 
 ``LOL_APP_WARMUP=0`` turns it off (the tests do). Failures are logged and skipped: warming is an optimisation,
 and the page that needs the object reports the problem itself.
@@ -86,22 +86,25 @@ def _collection(name: str, path, device: str, models: list) -> None:
         if not info.get("error") and info.get("spec") and tuple(info["spec"]["names"]) == tuple(coll.spec.names):
             fitting.append(str(m))
     # what the pages show first: the sidebar's default model (the first fitting one) on Predict and as the
-    # Embeddings page's default map; then the invariant maps; then the other models
-    def invariant_maps():
-        for kind in ("svals", "canon"):
-            feats = _step(f"{name}: {kind} features", cache.invariant_features, p, key, kind)
+    # Embeddings page's default map; then the invariant maps; then the other models. A map shipped with the
+    # collection (`lol zoo precompute`) is read, not computed.
+    def map_of(kind, ck, features, *args):
+        if _step(f"{name}: shipped {kind} map {ck or ''}", cache.shipped_map, p, key, kind, ck,
+                 *UMAP_DEFAULTS.values()) is None:
+            feats = _step(f"{name}: {kind} features {ck or ''}".strip(), features, *args)
             if feats is not None:
-                _step(f"{name}: {kind} map", cache.umap_xy, feats, f"{fp}:{kind}:", *UMAP_DEFAULTS.values())
+                _step(f"{name}: {kind} map{' ' + ck if ck else ''}", cache.umap_xy, feats, f"{fp}:{kind}:{ck or ''}",
+                      *UMAP_DEFAULTS.values())
 
     for i, ck in enumerate(fitting):
         _step(f"{name}: predictions {ck}", cache.predictions, ck, device, p, key)
-        emb = _step(f"{name}: embedding {ck}", cache.model_embeddings, ck, device, p, key)
-        if emb is not None:
-            _step(f"{name}: model map {ck}", cache.umap_xy, emb, f"{fp}:model:{ck}", *UMAP_DEFAULTS.values())
+        map_of("model", ck, cache.model_embeddings, ck, device, p, key)
         if i == 0:
-            invariant_maps()
+            for kind in ("svals", "canon"):
+                map_of(kind, None, cache.invariant_features, p, key, kind)
     if not fitting:
-        invariant_maps()
+        for kind in ("svals", "canon"):
+            map_of(kind, None, cache.invariant_features, p, key, kind)
 
 
 def _generation(device: str) -> None:
@@ -126,7 +129,6 @@ def _warm() -> None:
         from . import data as app_data
 
         device = app_data.default_device()
-        _step("umap compile", _umap_compile)
         models = app_data.checkpoint_dirs()
         shipped = app_data.shipped_collections()
         first = next(iter(shipped.items()), None)
@@ -135,6 +137,7 @@ def _warm() -> None:
         _step("generation", _generation, device)
         for name, path in list(shipped.items())[1:]:
             _step(name, _collection, name, path, device, models)
+        _step("umap compile", _umap_compile)  # for maps drawn with other settings (shipped maps need no UMAP)
         log.warning("warm-up done: %s", {k: round(v, 1) for k, v in _timings.items()})
     finally:
         _done.set()

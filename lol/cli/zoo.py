@@ -1,5 +1,6 @@
-"""`lol zoo build`, `lol zoo status`, `lol zoo report`, `lol zoo maps`: build the LoRA zoo (base models + labelled
-collections), resumably; describe it; ship the explorer's default maps with each collection.
+"""`lol zoo build`, `lol zoo status`, `lol zoo report`, `lol zoo precompute`: build the LoRA zoo (base models +
+labelled collections), resumably; describe it; ship what the explorer shows first (maps, predictions) with each
+collection.
 
 Light at import: torch, transformers and diffusers are imported only when a build runs.
 """
@@ -41,12 +42,13 @@ def register(sub) -> None:
     r.add_argument("--out", default="data")
     r.set_defaults(func=cmd_report)
 
-    m = zsub.add_parser("maps", help="write each collection's default 2-D maps (UMAP of its invariant features and "
-                                     "of every fitting checkpoint's embedding) beside it, for the explorer; run "
-                                     "again after a collection is rebuilt")
+    m = zsub.add_parser("precompute", help="write beside each collection what the explorer shows first: its 2-D "
+                                           "maps (UMAP of its invariant features and of every fitting checkpoint's "
+                                           "embedding) and those checkpoints' predictions; run again after a "
+                                           "collection is rebuilt or a model retrained")
     m.add_argument("--out", default="data", help="data folder (collections/ and checkpoints/ under it)")
     m.add_argument("--only", default=None, help="comma list of collections (default: all under OUT/collections)")
-    m.set_defaults(func=cmd_maps)
+    m.set_defaults(func=cmd_precompute)
 
 
 def cmd_build(args) -> int:
@@ -86,11 +88,11 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_maps(args) -> int:
+def cmd_precompute(args) -> int:
     from pathlib import Path
 
     from ..errors import CollectionError
-    from ..maps import write_maps
+    from ..precomputed import DATA_NAME, write_precomputed
 
     root = Path(args.out)
     found = sorted(p for p in (root / "collections").glob("*") if (p / "collection.json").is_file())
@@ -101,6 +103,8 @@ def cmd_maps(args) -> int:
     ckpts = sorted(p.parent for p in (root / "checkpoints").rglob("model.safetensors")
                    if (p.parent / "config.json").is_file())
     for name in names:
-        meta = write_maps(root / "collections" / name, ckpts, progress=lambda t: print(t, flush=True))
-        print(f"wrote {meta.with_name('maps.npz')} ({len(json.loads(meta.read_text())['maps'])} maps)")
+        meta = json.loads(write_precomputed(root / "collections" / name, ckpts,
+                                            progress=lambda t: print(t, flush=True)).read_text())
+        print(f"wrote {root / 'collections' / name / DATA_NAME} ({len(meta['maps'])} maps, predictions of "
+              f"{len(meta['predictions'])} models)")
     return 0

@@ -1,17 +1,19 @@
-"""2-D maps of a collection: UMAP of its GL-invariant features or of a trained model's embedding, and the maps shipped
-with a collection so that an explorer shows them at once.
+"""What an explorer shows first, computed once and shipped with a collection: its 2-D maps (UMAP of its GL-invariant
+features and of each trained model's embedding) and each trained model's predictions for it.
 
 * `collection_features`: one feature row per LoRA (``svals``, ``canon`` … of `lol.features.FEATURIZERS`, or the raw
   factors), optionally after an independent random GL(r) move of every module (the invariance check).
 * `umap_2d`: the map itself (features standardised per dimension, then seeded UMAP).
-* `write_maps`: the default maps of a packed collection — the invariant features and every given checkpoint whose
-  modules fit — written beside it as ``maps.npz`` + ``maps.json``, keyed by the collection fingerprint, the
-  checkpoint's weights (SHA-256) and the UMAP parameters. `lol zoo maps` runs it; run it again after a collection is
-  rebuilt (a map whose fingerprint no longer matches is never used).
-* `shipped_map`: the stored map for a (kind, checkpoint, parameters), or None when none matches.
+* `predict_collection`: a checkpoint's predictions for every LoRA of a collection.
+* `write_precomputed`: the default maps of a packed collection (the invariant features and every given checkpoint
+  whose modules fit) and those checkpoints' predictions, written beside it as ``precomputed.npz`` +
+  ``precomputed.json``, keyed by the collection fingerprint, the checkpoint's weights (SHA-256) and the UMAP
+  parameters. `lol zoo precompute` runs it; run it again after a collection is rebuilt (nothing whose fingerprint no
+  longer matches is ever used).
+* `shipped_map`, `shipped_predictions`: what was stored for a (kind, checkpoint, parameters), or None.
 
-The maps file is not part of the collection's fingerprint (``collection.json`` + ``loras.parquet``), so writing it
-changes nothing a model or a cached experiment is keyed by.
+The file is not part of the collection's fingerprint (``collection.json`` + ``loras.parquet``), so writing it changes
+nothing a model or a cached experiment is keyed by.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAPS_NAME", "MAPS_META", "DEFAULT_PARAMS", "INVARIANT_KINDS", "collection_features", "umap_2d",
-           "weights_sha256", "write_maps", "shipped_map", "map_key"]
+__all__ = ["DATA_NAME", "META_NAME", "DEFAULT_PARAMS", "INVARIANT_KINDS", "collection_features", "umap_2d",
+           "weights_sha256", "predict_collection", "write_precomputed", "shipped_map", "shipped_predictions",
+           "map_key"]
 
-MAPS_NAME, MAPS_META = "maps.npz", "maps.json"
+DATA_NAME, META_NAME = "precomputed.npz", "precomputed.json"
 DEFAULT_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "seed": 0}  # what an explorer shows first
 INVARIANT_KINDS = ("svals", "canon")
 
@@ -79,6 +82,28 @@ def umap_2d(features: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, 
         return np.asarray(reducer.fit_transform(x), dtype=np.float64)
 
 
+def predict_collection(ckpt, coll, chunk: int = 256):
+    """``Checkpoint.predict_batch`` over every LoRA of a packed collection: a DataFrame of ``id`` plus one column
+    per label (regression in its units, binary as probability, category as class), in table order. A checkpoint
+    for other modules raises `SpecMismatchError` naming the differences."""
+    import pandas as pd
+
+    from .errors import SpecMismatchError
+
+    if ckpt.spec.keys != coll.spec.keys:
+        ckpt.spec.check(coll.lora(0), what=f"checkpoint {ckpt.path}")  # names the differences
+        raise SpecMismatchError(f"checkpoint {ckpt.path}: modules are in another order than the collection's")
+    dtype = next(ckpt.model.parameters()).dtype
+    parts: dict[str, list] = {name: [] for name in ckpt.labels}
+    for s in range(0, len(coll), chunk):
+        out = ckpt.predict_batch(coll.batch(list(range(s, min(s + chunk, len(coll)))), dtype=dtype))
+        for name in ckpt.labels:
+            parts[name].append(np.asarray(out[name]))
+    df = pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
+    df.insert(0, "id", coll.table["id"].astype(str).to_numpy())
+    return df
+
+
 def weights_sha256(checkpoint_dir) -> str:
     """SHA-256 of a checkpoint's weights file: what a model map is keyed by (a retrained model gets a new map)."""
     from .checkpoint import WEIGHTS_NAME
@@ -92,21 +117,39 @@ def weights_sha256(checkpoint_dir) -> str:
 
 def map_key(kind: str, weights: str | None = None, n_neighbors: int = 15, min_dist: float = 0.1,
             seed: int = 0) -> str:
-    """The name of one map in ``maps.npz``: ``svals|15|0.1|0`` or ``model:<weights sha[:16]>|15|0.1|0``."""
+    """The name of one map in ``precomputed.npz``: ``svals|15|0.1|0`` or ``model:<weights sha[:16]>|15|0.1|0``."""
     what = f"model:{weights[:16]}" if kind == "model" else kind
     return f"{what}|{int(n_neighbors)}|{float(min_dist):g}|{int(seed)}"
 
 
 def _read(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    meta_file, data_file = folder / MAPS_META, folder / MAPS_NAME
+    meta_file, data_file = folder / META_NAME, folder / DATA_NAME
     if not (meta_file.is_file() and data_file.is_file()):
         return {}, {}
     try:
         meta = json.loads(meta_file.read_text())
         with np.load(data_file, allow_pickle=False) as z:
             return meta, {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError):  # a damaged maps file is as good as none: maps are recomputed
+    except (OSError, ValueError, KeyError):  # a damaged file is as good as none: all is recomputed
         return {}, {}
+
+
+def shipped_predictions(coll, checkpoint_dir):
+    """`predict_collection`'s table stored beside ``coll`` for these checkpoint weights, or None."""
+    import pandas as pd
+
+    meta, arrays = _read(Path(coll.path))
+    if meta.get("fingerprint") != coll.fingerprint:
+        return None
+    sha = weights_sha256(checkpoint_dir)[:16]
+    labels = (meta.get("predictions") or {}).get(sha)
+    if not labels or any(f"pred:{sha}:{lab}" not in arrays for lab in labels):
+        return None
+    df = pd.DataFrame({lab: arrays[f"pred:{sha}:{lab}"] for lab in labels})
+    if len(df) != len(coll):
+        return None
+    df.insert(0, "id", coll.table["id"].astype(str).to_numpy())
+    return df
 
 
 def shipped_map(coll, kind: str, checkpoint_dir=None, n_neighbors: int = 15, min_dist: float = 0.1,
@@ -122,13 +165,13 @@ def shipped_map(coll, kind: str, checkpoint_dir=None, n_neighbors: int = 15, min
     return xy if xy is not None and xy.shape == (len(coll), 2) else None
 
 
-def write_maps(collection_dir, checkpoints=(), params: dict | None = None, device: str = "cpu",
-               progress=None) -> Path:
-    """Compute and store the default maps of the packed collection at ``collection_dir``: one per invariant
-    feature kind (`INVARIANT_KINDS`) and one per checkpoint folder in ``checkpoints`` whose modules are the
-    collection's (others are skipped), with UMAP ``params`` (`DEFAULT_PARAMS`). Replaces earlier maps; written to a
-    temporary file and renamed, so a reader never sees half a file. ``progress(text)`` is called per map. Returns
-    the ``maps.json`` path."""
+def write_precomputed(collection_dir, checkpoints=(), params: dict | None = None, device: str = "cpu",
+                      progress=None) -> Path:
+    """Compute and store what an explorer shows first for the packed collection at ``collection_dir``: one map per
+    invariant feature kind (`INVARIANT_KINDS`); for each checkpoint folder in ``checkpoints`` whose modules are the
+    collection's (others are skipped) its embedding's map and its predictions. UMAP ``params``: `DEFAULT_PARAMS`.
+    Replaces what was there; each file is written to a temporary file and renamed, so a reader never sees half a
+    file. ``progress(text)`` is called per step. Returns the ``precomputed.json`` path."""
     from .checkpoint import load_checkpoint
     from .collection import open_collection
     from .neighbours import embed_collection
@@ -137,11 +180,11 @@ def write_maps(collection_dir, checkpoints=(), params: dict | None = None, devic
     coll = open_collection(folder)
     p = {**DEFAULT_PARAMS, **(params or {})}
     say = progress or (lambda _t: None)
-    maps, entries = {}, {}
+    arrays, entries, preds = {}, {}, {}
     for kind in INVARIANT_KINDS:
         say(f"{folder.name}: {kind} features")
         k = map_key(kind, None, **p)
-        maps[k] = umap_2d(collection_features(coll, kind), **p)
+        arrays[k] = umap_2d(collection_features(coll, kind), **p)
         entries[k] = {"kind": kind}
     for ck_dir in checkpoints:
         ck = load_checkpoint(ck_dir, device=device)
@@ -150,13 +193,19 @@ def write_maps(collection_dir, checkpoints=(), params: dict | None = None, devic
         say(f"{folder.name}: embedding of {ck_dir}")
         sha = weights_sha256(ck_dir)
         k = map_key("model", sha, **p)
-        maps[k] = umap_2d(embed_collection(ck, coll), **p)
+        arrays[k] = umap_2d(embed_collection(ck, coll), **p)
         entries[k] = {"kind": "model", "checkpoint": str(ck_dir), "weights_sha256": sha}
-    meta = {"fingerprint": coll.fingerprint, "n": len(coll), "params": p, "maps": entries,
-            "written_by": "lol.maps.write_maps (lol zoo maps)"}
-    _atomic(folder / MAPS_NAME, lambda f: np.savez_compressed(f, **maps))
-    _atomic(folder / MAPS_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    return folder / MAPS_META
+        say(f"{folder.name}: predictions of {ck_dir}")
+        table = predict_collection(ck, coll)
+        preds[sha[:16]] = [str(c) for c in table.columns[1:]]
+        for c in preds[sha[:16]]:
+            v = table[c].to_numpy()
+            arrays[f"pred:{sha[:16]}:{c}"] = v.astype(str) if v.dtype == object else v
+    meta = {"fingerprint": coll.fingerprint, "n": len(coll), "params": p, "maps": entries, "predictions": preds,
+            "written_by": "lol.precomputed.write_precomputed (lol zoo precompute)"}
+    _atomic(folder / DATA_NAME, lambda f: np.savez_compressed(f, **arrays))
+    _atomic(folder / META_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return folder / META_NAME
 
 
 def _atomic(path: Path, write) -> None:
