@@ -76,7 +76,17 @@ def test_fashion_jobs_use_exactly_their_classes():
     for j in jobs[:50]:
         assert j.params["classes"] and set(labels[j.params["images"]]) == set(j.params["classes"])
     sizes = Counter(len(j.params["classes"]) for j in jobs)
-    assert len(sizes) >= 5  # subsets of many sizes
+    assert len(sizes) >= 5  # subsets of many sizes: the dataset-size task (n_classes)
+    from lol.zoo.image_recipes import FASHION_PRESETS
+
+    P = FASHION_PRESETS["default"]
+    lrs = np.array([j.params["lr"] for j in jobs])
+    lo, hi = P["lr_range"]
+    assert lrs.min() >= lo and lrs.max() <= hi and np.log10(lrs.max() / lrs.min()) > 0.9  # log-uniform over a decade
+    assert {j.params["steps"] for j in jobs} <= set(range(P["steps_range"][0], P["steps_range"][1] + 1))
+    assert len({j.params["steps"] for j in jobs}) > 30
+    assert sum(j.params["retest"] for j in jobs) >= 100  # class_gain measured twice on >= 100 LoRAs
+    assert len({r.group_key(j) for j in jobs}) == 1
 
 
 def test_faces_run_group_labels_and_loras(faces_results):
@@ -182,3 +192,13 @@ def test_fashion_batched_equals_alone_and_labels(bases):
         assert res.extras["image_ids"] == [fashion_image(i, "test").id for i in j.params["images"]]
         assert res.row["group"] == "cls-" + "".join(str(res.row[lab]) for lab in CLASS_LABELS)
         assert res.row["n_images"] == len(j.params["images"])
+        assert res.row["n_classes"] == len(j.params["classes"])
+        # class_gain: LoRA vs base generations of its classes' captions, same noises; a LoRA that moved the model
+        # changes pixels, and the retest (other seed) exists exactly for the retest jobs
+        assert np.isfinite(res.row["class_gain"]) and abs(res.row["class_gain"]) < 2
+        assert res.row["pixel_change_255"] > 0
+        assert np.isfinite(res.row["class_gain_retest"]) == bool(j.params["retest"])
+    assert any(j.params["retest"] for j in jobs)
+    # same LoRA, measured on its own (group of one): the same gain up to float order (common noises per caption)
+    k = [i for i, j in enumerate(jobs) if j.id == alone[0].job_id][0]
+    assert alone[0].row["class_gain"] == pytest.approx(together[k].row["class_gain"], abs=2e-3)

@@ -63,11 +63,20 @@ FACES_PRESETS: dict[str, dict[str, Any]] = {
                     reuse_identity=0.15, clip_prompts=16, clip_images=3, clip_steps=8, guidance=4.0, clip_seed=42,
                     retest_seed=1042, retest_every=5, identity_images=6),
 }
+# Zoo v2 (default): 6–10 images per kept class, lr log-uniform 1e-3–1e-2, 60–120 steps, so the LoRA carries its
+# classes. Pilot (48 LoRAs each on the stage-2 SD, 2 generations per kept class): the v1 settings (3–6 images, lr
+# 3e-4–1e-2 in four values, 25–50 steps) moved the generations 5/255 from the base's and ``class_gain`` was 0.000 on
+# average; 100–150 steps at lr 3e-3–6e-3 moved them ~24/255 with gain > 0, while lr 2e-2 damaged the model (gain
+# −0.12). ``class_gain``: ``gain_images`` generations per kept class (prompt = the caption of one of its finetuning
+# images), with and without the LoRA on the same noises; every ``retest_every``-th LoRA is measured again with
+# ``retest_seed``. ``n_classes`` (how many classes were kept) is the paper's Table 4 task (dataset size).
 FASHION_PRESETS: dict[str, dict[str, Any]] = {
-    "ci": dict(n_loras=6, rank=4, alpha=8.0, per_class=(1, 2), lr=(1e-3, 3e-3), steps=(2, 3), grad_accum=(1, 2),
-               micro_batch=2),
-    "default": dict(n_loras=420, rank=4, alpha=8.0, per_class=(3, 4, 5, 6), lr=(3e-4, 1e-3, 3e-3, 1e-2),
-                    steps=(25, 33, 42, 50), grad_accum=(1, 2), micro_batch=2),
+    "ci": dict(n_loras=6, rank=4, alpha=8.0, per_class=(1, 2), lr_range=(1e-3, 3e-3), steps_range=(2, 3),
+               grad_accum=(1, 2), micro_batch=2, gain_images=1, gain_steps=2, guidance=4.0, gain_seed=42,
+               retest_seed=1042, retest_every=2),
+    "default": dict(n_loras=420, rank=4, alpha=8.0, per_class=(6, 7, 8, 9, 10), lr_range=(1e-3, 1e-2),
+                    steps_range=(60, 120), grad_accum=(1,), micro_batch=2, gain_images=1, gain_steps=8,
+                    guidance=4.0, gain_seed=42, retest_seed=1042, retest_every=4),
 }
 MAX_IDENTITY_IMAGES = 20  # a LoRA's images are drawn from images 0..19 of its identity
 
@@ -515,7 +524,7 @@ class FashionRecipe:
     """Imagenette-LoRA on Fashion-MNIST (see module docstring)."""
 
     name = "fashion"
-    requires: tuple[str, ...] = ("sd",)
+    requires: tuple[str, ...] = ("sd", "clip")
     sample_every = 100
 
     def jobs(self, preset: str, seed: int) -> list[Job]:
@@ -533,35 +542,49 @@ class FashionRecipe:
             for c in np.flatnonzero(keep):
                 n = int(rng.choice(P["per_class"]))
                 images += [int(x) for x in rng.choice(pools[int(c)], n, replace=False)]
+            lo, hi = P["lr_range"]
             params = {"classes": [int(c) for c in np.flatnonzero(keep)], "images": sorted(images),
-                      "rank": int(P["rank"]), "alpha": float(P["alpha"]), "lr": float(rng.choice(P["lr"])),
-                      "steps": int(rng.choice(P["steps"])), "grad_accum": int(rng.choice(P["grad_accum"])),
-                      "micro_batch": int(P["micro_batch"])}
+                      "rank": int(P["rank"]), "alpha": float(P["alpha"]),
+                      "lr": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+                      "steps": int(rng.integers(P["steps_range"][0], P["steps_range"][1] + 1)),
+                      "grad_accum": int(rng.choice(P["grad_accum"])), "micro_batch": int(P["micro_batch"]),
+                      "retest": i % P["retest_every"] == 0,
+                      "gain": {"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"],
+                               "seed": P["gain_seed"], "retest_seed": P["retest_seed"]}}
             out.append(Job(id=f"fashion-{i:05d}", seed=int(seed) * 1_000_033 + i, params=params))
         return out
 
     def group_key(self, job: Job) -> Hashable:
-        return (job.params["rank"], job.params["alpha"])
+        return (job.params["rank"], job.params["alpha"], json.dumps(job.params.get("gain"), sort_keys=True))
 
     def label_schema(self) -> dict[str, dict[str, Any]]:
         from .fashion import CLASS_LABELS, CLASSES
 
-        return {lab: {"kind": "binary", "task": "membership", "exact": True,
-                      "description": f"1 if class {name!r} was in the LoRA's finetuning set"}
-                for lab, name in zip(CLASS_LABELS, CLASSES)}
+        s = {lab: {"kind": "binary", "task": "membership", "exact": True,
+                   "description": f"1 if class {name!r} was in the LoRA's finetuning set"}
+             for lab, name in zip(CLASS_LABELS, CLASSES)}
+        s["n_classes"] = {"kind": "category", "task": "dataset_size", "exact": True,
+                          "description": "how many of the 10 classes were in the finetuning set (paper Table 4)"}
+        s["class_gain"] = {"kind": "regression", "task": "class_gain", "retest": "class_gain_retest",
+                           "description": "how much nearer the LoRA's generations of its own classes' captions are "
+                                          "to its finetuning images of that class than the base model's (cosine "
+                                          "in CLIP image space, same noises, mean over kept classes); > 0: the "
+                                          "LoRA pulls generations toward its data"}
+        return s
 
     def tasks(self) -> dict[str, list[str]]:
         from .fashion import CLASS_LABELS
 
-        return {"membership": list(CLASS_LABELS)}
+        return {"membership": list(CLASS_LABELS), "dataset_size": ["n_classes"], "class_gain": ["class_gain"]}
 
     def run_group(self, jobs: list[Job], bases: dict[str, Path], device: str | None = None) -> list[JobResult]:
+        from .clipscore import CLIPScorer
         from .fashion import CLASS_LABELS, fashion_image
         from .image_bases import resolve_base
 
         for j in jobs[1:]:
             if self.group_key(j) != self.group_key(jobs[0]):
-                raise ValueError(f"job {j.id} cannot share a group with {jobs[0].id} (different rank/alpha)")
+                raise ValueError(f"job {j.id} cannot share a group with {jobs[0].id} (different rank/alpha/gain)")
         p0 = jobs[0].params
         trainer = ImageLoRATrainer(resolve_base(bases["sd"]), device)
         plans, infos = [], []
@@ -575,27 +598,97 @@ class FashionRecipe:
         ml = trainer.inject([j.seed for j in jobs], rank=p0["rank"], alpha=p0["alpha"])
         try:
             stats = trainer.train(ml, plans, torch.tensor([j.params["lr"] for j in jobs]))
+            gcfg = p0.get("gain")
+            gain = gain_rt = None
+            retest_ks = [k for k, j in enumerate(jobs) if j.params.get("retest")]
+            t0 = time.time()
+            if gcfg is not None and "clip" in bases:
+                scorer = CLIPScorer(resolve_base(bases["clip"]), device=trainer.device)
+                targets = [_class_targets(scorer, infos[k]) for k in range(len(jobs))]
+                gain = _class_gain(trainer, ml, scorer, range(len(jobs)), targets, gcfg, gcfg["seed"])
+                gain_rt = (_class_gain(trainer, ml, scorer, retest_ks, [targets[k] for k in retest_ks], gcfg,
+                                       gcfg["retest_seed"]) if retest_ks else None)
+            sample_seconds = time.time() - t0
             samples = _samples_dir(bases)
             results = []
             for k, j in enumerate(jobs):
                 row = {"id": j.id, "group": "cls-" + "".join("1" if c in j.params["classes"] else "0"
                                                              for c in range(len(CLASS_LABELS)))}
                 row.update({lab: int(c in j.params["classes"]) for c, lab in enumerate(CLASS_LABELS)})
+                row["n_classes"] = len(j.params["classes"])
+                if gain is not None:
+                    row.update({"class_gain": gain["gain"][k],
+                                "class_gain_retest": (gain_rt["gain"][retest_ks.index(k)] if k in retest_ks
+                                                      else float("nan")),
+                                "pixel_change_255": gain["pixel_change"][k]})
                 row.update({"rank": j.params["rank"], "alpha": j.params["alpha"], "lr": j.params["lr"],
                             "steps": j.params["steps"], "grad_accum": j.params["grad_accum"],
-                            "n_images": len(infos[k]), "n_classes": len(j.params["classes"]), "seed": j.seed})
+                            "n_images": len(infos[k]), "seed": j.seed})
                 lora = ml.export(k, dtype=torch.float16)
                 lora.source = j.id
                 results.append(JobResult(j.id, lora, row, extras={
                     "image_ids": [f.id for f in infos[k]], "captions": [f.caption for f in infos[k]],
                     "final_loss": stats["final_loss"][k], "group_size": len(jobs),
-                    "group_train_seconds": round(stats["seconds"], 2)}))
+                    "group_train_seconds": round(stats["seconds"], 2),
+                    "group_sample_seconds": round(sample_seconds, 2)}))
                 num = int(j.id.rsplit("-", 1)[-1])
                 if samples is not None and num % self.sample_every == 0:
-                    prompts = [f.caption for f in infos[k]][:8]
-                    gen = sample_with_adapters(trainer, ml, [k] * len(prompts), prompts, 42, 10, 4.0)
-                    _save_strip(samples / f"{j.id}.png",
-                                [np.stack([np.asarray(f.image) for f in infos[k][:8]]), gen])
+                    rows = [np.stack([np.asarray(f.image) for f in infos[k][:8]])]
+                    if gain is not None:
+                        rows += [gain["lora_images"][k][:8], gain["base_images"][k][:8]]
+                    else:
+                        prompts = [f.caption for f in infos[k]][:8]
+                        rows.append(sample_with_adapters(trainer, ml, [k] * len(prompts), prompts, 42, 10, 4.0))
+                    _save_strip(samples / f"{j.id}.png", rows)
         finally:
             ml.remove()
         return results
+
+
+def _class_targets(scorer, images) -> list[tuple[str, torch.Tensor]]:
+    """One (caption, target) pair per class of a fashion LoRA's finetuning images: the caption of its first image of
+    that class and the mean CLIP image embedding of all its images of that class."""
+    out = []
+    for c in sorted({f.label for f in images}):
+        mine = [f for f in images if f.label == c]
+        out.append((mine[0].caption, scorer.image_features([np.asarray(f.image) for f in mine]).mean(0)))
+    return out
+
+
+def _class_gain(trainer, ml, scorer, ks: Sequence[int], targets: Sequence[list[tuple[str, torch.Tensor]]],
+                cfg: dict, seed: int) -> dict:
+    """For adapter ``ks[i]`` and each of its (caption, target) pairs, ``cfg["images"]`` generations of the caption
+    with the LoRA and, on the same noises, with the base; the cosine of each to the normalized target, LoRA − base,
+    averaged over the pairs: ``gain[i]``. Base generations are shared by every adapter with the same caption."""
+    ks, n = list(ks), int(cfg.get("images", 1))
+    base_caps = sorted({cap for t in targets for cap, _ in t})
+    who, ps, rs = [], [], []
+    for i, k in enumerate(ks):
+        for cap, _ in targets[i]:
+            who += [k] * n
+            ps += [cap] * n
+            rs += list(range(n))
+    n_lora = len(who)
+    for cap in base_caps:
+        who += [-1] * n
+        ps += [cap] * n
+        rs += list(range(n))
+    gen = sample_with_adapters(trainer, ml, who, ps, seed, cfg["steps"], cfg["guidance"], replicate=rs)
+    emb = scorer.image_features(list(gen))
+    out = {"gain": [], "pixel_change": [], "lora_images": [], "base_images": []}
+    pos = 0
+    for i in range(len(ks)):
+        gains, change, li, bi = [], [], [], []
+        for cap, tgt in targets[i]:
+            t = tgt / tgt.norm()
+            b0 = n_lora + base_caps.index(cap) * n
+            gains.append(float((emb[pos:pos + n] @ t).mean() - (emb[b0:b0 + n] @ t).mean()))
+            change.append(float(np.abs(gen[pos:pos + n].astype(float) - gen[b0:b0 + n].astype(float)).mean()))
+            li.append(gen[pos:pos + n])
+            bi.append(gen[b0:b0 + n])
+            pos += n
+        out["gain"].append(float(np.mean(gains)))
+        out["pixel_change"].append(float(np.mean(change)))
+        out["lora_images"].append(np.concatenate(li))
+        out["base_images"].append(np.concatenate(bi))
+    return out
