@@ -8,7 +8,9 @@
   the CLIP score of the finetuned model (mean over 16 fixed prompts, one image each, seed 42, fixed steps and
   guidance, generated WITH the LoRA, scored by the zoo's CLIP). Group = identity (split by it: no identity leak).
 * `FashionRecipe`: LoRAs finetuned on Fashion-MNIST test-split images of a random subset of the 10 classes;
-  labels ``class_<name>`` = 1 if the class was in the finetuning set (set-level membership, as in the paper).
+  labels ``class_<name>`` = 1 if the class was in the finetuning set (set-level membership, as in the paper),
+  ``n_classes`` (how many classes: the paper's dataset-size task) and ``class_gain`` (do its generations move
+  toward its finetuning images?).
 
 K jobs of a group train in one batched pass (`lol.zoo.multilora`): adapter k sees only its own samples, and every
 random draw of job k (image order, noise, timesteps, A init) comes from its own seed, so a job's LoRA does not

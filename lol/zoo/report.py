@@ -20,7 +20,8 @@ BASE_TITLES = {
 }
 COLLECTION_TITLES = {
     "faces": "faces — CelebA-LoRA analogue: one procedurally drawn identity per LoRA; attributes and CLIP score",
-    "fashion": "fashion — Imagenette-LoRA analogue: Fashion-MNIST class subsets; class membership",
+    "fashion": "fashion — Imagenette-LoRA analogue: Fashion-MNIST class subsets; class membership, number of classes "
+               "(dataset size), class gain",
     "lm": "lm — Qwen2-ARC-LoRA analogue: QA sources dropped at random; challenge accuracy, eval loss, membership",
 }
 
