@@ -25,7 +25,8 @@ import torch
 from .features import singular_values
 from .lora import LoRA, LoRAModule, ModuleSpec, lora_scale
 
-__all__ = ["sd15_unet_qv_spec", "tiny_spec", "random_lora", "synth_collection", "SynthSet", "singular_values",
+__all__ = ["sd15_unet_qv_spec", "sd15_unet_attn_spec", "qwen2_1_5b_qv_spec",
+           "tiny_spec", "random_lora", "synth_collection", "SynthSet", "singular_values",
            "probe_vectors", "spec_by_name", "SPECS"]
 
 SD15_CROSS_DIM = 768
@@ -50,13 +51,39 @@ def sd15_unet_qv_spec() -> ModuleSpec:
     return ModuleSpec(tuple(names), tuple(shapes))
 
 
+def sd15_unet_attn_spec() -> ModuleSpec:
+    """Every attention projection of the SD 1.x UNet's transformer blocks: ``to_q``, ``to_k``, ``to_v`` and
+    ``to_out.0`` of ``attn1`` and ``attn2``, 16 blocks × 2 × 4 = 128 modules in forward order. Cross-attention
+    ``to_k`` / ``to_v`` read the 768-wide text states (768 → dim); every other projection is dim → dim."""
+    qv = sd15_unet_qv_spec()
+    names, shapes = [], []
+    for name, (d, _) in zip(qv.names[::4], qv.shapes[::4]):   # one attn1.to_q per block gives its dim
+        block = name.rsplit(".attn1.", 1)[0]
+        for attn, kv_in in (("attn1", d), ("attn2", SD15_CROSS_DIM)):
+            for t in ("to_q", "to_k", "to_v", "to_out.0"):
+                names.append(f"{block}.{attn}.{t}")
+                shapes.append((d, kv_in if t in ("to_k", "to_v") else d))
+    return ModuleSpec(tuple(names), tuple(shapes))
+
+
+def qwen2_1_5b_qv_spec() -> ModuleSpec:
+    """Qwen2-1.5B ``q_proj`` / ``v_proj`` of its 28 decoder layers (the paper's Qwen2-ARC layer set, 56 modules):
+    ``q_proj`` 1536 → 1536, ``v_proj`` 1536 → 256 (2 key-value heads × head dim 128)."""
+    names, shapes = [], []
+    for i in range(28):
+        names += [f"model.layers.{i}.self_attn.q_proj", f"model.layers.{i}.self_attn.v_proj"]
+        shapes += [(1536, 1536), (256, 1536)]
+    return ModuleSpec(tuple(names), tuple(shapes))
+
+
 def tiny_spec() -> ModuleSpec:
     """Three small modules of different shapes (self-attention q, cross-attention v, a wider q) for fast tests."""
     return ModuleSpec(("unet.down.attn1.to_q", "unet.down.attn2.to_v", "unet.up.attn1.to_q"),
                       ((8, 8), (8, 6), (12, 12)))
 
 
-SPECS = {"sd15": sd15_unet_qv_spec, "tiny": tiny_spec}
+SPECS = {"sd15": sd15_unet_qv_spec, "sd15_attn": sd15_unet_attn_spec,
+         "qwen2_1_5b": qwen2_1_5b_qv_spec, "tiny": tiny_spec}
 
 
 def spec_by_name(name: str) -> ModuleSpec:

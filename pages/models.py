@@ -1,5 +1,6 @@
-"""Models: the results table (model × task) and the figures the notebooks produced, read from their outputs; and
-the trained checkpoints with the metrics recorded when they were trained."""
+"""Models: the results table (model × task) and the figures the notebooks produced, read from their outputs; the
+trained checkpoints with the metrics recorded when they were trained; and the speed of LoL against the standard
+evaluation it replaces (``speed.md``: at the paper's scale and on our zoo)."""
 import pandas as pd
 import streamlit as st
 
@@ -52,3 +53,13 @@ else:
                + "; ".join(f"**{k}**: {v}" for k, v in glossary.KIND_HELP.items() if k in set(rows["model"])))
     if ctx.model is not None:
         st.caption(f"The sidebar's LoL model: **{ctx.model.name}**.")
+
+st.subheader("Speed: LoL against the standard evaluation")
+reports = results.speed_reports()
+if not reports:
+    st.info("No speed report yet: `python -m bench speed` writes `results/speed.md` (`results/gpu/speed.md` on a "
+            "GPU): LoL models against the standard evaluation of SD-1.5 and Qwen2-1.5B, both timed in one run.")
+for i, path in enumerate(reports):
+    lines = path.read_text().splitlines()
+    with st.expander(f"`{path}`", expanded=i == 0):
+        st.markdown("\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines))

@@ -11,7 +11,7 @@ import pandas as pd
 from . import data as app_data
 
 __all__ = ["Table", "Figure", "Outputs", "output_dirs", "find_outputs", "model_by_task", "pretty_columns",
-           "show_figure", "checkpoint_rows", "METRIC_NAMES", "mark_best", "unique_figures"]
+           "show_figure", "checkpoint_rows", "METRIC_NAMES", "mark_best", "unique_figures", "speed_reports"]
 
 _TABLE_SUFFIXES = {".csv", ".parquet", ".json"}
 _FIG_SUFFIXES = {".png", ".jpg", ".jpeg", ".svg"}
@@ -46,6 +46,17 @@ class Outputs:
 def output_dirs() -> list[Path]:
     found = app_data.results_dirs()
     return found or [app_data.data_root() / "results"]
+
+
+def speed_reports(dirs: list[Path] | None = None) -> list[Path]:
+    """``speed.md`` of every results folder and of its ``gpu/`` subfolder, existing ones only: LoL against the
+    standard evaluation (`lol.speed.write_speed_md`, written by ``python -m bench speed`` and notebook 06)."""
+    found: list[Path] = []
+    for d in dirs if dirs is not None else app_data.results_dirs():
+        for p in (d / "speed.md", d / "gpu" / "speed.md"):
+            if p.is_file() and p not in found:
+                found.append(p)
+    return found
 
 
 def _is_plotly_json(obj) -> bool:
