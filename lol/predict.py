@@ -1,6 +1,12 @@
-"""Predictions of a trained checkpoint for LoRAs (objects or files)."""
+"""Predictions of a trained checkpoint for LoRAs: objects or files (`predict`), or whole folder trees of files, on
+this machine or on a Ray cluster (`predict_files`)."""
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +16,9 @@ from .batch import LoRABatch
 from .checkpoint import Checkpoint, load_checkpoint
 from .lora import LoRA
 
-__all__ = ["predict"]
+__all__ = ["predict", "predict_files", "find_lora_files", "FilePredictions", "EXECUTORS"]
+
+EXECUTORS = ("local", "ray")
 
 
 def predict(checkpoint, loras: Sequence[LoRA | str | Path], device=None, chunk: int = 32) -> pd.DataFrame:
@@ -33,3 +41,249 @@ def predict(checkpoint, loras: Sequence[LoRA | str | Path], device=None, chunk: 
             rows.append({"source": x.source, **{k: v[i].item() if hasattr(v[i], "item") else v[i]
                                                for k, v in preds.items()}})
     return pd.DataFrame(rows, columns=["source", *ckpt.labels])
+
+
+# ------------------------------------------------------------------------------------------------ folder trees
+
+@dataclass
+class FilePredictions:
+    """What `predict_files` returns. ``table``: ``path`` then one column per label, one row per scored LoRA, in the
+    order the files were found (sorted within each folder; arguments in the order given) — the same for every
+    executor. ``skipped``: ``path`` and ``reason`` for every file found that was not scored (unreadable, another
+    module spec, not a LoRA file, a worker that died on it), in the same order. Nothing found is in neither."""
+
+    table: pd.DataFrame
+    skipped: pd.DataFrame
+    executor: str = "local"
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def save(self, out) -> list[Path]:
+        """Write ``table`` to ``out`` (``.parquet``, ``.tsv``, else CSV) and ``skipped`` beside it as
+        ``<stem>.skipped.csv`` (always written, empty when nothing was skipped). Returns both paths."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix in (".parquet", ".pq"):
+            self.table.to_parquet(out, index=False)
+        else:
+            self.table.to_csv(out, index=False, sep="\t" if out.suffix == ".tsv" else ",")
+        side = out.with_name(out.stem + ".skipped.csv")
+        self.skipped.to_csv(side, index=False)
+        return [out, side]
+
+
+def find_lora_files(paths) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(LoRAs, not LoRAs)`` for paths given by a user: a file or a PEFT folder is one LoRA; any other folder is
+    searched recursively (`lol.formats.scan_tree`: ``.safetensors`` files and PEFT folders, sorted; every other
+    file listed with its reason). A missing path and a packed collection are listed with their reason."""
+    from .formats import PEFT_CONFIG_NAME, scan_tree
+
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p)
+        if not p.exists():
+            skipped.append((p, "no such file or folder"))
+        elif p.is_file() or (p / PEFT_CONFIG_NAME).is_file():
+            found.append(p)
+        elif (p / "collection.json").is_file():
+            skipped.append((p, "a packed collection, not LoRA files: predict it with lol.stream.predict_stream"))
+        else:
+            f, s = scan_tree(p)
+            found += f
+            skipped += s
+    return found, skipped
+
+
+def _chunk_results(ckpt: Checkpoint, paths: Sequence[str]) -> list[tuple[str, object]]:
+    """``("ok", {label: value})`` or ``("skip", reason)`` per path: every file read and checked against the
+    checkpoint's spec on its own (a bad one is skipped with its reason, never raised), the good ones predicted as one
+    batch, in order. The executors call this on the same chunks, so their numbers are the same."""
+    from .formats import read_lora
+
+    out: list[tuple[str, object]] = []
+    good: list[tuple[int, LoRA]] = []
+    for p in paths:
+        try:
+            lora = read_lora(p)
+            ckpt.spec.check(lora, what=f"checkpoint {ckpt.path}")
+        except Exception as e:  # noqa: BLE001 -- any failure on one file skips that file, named with its reason
+            out.append(("skip", _reason(e, p)))
+            continue
+        good.append((len(out), lora))
+        out.append(("ok", None))
+    if good:
+        dtype = next(ckpt.model.parameters()).dtype
+        preds = ckpt.predict_batch(LoRABatch.from_loras([x for _, x in good], ckpt.spec, dtype=dtype))
+        for b, (i, _) in enumerate(good):
+            out[i] = ("ok", {k: v[b].item() if hasattr(v[b], "item") else v[b] for k, v in preds.items()})
+    return out
+
+
+def _reason(e: BaseException, path: str) -> str:
+    """One line: the library's own message (without a leading ``PATH: ``, the row names the file), else the
+    exception's type and message."""
+    from .errors import LoLError
+
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+    elif not isinstance(e, LoLError):
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    for prefix in (f"{path}: ", f"{Path(path)}: "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg or type(e).__name__
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+def predict_files(checkpoint, paths, executor: str = "local", *, batch_size: int = 32, files_per_task: int = 256,
+                  ray_address: str | None = None, num_cpus: int | None = None, device=None,
+                  progress: bool = False) -> FilePredictions:
+    """Predict every LoRA file under ``paths`` (files, PEFT folders, folder trees; any format `lol.formats` reads)
+    with ``checkpoint`` (a folder or a loaded `Checkpoint`). Returns a `FilePredictions` (``table`` and ``skipped``);
+    a file that cannot be scored never stops the run and is never dropped silently: it is in ``skipped`` with its
+    reason.
+
+    ``executor="local"`` scores in this process; ``"ray"`` spreads the files over a Ray cluster: tasks of
+    ``files_per_task`` files (one CPU each), the checkpoint shipped once through the object store (workers need no
+    copy of it), the LoRA files read by the workers from the same paths (a multi-machine cluster needs them on
+    shared storage). It uses the running Ray instance when this process has one (``ray.init`` in a notebook),
+    else connects to ``ray_address`` (``"auto"``: the cluster `ray start` began on this machine), else starts a
+    local one with ``num_cpus`` CPUs (default all) and shuts it down at the end. Both executors predict the same
+    chunks of ``batch_size`` files, so the table is the same, row for row; a task whose worker dies is retried file
+    by file, and a file whose own task dies is skipped with the error."""
+    if executor not in EXECUTORS:
+        from .errors import LoLError
+        raise LoLError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=device)
+    found, not_lora = find_lora_files(paths)
+    files = [str(p) for p in found]
+    chunks = _chunks(files, max(1, int(batch_size)))
+    if executor == "local":
+        results: list[tuple[str, object]] = []
+        bar = _bar(len(files), "predicting", progress)
+        for c in chunks:
+            results += _chunk_results(ckpt, c)
+            bar.update(len(c))
+        bar.close()
+    else:
+        results = _run_ray(ckpt, chunks, max(1, int(files_per_task) // max(1, int(batch_size))), ray_address,
+                           num_cpus, progress)
+    rows = [{"path": f, **r} for f, (kind, r) in zip(files, results) if kind == "ok"]
+    skipped = [(str(p), why) for p, why in not_lora] + [(f, r) for f, (kind, r) in zip(files, results)
+                                                       if kind == "skip"]
+    order = {str(p): i for i, p in enumerate([*found, *(p for p, _ in not_lora)])}
+    skipped.sort(key=lambda x: order.get(x[0], len(order)))
+    return FilePredictions(pd.DataFrame(rows, columns=["path", *ckpt.labels]),
+                           pd.DataFrame(skipped, columns=["path", "reason"]), executor)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, desc: str, progress: bool):
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, mininterval=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------- Ray
+
+_WORKER_CKPT: dict[str, Checkpoint] = {}  # per Ray worker process: checkpoints already loaded, by content hash
+
+
+def _checkpoint_blob(ckpt: Checkpoint) -> dict:
+    """The checkpoint folder's two files as bytes (what a worker on another machine needs), with their hash."""
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    files = {name: (Path(ckpt.path) / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    key = hashlib.sha256(b"".join(files[n] for n in sorted(files))).hexdigest()
+    return {"key": key, "files": files, "path": str(ckpt.path)}
+
+
+def _worker_checkpoint(blob: dict) -> Checkpoint:
+    ck = _WORKER_CKPT.get(blob["key"])
+    if ck is None:
+        with tempfile.TemporaryDirectory(prefix="lol-ckpt-") as d:
+            for name, data in blob["files"].items():
+                (Path(d) / name).write_bytes(data)
+            ck = load_checkpoint(d, device="cpu")
+        ck.path = Path(blob["path"])  # named as on the driver (messages, e.g. spec mismatches, say the same)
+        _WORKER_CKPT[blob["key"]] = ck
+    return ck
+
+
+def _ray_task(blob: dict, chunks: list[list[str]]) -> list[list[tuple[str, object]]]:
+    """One Ray task: each chunk scored as the local executor scores it."""
+    ck = _worker_checkpoint(blob)
+    return [_chunk_results(ck, c) for c in chunks]
+
+
+def _run_ray(ckpt: Checkpoint, chunks: list[list[str]], chunks_per_task: int, address: str | None,
+             num_cpus: int | None, progress: bool) -> list[tuple[str, object]]:
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kw)
+        started = True
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)  # a dead task is retried file by file (below)
+        blob = ray.put(_checkpoint_blob(ckpt))
+        groups = _chunks(list(range(len(chunks))), chunks_per_task)  # chunk numbers per task
+        futures = {task.remote(blob, [chunks[i] for i in g]): g for g in groups}
+        done: dict[int, list[tuple[str, object]]] = {}
+        bar = _bar(sum(len(c) for c in chunks), "predicting (ray)", progress)
+        pending = list(futures)
+        retry: dict = {}
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ref = ready[0]
+            try:
+                out = ray.get(ref)
+            except (ray.exceptions.RayError, OSError) as e:
+                if ref in futures:  # a whole task failed (its worker died?): every file again on its own
+                    for i in futures[ref]:
+                        for j, f in enumerate(chunks[i]):
+                            r = task.remote(blob, [[f]])
+                            retry[r] = (i, j, len(chunks[i]))
+                            pending.append(r)
+                else:  # a single file's own task failed: that file is skipped with the error
+                    i, j, n = retry[ref]
+                    done.setdefault(i, [None] * n)[j] = ("skip", f"worker failed on this file: "
+                                                                 f"{_first_line(e)}")
+                    bar.update(1)
+                continue
+            if ref in futures:
+                for i, res in zip(futures[ref], out):
+                    done[i] = res
+                    bar.update(len(res))
+            else:
+                i, j, n = retry[ref]
+                done.setdefault(i, [None] * n)[j] = out[0][0]
+                bar.update(1)
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return [r for i in range(len(chunks)) for r in done[i]]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}".strip()
