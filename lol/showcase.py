@@ -7,12 +7,14 @@ collection is guessed from its name. Collections without a zoo record get generi
 from __future__ import annotations
 
 import importlib
+import threading
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .errors import LoLError
 
 __all__ = ["domain", "zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
-           "label_protocol"]
+           "label_protocol", "Answer", "lm_sources", "lm_questions", "load_lm", "answer_side_by_side", "answers_table"]
 
 GENERIC_PROMPT = "a photo"
 
@@ -136,3 +138,132 @@ def label_protocol(coll, label: str, lora_id: str) -> str:
                 f"{len(clip.get('prompts', []))} fixed prompts × {clip.get('images', 1)} image(s), seed "
                 f"{clip.get('seed')}, {clip.get('steps')} steps, guidance {clip.get('guidance')}")
     return f"measured when the collection was built{': ' + desc if desc else ''}"
+
+
+# --------------------------------------------------------------------------------------- language models: answers
+
+LM_LOCK = threading.Lock()  # the cached base model is shared: one adapter on it at a time
+
+
+@dataclass
+class Answer:
+    """One question answered by the base model and by base + LoRA: each option's probability (softmax over the
+    options' summed token log-likelihoods, the zoo's challenge-accuracy protocol) and the greedy free answer."""
+
+    source: str
+    question: str
+    choices: tuple[str, ...]
+    correct: int
+    base_probs: tuple[float, ...]
+    lora_probs: tuple[float, ...]
+    base_text: str
+    lora_text: str
+    finetuned_on: bool  # the LoRA was finetuned on this question's source
+
+    @property
+    def base_pick(self) -> int:
+        return max(range(len(self.choices)), key=self.base_probs.__getitem__)
+
+    @property
+    def lora_pick(self) -> int:
+        return max(range(len(self.choices)), key=self.lora_probs.__getitem__)
+
+
+def lm_sources(coll, lora_id: str) -> tuple[list[str], list[str]]:
+    """(every source of the QA world, the sources ``lora_id`` was finetuned on; [] when not recorded)."""
+    from .zoo.qa import SOURCES
+
+    params = job_params(coll, lora_id) or {}
+    return list(SOURCES), [s for s in params.get("sources", []) if s in SOURCES]
+
+
+def lm_questions(coll, lora_id: str, sources, per_source: int = 1, offset: int = 0) -> list:
+    """``per_source`` questions (`lol.zoo.qa.QAItem`) of each of ``sources`` from the held-out challenge split of
+    the world the LoRA's collection was built in (its recorded world; the default world without a record), from
+    question ``offset`` on: questions no LoRA was finetuned on, measured as the challenge-accuracy label."""
+    from .zoo.lm import LM_PRESETS, _world
+
+    world = (job_params(coll, lora_id) or {}).get("world") or {"seed": 0, **LM_PRESETS["default"]["world"]}
+    items = _world(**world)["challenge"]
+    out = []
+    for src in sources:
+        mine = [it for it in items if it.source == src]
+        out += [mine[(offset + k) % len(mine)] for k in range(min(per_source, len(mine)))] if mine else []
+    return out
+
+
+def load_lm(folder, device: str = "cpu"):
+    """(model, tokenizer) of a causal-LM base folder (`transformers`, offline; a zoo ``record.json`` pointing at a
+    real model folder is followed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .zoo.image_bases import resolve_base
+
+    path = resolve_base(folder)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return model, tok
+
+
+def answer_side_by_side(model, tokenizer, lora, items, strength: float = 1.0, finetuned=(),
+                        max_new_tokens: int = 12) -> list[Answer]:
+    """Every item answered by ``model`` and by ``model`` + ``lora`` (ΔW scaled by ``strength``); ``finetuned``: the
+    sources the LoRA was finetuned on (`lm_sources`). The LoRA is written as
+    a PEFT adapter (`lol.formats.save_peft`) and loaded with peft's own ``PeftModel.from_pretrained`` — what a user
+    does with the file — and unloaded again, so ``model`` is unchanged afterwards."""
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+
+    from .formats import save_peft
+    from .lora import LoRA
+    from .zoo.lm import _batched, encode_options
+    from .zoo.qa import prompt_text
+
+    items = list(items)
+    if not items:
+        return []
+    scaled = LoRA.from_modules([replace(m, U=m.U * float(strength)) for m in lora])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    seqs, masks = encode_options(items, tokenizer)
+
+    def run(m):
+        lp, _ = _batched(m, None, seqs, masks, pad, device, 1, 16384)
+        probs = torch.softmax(lp.view(len(items), 4), -1).tolist()
+        texts = []
+        for it in items:
+            ids = tokenizer(prompt_text(it), return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+        return probs, texts
+
+    with LM_LOCK, tempfile.TemporaryDirectory(prefix="lol-lm-") as tmp, torch.no_grad():
+        base_probs, base_texts = run(model)
+        save_peft(scaled, tmp)
+        peft_model = PeftModel.from_pretrained(model, tmp, adapter_name="lol_showcase")
+        try:
+            lora_probs, lora_texts = run(peft_model)
+        finally:
+            peft_model.unload()  # the LoRA layers out again, the base weights untouched
+    return [Answer(it.source, it.question, tuple(it.choices), it.answer_index, tuple(bp), tuple(lp), bt, lt,
+                   it.source in set(finetuned))
+            for it, bp, lp, bt, lt in zip(items, base_probs, lora_probs, base_texts, lora_texts)]
+
+
+def answers_table(answers: list[Answer]):
+    """One row per question for people: the question and its right answer, what base and LoRA pick (with the
+    probability they give it) and write freely, and the probability each gives the right answer."""
+    import pandas as pd
+
+    def pick(a, probs, k):
+        return f"{'✓' if k == a.correct else '✗'} {a.choices[k]} ({probs[k]:.0%})"
+
+    return pd.DataFrame([{
+        "source": a.source + (" (finetuned on)" if a.finetuned_on else ""), "question": a.question,
+        "right answer": a.choices[a.correct], "base picks": pick(a, a.base_probs, a.base_pick),
+        "LoRA picks": pick(a, a.lora_probs, a.lora_pick), "base p(right)": a.base_probs[a.correct],
+        "LoRA p(right)": a.lora_probs[a.correct], "base writes": a.base_text, "LoRA writes": a.lora_text}
+        for a in answers])

@@ -24,8 +24,9 @@ import streamlit as st
 
 from . import data as app_data
 
-__all__ = ["collection", "packed", "collection_table", "checkpoint", "predictions", "invariant_features",
-           "umap_xy", "shipped_map", "pipeline", "clip_scorer", "lora_summary", "path_key", "shipped_bases", "model_embeddings"]
+__all__ = ["collection", "packed", "collection_table", "checkpoint", "predictions", "invariant_features", "umap_xy",
+           "shipped_map", "pipeline", "language_model", "clip_scorer", "lora_summary", "path_key", "shipped_bases",
+           "model_embeddings"]
 
 
 def path_key(path) -> str:
@@ -199,6 +200,14 @@ def pipeline(sd_dir: str, device: str):
     from ..zoo.image_bases import load_sd_pipeline
 
     return load_sd_pipeline(sd_dir, device, dtype=torch.float16 if device == "cuda" else torch.float32)
+
+
+@st.cache_resource(show_spinner="Loading the language model…", max_entries=2)
+def language_model(lm_dir: str, device: str):
+    """(model, tokenizer) of a causal-LM base folder (`lol.showcase.load_lm`)."""
+    from ..showcase import load_lm
+
+    return load_lm(lm_dir, device)
 
 
 @st.cache_resource(show_spinner="Loading the CLIP scorer…", max_entries=2)

@@ -5,8 +5,8 @@ with the same keys, most-visited first:
 1. for every shipped collection (the sidebar's default first): the collection and its table, every fitting
    checkpoint's predictions, and the maps the Embeddings page draws by default: read from the collection when
    shipped with it (`lol zoo precompute`), else computed and persisted under the app cache;
-2. the Stable Diffusion pipeline and CLIP scorer of the first image collection (after the first collection), so
-   the first Generate click does not load them;
+2. the Stable Diffusion pipeline and CLIP scorer of the first image collection and the language model of the first
+   language collection (after the first collection), so the first Generate click does not load them;
 3. UMAP's numba compilation (10–20 s on its first fit in a process), for maps drawn with other settings.
 
 ``LOL_APP_WARMUP=0`` turns it off (the tests do). Failures are logged and skipped: warming is an optimisation,
@@ -108,20 +108,18 @@ def _collection(name: str, path, device: str, models: list) -> None:
 
 
 def _generation(device: str) -> None:
+    """The first image collection's SD pipeline and CLIP scorer, and the first language collection's LM."""
     from .. import catalog
     from . import cache
     from . import data as app_data
 
+    todo = {"sd": cache.pipeline, "clip": cache.clip_scorer, "lm": cache.language_model}
     for path in app_data.shipped_collections().values():
         coll = cache.collection(str(path), cache.path_key(path))
-        sd = catalog.model_folder(coll, "sd", cache.shipped_bases(), app_data.data_root())
-        if sd is None:
-            continue
-        _step("pipeline", cache.pipeline, str(sd), device)
-        clip = catalog.model_folder(coll, "clip", cache.shipped_bases(), app_data.data_root())
-        if clip is not None:
-            _step("clip scorer", cache.clip_scorer, str(clip), device)
-        return
+        for name in list(todo):
+            folder = catalog.model_folder(coll, name, cache.shipped_bases(), app_data.data_root())
+            if folder is not None:
+                _step(f"{name} base", todo.pop(name), str(folder), device)
 
 
 def _warm() -> None:
