@@ -213,6 +213,7 @@ def _atomic(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # readable like the collection's other files (mkstemp makes it private)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
