@@ -54,6 +54,10 @@ META_NAME, FACTORS_NAME, TABLE_NAME = "collection.json", "factors.safetensors", 
 _ST_DTYPE = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int32: "I32"}
 _TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+# factors files up to this size are populated when mapped for writing; larger ones are written a window at a time,
+# each window's pages released (`_release`) once this many bytes were written, so the writer's memory stays flat
+_POPULATE_MAX = 1 << 30
+_RELEASE_BYTES = 256 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
@@ -293,28 +297,34 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
     with open(fpath, "w+b") as f:
         f.write(head)
         _reserve(f, total, tmp)  # every block allocated now: a full disk is an error here, never a SIGBUS later
-        # shared: writes go to the file's pages; populated up front (Linux), not one page fault at a time
-        mm = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        # shared: writes go to the file's pages; a small file is populated up front (Linux), not one page fault at a
+        # time; a large one is not (populating maps the whole file into this process at once)
+        populate = getattr(mmap, "MAP_POPULATE", 0) if total <= _POPULATE_MAX else 0
+        mm = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED | populate)
     views = {key: torch.frombuffer(mm, dtype=_TORCH_DTYPE[dt], count=nbytes // _TORCH_DTYPE[dt].itemsize,
                                    offset=offsets[key][0]).view(shape)
              for key, dt, shape, nbytes in entries if nbytes}
     np_views = {key: _numpy(t) for key, t in views.items()}  # the same bytes, for numpy's faster small copies
 
+    known_l = known.tolist() if known is not None else None  # Python ints: no tensor indexing per module and LoRA
+    rows_l = rows.tolist() if layout != "padded" else None
+
     def target(j: int, ell: int, side: str) -> tuple[str, int]:
         if layout == "padded":
             return f"{side}/{spec.names[ell]}", j
-        return _bucket_key(side, spec.names[ell], int(known[j, ell])), int(rows[j, ell])
+        return _bucket_key(side, spec.names[ell], known_l[j][ell]), rows_l[j][ell]
 
-    count = 0
+    count, since_release = 0, 0
+    per_lora = max(1, (total - len(head)) // n)
     with torch.no_grad():
         for j, mods in enumerate(stream):
             if j >= n:
                 raise CollectionError(f"more LoRAs than table rows ({n})")
             ranks_j = [m.rank for m in mods]
             for ell, (m, r) in enumerate(zip(mods, ranks_j)):
-                if known is not None and r != int(known[j, ell]):
+                if known_l is not None and r != known_l[j][ell]:
                     raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} but the given ranks say "
-                                          f"{int(known[j, ell])}")
+                                          f"{known_l[j][ell]}")
                 if r > rmax[ell]:
                     raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} > rmax {rmax[ell]}")
                 for side, src in (("U", m.U), ("V", m.V)):
@@ -327,10 +337,20 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
             views["alpha"][j] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
             views["scale"][j] = torch.tensor([m.scale for m in mods], dtype=torch.float32)
             count += 1
+            since_release += per_lora
+            if since_release >= _RELEASE_BYTES:  # flat memory for any size: written pages leave this process
+                _release(mm)
+                since_release = 0
     if count != n:
         raise CollectionError(f"the table has {n} rows but {count} LoRAs were given")
     del views, np_views
-    sha = hashlib.sha256(mm)  # hashed from the written pages: no second read of the file
+    sha = hashlib.sha256()  # hashed from the written pages (no second read of the file), a window at a time
+    with memoryview(mm) as whole:
+        for start in range(0, total, _RELEASE_BYTES):
+            end = min(start + _RELEASE_BYTES, total)
+            sha.update(whole[start:end])
+            if total > _RELEASE_BYTES:
+                _release(mm, start, end - start)
     mm.close()
     (tmp / "spool.bin").unlink(missing_ok=True)
 
@@ -350,6 +370,20 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
     for name in (FACTORS_NAME, TABLE_NAME, META_NAME):  # durable before the rename makes them visible
         _fsync(tmp / name)
+
+
+def _release(mm: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Drop ``mm``'s pages (a shared file mapping) from this process's resident set: written data stay in the page
+    cache and reach the file as usual (for a shared file mapping ``MADV_DONTNEED`` loses nothing; a later access
+    maps the page again). So writing a collection larger than RAM keeps the writer's memory flat. No-op where
+    ``madvise`` is missing."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(advice, start, len(mm) - start if length is None else length)
+    except OSError:  # advice refused: pages stay mapped, only memory use differs
+        pass
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -406,6 +440,9 @@ class Collection:
         self.ranks = tensors["rank"].long()  # (N, L), small: read now
         self.alpha = tensors["alpha"].clone()
         self.scale = tensors["scale"].clone()
+        self._map(tensors)
+
+    def _map(self, tensors: dict[str, torch.Tensor]) -> None:
         # per module: {bucket width: (U, V) mapped}, and per LoRA the width of its bucket and its row there. Padded:
         # one bucket of width rmax holding every LoRA; rank buckets: one per rank, the LoRAs of that rank in order
         self._buckets: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
@@ -413,13 +450,21 @@ class Collection:
             for n in self.spec.names:
                 U, V = tensors[f"U/{n}"], tensors[f"V/{n}"]
                 self._buckets.append({int(U.shape[2]): (U, V)})
-            self._width = torch.tensor([next(iter(b)) for b in self._buckets], dtype=torch.long).expand(len(table), -1)
-            self._row = torch.arange(len(table)).unsqueeze(1).expand(-1, len(self.spec))
+            self._width = torch.tensor([next(iter(b)) for b in self._buckets], dtype=torch.long).expand(len(self), -1)
+            self._row = torch.arange(len(self)).unsqueeze(1).expand(-1, len(self.spec))
         else:
             for ell, n in enumerate(self.spec.names):
                 self._buckets.append({r: (tensors[_bucket_key("U", n, r)], tensors[_bucket_key("V", n, r)])
                                       for r in torch.unique(self.ranks[:, ell]).tolist()})
-            self._width, self._row = self.ranks, _bucket_rows(self.ranks)
+            if not hasattr(self, "_row"):
+                self._width, self._row = self.ranks, _bucket_rows(self.ranks)
+
+    def release(self) -> None:
+        """Let go of the factor pages this process has read: the factors file is mapped afresh and the old mapping is
+        unmapped once nothing else refers to it (a `lora` taken at the storage dtype is a view that keeps it). The
+        pages stay in the OS page cache; only this process's resident memory drops. A pass over a collection larger
+        than RAM (`lol.stream`) calls it every few hundred MB, so its memory stays flat."""
+        self._map(_map_factors(self.path / FACTORS_NAME))
 
     def __len__(self) -> int:
         return len(self.table)
