@@ -182,6 +182,25 @@ def test_pack_loras_keeps_matching_and_names_the_rest(tmp_path):
     _assert_same_deltas(c.lora(1), _lora(1, rank=3))
 
 
+def test_folders_are_packed_by_the_rule_of_lol_import(tmp_path, capsys):
+    """The app's folder source and `lol import` are one function (`lol.packing.pack`): the majority's modules win
+    even when the first file (in sorted order) is the odd one out, and both keep the same LoRAs."""
+    from lol.cli import main
+    from lol.collection import open_collection
+
+    src = tmp_path / "loras"
+    src.mkdir()
+    save_diffusers(_lora(9, modules=(("unet.down.attn1.to_q", 8, 8),)), src / "a_other.safetensors")
+    for i in range(2):
+        save_diffusers(_lora(i), src / f"lora{i}.safetensors")
+    dest, notes = pack_loras(src, tmp_path / "packed")
+    assert open_collection(dest).ids == ["lora0.safetensors", "lora1.safetensors"]
+    assert len(notes) == 1 and notes[0].startswith("a_other.safetensors: ") and str(src) not in notes[0]
+    assert main(["import", str(src), str(tmp_path / "imported")]) == 0
+    assert open_collection(tmp_path / "imported").ids == open_collection(dest).ids
+    assert "a_other.safetensors" in capsys.readouterr().err
+
+
 def test_pack_loras_nothing_readable(tmp_path):
     from lol.errors import CollectionError
 

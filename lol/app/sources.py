@@ -1,8 +1,6 @@
-"""Loose LoRA files as a collection: a folder (or single file) of LoRAs is read with `lol.formats` and packed with
-`lol.collection.write_collection`, so every page works on one kind of object (a packed `Collection`).
-
-LoRAs whose modules do not match the first readable one (another base model or layer set) are left out and named
-in the returned notes; unreadable files likewise. Nothing is silently dropped.
+"""Loose LoRA files as a collection: a folder (or single file) of LoRAs on the server, or uploaded files, packed with
+`lol.packing.pack` — the function `lol import` uses — so every page works on one kind of object (a packed
+`Collection`) and the same files are kept and left out, with their reasons, on every route.
 
 Folders on the server are a visitor-typed path, so they are off unless the operator allows them:
 ``LOL_ALLOW_SERVER_FOLDERS=1`` allows folders under the data folder (``LOL_DATA``), ``LOL_FOLDER_ROOTS`` (paths
@@ -16,12 +14,11 @@ from pathlib import Path
 
 from ..errors import CollectionError, LoLError
 
-__all__ = ["is_packed", "pack_loras", "pack_uploads", "server_roots", "resolve_server_path", "find_lora_files", "FolderRefused",
+__all__ = ["is_packed", "pack_loras", "pack_uploads", "server_roots", "resolve_server_path", "FolderRefused",
            "ALLOW_ENV", "ROOTS_ENV", "MAX_FILES_ENV"]
 
 ALLOW_ENV, ROOTS_ENV, MAX_FILES_ENV = "LOL_ALLOW_SERVER_FOLDERS", "LOL_FOLDER_ROOTS", "LOL_FOLDER_MAX_FILES"
 DEFAULT_MAX_FILES = 20_000
-PEFT_CONFIG = "adapter_config.json"
 
 
 class FolderRefused(LoLError, PermissionError):
@@ -64,101 +61,34 @@ def max_files() -> int:
         return DEFAULT_MAX_FILES
 
 
-def find_lora_files(root, limit: int | None = None) -> list[Path]:
-    """Every LoRA under ``root`` in sorted order: PEFT folders (not descended into) and ``.safetensors`` files, as
-    `lol.formats.lora_files` finds them, but visiting at most ``limit`` entries (`max_files`); a larger tree raises
-    `FolderRefused`. Symlinked folders are not followed."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CollectionError(f"{root}: not a folder")
-    limit = max_files() if limit is None else limit
-    found: list[Path] = []
-    visited = 0
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        if (d / PEFT_CONFIG).is_file():
-            found.append(d)
-            continue
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            raise CollectionError(f"{d}: cannot list the folder ({e.strerror})") from None
-        visited += len(entries)
-        if visited > limit:
-            raise FolderRefused(f"{root}: more than {limit:,} files and folders to look through; choose a smaller "
-                                f"folder (the bound is {MAX_FILES_ENV})")
-        sub = []
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                sub.append(Path(e.path))
-            elif e.name.endswith(".safetensors"):
-                found.append(Path(e.path))
-        stack.extend(reversed(sub))
-    return sorted(found)
-
-
 def is_packed(path) -> bool:
     return (Path(path) / "collection.json").is_file()
 
 
 def pack_loras(src, dest) -> tuple[Path, list[str]]:
-    """Read every LoRA under ``src`` (PEFT folders and ``.safetensors`` files; or ``src`` itself if it is one LoRA)
-    and pack those sharing the first one's modules into the collection folder ``dest`` (replaced if present).
-    Returns ``(dest, notes)``; raises `CollectionError` when no LoRA could be read."""
-    import pandas as pd
+    """Pack the LoRAs under ``src`` (a folder on the server, or one LoRA) into ``dest`` with `lol.packing.pack`, the
+    same rule as `lol import` (the majority's modules); the scan visits at most `max_files` entries and follows no
+    link out of the folder. Returns ``(dest, one note per file left out)``."""
+    from ..packing import pack, scan
 
-    from ..collection import write_collection
-    from ..formats import read_lora
-
-    src, dest = Path(src), Path(dest)
-    if src.is_file() or (src.is_dir() and (src / "adapter_config.json").is_file()):
-        files, root = [src], src.parent
-    else:
-        files, root = find_lora_files(src), src
-    if not files:
+    src = Path(src)
+    paths, _ = scan(src, limit=max_files(), follow_links=False)
+    if not paths:
         raise CollectionError(f"{src}: no LoRA files here (looked for .safetensors files and PEFT folders)")
-    notes: list[str] = []
-    loras, rows = [], []
-    spec = None
-    for f in files:
-        rel = str(f.relative_to(root)) if f.is_relative_to(root) else f.name
-        try:
-            lora = read_lora(f)
-            if spec is None:
-                spec = lora.spec
-            else:
-                spec.check(lora, what=f"the first LoRA ({rows[0]['id']})")
-        except LoLError as e:
-            notes.append(str(e).replace(str(f), rel).splitlines()[0])
-            continue
-        loras.append(lora)
-        rows.append({"id": rel, "source": rel, "format": lora.format, "modules": len(lora)})
-    if not loras:
-        raise CollectionError(f"{src}: none of the {len(files)} file(s) could be read as a LoRA"
-                              + (f" ({notes[0]})" if notes else ""))
-    write_collection(dest, loras, pd.DataFrame(rows), spec=spec, dtype=_storage_dtype(loras), overwrite=True,
-                     provenance={"packed_from": str(src)})
-    return dest, notes
-
-
-def _storage_dtype(loras):
-    import torch
-
-    return torch.float64 if any(m.U.dtype == torch.float64 for lo in loras for m in lo) else torch.float32
+    res = pack(paths, dest, root=src if src.is_dir() else src.parent, dtype=None, overwrite=True,
+               provenance={"packed_from": str(src)})
+    return res.dest, res.notes()
 
 
 def pack_uploads(uploaded: list, dest) -> tuple[Path | None, list[str], list[str]]:
     """Pack uploaded LoRAs (`lol.app.upload.UploadedLoRA`, judged against the shipped bases) into ``dest``.
 
     Each file is judged on its own: the largest group of files sharing one base (a shipped base first on a tie) is
-    packed, and records that base's model folders so Generate finds them; every other file gets one line naming the
-    base it fits. Returns ``(dest or None, errors, notes)``."""
+    packed with `lol.packing.pack`, recording that base's model folders so Generate finds them; every other file
+    gets one line naming the base it fits. Returns ``(dest or None, errors, notes)``."""
     import json
 
-    import pandas as pd
-
-    from ..collection import write_collection
+    from ..packing import pack
 
     groups: dict = {}
     for u in uploaded:
@@ -175,11 +105,9 @@ def pack_uploads(uploaded: list, dest) -> tuple[Path | None, list[str], list[str
               for g in groups.values() if g is not best for u in g]
     notes = [] if base is not None else ["The uploads fit none of the shipped base models: they can be inspected, "
                                          "not predicted or generated with."]
-    rows = [{"id": u.name, "format": u.lora.format, "modules": len(u.lora)} for u in best]
-    loras = [u.lora for u in best]
     base_model = json.dumps({k: str(p) for k, p in base.models.items()}) if base is not None and base.models \
         else None
-    write_collection(Path(dest), loras, pd.DataFrame(rows), spec=base.spec if base is not None else loras[0].spec,
-                     dtype=_storage_dtype(loras), overwrite=True, base_model=base_model,
-                     provenance={"uploaded": True, "base_of": list(base.collections) if base is not None else []})
-    return Path(dest), errors, notes
+    res = pack([(u.name, u.lora) for u in best], dest, spec=base.spec if base is not None else None, dtype=None,
+               overwrite=True, base_model=base_model,
+               provenance={"uploaded": True, "base_of": list(base.collections) if base is not None else []})
+    return res.dest, errors + res.notes(), notes

@@ -140,178 +140,35 @@ def _inspect_collection(path: Path, as_json: bool) -> int:
 
 # ------------------------------------------------------------------------------------------------------------ import
 
-def _spec_signature(lora) -> tuple:
-    """What the majority vote compares: module keys without a component prefix (`split_component`) and shapes, so
-    that PEFT folders and diffusers files of one base model vote together."""
-    from ..lora import split_component
-
-    return tuple(sorted((split_component(m.name)[1], m.out_features, m.in_features) for m in lora))
-
-
-def _read_labels(path: Path):
-    import pandas as pd
-
-    if not path.is_file():
-        raise LoRAFormatError(path, "labels table not found")
-    try:
-        df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-    except Exception as e:  # noqa: BLE001 -- pandas/pyarrow raise many types for a bad table; all become one line
-        raise LoRAFormatError(path, f"cannot read the labels table ({type(e).__name__}: {e})") from None
-    key = "id" if "id" in df.columns else "path" if "path" in df.columns else None
-    if key is None:
-        raise LoRAFormatError(path, f"labels table needs a column 'id' or 'path'; it has {list(df.columns)[:8]}")
-    return df, key
-
-
-def _label_schema(df, reserved) -> dict:
-    from ..labels import infer_kind
-
-    return {col: {"kind": infer_kind(df[col]), "description": f"column {col!r} of the labels table", "task": "labels"}
-            for col in df.columns if col not in reserved}
-
-
 def cmd_import(args) -> int:
-    """Pack SRC into DEST. Never lies and never loses data: an exclusive lock per DEST (a concurrent import is
-    refused), everything is built in temporary siblings of DEST and renamed into place only when complete and
-    valid (files whose data turn out unreadable, e.g. NaN/Inf, are dropped before that), disk space for the factors
-    is reserved up front, temporary folders of killed imports are removed on start, and every file of SRC that is
-    not imported is listed with its reason."""
-    from ..paths import clean_stale_temp, exclusive_lock
+    """Pack SRC into DEST with `lol.packing.pack` (the explorer packs folders and uploads with it too). Never lies and
+    never loses data: an exclusive lock per DEST (a concurrent import is refused), everything is built in temporary
+    siblings of DEST and renamed into place only when complete and valid (files whose data turn out unreadable, e.g.
+    NaN/Inf, are dropped before that), temporary folders of killed imports are removed on start, and every file of
+    SRC that is not imported is listed with its reason."""
+    from ..packing import PackError, pack, scan
 
     src, dest = Path(args.src), Path(args.dest)
     if not src.exists():
         raise LoRAFormatError(src, "no such folder")
-    with exclusive_lock(dest, "importing into"):
-        clean_stale_temp(dest)
-        return _import_locked(args, src, dest)
-
-
-def _import_locked(args, src: Path, dest: Path) -> int:
-    import shutil
-
-    import pandas as pd
-    import torch
-    from tqdm import tqdm
-
-    from ..collection import write_collection
-    from ..formats import read_lora, scan_tree
-    from ..lora import LoRA, LoRAModule
-    from ..paths import replace_dir, temp_sibling
-
-    if dest.exists() and any(dest.iterdir()) and not args.overwrite:
-        raise CollectionError(f"{dest}: already exists (use --overwrite to replace it)")
-    paths, not_lora = scan_tree(src)
+    paths, not_lora = scan(src)
     not_lora = [(p.relative_to(src).as_posix(), why) for p, why in not_lora]
     if not paths:
         _report_failures([], [], not_lora)
         raise LoRAFormatError(src, "no LoRA files found (.safetensors files or PEFT folders)")
-    failed: list[tuple[str, str]] = []
-    headers = []
-    for p in tqdm(paths, desc="scanning", unit="file", file=sys.stderr, mininterval=0.5):
-        try:
-            headers.append((p, read_lora(p, shapes_only=True)))
-        except LoLError as e:
-            failed.append((p.relative_to(src).as_posix(), str(e)))
-        except OSError as e:
-            failed.append((p.relative_to(src).as_posix(), f"{type(e).__name__}: {e}"))
-    if not headers:
-        _report_failures(failed, [], not_lora)
-        raise CollectionError(f"{src}: none of the {len(paths)} LoRA files could be read")
-    sigs = Counter(_spec_signature(lo) for _, lo in headers)
-    majority = sigs.most_common(1)[0][0]
-    spec = next(lo.spec for _, lo in headers if _spec_signature(lo) == majority)
-    keep, mismatched, ranks = [], [], []
-    for p, lo in headers:  # matched by name as everywhere (`ModuleSpec.match`): a PEFT folder and a diffusers file
-        try:               # of the same base model agree although one writes "unet." and the other does not
-            ranks.append([m.rank for m in spec.match(lo, what="the majority of the source files")])
-            keep.append((p, lo))
-        except LoLError as e:
-            mismatched.append((p.relative_to(src).as_posix(), str(e)))
-    ids = [p.relative_to(src).as_posix() for p, _ in keep]
-    table = pd.DataFrame({"id": ids, "source": [str(p) for p, _ in keep], "format": [lo.format for _, lo in keep]})
-    labels = tasks = None
-    if args.labels:
-        table, labels, tasks = _join_labels(args.labels, table, keep, ids)
-
-    late_failures: list[int] = []
-    dtype = _torch_dtype(args.dtype)
-
-    def stream():
-        with tqdm(keep, desc="packing", unit="LoRA", file=sys.stderr, mininterval=0.5) as bar:
-            for j, (p, _) in enumerate(bar):
-                try:
-                    yield read_lora(p, dtype=dtype)  # read at the storage dtype: no widening and narrowing
-                except (LoLError, OSError) as e:
-                    failed.append((ids[j], str(e)))
-                    late_failures.append(j)
-                    yield LoRA.from_modules(LoRAModule(n, torch.zeros(o, r), torch.zeros(i, r), 1.0, 1.0)  # its
-                                            for n, (o, i), r in zip(spec.names, spec.shapes, ranks[j]))  # header's ranks
-
-    prov = {"command": "lol import", "source_root": str(src), "files_found": len(paths)}
-    common = dict(labels=labels, tasks=tasks, base_model=args.base_model, dtype=dtype, spec=spec, provenance=prov)
-    stage = temp_sibling(dest, "stage")  # never visible as DEST until complete and valid
-    loras = stream()
     try:
-        c = write_collection(stage, loras, table, ranks=ranks, **common)  # ranks from the headers: no spool
-        if late_failures:  # a file whose header was fine but whose data is not: re-pack without it, still staged
-            good = [j for j in range(len(keep)) if j not in set(late_failures)]
-            if not good:
-                _report_failures(failed, mismatched, not_lora)
-                raise CollectionError(f"{src}: none of the LoRA files could be read")
-            stage2 = temp_sibling(dest, "stage")
-            write_collection(stage2, (c.lora(j) for j in good), c.table.iloc[good], **common)
-            del c
-            shutil.rmtree(stage)
-            stage = stage2
-        else:
-            del c
-        n = len(pd.read_parquet(stage / "loras.parquet", columns=["id"]))
-        try:
-            replace_dir(stage, dest, overwrite=args.overwrite)
-        except FileExistsError:
-            raise CollectionError(f"{dest}: already exists (written meanwhile by another process; use --overwrite "
-                                  f"to replace it)") from None
-    finally:
-        loras.close()  # ends the progress bar's line before any error line
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-    print(f"packed {n} LoRAs ({len(spec)} modules each) into {dest}")
-    _report_failures(failed, mismatched, not_lora)
+        res = pack(paths, dest, root=src if src.is_dir() else src.parent, labels=args.labels,
+                   base_model=args.base_model, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite,
+                   provenance={"command": "lol import", "source_root": str(src)}, progress=True,
+                   doing="importing into")
+    except PackError as e:
+        _report_failures(e.packed.failed, e.packed.mismatched, not_lora)
+        raise CollectionError(f"{src}: {e}") from None
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"packed {res.n} LoRAs ({len(res.spec)} modules each) into {dest}")
+    _report_failures(res.failed, res.mismatched, not_lora)
     return 0
-
-
-def _join_labels(labels_path, table, keep, ids):
-    """The table joined with the labels file, and its label schema and tasks (from a ``.json`` beside it, if any)."""
-    df, key = _read_labels(Path(labels_path))
-    df = df.copy()
-    df[key] = df[key].astype(str)
-    if key == "path":  # match relative paths, or absolute paths resolving to the same file
-        rel = {str(p.resolve()): i for (p, _), i in zip(keep, ids)}
-        df["id"] = [rel.get(str(Path(v).resolve()), Path(v).as_posix()) for v in df["path"]]
-        df = df.drop(columns=["path"])
-    dup = df["id"][df["id"].duplicated()].tolist()
-    if dup:
-        raise LoRAFormatError(labels_path, f"duplicate label rows for {dup[:3]}")
-    reserved = {"id", "source", "format"}
-    df = df.drop(columns=[c for c in ("source", "format") if c in df.columns])
-    unmatched = sorted(set(df["id"]) - set(ids))
-    if unmatched:
-        print(f"warning: {len(unmatched)} label row(s) match no imported LoRA, e.g. {unmatched[:3]}", file=sys.stderr)
-    missing = len(set(ids) - set(df["id"]))
-    if missing:
-        print(f"warning: {missing} imported LoRA(s) have no label row (their labels are empty)", file=sys.stderr)
-    table = table.merge(df, on="id", how="left")
-    labels = _label_schema(df, reserved | {"group", "split"})
-    tasks = None
-    schema_file = Path(labels_path).with_suffix(".json")  # e.g. written by `lol synth` beside labels.csv
-    if schema_file.is_file():
-        try:
-            given = json.loads(schema_file.read_text())
-        except json.JSONDecodeError as e:
-            raise LoRAFormatError(schema_file, f"not valid JSON ({e})") from None
-        if isinstance(given, dict) and isinstance(given.get("labels"), dict):
-            labels, tasks = given["labels"], given.get("tasks")
-    return table, labels, tasks
 
 
 def _report_failures(failed, mismatched, not_lora=()) -> None:

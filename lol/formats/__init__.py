@@ -114,24 +114,35 @@ def lora_files(root) -> list[Path]:
     return scan_tree(root)[0]
 
 
-def scan_tree(root) -> tuple[list[Path], list[tuple[Path, str]]]:
+def scan_tree(root, limit: int | None = None, follow_links: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
     """``(LoRAs, skipped)`` under ``root``: the LoRAs of `lora_files`, and every other file with the reason it is not
-    a LoRA (pickles by name, never opened). Files inside a PEFT folder belong to it and are not listed."""
+    a LoRA (pickles by name, never opened). Files inside a PEFT folder belong to it and are not listed. ``limit``:
+    visit at most that many entries (a larger tree is refused with `LoRAFormatError`); ``follow_links=False``: do
+    not descend into symlinked folders (a server confining visitors to some folders)."""
     root = Path(root)
     if not root.is_dir():
         raise LoRAFormatError(root, "not a folder")
     found: list[Path] = []
     skipped: list[tuple[Path, str]] = []
+    visited = [0]
 
     def walk(d: Path):
         if (d / PEFT_CONFIG_NAME).is_file():
             found.append(d)
             return
-        for p in sorted(d.iterdir(), key=lambda p: p.name):
+        entries = sorted(d.iterdir(), key=lambda p: p.name)
+        visited[0] += len(entries)
+        if limit is not None and visited[0] > limit:
+            raise LoRAFormatError(root, f"more than {limit:,} files and folders to look through; choose a smaller "
+                                        f"folder")
+        for p in entries:
             if p.is_symlink() and not p.exists():
                 skipped.append((p, "broken symbolic link"))
             elif p.is_dir():
-                walk(p)
+                if follow_links or not p.is_symlink():
+                    walk(p)
+                else:
+                    skipped.append((p, "a link to a folder, not followed here"))
             elif p.suffix == ".safetensors":
                 found.append(p)
             elif p.suffix in PICKLE_SUFFIXES:
