@@ -58,6 +58,9 @@ def _args(argv):
     ap.add_argument("--lm-calls", type=int, default=2, help="timed LM forwards, after one warm-up")
     ap.add_argument("--repeat", type=int, default=3, help="timed LoL calls (and --zoo repeats)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every part (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time the ratios divide: wall clock, or the process's CPU time (with --threads 1 on a CPU "
+                         "shared with other work: what the computation needs on a free core)")
     ap.add_argument("--in-process", action="store_true", help="run the parts in this process (tests)")
     ap.add_argument("--zoo", action="store_true", help="also the tiny-zoo rows (speed.csv, throughput.csv)")
     ap.add_argument("--sizes", default="1,8,64,512,4096", help="--zoo: LoRAs per call of the throughput rows")
@@ -179,17 +182,18 @@ def main(argv=None) -> None:
         (lol_rows if w.startswith("lol-") else parts).extend(rows)
         for r in rows:
             if "part" in r:
-                print(f"  {r['part']}: {r['seconds per call']:.4g} s × {r['calls per LoRA']:,.4g} "
-                      f"({r['arithmetic']}) = {r['seconds per LoRA']:.4g} s per LoRA", flush=True)
+                print(f"  {r['part']}: {r['seconds per call']:.4g} s (CPU {r['CPU seconds per call']:.4g} s) × "
+                      f"{r['calls per LoRA']:,.4g} ({r['arithmetic']}) = {r['seconds per LoRA']:.4g} s per LoRA",
+                      flush=True)
         print(f"[{w}] {time.perf_counter() - t0:.0f} s", flush=True)
     _, shipped = _kinds(a)
-    std, cmp = speed.scale_tables(parts, lol_rows, shipped)
+    std, cmp = speed.scale_tables(parts, lol_rows, shipped, a.clock)
     a.out.mkdir(parents=True, exist_ok=True)
     std.to_csv(a.out / "speed_scale_standard.csv", index=False)
     cmp.to_csv(a.out / "speed_scale.csv", index=False)
     dtypes = {"image": "float16" if gpu else "float32", "lm": "bfloat16" if gpu else "float32"}
     meta = {"command": "python -m bench speed" + (" -- " + " ".join(argv) if argv else ""),
-            "date": time.strftime("%Y-%m-%d"), "device": name, "quick": a.quick,
+            "date": time.strftime("%Y-%m-%d"), "device": name, "quick": a.quick, "clock": a.clock,
             "dtype": ", ".join(f"{dtypes[s]} ({s})" for s in sides if s in dtypes),
             "seconds": round(time.perf_counter() - t_all), "notes": notes(a, torch.get_num_threads(), lol_rows)}
     (a.out / "speed_scale.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -197,8 +201,9 @@ def main(argv=None) -> None:
         zoo_rows(a, name)
     md = speed.write_speed_md(a.out)
     for _, r in cmp.iterrows():
-        print(f"{r['side']} | {r['LoRA']} | {r['kind']}: standard {r['standard seconds per LoRA']:,.4g} s / LoL "
-              f"{r['seconds per LoRA']:.3g} s = {r['ratio']:,.0f}×")
+        c = f"{speed.CLOCKS[a.clock]} per LoRA"
+        print(f"{r['side']} | {r['LoRA']} | {r['kind']}: standard {r[f'standard {c}']:,.4g} s / LoL "
+              f"{r[c]:.3g} s = {r['ratio']:,.0f}× ({a.clock})")
     print(f"wrote {md} ({meta['seconds']} s)")
 
 

@@ -99,7 +99,9 @@ def build(component: str, quick: bool = False, dtype: torch.dtype = torch.float3
             model = Qwen2ForCausalLM(Qwen2Config(**cfg))
         else:
             raise ValueError(f"unknown component {component!r}; choose from {', '.join(FULL)}")
-    return model.to(dtype=dtype).eval() if str(device) != "meta" else model.eval()
+    if dtype != torch.float32 and str(device) != "meta":   # built in float32; cast only when asked otherwise
+        model = model.to(dtype=dtype)
+    return model.eval()
 
 
 def linear_shapes(model: torch.nn.Module, suffixes, prefix: str = "") -> dict[str, tuple[int, int]]:

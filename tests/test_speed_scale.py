@@ -52,35 +52,42 @@ def test_quick_bench_writes_tables_that_add_up(tmp_path):
                          "lol_seconds": 0.001, "recomputed_label": 0.3, "stored_label": 0.3, "lol_prediction": 0.31,
                          "ratio": 1000.0, "device": "cpu", "paper_claim": "> 50,000×"}])
     zoo.to_csv(out / "speed.csv", index=False)   # the tiny-zoo rows notebook 06 writes: kept in speed.md
-    main(["--quick", "--in-process", "--out", str(out), "--data", str(tmp_path / "no-data"), "--kinds", "svals,glnet",
-          "--repeat", "1", "--unet-calls", "1", "--lm-calls", "1", "--threads", str(torch.get_num_threads())])
+    threads = torch.get_num_threads()
+    try:
+        main(["--quick", "--in-process", "--out", str(out), "--data", str(tmp_path / "no-data"), "--kinds",
+              "svals,glnet", "--repeat", "1", "--unet-calls", "1", "--lm-calls", "1", "--threads", "1", "--clock", "cpu"])
+    finally:
+        torch.set_num_threads(threads)   # --threads is process-wide
     std = pd.read_csv(out / "speed_scale_standard.csv")
     cmp = pd.read_csv(out / "speed_scale.csv")
     meta = json.loads((out / "speed_scale.json").read_text())
-    assert meta["quick"] is True and meta["notes"]
+    assert meta["quick"] is True and meta["notes"] and meta["clock"] == "cpu"
 
     parts = std[std.part != "total"]
     assert list(parts.side.unique()) == [speed.IMAGE, speed.LANGUAGE]
     assert {"denoising step, LoRA loaded", "VAE decode", "CLIP ViT-B/16 score", "load + unload the LoRA (diffusers)",
             "score answer options, LoRA loaded", "load + unload the LoRA (PEFT)"} <= set(parts.part)
-    assert (parts["seconds per LoRA"] - parts["seconds per call"] * parts["calls per LoRA"]).abs().max() < 1e-9
+    for clock in ("seconds", "CPU seconds"):
+        assert (parts[f"{clock} per LoRA"] - parts[f"{clock} per call"] * parts["calls per LoRA"]).abs().max() < 1e-9
+    assert (parts["CPU seconds per call"] > 0).all()
     step = parts[parts.part == "denoising step, LoRA loaded"].iloc[0]
     p = speed.QUICK_IMAGE
     assert step["calls per LoRA"] == p.steps * p.prompts   # one prompt per call on the CPU
     arc = parts[parts.part == "score answer options, LoRA loaded"].iloc[0]
     assert arc["calls per LoRA"] == speed.QUICK_ARC.questions * speed.QUICK_ARC.options / 4
-    totals = std[std.part == "total"].set_index("side")["seconds per LoRA"]
-    assert totals.to_dict() == pytest.approx(parts.groupby("side")["seconds per LoRA"].sum().to_dict())
+    totals = std[std.part == "total"].set_index("side")["CPU seconds per LoRA"]
+    assert totals.to_dict() == pytest.approx(parts.groupby("side")["CPU seconds per LoRA"].sum().to_dict())
 
     # every LoL kind on every spec of its side, the ratio = standard total / LoL
     assert len(cmp) == 2 * (len(speed.scale_specs(True)[speed.IMAGE]) + 1)
-    assert set(cmp.kind) == {"svals", "glnet"} and (cmp["seconds per LoRA"] > 0).all()
-    assert (cmp["standard seconds per LoRA"] == cmp.side.map(totals)).all()
-    assert ((cmp.ratio - cmp["standard seconds per LoRA"] / cmp["seconds per LoRA"]).abs() < 1e-6 * cmp.ratio).all()
+    assert set(cmp.kind) == {"svals", "glnet"} and (cmp["CPU seconds per LoRA"] > 0).all()
+    assert (cmp["standard CPU seconds per LoRA"] == cmp.side.map(totals)).all() and set(cmp.clock) == {"cpu"}
+    assert ((cmp.ratio - cmp["standard CPU seconds per LoRA"] / cmp["CPU seconds per LoRA"]).abs()
+            < 1e-6 * cmp.ratio).all()
     assert set(cmp[f"≥ {speed.GOAL:,}×"]) <= {"yes", "no"}
 
     md = (out / "speed.md").read_text()
-    assert "Quick mode" in md and "ratio" in md and "20 steps" not in md
+    assert "Quick mode" in md and "ratio" in md and "20 steps" not in md and "CPU s per LoRA" in md
     assert f"{p.steps} steps × {p.prompts} prompts ÷ 1 per call" in md     # the arithmetic is in the table
     assert "## Our zoo's tiny base models" in md and "lm/challenge_accuracy" in md   # notebook 06's rows kept
 
@@ -99,12 +106,14 @@ def test_models_page_shows_the_speed_report(tmp_path, monkeypatch):
     res = root / "results"
     (res / "gpu").mkdir(parents=True)
     pd.DataFrame([{"side": speed.IMAGE, "part": "denoising step", "one call": "UNet", "timed calls": 2,
-                   "seconds per call": 20.0, "calls per LoRA": 660.0, "arithmetic": "20 steps × 33 prompts ÷ 1 per call",
-                   "seconds per LoRA": 13200.0}]).to_csv(res / "speed_scale_standard.csv", index=False)
+                   "seconds per call": 20.0, "CPU seconds per call": 19.0, "calls per LoRA": 660.0,
+                   "arithmetic": "20 steps × 33 prompts ÷ 1 per call", "seconds per LoRA": 13200.0,
+                   "CPU seconds per LoRA": 12540.0}]).to_csv(res / "speed_scale_standard.csv", index=False)
     std, cmp = speed.scale_tables(pd.read_csv(res / "speed_scale_standard.csv").to_dict("records"),
                                   [{"side": speed.IMAGE, "LoRA": "SD-1.5 UNet to_q/to_v (64 modules)", "kind": "glnet",
                                     "LoRAs per call": 64, "width": 64, "timed width": 64,
-                                    "seconds per LoRA, timed": 0.01, "seconds per LoRA": 0.01, "how": "timed"}])
+                                    "seconds per LoRA, timed": 0.01, "seconds per LoRA": 0.01,
+                                    "CPU seconds per LoRA": 0.0095, "how": "timed"}])
     std.to_csv(res / "speed_scale_standard.csv", index=False)
     cmp.to_csv(res / "speed_scale.csv", index=False)
     assert cmp.ratio.iloc[0] == pytest.approx(1_320_000) and cmp.iloc[0]["shipped for"] == "not shipped"
