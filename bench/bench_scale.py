@@ -114,7 +114,7 @@ def step_write(a) -> dict:
 
     def loras():  # pass 2: the same draws, packed as they come
         for _, m, sd in _chunks(a.n, a.seed):
-            b, _ = random_lora_batch(spec, m, rank=a.rank, seed=sd, dtype=torch.float16)
+            b, _ = random_lora_batch(spec, m, rank=a.rank, seed=sd, dtype=torch.float16, labels=False)
             for j in range(m):
                 yield b.lora(j, format="synthetic", source="synthetic")
 

@@ -147,7 +147,7 @@ def random_lora(spec: ModuleSpec, rank: int = 4, alpha: float | None = None, see
 
 
 def random_lora_batch(spec: ModuleSpec, n: int, rank: int = 4, seed: int = 0, dtype: torch.dtype = torch.float16,
-                      probe_seed: int = 1234):
+                      probe_seed: int = 1234, labels: bool = True):
     """``n`` random LoRAs at once and their labels: `random_lora`'s distribution (overall log-scale U[-1.5, 1.5],
     spectral decay U[0, 2], probe alignment U[-1, 1], planted first component), drawn in float32 for the whole batch
     from one generator seeded with ``seed`` (so not `random_lora`'s draws, and deterministic for a given ``(n, seed)``).
@@ -156,7 +156,8 @@ def random_lora_batch(spec: ModuleSpec, n: int, rank: int = 4, seed: int = 0, dt
     Returns ``(batch, table)``: a `LoRABatch` (factors rounded to ``dtype``) and a dict of numpy arrays with the
     generation parameters (``log_scale``, ``decay``, ``probe_t``) and the GL-invariant labels ``sv_energy`` and
     ``probe`` of `lora_labels`, computed in float64 from the factors *as rounded*, so they are exact for what is
-    stored. The batch holds U with the scale folded in (`LoRABatch.lora` gives alpha = rank, scale 1)."""
+    stored (``labels=False`` skips them: the same factors, faster). The batch holds U with the scale folded in
+    (`LoRABatch.lora` gives alpha = rank, scale 1)."""
     from .batch import LoRABatch
 
     g = torch.Generator().manual_seed(int(seed))
@@ -179,13 +180,16 @@ def random_lora_batch(spec: ModuleSpec, n: int, rank: int = 4, seed: int = 0, dt
         U, V = B.to(dtype), A.to(dtype)
         Us.append(U)
         Vs.append(V)
+        if not labels:
+            continue
         Ud, Vd = U.double(), V.double()
         nuclear.append(torch.log(singular_values(Ud, Vd, method="gram").sum(-1)))
         fro = torch.sqrt(torch.clamp(((Ud.mT @ Ud) * (Vd.mT @ Vd)).sum((-1, -2)), min=0.0))
         probe.append(((u @ Ud) * (v @ Vd)).sum(-1) / fro)
     ranks = torch.full((n, len(spec)), int(rank), dtype=torch.long)
-    table = {"log_scale": log_scale.numpy(), "decay": decay.numpy(), "probe_t": probe_t.numpy(),
-             "sv_energy": torch.stack(nuclear, 1).mean(1).numpy(), "probe": torch.stack(probe, 1).mean(1).numpy()}
+    table = {"log_scale": log_scale.numpy(), "decay": decay.numpy(), "probe_t": probe_t.numpy()}
+    if labels:
+        table |= {"sv_energy": torch.stack(nuclear, 1).mean(1).numpy(), "probe": torch.stack(probe, 1).mean(1).numpy()}
     return LoRABatch(spec, Us, Vs, ranks), table
 
 

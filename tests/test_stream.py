@@ -88,6 +88,8 @@ def test_random_lora_batch_labels_match_lora_labels():
     for k in range(3):
         want = lora_labels(b.lora(k), spec)
         assert abs(want["sv_energy"] - tab["sv_energy"][k]) < 1e-9 and abs(want["probe"] - tab["probe"][k]) < 1e-9
+    fast, _ = random_lora_batch(spec, 3, seed=5, labels=False)  # the same draws without the labels
+    assert all(torch.equal(x, y) for x, y in zip(fast.U + fast.V, b.U + b.V))
 
 
 def test_bench_scale_quick(tmp_path):
