@@ -6,17 +6,78 @@ col(ΔW_ℓ): learned quadratic forms of the projector, computed in O(n·k·s) w
 upper triangle (s(s+1)/2 values per module) goes through LayerNorm and the MLP. Since G depends on P only, the model is
 invariant to GL(r), to rescaling ΔW and to its row space — like `colspace` (an MLP on the full projector, Σ n²
 inputs), which it approximates with Σ s·n weights in its first layer.
+
+Cost. `column_basis` (a Householder QR of U and of V and an r×r SVD per LoRA and module) is exact but slow on a CPU:
+LAPACK runs once per small matrix. So the basis comes from a Cholesky QR in the common case instead: with
+``UᵀU = L Lᵀ`` (float64 Gram matrix of the transposed factors, which the sketch's GEMM reads anyway),
+``Q = U L⁻ᵀ`` is an orthonormal basis of col(U), which is col(ΔW) with every direction kept whenever V has full
+column rank and every singular value of ΔW clears `column_basis`'s cut (``s_j > rtol·s_max``) — certified per LoRA
+and module by two batched r×r Cholesky factorizations (of UᵀU, and of ``Lᵀ(VᵀV)L − t·I``, whose eigenvalues are
+ΔW's squared singular values, with the cut's margin t). LoRAs outside that case (zero-padded ranks, rank-deficient or
+ill-conditioned factors, a module whose rank exceeds the fitted k) take `column_basis`. The projector, hence G, is
+the same either way (up to rounding). Inference (`forward`, `embed`) multiplies the transposed factors by Φ in one
+GEMM per module and applies L⁻¹ to the small (r × s) result, never forming Q; the training features (`featurize`) are
+the transposed bases Qᵀ (k × n per module), which `sketch` multiplies by Φ.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from ..features import ColumnBasis
+from ..features import ColumnBasis, column_basis, keep_components
 from ..symmetry import GL
 from .base import LoLModel, MLPTrunk
 
-__all__ = ["ColumnSketch"]
+__all__ = ["ColumnSketch", "cholesky_bases"]
+
+
+def _gram64(Xt: torch.Tensor) -> torch.Tensor:
+    """(B, r, r) float64 Gram matrix of transposed factors Xt (B, r, d)."""
+    X = Xt.to(torch.float64)
+    return torch.bmm(X, X.mT)
+
+
+def cholesky_bases(GUs: list[torch.Tensor], GVs: list[torch.Tensor], dims: list[tuple[int, int]], k: int,
+                   dtype: torch.dtype, rtol: float | None = None):
+    """Per module, ``(Linv, ok)``: Linv (B, r, r) float64 with ``Q = U Linvᵀ`` an orthonormal basis of col(ΔW)
+    keeping every direction `column_basis` keeps (the same projector ``Q Qᵀ``), and ok (B,) bool where that is
+    certified (elsewhere the caller uses `column_basis`; Linv is finite there but meaningless). Linv is None for a
+    module with r > k (`column_basis` truncates to the top k) or r > min(n, m).
+
+    GUs: UᵀU per module in float64 (B, r, r); GVs: VᵀV in the factors' dtype (only certifies, so its rounding is
+    covered by the margin δ below); dims: (n, m) per module; dtype: the factors' dtype, whose ε sets
+    `column_basis`'s cut (``rtol`` = √ε by default) and the conditioning guard."""
+    out: list = [None] * len(GUs)
+    by_r: dict[int, list[int]] = {}
+    for ell, (GU, (n, m)) in enumerate(zip(GUs, dims)):
+        r = GU.shape[-1]
+        if r <= k and r <= min(n, m):
+            by_r.setdefault(r, []).append(ell)
+        else:
+            out[ell] = (None, torch.zeros(GU.shape[0], dtype=torch.bool, device=GU.device))
+    eps = torch.finfo(dtype).eps
+    cut = eps ** 0.5 if rtol is None else rtol
+    for r, idx in by_r.items():
+        GU = torch.stack([GUs[ell] for ell in idx])                                  # (Lr, B, r, r) float64
+        GV = torch.stack([GVs[ell] for ell in idx]).to(torch.float64)
+        m = torch.tensor([dims[ell][1] for ell in idx], dtype=torch.float64, device=GU.device)[:, None, None, None]
+        eye = torch.eye(r, dtype=torch.float64, device=GU.device)
+        tr = lambda X: X.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # noqa: E731
+        L, info = torch.linalg.cholesky_ex(GU)
+        # conditioning guard: cond(U)² ≲ 1/(100 ε), where U L⁻ᵀ in the factors' dtype is as good as a Householder QR
+        _, info_c = torch.linalg.cholesky_ex(GU - (100 * eps) * tr(GU) * eye)
+        A = L.mT @ GV @ L                         # eigenvalues: ΔW's squared singular values (V's Gram as given)
+        # |error of A| ≤ ‖L‖² ‖VᵀV error‖ ≤ tr(UᵀU) tr(VᵀV) m ε (the classical bound of a length-m dot product)
+        delta = tr(GU) * tr(GV) * m * eps
+        # certify every s_j² > 4 cut² tr(A) ≥ (2 cut s_max)²: column_basis keeps them all, with a factor 2 to spare
+        _, info_a = torch.linalg.cholesky_ex(A - (4 * cut * cut * (tr(A) + r * delta) + delta) * eye)
+        ok = (info == 0) & (info_c == 0) & (info_a == 0)
+        Linv = torch.linalg.solve_triangular(torch.where(ok[..., None, None], L, eye), eye, upper=False)
+        for j, ell in enumerate(idx):
+            out[ell] = (Linv[j], ok[j])
+    return out
 
 
 class ColumnSketch(LoLModel):
@@ -55,21 +116,136 @@ class ColumnSketch(LoLModel):
         self.fitted = True
         return self
 
+    # -- bases -----------------------------------------------------------------------------------------------------
+    def _reference(self, U, V, rows) -> torch.Tensor:
+        """`column_basis` of the LoRAs ``rows`` of one module, top k kept, transposed: (b, k, n)."""
+        return keep_components(column_basis(U[rows], V[rows]), int(self.features.rank)).mT
+
+    def _factors(self, batch, sketch: bool):
+        """One pass over the modules: per module the transposed U (B, r, n) — or, with ``sketch``, only its product
+        with Φᵀ, (ΦU)ᵀ (B, r, s), made while the transposed copy is in cache — and the Gram matrices UᵀU (float64)
+        and VᵀV; then `cholesky_bases` on all modules at once."""
+        k = self.features._need_rank()
+        outs, GUs, GVs = [], [], []
+        for U, V, phi in zip(batch.U, batch.V, self.phi):
+            B, n, r = U.shape
+            Ut = U.mT.contiguous()
+            GUs.append(_gram64(Ut))
+            GVs.append(torch.bmm(V.mT, V))
+            outs.append(torch.mm(Ut.view(B * r, n), phi.to(Ut.dtype).mT).view(B, r, -1) if sketch else Ut)
+        return outs, cholesky_bases(GUs, GVs, list(self.spec.shapes), k, batch.dtype)
+
+    def bases(self, batch) -> list[torch.Tensor]:
+        """Per module the transposed orthonormal basis Qᵀ (B, k, n) of col(ΔW) (`column_basis`'s k largest
+        directions, zero rows where there are fewer): Cholesky QR where certified, `column_basis` elsewhere."""
+        k = self.features._need_rank()
+        Uts, chol = self._factors(batch, sketch=False)
+        out = []
+        for ell, ((Linv, ok), Ut) in enumerate(zip(chol, Uts)):
+            B, r, n = Ut.shape
+            Qt = Ut.new_zeros(B, k, n)
+            if Linv is not None:                                    # Qᵀ = L⁻¹ Uᵀ
+                Qt[:, :r] = torch.bmm(Linv.to(Ut.dtype), Ut)
+            if not bool(ok.all()):
+                rows = (~ok).nonzero()[:, 0]
+                Qt[rows] = self._reference(batch.U[ell], batch.V[ell], rows)
+            out.append(Qt)
+        return out
+
     def featurize(self, batch):
-        """Flattened column bases (B, Σ n·k): parameter-free, so the trainer computes them once per LoRA."""
+        """(B, Σ k·n): the transposed bases Qᵀ of every module (`bases`), flattened: parameter-free, so the trainer
+        computes them once per LoRA."""
         self.check(batch)
-        return self.features(batch)
+        return torch.cat([Qt.flatten(1) for Qt in self.bases(batch)], 1)
+
+    def sketch_factors(self, batch) -> list[torch.Tensor]:
+        """Per module Z = (Φ Q)ᵀ / √n (B, ≥ r, s) without forming Q: ``L⁻¹ (ΦU)ᵀ`` where the Cholesky QR is
+        certified, ``Qᵀ Φᵀ`` from `column_basis` elsewhere. ``ZᵀZ = Φ P Φᵀ / n``."""
+        self.check(batch)
+        Ys, chol = self._factors(batch, sketch=True)
+        Zs = []
+        for ell, ((Linv, ok), Y, phi) in enumerate(zip(chol, Ys, self.phi)):
+            B, r, _ = Y.shape
+            n = self.spec.shapes[ell][0]
+            c = 1 / math.sqrt(n)
+            Wt = phi.to(Y.dtype).mT
+            if Linv is None:                                        # the whole module through column_basis
+                Zs.append((self._reference(batch.U[ell], batch.V[ell], slice(None)) @ Wt).mul_(c))
+                continue
+            Z = torch.bmm(Linv.to(Y.dtype) * c, Y)                  # (Φ Q)ᵀ / √n, Q = U L⁻ᵀ
+            if not bool(ok.all()):                                  # r ≤ k here: the reference's first r rows hold Q
+                rows = (~ok).nonzero()[:, 0]
+                Z = Z.index_copy(0, rows, (self._reference(batch.U[ell], batch.V[ell], rows)[:, :r] @ Wt).mul_(c))
+            Zs.append(Z)
+        return Zs
+
+    def _factors_of_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per module Z = (Φ Q)ᵀ / √n (B, k, s) from the flattened transposed bases."""
+        k, Zs, start = int(self.features.rank), [], 0
+        B = x.shape[0]
+        for (o, _), phi in zip(self.spec.shapes, self.phi):
+            Qt = x[:, start:start + o * k].reshape(B * k, o)
+            start += o * k
+            Zs.append((Qt @ phi.to(x.dtype).mT).mul_(1 / math.sqrt(o)).view(B, k, -1))
+        return Zs
+
+    # -- sketch → LayerNorm → MLP ----------------------------------------------------------------------------------
+    def _triangles(self, Zs: list[torch.Tensor]) -> torch.Tensor:
+        """(B, L·s(s+1)/2): the upper triangles of ``G_ℓ = Z_ℓᵀ Z_ℓ = Φ_ℓ P_ℓ Φ_ℓᵀ / n_ℓ``."""
+        B, s = Zs[0].shape[0], self.channels
+        return torch.cat([torch.bmm(Z.mT, Z).view(B, s * s)[:, self.triu] for Z in Zs], 1)
 
     def sketch(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L·s(s+1)/2): the upper triangles of Φ_ℓ P_ℓ Φ_ℓᵀ from the flattened bases."""
-        k, out, start = int(self.features.rank), [], 0
-        for (o, _), phi in zip(self.spec.shapes, self.phi):
-            Q = x[:, start:start + o * k].reshape(-1, o, k)
-            start += o * k
-            Y = phi.to(x.dtype) @ Q                                   # (B, s, k)
-            G = (Y @ Y.mT) / o                                        # Φ P Φᵀ, O(1) entries for Φ ~ N(0, 1)
-            out.append(G.flatten(1)[:, self.triu])
-        return torch.cat(out, 1)
+        """(B, L·s(s+1)/2): the upper triangles of Φ_ℓ P_ℓ Φ_ℓᵀ / n_ℓ from the flattened transposed bases."""
+        return self._triangles(self._factors_of_features(x))
+
+    def _norm_linear(self, Zs: list[torch.Tensor]) -> torch.Tensor:
+        """``trunk[0](norm(_triangles(Zs)))`` without the (B, L·s(s+1)/2) features (34 MB at B = 64 on SD-1.x q/v:
+        past glibc's mmap threshold, so page faults on every call) nor their normalized copy. Per module, G goes into
+        one reused buffer and its triangle into another, whose mean and centred sum of squares are kept (the
+        LayerNorm's statistics, combined exactly across modules at the end); the triangle times γ_ℓ meets the
+        Linear's weight columns W_ℓ in one GEMM accumulating ``Σ_ℓ W_ℓ (γ_ℓ ⊙ x_ℓ)``. Two extra buffer rows (ones,
+        and β_ℓ/γ_ℓ's stand-in β_ℓ after the scaling) give ``W γ`` and ``W β`` in the same GEMMs, and
+        ``LN(x) = (x − μ)/σ ⊙ γ + β`` makes the Linear ``(W(γ⊙x) − μ Wγ)/σ + Wβ + b``."""
+        lin, ln = self.trunk[0], self.norm
+        B, s, L, T = Zs[0].shape[0], self.channels, len(Zs), len(self.triu)
+        W = lin.weight
+        gamma, beta = ln.weight.view(L, T), ln.bias.view(L, T)
+        G = Zs[0].new_empty(B, s, s)
+        buf = Zs[0].new_empty(B + 2, T)
+        acc = Zs[0].new_zeros(B + 2, W.shape[0])
+        mean, m2 = Zs[0].new_empty(L, B), Zs[0].new_empty(L, B)
+        for ell, Z in enumerate(Zs):
+            torch.bmm(Z.mT, Z, out=G)
+            x = buf[:B]
+            torch.index_select(G.view(B, s * s), 1, self.triu, out=x)
+            torch.mean(x, 1, out=mean[ell])
+            d = x - mean[ell][:, None]
+            m2[ell] = torch.linalg.vecdot(d, d)
+            buf[B] = 1
+            buf[:B + 1].mul_(gamma[ell])
+            buf[B + 1] = beta[ell]
+            acc.addmm_(buf, W[:, ell * T:(ell + 1) * T].mT)
+        mean, m2 = mean.double(), m2.double()
+        mu = mean.mean(0)
+        var = (m2.sum(0) + T * (mean - mu).square().sum(0)) / (L * T)
+        rstd = (var + ln.eps).rsqrt()[:, None]
+        acc = acc.double()
+        return ((acc[:B] - mu[:, None] * acc[B]) * rstd + acc[B + 1] + lin.bias.double()).to(Zs[0].dtype)
+
+    def _embed(self, Zs: list[torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled():                                 # training: the plain, differentiable path
+            return self.trunk(self.norm(self._triangles(Zs)))
+        y = self._norm_linear(Zs)
+        for layer in list(self.trunk)[1:]:
+            y = layer(y)
+        return y
 
     def embed_features(self, x):
-        return self.trunk(self.norm(self.sketch(x)))
+        return self._embed(self._factors_of_features(x))
+
+    def embed(self, batch):
+        return self._embed(self.sketch_factors(batch))
+
+    def forward(self, batch):
+        return self.head(self.embed(batch))

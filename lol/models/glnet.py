@@ -52,14 +52,18 @@ def _groups(dims: list[int]) -> list[tuple[int, list[int]]]:
     return list(out.items())
 
 
+def _pad(X: torch.Tensor, r: int) -> torch.Tensor:
+    """X (…, d, r_ℓ) zero-padded to r columns."""
+    return X if X.shape[-1] == r else torch.nn.functional.pad(X, (0, r - X.shape[-1]))
+
+
 def pack_factors(Xs: list[torch.Tensor], groups, r: int) -> list[torch.Tensor]:
     """Per group, the modules' factors (B, d, r_ℓ) transposed and stacked as one (G, B·r, d) tensor (zero-padded to r):
     the left operand of a single batched matmul with the group's (G, d, h) weights."""
     out = []
     for d, idx in groups:
         B = Xs[idx[0]].shape[0]
-        X = torch.stack([(Xs[ell] if Xs[ell].shape[-1] == r else
-                          torch.nn.functional.pad(Xs[ell], (0, r - Xs[ell].shape[-1]))).mT for ell in idx])
+        X = torch.stack([_pad(Xs[ell], r).mT for ell in idx])
         out.append(X.reshape(len(idx), B * r, d))
     return out
 
@@ -84,9 +88,20 @@ class GLInput(nn.Module):
                                      for d, idx in self.v_groups])
 
     def _side(self, Xs, groups, weights, r):
-        """(L, B, r, h): each group's (G, B·r, d) @ (G, d, h) product written straight into its modules' slots."""
+        """(L, B, r, h), each module's slot the product (B·r, d) @ (d, h) of its transposed factors and weights.
+
+        Without autograd (inference), one GEMM per module writes straight into its slot (``out=``): the transposed
+        copy of a module's factors (the GEMM's left operand) is made just before its product and is still in cache
+        when read, instead of one (G, B·r, d) copy of a whole group. With autograd (``out=`` is not differentiable),
+        each group of equal-dimension modules is one batched matmul (G, B·r, d) @ (G, d, h). Same products."""
         B = Xs[0].shape[0]
         H = Xs[0].new_empty(self.L, B * r, self.h)
+        if not (torch.is_grad_enabled() and any(W.requires_grad for W in weights)):
+            for (d, idx), W in zip(groups, weights):
+                Wt = W.to(H.dtype).mT                               # (G, d, h) views
+                for k, ell in enumerate(idx):
+                    torch.mm(_pad(Xs[ell], r).mT.reshape(B * r, d), Wt[k], out=H[ell])
+            return H.view(self.L, B, r, self.h)
         for (_, idx), W, X in zip(groups, weights, pack_factors(Xs, groups, r)):
             Y = torch.bmm(X, W.to(X.dtype).mT)
             if idx[-1] - idx[0] == len(idx) - 1:               # consecutive modules: a plain slice
@@ -136,11 +151,23 @@ class RowGate(nn.Module):
         rms = torch.sqrt((z * z).mean(-1, keepdim=True) + 1e-30)
         return torch.sigmoid(z / rms)
 
-    def forward(self, HU, HV):
-        # on transposed factors (L, B, r, h): U (Vᵀ 1) = (Vᵀ1)ᵀ (ΦU)ᵀ as a (1 × r) @ (r × h) product per module and LoRA
-        zu = torch.matmul(HV.sum(-1).unsqueeze(-2), HU)   # U (Vᵀ 1), the row sums of U Vᵀ: (L, B, 1, h)
-        zv = torch.matmul(HU.sum(-1).unsqueeze(-2), HV)   # V (Uᵀ 1)
-        return HU * self._g(zu), HV * self._g(zv)
+    def forward(self, HU, HV, inplace: bool = False):
+        """On transposed factors (L, B, r, h): ``U (Vᵀ 1) = Σ_j (Vᵀ1)_j (ΦU)ᵀ_j``, a sum of r scaled rows per module and
+        LoRA (r multiply-add passes over (L, B, h): far cheaper than L·B tiny (1 × r) @ (r × h) matmuls).
+        ``inplace=True`` gates HU and HV in place when no gradient flows through them (GLNet's own intermediates)."""
+        zu, zv = _row_sums(HU, HV.sum(-1)), _row_sums(HV, HU.sum(-1))   # U (Vᵀ 1), V (Uᵀ 1): (L, B, 1, h)
+        gu, gv = self._g(zu), self._g(zv)
+        if inplace and not (torch.is_grad_enabled() and (HU.requires_grad or HV.requires_grad)):
+            return HU.mul_(gu), HV.mul_(gv)
+        return HU * gu, HV * gv
+
+
+def _row_sums(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Σ_j w[..., j] H[..., j, :]`` for H (L, B, r, h) and weights w (L, B, r): (L, B, 1, h)."""
+    z = H[:, :, 0] * w[:, :, 0, None]
+    for j in range(1, H.shape[2]):
+        z.addcmul_(H[:, :, j], w[:, :, j, None])
+    return z.unsqueeze(2)
 
 
 class InvariantHead(nn.Module):
@@ -174,22 +201,35 @@ class InvariantHead(nn.Module):
     def linear(self, HU, HV, lin: nn.Linear, budget: int | None = None) -> torch.Tensor:
         """``lin(self(HU, HV))`` without holding the (B, L·h·h') products at once: ``b + Σ_ℓ s_ℓ W_ℓ vec(P_ℓ)`` over
         chunks of modules, each chunk's P (about ``budget`` numbers; default 2¹⁸ on CPU — 1 MiB in float32, a core's L2
-        cache — and 2²⁴ elsewhere, where fewer, larger kernels win; computed by one batched matmul on views of the
-        activations) consumed by one batched matmul against views of the weight while still in cache. Same value, same invariance; it spares allocating, writing and re-reading the largest
-        tensor of the model (1 MiB per LoRA at h = 64 on SD-1.x q/v)."""
+        cache — and 2²⁴ elsewhere, where fewer, larger kernels win) computed by one batched matmul on views of the
+        activations and consumed by one batched matmul against views of the weight while still in cache. Same value,
+        same invariance; it spares allocating, writing and re-reading the largest tensor of the model (1 MiB per LoRA
+        at h = 64 on SD-1.x q/v). With one module per chunk (the CPU default at B ≥ 64 for h = 64) each P_ℓ goes into
+        one reused buffer (no autograd) and straight into ``y += s_ℓ P_ℓ W_ℓᵀ`` (one GEMM, the constant as its
+        ``alpha``)."""
         if self.pool == "mean":
             return lin(self(HU, HV))
         L, B, r, h = HU.shape
         h2 = HV.shape[-1]
         W = lin.weight.view(lin.out_features, L, h * h2)
-        HU = HU * self.scale.to(HU.dtype)[:, None, None, None]
         if budget is None:
             budget = 1 << 18 if HU.device.type == "cpu" else 1 << 24
         step = max(1, budget // (B * h * h2))
+        if step == 1:
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (HU, HV, lin.weight, lin.bias))
+            scale = self.scale.tolist()
+            y = lin.bias.expand(B, -1).clone()
+            P = None if grad else HU.new_empty(B, h, h2)
+            for ell in range(L):
+                P = torch.bmm(HU[ell].mT, HV[ell]) if grad else torch.bmm(HU[ell].mT, HV[ell], out=P)
+                y = y.addmm_(P.view(B, -1), W[:, ell].mT, alpha=scale[ell])
+            return y
+        s = self.scale.to(HU.dtype)
         y = lin.bias
         for l0 in range(0, L, step):
             l1 = min(L, l0 + step)
-            P = torch.bmm(HU[l0:l1].reshape(-1, r, h).mT, HV[l0:l1].reshape(-1, r, h2))      # (Lc·B, h, h')
+            hu = HU[l0:l1] * s[l0:l1, None, None, None]                                          # the chunk only
+            P = torch.bmm(hu.reshape(-1, r, h).mT, HV[l0:l1].reshape(-1, r, h2))                  # (Lc·B, h, h')
             y = y + torch.bmm(P.view(l1 - l0, B, -1), W[:, l0:l1].permute(1, 2, 0)).sum(0)
         return y
 
@@ -249,7 +289,7 @@ class GLNet(LoLModel):
         (h = ``head_channels`` when the sketch is on)."""
         HU, HV = self.input(Us, Vs)
         for layer in self.hidden:
-            HU, HV = layer(*self.gate(HU, HV))
+            HU, HV = layer(*self.gate(HU, HV, inplace=True))
         if self.sketch is not None:
             HU, HV = self.sketch(HU, HV)
         return HU, HV
