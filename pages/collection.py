@@ -41,7 +41,7 @@ if ctx.require_collection():
                          hide_index=True, height=300, width="stretch", column_config=fmt.number_columns(view))
     rows = event.selection.rows if event and hasattr(event, "selection") else []
     if rows and rows[0] < len(view):
-        nav.choose_once("coll_table", str(view.iloc[rows[0]]["id"]))
+        nav.choose_once("coll_table", [view.iloc[rows[0]]["id"]])
 
     # ---------------------------------------------------------------------------------------------- summaries
     st.subheader("Summary")

@@ -43,13 +43,13 @@ if ctx.require_collection():
         color = st.selectbox("Colour by (label, attribute, hyperparameter, prediction or error)", options,
                              index=options.index(default), key="emb_color")
         hover = [c for c in ("group", "split") if c in color_df.columns]
+        picked = nav.take_selection("emb_map")  # a box or click here rings the LoRAs on every page's charts
         fig = plots.embedding_scatter(xy, color_df, None if color == "(none)" else color, hover=hover,
-                                      title=f"UMAP · {src.split(' (')[0]} · {len(df)} LoRAs")
-        event = st.plotly_chart(fig, width="stretch", key="emb_map", on_select="rerun",
-                                selection_mode=("points", "box", "lasso"))
-        picked = plots.selected_ids(event)
+                                      title=f"UMAP · {src.split(' (')[0]} · {len(df)} LoRAs",
+                                      highlight=nav.highlighted())
+        st.plotly_chart(fig, width="stretch", key="emb_map", on_select="rerun",
+                        selection_mode=("points", "box", "lasso"))
         if picked:
-            nav.choose_once("emb_map", picked[0])
             st.markdown(f"**Selected:** {', '.join(picked[:10])}{' …' if len(picked) > 10 else ''}")
             st.markdown(views.lora_row_markdown(color_df, picked[0]))
             b1, b2 = st.columns(2)

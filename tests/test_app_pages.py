@@ -147,14 +147,19 @@ def test_server_path_outside_the_allowed_roots_is_refused(env, tmp_path, monkeyp
 
 
 def test_server_folder_scan_is_bounded(tmp_path, monkeypatch):
-    from lol.app.sources import FolderRefused, find_lora_files
+    from lol.app.sources import pack_loras
+    from lol.errors import LoLError
+    from lol.packing import scan
 
     for i in range(5):
         (tmp_path / f"d{i}").mkdir()
         (tmp_path / f"d{i}" / f"x{i}.safetensors").write_bytes(b"")
-    assert len(find_lora_files(tmp_path, limit=10)) == 5
-    with pytest.raises(FolderRefused, match="more than 9 files"):
-        find_lora_files(tmp_path, limit=9)
+    assert len(scan(tmp_path, limit=10)[0]) == 5
+    with pytest.raises(LoLError, match="more than 9 files"):
+        scan(tmp_path, limit=9)
+    monkeypatch.setenv("LOL_FOLDER_MAX_FILES", "9")  # the app's folder source scans within its bound
+    with pytest.raises(LoLError, match="more than 9 files"):
+        pack_loras(tmp_path, tmp_path.parent / "packed")
 
 
 def test_server_path_missing_then_folder_of_loose_files(env, tmp_path, monkeypatch):
@@ -248,3 +253,41 @@ def test_state_is_in_the_url_and_a_prepared_url_opens_that_view(env):
     assert_clean(at)
     assert widget(at, "selectbox", "Collection").value == "lm (shipped)"
     assert widget(at, "selectbox", "LoRA").value == "lm-012"
+
+
+def _ringed(at) -> list[list[str]]:
+    """Per plotly chart on the page: the LoRA ids in its 'selected' trace (the linked-selection rings)."""
+    import json
+
+    out = []
+    for chart in at.get("plotly_chart"):
+        fig = json.loads(chart.proto.spec)
+        out.append([c[0] for t in fig["data"] if t.get("name") == "selected" for c in t["customdata"]])
+    return out
+
+
+def test_linked_selection_rings_the_lora_on_every_chart(env, tmp_path, monkeypatch):
+    """A LoRA chosen on one page (a select box) is ringed on the Embeddings map; a box drawn on the map selects all
+    LoRAs in it, and they are ringed on the map at once and stay the selection on the other pages."""
+    import shutil
+
+    from lol.precomputed import write_precomputed
+
+    shutil.copytree(env, tmp_path / "data")
+    write_precomputed(tmp_path / "data" / "collections" / "faces")  # the maps as shipped: no UMAP in the page
+    monkeypatch.setenv("LOL_DATA", str(tmp_path / "data"))
+    at = run_app()
+    at.selectbox(key="coll_detail").select("faces-007").run()
+    at.switch_page("pages/embeddings.py").run()
+    assert_clean(at)
+    assert _ringed(at)[0] == ["faces-007"]
+    # a box on the map (as streamlit reports it: the selected points with their custom data)
+    box = {"selection": {"points": [{"customdata": ["faces-003"]}, {"customdata": ["faces-011"]}],
+                         "box": [{"x": [0, 1], "y": [0, 1]}], "point_indices": [3, 11], "lasso": []}}
+    at.session_state["emb_map"] = box
+    at.run()
+    assert_clean(at)
+    assert sorted(_ringed(at)[0]) == ["faces-003", "faces-011"]
+    assert "**Selected:** faces-003, faces-011" in markdown_text(at)
+    at.switch_page("pages/collection.py").run()
+    assert at.selectbox(key="coll_detail").value == "faces-003"  # the first of the box is the chosen LoRA

@@ -1,12 +1,14 @@
-"""The explorer's pages and the links between them: a LoRA chosen anywhere (a click on a chart, a table row) opens
-its detail view on the Collection page or the Generate page."""
+"""The explorer's pages and the links between them: a LoRA chosen anywhere (a click or a box on a chart, a table row,
+a select box) is the chosen LoRA on every page — marked on every per-LoRA chart (linked selection), shown by every
+LoRA select box — and opens its detail view on the Collection page or the Generate page."""
 from __future__ import annotations
 
 import streamlit as st
 
 from .data import REPO
 
-__all__ = ["PAGES", "pages", "open_lora", "chosen_lora"]
+__all__ = ["PAGES", "pages", "open_lora", "chosen_lora", "current_lora", "highlighted", "set_chosen", "sync_widget",
+           "chosen_from_widget", "choose_once", "take_selection"]
 
 # (file under pages/, title, icon); the first is the landing page
 PAGES = (
@@ -19,7 +21,7 @@ PAGES = (
     ("models.py", "Models", ":material/leaderboard:"),
 )
 
-_KEY = "lol_lora_id"
+_KEY, _SEL = "lol_lora_id", "lol_selection"  # the chosen LoRA; the LoRAs selected with it (a box on a chart)
 
 
 def pages() -> list:
@@ -27,9 +29,15 @@ def pages() -> list:
             for k, (f, t, i) in enumerate(PAGES)]
 
 
+def set_chosen(lora_id: str, selection=None) -> None:
+    """``lora_id`` becomes the chosen LoRA on every page, ``selection`` (default: just it) the highlighted ones."""
+    st.session_state[_KEY] = str(lora_id)
+    st.session_state[_SEL] = [str(i) for i in selection] if selection else [str(lora_id)]
+
+
 def open_lora(lora_id: str, page: str = "collection.py") -> None:
     """Remember ``lora_id`` as the chosen LoRA and go to ``page`` (its detail view, or Generate)."""
-    st.session_state[_KEY] = str(lora_id)
+    set_chosen(lora_id)
     st.switch_page(str(REPO / "pages" / page))
 
 
@@ -44,8 +52,10 @@ def current_lora() -> str | None:
     return st.session_state.get(_KEY)
 
 
-def set_chosen(lora_id: str) -> None:
-    st.session_state[_KEY] = str(lora_id)
+def highlighted() -> list[str]:
+    """The LoRAs every per-LoRA chart marks: the last selection made anywhere (a click, a box, a table row, a
+    select box), the chosen LoRA first."""
+    return list(st.session_state.get(_SEL) or ([st.session_state[_KEY]] if st.session_state.get(_KEY) else []))
 
 
 def sync_widget(key: str, ids) -> None:
@@ -54,20 +64,34 @@ def sync_widget(key: str, ids) -> None:
     want = chosen_lora(ids) or (st.session_state.get(key) if st.session_state.get(key) in ids else ids[0])
     if st.session_state.get(key) != want:
         st.session_state[key] = want
-    st.session_state[_KEY] = want
+    if st.session_state.get(_KEY) != want:
+        set_chosen(want)
 
 
 def chosen_from_widget(key: str) -> None:
     """on_change callback of a LoRA selectbox: its value becomes the chosen LoRA on every page."""
-    st.session_state[_KEY] = str(st.session_state[key])
+    set_chosen(st.session_state[key])
 
 
-def choose_once(source: str, lora_id: str | None) -> bool:
-    """Make ``lora_id`` the chosen LoRA when ``source`` (a table or chart) reports a *new* selection; a selection
-    that merely persists across reruns does not override a later choice made elsewhere. True when it changed."""
+def take_selection(key: str) -> list[str]:
+    """Before a per-LoRA chart ``key`` is drawn: its selection (click, box or lasso; kept by streamlit under its
+    key) becomes the selection of every page when it is new (`choose_once`), so this chart rings it at once.
+    Returns the chart's selected ids."""
+    from .plots import selected_ids
+
+    ids = selected_ids(st.session_state.get(key))
+    choose_once(key, ids)
+    return ids
+
+
+def choose_once(source: str, ids) -> bool:
+    """Make ``ids`` (a click, a box or lasso on a chart, a table row) the selection, its first the chosen LoRA, when
+    ``source`` reports a *new* selection; a selection that merely persists across reruns does not override a later
+    choice made elsewhere. True when it changed."""
+    ids = [str(i) for i in ids or []]
     k = f"_lol_last_{source}"
-    if lora_id is None or st.session_state.get(k) == lora_id:
+    if not ids or st.session_state.get(k) == ids:
         return False
-    st.session_state[k] = lora_id
-    st.session_state[_KEY] = str(lora_id)
+    st.session_state[k] = ids
+    set_chosen(ids[0], ids)
     return True

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 __all__ = ["PALETTE", "FONT_SIZE", "style", "color_map", "model_color", "axis_title", "pred_vs_true", "roc_curves",
-           "spectra", "distribution", "embedding_scatter", "selected_ids", "image_grid"]
+           "spectra", "distribution", "embedding_scatter", "selected_ids"]
 
 # Okabe–Ito-like qualitative palette (colour-blind safe, readable on a projector), then Tableau for more classes.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
@@ -79,8 +79,9 @@ def _hover(df: pd.DataFrame, id_col: str, extra: Sequence[str]) -> tuple[np.ndar
 
 def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, id_col: str = "id", name: str | None = None,
                  hover: Sequence[str] = (), unit: str | None = None, color: str | None = None,
-                 title: str | None = None) -> go.Figure:
-    """Predicted vs actual scatter with the identity line ``y = x``; hover and ``custom_data`` carry the LoRA id."""
+                 title: str | None = None, highlight: Sequence[str] = ()) -> go.Figure:
+    """Predicted vs actual scatter with the identity line ``y = x``; hover and ``custom_data`` carry the LoRA id;
+    the LoRAs in ``highlight`` (selected on any page) are ringed."""
     d = df[[c for c in dict.fromkeys([id_col, true_col, pred_col, *hover]) if c in df.columns]].dropna(
         subset=[true_col, pred_col])
     custom, template = _hover(d, id_col, [true_col, pred_col, *hover])
@@ -96,6 +97,7 @@ def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, id_col: str 
                              marker=dict(size=10, opacity=0.8, color=color or (model_color(name) if name else
                                                                                 PALETTE[0]),
                                          line=dict(width=0.5, color="white"))))
+    _ring(fig, d[true_col].to_numpy(), d[pred_col].to_numpy(), d[id_col].astype(str).to_numpy(), highlight)
     fig.update_xaxes(title_text="actual " + axis_title(true_col, unit))
     fig.update_yaxes(title_text="predicted " + axis_title(true_col, unit))
     fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning
@@ -178,9 +180,10 @@ def distribution(df: pd.DataFrame, col: str, title: str | None = None, height: i
 
 
 def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *, id_col: str = "id",
-                      hover: Sequence[str] = (), title: str | None = None, height: int = 560) -> go.Figure:
+                      hover: Sequence[str] = (), title: str | None = None, height: int = 560,
+                      highlight: Sequence[str] = ()) -> go.Figure:
     """A 2-D map (e.g. UMAP) of LoRAs coloured by one column: discrete colours for categories and booleans, a
-    continuous scale for numbers. Axes are UMAP coordinates (unitless)."""
+    continuous scale for numbers; the LoRAs in ``highlight`` are ringed. Axes are UMAP coordinates (unitless)."""
     d = df.reset_index(drop=True)
     custom, template = _hover(d, id_col, [c for c in [color_col, *hover] if c])
     fig = go.Figure()
@@ -207,10 +210,22 @@ def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *
                                    marker=dict(size=9, color=vals, colorscale=CONTINUOUS, opacity=0.9,
                                                colorbar=dict(title=dict(text=axis_title(color_col),
                                                                         side="right")))))
+    _ring(fig, xy[:, 0], xy[:, 1], d[id_col].astype(str).to_numpy(), highlight)
     fig.update_xaxes(title_text="UMAP 1 (unitless)", showticklabels=False)
     fig.update_yaxes(title_text="UMAP 2 (unitless)", showticklabels=False)
     fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning
     return style(fig, title, height=height)
+
+
+def _ring(fig: go.Figure, x, y, ids, highlight: Sequence[str]) -> None:
+    """Black rings around the points whose id is in ``highlight``: the LoRAs selected on this or another chart."""
+    want = set(map(str, highlight))
+    m = np.array([i in want for i in ids], dtype=bool)
+    if m.any():
+        fig.add_trace(go.Scatter(x=np.asarray(x)[m], y=np.asarray(y)[m], mode="markers", name="selected",
+                                 customdata=np.asarray(ids)[m][:, None], hovertemplate="<b>%{customdata[0]}</b> "
+                                 "(selected)<extra></extra>", marker=dict(size=18, symbol="circle-open",
+                                                                          color="#000000", line=dict(width=3))))
 
 
 def selected_ids(event) -> list[str]:
@@ -228,8 +243,3 @@ def selected_ids(event) -> list[str]:
         if str(v) not in ids:
             ids.append(str(v))
     return ids
-
-
-def image_grid(images: Sequence, columns: int) -> list[list]:
-    """Rows of at most ``columns`` images, for laying out a prompt × seed grid with st.columns."""
-    return [list(images[i:i + columns]) for i in range(0, len(images), max(1, columns))]

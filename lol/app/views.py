@@ -116,7 +116,8 @@ def gl_check(ctx, limit: int = 300, seed: int = 1) -> None:
     for row in (names[:2], names[2:]):
         cols = st.columns(2)
         for col, name in zip(cols, row):
-            col.plotly_chart(plots.embedding_scatter(maps[name], df, color, title=name, height=380),
+            col.plotly_chart(plots.embedding_scatter(maps[name], df, color, title=name, height=380,
+                                                     highlight=nav.highlighted()),
                              width="stretch", key=f"glcheck_{name}")
     moved_raw = _procrustes_disparity(maps["raw factors"], maps["raw factors after GL"])
     moved_inv = _procrustes_disparity(maps["invariant features"], maps["invariant features after GL"])
@@ -167,13 +168,12 @@ def pred_vs_true_panel(frame: pd.DataFrame, df: pd.DataFrame, label: str, model_
     c3.metric("Kendall τ", f"{kendall(y, p):.3f}", help=metric_help("Kendall τ"))
     c4.metric("LoRAs", len(m), help=metric_help("LoRAs"))
     hover = [c for c in ("group",) if c in m.columns]
+    picked = nav.take_selection(key)  # a box or click here rings the LoRAs on every page's charts
     fig = plots.pred_vs_true(m.rename(columns={f"{label}{PRED}": "predicted"}), label, "predicted", name=model_name,
-                             hover=hover, color=color)
+                             hover=hover, color=color, highlight=nav.highlighted())
     st.caption(note)
-    event = st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode=("points", "box"))
-    picked = plots.selected_ids(event)
+    st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode=("points", "box", "lasso"))
     if picked:
-        nav.choose_once(key, picked[0])
         st.markdown(f"Selected **{picked[0]}** · " + lora_row_markdown(m, picked[0], [label, f"{label}{PRED}"]))
         if st.button("Open its detail view", key=f"{key}_open", icon=":material/table_view:"):
             nav.open_lora(picked[0], "collection.py")
