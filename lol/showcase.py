@@ -7,13 +7,18 @@ collection is guessed from its name. Collections without a zoo record get generi
 from __future__ import annotations
 
 import importlib
+import tempfile
 import threading
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
 
 from .errors import LoLError
 
-__all__ = ["domain", "zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
+__all__ = ["Generation", "generate_side_by_side", "PIPELINE_LOCK", "parse_seeds", "sharp", "difference", "grid_png",
+           "SHOW_PX", "domain", "zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
            "label_protocol", "Answer", "lm_sources", "lm_questions", "load_lm", "answer_side_by_side", "answers_table"]
 
 GENERIC_PROMPT = "a photo"
@@ -267,3 +272,166 @@ def answers_table(answers: list[Answer]):
         "LoRA picks": pick(a, a.lora_probs, a.lora_pick), "base p(right)": a.base_probs[a.correct],
         "LoRA p(right)": a.lora_probs[a.correct], "base writes": a.base_text, "LoRA writes": a.lora_text}
         for a in answers])
+
+
+# ------------------------------------------------------------------------------------------------ images: side by side
+# The LoRA is written with `lol.formats.save_diffusers` into a temporary folder and loaded with diffusers' own
+# ``pipe.load_lora_weights`` (the path a user's own LoRA file takes), so what is shown is what diffusers does with the
+# file. ``strength`` is the adapter weight (``set_adapters``); the base images use the same pipeline with the adapter
+# disabled. One lock serialises use of a shared cached pipeline across callers (an explorer's browser sessions).
+
+SHOW_PX = 192  # every image is shown this size: small generations are upscaled by whole pixels (nearest neighbour)
+
+PIPELINE_LOCK = threading.Lock()
+
+
+@dataclass
+class Generation:
+    lora_id: str
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    strength: float
+    base: list = field(default_factory=list)     # PIL images, prompt-major: (p0,s0), (p0,s1), …
+    lora: list = field(default_factory=list)
+    seconds: float = 0.0
+    clip_base: list[float] | None = None   # CLIP score of each base image to its own prompt
+    clip_lora: list[float] | None = None
+    finetune: list = field(default_factory=list)  # (PIL image, caption) the LoRA was finetuned on, when known
+
+    @property
+    def captions(self) -> list[str]:
+        return [f"{p} · seed {s}" for p in self.prompts for s in self.seeds]
+
+    @property
+    def texts(self) -> list[str]:
+        """The prompt of each image, in image order."""
+        return [p for p in self.prompts for _ in self.seeds]
+
+
+def sharp(img, px: int = SHOW_PX):
+    """``img`` at about ``px`` pixels wide, enlarged by a whole factor with nearest-neighbour (pixels stay
+    crisp squares), never shrunk below its own size."""
+    from PIL import Image
+
+    k = max(1, px // max(img.width, 1))
+    return img.convert("RGB").resize((img.width * k, img.height * k), Image.NEAREST)
+
+
+def difference(base, lora, gain: float = 4.0):
+    """|LoRA − base| per pixel and channel, times ``gain`` (clipped): black where the LoRA changed nothing.
+    Returns (PIL image, mean absolute difference in 0–255 units)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(base.convert("RGB"), dtype=np.float32)
+    b = np.asarray(lora.convert("RGB"), dtype=np.float32)
+    d = np.abs(b - a)
+    return Image.fromarray(np.clip(d * gain, 0, 255).astype(np.uint8), "RGB"), float(d.mean())
+
+
+def grid_png(rows: Sequence[Sequence[tuple[object, str]]], px: int = SHOW_PX, title: str = "") -> bytes:
+    """One PNG of rows of ``(image, caption)`` (each image shown `sharp` at ``px``), captions under the images in
+    PIL's built-in font (no font file or download needed)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    cols = max((len(r) for r in rows), default=1)
+    cap_h, pad, top = 30, 8, 26 if title else 4
+    cell = px + pad
+    out = Image.new("RGB", (cols * cell + pad, top + len(rows) * (px + cap_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((pad, 6), title, fill="black")
+    for r, row in enumerate(rows):
+        y = top + r * (px + cap_h + pad)
+        for c, (img, cap) in enumerate(row):
+            im = sharp(img, px)
+            if im.width != px:
+                im = im.resize((px, px), Image.NEAREST)
+            x = pad + c * cell
+            out.paste(im, (x, y))
+            for k, line in enumerate(_wrap(cap, px // 6)[:2]):
+                draw.text((x, y + px + 2 + 12 * k), line, fill="black")
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, cur = str(text).split(), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return lines + ([cur] if cur else [])
+
+
+def parse_seeds(text: str, max_seeds: int = 8) -> list[int]:
+    """``"42, 43 44"`` -> [42, 43, 44]; raises ValueError naming the bad token."""
+    seeds = []
+    for tok in text.replace(",", " ").split():
+        try:
+            seeds.append(int(tok))
+        except ValueError:
+            raise ValueError(f"seed {tok!r} is not an integer") from None
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if len(seeds) > max_seeds:
+        raise ValueError(f"at most {max_seeds} seeds at once (got {len(seeds)})")
+    return seeds
+
+
+def generate_side_by_side(pipe, lora, lora_id: str, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                          guidance: float, strength: float, device: str,
+                          progress: Callable[[float, str], None] | None = None) -> Generation:
+    """Base and LoRA images for every (prompt, seed); ``progress(fraction, text)`` is called after each step."""
+    import torch
+
+    from .formats import save_diffusers
+
+    gen = Generation(lora_id, list(prompts), list(seeds), int(steps), float(guidance), float(strength))
+    total = 2 * len(prompts) * len(seeds) * steps
+    done = [0]
+
+    def on_step(_pipe, _i, _t, kwargs):
+        done[0] += 1
+        if progress:
+            progress(min(done[0] / total, 1.0), f"step {done[0]} of {total}")
+        return kwargs
+
+    t0 = time.perf_counter()
+    with PIPELINE_LOCK, tempfile.TemporaryDirectory(prefix="lol-gen-") as tmp:
+        file = Path(tmp) / "pytorch_lora_weights.safetensors"
+        save_diffusers(lora, file)
+        name = "lol_app"
+        if name in _adapters(pipe):
+            pipe.delete_adapters(name)
+        pipe.load_lora_weights(tmp, weight_name=file.name, adapter_name=name)
+        try:
+            for which in ("base", "lora"):
+                if which == "base":
+                    pipe.disable_lora()
+                else:
+                    pipe.enable_lora()
+                    pipe.set_adapters([name], adapter_weights=[float(strength)])
+                out = getattr(gen, which)
+                for p in prompts:
+                    for s in seeds:
+                        g = torch.Generator(device="cpu").manual_seed(int(s))
+                        img = pipe(p, num_inference_steps=int(steps), guidance_scale=float(guidance), generator=g,
+                                   callback_on_step_end=on_step).images[0]
+                        out.append(img)
+        finally:
+            pipe.enable_lora()
+            pipe.delete_adapters(name)
+    gen.seconds = time.perf_counter() - t0
+    return gen
+
+
+def _adapters(pipe) -> set[str]:
+    return {a for names in pipe.get_list_adapters().values() for a in names}

@@ -1,10 +1,11 @@
-"""Uploaded LoRA files: streamed into a private temporary folder, read with the library's own reader, judged one by
-one against the shipped base models (`lol.catalog`), and the folder removed again before the page goes on.
+"""Uploaded LoRA files (e.g. a web page's uploads): streamed into a private temporary folder, read with the library's
+own reader, judged one by one against the known base models (`lol.catalog`), and the folder removed again before
+the caller goes on.
 
 Accepted: single-file LoRAs (``.safetensors``: diffusers, kohya, PEFT weights) and a PEFT adapter as the pair
 ``adapter_model.safetensors`` + ``adapter_config.json``. Pickled files (``.bin``, ``.pt``, ``.ckpt`` …) are taken
 by the uploader only so the page can say in words why they are not read (unpickling an upload can run code). Files
-over `max_upload_mb` are refused with their size. Every problem is one plain line naming the file.
+over the size limit (``max_mb``; default ``LOL_UPLOAD_MAX_MB``, else 2 GB) are refused with their size. Every problem is one plain line naming the file.
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
-from ..errors import LoLError
+from .errors import LoLError
 
-__all__ = ["UploadedLoRA", "UploadResult", "read_uploads", "staging_dir", "max_upload_mb", "limits_caption",
-           "ACCEPTED_TYPES", "PICKLE_SUFFIXES", "MAX_FILES"]
+__all__ = ["UploadedLoRA", "UploadResult", "read_uploads", "staging_dir", "default_max_mb", "PICKLE_SUFFIXES",
+           "MAX_FILES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-ACCEPTED_TYPES = ["safetensors", "json"] + [s[1:] for s in PICKLE_SUFFIXES]
 MAX_FILES = 64
 CHUNK = 16 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -51,26 +51,10 @@ class UploadResult:
     errors: list[str] = field(default_factory=list)
 
 
-def max_upload_mb() -> int:
-    """The largest file the page reads: ``LOL_UPLOAD_MAX_MB``, else streamlit's ``server.maxUploadSize``."""
+def default_max_mb() -> int:
+    """``LOL_UPLOAD_MAX_MB`` when set, else 2048 (2 GB: real SD-1.5 LoRAs at rank 128 and SDXL LoRAs fit)."""
     env = os.environ.get("LOL_UPLOAD_MAX_MB", "").strip()
-    if env.isdigit():
-        return int(env)
-    try:
-        import streamlit as st
-
-        return int(st.get_option("server.maxUploadSize"))
-    except (ImportError, RuntimeError, ValueError, TypeError):
-        return 2048
-
-
-def limits_caption() -> str:
-    mb = max_upload_mb()
-    size = f"{mb / 1024:g} GB" if mb >= 1024 else f"{mb} MB"
-    return (f"Up to {size} per file, {MAX_FILES} files at once. Read: .safetensors LoRAs (diffusers, kohya, PEFT); a "
-            f"PEFT adapter as adapter_model.safetensors + adapter_config.json. Pickled .bin / .pt / .ckpt files are "
-            f"not read: unpickling an uploaded file can run code (convert them to .safetensors first). The files are "
-            f"deleted from the server as soon as they are read.")
+    return int(env) if env.isdigit() else 2048
 
 
 @contextlib.contextmanager
@@ -108,13 +92,13 @@ def _fmt_mb(n: int) -> str:
     return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MB"
 
 
-def _stage(files: list, dest: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+def _stage(files: list, dest: Path, max_mb: int) -> tuple[list[tuple[str, Path]], list[str]]:
     """Write the readable uploads under ``dest``; ``[(display name, path)]`` plus one message per refused file."""
     errors: list[str] = []
     if len(files) > MAX_FILES:
         errors.append(f"{len(files)} files uploaded; at most {MAX_FILES} are read at once (the rest are ignored)")
         files = files[:MAX_FILES]
-    limit = max_upload_mb() << 20
+    limit = max_mb << 20
     names = [_safe_name(f.name) for f in files]
     peft_pair = "adapter_config.json" in names and "adapter_model.safetensors" in names
     folder = dest / "peft_adapter"
@@ -153,18 +137,18 @@ def _stage(files: list, dest: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return staged, errors
 
 
-def read_uploads(files: Iterable[UploadedFileLike], bases=None, want=None, require_base: bool = True
-                 ) -> UploadResult:
+def read_uploads(files: Iterable[UploadedFileLike], bases=None, want=None, require_base: bool = True,
+                 max_mb: int | None = None) -> UploadResult:
     """Stage, read (`lol.formats.read_lora`) and judge every upload on its own; the staging folder is gone when this
     returns. With ``bases`` (`lol.catalog.bases`), each LoRA is matched to the base it fits: one that fits none is an
     error naming the file (kept, with ``base=None``, when not ``require_base``); with ``want`` (the base the page
     is on), one for another known base is an error too."""
-    from ..catalog import judge
-    from ..formats import read_lora
+    from .catalog import judge
+    from .formats import read_lora
 
     result = UploadResult()
     with staging_dir() as dest:
-        staged, result.errors = _stage(list(files), dest)
+        staged, result.errors = _stage(list(files), dest, default_max_mb() if max_mb is None else max_mb)
         for name, path in staged:
             try:
                 lora = read_lora(path)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import app_support
-from lol.app import plots, results, upload
+from lol import uploads as upload
+from lol.app import plots, results
+from lol.app.upload import limits_caption
 from lol.app.sources import pack_loras
 from lol.formats import save_diffusers, save_peft
 
@@ -94,7 +96,7 @@ def test_upload_over_the_size_limit_is_explained(tmp_path, monkeypatch):
     big.size = 3 << 20
     res = upload.read_uploads([big])
     assert res.errors == ["big.safetensors: 3 MB is over this server's limit of 1 MB per file"]
-    assert "1 MB per file" in upload.limits_caption()
+    assert "1 MB per file" in limits_caption()
 
 
 def test_upload_limit_of_the_server_is_at_least_1_gb():

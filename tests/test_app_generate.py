@@ -24,7 +24,7 @@ def env(gen_root, monkeypatch):
 
 
 def test_generate_side_by_side_with_diffusers(gen_root):
-    from lol.app.generation import generate_side_by_side, parse_seeds
+    from lol.showcase import generate_side_by_side, parse_seeds
     from lol.collection import open_collection
     from lol.zoo.image_bases import load_sd_pipeline
 
@@ -45,7 +45,7 @@ def test_generate_side_by_side_with_diffusers(gen_root):
 
 
 def test_parse_seeds_errors():
-    from lol.app.generation import parse_seeds
+    from lol.showcase import parse_seeds
 
     assert parse_seeds("1 2,3") == [1, 2, 3]
     with pytest.raises(ValueError, match="'x'"):
@@ -89,7 +89,7 @@ def test_images_are_enlarged_sharp_and_the_grid_is_one_png():
 
     from PIL import Image
 
-    from lol.app.generation import difference, grid_png, sharp
+    from lol.showcase import difference, grid_png, sharp
 
     rng = np.random.default_rng(0)
     a = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))

@@ -108,7 +108,7 @@ def _shipped_lora(name):
 def test_pipeline_fp16_on_cuda_with_a_lora(shipped_image_bases):
     """The app's path on a GPU: the pipeline in fp16 on CUDA, a shipped LoRA loaded with diffusers'
     `load_lora_weights`; images are finite, not blank, and the LoRA changes them."""
-    from lol.app.generation import generate_side_by_side
+    from lol.showcase import generate_side_by_side
     from lol.zoo.image_bases import load_sd_pipeline
 
     pipe = load_sd_pipeline(shipped_image_bases["sd"], "cuda", dtype=torch.float16)

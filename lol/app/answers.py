@@ -87,7 +87,8 @@ def answers_for(ctx, base, named: list[tuple[str, object]], key: str) -> None:
 def upload_section(ctx) -> None:
     """Upload LoRA files on the Predict page: each file is judged on its own (the base it fits, or one line why
     not) and those that fit a base with trained models get predictions and nearest neighbours."""
-    from .upload import ACCEPTED_TYPES, limits_caption, read_uploads
+    from ..uploads import read_uploads
+    from .upload import ACCEPTED_TYPES, limits_caption, max_upload_mb
 
     files = st.file_uploader("LoRA files", type=ACCEPTED_TYPES, accept_multiple_files=True, key="pred_upload",
                              help=limits_caption())
@@ -97,7 +98,7 @@ def upload_section(ctx) -> None:
     sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files)
     cached = st.session_state.get("_lol_pred_upload")
     if cached is None or cached[0] != sig:
-        cached = (sig, read_uploads(files, cache.shipped_bases()))
+        cached = (sig, read_uploads(files, cache.shipped_bases(), max_mb=max_upload_mb()))
         st.session_state["_lol_pred_upload"] = cached
     res = cached[1]
     for e in res.errors:

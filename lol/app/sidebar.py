@@ -254,11 +254,12 @@ def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
 
 
 def _uploads(ctx: AppContext, sb) -> None:
-    """Uploaded files as a collection: read and judged one by one (`lol.app.upload.read_uploads`; the staging folder
+    """Uploaded files as a collection: read and judged one by one (`lol.uploads.read_uploads`; the staging folder
     is removed at once), then the largest group fitting one base is packed under the app cache
     (`lol.app.sources.pack_uploads`); the other files are named with the base they fit."""
     from .sources import pack_uploads
-    from .upload import ACCEPTED_TYPES, limits_caption, read_uploads
+    from ..uploads import read_uploads
+    from .upload import ACCEPTED_TYPES, limits_caption, max_upload_mb
 
     files = sb.file_uploader("LoRA files", type=ACCEPTED_TYPES, accept_multiple_files=True, key="sidebar_upload",
                              help=limits_caption())
@@ -283,7 +284,7 @@ def _uploads(ctx: AppContext, sb) -> None:
     if not state or state[0] != sig:
         import hashlib
 
-        res = read_uploads(files, cache.shipped_bases(), require_base=False)
+        res = read_uploads(files, cache.shipped_bases(), require_base=False, max_mb=max_upload_mb())
         dest = app_data.cache_root() / "uploads" / hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
         packed_path, errors, notes = pack_uploads(res.loras, dest)
         _prune(dest.parent, keep=16)

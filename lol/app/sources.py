@@ -81,7 +81,7 @@ def pack_loras(src, dest) -> tuple[Path, list[str]]:
 
 
 def pack_uploads(uploaded: list, dest) -> tuple[Path | None, list[str], list[str]]:
-    """Pack uploaded LoRAs (`lol.app.upload.UploadedLoRA`, judged against the shipped bases) into ``dest``.
+    """Pack uploaded LoRAs (`lol.uploads.UploadedLoRA`, judged against the shipped bases) into ``dest``.
 
     Each file is judged on its own: the largest group of files sharing one base (a shipped base first on a tie) is
     packed with `lol.packing.pack`, recording that base's model folders so Generate finds them; every other file
