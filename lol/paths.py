@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["REPO", "data_root", "collections_root", "checkpoints_root", "checkpoint_index_path", "checkpoint_index",
-           "atomic_dir", "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
+           "shipped_collections", "checkpoint_dirs", "results_dirs", "describe_base", "atomic_dir", "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
 
 REPO = Path(__file__).resolve().parent.parent
 TEMP_MARK = ".lol-tmp-"  # every temporary sibling's name holds it: `clean_stale_temp` removes only these
@@ -63,6 +63,46 @@ def checkpoint_index(index: Path | None = None) -> dict[str, Path]:
         if isinstance(rel, str):
             out[str(label)] = (idx.parent / rel).resolve()
     return out
+
+
+def shipped_collections(root: Path | None = None) -> dict[str, Path]:
+    """``{name: folder}`` of the packed collections under ``DATA/collections`` (faces, fashion, lm first)."""
+    base = collections_root(root)
+    if not base.is_dir():
+        return {}
+    found = {p.name: p for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
+             and any(p.iterdir())}
+    order = ["faces", "fashion", "lm"]
+    return dict(sorted(found.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+
+
+def checkpoint_dirs(root: Path | None = None) -> list[Path]:
+    """Every checkpoint folder under ``DATA/checkpoints`` (``config.json`` + ``model.safetensors``, as
+    `lol.checkpoint.save_checkpoint` writes), whether or not the index names it: the models one can compare."""
+    base = checkpoints_root(root)
+    if not base.is_dir():
+        return []
+    dirs = set(checkpoint_index(checkpoint_index_path(root)).values())
+    dirs |= {p.parent.resolve() for p in base.rglob("model.safetensors") if (p.parent / "config.json").is_file()}
+    return sorted(d for d in dirs if d.is_dir())
+
+
+def results_dirs(root: Path | None = None) -> list[Path]:
+    """Folders where the notebooks write their outputs (results tables and figures), existing ones only."""
+    cands = [(root or data_root()) / "results", REPO / "notebooks" / "outputs", REPO / "notebooks" / "results",
+             REPO / "results"]
+    return list(dict.fromkeys(c.resolve() for c in cands if c.is_dir()))
+
+
+def describe_base(base) -> str:
+    """A collection's base-model record for people: the zoo records ``{"sd": "base/sd", ...}`` as JSON."""
+    if not base:
+        return ""
+    try:
+        parsed = json.loads(base)
+    except (TypeError, ValueError):
+        return str(base)
+    return ", ".join(str(v) for v in parsed.values()) if isinstance(parsed, dict) else str(base)
 
 
 def temp_sibling(dest: Path, what: str = "tmp") -> Path:
