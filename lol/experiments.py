@@ -44,7 +44,7 @@ BASELINE = "mlp"
 # the paper's tasks of each default collection; a collection not listed runs all of its tasks
 DEFAULT_TASKS: dict[str, tuple[str, ...]] = {
     "faces": ("clip_score", "attributes"),
-    "fashion": ("membership",),
+    "fashion": ("membership", "dataset_size"),
     "lm": ("challenge_accuracy", "eval_loss", "membership"),
 }
 # the task-level score used to select models (higher is better), by label kind
@@ -94,10 +94,13 @@ def main_rows(coll) -> dict:
 
 def task_refs(collections: Mapping, tasks: Mapping[str, Sequence[str]] | None = None) -> list[TaskRef]:
     """The tasks to run: ``tasks[name]`` (default `DEFAULT_TASKS`, else every task) of each collection, each on
-    `main_rows`. Unknown task names raise, naming the collection's tasks."""
+    `main_rows`. Unknown task names given in ``tasks`` raise, naming the collection's tasks; a default task that a
+    collection lacks (e.g. ``dataset_size`` of a fashion collection built before it had that label) is left out."""
     out = []
     for name, coll in collections.items():
-        want = (tasks or {}).get(name) or DEFAULT_TASKS.get(name) or tuple(coll.tasks)
+        want = (tasks or {}).get(name)
+        if not want:
+            want = tuple(t for t in DEFAULT_TASKS.get(name, ()) if t in coll.tasks) or tuple(coll.tasks)
         bad = [t for t in want if t not in coll.tasks]
         if bad:
             raise LoLError(f"collection {name!r} ({coll.path}) has no task(s) {bad}; tasks: {list(coll.tasks)}")

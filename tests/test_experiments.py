@@ -179,6 +179,14 @@ def test_checkpoints_index_and_resume(coll, tmp_path, monkeypatch):
     np.testing.assert_allclose(pred, p.pred.to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_default_tasks_a_collection_lacks_are_left_out(mixed, monkeypatch):
+    first = list(mixed.tasks)[0]
+    monkeypatch.setitem(X.DEFAULT_TASKS, "mixed", (first, "dataset_size"))
+    assert [r.task for r in X.task_refs({"mixed": mixed})] == [first]
+    monkeypatch.setitem(X.DEFAULT_TASKS, "mixed", ("dataset_size",))   # none present: every task of the collection
+    assert [r.task for r in X.task_refs({"mixed": mixed})] == list(mixed.tasks)
+
+
 def test_task_selection_and_errors(coll, mixed):
     assert X.main_rows(coll) == {} and X.main_rows(mixed) == {"rank": 2}
     refs = X.task_refs({"mixed": mixed})
