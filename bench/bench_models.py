@@ -2,16 +2,23 @@
 machine's fp32 matmul rate measured in the same run (``python -m bench models``; options after ``--``).
 
 Setup: the 64 UNet ``to_q``/``to_v`` modules of SD 1.x (dims 320/640/1280, cross-attention ``to_v`` in = 768), random
-rank-4 factors, float32, inference (``torch.no_grad``), on CUDA when present else CPU. Each model runs in its own
-subprocess so its peak memory (CPU: process max RSS; CUDA: max allocated) is its own.
+rank-4 factors, float32, inference (``torch.no_grad``), on CUDA when present else CPU, at each thread count of
+``--threads`` (default 1 and 2 on a CPU). Each model runs in its own subprocess so its peak memory (CPU: process max
+RSS; CUDA: max allocated) is its own.
 
-GL-net is also stated against the FLOP ceiling: its first equivariant layer costs ``2·h·Σ(n+m)·r`` FLOP per LoRA
-(51 MFLOP at h = 64), so ``ceiling = matmul GFLOP/s / first-layer FLOP`` LoRAs/s. Goals (from the issue): GL-net
-≥ 35 % of that ceiling and ≥ 50× the dense-ΔW model. ``glnet`` has the paper's flat head (L·h² products into the MLP,
-whose first Linear alone costs 2·L·h²·width FLOP, 34 MFLOP at h = width = 64); ``glnet_sketch`` is the same network
-with the invariant sketch head (``head_channels``, default 16: L·s² products). ``glnet_loop`` is GL-net with its first
-layer run as a naive loop over modules and its head on the materialized products, for reference; its outputs are
-checked to match.
+FLOP ceiling. Models that count their FLOP (``flops_per_lora``: GL-net, its sketch-head variant, colsketch) are stated
+against the ceiling of their **whole** forward pass — every matmul of every layer and the head, exactly as
+`torch.utils.flop_counter.FlopCounterMode` counts them (checked in the tests), plus the small elementwise work —
+``ceiling = matmul GFLOP/s of this run at this thread count / whole-pass FLOP per LoRA``. At h = width = 64 GL-net's
+whole pass is ~91 MFLOP per LoRA: 51 in the first equivariant layer (2·h·Σ(n+m)·r), 34 in the flat head's first
+Linear (2·L·h²·width), 4 in the hidden layer, 2 in the products. Goals (issue 10): GL-net ≥ 2,000 LoRAs/s on 2 threads
+and ≥ 55 % of its whole-pass ceiling; colsketch at least GL-net's throughput. ``glnet_sketch`` is GL-net with the
+invariant sketch head (``head_channels``, default 16: L·s² products, ~59 MFLOP per LoRA); ``glnet_loop`` is GL-net with
+its first layer run as a naive loop over modules and its head on the materialized products, for reference (its
+outputs are checked to match).
+
+Outputs: a table per thread count, and ``bench_models.csv`` / ``bench_models.md`` in ``--out`` (default ``results/``
+on a CPU, ``results/gpu/`` on CUDA; ``--out ''`` writes nothing).
 """
 from __future__ import annotations
 
@@ -34,9 +41,9 @@ def kinds() -> tuple[str, ...]:
     return (*MODELS, *VARIANTS)
 
 
-def _spec():
-    from lol.synth import sd15_unet_qv_spec
-    return sd15_unet_qv_spec()
+def _spec(name: str = "sd15"):
+    from lol.synth import spec_by_name
+    return spec_by_name(name)
 
 
 def _batch(spec, n, rank, seed, device):
@@ -89,7 +96,7 @@ def child(args) -> dict:
     import torch
     from lol.models import build_model
     device = torch.device(args.device)
-    spec = _spec()
+    spec = _spec(args.spec)
     kind = "glnet" if args.kind.startswith("glnet") else args.kind
     hp = {"width": args.width}
     if kind in WIDE:
@@ -124,17 +131,96 @@ def child(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     best = min(times)
-    out = {"kind": args.kind, "batch": n, "loras_per_s": n / best, "ms_per_batch": best * 1e3,
-           "peak_mem_mb": peak / 2**20, "weights_mb": params / 2**20, "hparams": model.config()}
+    out = {"kind": args.kind, "threads": torch.get_num_threads(), "batch": n, "loras_per_s": n / best,
+           "ms_per_batch": best * 1e3, "peak_mem_mb": peak / 2**20, "weights_mb": params / 2**20,
+           "hparams": model.config()}
+    if hasattr(model, "flops_per_lora"):
+        f = model.flops_per_lora(args.rank, batch=n) if kind == "colsketch" else model.flops_per_lora(args.rank)
+        out["flop_per_lora"] = float(f["total"])
+        out["matmul_flop_per_lora"] = float(f["matmul"])
     if kind == "glnet":
         out["first_layer_flop_per_lora"] = model.input.flops_per_lora(spec, args.rank)
     return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| model | threads | batch | LoRAs/s | ms/batch | whole-pass MFLOP/LoRA | matmul GFLOP/s | ceiling LoRAs/s "
+             "| % of ceiling | peak mem MB | weights MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        fl = x.get("flop_per_lora")
+        lines.append(f"| {x['kind']} | {x['threads']} | {x['batch']} | {x['loras_per_s']:.1f} | {x['ms_per_batch']:.1f} "
+                     f"| {fl / 1e6:.1f} | {x['matmul_gflops']:.1f} | {x['ceiling']:.0f} | {x['pct_of_ceiling']:.0f} %"
+                     if fl else
+                     f"| {x['kind']} | {x['threads']} | {x['batch']} | {x['loras_per_s']:.1f} | {x['ms_per_batch']:.1f} "
+                     f"| | {x['matmul_gflops']:.1f} | | ")
+        lines[-1] += f" | {x['peak_mem_mb']:.0f} | {x['weights_mb']:.1f} |"
+    return lines
+
+
+def _goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, checked on this run's rows (GL-net = the paper's flat-head ``glnet``)."""
+    out = []
+    by = {(x["kind"], x["threads"]): x for x in rows}
+    for t in sorted({x["threads"] for x in rows}):
+        g, c = by.get(("glnet", t)), by.get(("colsketch", t))
+        if g:
+            if t == 2:
+                out.append(f"- glnet, 2 threads: {g['loras_per_s']:.0f} LoRAs/s (goal ≥ 2,000: "
+                           f"{'met' if g['loras_per_s'] >= 2000 else 'not met'}); whole-pass ceiling "
+                           f"{g['ceiling']:.0f} LoRAs/s, so 2,000 would be {200000 / g['ceiling']:.0f} % of it")
+            out.append(f"- glnet, {t} thread{'s' if t > 1 else ''}: {g['pct_of_ceiling']:.0f} % of the whole-pass "
+                       f"ceiling (goal ≥ 55 %: {'met' if g['pct_of_ceiling'] >= 55 else 'not met'})")
+        if g and c:
+            out.append(f"- colsketch / glnet, {t} thread{'s' if t > 1 else ''}: "
+                       f"{c['loras_per_s'] / g['loras_per_s']:.2f}× (goal ≥ 1: "
+                       f"{'met' if c['loras_per_s'] >= g['loras_per_s'] else 'not met'})")
+        s = by.get(("glnet_sketch", t))
+        if s:
+            out.append(f"- glnet_sketch, {t} thread{'s' if t > 1 else ''}: {s['loras_per_s']:.0f} LoRAs/s, "
+                       f"{s['pct_of_ceiling']:.0f} % of its whole-pass ceiling ({s['ceiling']:.0f} LoRAs/s)")
+    return out
+
+
+def write_results(out_dir, rows: list[dict], meta: dict) -> None:
+    """``bench_models.csv`` (one row per model and thread count) and ``bench_models.md`` (the table, the goals)."""
+    import csv
+    from pathlib import Path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["kind", "threads", "batch", "loras_per_s", "ms_per_batch", "flop_per_lora", "matmul_flop_per_lora",
+            "matmul_gflops", "ceiling", "pct_of_ceiling", "peak_mem_mb", "weights_mb", "hparams"]
+    with open(out / "bench_models.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols, extrasaction="ignore")
+        w.writeheader()
+        for x in rows:
+            w.writerow({**x, "hparams": json.dumps(x.get("hparams", {}), sort_keys=True)})
+    md = [f"# LoL model throughput on SD-1.x q/v shapes ({meta['spec']}: {meta['modules']} modules, rank "
+          f"{meta['rank']}, fp32, inference)", "",
+          f"Machine: {meta['machine']}; torch {meta['torch']}; device {meta['device']}. Command: `{meta['command']}`.",
+          "", "Whole-pass FLOP per LoRA: every matmul of every layer and the head (2 per multiply-add, as "
+          "`torch.utils.flop_counter.FlopCounterMode` counts them) plus the small elementwise work, from each model's "
+          "`flops_per_lora`; ceiling = this run's fp32 matmul rate (2048² GEMM) at that thread count / that FLOP. "
+          "Models without a FLOP count (featurizer-based MLPs) show throughput only.", "", *_table(rows), "",
+          "## Goals (issue 10)", "", *_goals(rows), ""]
+    (out / "bench_models.md").write_text("\n".join(md))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench models")
     p.add_argument("--kinds", default=",".join(kinds()))
     p.add_argument("--device", default=None)
+    p.add_argument("--spec", default="sd15", help="module spec (lol.synth.SPECS; default sd15: SD-1.x q/v)")
     p.add_argument("--batch", type=int, default=64, help="LoRAs per forward pass")
     p.add_argument("--dense-batch", type=int, default=4,
                    help="LoRAs per pass for the dense and colspace models (187 MB of features each)")
@@ -146,9 +232,11 @@ def main(argv=None):
     p.add_argument("--head-channels", type=int, default=16, help="sketch width s of glnet_sketch")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per model")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the matmul ceiling and every model (default: torch's choice); "
-                        "1 is steadier on a shared machine, where a parallel op waits for a busy core")
+    p.add_argument("--threads", default=None,
+                   help="torch intra-op thread counts, comma-separated, each a full pass over the models with its "
+                        "own matmul ceiling (default: 1,2 on a CPU, torch's choice on CUDA)")
+    p.add_argument("--out", default=None, help="folder for bench_models.csv/.md (default results/, or results/gpu/ "
+                                               "on CUDA; '' writes nothing)")
     p.add_argument("--child", dest="kind", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -156,45 +244,61 @@ def main(argv=None):
     from lol.devices import default_device
 
     args.device = default_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.kind:
+        if args.threads:
+            torch.set_num_threads(int(args.threads))
         print(json.dumps(child(args)))
         return 0
 
-    spec = _spec()
-    gflops = matmul_gflops(args.device)
-    print(f"device {args.device} ({torch.get_num_threads()} threads); SD-1.x q/v spec: {len(spec)} modules, "
-          f"Σ(n+m) = {spec.total_out_plus_in}, Σ n·m = {spec.total_dense}; rank {args.rank}")
-    print(f"fp32 matmul (2048²): {gflops:.1f} GFLOP/s")
+    cuda = str(args.device).startswith("cuda")
+    threads = ([int(t) for t in str(args.threads).split(",")] if args.threads else
+               [torch.get_num_threads()] if cuda else [1, min(2, os.cpu_count() or 1)])
+    threads = list(dict.fromkeys(threads))
+    spec = _spec(args.spec)
+    print(f"device {args.device}; spec {args.spec}: {len(spec)} modules, Σ(n+m) = {spec.total_out_plus_in}, "
+          f"Σ n·m = {spec.total_dense}; rank {args.rank}; threads {threads}")
     rows = []
-    passthrough = ["--device", args.device, "--batch", str(args.batch), "--dense-batch", str(args.dense_batch),
-                   "--dense-width", str(args.dense_width), "--width", str(args.width), "--channels",
-                   str(args.channels), "--depth", str(args.depth), "--head-channels", str(args.head_channels),
-                   "--rank", str(args.rank), "--threads", str(torch.get_num_threads()), "--seconds",
-                   str(args.seconds)]
-    for kind in args.kinds.split(","):
-        r = subprocess.run([sys.executable, "-m", "bench.bench_models", *passthrough, "--child", kind],
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if r.returncode != 0:
-            print(f"{kind:18s} FAILED: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        x = rows[-1]
-        print(f"{kind:18s} {x['loras_per_s']:10.1f} LoRAs/s  batch {x['batch']:3d}  {x['ms_per_batch']:9.1f} ms/batch"
-              f"  peak mem {x['peak_mem_mb']:8.0f} MB  weights {x['weights_mb']:7.1f} MB", flush=True)
-    by = {x["kind"]: x for x in rows}
-    for name in ("glnet", "glnet_sketch"):
-        if name not in by:
-            continue
-        g = by[name]
-        ceiling = gflops * 1e9 / g["first_layer_flop_per_lora"]
-        print(f"{name}: first layer {g['first_layer_flop_per_lora'] / 1e6:.1f} MFLOP/LoRA → ceiling {ceiling:.0f} "
-              f"LoRAs/s; reaches {g['loras_per_s']:.0f} = {100 * g['loras_per_s'] / ceiling:.0f}% of it (goal ≥ 35%)")
-        if "dense" in by:
-            print(f"{name} / dense-ΔW model: {g['loras_per_s'] / by['dense']['loras_per_s']:.0f}× (goal ≥ 50×)")
-    if "glnet" in by and "glnet_loop" in by:
-        print(f"glnet / per-module loop: {by['glnet']['loras_per_s'] / by['glnet_loop']['loras_per_s']:.2f}×")
+    for nt in threads:
+        torch.set_num_threads(nt)
+        gflops = matmul_gflops(args.device)
+        print(f"\n-- {nt} thread{'s' if nt > 1 else ''}: fp32 matmul (2048²) {gflops:.1f} GFLOP/s")
+        passthrough = ["--device", args.device, "--spec", args.spec, "--batch", str(args.batch), "--dense-batch",
+                       str(args.dense_batch), "--dense-width", str(args.dense_width), "--width", str(args.width),
+                       "--channels", str(args.channels), "--depth", str(args.depth), "--head-channels",
+                       str(args.head_channels), "--rank", str(args.rank), "--threads", str(nt), "--seconds",
+                       str(args.seconds)]
+        for kind in args.kinds.split(","):
+            r = subprocess.run([sys.executable, "-m", "bench.bench_models", *passthrough, "--child", kind],
+                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if r.returncode != 0:
+                print(f"{kind:18s} FAILED: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            x = json.loads(r.stdout.strip().splitlines()[-1])
+            x["matmul_gflops"] = gflops
+            if x.get("flop_per_lora"):
+                x["ceiling"] = gflops * 1e9 / x["flop_per_lora"]
+                x["pct_of_ceiling"] = 100 * x["loras_per_s"] / x["ceiling"]
+            rows.append(x)
+            extra = (f"  {x['flop_per_lora'] / 1e6:6.1f} MFLOP/LoRA → {x['pct_of_ceiling']:3.0f}% of ceiling "
+                     f"{x['ceiling']:.0f}/s" if x.get("flop_per_lora") else "")
+            print(f"{kind:18s} {x['loras_per_s']:10.1f} LoRAs/s  batch {x['batch']:3d}  {x['ms_per_batch']:9.1f} "
+                  f"ms/batch  peak mem {x['peak_mem_mb']:8.0f} MB  weights {x['weights_mb']:7.1f} MB{extra}",
+                  flush=True)
+        by = {x["kind"]: x for x in rows if x["threads"] == nt}
+        if "glnet" in by and "dense" in by:
+            print(f"glnet / dense-ΔW model: {by['glnet']['loras_per_s'] / by['dense']['loras_per_s']:.0f}×")
+        if "glnet" in by and "glnet_loop" in by:
+            print(f"glnet / per-module loop: {by['glnet']['loras_per_s'] / by['glnet_loop']['loras_per_s']:.2f}×")
+    print("")
+    for line in _goals(rows):
+        print(line)
+    out = args.out if args.out is not None else ("results/gpu" if cuda else "results")
+    if out and rows:
+        meta = {"spec": args.spec, "modules": len(spec), "rank": args.rank, "device": str(args.device),
+                "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+                "command": "python -m bench models -- " + " ".join(argv if argv is not None else sys.argv[1:])}
+        write_results(out, rows, meta)
+        print(f"wrote {out}/bench_models.csv, {out}/bench_models.md")
     return 0
 
 

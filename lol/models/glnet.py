@@ -218,11 +218,11 @@ class InvariantHead(nn.Module):
         if step == 1:
             grad = torch.is_grad_enabled() and any(t.requires_grad for t in (HU, HV, lin.weight, lin.bias))
             scale = self.scale.tolist()
-            y = lin.bias.expand(B, -1).clone()
+            y = lin.bias
             P = None if grad else HU.new_empty(B, h, h2)
             for ell in range(L):
                 P = torch.bmm(HU[ell].mT, HV[ell]) if grad else torch.bmm(HU[ell].mT, HV[ell], out=P)
-                y = y.addmm_(P.view(B, -1), W[:, ell].mT, alpha=scale[ell])
+                y = torch.addmm(y, P.view(B, -1), W[:, ell].mT, alpha=scale[ell])
             return y
         s = self.scale.to(HU.dtype)
         y = lin.bias
@@ -320,3 +320,27 @@ class GLNet(LoLModel):
         for layer in rest:
             y = layer(y)
         return y
+
+    def flops_per_lora(self, rank: int) -> dict[str, int]:
+        """FLOP of the forward pass for one LoRA of rank ``rank`` (every module at that rank), layer by layer, from the
+        config: 2 per multiply-add of every matmul (what `torch.utils.flop_counter.FlopCounterMode` counts — the
+        ``matmul`` entry — checked in the tests), plus the elementwise work (gates, mean pooling, LayerNorm, ReLU) at
+        one per operation and element (``elementwise``, approximate and under 1 % here). ``total`` is the sum."""
+        L, h, r, w = len(self.spec), self.channels, int(rank), self.width
+        s = self.head_channels or h
+        mm = {"input": 2 * h * self.spec.total_out_plus_in * r,
+              "hidden": (self.depth - 1) * 2 * 2 * L * r * h * h,
+              "sketch": 0 if self.sketch is None else 2 * 2 * L * r * h * s}
+        ew = {"gate": (self.depth - 1) * 2 * 4 * L * r * h,                # row sums, z, mask, gating: both sides
+              "trunk_norm_relu": 8 * w}
+        if self.pool == "flat":
+            mm["head_products"] = 2 * L * r * s * s
+            mm["trunk_linear"] = 2 * L * s * s * w
+        else:
+            ew["head_products"] = L * (2 * r * s + 2 * r)
+            mm["trunk_linear"] = 2 * L * w
+        mm["head"] = 2 * w * self.n_outputs
+        out = {**mm, **ew}
+        out["matmul"], out["elementwise"] = sum(mm.values()), sum(ew.values())
+        out["total"] = out["matmul"] + out["elementwise"]
+        return out

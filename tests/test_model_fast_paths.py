@@ -1,0 +1,188 @@
+"""The fast inference paths of GL-net and colsketch (`lol.models.glnet`, `lol.models.colsketch`) against plain reference
+loops written from the papers' formulas, the autograd (training) paths, and their FLOP counts against
+`torch.utils.flop_counter.FlopCounterMode`. Speed itself is measured by ``python -m bench models``, never asserted."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers_models import random_batch
+from lol.batch import LoRABatch
+from lol.features import column_basis, keep_components
+from lol.models import build_model
+from lol.models.colsketch import cholesky_bases
+from lol.synth import tiny_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make(kind, batch, **hp):
+    torch.manual_seed(0)
+    hp = {"width": 16, **({"channels": 5} if kind == "glnet" else {"channels": 6}), **hp}
+    m = build_model(kind, batch.spec, 3, **hp).to(batch.dtype)
+    with torch.no_grad():
+        m.fit(batch)
+        for p in m.parameters():          # non-trivial LayerNorm affines and biases
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+# -- GL-net -----------------------------------------------------------------------------------------------------
+
+def glnet_reference(m, batch):
+    """GL-net as a loop over modules on (h × r) factors, every formula spelled out (paper §2)."""
+    inp = m.input
+    phi = {ell: inp.phi[g][k] for g, (_, idx) in enumerate(inp.u_groups) for k, ell in enumerate(idx)}
+    psi = {ell: inp.psi[g][k] for g, (_, idx) in enumerate(inp.v_groups) for k, ell in enumerate(idx)}
+
+    def gate(z):
+        if m.gate.gate == "hard":
+            return (z > 0).to(z.dtype)
+        return torch.sigmoid(z / torch.sqrt((z * z).mean(-1, keepdim=True) + 1e-30))
+
+    feats = []
+    for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
+        A, C = phi[ell] @ U, psi[ell] @ V                                   # (B, h, r)
+        for layer in m.hidden:
+            zu = (A @ C.sum(1, keepdim=True).mT)[..., 0]                    # U (Vᵀ 1): (B, h)
+            zv = (C @ A.sum(1, keepdim=True).mT)[..., 0]
+            A, C = gate(zu)[..., None] * A, gate(zv)[..., None] * C
+            A, C = layer.wu[ell] @ A, layer.wv[ell] @ C
+        if m.sketch is not None:
+            A, C = m.sketch.wu[ell] @ A, m.sketch.wv[ell] @ C
+        P = m.inv.scale[ell] * A @ C.mT                                      # (B, h, h')
+        feats.append(P.flatten(1) if m.pool == "flat" else P.mean((1, 2))[:, None])
+    return m.head(m.trunk(torch.cat(feats, 1)))
+
+
+GLNET_CONFIGS = [{}, {"depth": 1}, {"depth": 3, "gate": "sigmoid"}, {"pool": "mean"}, {"head_channels": 3},
+                 {"head_channels": 4, "depth": 3, "gate": "sigmoid"}]
+
+
+@pytest.mark.parametrize("hp", GLNET_CONFIGS)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_glnet_fast_and_autograd_paths_equal_the_reference_loop(hp, mixed):
+    b = random_batch(7, rank=3, seed=11, mixed=mixed)
+    m = make("glnet", b, **hp)
+    with torch.no_grad():
+        want = glnet_reference(m, b)
+        fast = m(b)                                      # no autograd: GEMMs into slots, in-place gate, P buffer
+    torch.testing.assert_close(fast, want, atol=1e-12, rtol=1e-10)
+    slow = m(b)                                          # autograd: grouped bmm, out-of-place gate and head
+    torch.testing.assert_close(slow.detach(), want, atol=1e-12, rtol=1e-10)
+    slow.square().sum().backward()
+    assert all(p.grad is not None for p in m.input.phi)
+
+
+def test_glnet_fast_path_in_float32_matches_float64():
+    b = random_batch(64, rank=4, seed=12)
+    m = make("glnet", b, channels=8, head_channels=None)
+    m32 = make("glnet", b.to(dtype=torch.float32), channels=8)
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    with torch.no_grad():
+        want, got = m(b), m32(b.to(dtype=torch.float32))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+# -- colsketch --------------------------------------------------------------------------------------------------
+
+def colsketch_reference(m, batch):
+    """colsketch from `column_basis` (Householder QR + r×r SVD per LoRA), per module G = (ΦQ)(ΦQ)ᵀ/n, upper triangle,
+    LayerNorm, MLP, head: the model as it was before the Cholesky route."""
+    k, out = int(m.features.rank), []
+    for (o, _), U, V, phi in zip(batch.spec.shapes, batch.U, batch.V, m.phi):
+        Q = keep_components(column_basis(U, V), k)
+        Y = phi @ Q
+        out.append(((Y @ Y.mT) / o).flatten(1)[:, m.triu])
+    return m.head(m.trunk(m.norm(torch.cat(out, 1))))
+
+
+def degenerate_batch(dtype):
+    """LoRAs the Cholesky route must hand to column_basis: a rank-deficient V (ΔW of rank 2 at r = 3), an
+    ill-conditioned U (cond ~1e5), a module with a singular value below column_basis's cut; plus generic ones."""
+    b = random_batch(6, rank=3, seed=13, dtype=dtype)
+    U = [u.clone() for u in b.U]
+    V = [v.clone() for v in b.V]
+    V[0][1, :, 2] = V[0][1, :, 0]                                            # rank-deficient V
+    U[1][2, :, 2] = U[1][2, :, 0] + 1e-5 * U[1][2, :, 2]                     # ill-conditioned U
+    V[2][3, :, 2] *= 1e-6 if dtype == torch.float32 else 1e-12               # a cut singular value
+    return b.with_factors(U, V)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_colsketch_paths_equal_the_column_basis_reference(dtype):
+    train = random_batch(8, rank=3, seed=14, dtype=dtype)
+    m = make("colsketch", train)
+    tol = {"atol": 1e-10, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    for b in (random_batch(9, rank=3, seed=15, dtype=dtype),
+              random_batch(9, rank=3, seed=16, dtype=dtype, mixed=True),        # zero-padded ranks → column_basis
+              random_batch(5, rank=5, seed=17, dtype=dtype),                    # r > k: top-k truncation
+              random_batch(5, rank=2, seed=18, dtype=dtype),                    # r < k: zero rows
+              degenerate_batch(dtype)):
+        with torch.no_grad():
+            want = colsketch_reference(m, b)
+            fused = m(b)                                         # Cholesky route, streamed LayerNorm + Linear
+            feats = m.forward_features(m.featurize(b))           # training features (Qᵀ), same streamed head
+        torch.testing.assert_close(fused, want, **tol)
+        torch.testing.assert_close(feats, want, **tol)
+        plain = m.forward_features(m.featurize(b))               # autograd: materialized triangles, nn.LayerNorm
+        torch.testing.assert_close(plain.detach(), want, **tol)
+
+
+def test_cholesky_route_is_taken_on_generic_loras_and_refused_on_degenerate_ones():
+    def oks(b):
+        Uts = [u.mT.contiguous() for u in b.U]
+        GU = [(u.double() @ u.double().mT) for u in Uts]
+        GV = [v.mT @ v for v in b.V]
+        return [ok for _, ok in cholesky_bases(GU, GV, list(b.spec.shapes), 3, b.dtype)]
+
+    for dtype in (torch.float64, torch.float32):
+        assert all(bool(ok.all()) for ok in oks(random_batch(8, rank=3, seed=19, dtype=dtype)))
+        ok = oks(degenerate_batch(dtype))
+        assert not ok[0][1] and not ok[1][2] and not ok[2][3]
+        assert ok[3].all() and ok[0][0] and ok[1][0] and ok[2][0]
+
+
+def test_colsketch_training_gradients_flow_through_the_plain_path():
+    b = random_batch(6, rank=3, seed=20)
+    m = make("colsketch", b).train()
+    x = m.featurize(b)
+    m.forward_features(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.phi)
+    assert m.norm.weight.grad.abs().sum() > 0
+
+
+# -- FLOP counts ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,hp", [("glnet", {}), ("glnet", {"head_channels": 3}), ("glnet", {"depth": 1}),
+                                     ("glnet", {"depth": 3, "pool": "mean"}), ("colsketch", {})])
+def test_flops_per_lora_counts_every_matmul_of_the_forward_pass(kind, hp):
+    spec = tiny_spec()
+    g = torch.Generator().manual_seed(21)
+    B, r = 5, 4
+
+    def batch():
+        return LoRABatch(spec, [torch.randn(B, o, r, generator=g) for o, _ in spec.shapes],
+                         [torch.randn(B, i, r, generator=g) for _, i in spec.shapes], torch.full((B, len(spec)), r))
+
+    m = make(kind, batch(), **hp)
+    x = batch()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(x)
+    f = m.flops_per_lora(r, batch=B) if kind == "colsketch" else m.flops_per_lora(r)
+    assert math.isclose(fc.get_total_flops() / B, f["matmul"], rel_tol=1e-9), (fc.get_total_flops() / B, f)
+    assert f["total"] == f["matmul"] + f["elementwise"]
+    if kind == "glnet":
+        assert f["input"] == m.input.flops_per_lora(spec, r)
+
+
+def test_glnet_whole_pass_flops_at_sd15_shapes():
+    """The bench's GL-net (h = width = 64, depth 2, flat head) on SD-1.x q/v: ~91 MFLOP per LoRA, of which 51 in
+    the first layer and 34 in the head's first Linear."""
+    from lol.synth import sd15_unet_qv_spec
+    spec = sd15_unet_qv_spec()
+    m = build_model("glnet", spec, 1, width=64, channels=64, depth=2)
+    f = m.flops_per_lora(4)
+    assert f["input"] == 2 * 64 * 99648 * 4 and f["trunk_linear"] == 2 * 64 * 64 * 64 * 64
+    assert 90e6 < f["total"] < 92e6 and f["elementwise"] < 0.01 * f["total"]
