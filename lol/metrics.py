@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 __all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "roc_curve", "tpr_at_fpr",
-           "regression_metrics", "binary_metrics", "category_metrics"]
+           "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "confusion"]
 
 
 def _pair(y, p):
@@ -105,3 +105,24 @@ def binary_metrics(y, prob) -> dict[str, float]:
 
 def category_metrics(y, pred) -> dict[str, float]:
     return {"accuracy": accuracy(y, pred), "balanced_accuracy": balanced_accuracy(y, pred)}
+
+
+def membership_rows(truth: dict, prob: dict) -> list[dict]:
+    """Per membership label (``{label: 0/1 truth}``, ``{label: probability}``) and for all labels pooled: AUC, TPR at
+    1% and 0.1% FPR, positives and negatives; the pooled row first."""
+    def row(name, y, p):
+        y, p = np.asarray(y, float), np.asarray(p, float)
+        return {"label": name, "AUC": auc(y, p), "TPR @ 1% FPR": tpr_at_fpr(y, p, 0.01),
+                "TPR @ 0.1% FPR": tpr_at_fpr(y, p, 0.001), "positives": int(np.nansum(y)),
+                "negatives": int(np.sum(y == 0))}
+
+    pooled = row("all labels pooled", np.concatenate([truth[k] for k in truth]),
+                 np.concatenate([prob[k] for k in truth]))
+    return [pooled] + [row(k, truth[k], prob[k]) for k in truth]
+
+
+def confusion(y, prob, threshold: float = 0.5) -> dict[str, int]:
+    """True/false positives/negatives of ``prob >= threshold`` against the 0/1 truth ``y``."""
+    y, pred = np.asarray(y, float), np.asarray(prob, float) >= threshold
+    return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
+            "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}

@@ -3,8 +3,6 @@ LoRA. The note at the bottom shows why: raw factors move under a GL transform, i
 import streamlit as st
 
 from lol.app import cache, nav, plots, preds, views
-from lol.app.errors import plain
-from lol.errors import LoLError
 from lol.app.sidebar import render
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
@@ -25,40 +23,35 @@ if ctx.require_collection():
     kind = sources[src]
     ckpt = ctx.model.path if kind == "model" else None
     xy = cache.shipped_map(ctx.path, ctx.key, kind, ckpt, n_neighbors, min_dist)  # `lol zoo precompute` wrote it
-    if xy is None:
-        try:
-            feats = preds.embeddings(ctx) if kind == "model" else cache.invariant_features(ctx.path, ctx.key, kind)
-            xy = cache.umap_xy(feats, f"{coll.fingerprint}:{kind}:{ckpt or ''}", n_neighbors, min_dist)
-        except LoLError as e:  # e.g. a model trained for another base model
-            st.error(f"Could not compute the embedding: {plain(e)}")
-
-    if xy is not None:
-        color_df = df.copy()
-        p = preds.predictions_or_none(ctx)
-        if p is not None:
-            color_df = color_df.merge(p.drop(columns=[c for c in p.columns if c in color_df.columns and c != "id"]),
-                                      on="id", how="left")
-        options = ["(none)"] + [c for c in color_df.columns if c != "id" and color_df[c].nunique(dropna=True) > 1]
-        default = next((c for c in views.label_columns(coll, df) if c in options), "(none)")
-        color = st.selectbox("Colour by (label, attribute, hyperparameter, prediction or error)", options,
-                             index=options.index(default), key="emb_color")
-        hover = [c for c in ("group", "split") if c in color_df.columns]
-        picked = nav.take_selection("emb_map")  # a box or click here rings the LoRAs on every page's charts
-        fig = plots.embedding_scatter(xy, color_df, None if color == "(none)" else color, hover=hover,
-                                      title=f"UMAP · {src.split(' (')[0]} · {len(df)} LoRAs",
-                                      highlight=nav.highlighted())
-        st.plotly_chart(fig, width="stretch", key="emb_map", on_select="rerun",
-                        selection_mode=("points", "box", "lasso"))
-        if picked:
-            st.markdown(f"**Selected:** {', '.join(picked[:10])}{' …' if len(picked) > 10 else ''}")
-            st.markdown(views.lora_row_markdown(color_df, picked[0]))
-            b1, b2 = st.columns(2)
-            if b1.button("Open detail view", key="emb_open", icon=":material/table_view:"):
-                nav.open_lora(picked[0], "collection.py")
-            if b2.button("Generate with it", key="emb_gen", icon=":material/image:"):
-                nav.open_lora(picked[0], "generate.py")
-        else:
-            st.caption("Click a point (or draw a box) to select a LoRA; hover shows its id and labels.")
+    if xy is None:  # computed once (with a spinner), then kept on disk
+        feats = preds.embeddings(ctx) if kind == "model" else cache.invariant_features(ctx.path, ctx.key, kind)
+        xy = cache.umap_xy(feats, f"{coll.fingerprint}:{kind}:{ckpt or ''}", n_neighbors, min_dist)
+    color_df = df.copy()
+    p = preds.predictions_or_none(ctx)
+    if p is not None:
+        color_df = color_df.merge(p.drop(columns=[c for c in p.columns if c in color_df.columns and c != "id"]),
+                                  on="id", how="left")
+    options = ["(none)"] + [c for c in color_df.columns if c != "id" and color_df[c].nunique(dropna=True) > 1]
+    default = next((c for c in views.label_columns(coll, df) if c in options), "(none)")
+    color = st.selectbox("Colour by (label, attribute, hyperparameter, prediction or error)", options,
+                         index=options.index(default), key="emb_color")
+    hover = [c for c in ("group", "split") if c in color_df.columns]
+    picked = nav.take_selection("emb_map")  # a box or click here rings the LoRAs on every page's charts
+    fig = plots.embedding_scatter(xy, color_df, None if color == "(none)" else color, hover=hover,
+                                  title=f"UMAP · {src.split(' (')[0]} · {len(df)} LoRAs",
+                                  highlight=nav.highlighted())
+    st.plotly_chart(fig, width="stretch", key="emb_map", on_select="rerun",
+                    selection_mode=("points", "box", "lasso"))
+    if picked:
+        st.markdown(f"**Selected:** {', '.join(picked[:10])}{' …' if len(picked) > 10 else ''}")
+        st.markdown(views.lora_row_markdown(color_df, picked[0]))
+        b1, b2 = st.columns(2)
+        if b1.button("Open detail view", key="emb_open", icon=":material/table_view:"):
+            nav.open_lora(picked[0], "collection.py")
+        if b2.button("Generate with it", key="emb_gen", icon=":material/image:"):
+            nav.open_lora(picked[0], "generate.py")
+    else:
+        st.caption("Click a point (or draw a box) to select a LoRA; hover shows its id and labels.")
 
     with st.expander("Why invariant features? The GL(r) check", expanded=False):
         st.markdown("Each LoRA module can be rewritten as (UR, VR⁻ᵀ) for any invertible R without changing ΔW = UVᵀ. "

@@ -63,29 +63,6 @@ def _is_upload(ctx) -> bool:
 
 # ------------------------------------------------------------------------------------------------ predictions
 
-def _normalise(raw: pd.DataFrame, ids: list[str], labels: list[str]) -> pd.DataFrame:
-    df = raw.reset_index(drop=("id" in raw.columns or raw.index.name != "id"))
-    if "id" not in df.columns:
-        if len(df) != len(ids):
-            raise ValueError(f"predictions have {len(df)} rows for {len(ids)} LoRAs")
-        df.insert(0, "id", ids)
-    df["id"] = df["id"].astype(str)
-    keep = {"id": "id"}
-    for c in df.columns:
-        if c == "id":
-            continue
-        base = c
-        for suffix in (PRED, "_pred", ":pred", " pred"):
-            if str(c).endswith(suffix):
-                base = str(c)[: -len(suffix)]
-        for prefix in ("pred_", "pred:", "predicted_"):
-            if str(c).startswith(prefix):
-                base = str(c)[len(prefix):]
-        if not labels or base in labels:
-            keep[c] = f"{base}{PRED}"
-    return df[list(keep)].rename(columns=keep)
-
-
 def model_split(ckpt_path: str, coll) -> tuple[np.ndarray | None, str]:
     """The split (train/val/test, "" for rows the model did not use) of every LoRA of ``coll`` when the checkpoint
     was trained, and a note: the LoRA ids recorded in the checkpoint (`lol.checkpoint.Checkpoint.split_of`), never
@@ -102,16 +79,12 @@ def model_split(ckpt_path: str, coll) -> tuple[np.ndarray | None, str]:
     return split, f"the split recorded with the model: {rec.get('how') or 'its train/val/test LoRA ids'}"
 
 
-def prediction_frame(ctx, model, coll) -> pd.DataFrame | None:
+def prediction_frame(ctx, model, coll) -> pd.DataFrame:
     """Predictions of ``model`` for every LoRA of ``coll`` (cached), with ``<label> error`` columns and the model's
-    own split (`SPLIT`) added; on failure one st.error line and None."""
-    try:
-        raw = cache.predictions(model.path, ctx.device, ctx.path, ctx.key)
-        df = _normalise(raw, [str(i) for i in coll.table["id"]], checkpoint_info(model.path)["labels"])
-        split, note = model_split(model.path, coll)
-    except LoLError as e:  # e.g. a model for another base model: say so, keep the page alive
-        st.error(f"{model.name}: could not predict on this collection: {plain(e)}")
-        return None
+    own split (`SPLIT`) added. A library error (a model for other modules) goes to the page's error boundary."""
+    raw = cache.predictions(model.path, ctx.device, ctx.path, ctx.key)
+    df = raw.rename(columns={c: f"{c}{PRED}" for c in raw.columns if c != "id"})
+    split, note = model_split(model.path, coll)
     df[SPLIT] = split if split is not None else "unseen"
     df.attrs["split_note"] = note
     truth = coll.table.assign(id=coll.table["id"].astype(str)).set_index("id")

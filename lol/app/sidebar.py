@@ -119,7 +119,9 @@ def _render() -> AppContext:
         name = choice.removesuffix(" (shipped)")
         _open(ctx, shipped[name], kind="shipped", name=name)
     if ctx.ok:
-        sb.caption(_describe(ctx))
+        from .views import collection_caption
+
+        sb.caption(collection_caption(ctx, named=False))
 
     sb.markdown("### Device")
     devices = app_data.devices()
@@ -319,12 +321,3 @@ def _page_id() -> str:
 
     c = get_script_run_ctx()
     return str(getattr(c, "page_script_hash", "")) if c is not None else ""
-
-
-def _describe(ctx: AppContext) -> str:
-    c = ctx.collection
-    parts = [f"{len(c)} LoRAs", f"{len(c.spec)} modules"]
-    base = app_data.describe_base(getattr(c, "base_model", None))
-    if base:
-        parts.append(f"base: {base}")
-    return " · ".join(parts)

@@ -16,13 +16,12 @@ __all__ = ["collection_caption", "label_columns", "labels_of_kind", "label_descr
 _NON_LABEL = {"id", "group", "split", "rank", "path", "file", "source_path"}
 
 
-def collection_caption(ctx) -> str:
+def collection_caption(ctx, named: bool = True) -> str:
+    """``**lm** · 400 LoRAs · 8 adapted modules · base model: `base/lm` `` (without the name in the sidebar)."""
     c = ctx.collection
-    bits = [f"**{ctx.source}**", f"{len(c)} LoRAs", f"{len(c.spec)} adapted modules"]
     base = app_data.describe_base(getattr(c, "base_model", None))
-    if base:
-        bits.append(f"base model: `{base}`")
-    return " · ".join(bits)
+    bits = [f"**{ctx.source}**"] * named + [f"{len(c)} LoRAs", f"{len(c.spec)} adapted modules"]
+    return " · ".join(bits + ([f"base model: `{base}`"] if base else []))
 
 
 def _labels(coll) -> dict:
@@ -281,31 +280,21 @@ def membership_section(ctx, coll, tasks: dict, key: str) -> None:
     m = _split_rows(m_all, split)
     st.subheader(f"Over the {'test split' if split == 'test' else 'collection'} ({len(m)} LoRAs)")
     st.caption(note)
-    y = np.concatenate([m[lab].astype(float).to_numpy() for lab in labels])
-    p = np.concatenate([m[f"{lab}{PRED}"].to_numpy(float) for lab in labels])
-    rows, curves = [], []
-    for lab in labels:
-        yl, pl = m[lab].astype(float).to_numpy(), m[f"{lab}{PRED}"].to_numpy(float)
-        rows.append({"label": lab, "AUC": M.auc(yl, pl), "TPR @ 1% FPR": M.tpr_at_fpr(yl, pl, 0.01),
-                     "TPR @ 0.1% FPR": M.tpr_at_fpr(yl, pl, 0.001), "positives": int(np.nansum(yl)),
-                     "negatives": int(np.sum(yl == 0))})
-    pooled = {"label": "all labels pooled", "AUC": M.auc(y, p), "TPR @ 1% FPR": M.tpr_at_fpr(y, p, 0.01),
-              "TPR @ 0.1% FPR": M.tpr_at_fpr(y, p, 0.001), "positives": int(np.nansum(y)),
-              "negatives": int(np.sum(y == 0))}
+    truth = {lab: m[lab].astype(float).to_numpy() for lab in labels}
+    rows = M.membership_rows(truth, {lab: m[f"{lab}{PRED}"].to_numpy(float) for lab in labels})
+    y, p = np.concatenate(list(truth.values())), np.concatenate([m[f"{lab}{PRED}"].to_numpy(float) for lab in labels])
     thr = st.slider("Decision threshold on the predicted probability", 0.0, 1.0, 0.5, 0.01, key=f"{key}_thr")
-    pred = p >= thr
-    tp, fp = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0)))
-    fn, tn = int(np.sum(~pred & (y == 1))), int(np.sum(~pred & (y == 0)))
-    c = st.columns(6)
-    c[0].metric("true positives", tp)
-    c[1].metric("false positives", fp)
-    c[2].metric("true negatives", tn)
-    c[3].metric("false negatives", fn)
-    c[4].metric("TPR", f"{tp / max(tp + fn, 1):.3f}")
-    c[5].metric("FPR", f"{fp / max(fp + tn, 1):.4f}")
+    k = M.confusion(y, p, thr)
+    tp, fp, tn, fn = k["tp"], k["fp"], k["tn"], k["fn"]
+    for col, (name, v) in zip(st.columns(6), [("true positives", tp), ("false positives", fp),
+                                              ("true negatives", tn), ("false negatives", fn),
+                                              ("TPR", f"{tp / max(tp + fn, 1):.3f}"),
+                                              ("FPR", f"{fp / max(fp + tn, 1):.4f}")]):
+        col.metric(name, v)
+    curves = []
     try:
         fpr, tpr, _ = M.roc_curve(y, p)
-        curves.append(("all labels pooled", fpr, tpr, pooled["AUC"]))
+        curves.append(("all labels pooled", fpr, tpr, rows[0]["AUC"]))
         show = st.multiselect("Also show labels", labels, default=labels[:3], key=f"{key}_roc_labels")
         for lab in show:
             yl, pl = m[lab].astype(float).to_numpy(), m[f"{lab}{PRED}"].to_numpy(float)
@@ -318,7 +307,7 @@ def membership_section(ctx, coll, tasks: dict, key: str) -> None:
                         width="stretch", key=f"{key}_roc")
     except ValueError as e:
         st.info(f"No ROC curve: {e}")
-    table = pd.DataFrame([pooled] + rows)
+    table = pd.DataFrame(rows)
     st.dataframe(fmt.table(table, digits=3), hide_index=True, width="stretch", column_config=metric_columns(table))
     st.caption("TPR at a low FPR needs many negatives: with fewer than 100 (1000) negatives, TPR @ 1% (0.1%) FPR is "
                "the TPR at zero false positives.")
