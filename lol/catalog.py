@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import LoLError
 from .lora import ModuleSpec
 
-__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder"]
+__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "checkpoints_for", "home_collection"]
 
 
 @dataclass
@@ -138,3 +138,39 @@ def model_folder(coll, name: str, known: list[Base], data_root: Path | None = No
             and _usable(Path(data_root) / "base" / name, name):
         return Path(data_root) / "base" / name
     return None
+
+
+def _checkpoint_config(folder) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoints_for(base: Base, folders) -> list:
+    """The checkpoint folders (of ``folders``) whose modules are the base's, read from their ``config.json`` (no
+    model is loaded): the models that can predict for any LoRA of that base, labels or not."""
+    out = []
+    for f in folders:
+        spec = _checkpoint_config(f).get("spec")
+        spec = ModuleSpec.from_json(spec) if isinstance(spec, dict) else None
+        if spec is not None and spec.keys == base.spec.keys and spec.shapes == base.spec.shapes:
+            out.append(f)
+    return out
+
+
+def home_collection(checkpoint_dir, base: Base, collections: dict[str, Path]) -> str | None:
+    """The collection (of ``collections``, on ``base``) the checkpoint was trained on — the one whose fingerprint
+    (SHA-256 of ``collection.json`` + ``loras.parquet``, as `Collection.fingerprint`) it records — else the base's
+    first collection."""
+    import hashlib
+
+    fp = _checkpoint_config(checkpoint_dir).get("fingerprint")
+    for name in base.collections:
+        if fp and name in collections:
+            h = hashlib.sha256()
+            for part in ("collection.json", "loras.parquet"):
+                h.update((Path(collections[name]) / part).read_bytes())
+            if h.hexdigest() == fp:
+                return name
+    return base.collections[0] if base.collections else None

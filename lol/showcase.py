@@ -17,11 +17,29 @@ from typing import Callable, Sequence
 
 from .errors import LoLError
 
-__all__ = ["Generation", "generate_side_by_side", "PIPELINE_LOCK", "parse_seeds", "sharp", "difference", "grid_png",
+__all__ = ["module_table", "Generation", "generate_side_by_side", "PIPELINE_LOCK", "parse_seeds", "sharp", "difference", "grid_png",
            "SHOW_PX", "domain", "zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
            "label_protocol", "Answer", "lm_sources", "lm_questions", "load_lm", "answer_side_by_side", "answers_table"]
 
 GENERIC_PROMPT = "a photo"
+
+
+def module_table(lora):
+    """(one row per module: shape, rank r, α, scale s, ‖ΔW‖_F, σ₁(ΔW); ``{module: σ(ΔW) descending}``). Both are
+    GL(r)-invariant (except the rank/α/scale bookkeeping): ‖ΔW‖_F from `LoRAModule.delta_norm` (r×r Gram matrices),
+    σ(ΔW) from `lol.features.singular_values` in float64, never forming ΔW."""
+    import pandas as pd
+
+    from .features import singular_values
+
+    rows, svals = [], {}
+    for m in lora:
+        s = singular_values(m.U.double().unsqueeze(0), m.V.double().unsqueeze(0))[0].tolist()
+        svals[m.name] = s
+        rows.append({"module": m.name, "out × in": f"{m.out_features} × {m.in_features}", "rank r": m.rank,
+                     "alpha α": float(m.alpha), "scale s": float(m.scale), "‖ΔW‖_F": m.delta_norm(),
+                     "σ₁(ΔW)": float(s[0]) if s else 0.0})
+    return pd.DataFrame(rows), svals
 
 
 def zoo_record(coll) -> dict:

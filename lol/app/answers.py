@@ -12,39 +12,18 @@ __all__ = ["upload_section", "answers_for", "models_for_base"]
 
 
 def models_for_base(ctx, base) -> list:
-    """The sidebar's checkpoints whose module spec is the base's (labels not needed)."""
-    from ..lora import ModuleSpec
-    from .preds import checkpoint_info
+    """The sidebar's checkpoints whose module spec is the base's (`lol.catalog.checkpoints_for`; labels not needed)."""
+    from ..catalog import checkpoints_for
 
-    out = []
-    for m in ctx.models:
-        info = checkpoint_info(m.path)
-        if info["error"] or info["spec"] is None:
-            continue
-        spec = ModuleSpec.from_json(info["spec"])
-        if spec.keys == base.spec.keys and spec.shapes == base.spec.shapes:
-            out.append(m)
-    return out
-
-
-def _home_collection(model, base) -> str | None:
-    """The shipped collection the model was trained on (by data fingerprint), else the base's first collection."""
-    from . import data as app_data
-    from .preds import checkpoint_info
-
-    fp = checkpoint_info(model.path).get("fingerprint")
-    shipped = app_data.shipped_collections()
-    for name in base.collections:
-        if name in shipped and fp and cache.collection(str(shipped[name]), cache.path_key(shipped[name])
-                                                       ).fingerprint == fp:
-            return name
-    return base.collections[0] if base.collections else None
+    fit = set(checkpoints_for(base, [m.path for m in ctx.models]))
+    return [m for m in ctx.models if m.path in fit]
 
 
 def answers_for(ctx, base, named: list[tuple[str, object]], key: str) -> None:
     """Predictions of a chosen model for ``named`` LoRAs ``[(name, LoRA)]`` fitting ``base``, then each one's
     nearest LoRAs in the model's collection."""
     from .. import neighbours
+    from ..catalog import home_collection
     from . import data as app_data
     from .preds import predict_loras
 
@@ -62,10 +41,11 @@ def answers_for(ctx, base, named: list[tuple[str, object]], key: str) -> None:
     st.success(f"Predicted {len(named)} LoRA(s) with {model.name}.")
     st.dataframe(fmt.table(out), hide_index=True, width="stretch")
 
-    home = _home_collection(model, base)
+    shipped = app_data.shipped_collections()
+    home = home_collection(model.path, base, shipped)
     if home is None:
         return
-    path = app_data.shipped_collections()[home]
+    path = shipped[home]
     ck = cache.checkpoint(model.path, ctx.device)
     bank = cache.model_embeddings(model.path, ctx.device, str(path), cache.path_key(path))
     q = neighbours.embed_loras(ck, [lo for _, lo in named])

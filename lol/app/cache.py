@@ -77,26 +77,11 @@ def collection_table(path: str, key: str) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Summarising the LoRA…", max_entries=256)
 def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[str, list[float]]]:
-    """Per-module table (shape, rank, alpha, scale, ‖ΔW‖_F) and singular values of ΔW for one LoRA of a collection.
+    """`lol.showcase.module_table` of one LoRA of a collection: per-module shapes, rank, α, scale, ‖ΔW‖_F and the
+    singular values of each ΔW, all from the factors (never forming ΔW)."""
+    from ..showcase import module_table
 
-    Both are GL(r)-invariant: ‖ΔW‖_F from `LoRAModule.delta_norm` (r×r Gram matrices), σ(ΔW) from
-    `lol.features.singular_values` (Gram roots of U and V, then the r×r core), never forming ΔW."""
-    lora = collection(path, key).lora(int(index))
-    return module_summary(lora)
-
-
-def module_summary(lora) -> tuple[pd.DataFrame, dict[str, list[float]]]:
-    """Rows per module and ``{module: σ(ΔW) descending}`` via `lol.features.singular_values` in float64."""
-    from ..features import singular_values
-
-    rows, svals = [], {}
-    for m in lora:
-        s = singular_values(m.U.double().unsqueeze(0), m.V.double().unsqueeze(0))[0].tolist()
-        svals[m.name] = s
-        rows.append({"module": m.name, "out × in": f"{m.out_features} × {m.in_features}", "rank r": m.rank,
-                     "alpha α": float(m.alpha), "scale s": float(m.scale), "‖ΔW‖_F": m.delta_norm(),
-                     "σ₁(ΔW)": float(s[0]) if s else 0.0})
-    return pd.DataFrame(rows), svals
+    return module_table(collection(path, key).lora(int(index)))
 
 
 # ------------------------------------------------------------------------------------------------------ features
