@@ -43,7 +43,11 @@ def main() -> int:
         for page in args.pages.split(","):
             at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
             at.query_params["collection"] = name
+            t, c = time.perf_counter(), time.process_time()
             at.run()  # the landing page (Collection) of a fresh session, opened on this collection
+            if not rows:  # the process's very first run: a visitor before any cache is filled
+                print(f"first run of the server (Collection page, {name}): wall {time.perf_counter() - t:.2f} s  "
+                      f"cpu {time.process_time() - c:.2f} s", flush=True)
             t, c = time.perf_counter(), time.process_time()
             at.switch_page(f"pages/{page}.py")
             at.run()
