@@ -70,8 +70,11 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     readme = (res / "README.md").read_text()
     assert "## Results table" in readme and "![results_bar](results_bar.png)" in readme and "## Speed" in readme
     cmp = pd.read_csv(res / "gl_vs_mlp.csv")
-    assert set(cmp.task) == {t for _, t in want} and cmp.best_gl_invariant.dropna().isin(
-        ["dense", "svals", "canon_mlp", "canon_transformer", "glnet"]).all()
+    from lol.experiments import gl_invariant
+
+    gl_kinds = [k for k in MODEL_KINDS if gl_invariant(k)]   # the registry's own list (colsketch, colspace too)
+    assert {"dense", "glnet", "colsketch"} <= set(gl_kinds) and "oalign" not in gl_kinds and "mlp" not in gl_kinds
+    assert set(cmp.task) == {t for _, t in want} and cmp.best_gl_invariant.dropna().isin(gl_kinds).all()
     index = json.loads((ck / "index.json").read_text())
     assert index["clip_score"] == "faces/clip_score" and index["source_copy"] == "lm/membership"
     from lol.checkpoint import load_checkpoint
