@@ -168,7 +168,8 @@ def main(argv=None) -> None:
     from lol import speed
 
     gpu = a.device.startswith("cuda")
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({n} thread{'s' if n > 1 else ''})"
     print(f"device: {a.device} ({name}); {'quick mode' if a.quick else 'paper scale'}; out: {a.out}", flush=True)
     sides = [s.strip() for s in a.parts.split(",") if s.strip()]
     which = [c for s in sides for c in ((s, f"lol-{s}") if s in ("image", "lm") else ())]

@@ -566,7 +566,7 @@ def lol_at_scale(spec, kinds: Sequence[str], hparams: dict | None = None, batch:
         with torch.device(device):   # built and fitted where it runs (a GPU run need not hold it in host memory)
             model = build_model(kind, spec, 1, **{**hp, "width": w})
         with torch.no_grad():
-            model.fit(LoRABatch.from_loras(loras, spec).to(device=device))
+            model.fit(LoRABatch.from_loras(loras[:min(n, len(loras))], spec).to(device=device))   # within budget
         lb = LoRABatch.from_loras([loras[i % len(loras)] for i in range(n)], spec).to(device=device)
         r = throughput({kind: model}, [lb], repeat=repeat, warmup=warmup)[0]
         measured, cpu = r["seconds"] / n, r["cpu_seconds"] / n
@@ -682,7 +682,9 @@ def write_speed_md(out_dir) -> Path:
                             f"standard {unit} per LoRA": _fmt_s, "ratio": lambda v: f"{v:,.0f}×"}) + "\n\n"
                      + "The checkpoint in **bold** is the shipped one for the label the side measures. Each LoL time "
                        "was timed at the batch shown"
-                     + ("; except:\n\n" + "\n".join(f"- {r.LoRA}, {r.kind}: {r.how}" for r in scaled.itertuples())
+                     + ("; except:\n\n" + "\n".join(
+                         f"- {r['LoRA']}, {r['kind']}: {r['how']} ({_fmt_s(r[f'{CLOCKS[clock]} per LoRA, timed'])} "
+                         f"{unit} per LoRA at width {r['timed width']})" for _, r in scaled.iterrows())
                         if len(scaled := cmp[cmp["timed width"] != cmp["width"]]) else ".") + "\n")
         std_show = std.rename(columns={f"{CLOCKS[clock]} per call": f"{unit} per call", col: f"{unit} per LoRA"})
         parts.append("### The standard evaluation of one LoRA: the parts timed, multiplied out\n\n"
