@@ -10,7 +10,7 @@ What is measured, per size N, each step in its own subprocess (so its peak memor
 * **train**: GL-net (the default kind, default hyperparameters) for a fixed number of epochs over the training split
   (the collection's ``split`` column: 80 / 10 / 10), minibatches of 64 from a streaming ``DataLoader``
   (`lol.stream.CollectionStream`: chunks of ~128 MB of consecutive LoRAs, shuffled by chunk and within a chunk,
-  mapped pages released every 256 MB), then the validation metrics;
+  mapped pages released every 256 MB of file spanned), then the validation metrics;
 * **predict**: the trained checkpoint on all N LoRAs, streamed in minibatches of 256; predictions to Parquet.
 
 Before train and predict the factors file's pages are dropped from the OS page cache (``posix_fadvise DONTNEED``
@@ -345,7 +345,7 @@ def main(argv=None) -> list[dict]:
                 pd.DataFrame(rows).to_csv(out / "scale.csv", index=False)  # what is done survives a kill
             if not a.keep:
                 shutil.rmtree(folder, ignore_errors=True)
-        report(pd.DataFrame(rows), a, out)
+            report(pd.DataFrame(rows), a, out)  # after every size: a run cut short still leaves its report
         print(f"wrote {out / 'scale.md'}, {out / 'scale.csv'}, {out / 'scale.png'}")
     finally:
         if not a.dir and not a.keep:

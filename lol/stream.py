@@ -6,8 +6,8 @@ of MB at most). Here nothing but the table and the labels is ever held whole:
 * `CollectionStream` (a ``torch.utils.data.IterableDataset``, used through a ``DataLoader``) reads the selected
   LoRAs a *chunk* at a time (``chunk`` consecutive selected LoRAs, a few hundred: per module and rank bucket a run of
   neighbouring rows, so reads are near-sequential), cuts each chunk into minibatches, and calls
-  `Collection.release` every ``release_mb`` MB read, so the pages it has read leave the process: its memory is
-  flat whatever the collection's size. Shuffling is two-level: the order of chunks and the order of LoRAs within a
+  `Collection.release` every ``release_mb`` MB of file spanned, so the pages it has read leave the process: its
+  memory is flat whatever the collection's size. Shuffling is two-level: the order of chunks and the order of LoRAs within a
   chunk, both reseeded per epoch (`set_epoch`) — the usual trade-off of streamed datasets (a minibatch holds LoRAs
   of one chunk), harmless when the collection's order carries no signal. With ``num_workers > 0`` each DataLoader
   worker opens the collection itself and takes every ``num_workers``-th chunk.
@@ -100,7 +100,9 @@ class CollectionStream(torch.utils.data.IterableDataset):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7_919 + k)
             within = torch.randperm(len(idx), generator=gen) if self.shuffle else torch.arange(len(idx))
             big = coll.batch(idx, dtype=self.dtype)
-            read += len(idx) * self._stored_per_lora
+            # the file span the chunk touched, not only its LoRAs' bytes: a sparse selection (every 10th LoRA) maps
+            # the pages between its rows too (the kernel maps neighbouring cached pages on each fault)
+            read += (int(idx.max()) - int(idx.min()) + 1) * self._stored_per_lora if len(idx) else 0
             for s in range(0, len(idx), self.batch_size):
                 sel = within[s:s + self.batch_size]
                 yield idx[sel], _trim(big.select(sel))
