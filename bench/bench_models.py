@@ -2,8 +2,9 @@
 machine's fp32 matmul rate measured in the same run (``python -m bench models``; options after ``--``).
 
 Setup: the 64 UNet ``to_q``/``to_v`` modules of SD 1.x (dims 320/640/1280, cross-attention ``to_v`` in = 768), random
-rank-4 factors, float32, inference (``torch.no_grad``), on CUDA when present else CPU, at each thread count of
-``--threads`` (default 1 and 2 on a CPU). Each model runs in its own subprocess so its peak memory (CPU: process max
+rank-4 factors, float32, inference (``torch.no_grad``), batches of 128, on CUDA when present else CPU, at each thread
+count of ``--threads`` (default 1 and 2 on a CPU; GL-net and colsketch run one slice of the batch per thread,
+`lol.models.parallel`). Each model runs in its own subprocess so its peak memory (CPU: process max
 RSS; CUDA: max allocated) is its own.
 
 FLOP ceiling. Models that count their FLOP (``flops_per_lora``: GL-net, its sketch-head variant, colsketch) are stated
@@ -221,7 +222,9 @@ def main(argv=None):
     p.add_argument("--kinds", default=",".join(kinds()))
     p.add_argument("--device", default=None)
     p.add_argument("--spec", default="sd15", help="module spec (lol.synth.SPECS; default sd15: SD-1.x q/v)")
-    p.add_argument("--batch", type=int, default=64, help="LoRAs per forward pass")
+    p.add_argument("--batch", type=int, default=128,
+                   help="LoRAs per forward pass (128: on 2 threads GL-net and colsketch give each thread 64, where "
+                        "one thread is most efficient; 32 per thread loses ~10 %%)")
     p.add_argument("--dense-batch", type=int, default=4,
                    help="LoRAs per pass for the dense and colspace models (187 MB of features each)")
     p.add_argument("--dense-width", type=int, default=4,

@@ -186,3 +186,50 @@ def test_glnet_whole_pass_flops_at_sd15_shapes():
     f = m.flops_per_lora(4)
     assert f["input"] == 2 * 64 * 99648 * 4 and f["trunk_linear"] == 2 * 64 * 64 * 64 * 64
     assert 90e6 < f["total"] < 92e6 and f["elementwise"] < 0.01 * f["total"]
+
+
+# -- row-parallel inference -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_row_parallel_splits_rows_restores_threads_and_keeps_outputs(two_threads):
+    from lol.models.parallel import row_parallel
+    seen = []
+
+    def fn(x):
+        seen.append((len(x), torch.get_num_threads()))
+        return x * 2
+    x = torch.randn(40, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(row_parallel(fn, x, min_rows=8), x * 2, rtol=0, atol=0)
+    assert sorted(seen) == [(20, 1), (20, 1)] and torch.get_num_threads() == 2
+    seen.clear()
+    with torch.no_grad():
+        row_parallel(fn, x[:15], min_rows=8)          # too few rows for two slices
+    assert seen == [(15, 2)]
+    seen.clear()
+    row_parallel(fn, x, min_rows=8)                   # autograd on: never split
+    assert seen == [(40, 2)]
+    with torch.no_grad(), pytest.raises(ZeroDivisionError):
+        row_parallel(lambda t: 1 / 0, x, min_rows=8)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("kind", ["glnet", "colsketch"])
+def test_models_give_the_same_rows_split_across_threads(kind, two_threads, monkeypatch):
+    import lol.models.parallel as par
+    b = random_batch(40, rank=3, seed=22, mixed=True)
+    m = make(kind, b)
+    monkeypatch.setattr(par, "MIN_ROWS", 8)
+    with torch.no_grad():
+        split, emb = m(b), m.embed(b)
+        monkeypatch.setattr(par, "MIN_ROWS", 10**9)
+        whole, emb_whole = m(b), m.embed(b)
+    torch.testing.assert_close(split, whole, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(emb, emb_whole, atol=1e-12, rtol=1e-10)

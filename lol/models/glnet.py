@@ -40,6 +40,7 @@ from torch import nn
 from ..lora import ModuleSpec
 from ..symmetry import GL
 from .base import LoLModel, MLPTrunk
+from .parallel import row_parallel
 
 __all__ = ["GLInput", "GLHidden", "RowGate", "InvariantHead", "GLNet", "pack_factors", "unpack_factors"]
 
@@ -200,20 +201,20 @@ class InvariantHead(nn.Module):
 
     def linear(self, HU, HV, lin: nn.Linear, budget: int | None = None) -> torch.Tensor:
         """``lin(self(HU, HV))`` without holding the (B, L·h·h') products at once: ``b + Σ_ℓ s_ℓ W_ℓ vec(P_ℓ)`` over
-        chunks of modules, each chunk's P (about ``budget`` numbers; default 2¹⁸ on CPU — 1 MiB in float32, a core's L2
-        cache — and 2²⁴ elsewhere, where fewer, larger kernels win) computed by one batched matmul on views of the
-        activations and consumed by one batched matmul against views of the weight while still in cache. Same value,
-        same invariance; it spares allocating, writing and re-reading the largest tensor of the model (1 MiB per LoRA
-        at h = 64 on SD-1.x q/v). With one module per chunk (the CPU default at B ≥ 64 for h = 64) each P_ℓ goes into
-        one reused buffer (no autograd) and straight into ``y += s_ℓ P_ℓ W_ℓᵀ`` (one GEMM, the constant as its
-        ``alpha``)."""
+        chunks of modules, each chunk's P (about ``budget`` numbers, at least one module's; default 2¹⁶ on CPU —
+        256 KiB in float32, well inside a core's L2 cache — and 2²⁴ elsewhere, where fewer, larger kernels win)
+        computed by one batched matmul on views of the activations and consumed by one batched matmul against views of
+        the weight while still in cache. Same value, same invariance; it spares allocating, writing and re-reading the
+        largest tensor of the model (1 MiB per LoRA at h = 64 on SD-1.x q/v). With one module per chunk (on CPU
+        whenever B·h·h' ≥ 2¹⁶, e.g. B ≥ 16 at h = 64) each P_ℓ goes into one reused buffer (no autograd) and straight
+        into ``y += s_ℓ P_ℓ W_ℓᵀ`` (one GEMM, the constant as its ``alpha``)."""
         if self.pool == "mean":
             return lin(self(HU, HV))
         L, B, r, h = HU.shape
         h2 = HV.shape[-1]
         W = lin.weight.view(lin.out_features, L, h * h2)
         if budget is None:
-            budget = 1 << 18 if HU.device.type == "cpu" else 1 << 24
+            budget = 1 << 16 if HU.device.type == "cpu" else 1 << 24
         step = max(1, budget // (B * h * h2))
         if step == 1:
             grad = torch.is_grad_enabled() and any(t.requires_grad for t in (HU, HV, lin.weight, lin.bias))
@@ -293,6 +294,14 @@ class GLNet(LoLModel):
         if self.sketch is not None:
             HU, HV = self.sketch(HU, HV)
         return HU, HV
+
+    def forward(self, batch):
+        """``head(embed(batch))``; without autograd on a CPU with several intra-op threads, one slice of the batch per
+        thread (`lol.models.parallel.row_parallel`)."""
+        return row_parallel(super().forward, batch)
+
+    def embed(self, batch):
+        return row_parallel(super().embed, batch)
 
     def invariant_features(self, batch):
         """The scaled invariant products P (before the MLP)."""
