@@ -155,8 +155,10 @@ def predict_files(checkpoint, paths, executor: str = "local", *, batch_size: int
     shared storage). It uses the running Ray instance when this process has one (``ray.init`` in a notebook),
     else connects to ``ray_address`` (``"auto"``: the cluster `ray start` began on this machine), else starts a
     local one with ``num_cpus`` CPUs (default all) and shuts it down at the end. Both executors predict the same
-    chunks of ``batch_size`` files, so the table is the same, row for row; a task whose worker dies is retried file
-    by file, and a file whose own task dies is skipped with the error."""
+    chunks of ``batch_size`` files, so the table is the same, row for row and bit for bit (tested with one torch
+    thread on both sides; Ray workers run one thread per task, and GL-net's outputs were also bitwise the same at 1
+    and 2 threads); a task whose worker dies is retried file by file (those files then predicted alone, equal up to
+    float rounding), and a file whose own task dies is skipped with the error."""
     if executor not in EXECUTORS:
         from .errors import LoLError
         raise LoLError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
