@@ -138,16 +138,26 @@ class ColumnSketch(LoLModel):
 
     def _factors(self, batch, sketch: bool):
         """One pass over the modules: per module the transposed U (B, r, n) — or, with ``sketch``, only its product
-        with Φᵀ, (ΦU)ᵀ (B, r, s), made while the transposed copy is in cache — and the Gram matrices UᵀU (float64)
-        and VᵀV; then `cholesky_bases` on all modules at once."""
+        with Φᵀ, (ΦU)ᵀ (B, r, s), made while the transposed copy is in cache (in a buffer reused by every module:
+        fresh multi-MB temporaries page-fault) — and the Gram matrices UᵀU (float64) and VᵀV; then `cholesky_bases` on
+        all modules at once."""
         k = self.features._need_rank()
         outs, GUs, GVs = [], [], []
+        if sketch:              # the transposed copies are consumed at once: two reused buffers (f32, f64)
+            size = max(U.numel() for U in batch.U)
+            buf, buf64 = batch.U[0].new_empty(size), batch.U[0].new_empty(size, dtype=torch.float64)
         for U, V, phi in zip(batch.U, batch.V, self.phi):
             B, n, r = U.shape
-            Ut = U.mT.contiguous()
-            GUs.append(_gram64(Ut))
+            if sketch:
+                Ut = buf[:U.numel()].view(B, r, n).copy_(U.mT)
+                Ud = buf64[:U.numel()].view(B, r, n).copy_(Ut)
+                GUs.append(torch.bmm(Ud, Ud.mT))
+                outs.append(torch.mm(Ut.view(B * r, n), phi.to(Ut.dtype).mT).view(B, r, -1))
+            else:
+                Ut = U.mT.contiguous()
+                GUs.append(_gram64(Ut))
+                outs.append(Ut)
             GVs.append(_gram(V))
-            outs.append(torch.mm(Ut.view(B * r, n), phi.to(Ut.dtype).mT).view(B, r, -1) if sketch else Ut)
         return outs, cholesky_bases(GUs, GVs, list(self.spec.shapes), k, batch.dtype)
 
     def bases(self, batch) -> list[torch.Tensor]:

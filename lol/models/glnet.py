@@ -92,16 +92,18 @@ class GLInput(nn.Module):
         """(L, B, r, h), each module's slot the product (B·r, d) @ (d, h) of its transposed factors and weights.
 
         Without autograd (inference), one GEMM per module writes straight into its slot (``out=``): the transposed
-        copy of a module's factors (the GEMM's left operand) is made just before its product and is still in cache
-        when read, instead of one (G, B·r, d) copy of a whole group. With autograd (``out=`` is not differentiable),
+        copy of a module's factors (the GEMM's left operand) is made just before its product, into one buffer reused
+        by every module, and is still in cache when read, instead of one (G, B·r, d) copy of a whole group. With autograd (``out=`` is not differentiable),
         each group of equal-dimension modules is one batched matmul (G, B·r, d) @ (G, d, h). Same products."""
         B = Xs[0].shape[0]
         H = Xs[0].new_empty(self.L, B * r, self.h)
         if not (torch.is_grad_enabled() and any(W.requires_grad for W in weights)):
+            buf = H.new_empty(B * r * max(d for d, _ in groups))   # the transposed copies, one reused buffer
             for (d, idx), W in zip(groups, weights):
                 Wt = W.to(H.dtype).mT                               # (G, d, h) views
                 for k, ell in enumerate(idx):
-                    torch.mm(_pad(Xs[ell], r).mT.reshape(B * r, d), Wt[k], out=H[ell])
+                    Xt = buf[:B * r * d].view(B, r, d).copy_(_pad(Xs[ell], r).mT)
+                    torch.mm(Xt.view(B * r, d), Wt[k], out=H[ell])
             return H.view(self.L, B, r, self.h)
         for (_, idx), W, X in zip(groups, weights, pack_factors(Xs, groups, r)):
             Y = torch.bmm(X, W.to(X.dtype).mT)
