@@ -21,8 +21,10 @@ automatically; ``--device`` overrides).
 ``--zoo``: also the old tiny-zoo comparison (`lol.speed.speed_ratios` on ``data/``: the zoo's own labelling against
 the shipped checkpoint, same LoRA) and GL-net/dense throughput, written as ``speed.csv`` and ``throughput.csv``.
 
-The full CPU run is about 10 minutes on a quiet 2-core machine (the SD-1.5 UNet step dominates: ~1.7 TFLOP per
-guided step); it took 75 minutes at ``nice 10`` beside a build using both cores.
+Duration of the full CPU run: about 8 minutes (``-- --threads 1 --clock cpu``: 500 s at ``nice 10`` on a 2-core
+machine shared with other work; the process's CPU time is unaffected by the sharing, the wall clock is). Most of it is
+the standard evaluation's few timed calls (one guided SD-1.5 UNet step ≈ 19 CPU s, one 512×512 VAE decode ≈ 28 CPU s,
+one batch of 4 ARC-C options through Qwen2-1.5B ≈ 7 CPU s) and building the random-weight models.
 """
 from __future__ import annotations
 
