@@ -17,7 +17,10 @@ and module by two batched r×r Cholesky factorizations (of UᵀU, and of ``Lᵀ(
 ill-conditioned factors, a module whose rank exceeds the fitted k) take `column_basis`. The projector, hence G, is
 the same either way (up to rounding). Inference (`forward`, `embed`) multiplies the transposed factors by Φ in one
 GEMM per module and applies L⁻¹ to the small (r × s) result, never forming Q; the training features (`featurize`) are
-the transposed bases Qᵀ (k × n per module), which `sketch` multiplies by Φ.
+the transposed bases Qᵀ (k × n per module), which `sketch` multiplies by Φ. Without autograd the LayerNorm and the
+first Linear run module by module on the s(s+1)/2 triangle of each G (`_norm_linear`), and on a CPU with several
+threads each thread takes a slice of the batch (`lol.models.parallel`). `ColumnSketch.flops_per_lora` counts the
+whole pass (~54 MFLOP per LoRA on SD-1.x q/v at s = width = 64, rank 4; GL-net: ~91 at h = width = 64).
 """
 from __future__ import annotations
 

@@ -24,11 +24,14 @@ With ``depth=1`` the model is an MLP over the learned bilinear sketches ``Φ_ℓ
 
 Internal layout and cost: U-side activations are one contiguous tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules
 zero-padded to the batch's largest rank; zero columns stay zero through every layer and add nothing to P), and so
-are the V-side ones. Transposed factors make every layer one large matmul on views: the first layer packs each group
-of equal-dimension modules once as (G, B·r, n) and multiplies it by the group's stacked (G, n, h) weights — the only
-O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — and writes the result straight into the modules' slots; hidden layers are
-one (L, B·r, h) @ (L, h, h) product; the gate is two elementwise passes. The flat head never materializes the
-(B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear chunk by chunk of modules.
+are the V-side ones. Transposed factors make every layer a large matmul on views: the first layer — the only
+O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — multiplies each module's transposed factors (B·r, n) by its (n, h)
+weights, writing straight into the module's slot (for training, one batched matmul per group of equal-dimension
+modules); hidden layers are one (L, B·r, h) @ (L, h, h) product; the gate is r multiply-add passes. The flat head
+never materializes the (B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear module by module
+(2·L·h²·width FLOP per LoRA, 34 M at h = width = 64). `GLNet.flops_per_lora` counts the whole pass (~91 MFLOP per
+LoRA on SD-1.x q/v at h = width = 64, rank 4); without autograd on a CPU with several threads each thread runs a
+slice of the batch (`lol.models.parallel`). ``python -m bench models`` states the throughput against that count.
 """
 from __future__ import annotations
 
