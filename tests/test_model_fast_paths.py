@@ -233,3 +233,23 @@ def test_models_give_the_same_rows_split_across_threads(kind, two_threads, monke
         whole, emb_whole = m(b), m.embed(b)
     torch.testing.assert_close(split, whole, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(emb, emb_whole, atol=1e-12, rtol=1e-10)
+
+
+def test_bench_models_writes_whole_pass_ceilings(tmp_path):
+    """`python -m bench models` end to end on the tiny spec: one row per model and thread count, whole-pass FLOP and
+    % of ceiling for the models that count them, the goals section."""
+    import csv
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "bench", "models", "--", "--spec", "tiny", "--kinds", "glnet,colsketch,svals",
+                        "--seconds", "0.05", "--threads", "1", "--batch", "32", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["kind"]: x for x in csv.DictReader(open(tmp_path / "bench_models.csv"))}
+    assert set(rows) == {"glnet", "colsketch", "svals"} and all(x["threads"] == "1" for x in rows.values())
+    for kind in ("glnet", "colsketch"):
+        x = rows[kind]
+        assert float(x["flop_per_lora"]) > 0 and float(x["ceiling"]) > 0 and float(x["pct_of_ceiling"]) > 0
+    assert rows["svals"]["flop_per_lora"] == ""
+    md = (tmp_path / "bench_models.md").read_text()
+    assert "whole-pass MFLOP/LoRA" in md and "colsketch / glnet, 1 thread" in md
