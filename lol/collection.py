@@ -306,13 +306,13 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
              for key, dt, shape, nbytes in entries if nbytes}
     np_views = {key: _numpy(t) for key, t in views.items()}  # the same bytes, for numpy's faster small copies
 
-    known_l = known.tolist() if known is not None else None  # Python ints: no tensor indexing per module and LoRA
-    rows_l = rows.tolist() if layout != "padded" else None
+    known_np = known.numpy() if known is not None else None  # one row of Python ints per LoRA (below): no tensor
+    rows_np = rows.numpy() if layout != "padded" else None   # indexing per module, no N×L Python objects
 
     def target(j: int, ell: int, side: str) -> tuple[str, int]:
         if layout == "padded":
             return f"{side}/{spec.names[ell]}", j
-        return _bucket_key(side, spec.names[ell], known_l[j][ell]), rows_l[j][ell]
+        return _bucket_key(side, spec.names[ell], known_j[ell]), rows_j[ell]
 
     count, since_release = 0, 0
     per_lora = max(1, (total - len(head)) // n)
@@ -321,10 +321,12 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
             if j >= n:
                 raise CollectionError(f"more LoRAs than table rows ({n})")
             ranks_j = [m.rank for m in mods]
+            known_j = known_np[j].tolist() if known_np is not None else None
+            rows_j = rows_np[j].tolist() if rows_np is not None else None
             for ell, (m, r) in enumerate(zip(mods, ranks_j)):
-                if known_l is not None and r != known_l[j][ell]:
+                if known_j is not None and r != known_j[ell]:
                     raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} but the given ranks say "
-                                          f"{known_l[j][ell]}")
+                                          f"{known_j[ell]}")
                 if r > rmax[ell]:
                     raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} > rmax {rmax[ell]}")
                 for side, src in (("U", m.U), ("V", m.V)):
