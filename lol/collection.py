@@ -308,11 +308,20 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
 
     known_np = known.numpy() if known is not None else None  # one row of Python ints per LoRA (below): no tensor
     rows_np = rows.numpy() if layout != "padded" else None   # indexing per module, no N×L Python objects
+    # per module ℓ and rank r: the (U, V) destination blocks, numpy and torch views of the same bytes, looked up once
+    names = spec.names
+    if layout == "padded":
+        dest_of = [{None: tuple((np_views[f"{s}/{nm}"], views[f"{s}/{nm}"]) for s in "UV")} for nm in names]
+    else:
+        dest_of = [{r: tuple((np_views[_bucket_key(s, nm, r)], views[_bucket_key(s, nm, r)]) for s in "UV")
+                    for r in torch.unique(known[:, ell]).tolist()} for ell, nm in enumerate(names)]
 
-    def target(j: int, ell: int, side: str) -> tuple[str, int]:
-        if layout == "padded":
-            return f"{side}/{spec.names[ell]}", j
-        return _bucket_key(side, spec.names[ell], known_j[ell]), rows_j[ell]
+    def put(np_view, t_view, row: int, r: int, src: torch.Tensor) -> None:
+        if src.dtype == dtype and not src.requires_grad and src.device.type == "cpu":
+            a = _numpy(src)  # same dtype: a bitwise numpy copy, several times faster than torch's for V = Aᵀ
+            np.copyto(np_view[row] if np_view.shape[2] == r else np_view[row, :, :r], a)
+        else:
+            t_view[row, :, :r].copy_(src)  # converts: one rounding to the storage dtype
 
     count, since_release = 0, 0
     per_lora = max(1, (total - len(head)) // n)
@@ -321,20 +330,22 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
             if j >= n:
                 raise CollectionError(f"more LoRAs than table rows ({n})")
             ranks_j = [m.rank for m in mods]
-            known_j = known_np[j].tolist() if known_np is not None else None
-            rows_j = rows_np[j].tolist() if rows_np is not None else None
-            for ell, (m, r) in enumerate(zip(mods, ranks_j)):
-                if known_j is not None and r != known_j[ell]:
-                    raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} but the given ranks say "
-                                          f"{known_j[ell]}")
-                if r > rmax[ell]:
-                    raise CollectionError(f"LoRA #{j} module {m.name!r} has rank {r} > rmax {rmax[ell]}")
-                for side, src in (("U", m.U), ("V", m.V)):
-                    key, row = target(j, ell, side)
-                    if src.dtype == dtype and src.device.type == "cpu":  # same dtype: a bitwise numpy copy,
-                        np.copyto(np_views[key][row, :, :r], _numpy(src))  # several times faster for V = Aᵀ
-                    else:
-                        views[key][row, :, :r].copy_(src)  # converts: one rounding to the storage dtype
+            if known_np is not None:
+                known_j = known_np[j].tolist()
+                if ranks_j != known_j:
+                    ell = next(e for e, (a, b) in enumerate(zip(ranks_j, known_j)) if a != b)
+                    raise CollectionError(f"LoRA #{j} module {mods[ell].name!r} has rank {ranks_j[ell]} but the "
+                                          f"given ranks say {known_j[ell]}")
+            over = [e for e, r in enumerate(ranks_j) if r > rmax[e]]
+            if over:
+                raise CollectionError(f"LoRA #{j} module {mods[over[0]].name!r} has rank {ranks_j[over[0]]} > rmax "
+                                      f"{rmax[over[0]]}")
+            rows_j = rows_np[j].tolist() if rows_np is not None else [j] * L
+            for ell, m in enumerate(mods):
+                r, row = ranks_j[ell], rows_j[ell]
+                (u_np, u_t), (v_np, v_t) = dest_of[ell][None if layout == "padded" else r]
+                put(u_np, u_t, row, r, m.U)
+                put(v_np, v_t, row, r, m.V)
             views["rank"][j] = torch.tensor(ranks_j, dtype=torch.int32)
             views["alpha"][j] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
             views["scale"][j] = torch.tensor([m.scale for m in mods], dtype=torch.float32)

@@ -103,6 +103,46 @@ def test_shapes_only_read_agrees_with_full_read(tmp_path):
     assert all(m.U.is_meta and m.V.is_meta for m in head)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_whole_file_read_equals_memory_mapped_read(tmp_path, monkeypatch, dtype):
+    """Files up to WHOLE_READ_MAX are read in one piece (`deserialize`), larger ones tensor by tensor (`safe_open`):
+    the same tensors, metadata and NaN/Inf verdict either way, and a NaN is still named by key."""
+    from lol.formats import safetensors_file as sf
+
+    lora = random_lora(tiny_spec(), 3, alpha=6.0, seed=4)
+    f = save_diffusers(lora, tmp_path / "l.safetensors", dtype=dtype)
+    whole = load_safetensors(f)
+    monkeypatch.setattr(sf, "WHOLE_READ_MAX", 0)
+    mapped = load_safetensors(f)
+    assert list(whole.tensors) == list(mapped.tensors) and whole.metadata == mapped.metadata
+    assert all(torch.equal(whole.tensors[k], mapped.tensors[k]) for k in whole.tensors)
+    assert whole.all_finite is mapped.all_finite is True
+    monkeypatch.setattr(sf, "WHOLE_READ_MAX", 1 << 30)
+    t = load_file(str(f))
+    key = sorted(k for k in t if k.endswith("lora_B.weight"))[0]
+    t[key][0, 0] = float("inf")
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert load_safetensors(f).all_finite is False
+    with pytest.raises(LoRAFormatError, match=f"{key}.*1 NaN/Inf"):
+        read_lora(f)
+
+
+def test_shapes_only_reads_of_one_header_are_paired_once_but_name_their_file(tmp_path):
+    """`lol import` scans every header first; files with the same header share one pairing, each keeps its source,
+    and a file whose header differs (another rank) gets its own."""
+    spec = tiny_spec()
+    a = save_diffusers(random_lora(spec, 3, alpha=6.0, seed=1), tmp_path / "a.safetensors", dtype=torch.float16)
+    b = save_diffusers(random_lora(spec, 3, alpha=6.0, seed=2), tmp_path / "b.safetensors", dtype=torch.float16)
+    c = save_diffusers(random_lora(spec, 5, alpha=6.0, seed=3), tmp_path / "c.safetensors", dtype=torch.float16)
+    ha, hb, hc = (read_lora(p, shapes_only=True) for p in (a, b, c))
+    assert (ha.source, hb.source, hc.source) == (str(a), str(b), str(c))
+    assert ha.modules is not hb.modules and ha.names == hb.names and ha.ranks == hb.ranks
+    assert set(hc.ranks) == {5} and set(ha.ranks) == {3}
+    for p, h in ((a, ha), (c, hc)):
+        full = read_lora(p)
+        assert h.names == full.names and h.ranks == full.ranks and h.format == full.format
+
+
 def test_import_packs_the_same_bytes_as_the_float32_route(tmp_path, capsys):
     """`lol import` reads each file at the storage dtype; the packed factors equal packing the float32 reads."""
     spec = tiny_spec()

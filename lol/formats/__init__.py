@@ -12,6 +12,7 @@ Writers: `save_peft` and `save_diffusers`. Nothing here imports diffusers or pef
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -105,8 +106,23 @@ def read_lora(path, dtype: torch.dtype | None = None, shapes_only: bool = False)
         path = _single_file(path)
     _reject_pickle(path)
     loaded = load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)  # the file is read once
+    if shapes_only:  # files of one base model and trainer share their header: paired once (`lol import` scans all)
+        sig = (tuple((k, t.dtype, tuple(t.shape)) for k, t in loaded.tensors.items()),
+               tuple(sorted(loaded.metadata.items())))
+        hit = _HEADER_MEMO.get(sig)
+        if hit is not None:
+            return replace(hit, modules=dict(hit.modules), metadata=dict(hit.metadata), source=str(path))
     fmt = _detect_keys(path, list(loaded.tensors))
-    return (read_kohya if fmt == "kohya" else read_diffusers)(path, dtype, shapes_only, loaded=loaded)
+    lora = (read_kohya if fmt == "kohya" else read_diffusers)(path, dtype, shapes_only, loaded=loaded)
+    if shapes_only:
+        if len(_HEADER_MEMO) >= 64:
+            _HEADER_MEMO.clear()
+        _HEADER_MEMO[sig] = lora
+    return lora
+
+
+# (tensor names, dtypes, shapes; metadata) → the shapes-only LoRA read from such a header (no data, no file state)
+_HEADER_MEMO: dict[tuple, LoRA] = {}
 
 
 def lora_files(root) -> list[Path]:

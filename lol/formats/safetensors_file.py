@@ -11,6 +11,7 @@ here; dtypes and factor shapes are checked where tensors are paired (`lol.format
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 from functools import lru_cache
@@ -139,12 +140,19 @@ def _all_finite(tensors) -> bool:
 
 
 def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | None = None) -> Loaded:
-    """Read one safetensors file with the `safetensors` library (memory-mapped, validated by it).
+    """Read one safetensors file with the `safetensors` library (validated by it).
 
     Every floating tensor is checked for NaN/Inf (``all_finite``); floating tensors narrower than ``widen_to``
     (float16/bfloat16 → float32/float64, float32 → float64) are widened, which is exact. With ``shapes_only`` no data
-    is read and the tensors are empty ``meta``-device tensors of the right dtype and shape."""
+    is read and the tensors are empty ``meta``-device tensors of the right dtype and shape.
+
+    A file up to `WHOLE_READ_MAX` bytes (every LoRA file in practice) is read in one ``read`` and parsed by
+    ``safetensors.deserialize``: about twice as fast as a tensor-by-tensor ``safe_open`` (one system call, no
+    per-tensor mapping), which is what lets `lol import` keep pace with ``safetensors.torch.load_file``. Larger files
+    are memory-mapped with ``safe_open``, tensor by tensor, so memory stays at one copy."""
     path = Path(path)
+    if not shapes_only and _file_size(path) <= WHOLE_READ_MAX:
+        return _load_whole(path, widen_to)
     with open_safetensors(path) as f:
         meta = _str_meta(f.metadata())
         keys = list(f.keys())
@@ -164,7 +172,55 @@ def load_safetensors(path, shapes_only: bool = False, widen_to: torch.dtype | No
             raise
         except Exception as e:  # noqa: BLE001 -- the library's errors while mapping a tensor (e.g. unsupported dtype)
             raise _library_error(path, e) from None
-    finite = _all_finite(tensors.values())
+    return _finish(tensors, meta, _all_finite(tensors.values()), widen_to)
+
+
+WHOLE_READ_MAX = 1 << 30  # bytes: files up to this size are read whole (`load_safetensors`)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise LoRAFormatError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _load_whole(path: Path, widen_to: torch.dtype | None) -> Loaded:
+    """`load_safetensors` for a file read in one piece: the library parses and validates it (``deserialize``:
+    header, dtypes, shapes, byte ranges that exactly tile the data); ``__metadata__`` is then taken from the header
+    it validated. Because the tensors tile the data exactly, a file whose tensors share one float dtype is tested for
+    NaN/Inf in one pass over its data bytes."""
+    from safetensors import deserialize
+
+    _precheck(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LoRAFormatError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        flat = deserialize(data)
+    except Exception as e:  # noqa: BLE001 -- SafetensorError and the library's other errors: one line each
+        raise _library_error(path, e) from None
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = _str_meta(json.loads(data[8:8 + n]).get("__metadata__"))
+    tensors = {}
+    for key, v in sorted(flat, key=lambda kv: kv[0]):  # key order as ``safe_open(...).keys()`` gives it
+        dtype = _DTYPES.get(v["dtype"].upper()) if isinstance(v["dtype"], str) else None
+        if dtype is None:
+            raise LoRAFormatError(path, f"tensor {key!r} has dtype {v['dtype']}, which lol does not read; LoRA "
+                                        f"factors are float16/bfloat16/float32/float64")
+        buf = v["data"]
+        tensors[key] = (torch.frombuffer(buf, dtype=dtype).reshape(v["shape"]) if len(buf)
+                        else torch.empty(v["shape"], dtype=dtype))
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1 and next(iter(dtypes)) in _EXPONENT:  # one float dtype: the data region is all factors
+        finite = all_finite_bytes(memoryview(data)[8 + n:], next(iter(dtypes)))
+    else:
+        finite = _all_finite(tensors.values())
+    return _finish(tensors, meta, finite, widen_to)
+
+
+def _finish(tensors: dict, meta: dict, finite: bool, widen_to: torch.dtype | None) -> Loaded:
     if widen_to is not None:
         tensors = {k: (t.to(widen_to) if _wider(widen_to, t.dtype) else t) for k, t in tensors.items()}
     return Loaded(tensors, meta, finite)
