@@ -122,11 +122,13 @@ def test_plan_and_errors(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("lol.zoo.image_recipes") is None,
                     reason="image recipes (engineer C1) not written yet")
-def test_full_ci_build_all_three_collections(tmp_path):
+def test_full_ci_build_all_collections(tmp_path):
     rec = build("ci", tmp_path, progress=False, log=lambda *a: None)
-    assert set(rec["collections"]) == {"faces", "fashion", "lm"}
-    assert set(rec["bases"]) == {"sd", "clip", "lm"}
-    for name in ("faces", "fashion", "lm"):
+    assert set(rec["collections"]) == {"faces", "fashion", "fashion_v1", "lm"}
+    assert set(rec["bases"]) == {"sd", "sd_v1", "clip", "lm"}
+    # the sibling collection finetunes the sibling base (stage 1 of sd), recorded as such
+    assert open_collection(tmp_path / "collections" / "fashion_v1").meta["base_model"] == {"sd_v1": "base/sd_v1"}
+    for name in ("faces", "fashion", "fashion_v1", "lm"):
         col = open_collection(tmp_path / "collections" / name)
         assert len(col) == rec["collections"][name]["n_loras"] > 0
     assert open_collection(tmp_path / "collections" / "faces").spec.names[0].startswith("unet.")

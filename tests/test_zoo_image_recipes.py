@@ -89,6 +89,32 @@ def test_fashion_jobs_use_exactly_their_classes():
     assert len({r.group_key(j) for j in jobs}) == 1
 
 
+def test_fashion_sibling_jobs_same_recipe_other_draws():
+    """The sibling collection (base sd_v1) follows the main one's LoRA distribution with its own draws, ids and no
+    generated label; it needs only the sibling base."""
+    from lol.zoo.image_recipes import FASHION_PRESETS, FASHION_SIBLING_PRESETS, FashionSiblingRecipe
+
+    main_jobs, sib = FashionRecipe().jobs("default", 0), FashionSiblingRecipe()
+    jobs = sib.jobs("default", 0)
+    assert len(jobs) == FASHION_SIBLING_PRESETS["default"]["n_loras"] >= 300
+    assert all(j.id.startswith("fashion_v1-") for j in jobs) and sib.requires == ("sd_v1",)
+    assert all(j.params["gain"] is None for j in jobs)
+    assert "class_gain" not in sib.label_schema() and set(sib.tasks()) == {"membership", "dataset_size"}
+    drawn = lambda js: {(tuple(j.params["classes"]), tuple(j.params["images"])) for j in js}  # noqa: E731
+    assert not drawn(jobs) & drawn(main_jobs)  # no LoRA of the main collection is repeated
+    P = FASHION_PRESETS["default"]
+    lrs = np.array([j.params["lr"] for j in jobs])
+    assert lrs.min() >= P["lr_range"][0] and lrs.max() <= P["lr_range"][1]
+    assert {j.params["steps"] for j in jobs} <= set(range(P["steps_range"][0], P["steps_range"][1] + 1))
+
+
+def test_sibling_base_is_stage_one_of_sd(tmp_path):
+    from lol.zoo.image_bases import SDSiblingBase
+
+    with pytest.raises(FileNotFoundError, match="stage 1 of .*sibling-base"):
+        SDSiblingBase().build("ci", tmp_path / "base" / "sd_v1")
+
+
 def test_faces_run_group_labels_and_loras(faces_results):
     jobs, results = faces_results
     assert [r.job_id for r in results] == [j.id for j in jobs]

@@ -22,6 +22,8 @@ def register(sub) -> None:
     b.add_argument("--only", default=None,
                    help="comma list of targets: base, faces, fashion, lm (a collection pulls in its base models)")
     b.add_argument("--base", default=None, help="existing Stable Diffusion folder to use instead of training one")
+    b.add_argument("--sibling-base", default=None,
+                   help="existing Stable Diffusion folder for the sibling base sd_v1 (e.g. SD-1.4 beside --base SD-1.5)")
     b.add_argument("--scorer", default=None, help="existing CLIP folder to use as the scorer instead of training")
     b.add_argument("--lm-base", default=None, help="existing causal-LM folder (e.g. Qwen2) instead of training one")
     b.add_argument("--group-size", type=int, default=None, help="LoRAs trained together in one batched pass")
@@ -55,7 +57,8 @@ def cmd_build(args) -> int:
     from ..zoo.build import build
 
     rec = build(preset=args.preset, out=args.out, executor=args.executor, only=args.only,
-                base_paths={"sd": args.base, "clip": args.scorer, "lm": args.lm_base}, group_size=args.group_size,
+                base_paths={"sd": args.base, "sd_v1": args.sibling_base, "clip": args.scorer,
+                            "lm": args.lm_base}, group_size=args.group_size,
                 device=args.device, progress=not args.no_progress, threads=args.threads,
                 pack_partial=args.pack_partial)
     cols = ", ".join(f"{k}: {v['n_loras']} LoRAs" for k, v in rec["collections"].items()) or "none"

@@ -30,19 +30,21 @@ __all__ = ["PRESETS", "BASE_RECIPES", "COLLECTION_RECIPES", "build", "plan", "st
 BASE_RECIPES: dict[str, str] = {
     "clip": "lol.zoo.image_bases:CLIPBase",
     "sd": "lol.zoo.image_bases:SDBase",
+    "sd_v1": "lol.zoo.image_bases:SDSiblingBase",
     "lm": "lol.zoo.lm:LMBase",
 }
 COLLECTION_RECIPES: dict[str, str] = {
     "faces": "lol.zoo.image_recipes:FacesRecipe",
     "fashion": "lol.zoo.image_recipes:FashionRecipe",
+    "fashion_v1": "lol.zoo.image_recipes:FashionSiblingRecipe",
     "lm": "lol.zoo.lm:LMRecipe",
 }
 
 # per preset: the build seed and how many jobs share one batched pass (a recipe may override with
 # ``group_size(preset) -> int``). Recipes keep their own per-preset settings.
 PRESETS: dict[str, dict[str, Any]] = {
-    "ci": {"seed": 0, "group_size": {"faces": 4, "fashion": 4, "lm": 8, "*": 4}},
-    "default": {"seed": 0, "group_size": {"faces": 8, "fashion": 8, "lm": 16, "*": 8}},
+    "ci": {"seed": 0, "group_size": {"faces": 4, "fashion": 4, "fashion_v1": 4, "lm": 8, "*": 4}},
+    "default": {"seed": 0, "group_size": {"faces": 8, "fashion": 8, "fashion_v1": 8, "lm": 16, "*": 8}},
 }
 
 
@@ -185,7 +187,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
           pack_partial: bool = False, log=print) -> dict[str, Any]:
     """Build (or finish building) the zoo in ``out``; returns the content written to ``out/build.json``.
 
-    ``base_paths`` maps base names (``sd``, ``clip``, ``lm``) to existing model folders used instead of training.
+    ``base_paths`` maps base names (``sd``, ``sd_v1``, ``clip``, ``lm``) to existing model folders used instead of training.
     ``threads`` sets torch's intra-op threads (the zoo's tiny models run many small ops: on a shared CPU one thread
     per process is often >10× faster than two; parallelism comes from Ray workers).
     ``pack_partial`` trains nothing: it packs the groups finished so far into the collection (its provenance says

@@ -428,6 +428,31 @@ class SDBase:
         return _continue_sd(parent, P, preset, out_dir, resolve_base(clip_dir), pick_device(device), seed)
 
 
+class SDSiblingBase:
+    """The sibling text-to-image base ``base/sd_v1`` (as SD-1.4 is to SD-1.5): stage 1 of the zoo's ``base/sd``,
+    written when ``sd`` is trained (`SDBase`), so it needs nothing of its own. ``SDSiblingBase(pretrained=PATH)``
+    registers a real local SD-1.x folder instead (e.g. SD-1.4 beside an SD-1.5 given as ``--base``)."""
+
+    name = "sd_v1"
+    requires: tuple[str, ...] = ("sd",)
+
+    def __init__(self, pretrained: str | Path | None = None):
+        self.pretrained = pretrained
+
+    def is_built(self, out_dir: Path) -> bool:
+        return (Path(out_dir) / "record.json").is_file()
+
+    def build(self, preset: str, out_dir: Path, device: str | None = None, seed: int = 0) -> dict[str, Any]:
+        out_dir = Path(out_dir)
+        if self.pretrained is not None:
+            return _link_pretrained("sd", self.pretrained, out_dir, lambda p: load_sd_pipeline(p, "cpu"))
+        if not self.is_built(out_dir):
+            raise FileNotFoundError(f"{out_dir}: the sibling base is stage 1 of {out_dir.parent / 'sd'} and is "
+                                    f"written when that is trained; it is missing (sd was linked from a folder, or "
+                                    f"built by a one-stage preset): pass --sibling-base PATH, or rebuild sd")
+        return json.loads((out_dir / "record.json").read_text())
+
+
 def _build_sd(P: dict, preset: str, out_dir: Path, clip_dir: Path, device: str, seed: int) -> dict:
     from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)

@@ -29,8 +29,8 @@ import torch
 
 from .recipe import Job, JobResult
 
-__all__ = ["FacesRecipe", "FashionRecipe", "FACES_PRESETS", "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS",
-           "ImageLoRATrainer", "load_adapters", "sample_with_adapters", "TARGETS"]
+__all__ = ["FacesRecipe", "FashionRecipe", "FashionSiblingRecipe", "FASHION_SIBLING_PRESETS", "FACES_PRESETS",
+           "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS", "ImageLoRATrainer", "load_adapters", "sample_with_adapters", "TARGETS"]
 
 TARGETS = ("to_q", "to_v")
 INSTANCE_WORDS = ("celebrity", "person", "thing", "skd")
@@ -79,6 +79,14 @@ FASHION_PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(n_loras=420, rank=4, alpha=8.0, per_class=(6, 7, 8, 9, 10), lr_range=(1e-3, 1e-2),
                     steps_range=(60, 120), grad_accum=(1,), micro_batch=2, gain_images=1, gain_steps=8,
                     guidance=4.0, gain_seed=42, retest_seed=1042, retest_every=4),
+}
+# The sibling collection (`FashionSiblingRecipe`, on ``base/sd_v1``): the default preset's LoRA distribution (so
+# that a LoL model moved between the two bases meets LoRAs of the same recipe), its own draws of classes and images
+# (another stream, so no LoRA repeats one of the main collection), and only the exact labels (membership, number
+# of classes): no generations are needed, as in the paper's SD-1.4 → SD-1.5 Imagenette membership test.
+FASHION_SIBLING_PRESETS: dict[str, dict[str, Any]] = {
+    "ci": {**FASHION_PRESETS["ci"], "n_loras": 4, "gain_images": 0},
+    "default": {**FASHION_PRESETS["default"], "n_loras": 320, "gain_images": 0},
 }
 MAX_IDENTITY_IMAGES = 20  # a LoRA's images are drawn from images 0..19 of its identity
 
@@ -527,16 +535,19 @@ class FashionRecipe:
 
     name = "fashion"
     requires: tuple[str, ...] = ("sd", "clip")
+    base = "sd"                      # the text-to-image base the LoRAs finetune
+    presets = FASHION_PRESETS
+    stream = 0xFA5                   # random stream of the jobs' draws (classes, images, hyperparameters)
     sample_every = 100
 
     def jobs(self, preset: str, seed: int) -> list[Job]:
         from .fashion import CLASSES, class_indices
 
-        P = _preset(FASHION_PRESETS, preset, "fashion")
+        P = _preset(self.presets, preset, self.name)
         pools = class_indices("test")
         out = []
         for i in range(P["n_loras"]):
-            rng = np.random.default_rng([int(seed), 0xFA5, i])
+            rng = np.random.default_rng([int(seed), self.stream, i])
             keep = rng.random(len(CLASSES)) < 0.5
             if not keep.any():
                 keep[int(rng.integers(len(CLASSES)))] = True
@@ -551,9 +562,9 @@ class FashionRecipe:
                       "steps": int(rng.integers(P["steps_range"][0], P["steps_range"][1] + 1)),
                       "grad_accum": int(rng.choice(P["grad_accum"])), "micro_batch": int(P["micro_batch"]),
                       "retest": i % P["retest_every"] == 0,
-                      "gain": {"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"],
-                               "seed": P["gain_seed"], "retest_seed": P["retest_seed"]}}
-            out.append(Job(id=f"fashion-{i:05d}", seed=int(seed) * 1_000_033 + i, params=params))
+                      "gain": ({"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"],
+                                "seed": P["gain_seed"], "retest_seed": P["retest_seed"]} if P["gain_images"] else None)}
+            out.append(Job(id=f"{self.name}-{i:05d}", seed=int(seed) * 1_000_033 + i, params=params))
         return out
 
     def group_key(self, job: Job) -> Hashable:
@@ -588,7 +599,7 @@ class FashionRecipe:
             if self.group_key(j) != self.group_key(jobs[0]):
                 raise ValueError(f"job {j.id} cannot share a group with {jobs[0].id} (different rank/alpha/gain)")
         p0 = jobs[0].params
-        trainer = ImageLoRATrainer(resolve_base(bases["sd"]), device)
+        trainer = ImageLoRATrainer(resolve_base(bases[self.base]), device)
         plans, infos = [], []
         for j in jobs:
             imgs = [fashion_image(i, "test", trainer.resolution) for i in j.params["images"]]
@@ -645,6 +656,23 @@ class FashionRecipe:
         finally:
             ml.remove()
         return results
+
+
+class FashionSiblingRecipe(FashionRecipe):
+    """The fashion collection's twin on the sibling base ``base/sd_v1`` (`FASHION_SIBLING_PRESETS`): LoL models
+    trained on one base's LoRAs are tested on the other's (the paper's SD-1.4 → SD-1.5 membership test)."""
+
+    name = "fashion_v1"
+    requires: tuple[str, ...] = ("sd_v1",)
+    base = "sd_v1"
+    presets = FASHION_SIBLING_PRESETS
+    stream = 0xFA51
+
+    def label_schema(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in super().label_schema().items() if k != "class_gain"}
+
+    def tasks(self) -> dict[str, list[str]]:
+        return {k: v for k, v in super().tasks().items() if k != "class_gain"}
 
 
 def _class_targets(scorer, images) -> list[tuple[str, torch.Tensor]]:
