@@ -37,7 +37,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints",
-           "evaluate_rows", "rank_generalization", "primary_metric", "load_grid", "write_results_readme"]
+           "evaluate_rows", "rank_generalization", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
 BASELINE = "mlp"
@@ -577,6 +577,47 @@ def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[
     return pd.DataFrame(rows)
 
 
+def base_transfer(train_coll, eval_coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
+                  config=None, hparams=None, log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Train on the LoRAs of one base model, test on the LoRAs of its sibling (the paper's SD-1.4 → SD-1.5 test).
+
+    Each model is trained on ``train_coll`` (grouped split, selected on its validation split) and scored on that
+    collection's own test split (``eval = "same base"``) and on every LoRA of ``eval_coll`` (``"sibling base"``):
+    LoRAs of another base, none of which was seen. The two collections must adapt the same modules with the same
+    shapes (siblings share an architecture). Returns tidy rows (train_collection, eval_collection, eval, model,
+    seed, n, label, label_kind, metric, value)."""
+    from .train import TrainConfig, train
+
+    a, b = train_coll.spec, eval_coll.spec
+    if list(a.names) != list(b.names) or list(a.shapes) != list(b.shapes):
+        raise LoLError(f"{eval_coll.path} does not adapt the same modules as {train_coll.path}: a LoL model reads "
+                       f"one module layout (siblings share the architecture)")
+    config = config or TrainConfig()
+    batch, cols, kinds, table = task_data(train_coll, task, main_rows(train_coll))
+    ob, oc, okinds, _ = task_data(eval_coll, task, main_rows(eval_coll))
+    if okinds != kinds:
+        raise LoLError(f"task {task!r} has labels {okinds} in {eval_coll.path} but {kinds} in {train_coll.path}")
+    names = (str(Path(train_coll.path).name), str(Path(eval_coll.path).name))
+    rows = []
+    for kind in models:
+        for seed in seeds:
+            res = train(batch, cols, kind, replace(config, seed=int(seed), model=dict((hparams or {}).get(kind, {}))),
+                        table=table, kinds=kinds)
+            te = np.nonzero(res.split == "test")[0]
+            evals = [("same base", names[0], batch.select(te), {k: v[te] for k, v in cols.items()}),
+                     ("sibling base", names[1], ob, oc)]
+            for where, coll_name, bb, cc in evals:
+                for label, ms in evaluate_rows(res.model, res.targets, bb, cc).items():
+                    for metric, value in ms.items():
+                        rows.append({"train_collection": names[0], "eval_collection": coll_name, "eval": where,
+                                     "task": task, "model": kind, "seed": seed, "n": len(bb), "label": label,
+                                     "label_kind": kinds[label], "metric": metric, "value": value})
+            if log:
+                log(f"[transfer] {task} {kind} seed {seed}: trained on {int((res.split == 'train').sum())} LoRAs of "
+                    f"{names[0]}, tested on {len(te)} of them and {len(ob)} of {names[1]}")
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # results/README.md
 
@@ -587,6 +628,7 @@ README_SECTIONS = (
     ("Regression: predicted vs actual", None, ["scatter_*.png"]),
     ("Membership", "membership_metrics.md", ["roc_*.png"]),
     ("Rank generalization", "rank_generalization.md", ["rank_generalization_*.png"]),
+    ("Transfer to a sibling base", "base_transfer.md", ["base_transfer_*.png"]),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )

@@ -14,7 +14,8 @@ import pandas as pd
 
 from . import metrics as M
 
-__all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "rank_generalization_plot", "speed_plot",
+__all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "rank_generalization_plot", "base_transfer_plot",
+           "speed_plot",
            "umap_panel", "results_bar", "r2_vs_ceiling", "save", "scatter_pred_actual_plotly"]
 
 
@@ -150,6 +151,31 @@ def rank_generalization_plot(rows: pd.DataFrame, metric: str):
     ax.set_title(f"{r.task.iloc[0] if len(r) else ''}: trained on rank {int(r.train_rank.iloc[0]) if len(r) else '?'}",
                  fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def base_transfer_plot(rows: pd.DataFrame, metric: str):
+    """Per training direction (panel) and model: ``metric`` (mean over the task's labels; mean ± std over seeds) on
+    the training base's own test LoRAs and on the sibling base's LoRAs, side by side (`experiments.base_transfer`)."""
+    r = rows[rows.metric == metric]
+    task_level = r.groupby(["train_collection", "eval", "model", "seed"])["value"].mean().reset_index()
+    s = task_level.groupby(["train_collection", "eval", "model"], sort=False)["value"].agg(["mean", "std"]).reset_index()
+    dirs = list(dict.fromkeys(r.train_collection))
+    fig, axes = _grid(len(dirs), size=(5.0, 3.8))
+    for ax, d in zip(axes, dirs):
+        g = s[s.train_collection == d]
+        models = list(dict.fromkeys(g.model))
+        other = r[r.train_collection == d].eval_collection
+        sib = next((c for c in other if c != d), "sibling")
+        x = np.arange(len(models))
+        for k, (where, name) in enumerate((("same base", f"{d} (test split)"), ("sibling base", sib))):
+            gg = g[g["eval"] == where].set_index("model").reindex(models)
+            ax.bar(x + (k - 0.5) * 0.38, gg["mean"], 0.38, yerr=gg["std"].fillna(0), capsize=2, label=name)
+        ax.set_xticks(x, models, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{r.task.iloc[0] if len(r) else ''}: trained on {d}", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -214,6 +214,26 @@ def test_rank_generalization(mixed):
         X.rank_generalization(mixed, "spectrum", ["mlp"], config=CFG, train_rank=2, eval_ranks=(4,), log=None)
 
 
+def test_base_transfer(coll, tmp_path):
+    """Trained on one collection, scored on its own test split and on every LoRA of a sibling with the same modules;
+    a collection with other modules is refused."""
+    d = tmp_path / "sibling"
+    synth_collection(tiny_spec(), 40, ranks=(4,), seed=7).write(d)
+    sib = open_collection(d)
+    rows = X.base_transfer(coll, sib, "spectrum", ["glnet", "svals"], seeds=(0, 1), config=CFG, log=None)
+    assert set(rows["eval"]) == {"same base", "sibling base"} and set(rows.model) == {"glnet", "svals"}
+    assert set(rows.seed) == {0, 1} and set(rows.train_collection) == {"synth"}
+    assert (rows[rows["eval"] == "sibling base"].n == len(sib)).all()
+    assert (rows[rows["eval"] == "same base"].n < len(coll)).all()  # the train collection's test split only
+    assert np.isfinite(rows[rows.metric == "r2"].value).all()
+    from lol.lora import ModuleSpec
+
+    other = tmp_path / "other"
+    synth_collection(ModuleSpec(("unet.x.to_q",), ((8, 8),)), 20, ranks=(4,), seed=3).write(other)
+    with pytest.raises(LoLError, match="same modules"):
+        X.base_transfer(coll, open_collection(other), "spectrum", ["glnet"], config=CFG, log=None)
+
+
 def test_gl_invariant_flag_matches_the_models():
     """`gl_invariant(kind)` is what the comparison trusts: flagged models give the same output for a LoRA moved by a
     random non-orthogonal R ∈ GL(r) (float64); the others change (sensitivity)."""

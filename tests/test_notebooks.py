@@ -85,8 +85,12 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     for f in ("results_bar.png", "scatter_faces_clip_score.png", "roc_fashion_membership.png",
               "roc_lm_membership.png", "membership_metrics.csv", "rank_generalization.csv",
               "rank_generalization_clip_score.png", "speed.csv", "throughput.csv", "speed.png",
-              "umap_faces_attributes.png", "embeddings_gl_change.csv"):
+              "umap_faces_attributes.png", "embeddings_gl_change.csv", "base_transfer.csv",
+              "base_transfer_membership.png"):
         assert (res / f).is_file(), f
+    transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
+    assert set(transfer.train_collection) == {"fashion", "fashion_v1"} and set(transfer["eval"]) == {"same base",
+                                                                                                    "sibling base"}
 
 
 def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):
