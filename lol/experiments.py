@@ -37,7 +37,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints",
-           "evaluate_rows", "rank_generalization", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
+           "evaluate_rows", "rank_generalization", "learning_curve", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
 BASELINE = "mlp"
@@ -577,6 +577,46 @@ def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[
     return pd.DataFrame(rows)
 
 
+def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[float] = (0.25, 0.5, 1.0),
+                   seeds: Sequence[int] = (0, 1, 2), config=None, hparams=None,
+                   log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Test score against the amount of training data: per seed, the grouped split of `run_grid` (same seed, same
+    fractions); then each model is trained on the first ``f`` of the training *groups* in a seeded order (nested:
+    the 25 % are inside the 50 %), always with the same validation and test splits, so only the training data
+    change. A curve still rising at 1.0 says more LoRAs would help. Returns tidy rows (collection, task, model, seed,
+    fraction, n_train, label, label_kind, metric, value), test split only."""
+    from .splits import make_splits
+    from .train import TrainConfig, train
+
+    config = config or TrainConfig()
+    batch, cols, kinds, table = task_data(coll, task, main_rows(coll))
+    groups = table["group"].astype(str).to_numpy() if "group" in table.columns else np.arange(len(table)).astype(str)
+    rows = []
+    for seed in seeds:
+        split = make_splits(len(table), config.fractions, int(seed), groups if "group" in table.columns else None)
+        train_groups = np.unique(groups[split == "train"])
+        order = np.random.default_rng([int(seed), 0x1C]).permutation(train_groups)
+        for f in fractions:
+            if not 0 < f <= 1:
+                raise LoLError(f"learning_curve: fractions must be in (0, 1], got {f}")
+            keep = set(order[:max(1, int(round(f * len(order))))])
+            idx = np.nonzero((split != "train") | np.isin(groups, list(keep)))[0]
+            t = table.iloc[idx].reset_index(drop=True).assign(split=split[idx])
+            b, c = batch.select(torch.as_tensor(idx)), {k: v[idx] for k, v in cols.items()}
+            n_train = int((split[idx] == "train").sum())
+            for kind in models:
+                cfg = replace(config, seed=int(seed), model=dict((hparams or {}).get(kind, {})))
+                res = train(b, c, kind, cfg, table=t, kinds=kinds)
+                for label, ms in res.metrics["test"].items():
+                    for metric, value in ms.items():
+                        rows.append({"collection": str(Path(coll.path).name), "task": task, "model": kind,
+                                     "seed": seed, "fraction": float(f), "n_train": n_train, "label": label,
+                                     "label_kind": kinds[label], "metric": metric, "value": value})
+                if log:
+                    log(f"[curve] {task} {kind} seed {seed}: {f:.0%} of the training groups ({n_train} LoRAs)")
+    return pd.DataFrame(rows)
+
+
 def base_transfer(train_coll, eval_coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
                   config=None, hparams=None, log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Train on the LoRAs of one base model, test on the LoRAs of its sibling (the paper's SD-1.4 → SD-1.5 test).
@@ -629,6 +669,7 @@ README_SECTIONS = (
     ("Membership", "membership_metrics.md", ["roc_*.png"]),
     ("Rank generalization", "rank_generalization.md", ["rank_generalization_*.png"]),
     ("Transfer to a sibling base", "base_transfer.md", ["base_transfer_*.png"]),
+    ("Learning curves", "learning_curves.md", ["learning_curves.png"]),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )

@@ -15,7 +15,7 @@ import pandas as pd
 from . import metrics as M
 
 __all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "rank_generalization_plot", "base_transfer_plot",
-           "speed_plot",
+           "learning_curve_plot", "speed_plot",
            "umap_panel", "results_bar", "r2_vs_ceiling", "save", "scatter_pred_actual_plotly"]
 
 
@@ -175,6 +175,28 @@ def base_transfer_plot(rows: pd.DataFrame, metric: str):
         ax.set_xticks(x, models, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(metric)
         ax.set_title(f"{r.task.iloc[0] if len(r) else ''}: trained on {d}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curve_plot(rows: pd.DataFrame, metric_by_kind: Mapping[str, str] | None = None):
+    """One panel per (collection, task): the task's primary test metric (mean over its labels; mean ± std over
+    seeds) against the share of training groups used, one line per model (`experiments.learning_curve`)."""
+    metric_by_kind = metric_by_kind or {"regression": "r2", "binary": "auc", "category": "balanced_accuracy"}
+    r = rows[rows.metric == rows.label_kind.map(metric_by_kind)]
+    panels = list(dict.fromkeys(zip(r.collection, r.task)))
+    fig, axes = _grid(len(panels), size=(4.2, 3.4))
+    for ax, (c, t) in zip(axes, panels):
+        p = r[(r.collection == c) & (r.task == t)]
+        lvl = p.groupby(["model", "seed", "fraction"])["value"].mean().reset_index()
+        s = lvl.groupby(["model", "fraction"], sort=False)["value"].agg(["mean", "std"]).reset_index()
+        for model, g in s.groupby("model", sort=False):
+            ax.errorbar(g.fraction * 100, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=model)
+        ax.set_xticks(sorted(p.fraction.unique() * 100))
+        ax.set_xlabel("training groups used (%)")
+        ax.set_ylabel(p.metric.iloc[0])
+        ax.set_title(f"{c} / {t}", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

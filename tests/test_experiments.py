@@ -214,6 +214,22 @@ def test_rank_generalization(mixed):
         X.rank_generalization(mixed, "spectrum", ["mlp"], config=CFG, train_rank=2, eval_ranks=(4,), log=None)
 
 
+def test_learning_curve_keeps_val_and_test_and_nests_training(coll):
+    rows = X.learning_curve(coll, "spectrum", ["glnet", "svals"], fractions=(0.25, 0.5, 1.0), seeds=(0, 1),
+                            config=CFG, log=None)
+    assert set(rows.fraction) == {0.25, 0.5, 1.0} and set(rows.model) == {"glnet", "svals"}
+    n = rows.groupby(["seed", "fraction"]).n_train.first().unstack()
+    assert (n[0.25] < n[0.5]).all() and (n[0.5] < n[1.0]).all()
+    full = X.task_data(coll, "spectrum")[3]
+    from lol.splits import make_splits
+
+    for seed in (0, 1):  # at 100 % it is run_grid's split: every training LoRA of that seed
+        assert n.loc[seed, 1.0] == int((make_splits(len(full), CFG.fractions, seed) == "train").sum())
+    assert np.isfinite(rows[rows.metric == "r2"].value).all()
+    with pytest.raises(LoLError, match="fractions"):
+        X.learning_curve(coll, "spectrum", ["svals"], fractions=(0.0,), seeds=(0,), config=CFG, log=None)
+
+
 def test_base_transfer(coll, tmp_path):
     """Trained on one collection, scored on its own test split and on every LoRA of a sibling with the same modules;
     a collection with other modules is refused."""

@@ -86,7 +86,7 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
               "roc_lm_membership.png", "membership_metrics.csv", "rank_generalization.csv",
               "rank_generalization_clip_score.png", "speed.csv", "throughput.csv", "speed.png",
               "umap_faces_attributes.png", "embeddings_gl_change.csv", "base_transfer.csv",
-              "base_transfer_membership.png"):
+              "base_transfer_membership.png", "learning_curves.csv", "learning_curves.png"):
         assert (res / f).is_file(), f
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
     assert set(transfer.train_collection) == {"fashion", "fashion_v1"} and set(transfer["eval"]) == {"same base",

@@ -126,8 +126,14 @@ def test_full_ci_build_all_collections(tmp_path):
     rec = build("ci", tmp_path, progress=False, log=lambda *a: None)
     assert set(rec["collections"]) == {"faces", "fashion", "fashion_v1", "lm"}
     assert set(rec["bases"]) == {"sd", "sd_v1", "clip", "lm"}
-    # the sibling collection finetunes the sibling base (stage 1 of sd), recorded as such
-    assert open_collection(tmp_path / "collections" / "fashion_v1").meta["base_model"] == {"sd_v1": "base/sd_v1"}
+    # the sibling collection finetunes the sibling base (stage 1 of sd), recorded as the "sd" it generates with
+    sib = open_collection(tmp_path / "collections" / "fashion_v1")
+    assert json.loads(sib.meta["base_model"]) == {"sd": "base/sd_v1"}
+    from lol.catalog import bases as shipped_bases, model_folder
+
+    known = shipped_bases({n: tmp_path / "collections" / n for n in sorted(rec["collections"])})
+    assert model_folder(sib, "sd", known) == tmp_path / "base" / "sd_v1"  # not the main base of the same spec
+    assert known[0].models["sd"] == tmp_path / "base" / "sd"  # an upload of that spec generates on the main base
     for name in ("faces", "fashion", "fashion_v1", "lm"):
         col = open_collection(tmp_path / "collections" / name)
         assert len(col) == rec["collections"][name]["n_loras"] > 0

@@ -168,7 +168,10 @@ def _pack(name: str, recipe, results, out: Path, bases: dict[str, Path], manifes
         rows.append(row)
     from .image_bases import _rel
 
-    base_dirs = {b: _rel(bases[b], out) for b in recipe.requires}
+    # each base under the role it plays for the collection (`recipe.base_roles`; a sibling collection records
+    # ``{"sd": "base/sd_v1"}``), which is what readers of ``base_model`` look up (`lol.catalog.model_folder`)
+    roles = getattr(recipe, "base_roles", {})
+    base_dirs = {roles.get(b, b): _rel(bases[b], out) for b in recipe.requires}
     dest = out / "collections" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_collection(dest, (r.lora for r in results), rows, labels=schema, tasks=tasks,

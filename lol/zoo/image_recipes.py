@@ -665,6 +665,7 @@ class FashionSiblingRecipe(FashionRecipe):
     name = "fashion_v1"
     requires: tuple[str, ...] = ("sd_v1",)
     base = "sd_v1"
+    base_roles = {"sd_v1": "sd"}     # recorded as the collection's "sd": what it generates with
     presets = FASHION_SIBLING_PRESETS
     stream = 0xFA51
 
