@@ -22,6 +22,8 @@ COLLECTION_TITLES = {
     "faces": "faces — CelebA-LoRA analogue: one procedurally drawn identity per LoRA; attributes and CLIP score",
     "fashion": "fashion — Imagenette-LoRA analogue: Fashion-MNIST class subsets; class membership, number of classes "
                "(dataset size), class gain",
+    "fashion_v1": "fashion_v1 — the fashion recipe on the sibling base `base/sd_v1` (SD-1.4 to fashion's SD-1.5): "
+                  "class membership, number of classes; for training on one base and testing on the other (notebook 08)",
     "lm": "lm — Qwen2-ARC-LoRA analogue: QA sources dropped at random; challenge accuracy, eval loss, membership",
 }
 
@@ -184,7 +186,11 @@ def data_readme(out: str | Path) -> str:
             continue
         lines += _base_section(name, out / "base" / name)
     lines += ["## Collections", ""]
-    for name in ("faces", "fashion", "lm"):
+    cdir = out / "collections"
+    # the three default collections always (a missing one says so), the sibling and any other one when packed there
+    names = [n for n in COLLECTION_TITLES if n in ("faces", "fashion", "lm") or (cdir / n).is_dir()]
+    names += sorted(p.name for p in cdir.glob("*") if p.is_dir() and p.name not in names) if cdir.is_dir() else []
+    for name in names:
         lines += _collection_section(name, out / "collections" / name, build)
     samples = sorted((out / "samples").glob("*.png")) if (out / "samples").is_dir() else []
     if samples:
