@@ -1,7 +1,7 @@
 """What a data folder offers, and what fits what: the packed collections, the base models they were trained on, and
 the trained checkpoints — read from their own metadata (``collection.json``, a checkpoint's ``config.json``), never
-guessed from names. Used by the explorer to tell which shipped base an uploaded LoRA belongs to and which models can
-predict for it.
+guessed from names. Used by the explorer to tell which shipped base an uploaded LoRA belongs to, which models can
+predict for it (`checkpoints`, `CheckpointInfo.fits`) and what each recorded when it was trained (`metrics_table`).
 
 A *base* here is one module spec (names and shapes of the adapted layers) with the base-model folders the
 collections on it record (``{"sd": "base/sd", "clip": "base/clip"}``); collections that share a spec (the zoo's faces
@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import LoLError
 from .lora import ModuleSpec
 
-__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "checkpoints_for", "home_collection"]
+__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "CheckpointInfo", "checkpoints",
+           "checkpoints_for", "home_collection", "metrics_table"]
 
 
 @dataclass
@@ -147,16 +148,82 @@ def _checkpoint_config(folder) -> dict:
         return {}
 
 
-def checkpoints_for(base: Base, folders) -> list:
-    """The checkpoint folders (of ``folders``) whose modules are the base's, read from their ``config.json`` (no
-    model is loaded): the models that can predict for any LoRA of that base, labels or not."""
-    out = []
-    for f in folders:
-        spec = _checkpoint_config(f).get("spec")
-        spec = ModuleSpec.from_json(spec) if isinstance(spec, dict) else None
-        if spec is not None and spec.keys == base.spec.keys and spec.shapes == base.spec.shapes:
-            out.append(f)
-    return out
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A trained checkpoint as its ``config.json`` describes it, read without loading the model: ``name`` is its
+    folder under the checkpoints root (``faces/attributes``), ``shipped_for`` the labels the checkpoint index ships it
+    for. A folder that is not a readable checkpoint has ``error`` (one line naming the file) and no spec."""
+
+    path: str
+    name: str
+    kind: str | None = None
+    labels: tuple[str, ...] = ()
+    spec: ModuleSpec | None = None
+    config: dict = field(default_factory=dict, compare=False)
+    shipped_for: tuple[str, ...] = ()
+    error: str | None = None
+
+    def fits(self, spec: ModuleSpec, shapes: bool = False) -> bool:
+        """Whether the checkpoint reads LoRAs of ``spec``: the same module keys (and shapes, with ``shapes``)."""
+        return self.spec is not None and self.spec.keys == spec.keys and (not shapes or self.spec.shapes == spec.shapes)
+
+
+def _checkpoint_info(folder: Path, name: str, shipped_for: tuple[str, ...]) -> CheckpointInfo:
+    from .checkpoint import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+
+    cfg_file = folder / CONFIG_NAME
+    try:
+        missing = next((f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()), None)
+        if missing:
+            raise LoLError(f"{folder}: not a LoL checkpoint (missing {missing})")
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.get("format") != FORMAT:
+            raise LoLError(f"{cfg_file}: not a LoL checkpoint config (format {cfg.get('format')!r})")
+        return CheckpointInfo(str(folder), name, cfg.get("kind"), tuple(t["name"] for t in cfg["labels"]),
+                              ModuleSpec.from_json(cfg["spec"]), cfg, shipped_for)
+    except (LoLError, OSError, ValueError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        return CheckpointInfo(str(folder), name, shipped_for=shipped_for,
+                              error=msg if isinstance(e, LoLError) else f"{cfg_file}: {type(e).__name__}: {msg}")
+
+
+def checkpoints(root: Path | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint folder under ``DATA/checkpoints`` (`lol.paths.checkpoint_dirs`): the ones the index ships
+    first, then by name. A malformed index raises `ValueError` naming the file."""
+    from .paths import checkpoint_dirs, checkpoint_index, checkpoint_index_path, checkpoints_root
+
+    index = checkpoint_index(checkpoint_index_path(root))
+    top = checkpoints_root(root).resolve()
+    out = [_checkpoint_info(d, str(d.relative_to(top)) if d.is_relative_to(top) else d.name,
+                            tuple(label for label, p in index.items() if p == d)) for d in checkpoint_dirs(root)]
+    return sorted(out, key=lambda c: (not c.shipped_for, c.name))
+
+
+def checkpoints_for(base: Base, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """The checkpoints whose modules (keys and shapes) are the base's: the models that can predict for any LoRA of
+    that base, labels or not."""
+    return [c for c in infos if c.fits(base.spec, shapes=True)]
+
+
+def metrics_table(infos: list[CheckpointInfo], split: str = "test"):
+    """One row per (checkpoint, label): model kind, symmetry, whether the index ships it for that label, and the
+    ``split`` metrics recorded in its ``config.json`` when it was trained (`lol.train`), under their names on screen
+    (`lol.metrics.METRIC_NAMES`); unreadable checkpoints get one row with the ``problem``. None without rows."""
+    import pandas as pd
+
+    from .metrics import METRIC_NAMES
+
+    rows = []
+    for c in infos:
+        head = {"checkpoint": c.name, "model": c.kind or "?", "invariant to": c.config.get("invariant_to") or "?"}
+        if c.error:
+            rows.append({**head, "label": "", "problem": c.error})
+            continue
+        recorded = (c.config.get("metrics") or {}).get(split) or {}
+        for label in c.labels:
+            rows.append({**head, "label": label, "shipped": "yes" if label in c.shipped_for else "",
+                         **{f"{split} {METRIC_NAMES.get(k, k)}": v for k, v in (recorded.get(label) or {}).items()}})
+    return pd.DataFrame(rows) if rows else None
 
 
 def home_collection(checkpoint_dir, base: Base, collections: dict[str, Path]) -> str | None:

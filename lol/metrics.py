@@ -14,7 +14,12 @@ import math
 import numpy as np
 
 __all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "roc_curve", "tpr_at_fpr",
-           "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "confusion"]
+           "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "confusion", "METRIC_NAMES"]
+
+# the keys of the ``*_metrics`` dicts (as checkpoints and result tables record them) -> their names on screen
+METRIC_NAMES = {"r2": "R²", "spearman": "Spearman ρ", "kendall": "Kendall τ", "mae": "MAE", "auc": "AUC",
+                "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "tpr_at_1pct_fpr": "TPR @ 1% FPR",
+                "tpr_at_0.1pct_fpr": "TPR @ 0.1% FPR"}
 
 
 def _pair(y, p):

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["embed_loras", "embed_collection", "nearest"]
+__all__ = ["embed_loras", "embed_collection", "nearest", "nearest_table"]
 
 
 def _dtype(ckpt):
@@ -55,3 +55,19 @@ def nearest(query: np.ndarray, bank: np.ndarray, k: int = 5) -> tuple[np.ndarray
     k = min(k, len(bank))
     idx = np.argsort(d, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(d, idx, axis=1)
+
+
+def nearest_table(ckpt, named: Sequence[tuple[str, object]], bank: np.ndarray, table, k: int = 5,
+                  max_labels: int = 6):
+    """For each ``(name, LoRA)`` of ``named``, its ``k`` nearest LoRAs of a collection in the checkpoint's embedding
+    (``bank``: `embed_collection` of that collection; ``table``: its table, same order), with their measured values of
+    the checkpoint's labels (the first ``max_labels`` the table has). One row per (name, rank): ``file``, ``#``,
+    ``LoRA`` (id), ``distance`` (`nearest`), then the labels."""
+    import pandas as pd
+
+    table = table.reset_index(drop=True)
+    labels = [c for c in ckpt.labels if c in table.columns][:max_labels]
+    idx, dist = nearest(embed_loras(ckpt, [lo for _, lo in named]), bank, k=k)
+    return pd.DataFrame([{"file": name, "#": rank, "LoRA": str(table.loc[j, "id"]), "distance": float(d),
+                          **{lab: table.loc[j, lab] for lab in labels}}
+                         for i, (name, _) in enumerate(named) for rank, (j, d) in enumerate(zip(idx[i], dist[i]), 1)])

@@ -3,7 +3,9 @@ features and of each trained model's embedding) and each trained model's predict
 
 * `collection_features`: one feature row per LoRA (``svals``, ``canon`` … of `lol.features.FEATURIZERS`, or the raw
   factors), optionally after an independent random GL(r) move of every module (the invariance check).
-* `umap_2d`: the map itself (features standardised per dimension, then seeded UMAP).
+* `gl_check`: raw factors against invariant features under such a move, and `map_disparity` of two maps.
+* `umap_2d`: the map itself (features standardised per dimension, then seeded UMAP); `cached_umap` keeps each map
+  computed on the fly in a folder, keyed by the data and the parameters.
 * `predict_collection`: a checkpoint's predictions for every LoRA of a collection.
 * `write_precomputed`: the default maps of a packed collection (the invariant features and every given checkpoint
   whose modules fit) and those checkpoints' predictions, written beside it as ``precomputed.npz`` +
@@ -22,11 +24,13 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATA_NAME", "META_NAME", "DEFAULT_PARAMS", "INVARIANT_KINDS", "collection_features", "umap_2d",
+__all__ = ["DATA_NAME", "META_NAME", "DEFAULT_PARAMS", "INVARIANT_KINDS", "collection_features", "GLCheck", "gl_check",
+           "map_disparity", "umap_2d", "cached_umap",
            "weights_sha256", "predict_collection", "write_precomputed", "shipped_map", "shipped_predictions",
            "map_key"]
 
@@ -66,6 +70,48 @@ def collection_features(coll, kind: str = "svals", gl_seed: int | None = None, l
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0))
 
 
+def _relative_change(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-300))
+
+
+@dataclass
+class GLCheck:
+    """Features of the first LoRAs of a collection before and after an independent random non-orthogonal
+    R ∈ GL(r) per module and LoRA (float64): the raw factors (which move) and invariant features (which must not)."""
+
+    raw: np.ndarray
+    raw_moved: np.ndarray
+    invariant: np.ndarray
+    invariant_moved: np.ndarray
+
+    @property
+    def raw_change(self) -> float:
+        """‖raw − raw moved‖_F / ‖raw‖_F: large, the factors are not invariant."""
+        return _relative_change(self.raw, self.raw_moved)
+
+    @property
+    def invariant_change(self) -> float:
+        """The same for the invariant features: float64 round-off (~1e-15)."""
+        return _relative_change(self.invariant, self.invariant_moved)
+
+
+def gl_check(coll, limit: int = 300, seed: int = 1, kind: str = "svals") -> GLCheck:
+    """`collection_features` of the first ``limit`` LoRAs, raw and ``kind``, in float64, without and with the GL move
+    seeded by ``seed``."""
+    return GLCheck(*(collection_features(coll, k, s, limit, True) for k in ("raw", kind) for s in (None, seed)))
+
+
+def map_disparity(a: np.ndarray, b: np.ndarray) -> float:
+    """How different two 2-D maps of the same points are after the best rotation, scaling and shift (Procrustes
+    disparity: 0 = the same map, 1 = unrelated); NaN for a degenerate map (all points equal)."""
+    from scipy.spatial import procrustes
+
+    try:
+        return float(procrustes(a, b)[2])
+    except ValueError:
+        return float("nan")
+
+
 def umap_2d(features: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
     """(n, 2) UMAP of ``features`` (rows = LoRAs), each dimension standardised first; fewer than 4 rows are laid
     out on a line in row order. ``n_neighbors`` is capped at n − 1."""
@@ -80,6 +126,24 @@ def umap_2d(features: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # seeded UMAP: one thread
         return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+
+
+def cached_umap(features: np.ndarray, key: str, folder, n_neighbors: int = 15, min_dist: float = 0.1,
+                seed: int = 0) -> np.ndarray:
+    """`umap_2d` of ``features``, kept as ``folder/<digest>.npy`` keyed by ``key`` (name the data and the feature
+    kind, e.g. the collection fingerprint) and the parameters, so later calls — across processes — read the file.
+    ``n_neighbors`` is capped at n − 1 as `umap_2d` does, so both spellings share one file."""
+    n = len(features)
+    params = dict(n_neighbors=int(min(n_neighbors, max(2, n - 1))), min_dist=float(min_dist), seed=int(seed))
+    file = Path(folder) / f"{hashlib.sha1((key + json.dumps(params, sort_keys=True)).encode()).hexdigest()[:20]}.npy"
+    if file.is_file():
+        xy = np.load(file, allow_pickle=False)
+        if xy.shape == (n, 2):
+            return xy
+    xy = umap_2d(features, **params)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(file, lambda f: np.save(f, xy, allow_pickle=False))
+    return xy
 
 
 def predict_collection(ckpt, coll, chunk: int = 256):

@@ -1,5 +1,6 @@
-"""Predictions of a trained checkpoint for LoRAs: objects or files (`predict`), or whole folder trees of files, on
-this machine or on a Ray cluster (`predict_files`)."""
+"""Predictions of a trained checkpoint for LoRAs: objects or files (`predict`), whole folder trees of files, on this
+machine or on a Ray cluster (`predict_files`), or every LoRA of a packed collection beside its measured labels and the
+split the model was trained on (`CollectionPredictions`)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from .batch import LoRABatch
 from .checkpoint import Checkpoint, load_checkpoint
 from .lora import LoRA
 
-__all__ = ["predict", "predict_files", "find_lora_files", "FilePredictions", "EXECUTORS"]
+__all__ = ["predict", "predict_files", "find_lora_files", "FilePredictions", "CollectionPredictions", "EXECUTORS"]
 
 EXECUTORS = ("local", "ray")
 
@@ -41,6 +43,116 @@ def predict(checkpoint, loras: Sequence[LoRA | str | Path], device=None, chunk: 
             rows.append({"source": x.source, **{k: v[i].item() if hasattr(v[i], "item") else v[i]
                                                for k, v in preds.items()}})
     return pd.DataFrame(rows, columns=["source", *ckpt.labels])
+
+
+# ------------------------------------------------------------------------------------------------ collections
+
+@dataclass
+class CollectionPredictions:
+    """One checkpoint's predictions for every LoRA of a packed collection, beside the collection's measured labels.
+
+    ``values``: one column per label the checkpoint predicts (regression in its units, binary as probability,
+    category as class), one row per LoRA in table order, like ``truth`` (the collection's table, ``id`` as text).
+    ``split``: where each LoRA was when the model was trained, from the ids the checkpoint records
+    (`Checkpoint.split_of`), never re-derived — ``train``/``val``/``test``, ``""`` for a LoRA it did not use, ``unseen``
+    for every LoRA of a collection it was not trained on (another fingerprint); ``split_note`` says which. Metrics are
+    computed on the `evaluated` rows."""
+
+    checkpoint: str
+    truth: pd.DataFrame
+    values: pd.DataFrame
+    kinds: dict[str, str]  # the collection's declared kind of each label
+    split: np.ndarray
+    split_note: str
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, coll, values: pd.DataFrame | None = None) -> "CollectionPredictions":
+        """``values`` (default: `lol.precomputed.predict_collection`, i.e. the model run on every LoRA) with the
+        model's split of ``coll``."""
+        if values is None:
+            from .precomputed import predict_collection
+
+            values = predict_collection(ckpt, coll)
+        truth = coll.table.reset_index(drop=True)
+        truth = truth.assign(id=truth["id"].astype(str))
+        rec = ckpt.split or {}
+        fp = rec.get("fingerprint") or ckpt.config.get("fingerprint")
+        other = bool(fp) and fp != getattr(coll, "fingerprint", None)
+        split = None if other else ckpt.split_of(truth["id"])
+        if other:
+            split, note = np.full(len(truth), "unseen", dtype=object), \
+                "this model was trained on another collection: every LoRA here is unseen by it"
+        elif split is None:
+            split, note = np.full(len(truth), "", dtype=object), "the checkpoint does not record which LoRAs it used"
+        else:
+            note = f"the split recorded with the model: {rec.get('how') or 'its train/val/test LoRA ids'}"
+        kinds = {n: d.get("kind") for n, d in (getattr(coll, "labels", {}) or {}).items()}
+        return cls(str(ckpt.path), truth, values.drop(columns=["id"], errors="ignore").reset_index(drop=True), kinds,
+                   split, note)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.truth["id"].tolist()
+
+    def labels(self, kind: str | None = None) -> list[str]:
+        """The predicted labels the collection declares (as ``kind``) and has values for: regression, binary, then
+        category labels, each in the checkpoint's order."""
+        kinds = (kind,) if kind else ("regression", "binary", "category")
+        return [c for k in kinds for c in self.values.columns if self.kinds.get(c) == k and c in self.truth.columns]
+
+    @property
+    def tested(self) -> bool:
+        """Whether the model has a test split among these LoRAs."""
+        return bool((self.split == "test").any())
+
+    def evaluated(self) -> tuple[np.ndarray, str]:
+        """``(row mask, one sentence)``: the rows to score the model on — its test split when it has one here, else
+        the LoRAs it never saw (a model of another collection), else all (it records no split)."""
+        if self.tested:
+            return self.split == "test", f"Metrics on the model's test split ({self.split_note}); only test LoRAs " \
+                                         f"are drawn."
+        if (self.split == "unseen").any():
+            return self.split == "unseen", f"Metrics on all LoRAs: {self.split_note}."
+        return np.ones(len(self.split), dtype=bool), "Metrics on the whole collection (the model records no test " \
+                                                     "split: includes its training LoRAs)."
+
+    def value(self, label: str, lora_id: str):
+        """The prediction of ``label`` for one LoRA, or None when that LoRA or label is not here."""
+        rows = np.flatnonzero(self.truth["id"].to_numpy() == str(lora_id))
+        return self.values[label].iloc[rows[0]] if len(rows) and label in self.values else None
+
+    def attribute_rows(self, labels) -> list[dict]:
+        """Per binary or category label of ``labels`` predicted here, on the `evaluated` rows: ``AUC``, ``accuracy``
+        (a binary label at probability 0.5, a category as its most likely class) and ``balanced accuracy``
+        (`lol.metrics`), the ``positives`` of a binary label and the number of ``LoRAs`` scored."""
+        from .metrics import binary_metrics, category_metrics
+
+        rows, (mask, _) = [], self.evaluated()
+        for lab in [lab for lab in labels if lab in self.values]:
+            y, p = self.truth[lab][mask], self.values[lab][mask]
+            if self.kinds.get(lab) == "category":
+                ok = y.notna().to_numpy()
+                r = category_metrics(y.to_numpy(object)[ok], p.to_numpy(object)[ok])
+                rows.append({"attribute": lab, "AUC": float("nan"), "accuracy": r["accuracy"],
+                             "balanced accuracy": r["balanced_accuracy"], "positives": float("nan"),
+                             "LoRAs": int(ok.sum())})
+            else:
+                r = binary_metrics(y.astype(float).to_numpy(), p.to_numpy(float))
+                rows.append({"attribute": lab, "AUC": r["auc"], "accuracy": r["accuracy"],
+                             "balanced accuracy": r["balanced_accuracy"], "positives": int(y.astype(float).sum()),
+                             "LoRAs": int(mask.sum())})
+        return rows
+
+    def frame(self) -> pd.DataFrame:
+        """For people (tables, hover, colour): ``id``, ``<label> (predicted)`` for every predicted label,
+        ``<label> error`` (predicted − measured) for every numeric regression label, and ``split (model)``."""
+        out = self.values.rename(columns=lambda c: f"{c} (predicted)")
+        out.insert(0, "id", self.truth["id"])
+        out["split (model)"] = self.split
+        for lab in self.labels("regression"):
+            if pd.api.types.is_numeric_dtype(self.truth[lab]):
+                out[f"{lab} error"] = self.values[lab].to_numpy(float) - self.truth[lab].to_numpy(float)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ folder trees

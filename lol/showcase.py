@@ -17,9 +17,10 @@ from typing import Callable, Sequence
 
 from .errors import LoLError
 
-__all__ = ["module_table", "Generation", "generate_side_by_side", "PIPELINE_LOCK", "parse_seeds", "sharp", "difference", "grid_png",
-           "SHOW_PX", "domain", "zoo_record", "job_params", "default_prompt", "generation_defaults", "finetune_images",
-           "label_protocol", "Answer", "lm_sources", "lm_questions", "load_lm", "answer_side_by_side", "answers_table"]
+__all__ = ["module_table", "Generation", "generate_side_by_side", "PIPELINE_LOCK", "parse_seeds", "sharp", "difference",
+           "grid_png", "SHOW_PX", "domain", "zoo_record", "job_params", "default_prompt", "generation_defaults",
+           "finetune_images", "clip_label", "label_protocol", "base_value", "Answer", "lm_sources", "lm_questions",
+           "load_lm", "answer_side_by_side", "answers_table", "right_counts"]
 
 GENERIC_PROMPT = "a photo"
 
@@ -149,6 +150,21 @@ def finetune_images(coll, lora_id: str, n: int = 4, size: int = 64) -> list[tupl
 
         logging.getLogger("lol").info("finetuning images of %s not drawn: %s", lora_id, e)
     return []
+
+
+def clip_label(coll) -> str | None:
+    """The collection's CLIP-score label (a declared regression label whose name says clip, present in its table)."""
+    labels = getattr(coll, "labels", {}) or {}
+    return next((n for n, d in labels.items() if d.get("kind") == "regression" and "clip" in n.lower()
+                 and n in coll.table.columns), None)
+
+
+def base_value(base_dir, label: str) -> float | None:
+    """The value of ``label`` the zoo measured for the base model itself (its ``record.json``), or None."""
+    import json
+
+    rec = Path(base_dir) / "record.json"
+    return json.loads(rec.read_text()).get(label) if rec.is_file() else None
 
 
 def label_protocol(coll, label: str, lora_id: str) -> str:
@@ -292,6 +308,11 @@ def answers_table(answers: list[Answer]):
         for a in answers])
 
 
+def right_counts(answers: list[Answer]) -> tuple[int, int]:
+    """(questions the base model picks right, questions the LoRA picks right)."""
+    return sum(a.base_pick == a.correct for a in answers), sum(a.lora_pick == a.correct for a in answers)
+
+
 # ------------------------------------------------------------------------------------------------ images: side by side
 # The LoRA is written with `lol.formats.save_diffusers` into a temporary folder and loaded with diffusers' own
 # ``pipe.load_lora_weights`` (the path a user's own LoRA file takes), so what is shown is what diffusers does with the
@@ -326,6 +347,30 @@ class Generation:
     def texts(self) -> list[str]:
         """The prompt of each image, in image order."""
         return [p for p in self.prompts for _ in self.seeds]
+
+    @property
+    def heads(self) -> list[str]:
+        return (["finetuning image"] if self.finetune else []) + ["base model", "with the LoRA", "difference ×4"]
+
+    def score(self, scorer) -> None:
+        """Each image's CLIP score to its own prompt (``scorer``: `lol.zoo.clipscore.CLIPScorer`)."""
+        self.clip_base = scorer.score(self.base, self.texts).tolist()
+        self.clip_lora = scorer.score(self.lora, self.texts).tolist()
+
+    def grid(self) -> list[list[tuple[object, str]]]:
+        """One row per prompt × seed of ``(image, caption)``: [a finetuning image] | base | LoRA | `difference`, each
+        image with its CLIP score when scored; what a page shows and `grid_png` draws."""
+        def clip(scores, k):
+            return f" · CLIP {scores[k]:.3g}" if scores else ""
+
+        rows = []
+        for k in range(len(self.base)):
+            diff, mad = difference(self.base[k], self.lora[k])
+            ft = [self.finetune[k % len(self.finetune)]] if self.finetune else []
+            rows.append([(img, f"trained on: {cap}") for img, cap in ft] + [
+                (self.base[k], f"base{clip(self.clip_base, k)}"), (self.lora[k], f"LoRA{clip(self.clip_lora, k)}"),
+                (diff, f"mean |Δ| {mad:.1f}/255")])
+        return rows
 
 
 def sharp(img, px: int = SHOW_PX):

@@ -3,14 +3,15 @@ import pandas as pd
 import streamlit as st
 
 from lol.app import fmt, nav, plots, views
-from lol.app.sidebar import render
+from lol.app.sidebar import collection_caption, render
+from lol.labels import describe_label, label_columns
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Collection")
 if ctx.require_collection():
     coll = ctx.collection
     df = ctx.table()
-    st.caption(views.collection_caption(ctx))
+    st.caption(collection_caption(ctx))
 
     # ------------------------------------------------------------------------------------------- table + filters
     c1, c2, c3 = st.columns([2, 1, 1])
@@ -18,7 +19,7 @@ if ctx.require_collection():
                           help="Keeps rows where any column contains the text (case-insensitive).")
     splits = sorted(df["split"].dropna().unique().tolist()) if "split" in df else []
     chosen_splits = c2.multiselect("Split", splits, default=splits, key="coll_splits") if splits else []
-    label_cols = views.label_columns(coll, df)
+    label_cols = label_columns(coll, df)
     filt_col = c3.selectbox("Filter by", ["(none)"] + label_cols, key="coll_filter_col")
     view = df
     if query.strip():
@@ -50,7 +51,7 @@ if ctx.require_collection():
         if label_cols:
             lab = st.selectbox("Label", label_cols, key="coll_summary_label")
             st.plotly_chart(plots.distribution(view, lab), width="stretch", key="coll_dist")
-            st.caption(views.label_description(coll, lab))
+            st.caption(describe_label(coll, lab))
         else:
             st.info("This collection has no labels (e.g. uploaded files): only ranks and modules are summarised.")
     with tabs[1]:
@@ -68,6 +69,5 @@ if ctx.require_collection():
     # -------------------------------------------------------------------------------------------------- detail
     st.subheader("LoRA detail")
     ids = df["id"].astype(str).tolist()
-    nav.sync_widget("coll_detail", ids)
-    lora_id = st.selectbox("LoRA", ids, key="coll_detail", on_change=nav.chosen_from_widget, args=("coll_detail",))
+    lora_id = nav.lora_select(ids, "coll_detail")
     views.lora_detail(ctx, ids.index(lora_id), lora_id, df)

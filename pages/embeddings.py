@@ -2,8 +2,9 @@
 LoRA. The note at the bottom shows why: raw factors move under a GL transform, invariant features do not."""
 import streamlit as st
 
-from lol.app import cache, nav, plots, preds, views
+from lol.app import cache, nav, plots, views
 from lol.app.sidebar import render
+from lol.labels import label_columns
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Embeddings")
@@ -24,15 +25,13 @@ if ctx.require_collection():
     ckpt = ctx.model.path if kind == "model" else None
     xy = cache.shipped_map(ctx.path, ctx.key, kind, ckpt, n_neighbors, min_dist)  # `lol zoo precompute` wrote it
     if xy is None:  # computed once (with a spinner), then kept on disk
-        feats = preds.embeddings(ctx) if kind == "model" else cache.invariant_features(ctx.path, ctx.key, kind)
+        feats = cache.model_embeddings(ckpt, ctx.device, ctx.path, ctx.key) if kind == "model" else \
+            cache.invariant_features(ctx.path, ctx.key, kind)
         xy = cache.umap_xy(feats, f"{coll.fingerprint}:{kind}:{ckpt or ''}", n_neighbors, min_dist)
-    color_df = df.copy()
-    p = preds.predictions_or_none(ctx)
-    if p is not None:
-        color_df = color_df.merge(p.drop(columns=[c for c in p.columns if c in color_df.columns and c != "id"]),
-                                  on="id", how="left")
+    p = ctx.predictions()  # predictions and errors to colour by, beside the labels
+    color_df = df if p is None else df.assign(id=df["id"].astype(str)).merge(p.frame(), on="id", how="left")
     options = ["(none)"] + [c for c in color_df.columns if c != "id" and color_df[c].nunique(dropna=True) > 1]
-    default = next((c for c in views.label_columns(coll, df) if c in options), "(none)")
+    default = next((c for c in label_columns(coll, df) if c in options), "(none)")
     color = st.selectbox("Colour by (label, attribute, hyperparameter, prediction or error)", options,
                          index=options.index(default), key="emb_color")
     hover = [c for c in ("group", "split") if c in color_df.columns]

@@ -5,30 +5,25 @@ base model and by the LoRA side by side. Above both, one comparison: the LoL mod
 alone against the label measured when the collection was built."""
 import streamlit as st
 
-from lol import catalog
 from lol.app import cache, generation, nav
-from lol.app import data as app_data
 from lol.app.sidebar import render
+from lol.catalog import model_folder
+from lol.paths import data_root
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Generate")
 if ctx.require_collection():
     coll = ctx.collection
     df = ctx.table().reset_index(drop=True)
-    known = cache.shipped_bases()
-    sd_dir = catalog.model_folder(coll, "sd", known, app_data.data_root())
-    lm_dir = catalog.model_folder(coll, "lm", known, app_data.data_root()) if sd_dir is None else None
+    sd_dir = model_folder(coll, "sd", cache.shipped_bases(), data_root())
+    lm_dir = model_folder(coll, "lm", cache.shipped_bases(), data_root()) if sd_dir is None else None
     if sd_dir is None and lm_dir is None:
         st.info("These LoRAs are not for a Stable Diffusion or language base model that is here (the collection "
                 "records none, or it is missing), so there is nothing to run. Their modules and spectra are on the "
                 "Collection page.")
     else:
         ids = df["id"].astype(str).tolist()
-        nav.sync_widget("gen_lora", ids)
         c1, c2, c3 = st.columns([2, 4, 1.3], vertical_alignment="bottom")
-        lora_id = c1.selectbox("LoRA", ids, key="gen_lora", on_change=nav.chosen_from_widget, args=("gen_lora",))
-        lora_index = ids.index(lora_id)
-        if lm_dir is not None:
-            generation.answers_view(ctx, coll, df, lora_id, lora_index, lm_dir, c2, c3)
-        else:
-            generation.images_view(ctx, coll, df, lora_id, lora_index, sd_dir, c2, c3)
+        lora_id = nav.lora_select(ids, "gen_lora", where=c1)
+        view = generation.answers_view if lm_dir is not None else generation.images_view
+        view(ctx, coll, df, lora_id, ids.index(lora_id), lm_dir or sd_dir, c2, c3)

@@ -3,16 +3,16 @@ predicted probability per class vs the truth; over the test split, log-scale ROC
 FPR, and a threshold slider with the resulting counts."""
 import streamlit as st
 
-from lol.app import preds, views
+from lol.app import views
 from lol.app.sidebar import render
+from lol.labels import membership_tasks
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Membership")
 if ctx.require_collection():
-    coll = ctx.collection
-    tasks = preds.membership_tasks(coll)
+    tasks = membership_tasks(ctx.collection)
     if not tasks:
         st.info("This collection has no membership labels (a group of binary labels such as the classes or the "
                 "data sources used for finetuning). The shipped `fashion` and `lm` collections have them.")
     else:
-        views.membership_section(ctx, coll, tasks, key="mem")
+        views.membership_section(ctx, tasks, key="mem")

@@ -2,21 +2,20 @@
 Kendall τ; two models side by side; attribute predictions vs truth; predictions for uploaded LoRA files."""
 import streamlit as st
 
-from lol.app import answers, cache, plots, preds, views
-from lol.app.sidebar import render
+from lol.app import answers, cache, plots, views
+from lol.app.sidebar import max_upload_mb, render
 
 ctx = render()  # the shared sidebar: collection, device, LoL model
 st.title("Predict")
 if ctx.require_collection():
     coll = ctx.collection
-    df = ctx.table().reset_index(drop=True)
-    models = preds.compatible_models(ctx, coll)
+    models = ctx.fitting()
     base = next((b for b in cache.shipped_bases() if b.spec.keys == coll.spec.keys), None)
     if not getattr(coll, "labels", None) and base is not None:
         # no labels (e.g. uploaded files): predictions and nearest known LoRAs instead of predicted-vs-actual
         st.markdown(f"These LoRAs fit **{base.name}**; they have no measured labels, so here are the predictions "
                     f"and, for each, the nearest LoRAs of the collection the model was trained on.")
-        ids = df["id"].astype(str).tolist()[:64]
+        ids = ctx.table()["id"].astype(str).tolist()[:64]
         answers.answers_for(ctx, base, [(i, coll.lora(k)) for k, i in enumerate(ids)], key="pred_coll")
     elif not models:
         st.info("No trained LoL model fits this collection (same modules and labels). Train one with `lol train` "
@@ -27,27 +26,23 @@ if ctx.require_collection():
         st.markdown(f"LoL model: **{first.name}** (choose it in the sidebar)")
         second = st.selectbox("Compare with", ["(none)"] + [n for n in names if n != first.name], key="pred_compare")
         chosen = [first] + ([models[names.index(second)]] if second != "(none)" else [])
-        frames = {m.name: preds.prediction_frame(ctx, m, coll) for m in chosen}
-        frames = {k: v for k, v in frames.items() if v is not None}
-        if frames:
-            # labels every shown model predicts: a comparison is only drawn on labels both models have
-            regress, binary, category = (preds.common_labels(frames.values(), coll, kind)
-                                         for kind in ("regression", "binary", "category"))
-            if len(frames) > 1 and not (regress or binary or category):
-                a, b = list(frames)
-                st.info(f"**{a}** and **{b}** predict no label in common, so there is nothing to compare "
-                        f"({a}: {', '.join(preds.all_predicted(frames[a], coll))}; "
-                        f"{b}: {', '.join(preds.all_predicted(frames[b], coll))}).")
-            if regress:
-                label = st.selectbox("Label", regress, key="pred_label",
-                                     index=next((i for i, r in enumerate(regress) if "clip" in r), 0))
-                cols = st.columns(len(frames))
-                for i, (col, (name, f)) in enumerate(zip(cols, frames.items())):
-                    with col:  # first model blue, the compared one orange
-                        views.pred_vs_true_panel(f, df, label, name, key=f"pv_{name}", color=plots.PALETTE[i],
-                                                 narrow=len(frames) > 1)
-            if binary or category:
-                st.subheader("Attributes: predicted vs truth")
-                views.attribute_panel(frames, df, binary, category)
+        preds = {m.name: ctx.predictions(m) for m in chosen}
+        # labels every shown model predicts: a comparison is only drawn on labels both models have
+        regress, binary, category = (sorted(set.intersection(*(set(p.labels(kind)) for p in preds.values())))
+                                     for kind in ("regression", "binary", "category"))
+        if len(preds) > 1 and not (regress or binary or category):
+            (a, pa), (b, pb) = preds.items()
+            st.info(f"**{a}** and **{b}** predict no label in common, so there is nothing to compare "
+                    f"({a}: {', '.join(pa.labels())}; {b}: {', '.join(pb.labels())}).")
+        if regress:
+            label = st.selectbox("Label", regress, key="pred_label",
+                                 index=next((i for i, r in enumerate(regress) if "clip" in r), 0))
+            for i, (col, (name, p)) in enumerate(zip(st.columns(len(preds)), preds.items())):
+                with col:  # first model blue, the compared one orange
+                    views.pred_vs_true_panel(p, label, name, key=f"pv_{name}", color=plots.PALETTE[i],
+                                             narrow=len(preds) > 1)
+        if binary or category:
+            st.subheader("Attributes: predicted vs truth")
+            views.attribute_panel(preds, binary, category)
     st.subheader("Predict for your own LoRA files")
-    answers.upload_section(ctx)
+    answers.upload_section(ctx, max_upload_mb())

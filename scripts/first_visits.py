@@ -29,9 +29,9 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from streamlit.testing.v1 import AppTest
 
-    from lol.app import data as app_data
+    from lol.paths import shipped_collections
 
-    names = args.collections.split(",") if args.collections else list(app_data.shipped_collections())
+    names = args.collections.split(",") if args.collections else list(shipped_collections())
     if args.warm:
         from lol.app import warmup
 

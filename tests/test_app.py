@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import app_support
+from lol import outputs
 from lol import uploads as upload
-from lol.app import plots, results
-from lol.app.upload import limits_caption
-from lol.app.sources import pack_loras
+from lol.app import fmt, plots
+from lol.app.sidebar import max_upload_mb
+from lol.uploads import pack_folder
 from lol.formats import save_diffusers, save_peft
 
 
@@ -96,7 +97,7 @@ def test_upload_over_the_size_limit_is_explained(tmp_path, monkeypatch):
     big.size = 3 << 20
     res = upload.read_uploads([big])
     assert res.errors == ["big.safetensors: 3 MB is over this server's limit of 1 MB per file"]
-    assert "1 MB per file" in limits_caption()
+    assert "1 MB per file" in upload.limits_text(max_upload_mb())
 
 
 def test_upload_limit_of_the_server_is_at_least_1_gb():
@@ -132,7 +133,7 @@ def test_mixed_uploads_are_judged_per_file(tmp_path):
 
 
 def test_pack_uploads_packs_the_largest_group_and_records_its_base(tmp_path):
-    from lol.app.sources import pack_uploads
+    from lol.uploads import pack_uploads
     from lol.collection import open_collection
 
     known = _bases(tmp_path)
@@ -164,14 +165,14 @@ def test_upload_peft_pair_and_safe_names(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ packing
 
-def test_pack_loras_keeps_matching_and_names_the_rest(tmp_path):
+def test_pack_folder_keeps_matching_and_names_the_rest(tmp_path):
     src = tmp_path / "loras"
     src.mkdir()
     for i in range(3):
         save_diffusers(_lora(i, rank=2 + i % 2), src / f"lora{i}.safetensors")
     save_diffusers(_lora(9, modules=(("unet.down.attn1.to_q", 8, 8),)), src / "zz_other.safetensors")
     (src / "broken.safetensors").write_bytes(b"nope")
-    dest, notes = pack_loras(src, tmp_path / "packed")
+    dest, notes = pack_folder(src, tmp_path / "packed")
     from lol.collection import open_collection
 
     c = open_collection(dest)
@@ -195,7 +196,7 @@ def test_folders_are_packed_by_the_rule_of_lol_import(tmp_path, capsys):
     save_diffusers(_lora(9, modules=(("unet.down.attn1.to_q", 8, 8),)), src / "a_other.safetensors")
     for i in range(2):
         save_diffusers(_lora(i), src / f"lora{i}.safetensors")
-    dest, notes = pack_loras(src, tmp_path / "packed")
+    dest, notes = pack_folder(src, tmp_path / "packed")
     assert open_collection(dest).ids == ["lora0.safetensors", "lora1.safetensors"]
     assert len(notes) == 1 and notes[0].startswith("a_other.safetensors: ") and str(src) not in notes[0]
     assert main(["import", str(src), str(tmp_path / "imported")]) == 0
@@ -203,14 +204,14 @@ def test_folders_are_packed_by_the_rule_of_lol_import(tmp_path, capsys):
     assert "a_other.safetensors" in capsys.readouterr().err
 
 
-def test_pack_loras_nothing_readable(tmp_path):
+def test_pack_folder_nothing_readable(tmp_path):
     from lol.errors import CollectionError
 
     src = tmp_path / "bad"
     src.mkdir()
     (src / "a.safetensors").write_bytes(b"zz")
     with pytest.raises(CollectionError, match="none of the 1 file"):
-        pack_loras(src, tmp_path / "out")
+        pack_folder(src, tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------------------------------ figures
@@ -264,10 +265,10 @@ def test_results_reader_pivots_long_tables_and_finds_figures(tmp_path):
                   "metric": ["r2", "kendall", "r2"], "value": [0.8, 0.6, 0.3]}).to_csv(d / "results.csv", index=False)
     (d / "fig.json").write_text(json.dumps({"data": [{"type": "scatter", "x": [1], "y": [2]}], "layout": {}}))
     (d / "broken.json").write_text("{not json")
-    out = results.find_outputs([d])
+    out = outputs.find_outputs([d])
     assert [f.kind for f in out.figures] == ["plotly"]
     t = next(t for t in out.tables if t.name == "results")
-    wide = results.model_by_task(t.frame)
+    wide = outputs.model_by_task(t.frame)
     assert wide.loc["glnet", "clip · R²"] == 0.8 and wide.loc["mlp", "clip · R²"] == 0.3
     assert np.isnan(wide.loc["mlp", "clip · Kendall τ"])
     assert any(t.error and "broken.json" in t.error for t in out.tables)
@@ -293,7 +294,7 @@ def test_umap_result_is_persisted_and_reused(tmp_path, monkeypatch):
 def test_pretty_columns_use_true_metric_names():
     df = pd.DataFrame({"model": ["glnet"], "faces/clip_score · r2": ["0.8 ± 0.1"], "lm/membership · auc": ["0.9"],
                        "lm/membership · tpr_at_1pct_fpr": ["0.2"]})
-    assert list(results.pretty_columns(df).columns) == ["model", "faces/clip_score · R²", "lm/membership · AUC",
+    assert list(outputs.pretty_columns(df).columns) == ["model", "faces/clip_score · R²", "lm/membership · AUC",
                                                         "lm/membership · TPR @ 1% FPR"]
 
 
@@ -353,7 +354,7 @@ def test_every_command_the_app_mentions_exists():
 def test_best_result_is_marked_in_numeric_and_mean_pm_spread_columns():
     df = pd.DataFrame({"model": ["a", "b", "c"], "faces · R²": [0.2, 0.8, 0.5], "lm · MAE": [0.3, 0.1, 0.2],
                        "fashion · AUC": ["0.468 ± 0.040", "0.655 ± 0.095", "n/a"]})
-    styles = results.mark_best(df)._compute().ctx  # {(row, col): [(prop, value)]}
+    styles = fmt.mark_best(df)._compute().ctx  # {(row, col): [(prop, value)]}
     bold = sorted((r, c) for (r, c), props in styles.items() if ("font-weight", "bold") in props)
     assert bold == [(1, 1), (1, 2), (1, 3)]  # highest R², lowest MAE, highest AUC mean
 
@@ -362,6 +363,6 @@ def test_a_table_too_large_to_style_is_shown_plain():
     """The Models page lists per-LoRA tables too (predictions_test: ~1M cells), which pandas refuses to style."""
     n = pd.get_option("styler.render.max_elements") // 4 + 1
     big = pd.DataFrame({"a": np.arange(n, dtype=float), "b": 1.0, "c": 2.0, "d": 3.0})
-    out = results.mark_best(big)
+    out = fmt.mark_best(big)
     assert isinstance(out, pd.DataFrame) and out is big
-    assert not isinstance(results.mark_best(big.head(10)), pd.DataFrame)  # small tables are still marked
+    assert not isinstance(fmt.mark_best(big.head(10)), pd.DataFrame)  # small tables are still marked

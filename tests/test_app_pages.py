@@ -147,7 +147,7 @@ def test_server_path_outside_the_allowed_roots_is_refused(env, tmp_path, monkeyp
 
 
 def test_server_folder_scan_is_bounded(tmp_path, monkeypatch):
-    from lol.app.sources import pack_loras
+    from lol.uploads import pack_folder
     from lol.errors import LoLError
     from lol.packing import scan
 
@@ -159,7 +159,7 @@ def test_server_folder_scan_is_bounded(tmp_path, monkeypatch):
         scan(tmp_path, limit=9)
     monkeypatch.setenv("LOL_FOLDER_MAX_FILES", "9")  # the app's folder source scans within its bound
     with pytest.raises(LoLError, match="more than 9 files"):
-        pack_loras(tmp_path, tmp_path.parent / "packed")
+        pack_folder(tmp_path, tmp_path.parent / "packed")
 
 
 def test_server_path_missing_then_folder_of_loose_files(env, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ MAX_OPTIONS = 12
 
 
 def _shipped() -> list[str]:
-    from lol.app.data import shipped_collections
+    from lol.paths import shipped_collections
 
     return list(shipped_collections(DATA))
 

@@ -100,7 +100,7 @@ def test_models_page_shows_the_speed_report(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     import app_support
-    from lol.app.results import speed_reports
+    from lol.outputs import speed_reports
 
     root = app_support.data_root(tmp_path / "data")
     res = root / "results"

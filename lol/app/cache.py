@@ -1,32 +1,34 @@
 """Cached loaders: every heavy object the pages use, loaded once per server (models, pipelines, collections) or
 once per input (tables, features, predictions, embeddings). All computation is the library's; this module only
-decides what is kept.
+decides what is kept, and where: ``LOL_APP_CACHE`` (default ``<repo>/.cache/app``, git-ignored) on disk.
 
-* ``st.cache_resource``: collections, LoL checkpoints, the Stable Diffusion pipeline, the CLIP scorer.
-* ``st.cache_data``: tables, invariant features, predictions, per-LoRA module summaries.
-* UMAP maps: first the ones shipped with the collection (`lol.precomputed`, `lol zoo precompute`); others are computed once and
-  written to ``cache_root()/umap/<key>.npy``, keyed by the data fingerprint and the UMAP parameters, so a server
-  restart does not recompute them.
+* ``st.cache_resource``: collections, LoL checkpoints, the Stable Diffusion pipeline, the CLIP scorer, the LM.
+* ``st.cache_data``: tables, invariant features, predictions, embeddings, per-LoRA module summaries.
+* UMAP maps: first the ones shipped with the collection (`lol.precomputed`, `lol zoo precompute`); others are
+  computed once and written to ``cache_root()/umap/<key>.npy``, keyed by the data fingerprint and the UMAP
+  parameters, so a server restart does not recompute them.
 
 Keys are strings (paths, fingerprints) so Streamlit never hashes tensors.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from . import data as app_data
+from ..paths import REPO, data_root, shipped_collections
 
-__all__ = ["collection", "packed", "collection_table", "checkpoint", "predictions", "invariant_features", "umap_xy",
-           "shipped_map", "pipeline", "language_model", "clip_scorer", "lora_summary", "path_key", "shipped_bases",
-           "model_embeddings"]
+__all__ = ["cache_root", "path_key", "collection", "packed", "collection_table", "lora_summary",
+           "invariant_features", "gl_check", "shipped_map", "umap_xy", "checkpoint", "predictions",
+           "model_embeddings", "shipped_bases", "pipeline", "language_model", "clip_scorer"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOL_APP_CACHE") or REPO / ".cache" / "app").expanduser()
 
 
 def path_key(path) -> str:
@@ -55,12 +57,11 @@ def collection(path: str, key: str):
 
 @st.cache_resource(show_spinner="Reading and packing the LoRA files…", max_entries=8)
 def packed(path: str, key: str) -> tuple[str, list[str]]:
-    """A folder of loose LoRA files on the server, packed once into ``cache_root()/packed/<key>`` (see
-    `lol.app.sources.pack_loras`); returns the collection folder and notes on files left out."""
-    from .sources import pack_loras
+    """A folder of loose LoRA files on the server, packed once into ``cache_root()/packed/<key>``
+    (`lol.uploads.pack_folder`); returns the collection folder and notes on files left out."""
+    from ..uploads import pack_folder
 
-    dest = app_data.cache_root() / "packed" / key
-    out, notes = pack_loras(path, dest)
+    out, notes = pack_folder(path, cache_root() / "packed" / key)
     return str(out), notes
 
 
@@ -87,19 +88,26 @@ def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[st
 # ------------------------------------------------------------------------------------------------------ features
 
 @st.cache_data(show_spinner="Computing invariant features…", max_entries=32)
-def invariant_features(path: str, key: str, kind: str = "svals", gl_seed: int | None = None,
-                       limit: int | None = None, float64: bool = False) -> np.ndarray:
-    """`lol.precomputed.collection_features` of a collection (``svals``, ``canon`` or ``raw``; optionally GL-moved)."""
+def invariant_features(path: str, key: str, kind: str = "svals") -> np.ndarray:
+    """`lol.precomputed.collection_features` of a collection (``svals``: singular values, ``canon``: SVD canonical)."""
     from ..precomputed import collection_features
 
-    return collection_features(collection(path, key), kind, gl_seed, limit, float64)
+    return collection_features(collection(path, key), kind)
+
+
+@st.cache_data(show_spinner="Moving every LoRA by a random GL(r) transform…", max_entries=8)
+def gl_check(path: str, key: str, limit: int, seed: int):
+    """`lol.precomputed.gl_check` of a collection: raw and invariant features before and after a GL move."""
+    from ..precomputed import gl_check as check
+
+    return check(collection(path, key), limit, seed)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def shipped_map(path: str, key: str, kind: str, ckpt_path: str | None, n_neighbors: int, min_dist: float
                 ) -> np.ndarray | None:
-    """The map shipped with the collection (`lol.precomputed.shipped_map`, written by `lol zoo precompute`) when it was made for
-    this collection, model weights and UMAP parameters; else None."""
+    """The map shipped with the collection (`lol.precomputed.shipped_map`, written by `lol zoo precompute`) when it
+    was made for this collection, model weights and UMAP parameters; else None."""
     from ..precomputed import shipped_map as stored
 
     return stored(collection(path, key), kind, ckpt_path, n_neighbors, min_dist)
@@ -107,31 +115,12 @@ def shipped_map(path: str, key: str, kind: str, ckpt_path: str | None, n_neighbo
 
 def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0
             ) -> np.ndarray:
-    """2-D UMAP of ``features`` (`lol.precomputed.umap_2d`), persisted under ``cache_root()/umap`` keyed by ``key`` (the
-    data fingerprint and the feature kind) and the parameters; later calls, across restarts, read the file."""
-    n = len(features)
-    params = dict(n_neighbors=int(min(n_neighbors, max(2, n - 1))), min_dist=float(min_dist), seed=int(seed))
-    digest = hashlib.sha1((key + json.dumps(params, sort_keys=True)).encode()).hexdigest()[:20]
-    file = app_data.cache_root() / "umap" / f"{digest}.npy"
-    if file.is_file():
-        xy = np.load(file, allow_pickle=False)
-        if xy.shape == (n, 2):
-            return xy
-    xy = _umap_mem(digest, features, **params)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, xy, allow_pickle=False)
-    os.replace(tmp, file)
-    return xy
+    """2-D UMAP of ``features`` persisted under ``cache_root()/umap`` (`lol.precomputed.cached_umap`), keyed by
+    ``key`` (the data fingerprint and the feature kind) and the parameters; later calls, across restarts, read it."""
+    from ..precomputed import cached_umap
 
-
-@st.cache_data(show_spinner="Running UMAP (first time only)…", max_entries=32)
-def _umap_mem(digest: str, _features: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
-    """UMAP in memory, keyed by ``digest`` only (features are never hashed: they can be large)."""
-    from ..precomputed import umap_2d
-
-    return umap_2d(_features, n_neighbors, min_dist, seed)
+    with st.spinner("Running UMAP (first time only)…"):  # shown only when it takes a moment
+        return cached_umap(features, key, cache_root() / "umap", n_neighbors, min_dist, seed)
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -145,14 +134,15 @@ def checkpoint(path: str, device: str):
 
 
 @st.cache_data(show_spinner="Predicting…", max_entries=32)
-def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str) -> pd.DataFrame:
-    """The checkpoint's predictions for every LoRA of a collection (`lol.precomputed.predict_collection`): ``id``
-    plus one column per label, in table order; the ones shipped with the collection when made with these weights."""
-    from ..precomputed import predict_collection, shipped_predictions
+def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str):
+    """`lol.predict.CollectionPredictions` of the checkpoint for every LoRA of a collection, with the model's split;
+    the predictions shipped with the collection when made with these weights (`lol.precomputed`), else computed."""
+    from ..precomputed import shipped_predictions
+    from ..predict import CollectionPredictions
 
     coll = collection(coll_path, coll_key)
     shipped = shipped_predictions(coll, ckpt_path)
-    return shipped if shipped is not None else predict_collection(checkpoint(ckpt_path, device), coll)
+    return CollectionPredictions.of(checkpoint(ckpt_path, "cpu" if shipped is not None else device), coll, shipped)
 
 
 @st.cache_data(show_spinner="Embedding the collection with the LoL model…", max_entries=16)
@@ -167,13 +157,13 @@ def model_embeddings(ckpt_path: str, device: str, coll_path: str, coll_key: str)
 def _bases(key: str) -> list:
     from ..catalog import bases
 
-    return bases(app_data.shipped_collections())
+    return bases(shipped_collections())
 
 
 def shipped_bases() -> list:
     """`lol.catalog.bases` of the shipped collections (one per module spec, with the base-model folders they
     record), re-read when the collections folder changes."""
-    return _bases(path_key(app_data.data_root() / "collections"))
+    return _bases(path_key(data_root() / "collections"))
 
 
 @st.cache_resource(show_spinner="Loading Stable Diffusion…", max_entries=2)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from .data import REPO
+from ..paths import REPO
 
-__all__ = ["PAGES", "pages", "open_lora", "chosen_lora", "current_lora", "highlighted", "set_chosen", "sync_widget",
-           "chosen_from_widget", "choose_once", "take_selection"]
+__all__ = ["PAGES", "REPO", "pages", "open_lora", "current_lora", "highlighted", "set_chosen", "lora_select",
+           "choose_once", "take_selection"]
 
 # (file under pages/, title, icon); the first is the landing page
 PAGES = (
@@ -41,12 +41,6 @@ def open_lora(lora_id: str, page: str = "collection.py") -> None:
     st.switch_page(str(REPO / "pages" / page))
 
 
-def chosen_lora(ids) -> str | None:
-    """The LoRA chosen elsewhere (if it is in ``ids``), else None."""
-    v = st.session_state.get(_KEY)
-    return v if v is not None and v in set(map(str, ids)) else None
-
-
 def current_lora() -> str | None:
     """The LoRA chosen on any page so far (None before any choice)."""
     return st.session_state.get(_KEY)
@@ -58,19 +52,17 @@ def highlighted() -> list[str]:
     return list(st.session_state.get(_SEL) or ([st.session_state[_KEY]] if st.session_state.get(_KEY) else []))
 
 
-def sync_widget(key: str, ids) -> None:
-    """Before a LoRA selectbox is drawn: show the LoRA chosen elsewhere (or the first one)."""
+def lora_select(ids, key: str, label: str = "LoRA", where=st) -> str:
+    """A LoRA select box (in ``where``: a column, the sidebar) that shows the LoRA chosen elsewhere (or its first);
+    choosing here makes it the chosen LoRA on every page."""
     ids = [str(i) for i in ids]
-    want = chosen_lora(ids) or (st.session_state.get(key) if st.session_state.get(key) in ids else ids[0])
+    want = current_lora() if current_lora() in ids else (st.session_state.get(key) if st.session_state.get(key)
+                                                          in ids else ids[0])
     if st.session_state.get(key) != want:
         st.session_state[key] = want
-    if st.session_state.get(_KEY) != want:
+    if current_lora() != want:
         set_chosen(want)
-
-
-def chosen_from_widget(key: str) -> None:
-    """on_change callback of a LoRA selectbox: its value becomes the chosen LoRA on every page."""
-    set_chosen(st.session_state[key])
+    return where.selectbox(label, ids, key=key, on_change=lambda: set_chosen(st.session_state[key]))
 
 
 def take_selection(key: str) -> list[str]:

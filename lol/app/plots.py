@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 __all__ = ["PALETTE", "FONT_SIZE", "style", "color_map", "model_color", "axis_title", "pred_vs_true", "roc_curves",
-           "spectra", "distribution", "embedding_scatter", "selected_ids"]
+           "spectra", "distribution", "embedding_scatter", "prob_bars", "selected_ids"]
 
 # Okabe–Ito-like qualitative palette (colour-blind safe, readable on a projector), then Tableau for more classes.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
@@ -146,17 +146,8 @@ def _short(module: str) -> str:
     """``unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q`` → ``down_blocks.0.attentions.1.attn1.to_q``:
     without the component prefix and the (single) transformer block, still one name per module."""
     parts = module.split(".")
-    if parts and parts[0] in ("unet", "text_encoder", "text_encoder_2", "base_model"):
-        parts = parts[1:]
-    out, skip = [], False
-    for p in parts:
-        if skip:
-            skip = False
-            continue
-        if p == "transformer_blocks":
-            skip = True
-            continue
-        out.append(p)
+    parts = parts[1:] if parts[0] in ("unet", "text_encoder", "text_encoder_2", "base_model") else parts
+    out = [p for i, p in enumerate(parts) if p != "transformer_blocks" and (i == 0 or parts[i - 1] != "transformer_blocks")]
     return ".".join(out) or module
 
 
@@ -187,34 +178,38 @@ def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *
     d = df.reset_index(drop=True)
     custom, template = _hover(d, id_col, [c for c in [color_col, *hover] if c])
     fig = go.Figure()
+
+    def points(m, name, **marker):
+        fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=name, customdata=custom[m],
+                                   hovertemplate=template + "<extra></extra>", marker=marker))
+
+    every = np.ones(len(d), dtype=bool)
     if color_col is None or color_col not in d.columns:
-        fig.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=custom,
-                                   hovertemplate=template + "<extra></extra>", name="LoRAs",
-                                   marker=dict(size=9, color=PALETTE[0], opacity=0.85)))
+        points(every, "LoRAs", size=9, color=PALETTE[0], opacity=0.85)
     elif _is_categorical(d[color_col]):
-        cmap = color_map(d[color_col])
-        for v, c in cmap.items():
-            m = (d[color_col] == v).to_numpy()
-            fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{color_col} = {v}",
-                                       customdata=custom[m], hovertemplate=template + "<extra></extra>",
-                                       marker=dict(size=9, color=c, opacity=0.85)))
-        m = d[color_col].isna().to_numpy()
-        if m.any():
-            fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{color_col} unknown",
-                                       customdata=custom[m], hovertemplate=template + "<extra></extra>",
-                                       marker=dict(size=7, color="#bbbbbb", opacity=0.6)))
+        for v, c in color_map(d[color_col]).items():
+            points((d[color_col] == v).to_numpy(), f"{color_col} = {v}", size=9, color=c, opacity=0.85)
+        if d[color_col].isna().any():
+            points(d[color_col].isna().to_numpy(), f"{color_col} unknown", size=7, color="#bbbbbb", opacity=0.6)
     else:
-        vals = pd.to_numeric(d[color_col], errors="coerce")
-        fig.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=custom, name=color_col,
-                                   hovertemplate=template + "<extra></extra>",
-                                   marker=dict(size=9, color=vals, colorscale=CONTINUOUS, opacity=0.9,
-                                               colorbar=dict(title=dict(text=axis_title(color_col),
-                                                                        side="right")))))
+        points(every, color_col, size=9, color=pd.to_numeric(d[color_col], errors="coerce"), colorscale=CONTINUOUS,
+               opacity=0.9, colorbar=dict(title=dict(text=axis_title(color_col), side="right")))
     _ring(fig, xy[:, 0], xy[:, 1], d[id_col].astype(str).to_numpy(), highlight)
     fig.update_xaxes(title_text="UMAP 1 (unitless)", showticklabels=False)
     fig.update_yaxes(title_text="UMAP 2 (unitless)", showticklabels=False)
     fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning
     return style(fig, title, height=height)
+
+
+def prob_bars(labels: Sequence[str], probs: Sequence[float], truth: Sequence[bool | None], title: str) -> go.Figure:
+    """One LoRA's predicted probability per binary label, each bar coloured (and labelled in/out) by the truth."""
+    fig = go.Figure(go.Bar(x=list(labels), y=list(probs), marker_color=[PALETTE[1] if t else PALETTE[0] for t in truth],
+                           text=["in" if t else "out" for t in truth], textposition="outside",
+                           hovertemplate="%{x}: p = %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=0.5, line_dash="dot", line_color="#888")
+    fig.update_yaxes(title_text="predicted probability", range=[0, 1.12])
+    fig.update_xaxes(title_text="label (bar colour and text: the truth)", type="category")
+    return style(fig, title, height=380, legend=False)
 
 
 def _ring(fig: go.Figure, x, y, ids, highlight: Sequence[str]) -> None:

@@ -19,11 +19,10 @@ import os
 import threading
 import time
 
-__all__ = ["start", "done", "timings"]
+__all__ = ["start", "timings"]
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
-_done = threading.Event()
 _timings: dict[str, float] = {}
 log = logging.getLogger("lol.app")
 
@@ -38,10 +37,6 @@ def start() -> None:
         if _thread is None:
             _thread = threading.Thread(target=_warm, name="lol-app-warmup", daemon=True)
             _thread.start()
-
-
-def done() -> bool:
-    return _done.is_set()
 
 
 def timings() -> dict[str, float]:
@@ -60,31 +55,14 @@ def _step(name: str, fn, *args) -> object:
         _timings[name] = time.perf_counter() - t
 
 
-def _umap_compile() -> None:
-    import warnings
-
-    import numpy as np
-    import umap
-
-    x = np.random.default_rng(0).normal(size=(32, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        umap.UMAP(n_neighbors=5, init="random", random_state=0).fit_transform(x)
-
-
 def _collection(name: str, path, device: str, models: list) -> None:
     from . import cache
-    from .preds import checkpoint_info
 
     p, key = str(path), cache.path_key(path)
     coll = cache.collection(p, key)
     cache.collection_table(p, key)
     fp = getattr(coll, "fingerprint", key)
-    fitting = []
-    for m in models:
-        info = checkpoint_info(str(m))
-        if not info.get("error") and info.get("spec") and tuple(info["spec"]["names"]) == tuple(coll.spec.names):
-            fitting.append(str(m))
+    fitting = [m.path for m in models if m.fits(coll.spec)]  # in the sidebar's order: its default model first
     # what the pages show first: the sidebar's default model (the first fitting one) on Predict and as the
     # Embeddings page's default map; then the invariant maps; then the other models. A map shipped with the
     # collection (`lol zoo precompute`) is read, not computed.
@@ -110,32 +88,33 @@ def _collection(name: str, path, device: str, models: list) -> None:
 def _generation(device: str) -> None:
     """The first image collection's SD pipeline and CLIP scorer, and the first language collection's LM."""
     from .. import catalog
+    from ..paths import data_root, shipped_collections
     from . import cache
-    from . import data as app_data
 
     todo = {"sd": cache.pipeline, "clip": cache.clip_scorer, "lm": cache.language_model}
-    for path in app_data.shipped_collections().values():
+    for path in shipped_collections().values():
         coll = cache.collection(str(path), cache.path_key(path))
         for name in list(todo):
-            folder = catalog.model_folder(coll, name, cache.shipped_bases(), app_data.data_root())
+            folder = catalog.model_folder(coll, name, cache.shipped_bases(), data_root())
             if folder is not None:
                 _step(f"{name} base", todo.pop(name), str(folder), device)
 
 
 def _warm() -> None:
-    try:
-        from . import data as app_data
+    import numpy as np
 
-        device = app_data.default_device()
-        models = app_data.checkpoint_dirs()
-        shipped = app_data.shipped_collections()
-        first = next(iter(shipped.items()), None)
-        if first is not None:  # the landing collection first, then the pipeline, then the others
-            _step(f"{first[0]}", _collection, first[0], first[1], device, models)
-        _step("generation", _generation, device)
-        for name, path in list(shipped.items())[1:]:
-            _step(name, _collection, name, path, device, models)
-        _step("umap compile", _umap_compile)  # for maps drawn with other settings (shipped maps need no UMAP)
-        log.warning("warm-up done: %s", {k: round(v, 1) for k, v in _timings.items()})
-    finally:
-        _done.set()
+    from ..catalog import checkpoints
+    from ..devices import default_device
+    from ..paths import shipped_collections
+    from ..precomputed import umap_2d
+
+    device = default_device()
+    models = [c for c in checkpoints() if c.spec is not None]
+    shipped = list(shipped_collections().items())
+    for i, (name, path) in enumerate(shipped):  # the landing collection first, then the pipelines, then the others
+        _step(name, _collection, name, path, device, models)
+        if i == 0:
+            _step("generation", _generation, device)
+    # UMAP's numba compilation, for maps drawn with other settings (shipped maps need no UMAP)
+    _step("umap compile", umap_2d, np.random.default_rng(0).normal(size=(32, 8)))
+    log.warning("warm-up done: %s", {k: round(v, 1) for k, v in _timings.items()})
