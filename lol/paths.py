@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["REPO", "data_root", "collections_root", "checkpoints_root", "checkpoint_index_path", "checkpoint_index",
-           "shipped_collections", "checkpoint_dirs", "results_dirs", "describe_base", "atomic_dir", "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
+           "shipped_collections", "checkpoint_dirs", "results_dirs", "describe_base", "folder_key", "atomic_dir",
+           "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
 
 REPO = Path(__file__).resolve().parent.parent
 TEMP_MARK = ".lol-tmp-"  # every temporary sibling's name holds it: `clean_stale_temp` removes only these
@@ -103,6 +104,21 @@ def describe_base(base) -> str:
     except (TypeError, ValueError):
         return str(base)
     return ", ".join(str(v) for v in parsed.values()) if isinstance(parsed, dict) else str(base)
+
+
+def folder_key(path) -> str:
+    """A short key (16 hex digits) that changes when ``path`` or the files directly in it change (name, mtime, size):
+    what a cache of something read from disk (a collection, a folder of LoRAs) is keyed by."""
+    import hashlib
+
+    p = Path(path)
+    try:
+        parts = [str(p.resolve()), str(p.stat().st_mtime_ns)]
+        if p.is_dir():
+            parts += [f"{c.name}:{c.stat().st_mtime_ns}:{c.stat().st_size}" for c in sorted(p.iterdir()) if c.is_file()]
+    except OSError:
+        parts = [str(p)]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
 def temp_sibling(dest: Path, what: str = "tmp") -> Path:

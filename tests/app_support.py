@@ -112,14 +112,15 @@ LM_MODULES = tuple((f"model.layers.{i}.self_attn.{p}", 16, 16) for i in range(2)
 SOURCES = ("arith", "geo", "words", "logic", "time")
 
 
-def lm_like(dest: Path, n: int = 40, seed: int = 1) -> Path:
+def lm_like(dest: Path, n: int = 40, seed: int = 1, id_format: str = "lm-{:03d}", base_model: str = "tiny-lm",
+            provenance: dict | None = None) -> Path:
     """A collection like the zoo's lm one: challenge_accuracy, eval_loss and source-membership labels; like the zoo's
     tables it has groups but no split column (a model's split is drawn at training time from its seed)."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     loras = [random_lora(g, 4, LM_MODULES) for _ in range(n)]
     member = rng.random((n, len(SOURCES))) < 0.5
-    table = pd.DataFrame({"id": [f"lm-{i:03d}" for i in range(n)], "group": [f"run-{i // 2}" for i in range(n)],
+    table = pd.DataFrame({"id": [id_format.format(i) for i in range(n)], "group": [f"run-{i // 2}" for i in range(n)],
                           "challenge_accuracy": 0.25 + 0.5 * rng.random(n), "eval_loss": 1 + rng.random(n),
                           **{f"source_{s}": member[:, j].astype(int) for j, s in enumerate(SOURCES)}})
     labels = {"challenge_accuracy": {"kind": "regression", "description": "accuracy", "task": "challenge_accuracy"},
@@ -128,8 +129,36 @@ def lm_like(dest: Path, n: int = 40, seed: int = 1) -> Path:
                  for s in SOURCES}}
     tasks = {"challenge_accuracy": ["challenge_accuracy"], "eval_loss": ["eval_loss"],
              "membership": [f"source_{s}" for s in SOURCES]}
-    write_collection(dest, loras, table, labels=labels, tasks=tasks, base_model="tiny-lm", dtype=torch.float32)
+    write_collection(dest, loras, table, labels=labels, tasks=tasks, base_model=base_model, dtype=torch.float32,
+                     provenance=provenance)
     return dest
+
+
+def tiny_lm(folder, layers: int = 1, kv_heads: int = 1):
+    """A real (tiny, untrained) `Qwen2ForCausalLM` with the QA world's byte tokenizer, saved with save_pretrained."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lol.zoo.qa import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                 num_attention_heads=2, num_key_value_heads=kv_heads)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def lm_with_base(root: Path, n: int = 40, base_accuracy: float = 0.3) -> Path:
+    """``root/collections/lm`` (`lm_like`) on a real tiny Qwen2 base at ``root/base/lm`` whose q/v projections are
+    `LM_MODULES`, recorded as the zoo records them: the base folder, and the ci LM recipe whose job ids (``lm-00000``
+    …) say which QA sources each LoRA was finetuned on; the base's own challenge accuracy in its record.json."""
+    import json
+
+    tiny_lm(root / "base" / "lm", layers=2, kv_heads=2)  # q_proj and v_proj 16 × 16
+    (root / "base" / "lm" / "record.json").write_text(json.dumps({"challenge_accuracy": base_accuracy}))
+    return lm_like(root / "collections" / "lm", n=n, id_format="lm-{:05d}", base_model=json.dumps({"lm": "base/lm"}),
+                   provenance={"zoo": {"recipe": "lol.zoo.lm:LMRecipe", "preset": "ci", "seed": 0,
+                                       "bases": {"lm": "base/lm"}}})
 
 
 def diffusers_bytes(seed: int = 0, rank: int = 2, modules=TINY_MODULES) -> bytes:

@@ -1,8 +1,8 @@
 """End to end in a real headless Chromium (Debian ``chromium`` driven by playwright): start the app as ``make app``
 does (``python scripts/serve.py``) on a free localhost port, visit every page through the sidebar navigation at
-1280×720, do one interaction per page (Compare-with, an upload, a generation …), assert no error element is shown,
-save a screenshot per page under artifacts/screenshots/, and print load timings (server start → first page
-interactive; first and second visit of every page)."""
+1280×720, do one interaction per page (Compare-with, an upload, a generation, questions answered by a language
+model and its LoRA …), assert no error element is shown, save a screenshot per page under artifacts/screenshots/,
+and print load timings (server start → first page interactive; first and second visit of every page)."""
 from __future__ import annotations
 
 import os
@@ -46,7 +46,7 @@ def _free_port() -> int:
 def data_root(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     root = app_support.generation_root(tmp, n=30)
-    app_support.lm_like(root / "collections" / "lm")
+    app_support.lm_with_base(root)  # on a real tiny Qwen2, with the finetuning sources of each LoRA recorded
     app_support.train_checkpoints(root, epochs=4)
     res = root / "results"
     res.mkdir()
@@ -223,7 +223,7 @@ def _visit_all(page, url, t_start, timings, data_root, tmp) -> float:
             page.get_by_text("threshold 0.60").first.wait_for(timeout=30_000)
         elif name == "language_models":
             page.get_by_text("Source membership").first.wait_for()
-            _select(page, "LoRA", "lm-005")
+            _select(page, "LoRA", "lm-00005")
             _idle(page)
         elif name == "models":
             _select(page, "Results table", "membership_results")
@@ -232,6 +232,7 @@ def _visit_all(page, url, t_start, timings, data_root, tmp) -> float:
         if name != "predict":  # Predict now shows the pickle's message, on purpose
             _no_errors(page, f"{title} after its interaction")
         page.screenshot(path=str(SHOTS / f"{name}.png"))
+    _generate_lm(page, data_root)
     # second visits: every page again, now warm
     _select(page, "Collection", "faces (shipped)")
     _idle(page)
@@ -241,10 +242,36 @@ def _visit_all(page, url, t_start, timings, data_root, tmp) -> float:
     return first_page
 
 
+def _generate_lm(page, data_root):
+    """Generate on the language-model collection (chosen on Membership): held-out questions of the LoRA chosen on the
+    Language models page, answered by the base LM and by the LoRA side by side (`lol.showcase.answer_side_by_side`)."""
+    from lol import showcase
+    from lol.collection import open_collection
+
+    coll = open_collection(data_root / "collections" / "lm")
+    _, mine = showcase.lm_sources(coll, "lm-00005")
+    items = showcase.lm_questions(coll, "lm-00005", mine[:3], 2)  # 2 held-out questions of each source shown
+    _goto(page, "Generate")
+    _no_errors(page, "Generate (language model)")
+    page.get_by_text(f"{mine[0]} (finetuned on)").first.wait_for(timeout=10_000)  # its own sources, chosen first
+    page.get_by_role("button", name="Answer", exact=True).click()
+    _idle(page, timeout=180_000)
+    page.get_by_text("Right on these questions").first.wait_for(timeout=300_000)
+    page.locator(f"text=/^\\d+\\/{len(items)} LoRA$/").first.wait_for(timeout=10_000)
+    page.get_by_text("Measured challenge_accuracy").first.wait_for(timeout=10_000)
+    page.get_by_text("vs base (0.3)").first.wait_for(timeout=10_000)  # the base's own accuracy, from its record
+    # one row per question, the base's and the LoRA's picks side by side (grid cells are drawn on a canvas)
+    for text in ("question", "right answer", "base picks", "LoRA picks", items[0].question, items[-1].question):
+        page.get_by_text(text, exact=True).first.wait_for(state="attached", timeout=30_000)
+    _no_errors(page, "Generate (language model) after Answer")
+    page.screenshot(path=str(SHOTS / "generate_lm.png"))
+
+
 def _report(first_page, timings):
     print(f"\n[browser timings] server start → Collection interactive: {first_page:.1f} s")
     for title, ts in timings.items():
         print(f"[browser timings] {title:16s} first visit {ts[0]:5.1f} s · second visit {ts[-1]:5.1f} s")
     print(f"[browser timings] screenshots: {SHOTS}")
     assert all(p.is_file() for p in (SHOTS / f"{n}.png" for n in ("collection", "predict", "embeddings", "generate",
-                                                                   "membership", "language_models", "models")))
+                                                                   "generate_lm", "membership", "language_models",
+                                                                   "models")))

@@ -187,3 +187,19 @@ def test_leading_number_reads_notebook_cells():
     assert leading_number("0.468 ± 0.040") == 0.468 and leading_number(3) == 3.0 and leading_number(-1e-3) == -1e-3
     assert np.isnan(leading_number("n/a")) and np.isnan(leading_number(None))
     assert pd.isna(leading_number(float("nan")))
+
+
+def test_folder_key_changes_with_the_files_in_the_folder(tmp_path):
+    import os
+
+    from lol.paths import folder_key
+
+    (tmp_path / "a.safetensors").write_bytes(b"1")
+    k = folder_key(tmp_path)
+    assert folder_key(tmp_path) == k and len(k) == 16
+    (tmp_path / "b.safetensors").write_bytes(b"2")
+    assert folder_key(tmp_path) != k
+    k = folder_key(tmp_path)
+    os.utime(tmp_path / "a.safetensors", ns=(1, 1))
+    assert folder_key(tmp_path) != k
+    assert folder_key(tmp_path / "missing") == folder_key(tmp_path / "missing")

@@ -7,23 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from app_support import tiny_lm
 from lol import showcase
 from lol.lora import LoRA, LoRAModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_lm(folder, layers: int = 1, kv_heads: int = 1):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from lol.zoo.qa import byte_tokenizer
-
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                                 num_attention_heads=2, num_key_value_heads=kv_heads)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ Keys are strings (paths, fingerprints) so Streamlit never hashes tensors.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from ..paths import REPO, data_root, shipped_collections
+from ..paths import folder_key as path_key  # the cache key of a folder: changes when its files change
 
 __all__ = ["cache_root", "path_key", "collection", "packed", "collection_table", "lora_summary",
            "invariant_features", "gl_check", "shipped_map", "umap_xy", "checkpoint", "predictions",
@@ -31,25 +31,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("LOL_APP_CACHE") or REPO / ".cache" / "app").expanduser()
 
 
-def path_key(path) -> str:
-    """A cache key that changes when the folder's top-level files change (mtime and size)."""
-    p = Path(path)
-    try:
-        st_ = p.stat()
-        parts = [str(p.resolve()), str(st_.st_mtime_ns)]
-        if p.is_dir():
-            parts += [f"{c.name}:{c.stat().st_mtime_ns}:{c.stat().st_size}" for c in sorted(p.iterdir())
-                      if c.is_file()]
-    except OSError:
-        parts = [str(p)]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------------- collections
 
 @st.cache_resource(show_spinner="Opening the collection…", max_entries=8)
 def collection(path: str, key: str):
-    """`lol.collection.open_collection(path)`; ``key`` (see `path_key`) invalidates the cache when files change."""
+    """`lol.collection.open_collection(path)`; ``key`` (`path_key`) invalidates the cache when files change."""
     from ..collection import open_collection
 
     return open_collection(path)
@@ -57,8 +43,7 @@ def collection(path: str, key: str):
 
 @st.cache_resource(show_spinner="Reading and packing the LoRA files…", max_entries=8)
 def packed(path: str, key: str) -> tuple[str, list[str]]:
-    """A folder of loose LoRA files on the server, packed once into ``cache_root()/packed/<key>``
-    (`lol.uploads.pack_folder`); returns the collection folder and notes on files left out."""
+    """A folder of loose LoRA files packed once into ``cache_root()/packed/<key>`` (`lol.uploads.pack_folder`)."""
     from ..uploads import pack_folder
 
     out, notes = pack_folder(path, cache_root() / "packed" / key)
@@ -78,8 +63,7 @@ def collection_table(path: str, key: str) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Summarising the LoRA…", max_entries=256)
 def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[str, list[float]]]:
-    """`lol.showcase.module_table` of one LoRA of a collection: per-module shapes, rank, α, scale, ‖ΔW‖_F and the
-    singular values of each ΔW, all from the factors (never forming ΔW)."""
+    """`lol.showcase.module_table` of one LoRA of a collection: its per-module table and spectra."""
     from ..showcase import module_table
 
     return module_table(collection(path, key).lora(int(index)))
@@ -106,8 +90,7 @@ def gl_check(path: str, key: str, limit: int, seed: int):
 @st.cache_data(show_spinner=False, max_entries=64)
 def shipped_map(path: str, key: str, kind: str, ckpt_path: str | None, n_neighbors: int, min_dist: float
                 ) -> np.ndarray | None:
-    """The map shipped with the collection (`lol.precomputed.shipped_map`, written by `lol zoo precompute`) when it
-    was made for this collection, model weights and UMAP parameters; else None."""
+    """The map shipped with the collection for these weights and parameters (`lol.precomputed.shipped_map`)."""
     from ..precomputed import shipped_map as stored
 
     return stored(collection(path, key), kind, ckpt_path, n_neighbors, min_dist)
@@ -115,8 +98,7 @@ def shipped_map(path: str, key: str, kind: str, ckpt_path: str | None, n_neighbo
 
 def umap_xy(features: np.ndarray, key: str, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0
             ) -> np.ndarray:
-    """2-D UMAP of ``features`` persisted under ``cache_root()/umap`` (`lol.precomputed.cached_umap`), keyed by
-    ``key`` (the data fingerprint and the feature kind) and the parameters; later calls, across restarts, read it."""
+    """2-D UMAP of ``features`` kept under ``cache_root()/umap`` (`lol.precomputed.cached_umap`) by ``key``."""
     from ..precomputed import cached_umap
 
     with st.spinner("Running UMAP (first time only)…"):  # shown only when it takes a moment
@@ -135,8 +117,8 @@ def checkpoint(path: str, device: str):
 
 @st.cache_data(show_spinner="Predicting…", max_entries=32)
 def predictions(ckpt_path: str, device: str, coll_path: str, coll_key: str):
-    """`lol.predict.CollectionPredictions` of the checkpoint for every LoRA of a collection, with the model's split;
-    the predictions shipped with the collection when made with these weights (`lol.precomputed`), else computed."""
+    """`lol.predict.CollectionPredictions` of a checkpoint for a collection: the ones shipped with it for these
+    weights (`lol.precomputed.shipped_predictions`), else computed."""
     from ..precomputed import shipped_predictions
     from ..predict import CollectionPredictions
 
@@ -161,15 +143,13 @@ def _bases(key: str) -> list:
 
 
 def shipped_bases() -> list:
-    """`lol.catalog.bases` of the shipped collections (one per module spec, with the base-model folders they
-    record), re-read when the collections folder changes."""
+    """`lol.catalog.bases` of the shipped collections, re-read when the collections folder changes."""
     return _bases(path_key(data_root() / "collections"))
 
 
 @st.cache_resource(show_spinner="Loading Stable Diffusion…", max_entries=2)
 def pipeline(sd_dir: str, device: str):
-    """The base model as a diffusers `StableDiffusionPipeline` (`lol.zoo.image_bases.load_sd_pipeline`:
-    ``from_pretrained``, offline; a zoo ``record.json`` pointing at a real SD-1.x folder is followed)."""
+    """The base model as a diffusers `StableDiffusionPipeline` (`lol.zoo.image_bases.load_sd_pipeline`)."""
     import torch
 
     from ..zoo.image_bases import load_sd_pipeline
