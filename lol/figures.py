@@ -186,13 +186,15 @@ def learning_curve_plot(rows: pd.DataFrame, metric_by_kind: Mapping[str, str] | 
     metric_by_kind = metric_by_kind or {"regression": "r2", "binary": "auc", "category": "balanced_accuracy"}
     r = rows[rows.metric == rows.label_kind.map(metric_by_kind)]
     panels = list(dict.fromkeys(zip(r.collection, r.task)))
+    colour = {m: f"C{i}" for i, m in enumerate(sorted(r.model.unique()))}  # one colour per model in every panel
     fig, axes = _grid(len(panels), size=(4.2, 3.4))
     for ax, (c, t) in zip(axes, panels):
         p = r[(r.collection == c) & (r.task == t)]
         lvl = p.groupby(["model", "seed", "fraction"])["value"].mean().reset_index()
         s = lvl.groupby(["model", "fraction"], sort=False)["value"].agg(["mean", "std"]).reset_index()
         for model, g in s.groupby("model", sort=False):
-            ax.errorbar(g.fraction * 100, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=model)
+            ax.errorbar(g.fraction * 100, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=model,
+                        color=colour[model])
         ax.set_xticks(sorted(p.fraction.unique() * 100))
         ax.set_xlabel("training groups used (%)")
         ax.set_ylabel(p.metric.iloc[0])
