@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LoLError
+from .errors import LoLError, one_line
 from .lora import ModuleSpec
 
 __all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "CheckpointInfo", "checkpoints",
@@ -182,9 +182,8 @@ def _checkpoint_info(folder: Path, name: str, shipped_for: tuple[str, ...]) -> C
         return CheckpointInfo(str(folder), name, cfg.get("kind"), tuple(t["name"] for t in cfg["labels"]),
                               ModuleSpec.from_json(cfg["spec"]), cfg, shipped_for)
     except (LoLError, OSError, ValueError, KeyError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         return CheckpointInfo(str(folder), name, shipped_for=shipped_for,
-                              error=msg if isinstance(e, LoLError) else f"{cfg_file}: {type(e).__name__}: {msg}")
+                              error=one_line(e) if isinstance(e, LoLError) else f"{cfg_file}: {one_line(e)}")
 
 
 def checkpoints(root: Path | None = None) -> list[CheckpointInfo]:

@@ -1,4 +1,5 @@
-"""Errors raised by `lol`. Every message names the file, key or shape at fault."""
+"""Errors raised by `lol`. Every message names the file, key or shape at fault; `one_line` is what a person is shown
+(the CLI's ``error:`` line, the explorer's message)."""
 
 
 class LoLError(Exception):
@@ -20,3 +21,16 @@ class SpecMismatchError(LoLError, ValueError):
 
 class CollectionError(LoLError, ValueError):
     """A packed collection is missing, corrupt or inconsistent."""
+
+
+def one_line(e: BaseException) -> str:
+    """What a person is shown for ``e``, in one line: an `OSError` as ``PATH: problem`` (without Python's
+    ``[Errno N]``), a `LoLError`'s own first line (it names the file and the problem), anything else — a bug —
+    as ``Type: first line``."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    text = str(e).strip()
+    msg = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg if isinstance(e, (LoLError, OSError)) or not text else f"{type(e).__name__}: {msg}"

@@ -203,3 +203,13 @@ def test_folder_key_changes_with_the_files_in_the_folder(tmp_path):
     os.utime(tmp_path / "a.safetensors", ns=(1, 1))
     assert folder_key(tmp_path) != k
     assert folder_key(tmp_path / "missing") == folder_key(tmp_path / "missing")
+
+
+def test_one_line_is_what_a_person_is_shown():
+    from lol.errors import CollectionError, one_line
+
+    assert one_line(CollectionError("/data/x: not a collection\ndetails")) == "/data/x: not a collection"
+    assert one_line(FileNotFoundError(2, "No such file or directory", "/data/x")) == "/data/x: No such file or directory"
+    assert one_line(OSError("disk on fire")) == "disk on fire"
+    assert one_line(KeyError("clip_score (predicted)")) == "KeyError: 'clip_score (predicted)'"
+    assert one_line(ValueError()) == "ValueError"

@@ -27,11 +27,9 @@ _UNITS = {"clip": "CLIP score, 0–100", "acc": "fraction correct", "loss": "nat
           "steps": "optimizer steps", "rank": "r", "alpha": "α"}
 
 
-def axis_title(name: str, unit: str | None = None) -> str:
-    """``name (unit)``; the unit is guessed from the label name when not given (CLIP score, accuracy, loss)."""
-    if unit is None:
-        low = name.lower()
-        unit = next((u for k, u in _UNITS.items() if k in low), "")
+def axis_title(name: str) -> str:
+    """``name (unit)`` for the labels the zoo produces (CLIP score, accuracy, loss …), else ``name``."""
+    unit = next((u for k, u in _UNITS.items() if k in name.lower()), "")
     return f"{name} ({unit})" if unit else name
 
 
@@ -70,21 +68,21 @@ def _is_categorical(s: pd.Series) -> bool:
     return not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) or s.nunique(dropna=True) <= 2
 
 
-def _hover(df: pd.DataFrame, id_col: str, extra: Sequence[str]) -> tuple[np.ndarray, str]:
-    cols = [id_col] + [c for c in extra if c in df.columns and c != id_col]
+def _hover(df: pd.DataFrame, extra: Sequence[str]) -> tuple[np.ndarray, str]:
+    """``custom_data`` (the LoRA id first, then ``extra`` columns) and the hover template showing them."""
+    cols = ["id"] + [c for c in extra if c in df.columns and c != "id"]
     custom = df[cols].astype(object).to_numpy()
     lines = ["<b>%{customdata[0]}</b>"] + [f"{c}: %{{customdata[{i}]}}" for i, c in enumerate(cols) if i]
     return custom, "<br>".join(lines)
 
 
-def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, id_col: str = "id", name: str | None = None,
-                 hover: Sequence[str] = (), unit: str | None = None, color: str | None = None,
-                 title: str | None = None, highlight: Sequence[str] = ()) -> go.Figure:
+def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, name: str | None = None, hover: Sequence[str] = (),
+                 color: str | None = None, highlight: Sequence[str] = ()) -> go.Figure:
     """Predicted vs actual scatter with the identity line ``y = x``; hover and ``custom_data`` carry the LoRA id;
     the LoRAs in ``highlight`` (selected on any page) are ringed."""
-    d = df[[c for c in dict.fromkeys([id_col, true_col, pred_col, *hover]) if c in df.columns]].dropna(
+    d = df[[c for c in dict.fromkeys(["id", true_col, pred_col, *hover]) if c in df.columns]].dropna(
         subset=[true_col, pred_col])
-    custom, template = _hover(d, id_col, [true_col, pred_col, *hover])
+    custom, template = _hover(d, [true_col, pred_col, *hover])
     fig = go.Figure()
     if len(d):
         lo = float(min(d[true_col].min(), d[pred_col].min()))
@@ -97,11 +95,11 @@ def pred_vs_true(df: pd.DataFrame, true_col: str, pred_col: str, *, id_col: str 
                              marker=dict(size=10, opacity=0.8, color=color or (model_color(name) if name else
                                                                                 PALETTE[0]),
                                          line=dict(width=0.5, color="white"))))
-    _ring(fig, d[true_col].to_numpy(), d[pred_col].to_numpy(), d[id_col].astype(str).to_numpy(), highlight)
-    fig.update_xaxes(title_text="actual " + axis_title(true_col, unit))
-    fig.update_yaxes(title_text="predicted " + axis_title(true_col, unit))
+    _ring(fig, d[true_col].to_numpy(), d[pred_col].to_numpy(), d["id"].astype(str).to_numpy(), highlight)
+    fig.update_xaxes(title_text="actual " + axis_title(true_col))
+    fig.update_yaxes(title_text="predicted " + axis_title(true_col))
     fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning
-    return style(fig, title, legend=False)
+    return style(fig, legend=False)
 
 
 def roc_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], title: str | None = None,
@@ -127,16 +125,16 @@ def roc_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], titl
     return style(fig, title)
 
 
-def spectra(svals: Mapping[str, Sequence[float]], title: str | None = None, max_lines: int = 64) -> go.Figure:
-    """Singular values of ΔW = U Vᵀ per module (index i = 1..r, log scale); GL(r)-invariant by construction."""
+def spectra(svals: Mapping[str, Sequence[float]]) -> go.Figure:
+    """Singular values of ΔW = U Vᵀ per module (index i = 1..r, log scale; the first 64 modules); GL(r)-invariant."""
     fig = go.Figure()
-    for i, (name, s) in enumerate(list(svals.items())[:max_lines]):
+    for i, (name, s) in enumerate(list(svals.items())[:64]):
         s = np.asarray(s, dtype=float)
         fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines+markers", name=_short(name),
                                  line=dict(width=2, color=PALETTE[i % len(PALETTE)]), marker=dict(size=7)))
     fig.update_xaxes(title_text="singular value index i", dtick=1)
     fig.update_yaxes(title_text="σᵢ(ΔW) (log scale)", type="log")
-    fig = style(fig, title, legend=True)
+    fig = style(fig, legend=True)
     if len(svals) > 12:  # many modules: a compact legend in small type
         fig.update_layout(legend=dict(font=dict(size=FONT_SIZE - 7), itemsizing="constant"))
     return fig
@@ -151,7 +149,7 @@ def _short(module: str) -> str:
     return ".".join(out) or module
 
 
-def distribution(df: pd.DataFrame, col: str, title: str | None = None, height: int = 320) -> go.Figure:
+def distribution(df: pd.DataFrame, col: str) -> go.Figure:
     """Histogram of a numeric column or bar counts of a categorical one, in the column's consistent colours."""
     s = df[col].dropna()
     fig = go.Figure()
@@ -167,16 +165,15 @@ def distribution(df: pd.DataFrame, col: str, title: str | None = None, height: i
                                    hovertemplate="%{x}: %{y} LoRAs<extra></extra>"))
         fig.update_xaxes(title_text=axis_title(col))
     fig.update_yaxes(title_text="number of LoRAs")
-    return style(fig, title, height=height, legend=False)
+    return style(fig, height=320, legend=False)
 
 
-def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *, id_col: str = "id",
-                      hover: Sequence[str] = (), title: str | None = None, height: int = 560,
-                      highlight: Sequence[str] = ()) -> go.Figure:
+def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *, hover: Sequence[str] = (),
+                      title: str | None = None, height: int = 560, highlight: Sequence[str] = ()) -> go.Figure:
     """A 2-D map (e.g. UMAP) of LoRAs coloured by one column: discrete colours for categories and booleans, a
     continuous scale for numbers; the LoRAs in ``highlight`` are ringed. Axes are UMAP coordinates (unitless)."""
     d = df.reset_index(drop=True)
-    custom, template = _hover(d, id_col, [c for c in [color_col, *hover] if c])
+    custom, template = _hover(d, [c for c in [color_col, *hover] if c])
     fig = go.Figure()
 
     def points(m, name, **marker):
@@ -194,7 +191,7 @@ def embedding_scatter(xy: np.ndarray, df: pd.DataFrame, color_col: str | None, *
     else:
         points(every, color_col, size=9, color=pd.to_numeric(d[color_col], errors="coerce"), colorscale=CONTINUOUS,
                opacity=0.9, colorbar=dict(title=dict(text=axis_title(color_col), side="right")))
-    _ring(fig, xy[:, 0], xy[:, 1], d[id_col].astype(str).to_numpy(), highlight)
+    _ring(fig, xy[:, 0], xy[:, 1], d["id"].astype(str).to_numpy(), highlight)
     fig.update_xaxes(title_text="UMAP 1 (unitless)", showticklabels=False)
     fig.update_yaxes(title_text="UMAP 2 (unitless)", showticklabels=False)
     fig.update_layout(dragmode="select")  # dragging selects LoRAs (box) instead of panning

@@ -19,11 +19,10 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from . import cache
-from .errors import plain
 from .glossary import kind_help, model_name
 from ..catalog import CheckpointInfo, checkpoints
 from ..devices import devices
-from ..errors import LoLError
+from ..errors import LoLError, one_line
 from ..paths import data_root, shipped_collections
 from .. import uploads
 
@@ -133,7 +132,7 @@ def render() -> AppContext:
     try:
         ctx.models = [ModelChoice(model_name(c.name, list(c.labels), c.kind), c) for c in checkpoints()]
     except (OSError, ValueError) as e:  # a malformed checkpoint index: one line, no models
-        sb.warning(plain(e))
+        sb.warning(one_line(e))
     fitting = ctx.fitting() if ctx.ok else ctx.models
     if fitting:
         names = [m.name for m in fitting]
@@ -213,7 +212,7 @@ def _open(ctx: AppContext, path: Path, kind: str, name: str) -> None:
             return
         ctx.collection = coll
     except (LoLError, OSError, ValueError) as e:  # a bad folder or file: one plain line
-        ctx.problem = f"Could not open {name}: {plain(e)}"
+        ctx.problem = f"Could not open {name}: {one_line(e)}"
 
 
 def _server_folder(ctx: AppContext, sb, roots: list[Path]) -> None:

@@ -29,20 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import LoLError
+    from ..errors import LoLError, one_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except (LoLError, OSError) as e:  # every OSError too (full disk, permissions, a held lock): one line
-        if isinstance(e, OSError) and e.strerror:  # "PATH: problem", without Python's "[Errno N]" decoration
-            msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-        else:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-                msg = f"{e.filename}: {msg}"
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
