@@ -205,10 +205,13 @@ def test_fashion_batched_equals_alone_and_labels(bases):
     a, b = together[1].lora, alone[0].lora
     # equal up to float summation order, per module in relative Frobenius norm: an elementwise tolerance is the wrong
     # yardstick here, as Adam turns reduction-order noise in a near-zero gradient into a full ±lr step on that element
-    # (measured on the two-stage ci base: worst module 2.4e-4 relative, one element 3.5 % off; another job: 1.2)
+    # (measured on the two-stage ci base: worst module 2.4e-4 relative, one element 3.5 % off; another job: 1.2).
+    # The summation order is the CPU's: the same code, base and jobs gave a worst module of 1.8e-3 on another
+    # build machine (session 5, also at commit 2ca3ef7, before any change here), so the bound is 5e-3, and the
+    # sensitivity check below still asks another job's LoRA to be 100x farther away
     rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm())  # noqa: E731
     for n in a.names:
-        assert rel(a[n].U, b[n].U) < 1e-3 and rel(a[n].V, b[n].V) < 1e-3, n
+        assert rel(a[n].U, b[n].U) < 5e-3 and rel(a[n].V, b[n].V) < 5e-3, n
     # sensitivity: another job's LoRA is far from it
     other = together[0].lora
     assert max(float((other[n].U.float() - a[n].U.float()).abs().max()) for n in a.names) > \
