@@ -110,7 +110,8 @@ def load_checkpoint(path, device=None) -> Checkpoint:
         raise LoLError(f"{cfg_path}: checkpoint version {config['version']} is newer than this lol ({VERSION})")
     spec = ModuleSpec.from_json(config["spec"])
     targets = TargetSet.from_json(config["labels"])
-    model = build_model(config["kind"], spec, int(config["n_outputs"]), **config["hparams"])
+    legacy = getattr(MODELS.get(config["kind"]), "legacy_hparams", {})
+    model = build_model(config["kind"], spec, int(config["n_outputs"]), **{**legacy, **config["hparams"]})
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError) as e:

@@ -41,7 +41,7 @@ def glnet_reference(m, batch):
             return (z > 0).to(z.dtype)
         return torch.sigmoid(z / torch.sqrt((z * z).mean(-1, keepdim=True) + 1e-30))
 
-    feats = []
+    feats, sizes = [], []
     for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
         A, C = phi[ell] @ U, psi[ell] @ V                                   # (B, h, r)
         for layer in m.hidden:
@@ -53,10 +53,19 @@ def glnet_reference(m, batch):
             A, C = m.sketch.wu[ell] @ A, m.sketch.wv[ell] @ C
         P = m.inv.scale[ell] * A @ C.mT                                      # (B, h, h')
         feats.append(P.flatten(1) if m.pool == "flat" else P.mean((1, 2))[:, None])
-    return m.head(m.trunk(torch.cat(feats, 1)))
+        # scale features: log-RMS of the unscaled P (floor ε = 10⁻⁶ × its training mean square), standardized
+        ms = (A @ C.mT).square().mean((1, 2)) + 1e-6 / m.inv.scale[ell] ** 2
+        sizes.append(0.5 * torch.log(ms))
+    y = m.trunk(torch.cat(feats, 1))
+    if m.scale_features is None:
+        return m.head(y)
+    d = torch.stack(sizes, 1) - m.inv.log_mean
+    z = [d / m.inv.log_std] + ([d.exp()] if m.scale_features == "log+linear" else [])
+    return m.head(m.mix(torch.cat([y, *z], 1)))
 
 
-GLNET_CONFIGS = [{}, {"depth": 1}, {"depth": 3, "gate": "sigmoid"}, {"pool": "mean"}, {"head_channels": 3},
+GLNET_CONFIGS = [{}, {"depth": 2}, {"depth": 2, "scale_features": None}, {"depth": 3, "gate": "sigmoid"},
+                 {"pool": "mean"}, {"pool": "mean", "scale_features": "log", "depth": 2}, {"head_channels": 3},
                  {"head_channels": 4, "depth": 3, "gate": "sigmoid"}]
 
 
@@ -155,7 +164,8 @@ def test_colsketch_training_gradients_flow_through_the_plain_path():
 
 # -- FLOP counts ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,hp", [("glnet", {}), ("glnet", {"head_channels": 3}), ("glnet", {"depth": 1}),
+@pytest.mark.parametrize("kind,hp", [("glnet", {}), ("glnet", {"head_channels": 3}), ("glnet", {"depth": 2}),
+                                     ("glnet", {"depth": 2, "scale_features": None}),
                                      ("glnet", {"depth": 3, "pool": "mean"}), ("colsketch", {})])
 def test_flops_per_lora_counts_every_matmul_of_the_forward_pass(kind, hp):
     spec = tiny_spec()
@@ -186,6 +196,8 @@ def test_glnet_whole_pass_flops_at_sd15_shapes():
     f = m.flops_per_lora(4)
     assert f["input"] == 2 * 64 * 99648 * 4 and f["trunk_linear"] == 2 * 64 * 64 * 64 * 64
     assert 90e6 < f["total"] < 92e6 and f["elementwise"] < 0.01 * f["total"]
+    # the scale features (r×r Grams per module and side, the mix block) add under 0.5 %
+    assert 0 < f["scale_grams"] + f["mix"] + f["scale_features"] < 0.005 * f["total"]
 
 
 # -- row-parallel inference -------------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -131,18 +133,25 @@ def test_glnet_layers_are_equivariant(mixed):
 
 
 def test_glnet_any_depth_and_gate_and_pool_is_invariant(mixed):
-    for depth, gate, pool in [(1, "hard", "flat"), (3, "sigmoid", "mean"), (4, "hard", "mean")]:
-        m = make("glnet", mixed, depth=depth, gate=gate, pool=pool)
-        assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+    for depth, gate, pool in [(1, "hard", "flat"), (2, "hard", "flat"), (3, "sigmoid", "mean"), (4, "hard", "mean")]:
+        for scale_features in ("log+linear", "log", None):
+            m = make("glnet", mixed, depth=depth, gate=gate, pool=pool, scale_features=scale_features)
+            assert assert_gl_invariant(m, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+            assert gl_invariance_error(m, mixed, act=one_sided_act) > 1e-3
 
 
 def test_glnet_head_computes_the_trunk_on_products_it_never_holds_whole(mixed):
     """embed = trunk(invariant_features): the chunked head (Σ_ℓ W_ℓ vec(P_ℓ)) equals the Linear on the flat products,
     for every pool, with and without the invariant sketch, for any chunk size."""
-    for hp in ({}, {"pool": "mean"}, {"head_channels": 3}, {"head_channels": 4, "depth": 1}):
+    for hp in ({}, {"pool": "mean"}, {"head_channels": 3}, {"head_channels": 4, "depth": 2},
+               {"scale_features": None, "depth": 2}):
         m = make("glnet", mixed, **hp).double().eval()
         with torch.no_grad():
             want = m.trunk(m.invariant_features(mixed))
+            if hp.get("scale_features", "log+linear") is None:
+                assert m.mix is None and m.scale_features_of(mixed).shape == (len(mixed), 0)
+            else:   # the scale features join after the trunk: embed = mix([trunk(P), scale features])
+                want = m.mix(torch.cat([want, m.scale_features_of(mixed)], 1))
             assert torch.allclose(m.embed(mixed), want, atol=1e-12, rtol=1e-10), hp
             HU, HV = m.equivariant(mixed.U, mixed.V)
             # the fitted per-module scale is 1/RMS of the unscaled products over the training batch
@@ -162,6 +171,80 @@ def test_glnet_head_computes_the_trunk_on_products_it_never_holds_whole(mixed):
     assert build_model("glnet", SPEC, 3, **old).sketch is None
 
 
+def test_glnet_scale_features_are_the_invariant_size_of_each_product(mixed):
+    """Per module: (log RMS(P) − μ)/σ and RMS(P)/exp(μ), with P = (ΦU)(ΨV)ᵀ formed explicitly, μ and σ the mean and
+    std of the log-RMS over the training LoRAs; GL-invariant, and a rescaled module ΔW_ℓ ↦ c ΔW_ℓ moves only its own
+    two features, by log(c)/σ_ℓ and by the factor c."""
+    L = len(SPEC)
+    m = make("glnet", mixed).double().eval()
+    with torch.no_grad():
+        HU, HV = m.equivariant(mixed.U, mixed.V)
+        P = HU.transpose(0, 1).mT @ HV.transpose(0, 1)                       # (B, L, h, h), unscaled
+        ms = P.square().mean((-1, -2)) + 1e-6 / m.inv.scale.square()
+        logs = 0.5 * ms.log()
+        # fitted on this very batch (in float32): the log part is standardized over it
+        mu, sd = m.inv.log_mean, m.inv.log_std
+        torch.testing.assert_close(mu, logs.mean(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sd, logs.std(0, unbiased=False), rtol=1e-6, atol=1e-6)
+        f = m.scale_features_of(mixed)
+        assert f.shape == (len(mixed), 2 * L)
+        torch.testing.assert_close(f[:, :L], (logs - mu) / sd, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(f[:, L:], (logs - mu).exp(), rtol=1e-10, atol=1e-12)
+        assert assert_gl_invariant(m.scale_features_of, mixed, atol=1e-10, rtol=1e-8) < 1e-8
+        c, ell = 7.0, 2
+        moved = m.scale_features_of(mixed.with_factors([U * c if k == ell else U for k, U in enumerate(mixed.U)],
+                                                       mixed.V))
+        # the ε floor makes the shift exact only up to ε/ms ≈ 1e-6 relative
+        torch.testing.assert_close(moved[:, ell], f[:, ell] + math.log(c) / m.inv.log_std[ell], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(moved[:, L + ell], f[:, L + ell] * c, rtol=1e-5, atol=1e-8)
+        keep = [k for k in range(2 * L) if k not in (ell, L + ell)]
+        torch.testing.assert_close(moved[:, keep], f[:, keep], rtol=0, atol=0)
+    log_only = make("glnet", mixed, scale_features="log").double().eval()
+    assert log_only.scale_features_of(mixed).shape == (len(mixed), L)
+    with pytest.raises(ValueError, match="scale_features"):
+        make("glnet", mixed, scale_features="linear")
+
+
+def test_glnet_sees_the_size_of_a_lora_only_through_its_scale_features(mixed):
+    """The products P are positively homogeneous in ΔW and the trunk's LayerNorm divides their size out: without
+    scale features a depth-1 GL-net whose first Linear has a zero bias gives every multiple c·ΔW (c > 0) the same output
+    (up to LayerNorm's ε); with them (the default) it tells them apart."""
+    x = mixed.select(range(1, 8))
+    bigger = x.with_factors([3.0 * U for U in x.U], x.V)
+    for scale_features in (None, "log+linear"):
+        m = make("glnet", mixed, scale_features=scale_features).double().eval()
+        with torch.no_grad():
+            m.trunk[0].bias.zero_()
+            d = float((m(bigger) - m(x)).abs().max())
+        if scale_features is None:
+            assert d < 1e-4, d
+        else:
+            assert d > 1e-2, d
+
+
+def test_glnet_checkpoint_from_before_scale_features_loads_as_written(mixed, tmp_path):
+    """A checkpoint whose config predates ``scale_features`` (no such key) rebuilds the model it holds (the paper's
+    head: `GLNet.legacy_hparams`), with the same outputs; a current one records the key."""
+    import json
+
+    from lol.checkpoint import load_checkpoint, save_checkpoint
+    from lol.targets import TargetSet
+    targets = TargetSet.fit({"a": [0.0, 1.0, 2.0], "b": [1.0, 0.0, 1.0], "c": [2.0, 2.0, 0.0]})
+    for hp in ({"scale_features": None, "depth": 2}, {}):
+        m = make("glnet", mixed.to(dtype=torch.float32), **hp).eval()
+        path = save_checkpoint(tmp_path / str(len(hp)), m, targets)
+        cfg = json.loads((path / "config.json").read_text())
+        assert cfg["hparams"]["scale_features"] == m.scale_features
+        if m.scale_features is None:
+            del cfg["hparams"]["scale_features"]
+            (path / "config.json").write_text(json.dumps(cfg))
+        back = load_checkpoint(path).model
+        assert back.config() == m.config()
+        x = mixed.to(dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+
+
 def test_glnet_is_rank_agnostic():
     train = random_batch(8, rank=4, seed=6)
     m = make("glnet", train).double().eval()
@@ -179,7 +262,7 @@ def test_glnet_is_rank_agnostic():
 
 
 def test_hard_gate_passes_gradients_to_the_equivariant_weights(uniform):
-    m = make("glnet", uniform.to(dtype=torch.float32))
+    m = make("glnet", uniform.to(dtype=torch.float32), depth=2)
     x = uniform.to(dtype=torch.float32)
     m(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.input.phi)

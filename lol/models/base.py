@@ -88,6 +88,9 @@ class LoLModel(nn.Module):
     symmetry_note = ""       # free text for people (e.g. "approximately GL(r) by augmentation"); never compared
     precompute = True    # featurize(batch) is parameter-free: the trainer may compute it once per LoRA
     augment_gl = False   # the trainer applies a random GL(r) element to every training minibatch
+    # hyperparameters added after checkpoints of this kind were written, with the value that rebuilds the model such a
+    # checkpoint holds (used by `lol.checkpoint.load_checkpoint` only when the saved config lacks the key)
+    legacy_hparams: dict = {}
 
     def __init__(self, spec: ModuleSpec, n_outputs: int, width: int = 64):
         super().__init__()

@@ -17,10 +17,21 @@ Layers, all per module ℓ and never mixing U with V or one module with another:
    constant fitted on the training split, then an MLP (Linear, LayerNorm, ReLU, Linear). Optionally
    (``head_channels=s``) a last per-module h → s linear map on both sides first (an *invariant sketch*: P_ℓ becomes
    the s×s matrix ``A_ℓ P_ℓ B_ℓᵀ``), which makes the head L·s² wide instead of L·h².
+5. Scale features (``scale_features``, default ``"log+linear"``): P is positively homogeneous in the LoRA's scale
+   (``P(cU, V) = c P(U, V)`` for c > 0: Φ, Ψ and the hidden maps are linear, and both gates depend only on signs or
+   on z/rms(z)), and the LayerNorm right after the trunk's first Linear divides that scale out again, so the paper's
+   head is all but blind to how large a LoRA's update is (ΔW norms span a factor of ~2,000 in the shipped LM
+   collection, and the labels follow them). `InvariantHead.scale_features` gives, per module, the RMS of P
+   (``‖P_ℓ‖_F`` from r×r Gram matrices, never forming P) as its log standardized with training statistics and
+   (``"log+linear"``) as the ratio to its training geometric mean; they join the trunk's output and pass one more
+   (Linear, LayerNorm, ReLU) block (``mix``) before the output Linear, past the LayerNorm that would cancel them.
+   ``scale_features=None`` is the paper's head.
 
 Every layer output depends on (U, V) only through ΔW_ℓ = U_ℓ V_ℓᵀ (each gate and each P is a function of ΔW), so the
 model is GL-invariant, rank-agnostic, and a LoRA given at a larger rank with the same ΔW gets the same prediction.
-With ``depth=1`` the model is an MLP over the learned bilinear sketches ``Φ_ℓ ΔW_ℓ Ψ_ℓᵀ``.
+With ``depth=1`` (the default) the model is an MLP over the learned bilinear sketches ``Φ_ℓ ΔW_ℓ Ψ_ℓᵀ`` and their
+scale features; ``depth=2`` adds the row gate and one h×h layer (the paper's deeper GL-net). On the shipped
+collections (a few hundred LoRAs per task) depth 1 generalizes better: results/glnet_diagnosis.md.
 
 Internal layout and cost: U-side activations are one contiguous tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules
 zero-padded to the batch's largest rank; zero columns stay zero through every layer and add nothing to P), and so
@@ -45,7 +56,10 @@ from ..symmetry import GL
 from .base import LoLModel, MLPTrunk
 from .parallel import row_parallel
 
-__all__ = ["GLInput", "GLHidden", "RowGate", "InvariantHead", "GLNet", "pack_factors", "unpack_factors"]
+__all__ = ["GLInput", "GLHidden", "RowGate", "InvariantHead", "GLNet", "pack_factors", "unpack_factors",
+           "SCALE_FEATURES"]
+
+SCALE_FEATURES = (None, "log", "log+linear")   # GLNet / InvariantHead ``scale_features``
 
 
 def _groups(dims: list[int]) -> list[tuple[int, list[int]]]:
@@ -178,18 +192,50 @@ def _row_sums(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class InvariantHead(nn.Module):
     """``P_ℓ = (Φ U)(Ψ V)ᵀ`` per module and LoRA, scaled by fitted per-module constants: (B, L·h·h) for
-    ``pool="flat"``, (B, L) for ``pool="mean"``. GL-invariant.
+    ``pool="flat"``, (B, L) for ``pool="mean"``. GL-invariant. With ``scale_features`` (``"log"`` or
+    ``"log+linear"``) also `scale_features`, per module the size of P: the GL-invariant information the scaled products
+    lose to the trunk's LayerNorm.
 
     The flat products come out of one batched matmul already in (B, L, h, h) order (so the trunk reads them without a
     copy), with the constant folded into the U side first; the mean is computed without forming P:
     ``mean(P) = Σ_j (1ᵀ(ΦU)_j)(1ᵀ(ΨV)_j) / (h h')``."""
 
-    def __init__(self, n_modules: int, pool: str = "flat"):
+    def __init__(self, n_modules: int, pool: str = "flat", scale_features: str | None = None):
         super().__init__()
         if pool not in ("flat", "mean"):
             raise ValueError(f"InvariantHead: pool must be 'flat' or 'mean', got {pool!r}")
-        self.pool = pool
+        if scale_features not in SCALE_FEATURES:
+            raise ValueError(f"InvariantHead: scale_features must be one of {SCALE_FEATURES}, got {scale_features!r}")
+        self.pool, self.scale_kind = pool, scale_features
         self.register_buffer("scale", torch.ones(n_modules))
+        if scale_features is not None:   # training statistics of each module's log-RMS of P
+            self.register_buffer("log_mean", torch.zeros(n_modules))
+            self.register_buffer("log_std", torch.ones(n_modules))
+
+    @property
+    def n_scale_features(self) -> int:
+        """Width of `scale_features`: 0, L (``"log"``) or 2·L (``"log+linear"``)."""
+        return {None: 0, "log": 1, "log+linear": 2}[self.scale_kind] * len(self.scale)
+
+    def block_ms(self, HU, HV) -> torch.Tensor:
+        """Per LoRA and module, the mean of the unscaled P² over its whole h×h' block (B, L), from r×r Gram matrices:
+        ``‖(ΦU)(ΨV)ᵀ‖²_F = ⟨UᵀΦᵀΦU, VᵀΨᵀΨV⟩`` (P is never formed). Invariant."""
+        return ((HU @ HU.mT) * (HV @ HV.mT)).sum((-1, -2)).T / (HU.shape[-1] * HV.shape[-1])
+
+    def _log_rms(self, block_ms: torch.Tensor) -> torch.Tensor:
+        """½ log(block mean square + ε_ℓ), ε_ℓ = 10⁻⁶ × the module's training mean square: a floor, so a module with
+        ΔW_ℓ = 0 gets a finite value (a constant: invariance is kept)."""
+        return 0.5 * torch.log(block_ms + 1e-6 / self.scale.to(block_ms.dtype) ** 2)
+
+    def scale_features(self, HU, HV) -> torch.Tensor:
+        """(B, `n_scale_features`): per module, the log-RMS of P standardized with training statistics
+        (``(log rms − μ_ℓ)/σ_ℓ``) and, for ``"log+linear"``, the RMS over its training geometric mean
+        (``exp(log rms − μ_ℓ)``, linear in the LoRA's scale: a far larger update than any seen in training stays far
+        larger). Functions of P, so GL-invariant; they scale the way ΔW does, which P after the trunk's LayerNorm
+        does not."""
+        d = self._log_rms(self.block_ms(HU, HV)) - self.log_mean.to(HU.dtype)
+        z = d / self.log_std.to(HU.dtype)
+        return torch.cat([z, d.exp()], 1) if self.scale_kind == "log+linear" else z
 
     def products(self, HU, HV):
         """The unscaled P: (B, L, h, h') for ``pool="flat"``, its mean over (h, h') (B, L) for ``"mean"``."""
@@ -244,24 +290,38 @@ class InvariantHead(nn.Module):
         matrices, ``‖(ΦU)(ΨV)ᵀ‖²_F = ⟨UᵀΦᵀΦU, VᵀΨᵀΨV⟩``, never forming P."""
         if self.pool == "mean":
             return self.products(HU, HV) ** 2
-        return ((HU @ HU.mT) * (HV @ HV.mT)).sum((-1, -2)).T / (HU.shape[-1] * HV.shape[-1])
+        return self.block_ms(HU, HV)
 
     @torch.no_grad()
-    def fit(self, mean_squares: list[torch.Tensor]):
+    def fit(self, mean_squares: list[torch.Tensor], block_ms: list[torch.Tensor] | None = None):
         """Per-module 1/RMS of the unscaled products over the training split (a constant: keeps invariance), from
-        `mean_square` of each training chunk."""
+        `mean_square` of each training chunk; with scale features also the mean and std over the training LoRAs of
+        each module's log-RMS (from `block_ms` of each chunk)."""
         rms = torch.sqrt(torch.cat(mean_squares).double().mean(0))
         self.scale.copy_(torch.where(rms > 0, 1 / rms, torch.ones_like(rms)).to(self.scale.dtype))
+        if self.scale_kind is not None and block_ms is not None:
+            x = self._log_rms(torch.cat(block_ms).double())
+            std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones_like(rms)
+            self.log_mean.copy_(x.mean(0).to(self.log_mean.dtype))
+            self.log_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).to(self.log_std.dtype))
 
 
 class GLNet(LoLModel):
-    """GL-net: ``GLInput → [RowGate → GLHidden] × (depth − 1) → InvariantHead → (Linear, LayerNorm, ReLU) → Linear``.
+    """GL-net: ``GLInput → [RowGate → GLHidden] × (depth − 1) → InvariantHead → (Linear, LayerNorm, ReLU)
+    → [⊕ scale features → (Linear, LayerNorm, ReLU)] → Linear``.
 
     Invariant to ∏ GL(r_ℓ) by construction; any rank (and mixed ranks) at inference, whatever rank it was trained at.
     Hyperparameters: ``channels`` h (equivariant width), ``depth`` (equivariant linear layers), ``gate``, ``pool``,
     ``head_channels`` s (None: the paper's h×h products; s < h: the invariant sketch, L·s² head inputs — far cheaper
     when h is large: at h = 64 the flat head's first Linear alone costs 2·L·h²·width FLOP per LoRA, about 65 % of the
-    first equivariant layer on SD-1.x q/v), ``width`` (MLP width)."""
+    first equivariant layer on SD-1.x q/v), ``width`` (MLP width), ``scale_features`` (None: the paper's head; ``"log"``
+    or ``"log+linear"``: the per-module size of P joins after the trunk, see the module docstring).
+
+    Defaults (``depth=1``, ``scale_features="log+linear"``) since the diagnosis in results/glnet_diagnosis.md; a
+    checkpoint written before ``scale_features`` existed (its config has no such key) loads with `legacy_hparams`
+    (None: the head it was trained with)."""
+
+    legacy_hparams = {"scale_features": None}
 
     kind = "glnet"
     requires = "the fitted module spec (any ranks, mixed ranks allowed)"
@@ -269,8 +329,8 @@ class GLNet(LoLModel):
     rank_agnostic = True
     precompute = False
 
-    def __init__(self, spec, n_outputs, width: int = 64, channels: int = 32, depth: int = 2, gate: str = "hard",
-                 pool: str = "flat", head_channels: int | None = None):
+    def __init__(self, spec, n_outputs, width: int = 64, channels: int = 32, depth: int = 1, gate: str = "hard",
+                 pool: str = "flat", head_channels: int | None = None, scale_features: str | None = "log+linear"):
         super().__init__(spec, n_outputs, width)
         if depth < 1:
             raise ValueError(f"GLNet: depth must be ≥ 1, got {depth}")
@@ -281,14 +341,19 @@ class GLNet(LoLModel):
         self.hidden = nn.ModuleList([GLHidden(len(spec), channels) for _ in range(depth - 1)])
         # optional invariant sketch: a linear h → s map on both sides, so P_ℓ is s×s (= A_ℓ P_ℓ B_ℓᵀ), not h×h
         self.sketch = None if head_channels is None else GLHidden(len(spec), channels, self.head_channels, gain=1.0)
-        self.inv = InvariantHead(len(spec), pool)
+        self.inv = InvariantHead(len(spec), pool, scale_features)
+        self.scale_features = scale_features
         s = self.head_channels or channels
         self.trunk = MLPTrunk(len(spec) * (s * s if pool == "flat" else 1), width, depth=1)
+        # the scale features join the trunk's output (after its LayerNorm, which would divide them out) for one more
+        # (Linear, LayerNorm, ReLU) block
+        k = self.inv.n_scale_features
+        self.mix = MLPTrunk(width + k, width, depth=1) if k else None
         self.head = nn.Linear(width, n_outputs)
 
     def config(self):
         return {"width": self.width, "channels": self.channels, "depth": self.depth, "gate": self.gate_kind,
-                "pool": self.pool, "head_channels": self.head_channels}
+                "pool": self.pool, "head_channels": self.head_channels, "scale_features": self.scale_features}
 
     def equivariant(self, Us, Vs):
         """The equivariant trunk: per-module lists → (L, B, r, h) activations (transposed factors) of both sides
@@ -309,30 +374,43 @@ class GLNet(LoLModel):
         return row_parallel(super().embed, batch)
 
     def invariant_features(self, batch):
-        """The scaled invariant products P (before the MLP)."""
+        """The scaled invariant products P (before the MLP); the scale features are `scale_features_of`."""
         self.check(batch)
         return self.inv(*self.equivariant(batch.U, batch.V))
+
+    def scale_features_of(self, batch):
+        """(B, k) the per-module scale features (`InvariantHead.scale_features`; k = 0 without)."""
+        self.check(batch)
+        HU, HV = self.equivariant(batch.U, batch.V)
+        if self.mix is None:
+            return HU.new_zeros(HU.shape[1], 0)
+        return self.inv.scale_features(HU, HV)
 
     @torch.no_grad()
     def fit(self, batch, chunk: int = 256):
         self.check(batch)
-        ms = []
+        ms, bms = [], []
         for s in range(0, len(batch), chunk):
             b = batch.select(torch.arange(s, min(s + chunk, len(batch))))
-            ms.append(self.inv.mean_square(*self.equivariant(b.U, b.V)))
-        self.inv.fit(ms)
+            HU, HV = self.equivariant(b.U, b.V)
+            ms.append(self.inv.mean_square(HU, HV))
+            if self.mix is not None:
+                bms.append(ms[-1] if self.pool == "flat" else self.inv.block_ms(HU, HV))
+        self.inv.fit(ms, bms if self.mix is not None else None)
         self.fitted = True
         return self
 
     def embed_features(self, batch):
         """``trunk(invariant_features(batch))``, with the trunk's first Linear applied inside the invariant head
-        (`InvariantHead.linear`)."""
+        (`InvariantHead.linear`); then, with scale features, ``mix([that, scale_features_of(batch)])``."""
         self.check(batch)
         HU, HV = self.equivariant(batch.U, batch.V)
         first, *rest = self.trunk
         y = self.inv.linear(HU, HV, first)
         for layer in rest:
             y = layer(y)
+        if self.mix is not None:
+            y = self.mix(torch.cat([y, self.inv.scale_features(HU, HV)], 1))
         return y
 
     def flops_per_lora(self, rank: int) -> dict[str, int]:
@@ -347,6 +425,11 @@ class GLNet(LoLModel):
               "sketch": 0 if self.sketch is None else 2 * 2 * L * r * h * s}
         ew = {"gate": (self.depth - 1) * 2 * 4 * L * r * h,                # row sums, z, mask, gating: both sides
               "trunk_norm_relu": 8 * w}
+        if self.mix is not None:
+            k = self.inv.n_scale_features
+            mm["scale_grams"] = 2 * 2 * L * r * r * s                       # HU HUᵀ and HV HVᵀ: r×r per module
+            mm["mix"] = 2 * (w + k) * w
+            ew["scale_features"] = L * (2 * r * r + 8) + 8 * w              # ⟨G_U, G_V⟩, log, standardize, exp; LN
         if self.pool == "flat":
             mm["head_products"] = 2 * L * r * s * s
             mm["trunk_linear"] = 2 * L * s * s * w
