@@ -93,7 +93,10 @@ def glnet_loop_forward(model, batch):
         HU, HV = layer(*model.gate(HU, HV))
     if model.sketch is not None:
         HU, HV = model.sketch(HU, HV)
-    return model.head(model.trunk(model.inv(HU, HV)))
+    y = model.trunk(model.inv(HU, HV))
+    if model.mix is not None:  # the default GL-net's scale features join after the trunk
+        y = model.mix(torch.cat([y, model.inv.scale_features(HU, HV)], 1))
+    return model.head(y)
 
 
 def child(args) -> dict:
