@@ -428,19 +428,14 @@ class SDBase:
         return _continue_sd(parent, P, preset, out_dir, resolve_base(clip_dir), pick_device(device), seed)
 
 
-class SDSiblingBase:
+class SDSiblingBase(SDBase):
     """The sibling text-to-image base ``base/sd_v1`` (as SD-1.4 is to SD-1.5): stage 1 of the zoo's ``base/sd``,
     written when ``sd`` is trained (`SDBase`), so it needs nothing of its own. ``SDSiblingBase(pretrained=PATH)``
-    registers a real local SD-1.x folder instead (e.g. SD-1.4 beside an SD-1.5 given as ``--base``)."""
+    registers a real local SD-1.x folder instead (e.g. SD-1.4 beside an SD-1.5 given as ``--base``); linking and
+    the completion marker are `SDBase`'s."""
 
     name = "sd_v1"
     requires: tuple[str, ...] = ("sd",)
-
-    def __init__(self, pretrained: str | Path | None = None):
-        self.pretrained = pretrained
-
-    def is_built(self, out_dir: Path) -> bool:
-        return (Path(out_dir) / "record.json").is_file()
 
     def build(self, preset: str, out_dir: Path, device: str | None = None, seed: int = 0) -> dict[str, Any]:
         out_dir = Path(out_dir)
