@@ -265,3 +265,39 @@ def test_bench_models_writes_whole_pass_ceilings(tmp_path):
     assert rows["svals"]["flop_per_lora"] == ""
     md = (tmp_path / "bench_models.md").read_text()
     assert "whole-pass MFLOP/LoRA" in md and "colsketch / glnet, 1 thread" in md
+
+
+@pytest.mark.parametrize("kind", ["glnet", "colsketch"])
+def test_inference_weight_layouts_follow_every_weight_update(kind):
+    """The inference paths read weights through cached contiguous copies (`lol.models.base.derived`); an in-place
+    update (an optimizer step), ``load_state_dict`` and a swapped parameter must each reach the next prediction, which
+    stays equal to the plain autograd path's."""
+    spec = tiny_spec()
+    g = torch.Generator().manual_seed(5)
+    B, r = 6, 3
+    x = LoRABatch(spec, [torch.randn(B, o, r, generator=g) for o, _ in spec.shapes],
+                  [torch.randn(B, i, r, generator=g) for _, i in spec.shapes], torch.full((B, len(spec)), r))
+    m = make(kind, x)
+
+    def both():
+        with torch.no_grad():
+            fast = m(x)
+        return fast, m(x).detach()   # grad enabled: the differentiable path, no cached layouts
+
+    before, _ = both()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().sum().backward()
+    opt.step()                                                   # every weight updated in place
+    fast, plain = both()
+    assert (fast - before).abs().max() > 1e-4
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in m.state_dict().items()}
+    m.load_state_dict(state)
+    fast, plain = both()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    phis = m.input.phi if kind == "glnet" else m.phi
+    phis[0] = torch.nn.Parameter(torch.randn(phis[0].shape, generator=g))   # a new tensor object
+    fast, plain = both()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+

@@ -23,7 +23,7 @@ from ..errors import SpecMismatchError
 from ..lora import ModuleSpec
 from ..symmetry import NOTHING
 
-__all__ = ["LoLModel", "FeaturizedModel", "MLPTrunk", "Standardize", "iter_chunks"]
+__all__ = ["LoLModel", "FeaturizedModel", "MLPTrunk", "Standardize", "iter_chunks", "derived"]
 
 
 class MLPTrunk(nn.Sequential):
@@ -146,6 +146,23 @@ class LoLModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"modules={len(self.spec)}, outputs={self.n_outputs}, invariant_to={self.invariant_to!r}"
+
+
+def derived(owner: nn.Module, name: str, sources, make):
+    """``make()``, a tensor (or list of tensors) computed from ``sources`` (e.g. a weight in the memory layout a
+    kernel reads fastest), cached on ``owner`` until a source changes: another tensor object (the cache holds the
+    sources, so none is freed and its memory reused while cached), or the same one updated in place (its version
+    counter: every in-place update, an optimizer step and ``load_state_dict`` included). Inference only: the cached
+    value carries no gradient."""
+    sources = list(sources)
+    versions = [t._version for t in sources]
+    cache = owner.__dict__.setdefault("_derived", {})
+    hit = cache.get(name)
+    if (hit is None or len(hit[0]) != len(sources) or any(a is not b for a, b in zip(hit[0], sources))
+            or hit[1] != versions):
+        with torch.no_grad():
+            hit = cache[name] = (sources, versions, make())
+    return hit[2]
 
 
 def iter_chunks(batch: LoRABatch, size: int) -> Iterator[LoRABatch]:

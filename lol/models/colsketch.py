@@ -31,7 +31,7 @@ from torch import nn
 
 from ..features import ColumnBasis, column_basis, keep_components
 from ..symmetry import GL
-from .base import LoLModel, MLPTrunk
+from .base import LoLModel, MLPTrunk, derived
 from .parallel import row_parallel
 
 __all__ = ["ColumnSketch", "cholesky_bases"]
@@ -141,21 +141,22 @@ class ColumnSketch(LoLModel):
 
     def _factors(self, batch, sketch: bool):
         """One pass over the modules: per module the transposed U (B, r, n) — or, with ``sketch``, only its product
-        with Φᵀ, (ΦU)ᵀ (B, r, s), made while the transposed copy is in cache (in a buffer reused by every module:
-        fresh multi-MB temporaries page-fault) — and the Gram matrices UᵀU (float64) and VᵀV; then `cholesky_bases` on
-        all modules at once."""
+        with Φᵀ, (ΦU)ᵀ (B, r, s) — and the Gram matrices UᵀU (float64) and VᵀV; then `cholesky_bases` on all modules
+        at once."""
         k = self.features._need_rank()
         outs, GUs, GVs = [], [], []
-        if sketch:              # the transposed copies are consumed at once: two reused buffers (f32, f64)
-            size = max(U.numel() for U in batch.U)
-            buf, buf64 = batch.U[0].new_empty(size), batch.U[0].new_empty(size, dtype=torch.float64)
-        for U, V, phi in zip(batch.U, batch.V, self.phi):
+        if sketch:
+            # U read in place as the transposed left operand of a batched GEMM against Φᵀ kept contiguous (n, s)
+            # (`derived`: no transposed copy of the factors, ~1.7× faster on a CPU); its float64 copy (for UᵀU) is a
+            # plain conversion into one reused buffer (fresh multi-MB temporaries page-fault)
+            phis = derived(self, "phi", list(self.phi),
+                           lambda: [phi.to(batch.dtype).mT.contiguous() for phi in self.phi])
+            buf64 = batch.U[0].new_empty(max(U.numel() for U in batch.U), dtype=torch.float64)
+        for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
             B, n, r = U.shape
             if sketch:
-                Ut = buf[:U.numel()].view(B, r, n).copy_(U.mT)
-                Ud = buf64[:U.numel()].view(B, r, n).copy_(Ut)
-                GUs.append(torch.bmm(Ud, Ud.mT))
-                outs.append(torch.mm(Ut.view(B * r, n), phi.to(Ut.dtype).mT).view(B, r, -1))
+                GUs.append(_gram(buf64[:U.numel()].view(B, n, r).copy_(U)))
+                outs.append(torch.matmul(U.mT, phis[ell]))
             else:
                 Ut = U.mT.contiguous()
                 GUs.append(_gram64(Ut))
@@ -289,8 +290,8 @@ class ColumnSketch(LoLModel):
         L, s, r, w = len(self.spec), self.channels, int(rank), self.width
         T = s * (s + 1) // 2
         sum_n = sum(o for o, _ in self.spec.shapes)
-        gram_v = sum(2 * i * r * r * (4 if i % 4 == 0 else 1) for _, i in self.spec.shapes)    # `_gram`, c = 4
-        mm = {"gram": 2 * sum_n * r * r + gram_v,
+        gram = sum(2 * d * r * r * (4 if d % 4 == 0 else 1) for shape in self.spec.shapes for d in shape)  # `_gram`
+        mm = {"gram": gram,
               "sketch": 2 * s * sum_n * r,
               "check": L * 2 * 2 * r ** 3,                          # Lᵀ (VᵀV) L
               "basis": 2 * L * r * r * s,                           # L⁻¹ (ΦU)ᵀ

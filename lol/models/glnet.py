@@ -53,7 +53,7 @@ from torch import nn
 
 from ..lora import ModuleSpec
 from ..symmetry import GL
-from .base import LoLModel, MLPTrunk
+from .base import LoLModel, MLPTrunk, derived
 from .parallel import row_parallel
 
 __all__ = ["GLInput", "GLHidden", "RowGate", "InvariantHead", "GLNet", "pack_factors", "unpack_factors",
@@ -105,22 +105,23 @@ class GLInput(nn.Module):
         self.psi = nn.ParameterList([nn.Parameter(torch.randn(len(idx), channels, d) / math.sqrt(d))
                                      for d, idx in self.v_groups])
 
-    def _side(self, Xs, groups, weights, r):
+    def _side(self, Xs, groups, weights, r, side: str):
         """(L, B, r, h), each module's slot the product (B·r, d) @ (d, h) of its transposed factors and weights.
 
-        Without autograd (inference), one GEMM per module writes straight into its slot (``out=``): the transposed
-        copy of a module's factors (the GEMM's left operand) is made just before its product, into one buffer reused
-        by every module, and is still in cache when read, instead of one (G, B·r, d) copy of a whole group. With autograd (``out=`` is not differentiable),
-        each group of equal-dimension modules is one batched matmul (G, B·r, d) @ (G, d, h). Same products."""
+        Without autograd (inference), one batched GEMM per module writes straight into its slot (``out=``), reading
+        the module's (B, d, r) factors in place as the transposed left operand (no copy of the factors) against a
+        contiguous (d, h) copy of its weights (`derived`). With autograd (``out=`` is not differentiable), each group
+        of equal-dimension modules is one batched matmul (G, B·r, d) @ (G, d, h). Same products."""
         B = Xs[0].shape[0]
         H = Xs[0].new_empty(self.L, B * r, self.h)
         if not (torch.is_grad_enabled() and any(W.requires_grad for W in weights)):
-            buf = H.new_empty(B * r * max(d for d, _ in groups))   # the transposed copies, one reused buffer
-            for (d, idx), W in zip(groups, weights):
-                Wt = W.to(H.dtype).mT                               # (G, d, h) views
+            # the weights as contiguous (G, d, h) copies, made once per weight version: BLAS then reads each module's
+            # factors as a transposed operand in place (a batched GEMM over the LoRAs, (r, d) @ (d, h) each), ~1.7×
+            # faster on a CPU than copying the factors to (B·r, d) first; both operands transposed would be slower
+            Wc = derived(self, side, weights, lambda: [W.to(H.dtype).mT.contiguous() for W in weights])
+            for (_, idx), W in zip(groups, Wc):
                 for k, ell in enumerate(idx):
-                    Xt = buf[:B * r * d].view(B, r, d).copy_(_pad(Xs[ell], r).mT)
-                    torch.mm(Xt.view(B * r, d), Wt[k], out=H[ell])
+                    torch.matmul(_pad(Xs[ell], r).mT, W[k], out=H[ell].view(B, r, self.h))
             return H.view(self.L, B, r, self.h)
         for (_, idx), W, X in zip(groups, weights, pack_factors(Xs, groups, r)):
             Y = torch.bmm(X, W.to(X.dtype).mT)
@@ -132,7 +133,7 @@ class GLInput(nn.Module):
 
     def forward(self, Us: list[torch.Tensor], Vs: list[torch.Tensor]):
         r = max(u.shape[-1] for u in Us)
-        return self._side(Us, self.u_groups, self.phi, r), self._side(Vs, self.v_groups, self.psi, r)
+        return (self._side(Us, self.u_groups, self.phi, r, "U"), self._side(Vs, self.v_groups, self.psi, r, "V"))
 
     def flops_per_lora(self, spec: ModuleSpec, r: int) -> int:
         """Multiply-adds × 2 of this layer for one LoRA of rank r: 2·h·Σ(n + m)·r."""
@@ -272,9 +273,13 @@ class InvariantHead(nn.Module):
             scale = self.scale.tolist()
             y = lin.bias
             P = None if grad else HU.new_empty(B, h, h2)
+            # without autograd, the weight as a contiguous (L, h·h', out) copy per weight version (`derived`): the
+            # GEMM's right operand read in its natural layout, not transposed (~13 % faster)
+            Wl = (W.permute(1, 2, 0) if grad else
+                  derived(self, "linear", [lin.weight], lambda: W.to(HU.dtype).permute(1, 2, 0).contiguous()))
             for ell in range(L):
                 P = torch.bmm(HU[ell].mT, HV[ell]) if grad else torch.bmm(HU[ell].mT, HV[ell], out=P)
-                y = torch.addmm(y, P.view(B, -1), W[:, ell].mT, alpha=scale[ell])
+                y = torch.addmm(y, P.view(B, -1), Wl[ell], alpha=scale[ell])
             return y
         s = self.scale.to(HU.dtype)
         y = lin.bias
