@@ -238,11 +238,14 @@ class ColumnSketch(LoLModel):
         ``(W(γ⊙x) − μ Wγ)/σ + Wβ + b``."""
         lin, ln = self.trunk[0], self.norm
         B, s, L, T = Zs[0].shape[0], self.channels, len(Zs), len(self.triu)
-        W = lin.weight
+        # the Linear's weight as contiguous (L, T, width) blocks (`derived`): each GEMM reads its right operand in its
+        # natural layout, not transposed
+        Wl = derived(self, "linear", [lin.weight],
+                     lambda: lin.weight.to(Zs[0].dtype).view(-1, L, T).permute(1, 2, 0).contiguous())
         gamma, beta = ln.weight.view(L, T), ln.bias.view(L, T)
         G = Zs[0].new_empty(B, s, s)
         buf, d = Zs[0].new_empty(B + 2, T), Zs[0].new_empty(B, T)   # reused: fresh 1 MB temporaries cost 4× more
-        acc = Zs[0].new_zeros(B + 2, W.shape[0])
+        acc = Zs[0].new_zeros(B + 2, lin.weight.shape[0])
         mean, m2 = Zs[0].new_empty(L, B), Zs[0].new_empty(L, B)
         for ell, Z in enumerate(Zs):
             torch.bmm(Z.mT, Z, out=G)
@@ -254,7 +257,7 @@ class ColumnSketch(LoLModel):
             buf[B] = 1
             buf[:B + 1].mul_(gamma[ell])
             buf[B + 1] = beta[ell]
-            acc = torch.addmm(acc, buf, W[:, ell * T:(ell + 1) * T].mT)
+            acc = torch.addmm(acc, buf, Wl[ell])
         mean, m2 = mean.double(), m2.double()
         mu = mean.mean(0)
         var = (m2.sum(0) + T * (mean - mu).square().sum(0)) / (L * T)
