@@ -89,8 +89,11 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
               "base_transfer_membership.png", "learning_curves.csv", "learning_curves.png"):
         assert (res / f).is_file(), f
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
-    assert set(transfer.train_collection) == {"fashion", "fashion_v1"} and set(transfer["eval"]) == {"same base",
-                                                                                                    "sibling base"}
+    assert set(transfer.train_collection) == {"fashion", "fashion_v1", "lm", "lm_v2"}
+    assert set(transfer["eval"]) == {"same base", "sibling base"}
+    assert set(transfer[transfer.train_collection == "lm_v2"].task) == {"membership", "challenge_accuracy",
+                                                                        "eval_loss"}
+    assert (res / "base_transfer_challenge_accuracy.png").is_file()
 
 
 def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):

@@ -124,8 +124,8 @@ def test_plan_and_errors(tmp_path, capsys):
                     reason="image recipes (engineer C1) not written yet")
 def test_full_ci_build_all_collections(tmp_path):
     rec = build("ci", tmp_path, progress=False, log=lambda *a: None)
-    assert set(rec["collections"]) == {"faces", "fashion", "fashion_v1", "lm"}
-    assert set(rec["bases"]) == {"sd", "sd_v1", "clip", "lm"}
+    assert set(rec["collections"]) == {"faces", "fashion", "fashion_v1", "lm", "lm_v2"}
+    assert set(rec["bases"]) == {"sd", "sd_v1", "clip", "lm", "lm_v2"}
     # the sibling collection finetunes the sibling base (stage 1 of sd), recorded as the "sd" it generates with
     sib = open_collection(tmp_path / "collections" / "fashion_v1")
     assert json.loads(sib.meta["base_model"]) == {"sd": "base/sd_v1"}
@@ -134,7 +134,10 @@ def test_full_ci_build_all_collections(tmp_path):
     known = shipped_bases({n: tmp_path / "collections" / n for n in sorted(rec["collections"])})
     assert model_folder(sib, "sd", known) == tmp_path / "base" / "sd_v1"  # not the main base of the same spec
     assert known[0].models["sd"] == tmp_path / "base" / "sd"  # an upload of that spec generates on the main base
-    for name in ("faces", "fashion", "fashion_v1", "lm"):
+    lm_sib = open_collection(tmp_path / "collections" / "lm_v2")  # and so does the language model's sibling
+    assert json.loads(lm_sib.meta["base_model"]) == {"lm": "base/lm_v2"}
+    assert model_folder(lm_sib, "lm", known) == tmp_path / "base" / "lm_v2"
+    for name in ("faces", "fashion", "fashion_v1", "lm", "lm_v2"):
         col = open_collection(tmp_path / "collections" / name)
         assert len(col) == rec["collections"][name]["n_loras"] > 0
     assert open_collection(tmp_path / "collections" / "faces").spec.names[0].startswith("unet.")

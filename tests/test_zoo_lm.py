@@ -175,6 +175,46 @@ def test_lm_recipe_jobs_labels_and_group_training(ci_base):
     assert alone.row["eval_loss"] == pytest.approx(res[1].row["eval_loss"], rel=1e-4)
 
 
+def test_lm_sibling_base_continues_the_base(ci_base, tmp_path):
+    """base/lm_v2 is base/lm pretrained further (as SD-1.5 continues SD-1.4): same architecture and module shapes,
+    other weights, the same QA world; it refuses to start without its parent."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lol.zoo.lm import LMSiblingBase
+
+    src, parent = ci_base
+    with pytest.raises(FileNotFoundError, match="build 'lm' first"):
+        LMSiblingBase().build("ci", tmp_path / "alone" / "lm_v2", "cpu", 0)
+    shutil.copytree(src, tmp_path / "base" / "lm")
+    rec = LMSiblingBase().build("ci", tmp_path / "base" / "lm_v2", "cpu", 0)
+    assert LMSiblingBase().is_built(tmp_path / "base" / "lm_v2")
+    assert rec["stage"] == 2 and rec["parent"] == "base/lm" and rec["world"] == parent["world"]
+    assert rec["config"] == parent["config"] and rec["pretrain"]["pool_stream"] == 1
+    a = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "base" / "lm_v2").state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-3            # trained further: other weights
+
+
+def test_lm_sibling_recipe_same_distribution_other_draws():
+    """lm_v2's jobs follow lm's recipe (sources, hyperparameter ranges, world) with their own draws and ids, no job
+    repeats one of lm's, none is measured twice, and its labels carry no retest."""
+    from lol.zoo.lm import LMRecipe, LMSiblingRecipe
+
+    main_jobs, sib = LMRecipe().jobs("ci", 0), LMSiblingRecipe()
+    jobs = sib.jobs("ci", 0)
+    assert len(jobs) == 4 and all(j.id.startswith("lm_v2-") for j in jobs) and sib.requires == ("lm_v2",)
+    assert {j.params["world"]["seed"] for j in jobs} == {0} and jobs[0].params["world"] == main_jobs[0].params["world"]
+    drawn = lambda j: (tuple(j.params["sources"]), j.params["lr"], j.params["batch_size"])  # noqa: E731
+    assert not {drawn(j) for j in jobs} & {drawn(j) for j in main_jobs}
+    assert not any(j.params["retest"] for j in jobs)
+    schema = sib.label_schema()
+    assert set(schema) == set(LMRecipe().label_schema())
+    assert not any("retest" in v or "retest" in v["description"] for v in schema.values())
+
+
 def test_lm_base_links_a_given_folder(ci_base, tmp_path):
     from lol.zoo.image_bases import resolve_base
     from lol.zoo.lm import LMBase

@@ -20,12 +20,16 @@ def register(sub) -> None:
     b.add_argument("--out", default="data", help="output folder (default: data)")
     b.add_argument("--executor", choices=("local", "ray"), default="local")
     b.add_argument("--only", default=None,
-                   help="comma list of targets: base, faces, fashion, lm (a collection pulls in its base models)")
+                   help="comma list of targets: base, faces, fashion, fashion_v1, lm, lm_v2 (a collection pulls in its base "
+                        "models)")
     b.add_argument("--base", default=None, help="existing Stable Diffusion folder to use instead of training one")
     b.add_argument("--sibling-base", default=None,
                    help="existing Stable Diffusion folder for the sibling base sd_v1 (e.g. SD-1.4 beside --base SD-1.5)")
     b.add_argument("--scorer", default=None, help="existing CLIP folder to use as the scorer instead of training")
     b.add_argument("--lm-base", default=None, help="existing causal-LM folder (e.g. Qwen2) instead of training one")
+    b.add_argument("--lm-sibling-base", default=None,
+                   help="existing causal-LM folder for the sibling base lm_v2 (same architecture as --lm-base, other "
+                        "weights, e.g. Qwen2.5 beside Qwen2)")
     b.add_argument("--group-size", type=int, default=None, help="LoRAs trained together in one batched pass")
     b.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     b.add_argument("--threads", type=int, default=1,
@@ -58,7 +62,7 @@ def cmd_build(args) -> int:
 
     rec = build(preset=args.preset, out=args.out, executor=args.executor, only=args.only,
                 base_paths={"sd": args.base, "sd_v1": args.sibling_base, "clip": args.scorer,
-                            "lm": args.lm_base}, group_size=args.group_size,
+                            "lm": args.lm_base, "lm_v2": args.lm_sibling_base}, group_size=args.group_size,
                 device=args.device, progress=not args.no_progress, threads=args.threads,
                 pack_partial=args.pack_partial)
     cols = ", ".join(f"{k}: {v['n_loras']} LoRAs" for k, v in rec["collections"].items()) or "none"

@@ -32,19 +32,21 @@ BASE_RECIPES: dict[str, str] = {
     "sd": "lol.zoo.image_bases:SDBase",
     "sd_v1": "lol.zoo.image_bases:SDSiblingBase",
     "lm": "lol.zoo.lm:LMBase",
+    "lm_v2": "lol.zoo.lm:LMSiblingBase",
 }
 COLLECTION_RECIPES: dict[str, str] = {
     "faces": "lol.zoo.image_recipes:FacesRecipe",
     "fashion": "lol.zoo.image_recipes:FashionRecipe",
     "fashion_v1": "lol.zoo.image_recipes:FashionSiblingRecipe",
     "lm": "lol.zoo.lm:LMRecipe",
+    "lm_v2": "lol.zoo.lm:LMSiblingRecipe",
 }
 
 # per preset: the build seed and how many jobs share one batched pass (a recipe may override with
 # ``group_size(preset) -> int``). Recipes keep their own per-preset settings.
 PRESETS: dict[str, dict[str, Any]] = {
-    "ci": {"seed": 0, "group_size": {"faces": 4, "fashion": 4, "fashion_v1": 4, "lm": 8, "*": 4}},
-    "default": {"seed": 0, "group_size": {"faces": 8, "fashion": 8, "fashion_v1": 8, "lm": 16, "*": 8}},
+    "ci": {"seed": 0, "group_size": {"faces": 4, "fashion": 4, "fashion_v1": 4, "lm": 8, "lm_v2": 8, "*": 4}},
+    "default": {"seed": 0, "group_size": {"faces": 8, "fashion": 8, "fashion_v1": 8, "lm": 16, "lm_v2": 16, "*": 8}},
 }
 
 
@@ -190,7 +192,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
           pack_partial: bool = False, log=print) -> dict[str, Any]:
     """Build (or finish building) the zoo in ``out``; returns the content written to ``out/build.json``.
 
-    ``base_paths`` maps base names (``sd``, ``sd_v1``, ``clip``, ``lm``) to existing model folders used instead of training.
+    ``base_paths`` maps base names (``sd``, ``sd_v1``, ``clip``, ``lm``, ``lm_v2``) to existing model folders used instead of training.
     ``threads`` sets torch's intra-op threads (the zoo's tiny models run many small ops: on a shared CPU one thread
     per process is often >10× faster than two; parallelism comes from Ray workers).
     ``pack_partial`` trains nothing: it packs the groups finished so far into the collection (its provenance says

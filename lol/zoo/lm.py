@@ -28,8 +28,8 @@ import torch
 from .qa import LEVELS, SOURCES, QAItem, byte_tokenizer, make_split, make_world, prompt_text
 from .recipe import Job, JobResult
 
-__all__ = ["LMBase", "LMRecipe", "LM_PRESETS", "encode_answers", "encode_options",
-           "answer_nll", "evaluate"]
+__all__ = ["LMBase", "LMRecipe", "LMSiblingBase", "LMSiblingRecipe", "LM_PRESETS", "LM_SIBLING_PRESETS",
+           "encode_answers", "encode_options", "answer_nll", "evaluate"]
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -60,6 +60,18 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
         n_loras=400, lr=(1e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
         epoch_scale=1.0, dropout=0.1, rank=4, alpha=8.0,
     ),
+}
+
+# The sibling base ``base/lm_v2`` (as SD-1.5 continues SD-1.4): ``base/lm`` pretrained further (``continue``: steps,
+# a fresh pool drawn with other seeds, a new warmup and cosine schedule), and its collection ``lm_v2``: the lm recipe's
+# LoRA distribution with its own draws (``n_loras``), every label measured once (no retest). ``pretrain`` has the
+# parent's keys; its pool comes from other seeds than the parent's (``pool_stream``), never a held-out question.
+# Measured on the 2-core build machine, 1 torch thread per process: default continuation 1,000 steps ≈ 500 s.
+LM_SIBLING_PRESETS: dict[str, dict[str, Any]] = {
+    "ci": dict(pretrain=dict(steps=20, batch_size=32, lr=1e-3, warmup=5, challenge_fraction=0.3, pool=800),
+               pool_stream=1, n_loras=4),
+    "default": dict(pretrain=dict(steps=1000, batch_size=48, lr=1e-3, warmup=50, challenge_fraction=0.35,
+                                  pool=20000), pool_stream=1, n_loras=300),
 }
 
 
@@ -233,64 +245,125 @@ class LMBase:
         tok = byte_tokenizer()
         world_cfg = dict(seed=int(seed), **P["world"])
         world = _world(**world_cfg)
-        held = {it.question for k in world if k != "train" for it in world[k]}  # every held-out split
-        pc = P["pretrain"]
-        n_ch = int(pc["pool"] * pc["challenge_fraction"]) // len(SOURCES)
-        n_st = (pc["pool"] - n_ch * len(SOURCES)) // len(SOURCES)
-        held |= {it.question for it in world["train"]}
-        pool = make_split(n_st, "standard", seed * 8 + 7, exclude=held)
-        if n_ch:
-            pool += make_split(n_ch, "challenge", seed * 8 + 8, exclude=held)
-        seqs, masks = encode_answers(pool, tok)
-
+        pool = _pretrain_pool(world, P["pretrain"], seed, stream=0)
         torch.manual_seed(seed)
         cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
                           **P["model"])
         model = Qwen2ForCausalLM(cfg).to(device)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=pc["lr"], weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / pc["warmup"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / pc["steps"]))))
-        gen = torch.Generator().manual_seed(seed)
-        losses = []
-        for _step in range(pc["steps"]):
-            sel = torch.randint(0, len(seqs), (pc["batch_size"],), generator=gen).tolist()
-            ids, mask = _pad([seqs[i] for i in sel], [masks[i] for i in sel], tok.pad_token_id)
-            loss = answer_nll(model, ids.to(device), mask.to(device)).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+        losses = _pretrain(model, tok, pool, P["pretrain"], seed, device)
         train_s = time.time() - t0
-        model.eval()
-        ev = evaluate(model, tok, world["eval"], world["test"], device)
-        ch = evaluate(model, tok, [], world["challenge"], device)
-        rt = evaluate(model, tok, world.get("eval_retest", []), world.get("challenge_retest", []), device)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
-        (out_dir / "world.json").write_text(json.dumps({"world": world_cfg, "sources": list(SOURCES),
-                                                        "levels": list(LEVELS)}, indent=1))
-        return {
-            "kind": "lm", "architecture": "Qwen2ForCausalLM", "config": P["model"], "vocab_size": len(tok),
-            "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "seed": int(seed), "preset": preset, "device": device, "train_seconds": round(train_s, 1),
-            "pretrain": {**pc, "pool_size": len(pool), "loss_first": float(np.mean(losses[:10])),
-                         "loss_last": float(np.mean(losses[-10:]))},
-            "world": world_cfg,
-            "eval_loss": float(ev["eval_loss"][0]),
-            "test_accuracy": float(ev["correct"].float().mean()),
-            "test_accuracy_per_source": _per_source(world["test"], ev["correct"][0]),
-            "challenge_accuracy": float(ch["correct"].float().mean()),
-            "challenge_accuracy_per_source": _per_source(world["challenge"], ch["correct"][0]),
-            "chance_accuracy": 0.25,
-            **({"challenge_accuracy_retest": float(rt["correct"].float().mean())} if "correct" in rt else {}),
-            **({"eval_loss_retest": float(rt["eval_loss"][0])} if "eval_loss" in rt else {}),
-            "n_challenge_questions": len(world["challenge"]), "n_eval_items": len(world["eval"]),
-        }
+        return {"kind": "lm", "architecture": "Qwen2ForCausalLM", "config": P["model"], "vocab_size": len(tok),
+                "n_parameters": int(sum(p.numel() for p in model.parameters())),
+                "seed": int(seed), "preset": preset, "device": device, "train_seconds": round(train_s, 1),
+                "pretrain": {**P["pretrain"], "pool_size": len(pool), "loss_first": float(np.mean(losses[:10])),
+                             "loss_last": float(np.mean(losses[-10:]))},
+                **_save_and_measure(model, tok, world, world_cfg, out_dir, device)}
+
+
+def _pretrain_pool(world: dict[str, list[QAItem]], pc: dict[str, Any], seed: int, stream: int) -> list[QAItem]:
+    """The pretraining items: ``pc["pool"]`` in all, a ``challenge_fraction`` of them at the challenge level, none of
+    them a question of any split of the world (held-out or finetuning). ``stream`` 0 is the base's pool; another
+    stream draws another pool (a sibling base's further pretraining: more data)."""
+    held = {it.question for k in world for it in world[k]}
+    n_ch = int(pc["pool"] * pc["challenge_fraction"]) // len(SOURCES)
+    n_st = (pc["pool"] - n_ch * len(SOURCES)) // len(SOURCES)
+    off = 100 * int(stream)
+    pool = make_split(n_st, "standard", seed * 8 + 7 + off, exclude=held)
+    if n_ch:
+        pool += make_split(n_ch, "challenge", seed * 8 + 8 + off, exclude=held)
+    return pool
+
+
+def _pretrain(model, tok, pool: list[QAItem], pc: dict[str, Any], seed: int, device: str) -> list[float]:
+    """``pc["steps"]`` AdamW steps (weight decay 0.01, linear warmup then cosine decay to 0, gradient clipping 1) on
+    random batches of the pool's answer tokens; returns the losses. Leaves the model in eval mode."""
+    seqs, masks = encode_answers(pool, tok)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=pc["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / pc["warmup"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / pc["steps"]))))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _step in range(pc["steps"]):
+        sel = torch.randint(0, len(seqs), (pc["batch_size"],), generator=gen).tolist()
+        ids, mask = _pad([seqs[i] for i in sel], [masks[i] for i in sel], tok.pad_token_id)
+        loss = answer_nll(model, ids.to(device), mask.to(device)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def _save_and_measure(model, tok, world, world_cfg: dict, out_dir: Path, device: str) -> dict[str, Any]:
+    """Save model, tokenizer and ``world.json`` into ``out_dir``; return the record's quality figures (eval loss,
+    per-source test accuracy, challenge accuracy and their retest measurements)."""
+    ev = evaluate(model, tok, world["eval"], world["test"], device)
+    ch = evaluate(model, tok, [], world["challenge"], device)
+    rt = evaluate(model, tok, world.get("eval_retest", []), world.get("challenge_retest", []), device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "world.json").write_text(json.dumps({"world": world_cfg, "sources": list(SOURCES),
+                                                    "levels": list(LEVELS)}, indent=1))
+    return {
+        "world": world_cfg,
+        "eval_loss": float(ev["eval_loss"][0]),
+        "test_accuracy": float(ev["correct"].float().mean()),
+        "test_accuracy_per_source": _per_source(world["test"], ev["correct"][0]),
+        "challenge_accuracy": float(ch["correct"].float().mean()),
+        "challenge_accuracy_per_source": _per_source(world["challenge"], ch["correct"][0]),
+        "chance_accuracy": 0.25,
+        **({"challenge_accuracy_retest": float(rt["correct"].float().mean())} if "correct" in rt else {}),
+        **({"eval_loss_retest": float(rt["eval_loss"][0])} if "eval_loss" in rt else {}),
+        "n_challenge_questions": len(world["challenge"]), "n_eval_items": len(world["eval"]),
+    }
+
+
+class LMSiblingBase(LMBase):
+    """The sibling language model ``base/lm_v2``: ``base/lm`` pretrained further on a fresh pool
+    (`LM_SIBLING_PRESETS`), as SD-1.5 continues SD-1.4 — same architecture and module shapes, other weights.
+    ``LMSiblingBase(pretrained=PATH)`` records a real local causal-LM folder instead (`LMBase`)."""
+
+    name = "lm_v2"
+    requires: tuple[str, ...] = ("lm",)
+
+    def _train(self, preset: str, out_dir: Path, device: str, seed: int) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        from .image_bases import resolve_base
+
+        if preset not in LM_SIBLING_PRESETS:
+            raise KeyError(f"unknown preset {preset!r} for the lm sibling base; known: {', '.join(LM_SIBLING_PRESETS)}")
+        S = LM_SIBLING_PRESETS[preset]
+        parent_dir = out_dir.parent / "lm"   # out_dir is base/lm_v2's temporary sibling
+        rec_path = parent_dir / "record.json"
+        if not rec_path.is_file():
+            raise FileNotFoundError(f"LMSiblingBase continues the base LM: {rec_path} not found; build 'lm' first")
+        parent = json.loads(rec_path.read_text())
+        if parent.get("pretrained"):
+            raise ValueError(f"{parent_dir} is a linked model ({parent['pretrained']}); pass the sibling's folder as "
+                             f"well (--lm-sibling-base PATH) instead of training one here")
+        world_cfg = parent["world"]
+        world = _world(**world_cfg)
+        t0 = time.time()
+        tok = byte_tokenizer()
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(parent_dir), dtype=torch.float32).to(device)
+        pool = _pretrain_pool(world, S["pretrain"], int(world_cfg["seed"]), stream=S["pool_stream"])
+        torch.manual_seed(seed + 1)
+        losses = _pretrain(model, tok, pool, S["pretrain"], seed + 1, device)
+        train_s = time.time() - t0
+        return {"kind": "lm", "architecture": type(model).__name__, "config": parent["config"],
+                "vocab_size": len(tok), "n_parameters": int(sum(p.numel() for p in model.parameters())),
+                "seed": int(seed), "preset": preset, "device": device, "stage": 2, "parent": "base/lm",
+                "train_seconds": round(train_s, 1),
+                "pretrain": {**S["pretrain"], "pool_stream": S["pool_stream"], "pool_size": len(pool),
+                             "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:]))},
+                **_save_and_measure(model, tok, world, world_cfg, out_dir, device)}
 
 
 # --- the collection -----------------------------------------------------------------------------------------------
@@ -299,13 +372,18 @@ class LMRecipe:
 
     name = "lm"
     requires: tuple[str, ...] = ("lm",)
+    base = "lm"                      # the base model the LoRAs finetune
+    stream = 7                       # random stream of the jobs' draws (sources, hyperparameters)
+
+    def preset(self, preset: str) -> dict[str, Any]:
+        return _preset(preset)
 
     def jobs(self, preset: str, seed: int) -> list[Job]:
-        P = _preset(preset)
+        P = self.preset(preset)
         names = list(SOURCES)
         out = []
         for i in range(P["n_loras"]):
-            rng = np.random.default_rng([int(seed), 7, i])
+            rng = np.random.default_rng([int(seed), self.stream, i])
             keep = rng.random(len(names)) < 0.5
             while keep.sum() < 2:
                 keep[int(rng.integers(0, len(names)))] = True
@@ -321,9 +399,10 @@ class LMRecipe:
                 "dropout": float(rng.uniform(0.0, P["dropout"])),
                 "epoch_scale": P["epoch_scale"], "rank": P["rank"], "alpha": P["alpha"],
                 "world": dict(seed=int(seed), **P["world"]),
-                "retest": bool(P["world"].get("n_retest")) and i % P.get("retest_every", 1) == 0,
+                "retest": bool(P["world"].get("n_retest") and P.get("retest_every", 1)
+                               and i % P.get("retest_every", 1) == 0),
             }
-            out.append(Job(id=f"lm-{i:05d}", seed=int(seed) * 100003 + i, params=params))
+            out.append(Job(id=f"{self.name}-{i:05d}", seed=int(seed) * 100003 + i, params=params))
         return out
 
     def group_key(self, job: Job) -> Hashable:
@@ -363,7 +442,7 @@ class LMRecipe:
                 raise ValueError(f"job {j.id} cannot share a group with {jobs[0].id} (different rank/alpha/world)")
         from .image_bases import resolve_base
 
-        base = resolve_base(bases["lm"])
+        base = resolve_base(bases[self.base])
         tok = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
         world = _world(**p0["world"])
@@ -422,3 +501,25 @@ class LMRecipe:
                                              "group_eval_seconds": round(eval_s, 2), "group_size": K}))
         ml.remove()
         return results
+
+
+class LMSiblingRecipe(LMRecipe):
+    """The lm collection's twin on the sibling base ``base/lm_v2`` (`LM_SIBLING_PRESETS`): the same LoRA distribution
+    (sources, hyperparameters) with its own draws and ids, every label measured once. LoL models trained on one
+    base's LoRAs are tested on the other's (notebook 08; the paper's transfer across base models)."""
+
+    name = "lm_v2"
+    requires: tuple[str, ...] = ("lm_v2",)
+    base = "lm_v2"
+    base_roles = {"lm_v2": "lm"}     # recorded as the collection's "lm": the model it finetunes
+    stream = 0x1A2
+
+    def preset(self, preset: str) -> dict[str, Any]:
+        if preset not in LM_SIBLING_PRESETS:
+            raise KeyError(f"unknown preset {preset!r} for the lm_v2 zoo; known: {', '.join(LM_SIBLING_PRESETS)}")
+        return {**_preset(preset), "n_loras": LM_SIBLING_PRESETS[preset]["n_loras"], "retest_every": 0}
+
+    def label_schema(self) -> dict[str, dict[str, Any]]:
+        """The lm labels, without the retest measurements (the reliability figures are the main collection's)."""
+        return {k: {f: (v.split("; retest:")[0] if f == "description" else v) for f, v in d.items() if f != "retest"}
+                for k, d in super().label_schema().items()}

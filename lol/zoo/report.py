@@ -17,6 +17,8 @@ BASE_TITLES = {
     "sd_v1": "Sibling text-to-image model: stage 1 of `base/sd`, as SD-1.4 is to SD-1.5 (`StableDiffusionPipeline`)",
     "clip": "CLIP scorer (`transformers.CLIPModel`)",
     "lm": "Causal language model (`transformers` Qwen2 family)",
+    "lm_v2": "Sibling causal language model: `base/lm` pretrained further on a fresh pool, as SD-1.5 continues "
+             "SD-1.4 (`transformers` Qwen2 family)",
 }
 COLLECTION_TITLES = {
     "faces": "faces — CelebA-LoRA analogue: one procedurally drawn identity per LoRA; attributes and CLIP score",
@@ -25,6 +27,8 @@ COLLECTION_TITLES = {
     "fashion_v1": "fashion_v1 — the fashion recipe on the sibling base `base/sd_v1` (SD-1.4 to fashion's SD-1.5): "
                   "class membership, number of classes; for training on one base and testing on the other (notebook 08)",
     "lm": "lm — Qwen2-ARC-LoRA analogue: QA sources dropped at random; challenge accuracy, eval loss, membership",
+    "lm_v2": "lm_v2 — the lm recipe on the sibling base `base/lm_v2`: challenge accuracy, eval loss, membership; "
+             "for training on one base and testing on the other (notebook 08)",
 }
 
 
@@ -181,8 +185,8 @@ def data_readme(out: str | Path) -> str:
         lines += [f"Preset `{build.get('preset')}`, seed {build.get('seed')}; "
                   + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
     lines += ["## Base models", ""]
-    for name in ("sd", "sd_v1", "clip", "lm"):
-        if name == "sd_v1" and not (out / "base" / name).is_dir():
+    for name in ("sd", "sd_v1", "clip", "lm", "lm_v2"):
+        if name in ("sd_v1", "lm_v2") and not (out / "base" / name).is_dir():
             continue
         lines += _base_section(name, out / "base" / name)
     lines += ["## Collections", ""]
