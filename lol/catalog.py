@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import LoLError, one_line
 from .lora import ModuleSpec
 
-__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "CheckpointInfo", "checkpoints",
+__all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "CheckpointInfo", "FAMILY", "checkpoints",
            "checkpoints_for", "home_collection", "metrics_table"]
 
 
@@ -148,6 +148,13 @@ def _checkpoint_config(folder) -> dict:
         return {}
 
 
+# short names of the model families (the kinds of `lol.models`), for people
+FAMILY = {"mlp": "flat MLP", "mlp_aug": "flat MLP + GL augmentation", "dense": "ΔW MLP",
+          "colspace": "column-space MLP", "colsketch": "column-space sketch", "svals": "singular-value MLP",
+          "oalign": "Procrustes-aligned MLP", "canon_mlp": "SVD-canonical MLP",
+          "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net"}
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """A trained checkpoint as its ``config.json`` describes it, read without loading the model: ``name`` is its
@@ -166,6 +173,15 @@ class CheckpointInfo:
     def fits(self, spec: ModuleSpec, shapes: bool = False) -> bool:
         """Whether the checkpoint reads LoRAs of ``spec``: the same module keys (and shapes, with ``shapes``)."""
         return self.spec is not None and self.spec.keys == spec.keys and (not shapes or self.spec.shapes == spec.shapes)
+
+    @property
+    def title(self) -> str:
+        """``faces/attributes — male, young, … (5 labels) · ΔW MLP``: the checkpoint (collection/task), what it
+        predicts and its model family, so a name on screen says all three."""
+        labels = list(self.labels)
+        what = (", ".join(labels) or "no labels") if len(labels) <= 2 else \
+            f"{labels[0]}, {labels[1]}, … ({len(labels)} labels)"
+        return f"{self.name} — {what} · {FAMILY.get(self.kind or '', self.kind or '?')}"
 
 
 def _checkpoint_info(folder: Path, name: str, shipped_for: tuple[str, ...]) -> CheckpointInfo:

@@ -14,7 +14,8 @@ import math
 import numpy as np
 
 __all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "roc_curve", "tpr_at_fpr",
-           "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "confusion", "METRIC_NAMES"]
+           "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "membership_curves", "confusion",
+           "METRIC_NAMES"]
 
 # the keys of the ``*_metrics`` dicts (as checkpoints and result tables record them) -> their names on screen
 METRIC_NAMES = {"r2": "R²", "spearman": "Spearman ρ", "kendall": "Kendall τ", "mae": "MAE", "auc": "AUC",
@@ -126,8 +127,22 @@ def membership_rows(truth: dict, prob: dict) -> list[dict]:
     return [pooled] + [row(k, truth[k], prob[k]) for k in truth]
 
 
-def confusion(y, prob, threshold: float = 0.5) -> dict[str, int]:
-    """True/false positives/negatives of ``prob >= threshold`` against the 0/1 truth ``y``."""
+def confusion(y, prob, threshold: float = 0.5) -> dict[str, float]:
+    """True/false positives/negatives of ``prob >= threshold`` against the 0/1 truth ``y`` (counts), and the
+    resulting true- and false-positive rates ``tpr`` and ``fpr`` (0 without positives / negatives)."""
     y, pred = np.asarray(y, float), np.asarray(prob, float) >= threshold
-    return {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
-            "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
+    k = {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
+         "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
+    return {**k, "tpr": k["tp"] / max(k["tp"] + k["fn"], 1), "fpr": k["fp"] / max(k["fp"] + k["tn"], 1)}
+
+
+def membership_curves(truth: dict, prob: dict) -> tuple[dict[str, tuple], float]:
+    """ROC curves ``{name: (fpr, tpr, auc)}`` of membership labels (as `membership_rows` takes them): all labels
+    pooled first (ValueError when the pooled truth has one class only), then every label with both classes; and
+    the smallest false-positive rate worth showing on a log axis (half of one negative, at least 1e-4)."""
+    y, s = np.concatenate([truth[k] for k in truth]), np.concatenate([prob[k] for k in truth])
+    curves = {"all labels pooled": (*roc_curve(y, s)[:2], auc(y, s))}
+    for k in truth:
+        if len(np.unique(_pair(truth[k], prob[k])[0])) == 2:
+            curves[k] = (*roc_curve(truth[k], prob[k])[:2], auc(truth[k], prob[k]))
+    return curves, max(1e-4, 0.5 / max(int(np.sum(y == 0)), 1))

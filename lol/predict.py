@@ -121,6 +121,30 @@ class CollectionPredictions:
         rows = np.flatnonzero(self.truth["id"].to_numpy() == str(lora_id))
         return self.values[label].iloc[rows[0]] if len(rows) and label in self.values else None
 
+    def versus(self, label: str) -> tuple[pd.DataFrame, dict[str, float]]:
+        """Predicted vs measured regression ``label`` on the `evaluated` rows: the collection's rows with a
+        ``<label> (predicted)`` column, and their `lol.metrics.regression_metrics`."""
+        from .metrics import regression_metrics
+
+        rows = self.evaluated()[0]
+        pred = f"{label} (predicted)"
+        m = self.truth[rows].assign(**{pred: self.values[label][rows].to_numpy()})
+        return m, regression_metrics(m[label].to_numpy(float), m[pred].to_numpy(float))
+
+    def binary(self, labels) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``({label: 0/1 truth}, {label: predicted probability})`` on the `evaluated` rows, for the binary
+        ``labels`` predicted here (as `lol.metrics.membership_rows` and `membership_curves` take them)."""
+        rows, labels = self.evaluated()[0], [lab for lab in labels if lab in self.values]
+        return ({lab: self.truth[lab][rows].astype(float).to_numpy() for lab in labels},
+                {lab: self.values[lab][rows].to_numpy(float) for lab in labels})
+
+    def probabilities(self, lora_id: str, labels) -> tuple[list[str], list[float], list[bool | None]]:
+        """One LoRA's predicted probability and truth (None when unknown) for the binary ``labels`` predicted here."""
+        i, labels = self.ids.index(lora_id), [lab for lab in labels if lab in self.values]
+        truth = [self.truth[lab].iloc[i] for lab in labels]
+        return labels, [float(self.values[lab].iloc[i]) for lab in labels], \
+            [bool(t) if pd.notna(t) else None for t in truth]
+
     def attribute_rows(self, labels) -> list[dict]:
         """Per binary or category label of ``labels`` predicted here, on the `evaluated` rows: ``AUC``, ``accuracy``
         (a binary label at probability 0.5, a category as its most likely class) and ``balanced accuracy``

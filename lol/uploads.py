@@ -64,6 +64,13 @@ class UploadResult:
     loras: list[UploadedLoRA] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def by_base(self) -> list[tuple[object, list[tuple[str, object]]]]:
+        """``[(base, [(name, LoRA)])]``: the LoRAs grouped by the base they fit, in upload order."""
+        groups: dict[int, tuple] = {}
+        for u in self.loras:
+            groups.setdefault(id(u.base), (u.base, []))[1].append((u.name, u.lora))
+        return list(groups.values())
+
 
 def default_max_mb() -> int:
     """``LOL_UPLOAD_MAX_MB`` when set, else 2048 (2 GB: real SD-1.5 LoRAs at rank 128 and SDXL LoRAs fit)."""
@@ -204,12 +211,15 @@ def _plain(name: str, path: Path, e: Exception) -> str:
     return msg if name in msg else f"{name}: {msg}"
 
 
-def pack_uploads(uploaded: list[UploadedLoRA], dest) -> tuple[Path | None, list[str], list[str]]:
+def pack_uploads(uploaded: list[UploadedLoRA], dest, keep: int | None = None
+                 ) -> tuple[Path | None, list[str], list[str]]:
     """Pack uploaded LoRAs (judged against the known bases by `read_uploads`) into the collection folder ``dest``.
 
     The largest group of files sharing one base (a known base first on a tie) is packed with `lol.packing.pack`,
     recording that base's model folders so an image or text generator finds them; every other file gets one line
-    naming the base it fits. Returns ``(dest or None when nothing was uploaded, errors, notes)``."""
+    naming the base it fits. With ``keep``, only the ``keep`` newest folders beside ``dest`` are kept (a server
+    packs each visitor's uploads into one folder: older sessions' go). Returns ``(dest or None when nothing was
+    uploaded, errors, notes)``."""
     import json
 
     from .packing import pack
@@ -234,6 +244,10 @@ def pack_uploads(uploaded: list[UploadedLoRA], dest) -> tuple[Path | None, list[
     res = pack([(u.name, u.lora) for u in best], dest, spec=base.spec if base is not None else None, dtype=None,
                overwrite=True, base_model=base_model,
                provenance={"uploaded": True, "base_of": list(base.collections) if base is not None else []})
+    if keep is not None:
+        older = sorted((p for p in Path(dest).parent.glob("*/") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for p in older[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
     return res.dest, errors + res.notes(), notes
 
 

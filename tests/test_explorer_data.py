@@ -49,6 +49,9 @@ def test_checkpoints_are_read_from_their_config_shipped_first(root):
     faces, lm_coll = (open_collection(root / "collections" / n) for n in ("faces", "lm"))
     assert glnet.fits(faces.spec) and not glnet.fits(lm_coll.spec) and lm.fits(lm_coll.spec)
     assert not broken.fits(faces.spec)
+    # a name on screen says collection/task, what it predicts and the model family
+    assert glnet.title == "faces/glnet — clip_score, male, … (4 labels) · GL-net"
+    assert broken.title == "broken — no labels · ?"
     from lol.catalog import bases
 
     faces_base = next(b for b in bases({"faces": root / "collections" / "faces"}))
@@ -86,6 +89,17 @@ def test_collection_predictions_score_the_model_on_its_own_test_split(root):
                                    "hair_colour (predicted)", "split (model)", "clip_score error"]
     np.testing.assert_allclose(frame["clip_score error"], p.values["clip_score"] - coll.table["clip_score"])
     assert p.value("clip_score", "faces-003") == p.values["clip_score"].iloc[3] and p.value("male", "nope") is None
+    # predicted vs measured on the evaluated rows, with their metrics
+    m, scores = p.versus("clip_score")
+    assert m["id"].tolist() == p.truth["id"][rows].tolist()
+    np.testing.assert_array_equal(m["clip_score (predicted)"], p.values["clip_score"][rows])
+    assert scores["r2"] == pytest.approx(rec["clip_score"]["r2"], abs=1e-6)
+    truth, prob = p.binary(["male", "young", "not_predicted"])
+    assert list(truth) == list(prob) == ["male", "young"] and len(truth["male"]) == int(rows.sum())
+    np.testing.assert_array_equal(prob["young"], p.values["young"][rows].to_numpy(float))
+    labels, probs, known = p.probabilities("faces-003", ["male", "nope"])
+    assert labels == ["male"] and probs == [float(p.values["male"].iloc[3])]
+    assert known == [bool(coll.table["male"].iloc[3])]
     # the stored values are used as given (e.g. the ones shipped with the collection)
     assert CollectionPredictions.of(ck, coll, p.frame().iloc[:, :5].rename(columns=lambda c: c.split(" (")[0])
                                     ).values.equals(p.values)

@@ -34,6 +34,24 @@ def test_binary_metrics_by_hand():
     assert math.isnan(M.auc([1, 1, 1], [0.1, 0.2, 0.3]))
 
 
+def test_confusion_and_membership_curves():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    k = M.confusion(y, s, 0.5)
+    assert (k["tp"], k["fp"], k["tn"], k["fn"]) == (3, 1, 3, 1) and k["tpr"] == 0.75 and k["fpr"] == 0.25
+    assert M.confusion([0, 0], [0.1, 0.9])["tpr"] == 0  # no positives: a rate of 0, not a division by zero
+    truth = {"a": y.astype(float), "b": np.ones(8), "c": np.array([0, 1, 0, 1, 0, 1, 0, np.nan])}
+    prob = {"a": s, "b": s, "c": s}
+    curves, min_fpr = M.membership_curves(truth, prob)
+    assert list(curves) == ["all labels pooled", "a", "c"]  # b has one class only: no curve
+    fpr, tpr, auc = curves["a"]
+    assert auc == pytest.approx(15 / 16) and fpr[-1] == 1 and tpr[-1] == 1
+    assert curves["all labels pooled"][2] == pytest.approx(M.membership_rows(truth, prob)[0]["AUC"])
+    assert min_fpr == pytest.approx(0.5 / 8)  # 4 + 4 negatives (the NaN is neither)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        M.membership_curves({"b": np.ones(3)}, {"b": np.ones(3)})
+
+
 def test_category_metrics():
     m = M.category_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"])
     assert m == {"accuracy": pytest.approx(0.75), "balanced_accuracy": pytest.approx((0.5 + 1 + 1) / 3)}
