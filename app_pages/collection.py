@@ -3,10 +3,10 @@ import pandas as pd
 import streamlit as st
 
 from lol.app import fmt, nav, plots, views
-from lol.app.sidebar import collection_caption, render
+from lol.app.sidebar import collection_caption, context
 from lol.labels import describe_label, label_columns
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Collection")
 if ctx.require_collection():
     coll = ctx.collection

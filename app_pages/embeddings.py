@@ -3,10 +3,10 @@ LoRA. The note at the bottom shows why: raw factors move under a GL transform, i
 import streamlit as st
 
 from lol.app import cache, nav, plots, views
-from lol.app.sidebar import render
+from lol.app.sidebar import context
 from lol.labels import label_columns
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Embeddings")
 if ctx.require_collection():
     coll = ctx.collection
@@ -14,7 +14,7 @@ if ctx.require_collection():
     sources = {"Singular values of every ΔW (invariant features)": "svals",
                "SVD canonical form (invariant features)": "canon"}
     if ctx.model is not None:
-        sources = {f"LoL model embedding: {ctx.model.name}": "model", **sources}
+        sources = {f"LoL model embedding: {ctx.model.title}": "model", **sources}
     c1, c2, c3 = st.columns([2, 1, 1])
     src = c1.selectbox("Embed", list(sources), key="emb_source",
                        help="Every choice is invariant to (U, V) ↦ (UR, VR⁻ᵀ), R ∈ GL(r), per module.")

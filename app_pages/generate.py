@@ -6,11 +6,11 @@ alone against the label measured when the collection was built."""
 import streamlit as st
 
 from lol.app import cache, generation, nav
-from lol.app.sidebar import render
+from lol.app.sidebar import context
 from lol.catalog import model_folder
 from lol.paths import data_root
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Generate")
 if ctx.require_collection():
     coll = ctx.collection

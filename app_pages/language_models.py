@@ -3,10 +3,10 @@ sources a LoRA was finetuned on."""
 import streamlit as st
 
 from lol.app import plots, views
-from lol.app.sidebar import collection_caption, render
+from lol.app.sidebar import collection_caption, context
 from lol.labels import labels_of_kind, membership_tasks
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Language models")
 lm = views.lm_context(ctx)  # the sidebar's collection when it is a language one, else the shipped lm collection
 if lm is None:
@@ -23,9 +23,9 @@ else:
             lab = st.selectbox("Label", regress, key="lm_label_only")
             st.plotly_chart(plots.distribution(df, lab), width="stretch", key="lm_dist")
     else:
-        names = [m.name for m in models]
-        if lm is ctx and ctx.model is not None and ctx.model.name in names:
-            pick = ctx.model.name  # the sidebar's model already fits the LM collection
+        names = [m.title for m in models]
+        if lm is ctx and ctx.model is not None and ctx.model.title in names:
+            pick = ctx.model.title  # the sidebar's model already fits the LM collection
             st.markdown(f"LoL model: **{pick}** (choose it in the sidebar)")
         else:
             pick = st.selectbox("LoL model for the LM collection", names, key="lm_model")

@@ -4,10 +4,10 @@ FPR, and a threshold slider with the resulting counts."""
 import streamlit as st
 
 from lol.app import views
-from lol.app.sidebar import render
+from lol.app.sidebar import context
 from lol.labels import membership_tasks
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Membership")
 if ctx.require_collection():
     tasks = membership_tasks(ctx.collection)

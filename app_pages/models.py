@@ -6,7 +6,7 @@ import streamlit as st
 
 from lol import outputs
 from lol.app import fmt, glossary, views
-from lol.app.sidebar import render
+from lol.app.sidebar import context
 from lol.catalog import metrics_table
 from lol.paths import data_root, results_dirs
 
@@ -24,7 +24,7 @@ def show_figure(fig: outputs.Figure) -> None:
         st.warning(f"{fig.path}: could not show this figure ({type(e).__name__}: {e})")
 
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Models")
 found = outputs.find_outputs()
 if not found.tables and not found.figures:
@@ -56,7 +56,7 @@ else:
         show_figure(figs[names.index(pick)])  # one at a time, at full width
 
 st.subheader("Trained checkpoints")
-rows = metrics_table([m.info for m in ctx.models])
+rows = metrics_table(ctx.models)
 if rows is None or rows.empty:
     st.info(f"No checkpoints under `{data_root() / 'checkpoints'}` yet.")
 else:
@@ -64,7 +64,7 @@ else:
     st.caption("Metrics on each checkpoint's test split, as recorded when it was trained (`lol train`). Model kinds: "
                + "; ".join(f"**{k}**: {v}" for k, v in glossary.KIND_HELP.items() if k in set(rows["model"])))
     if ctx.model is not None:
-        st.caption(f"The sidebar's LoL model: **{ctx.model.name}**.")
+        st.caption(f"The sidebar's LoL model: **{ctx.model.title}**.")
 
 st.subheader("Speed: LoL against the standard evaluation")
 reports = outputs.speed_reports()

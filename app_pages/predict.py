@@ -3,9 +3,9 @@ Kendall τ; two models side by side; attribute predictions vs truth; predictions
 import streamlit as st
 
 from lol.app import answers, cache, plots, views
-from lol.app.sidebar import max_upload_mb, render
+from lol.app.sidebar import max_upload_mb, context
 
-ctx = render()  # the shared sidebar: collection, device, LoL model
+ctx = context()  # what the sidebar (drawn by app.py) chose: collection, device, LoL model
 st.title("Predict")
 if ctx.require_collection():
     coll = ctx.collection
@@ -21,12 +21,12 @@ if ctx.require_collection():
         st.info("No trained LoL model fits this collection (same modules and labels). Train one with `lol train` "
                 "or the notebooks, or choose another collection.")
     else:
-        names = [m.name for m in models]
-        first = ctx.model if ctx.model is not None and ctx.model.name in names else models[0]
-        st.markdown(f"LoL model: **{first.name}** (choose it in the sidebar)")
-        second = st.selectbox("Compare with", ["(none)"] + [n for n in names if n != first.name], key="pred_compare")
+        names = [m.title for m in models]
+        first = ctx.model if ctx.model is not None and ctx.model.title in names else models[0]
+        st.markdown(f"LoL model: **{first.title}** (choose it in the sidebar)")
+        second = st.selectbox("Compare with", ["(none)"] + [n for n in names if n != first.title], key="pred_compare")
         chosen = [first] + ([models[names.index(second)]] if second != "(none)" else [])
-        preds = {m.name: ctx.predictions(m) for m in chosen}
+        preds = {m.title: ctx.predictions(m) for m in chosen}
         # labels every shown model predicts: a comparison is only drawn on labels both models have
         regress, binary, category = (sorted(set.intersection(*(set(p.labels(kind)) for p in preds.values())))
                                      for kind in ("regression", "binary", "category"))

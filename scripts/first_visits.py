@@ -49,7 +49,7 @@ def main() -> int:
                 print(f"first run of the server (Collection page, {name}): wall {time.perf_counter() - t:.2f} s  "
                       f"cpu {time.process_time() - c:.2f} s", flush=True)
             t, c = time.perf_counter(), time.process_time()
-            at.switch_page(f"pages/{page}.py")
+            at.switch_page(f"app_pages/{page}.py")
             at.run()
             dt, dc = time.perf_counter() - t, time.process_time() - c
             bad = [str(e.value)[:80] for e in at.exception] + [str(e.value)[:80] for e in at.error]

@@ -4,6 +4,7 @@ test_browser.py."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -148,6 +149,14 @@ def test_pack_uploads_packs_the_largest_group_and_records_its_base(tmp_path):
     assert errors == ["lm.safetensors: a LoRA for the 4-module base of lm, not for the Stable Diffusion base of faces like "
                       "the other uploads; upload it on its own"]
     assert json.loads(c.base_model) == {"sd": str(tmp_path / "base" / "sd")}
+    assert [(b.collections, [n for n, _ in named]) for b, named in res.by_base()] == [
+        (["faces"], ["f0.safetensors", "f1.safetensors"]), (["lm"], ["lm.safetensors"])]
+    # a server keeps only the newest packed uploads beside the new one
+    for i in range(3):
+        pack_uploads(res.loras, tmp_path / "uploads" / f"u{i}")
+        os.utime(tmp_path / "uploads" / f"u{i}", (1e9 + i, 1e9 + i))  # older sessions' uploads, oldest first
+    pack_uploads(res.loras, tmp_path / "uploads" / "new", keep=2)
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir() if p.is_dir()) == ["new", "u2"]
 
 
 def test_upload_peft_pair_and_safe_names(tmp_path):
@@ -332,7 +341,7 @@ def test_every_command_the_app_mentions_exists():
     from lol.cli import build_parser
 
     repo = Path(__file__).resolve().parents[1]
-    text = "\n".join(p.read_text() for p in [*(repo / "lol" / "app").glob("*.py"), *(repo / "pages").glob("*.py")])
+    text = "\n".join(p.read_text() for p in [*(repo / "lol" / "app").glob("*.py"), *(repo / "app_pages").glob("*.py")])
     parser = build_parser()
 
     def subparsers(p):

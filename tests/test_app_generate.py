@@ -57,7 +57,7 @@ def test_parse_seeds_errors():
 def test_generate_page(env):
     at = run_app()
     widget(at, "selectbox", "LoRA").select("faces-003").run()  # chosen on the Collection page …
-    at.switch_page("pages/generate.py")
+    at.switch_page("app_pages/generate.py")
     at.run()
     assert_clean(at)
     assert widget(at, "selectbox", "LoRA").value == "faces-003"  # … is the one Generate opens with

@@ -45,7 +45,7 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
     at = run_app()
     # the shipped one first, named by checkpoint (collection/…), what it predicts and its model family
     assert widget(at, "selectbox", "LoL model").value == GLNET
-    at.switch_page("pages/predict.py")
+    at.switch_page("app_pages/predict.py")
     at.run()
     assert_clean(at)
     assert widget(at, "selectbox", "Label").value == "clip_score"
@@ -77,7 +77,7 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
 
 
 def test_predict_upload_good_and_mismatched_files(env):
-    at = run_app("pages/predict.py")
+    at = run_app("app_pages/predict.py")
     up = next(u for u in at.file_uploader if u.key == "pred_upload")
     good = app_support.diffusers_bytes(seed=5, rank=3)
     other = app_support.diffusers_bytes(seed=6, modules=(("unet.down.attn1.to_q", 8, 8),))
@@ -107,7 +107,7 @@ def test_predict_upload_good_and_mismatched_files(env):
 def test_membership_page_roc_threshold_counts(env):
     at = run_app()
     widget(at, "selectbox", "Collection").select("lm (shipped)").run()
-    at.switch_page("pages/membership.py")
+    at.switch_page("app_pages/membership.py")
     at.run()
     assert_clean(at)
     assert widget(at, "selectbox", "LoRA").value == "lm-000"
@@ -132,7 +132,7 @@ def test_membership_page_roc_threshold_counts(env):
 
 
 def test_language_models_page(env):
-    at = run_app("pages/language_models.py")
+    at = run_app("app_pages/language_models.py")
     assert_clean(at)
     assert widget(at, "selectbox", "LoL model for the LM collection").value == \
         "lm/svals — challenge_accuracy, eval_loss, … (7 labels) · singular-value MLP"
@@ -143,7 +143,7 @@ def test_language_models_page(env):
 
 
 def test_models_page_lists_checkpoints_with_recorded_metrics(env):
-    at = run_app("pages/models.py")
+    at = run_app("app_pages/models.py")
     assert_clean(at)
     table = at.dataframe[-1].value
     row = table[(table["checkpoint"] == "faces/glnet") & (table["label"] == "clip_score")].iloc[0]
@@ -152,7 +152,7 @@ def test_models_page_lists_checkpoints_with_recorded_metrics(env):
 
 
 def test_embeddings_of_the_model_and_prediction_colouring(env):
-    at = run_app("pages/embeddings.py")
+    at = run_app("app_pages/embeddings.py")
     assert_clean(at)
     assert widget(at, "selectbox", "Embed").value.startswith("LoL model embedding")
     colour = widget(at, "selectbox", "Colour by (label, attribute, hyperparameter, prediction or error)")
@@ -176,7 +176,7 @@ def test_upload_of_a_known_lora_finds_itself_as_nearest_even_after_a_gl_transfor
         mods.append(LoRAModule(m.name, (m.U.double() @ r).float(), (m.V.double() @ torch.linalg.inv(r).T).float(),
                                alpha=m.alpha, scale=m.scale))
     data = save_diffusers(LoRA.from_modules(mods, format="synthetic"), tmp_path / "moved.safetensors").read_bytes()
-    at = run_app("pages/predict.py")
+    at = run_app("app_pages/predict.py")
     next(u for u in at.file_uploader if u.key == "pred_upload").set_value(
         [("moved.safetensors", data, "application/octet-stream")]).run()
     assert_clean(at)
@@ -194,7 +194,7 @@ def test_uploaded_collection_without_labels_gets_predictions(env):
                                            ("lm.safetensors", lm, "application/octet-stream")]).run()
     errs = [e.value for e in at.sidebar.error]
     assert len(errs) == 1 and errs[0].startswith("lm.safetensors: a LoRA for the") and "of lm, not for" in errs[0]
-    at.switch_page("pages/predict.py")
+    at.switch_page("app_pages/predict.py")
     at.run()
     assert not at.exception
     table = next(d.value for d in at.dataframe if "file" in d.value.columns)
@@ -216,7 +216,7 @@ def test_warm_up_fills_what_the_pages_read(env, tmp_path, monkeypatch, caplog):
     assert {"faces: svals map", "faces: canon map", "lm: svals map"} <= set(steps), steps
     maps = tmp_path / "cache" / "umap"
     before = sorted(p.name for p in maps.iterdir())
-    at = run_app("pages/embeddings.py")
+    at = run_app("app_pages/embeddings.py")
     assert_clean(at)
     for choice in widget(at, "selectbox", "Embed").options:  # model embedding, singular values, SVD canonical
         widget(at, "selectbox", "Embed").select(choice).run()

@@ -116,11 +116,13 @@ def test_bad_upload_gives_a_plain_message_and_app_keeps_working(env):
     assert widget(at, "selectbox", "LoRA").value == "mine.safetensors"
     assert any("broken.safetensors" in e.value for e in at.sidebar.error)
     assert not any("lol-upload-" in e.value for e in at.sidebar.error)  # no temporary path on screen
-    # the uploaded collection survives a page switch (streamlit empties the uploader widget there)
-    at.switch_page("pages/embeddings.py")
+    # the uploaded collection survives a page switch (the sidebar, uploader included, is drawn once by app.py)
+    at.switch_page("app_pages/embeddings.py")
     at.run()
     assert not at.exception
-    assert any("uploaded earlier" in c.value for c in at.sidebar.caption)
+    assert at.title[0].value == "Embeddings"
+    assert "1 LoRAs · 4 adapted modules" in [c.value for c in at.sidebar.caption]
+    assert not any("Upload one or more LoRA files" in i.value for i in at.info)
 
 
 def test_server_folders_are_off_unless_the_operator_allows_them(env, monkeypatch):
@@ -184,7 +186,7 @@ def test_missing_default_data_every_page_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("LOL_APP_WARMUP", "0")
     at = run_app()
     for page in ("collection", "predict", "embeddings", "generate", "membership", "language_models", "models"):
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
         at.run()
         assert_clean(at)
         assert at.info, f"{page}: no explanation shown"
@@ -193,7 +195,7 @@ def test_missing_default_data_every_page_says_so(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------- Embeddings
 
 def test_embeddings_page_map_colour_and_gl_note(env):
-    at = run_app("pages/embeddings.py")
+    at = run_app("app_pages/embeddings.py")
     assert_clean(at)
     src = widget(at, "selectbox", "Embed")
     assert src.value.startswith("Singular values")
@@ -214,7 +216,7 @@ def test_embeddings_page_map_colour_and_gl_note(env):
 # ------------------------------------------------------------------------------------------------------- Models
 
 def test_models_page_reads_notebook_results(env):
-    at = run_app("pages/models.py")
+    at = run_app("app_pages/models.py")
     assert_clean(at)
     table = at.dataframe[0].value
     assert table.loc["glnet", "clip_score · R²"] == pytest.approx(0.81)
@@ -226,14 +228,14 @@ def test_models_page_reads_notebook_results(env):
 def test_membership_without_model_shows_truth(env):
     at = run_app()
     widget(at, "selectbox", "Collection").select("lm (shipped)").run()
-    at.switch_page("pages/membership.py")
+    at.switch_page("app_pages/membership.py")
     at.run()
     assert_clean(at)
     assert any("No trained LoL model predicts" in i.value for i in at.info)
 
 
 def test_language_models_page_finds_lm_collection(env):
-    at = run_app("pages/language_models.py")  # sidebar on faces: the page opens the shipped lm collection itself
+    at = run_app("app_pages/language_models.py")  # sidebar on faces: the page opens the shipped lm collection itself
     assert_clean(at)
     assert "lm (shipped)" in markdown_text(at) or any("lm" in c.value for c in at.caption)
     widget(at, "selectbox", "Label")
@@ -278,7 +280,7 @@ def test_linked_selection_rings_the_lora_on_every_chart(env, tmp_path, monkeypat
     monkeypatch.setenv("LOL_DATA", str(tmp_path / "data"))
     at = run_app()
     at.selectbox(key="coll_detail").select("faces-007").run()
-    at.switch_page("pages/embeddings.py").run()
+    at.switch_page("app_pages/embeddings.py").run()
     assert_clean(at)
     assert _ringed(at)[0] == ["faces-007"]
     # a box on the map (as streamlit reports it: the selected points with their custom data)
@@ -289,5 +291,5 @@ def test_linked_selection_rings_the_lora_on_every_chart(env, tmp_path, monkeypat
     assert_clean(at)
     assert sorted(_ringed(at)[0]) == ["faces-003", "faces-011"]
     assert "**Selected:** faces-003, faces-011" in markdown_text(at)
-    at.switch_page("pages/collection.py").run()
+    at.switch_page("app_pages/collection.py").run()
     assert at.selectbox(key="coll_detail").value == "faces-003"  # the first of the box is the chosen LoRA

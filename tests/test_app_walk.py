@@ -92,7 +92,7 @@ def test_every_option_of_every_page(collection, tmp_path, monkeypatch):
     _check(at, f"{collection}: opening it")
     runs = 0
     for page in PAGES:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
         at.run()
         where = f"{collection} · {page}"
         _check(at, where)

@@ -45,7 +45,7 @@ def test_every_page_on_the_ci_zoo(zoo, monkeypatch, tmp_path):
     for coll in ("faces (shipped)", "fashion (shipped)", "lm (shipped)"):
         widget(at, "selectbox", "Collection").select(coll).run()
         for page in PAGES:
-            at.switch_page(f"pages/{page}.py")
+            at.switch_page(f"app_pages/{page}.py")
             at.run()
             assert_clean(at)
             if page == "generate" and coll.startswith("faces"):

@@ -122,7 +122,7 @@ def test_pages_use_what_is_shipped(root, tmp_path, monkeypatch):
     for name in ("umap_2d", "collection_features", "predict_collection"):
         monkeypatch.setattr(pc, name, refuse(name))
     monkeypatch.setattr(lol.neighbours, "embed_collection", refuse("embed_collection"))
-    at = run_app("pages/embeddings.py")
+    at = run_app("app_pages/embeddings.py")
     assert_clean(at)
     embed = widget(at, "selectbox", "Embed")
     assert len(embed.options) == 3  # the sidebar's model, singular values, SVD canonical form

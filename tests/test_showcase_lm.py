@@ -115,7 +115,7 @@ def test_generate_page_answers_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setenv("LOL_DATA", str(root))
     monkeypatch.setenv("LOL_APP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LOL_APP_WARMUP", "0")
-    at = run_app("pages/generate.py")
+    at = run_app("app_pages/generate.py")
     assert_clean(at)
     _, mine = showcase.lm_sources(SimpleNamespace(provenance={"zoo": {"recipe": "lol.zoo.lm:LMRecipe",
                                                                       "preset": "ci", "seed": 0}}), "lm-00000")

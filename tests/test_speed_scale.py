@@ -128,7 +128,7 @@ def test_models_page_shows_the_speed_report(tmp_path, monkeypatch):
     monkeypatch.setenv("LOL_APP_WARMUP", "0")
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
     at.run()
-    at.switch_page("pages/models.py")
+    at.switch_page("app_pages/models.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert "Speed: LoL against the standard evaluation" in [h.value for h in at.subheader]

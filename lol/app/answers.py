@@ -20,20 +20,19 @@ def answers_for(ctx, base, named: list[tuple[str, object]], key: str) -> None:
     from ..paths import shipped_collections
     from ..predict import predict
 
-    fit = checkpoints_for(base, [m.info for m in ctx.models])  # modules are the base's; labels are not needed
-    models = [m for m in ctx.models if m.info in fit]
+    models = checkpoints_for(base, ctx.models)  # modules are the base's; labels are not needed
     if not models:
         st.info(f"No trained LoL model for {base.name} yet, so there is nothing to predict with.")
         return
-    names = [m.name for m in models]
+    names = [m.title for m in models]
     pick = st.selectbox("Predict with", names, key=f"{key}_model",
-                        index=names.index(ctx.model.name) if ctx.model is not None and ctx.model.name in names else 0,
+                        index=names.index(ctx.model.title) if ctx.model is not None and ctx.model.title in names else 0,
                         help="Every trained model whose modules are this base's; labels are not needed.")
     model = models[names.index(pick)]
     ck = cache.checkpoint(model.path, ctx.device)
     out = predict(ck, [lo for _, lo in named]).drop(columns=["source"], errors="ignore")
     out.insert(0, "file", [n for n, _ in named])
-    st.success(f"Predicted {len(named)} LoRA(s) with {model.name}.")
+    st.success(f"Predicted {len(named)} LoRA(s) with {model.title}.")
     st.dataframe(fmt.table(out), hide_index=True, width="stretch")
 
     shipped = shipped_collections()
@@ -43,7 +42,7 @@ def answers_for(ctx, base, named: list[tuple[str, object]], key: str) -> None:
     path, key = str(shipped[home]), cache.path_key(shipped[home])
     near = nearest_table(ck, named, cache.model_embeddings(model.path, ctx.device, path, key),
                          cache.collection_table(path, key))
-    st.markdown(f"**Nearest LoRAs in the {home} collection** (in {model.name}'s embedding)")
+    st.markdown(f"**Nearest LoRAs in the {home} collection** (in {model.title}'s embedding)")
     st.dataframe(fmt.table(near), hide_index=True, width="stretch")
     st.caption("Distance between the models' embeddings (each dimension standardised over the collection); for a "
                "GL-invariant model it depends only on ΔW, not on how the file factors it. The labels are the "
@@ -66,9 +65,6 @@ def upload_section(ctx, max_mb: int) -> None:
     res = cached[1]
     for e in res.errors:
         st.error(e)
-    groups: dict[int, tuple] = {}
-    for u in res.loras:
-        groups.setdefault(id(u.base), (u.base, []))[1].append((u.name, u.lora))
-    for i, (base, named) in enumerate(groups.values()):
+    for i, (base, named) in enumerate(res.by_base()):
         st.markdown(f"**{len(named)} file(s) fit {base.name}**: " + ", ".join(n for n, _ in named))
         answers_for(ctx, base, named, key=f"pred_upload_{i}")

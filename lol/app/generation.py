@@ -45,7 +45,7 @@ def show_comparison(ctx, coll, df, res: Generation) -> None:
     c = st.columns(3)
     if lab is not None:
         _predicted_and_measured(ctx, coll, df, lab, res.lora_id, c, f"By the sidebar's LoL model ("
-                                f"{ctx.model.name if ctx.model else 'none'}) from the LoRA's weights alone, without "
+                                f"{ctx.model.title if ctx.model else 'none'}) from the LoRA's weights alone, without "
                                 f"generating anything.")
     if res.clip_base is not None:
         b, lo = float(np.mean(res.clip_base)), float(np.mean(res.clip_lora))

@@ -1,14 +1,10 @@
-"""Words for people: what each LoL model kind is, what each metric means, and a model's full name (collection,
-labels, model family). Used for select-box labels and help tooltips on every page."""
+"""Words for people: what each LoL model kind is and what each metric means. Used for help tooltips on every page
+(a model's full name — collection, labels, model family — is `lol.catalog.CheckpointInfo.title`)."""
 from __future__ import annotations
 
-__all__ = ["FAMILY", "KIND_HELP", "METRIC_HELP", "model_name", "kind_help", "metric_help", "labels_text"]
+__all__ = ["KIND_HELP", "METRIC_HELP", "LOWER_IS_BETTER", "kind_help", "metric_help"]
 
-# short family names and one-line explanations of the kinds in lol.models (README "Models")
-FAMILY = {"mlp": "flat MLP", "mlp_aug": "flat MLP + GL augmentation", "dense": "ΔW MLP",
-          "colspace": "column-space MLP", "colsketch": "column-space sketch", "svals": "singular-value MLP",
-          "oalign": "Procrustes-aligned MLP", "canon_mlp": "SVD-canonical MLP",
-          "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net"}
+# one-line explanations of the kinds in lol.models (README "Models"; their short names: `lol.catalog.FAMILY`)
 KIND_HELP = {
     "mlp": "Flat MLP on the raw factors U, V: not invariant to GL(r) (baseline; one rank only).",
     "mlp_aug": "Flat MLP on the raw factors, trained with random GL(r) transforms: approximately invariant.",
@@ -43,17 +39,3 @@ def kind_help(kind: str | None) -> str:
 def metric_help(name: str) -> str:
     return next((v for k, v in METRIC_HELP.items() if name.endswith(k)), "")
 
-
-def labels_text(labels: list[str]) -> str:
-    """``clip_score``; ``male, young``; ``male, young, … (5 labels)``."""
-    labels = list(labels)
-    if len(labels) <= 2:
-        return ", ".join(labels) or "no labels"
-    return f"{labels[0]}, {labels[1]}, … ({len(labels)} labels)"
-
-
-def model_name(rel: str, labels: list[str], kind: str | None) -> str:
-    """``faces/attributes — male, young, … (5 labels) · ΔW MLP``: the checkpoint (collection/task), what it
-    predicts and its model family."""
-    fam = FAMILY.get(kind or "", kind or "?")
-    return f"{rel} — {labels_text(labels)} · {fam}"

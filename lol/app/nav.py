@@ -10,7 +10,7 @@ from ..paths import REPO
 __all__ = ["PAGES", "REPO", "pages", "open_lora", "current_lora", "highlighted", "set_chosen", "lora_select",
            "choose_once", "take_selection"]
 
-# (file under pages/, title, icon); the first is the landing page
+# (file under app_pages/, title, icon); the first is the landing page
 PAGES = (
     ("collection.py", "Collection", ":material/table_view:"),
     ("predict.py", "Predict", ":material/query_stats:"),
@@ -25,7 +25,7 @@ _KEY, _SEL = "lol_lora_id", "lol_selection"  # the chosen LoRA; the LoRAs select
 
 
 def pages() -> list:
-    return [st.Page(str(REPO / "pages" / f), title=t, icon=i, default=(k == 0), url_path=f.removesuffix(".py"))
+    return [st.Page(str(REPO / "app_pages" / f), title=t, icon=i, default=(k == 0), url_path=f.removesuffix(".py"))
             for k, (f, t, i) in enumerate(PAGES)]
 
 
@@ -38,7 +38,7 @@ def set_chosen(lora_id: str, selection=None) -> None:
 def open_lora(lora_id: str, page: str = "collection.py") -> None:
     """Remember ``lora_id`` as the chosen LoRA and go to ``page`` (its detail view, or Generate)."""
     set_chosen(lora_id)
-    st.switch_page(str(REPO / "pages" / page))
+    st.switch_page(str(REPO / "app_pages" / page))
 
 
 def current_lora() -> str | None:

@@ -1,6 +1,6 @@
-"""The shared sidebar: which collection, which device, which trained LoL model. Every page starts with
-``ctx = render()``; widget keys are shared, so the choice carries over from page to page. (It is drawn by each page,
-not once in app.py: with a ``pages/`` folder, streamlit runs a page's script without the entrypoint on reruns.)
+"""The shared sidebar: which collection, which device, which trained LoL model. app.py draws it once per rerun,
+before the page (so its widgets keep their values across page switches); every page starts with
+``ctx = context()``.
 
 Collections come from three places: the shipped defaults under ``DATA/collections``; a folder of LoRA files or a
 packed collection on the server (`lol.uploads.resolve_server_path`: off unless the operator allows it); or LoRA files
@@ -11,39 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
-from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from . import cache
-from .glossary import kind_help, model_name
+from .glossary import kind_help
 from ..catalog import CheckpointInfo, checkpoints
 from ..devices import devices
 from ..errors import LoLError, one_line
 from ..paths import data_root, shipped_collections
 from .. import uploads
 
-__all__ = ["AppContext", "ModelChoice", "render", "collection_caption", "max_upload_mb"]
+__all__ = ["AppContext", "render", "context", "collection_caption", "max_upload_mb"]
 
 _SERVER = "A folder or packed collection on the server…"
 _UPLOAD = "Uploaded LoRA files…"
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    name: str             # on screen: checkpoint — what it predicts · model family (`glossary.model_name`)
-    info: CheckpointInfo  # what its config.json says (`lol.catalog`)
-
-    @property
-    def path(self) -> str:
-        return self.info.path
-
-    @property
-    def kind(self) -> str | None:
-        return self.info.kind
+_CTX = "_lol_context"  # the AppContext of the current rerun, for the page
 
 
 @dataclass
@@ -57,8 +42,8 @@ class AppContext:
     collection: object | None = None     # lol.collection.Collection
     problem: str | None = None           # why there is no collection, in one line
     device: str = "cpu"
-    model: ModelChoice | None = None
-    models: list[ModelChoice] = field(default_factory=list)
+    model: CheckpointInfo | None = None  # the chosen trained LoL model (on screen: its ``title``)
+    models: list[CheckpointInfo] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -74,14 +59,14 @@ class AppContext:
         st.info(self.problem or "Choose a collection in the sidebar.")
         return False
 
-    def fitting(self) -> list[ModelChoice]:
+    def fitting(self) -> list[CheckpointInfo]:
         """The models whose modules are the collection's and which predict a label its table has (for uploaded or
         server files, labels are not needed)."""
         cols = set(self.collection.table.columns) if self.ok else set()
-        return [m for m in self.models if self.ok and m.info.fits(self.collection.spec)
-                and (not m.info.labels or set(m.info.labels) & cols or self.kind in ("upload", "server"))]
+        return [m for m in self.models if self.ok and m.fits(self.collection.spec)
+                and (not m.labels or set(m.labels) & cols or self.kind in ("upload", "server"))]
 
-    def predictions(self, model: ModelChoice | None = None):
+    def predictions(self, model: CheckpointInfo | None = None):
         """`lol.predict.CollectionPredictions` of ``model`` (default: the sidebar's) for the collection, cached; None
         without a fitting model. A library error goes to the page's error boundary."""
         model = model or self.model
@@ -91,11 +76,9 @@ class AppContext:
 
 
 def render() -> AppContext:
-    """Draw the sidebar and return the choice. Expected problems (a collection that cannot be opened, bad uploads)
-    become ``ctx.problem`` or a message; anything else is a bug and propagates to the page's error boundary."""
-    for k in ("collection_choice", "server_path", "device", "model_choice"):  # streamlit forgets a page's widget
-        if k in st.session_state:  # values when the page changes; re-assigned as plain session state they survive
-            st.session_state[k] = st.session_state[k]
+    """Draw the sidebar and return the choice (also `context` for the page). Expected problems (a collection that
+    cannot be opened, bad uploads) become ``ctx.problem`` or a message; anything else is a bug and propagates to the
+    page's error boundary."""
     url = _from_url()  # a prepared view: ?collection=lm&model=lm/membership&lora=lm-00012 on the first run
     ctx, sb = AppContext(), st.sidebar
     sb.markdown("### Collection")
@@ -130,13 +113,13 @@ def render() -> AppContext:
 
     sb.markdown("### LoL model")
     try:
-        ctx.models = [ModelChoice(model_name(c.name, list(c.labels), c.kind), c) for c in checkpoints()]
+        ctx.models = checkpoints()
     except (OSError, ValueError) as e:  # a malformed checkpoint index: one line, no models
         sb.warning(one_line(e))
     fitting = ctx.fitting() if ctx.ok else ctx.models
     if fitting:
-        names = [m.name for m in fitting]
-        wanted = [n for n in names if url.get("model") and n.startswith(f"{url['model']} — ")]
+        names = [m.title for m in fitting]
+        wanted = [m.title for m in fitting if m.name == url.get("model")]
         if wanted or st.session_state.get("model_choice") not in names:
             st.session_state["model_choice"] = (wanted or names)[0]
         pick = sb.selectbox("LoL model", names, key="model_choice", label_visibility="collapsed",
@@ -150,7 +133,13 @@ def render() -> AppContext:
         sb.caption(f"No trained checkpoints under `{data_root() / 'checkpoints'}` yet "
                    f"(train them with `lol train` or the notebooks).")
     _to_url(ctx)
+    st.session_state[_CTX] = ctx
     return ctx
+
+
+def context() -> AppContext:
+    """The sidebar's choice for this rerun (app.py draws the sidebar before it runs the page)."""
+    return st.session_state[_CTX]
 
 
 def collection_caption(ctx: AppContext, named: bool = True) -> str:
@@ -183,7 +172,7 @@ def _to_url(ctx: AppContext) -> None:
 
     lora = current_lora()
     want = {"collection": ctx.source if ctx.kind == "shipped" else None,
-            "model": ctx.model.name.split(" — ", 1)[0] if ctx.model is not None else None,
+            "model": ctx.model.name if ctx.model is not None else None,
             "lora": str(lora) if lora and ctx.ok else None}
     for k, v in want.items():
         if v and st.query_params.get(k) != v:
@@ -241,31 +230,17 @@ def _uploads(ctx: AppContext, sb) -> None:
     files = sb.file_uploader("LoRA files", type=uploads.ACCEPTED_TYPES, accept_multiple_files=True,
                              key="sidebar_upload", help=uploads.limits_text(max_upload_mb()))
     ctx.kind, ctx.source = "upload", "uploaded files"
-    state = st.session_state.get("_lol_upload")
-    page = get_script_run_ctx().page_script_hash if get_script_run_ctx() else ""  # a page switch, or a user action?
-    if files:
-        st.session_state["_lol_upload_page"] = page
-    elif state and st.session_state.get("_lol_upload_page") != page:  # empty again after a page switch: keep the
-        sb.caption(f"Using the {len(state[0])} file(s) uploaded earlier.")  # files already read, unless forgotten
-        state = None if sb.button("Forget them", key="upload_forget") else state
-    else:  # emptied by the user on this page
-        state = None
-    if not files and not state:
-        st.session_state.pop("_lol_upload", None)
+    if not files:
         sb.caption(uploads.limits_text(max_upload_mb()))
         ctx.problem = "Upload one or more LoRA files in the sidebar."
         return
-    sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files) if files else state[0]
-    if not state or state[0] != sig:  # read once per set of files, not on every rerun
+    sig = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files)
+    if st.session_state.get("_lol_upload", (None,))[0] != sig:  # read once per set of files, not on every rerun
         res = uploads.read_uploads(files, cache.shipped_bases(), require_base=False, max_mb=max_upload_mb())
         dest = cache.cache_root() / "uploads" / hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
-        packed_path, errors, notes = uploads.pack_uploads(res.loras, dest)
-        older = sorted((p for p in dest.parent.glob("*/") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for p in older[:-16]:  # keep the 16 newest packed uploads (older sessions' go)
-            shutil.rmtree(p, ignore_errors=True)
-        state = (sig, str(packed_path) if packed_path else None, res.errors + errors, notes)
-        st.session_state["_lol_upload"] = state
-    _, packed_path, errors, notes = state
+        packed_path, errors, notes = uploads.pack_uploads(res.loras, dest, keep=16)  # older sessions' uploads go
+        st.session_state["_lol_upload"] = (sig, packed_path, res.errors + errors, notes)
+    _, packed_path, errors, notes = st.session_state["_lol_upload"]
     for e in errors:
         sb.error(e)
     for n in notes:

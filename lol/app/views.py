@@ -81,10 +81,8 @@ def pred_vs_true_panel(p, label: str, model_name: str, key: str, color: str | No
                        narrow: bool = False) -> None:
     """Scatter of predicted vs actual ``label`` on the model's evaluated rows (its test split) with R², Spearman ρ,
     Kendall τ (`lol.metrics`); a click or box selects those LoRAs on every page and offers the detail view."""
-    rows, note = p.evaluated()
+    m, scores = p.versus(label)
     pred = f"{label} (predicted)"
-    m = p.truth[rows].assign(**{pred: p.values[label][rows].to_numpy()})
-    scores = M.regression_metrics(m[label].to_numpy(float), m[pred].to_numpy(float))
     st.markdown(f"**{model_name}**")
     cols = (st.columns(2) + st.columns(2)) if narrow else st.columns(4)
     for col, (name, v) in zip(cols, [("R²", f"{scores['r2']:.3f}"), ("Spearman ρ", f"{scores['spearman']:.3f}"),
@@ -93,7 +91,7 @@ def pred_vs_true_panel(p, label: str, model_name: str, key: str, color: str | No
     picked = nav.take_selection(key)  # a box or click here rings the LoRAs on every page's charts
     fig = plots.pred_vs_true(m, label, pred, name=model_name, hover=[c for c in ("group",) if c in m.columns],
                              color=color, highlight=nav.highlighted())
-    st.caption(note)
+    st.caption(p.evaluated()[1])
     st.plotly_chart(fig, width="stretch", key=key, on_select="rerun", selection_mode=("points", "box", "lasso"))
     if picked:
         st.markdown(f"Selected **{picked[0]}** · " + lora_row_markdown(m, picked[0], [label, pred]))
@@ -117,11 +115,7 @@ def attribute_panel(preds: dict, labels: list[str], categories: list[str] = ()) 
 
 
 def _prob_bars(p, lora_id: str, labels: list[str], title: str):
-    i = p.ids.index(lora_id)
-    labels = [lab for lab in labels if lab in p.values]
-    return plots.prob_bars(labels, [float(p.values[lab].iloc[i]) for lab in labels],
-                           [bool(p.truth[lab].iloc[i]) if pd.notna(p.truth[lab].iloc[i]) else None for lab in labels],
-                           title)
+    return plots.prob_bars(*p.probabilities(lora_id, labels), title)
 
 
 def membership_section(ctx, tasks: dict, key: str) -> None:
@@ -138,7 +132,7 @@ def membership_section(ctx, tasks: dict, key: str) -> None:
         st.dataframe(df[labels].astype(float).sum().rename("LoRAs finetuned on it").to_frame(), width="stretch")
         return
     labels = [lab for lab in labels if lab in p.values]
-    st.caption(f"Model: **{model.name}** · {len(labels)} {task} labels")
+    st.caption(f"Model: **{model.title}** · {len(labels)} {task} labels")
 
     st.subheader("One LoRA")
     lid = nav.lora_select(p.ids, f"{key}_lora")
@@ -148,25 +142,20 @@ def membership_section(ctx, tasks: dict, key: str) -> None:
     rows, note = p.evaluated()
     st.subheader(f"Over the {'test split' if p.tested else 'collection'} ({int(rows.sum())} LoRAs)")
     st.caption(note)
-    truth = {lab: p.truth[lab][rows].astype(float).to_numpy() for lab in labels}
-    prob = {lab: p.values[lab][rows].to_numpy(float) for lab in labels}
-    y, s = np.concatenate(list(truth.values())), np.concatenate(list(prob.values()))
+    truth, prob = p.binary(labels)
     thr = st.slider("Decision threshold on the predicted probability", 0.0, 1.0, 0.5, 0.01, key=f"{key}_thr")
-    k = M.confusion(y, s, thr)
-    tpr, fpr = k["tp"] / max(k["tp"] + k["fn"], 1), k["fp"] / max(k["fp"] + k["tn"], 1)
+    k = M.confusion(np.concatenate(list(truth.values())), np.concatenate(list(prob.values())), thr)
     for col, (name, v) in zip(st.columns(6), [("true positives", k["tp"]), ("false positives", k["fp"]),
                                               ("true negatives", k["tn"]), ("false negatives", k["fn"]),
-                                              ("TPR", f"{tpr:.3f}"), ("FPR", f"{fpr:.4f}")]):
+                                              ("TPR", f"{k['tpr']:.3f}"), ("FPR", f"{k['fpr']:.4f}")]):
         col.metric(name, v)
     table = pd.DataFrame(M.membership_rows(truth, prob))
     try:
-        curves = [("all labels pooled", *M.roc_curve(y, s)[:2], table["AUC"].iloc[0])]
-        for lab in st.multiselect("Also show labels", labels, default=labels[:3], key=f"{key}_roc_labels"):
-            if len(np.unique(truth[lab][np.isfinite(truth[lab])])) == 2:
-                curves.append((lab, *M.roc_curve(truth[lab], prob[lab])[:2], M.auc(truth[lab], prob[lab])))
-        min_fpr = max(1e-4, 0.5 / max(int(np.sum(y == 0)), 1))
-        st.plotly_chart(plots.roc_curves(curves, "ROC (log false-positive rate)", min_fpr=min_fpr,
-                                         points=[(fpr, tpr, f"threshold {thr:.2f}")]),
+        curves, min_fpr = M.membership_curves(truth, prob)
+        shown = st.multiselect("Also show labels", labels, default=labels[:3], key=f"{key}_roc_labels")
+        st.plotly_chart(plots.roc_curves([(n, *curves[n]) for n in ["all labels pooled", *shown] if n in curves],
+                                         "ROC (log false-positive rate)", min_fpr=min_fpr,
+                                         points=[(k["fpr"], k["tpr"], f"threshold {thr:.2f}")]),
                         width="stretch", key=f"{key}_roc")
     except ValueError as e:
         st.info(f"No ROC curve: {e}")
