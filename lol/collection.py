@@ -143,13 +143,19 @@ def _safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], me
 def _bucket_rows(ranks: torch.Tensor) -> torch.Tensor:
     """For (N, L) ranks, the (N, L) row of each LoRA in its rank bucket: the number of earlier LoRAs whose module has
     the same rank (the rank-bucket layout's whole index, so nothing but ``rank`` is stored)."""
-    rows = torch.zeros_like(ranks, dtype=torch.long)
-    for ell in range(ranks.shape[1]):
-        col = ranks[:, ell]
-        for r in torch.unique(col).tolist():
-            mask = col == r
-            rows[mask, ell] = torch.arange(int(mask.sum()))
-    return rows
+    r = ranks.numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+    n = r.shape[0]
+    if n == 0:
+        return torch.zeros(r.shape, dtype=torch.long)
+    order = np.argsort(r, axis=0, kind="stable")  # per module: LoRAs grouped by rank, in collection order
+    s = np.take_along_axis(r, order, axis=0)
+    idx = np.arange(n)[:, None]
+    first = np.ones(s.shape, dtype=bool)
+    first[1:] = s[1:] != s[:-1]
+    start = np.maximum.accumulate(np.where(first, idx, 0), axis=0)  # where each rank's group begins
+    rows = np.empty(r.shape, dtype=np.int64)
+    np.put_along_axis(rows, order, idx - start, axis=0)
+    return torch.from_numpy(rows)
 
 
 def _bucket_key(side: str, name: str, r: int) -> str:
@@ -221,25 +227,38 @@ def _known_ranks(ranks, n: int, L: int) -> torch.Tensor:
 def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax,
                 ranks, layout) -> None:
     """`write_collection`'s work, into the temporary folder ``tmp`` (made durable before the caller renames it)."""
+    from .formats.stacked import StackedLoRAs
+
     it = iter(loras)
     first = next(it, None)
     if first is None:
         raise CollectionError("no LoRAs to pack (the iterable is empty)")
-    spec = spec or first.spec
+    one = first.template if isinstance(first, StackedLoRAs) else first
+    spec = spec or one.spec
     L = len(spec)
-    first_mods = _ordered_modules(first, spec, 0)
-    kernels = [list(m.kernel_shape) if m.kernel_shape else None for m in first_mods]
-    sources, formats = [first.source], [first.format]
-
-    def rest():
-        for i, lora in enumerate(it, start=1):
-            sources.append(lora.source)
-            formats.append(lora.format)
-            yield _ordered_modules(lora, spec, i)
+    kernels = [list(m.kernel_shape) if m.kernel_shape else None for m in _ordered_modules(one, spec, 0)]
+    sources, formats = [], []
+    orders: dict[int, list[int]] = {}  # id(template) → its module index per spec position
 
     def chain():
-        yield first_mods
-        yield from rest()
+        """``(modules in spec order, None)`` per LoRA, ``(stack, module index per spec position)`` per stack."""
+        i = 0
+        for lora in _prepend(first, it):
+            if isinstance(lora, StackedLoRAs):
+                order = orders.get(id(lora.template))
+                if order is None:
+                    index = {m.name: k for k, m in enumerate(lora.template)}
+                    order = orders[id(lora.template)] = [index[m.name] for m in _ordered_modules(lora.template, spec,
+                                                                                               i)]
+                sources.extend(lora.sources)
+                formats.extend([lora.format] * len(lora))
+                yield lora, order
+                i += len(lora)
+            else:
+                sources.append(lora.source)
+                formats.append(lora.format)
+                yield _ordered_modules(lora, spec, i), None
+                i += 1
 
     # every rank up front (the buckets' sizes), unless the padded layout streams with a given rmax
     known = None
@@ -252,13 +271,18 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
                              dtype=torch.long).reshape(n, L)
     if known is None and (layout == "rank_buckets" or rmax is None):
         spool = _Spool(tmp, spec, dtype)
-        for mods in chain():
-            spool.add(mods)
+        for unit, order in chain():
+            if order is None:
+                spool.add(unit)
+            else:
+                for k in range(len(unit)):
+                    lora = unit.lora(k)
+                    spool.add([list(lora)[o] for o in order])
         if len(spool.entries) != n:
             spool.f.close()
             raise CollectionError(f"the table has {n} rows but {len(spool.entries)} LoRAs were given")
         known = torch.tensor([e[1] for e in spool.entries], dtype=torch.long).reshape(n, L)
-        stream = spool.replay()
+        stream = ((mods, None) for mods in spool.replay())
     else:
         stream = chain()
     if rmax is not None:
@@ -323,10 +347,48 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
         else:
             t_view[row, :, :r].copy_(src)  # converts: one rounding to the storage dtype
 
+    def put_stack(j: int, st, order: list[int], views: dict) -> None:
+        """A `StackedLoRAs` of K LoRAs (one plan: the same ranks) into rows j..j+K-1: one operation per module."""
+        K, tm = len(st), list(st.template)
+        mods = [tm[o] for o in order]
+        ranks_s = [m.rank for m in mods]
+        if known_np is not None:
+            bad = np.nonzero((known_np[j:j + K] != np.asarray(ranks_s)).any(axis=1))[0]
+            if len(bad):
+                jj = j + int(bad[0])
+                ell = next(e for e, (a, b) in enumerate(zip(ranks_s, known_np[jj].tolist())) if a != b)
+                raise CollectionError(f"LoRA #{jj} module {mods[ell].name!r} has rank {ranks_s[ell]} but the given "
+                                      f"ranks say {int(known_np[jj, ell])}")
+        over = [e for e, r in enumerate(ranks_s) if r > rmax[e]]
+        if over:
+            raise CollectionError(f"LoRA #{j} module {mods[over[0]].name!r} has rank {ranks_s[over[0]]} > rmax "
+                                  f"{rmax[over[0]]}")
+        for ell, o in enumerate(order):
+            r = ranks_s[ell]
+            (_, u_t), (_, v_t) = dest_of[ell][None if layout == "padded" else r]
+            # K consecutive LoRAs of one rank fill consecutive rows of its bucket
+            row = int(rows_np[j, ell]) if rows_np is not None else j
+            st.write_U(o, u_t[row:row + K, :, :r])
+            st.write_V(o, v_t[row:row + K, :, :r])
+        views["rank"][j:j + K] = torch.tensor(ranks_s, dtype=torch.int32)
+        views["alpha"][j:j + K] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
+        views["scale"][j:j + K] = torch.tensor([m.scale for m in mods], dtype=torch.float32)
+
     count, since_release = 0, 0
     per_lora = max(1, (total - len(head)) // n)
     with torch.no_grad():
-        for j, mods in enumerate(stream):
+        for mods, order in stream:
+            j = count
+            if order is not None:
+                if j + len(mods) > n:
+                    raise CollectionError(f"more LoRAs than table rows ({n})")
+                put_stack(j, mods, order, views)
+                count += len(mods)
+                since_release += per_lora * len(mods)
+                if since_release >= _RELEASE_BYTES:
+                    _release(mm)
+                    since_release = 0
+                continue
             if j >= n:
                 raise CollectionError(f"more LoRAs than table rows ({n})")
             ranks_j = [m.rank for m in mods]
@@ -383,6 +445,11 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
     for name in (FACTORS_NAME, TABLE_NAME, META_NAME):  # durable before the rename makes them visible
         _fsync(tmp / name)
+
+
+def _prepend(first, it):
+    yield first
+    yield from it
 
 
 def _release(mm: mmap.mmap, start: int = 0, length: int | None = None) -> None:

@@ -105,10 +105,8 @@ def pack(items, dest, *, root=None, spec=None, labels=None, base_model: str | No
     return res
 
 
-def _header(src):
-    from .formats import read_lora
-
-    return src if not isinstance(src, (str, Path)) else read_lora(src, shapes_only=True)
+def _header(src, reader):
+    return src if not isinstance(src, (str, Path)) else reader.header(src)
 
 
 def _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, prov, progress):
@@ -116,26 +114,43 @@ def _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, p
     from tqdm import tqdm
 
     from .collection import write_collection
-    from .formats import read_lora
+    from .formats.stacked import StackedLoRAs, StackedReader
     from .lora import LoRA, LoRAModule
     from .paths import replace_dir, temp_sibling
 
     headers = []
+    reader = StackedReader(dtype)  # files of one layout are read many at a time (lol.formats.stacked)
     for i, src in tqdm(named, desc="scanning", unit="file", disable=not progress, mininterval=0.5):
         try:
-            headers.append((i, src, _header(src)))
+            headers.append((i, src, _header(src, reader)))
         except (LoLError, OSError) as e:
             res.failed.append((i, str(e) if isinstance(e, LoLError) else f"{type(e).__name__}: {e}"))
     if not headers:
         raise PackError(f"none of the {len(named)} file(s) could be read as a LoRA"
                         + (f" ({res.notes()[0]})" if res.failed else ""), res)
+    sigs, fits = {}, {}  # files of one tensor table (`StackedReader.key`) share their signature and ranks
+
+    def signature(src, h):
+        k = reader.key(src)
+        if k is None:
+            return spec_signature(h)
+        if k not in sigs:
+            sigs[k] = spec_signature(h)
+        return sigs[k]
+
     if spec is None:
-        majority = Counter(spec_signature(h) for *_, h in headers).most_common(1)[0][0]
-        spec = next(h.spec for *_, h in headers if spec_signature(h) == majority)
+        majority = Counter(signature(s, h) for _, s, h in headers).most_common(1)[0][0]
+        spec = next(h.spec for _, s, h in headers if signature(s, h) == majority)
     keep, ranks = [], []
     for i, src, h in headers:  # matched by name (`ModuleSpec.match`): "unet."-prefixed or not, one base model
+        k = reader.key(src)
         try:
-            ranks.append([m.rank for m in spec.match(h, what="the majority of the source files")])
+            r = fits.get(k) if k is not None else None
+            if r is None:
+                r = [m.rank for m in spec.match(h, what="the majority of the source files")]
+                if k is not None:
+                    fits[k] = r
+            ranks.append(list(r))
             keep.append((i, src, h))
         except LoLError as e:
             res.mismatched.append((i, str(e)))
@@ -150,18 +165,33 @@ def _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, p
     if dtype is None:
         dtype = torch.float64 if any(m.U.dtype == torch.float64 for _, s, _ in keep
                                      if not isinstance(s, (str, Path)) for m in s) else torch.float32
+    reader.dtype = dtype  # files are read at the storage dtype
     late: list[int] = []
 
+    def read_all():  # (j, a LoRA, a StackedLoRAs of LoRAs j, j+1, ..., or the error reading LoRA j)
+        j = 0
+        while j < len(keep):
+            end = j
+            while end < len(keep) and isinstance(keep[end][1], (str, Path)):
+                end += 1
+            if end == j:  # a LoRA given as an object (uploads)
+                yield j, keep[j][1]
+                j += 1
+                continue
+            for k, item in reader.read([keep[x][1] for x in range(j, end)]):
+                yield j + k, item
+            j = end
+
     def stream():
-        with tqdm(keep, desc="packing", unit="LoRA", disable=not progress, mininterval=0.5) as bar:
-            for j, (i, src, _) in enumerate(bar):
-                try:
-                    yield read_lora(src, dtype=dtype) if isinstance(src, (str, Path)) else src
-                except (LoLError, OSError) as e:
-                    res.failed.append((i, str(e)))
+        with tqdm(total=len(keep), desc="packing", unit="LoRA", disable=not progress, mininterval=0.5) as bar:
+            for j, item in read_all():
+                if isinstance(item, (LoLError, OSError)):
+                    res.failed.append((keep[j][0], str(item)))
                     late.append(j)
-                    yield LoRA.from_modules(LoRAModule(n, torch.zeros(o, r), torch.zeros(k, r), 1.0, 1.0)  # its
-                                            for n, (o, k), r in zip(spec.names, spec.shapes, ranks[j]))  # header's
+                    item = LoRA.from_modules(LoRAModule(n, torch.zeros(o, r), torch.zeros(k, r), 1.0, 1.0)  # its
+                                             for n, (o, k), r in zip(spec.names, spec.shapes, ranks[j]))  # header's
+                yield item
+                bar.update(len(item) if isinstance(item, StackedLoRAs) else 1)
     common = dict(labels=label_schema, tasks=tasks, base_model=base_model, dtype=dtype, spec=spec,
                   provenance={**prov, "files_found": len(named)})
     stage = temp_sibling(dest, "stage")  # never visible as dest until complete and valid
@@ -173,13 +203,11 @@ def _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, p
             if not good:
                 raise PackError("none of the LoRA files could be read", res)
             stage2 = temp_sibling(dest, "stage")
-            write_collection(stage2, (c.lora(j) for j in good), c.table.iloc[good], **common)
-            del c
+            c = write_collection(stage2, (c.lora(j) for j in good), c.table.iloc[good], **common)
             shutil.rmtree(stage)
             stage = stage2
-        else:
-            del c
-        res.n = len(pd.read_parquet(stage / "loras.parquet", columns=["id"]))
+        res.n = len(c)  # as written (and opened, so checked) by write_collection
+        del c
         try:
             replace_dir(stage, dest, overwrite=overwrite)
         except FileExistsError:

@@ -174,3 +174,120 @@ def test_packing_same_dtype_bitwise_and_converting_paths(tmp_path, store, src_dt
         for m in lo:
             assert torch.equal(back[m.name].U, m.U.to(store)) and torch.equal(back[m.name].V, m.V.to(store))
     assert np.array_equal(c.ranks.numpy(), np.array([[2] * 3, [3] * 3, [1] * 3]))
+
+
+# ------------------------------------------------------------------------ many files of one layout (lol.formats.stacked)
+
+def _per_file_collection(path, files, store):
+    """The per-file route: `read_lora` at the storage dtype, one LoRA at a time, into `write_collection`."""
+    return write_collection(path, [read_lora(p, dtype=store) for p in files],
+                            pd.DataFrame({"id": [p.name for p in files]}), dtype=store)
+
+
+def _same_factors(a, b):
+    got, want = load_file(str(a / "factors.safetensors")), load_file(str(b / "factors.safetensors"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+
+
+def _conv_lora(seed, rank=3, alpha=5.0, dtype=torch.float32):
+    """A LoRA with a 3×3 conv module beside a linear one (A stored r × in × 3 × 3, B out × r × 1 × 1)."""
+    from lol.lora import LoRA, LoRAModule
+
+    g = torch.Generator().manual_seed(seed)
+    s = alpha / rank
+    mods = [LoRAModule("unet.conv_in", torch.randn(8, rank, generator=g) * s, torch.randn(4 * 9, rank, generator=g),
+                       alpha, s, kernel_shape=(3, 3)),
+            LoRAModule("unet.a.to_q", torch.randn(6, rank, generator=g) * s, torch.randn(5, rank, generator=g),
+                       alpha, s)]
+    return LoRA.from_modules([m.to(dtype) for m in mods], format="diffusers", metadata={"seed": str(seed)})
+
+
+@pytest.mark.parametrize("src_dtype,store", [(torch.float16, torch.float16), (torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float16), (torch.float32, torch.float16),
+                                             (torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+                                             (torch.float16, torch.float64)])
+@pytest.mark.parametrize("alpha", [27.3, None])  # scale 27.3/4 rounds U; alpha None: scale 1
+def test_import_of_many_files_of_one_layout_equals_the_per_file_route(tmp_path, capsys, src_dtype, store, alpha):
+    """`lol import` reads files of one tensor table many at a time (`StackedReader`); the packed bytes equal reading
+    each file with `read_lora` and packing those, for every source and storage dtype. The files' metadata differ
+    (as real files' do), so their headers differ in more than their padding."""
+    spec = tiny_spec()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(7):
+        save_diffusers(random_lora(spec, 4, alpha=alpha, seed=i), src / f"f_{i}.safetensors", dtype=src_dtype)
+    if store == torch.float64:  # not a `lol import` choice: the packing function behind it
+        from lol.packing import pack, scan
+
+        pack(scan(src)[0], tmp_path / "c", root=src, dtype=store)
+    else:
+        assert main(["import", str(src), str(tmp_path / "c"), "--dtype", str(store).replace("torch.", "")]) == 0
+        capsys.readouterr()
+    ref = _per_file_collection(tmp_path / "ref", sorted(src.glob("*.safetensors")), store)
+    _same_factors(tmp_path / "c", ref.path)
+    assert open_collection(tmp_path / "c").meta["factors_sha256"] == ref.meta["factors_sha256"]
+
+
+def test_stacked_reader_reads_stacks_and_sends_odd_files_the_per_file_way(tmp_path, monkeypatch):
+    """Files of one layout come as stacks; a NaN file, a file rewritten since the scan and a file of another layout
+    come alone, as `read_lora` gives them (the NaN one as its error, naming the key); conv modules stack too."""
+    from lol.formats import stacked
+    from lol.formats.stacked import StackedLoRAs, StackedReader
+
+    monkeypatch.setattr(stacked, "CHUNK_FILES", 3)
+    files = [save_diffusers(_conv_lora(i), tmp_path / f"f_{i}.safetensors", dtype=torch.float16) for i in range(9)]
+    other = save_diffusers(_conv_lora(20, rank=2), tmp_path / "f_4.safetensors", dtype=torch.float16)  # 2nd layout
+    t = load_file(str(files[6]))
+    key = sorted(t)[1]
+    t[key][0, 0] = float("nan")
+    save_file(t, str(files[6]), metadata={"format": "pt"})
+    reader = StackedReader(torch.float16)
+    for p in files:
+        reader.header(p)
+    save_diffusers(_conv_lora(30), files[2], dtype=torch.float16)  # rewritten after the scan: same layout, new bytes
+    save_diffusers(_conv_lora(31, rank=5), files[7], dtype=torch.float16)  # rewritten: another layout
+    seen = {}
+    for j, item in reader.read(files):
+        if isinstance(item, StackedLoRAs):
+            for k in range(len(item)):
+                seen[j + k] = ("stacked", item.lora(k))
+        else:
+            seen[j] = ("alone", item)
+    assert sorted(seen) == list(range(9))
+    kinds = [seen[j][0] for j in range(9)]
+    assert kinds[2] == kinds[6] == kinds[7] == "alone"
+    assert kinds[0] == kinds[1] == kinds[3] == kinds[4] == kinds[5] == kinds[8] == "stacked"  # 4: a plan of its own
+    assert isinstance(seen[6][1], LoRAFormatError) and "NaN" in str(seen[6][1]) and key in str(seen[6][1])
+    assert other == files[4] and seen[4][1].ranks == [2, 2] and seen[7][1].ranks == [5, 5]
+    for j in (0, 1, 2, 3, 4, 5, 7, 8):
+        want, got = read_lora(files[j], dtype=torch.float16), seen[j][1]
+        assert got.names == want.names and got.source == str(files[j])
+        for m in want:
+            assert m.kernel_shape == got[m.name].kernel_shape and (m.alpha, m.scale) == (got[m.name].alpha,
+                                                                                       got[m.name].scale)
+            assert torch.equal(m.U.view(torch.int16), got[m.name].U.view(torch.int16))
+            assert torch.equal(m.V.view(torch.int16), got[m.name].V.view(torch.int16))
+
+
+def test_stacks_pack_into_every_layout_and_through_the_spool(tmp_path):
+    """`write_collection` takes `StackedLoRAs` items: with ranks given, streamed (rank buckets or padded), and without
+    them, through its scratch spool; each gives the bytes of the per-file route."""
+    from lol.formats.stacked import StackedReader
+
+    files = [save_diffusers(_conv_lora(i, rank=2 + i % 2), tmp_path / f"f_{i}.safetensors", dtype=torch.float16)
+             for i in range(6)]  # two layouts (rank 2, rank 3), interleaved
+    table = pd.DataFrame({"id": [p.name for p in files]})
+    for layout in ("rank_buckets", "padded"):
+        ref = write_collection(tmp_path / f"ref_{layout}", [read_lora(p, dtype=torch.float16) for p in files], table,
+                               layout=layout, rmax=[3, 3])
+        for how in ("ranks", "spool"):
+            reader = StackedReader(torch.float16)
+            heads = [reader.header(p) for p in files]
+            items = (item for _, item in reader.read(files))
+            kw = {"ranks": [h.ranks for h in heads]} if how == "ranks" else {}
+            if layout == "padded" and how == "spool":
+                kw = {}
+            c = write_collection(tmp_path / f"{layout}_{how}", items, table, layout=layout, rmax=[3, 3], **kw)
+            _same_factors(c.path, ref.path)

@@ -104,17 +104,24 @@ def read_lora(path, dtype: torch.dtype | None = None, shapes_only: bool = False)
         if (path / "collection.json").is_file():
             raise LoRAFormatError(path, "is a packed collection of many LoRAs; open it with lol.open_collection")
         path = _single_file(path)
+    return _read_file(path, dtype, shapes_only)
+
+
+def _read_file(path: Path, dtype: torch.dtype | None = None, shapes_only: bool = False,
+               plan: list | None = None) -> LoRA:
+    """`read_lora` of one safetensors file. ``plan``: a list that receives, per module in order, the keys of its
+    ``(A, B, alpha or None)`` tensors (`lol.formats.stacked` reads later files of the same layout with it)."""
     _reject_pickle(path)
     loaded = load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)  # the file is read once
-    if shapes_only:  # files of one base model and trainer share their header: paired once (`lol import` scans all)
+    if shapes_only and plan is None:  # files of one base model and trainer share their header: paired once
         sig = (tuple((k, t.dtype, tuple(t.shape)) for k, t in loaded.tensors.items()),
                tuple(sorted(loaded.metadata.items())))
         hit = _HEADER_MEMO.get(sig)
         if hit is not None:
             return replace(hit, modules=dict(hit.modules), metadata=dict(hit.metadata), source=str(path))
     fmt = _detect_keys(path, list(loaded.tensors))
-    lora = (read_kohya if fmt == "kohya" else read_diffusers)(path, dtype, shapes_only, loaded=loaded)
-    if shapes_only:
+    lora = (read_kohya if fmt == "kohya" else read_diffusers)(path, dtype, shapes_only, loaded=loaded, plan=plan)
+    if shapes_only and plan is None:
         if len(_HEADER_MEMO) >= 64:
             _HEADER_MEMO.clear()
         _HEADER_MEMO[sig] = lora

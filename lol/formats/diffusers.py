@@ -82,8 +82,9 @@ def _metadata_configs(path, meta: dict) -> dict[str, dict]:
 
 
 def read_diffusers(path, dtype: torch.dtype | None = None, shapes_only: bool = False,
-                   loaded: Loaded | None = None) -> LoRA:
-    """A diffusers file as a LoRA (see the module docstring); ``loaded``: the file already read by `read_lora`."""
+                   loaded: Loaded | None = None, plan: list | None = None) -> LoRA:
+    """A diffusers file as a LoRA (see the module docstring); ``loaded``: the file already read by `read_lora`;
+    ``plan``: see `build_modules`."""
     path = Path(path)
     loaded = loaded or load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)
     tensors, meta = loaded.tensors, loaded.metadata
@@ -114,7 +115,7 @@ def read_diffusers(path, dtype: torch.dtype | None = None, shapes_only: bool = F
             return rules[comp](inner, rank, None)
         return float(rank), 1.0
 
-    modules = build_modules(path, pairs, scale_of, dtype, all_finite=loaded.all_finite)
+    modules = build_modules(path, pairs, scale_of, dtype, all_finite=loaded.all_finite, plan=plan)
     return LoRA.from_modules(modules, format="diffusers", metadata=meta, source=str(path))
 
 

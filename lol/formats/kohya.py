@@ -87,8 +87,10 @@ def module_to_kohya(name: str) -> str:
     return COMPONENT_PREFIX[component] + rest.replace(".", "_")
 
 
-def read_kohya(path, dtype: torch.dtype | None = None, shapes_only: bool = False, loaded: Loaded | None = None) -> LoRA:
-    """A kohya file as a LoRA (see the module docstring); ``loaded``: the file already read by `read_lora`."""
+def read_kohya(path, dtype: torch.dtype | None = None, shapes_only: bool = False, loaded: Loaded | None = None,
+               plan: list | None = None) -> LoRA:
+    """A kohya file as a LoRA (see the module docstring); ``loaded``: the file already read by `read_lora`;
+    ``plan``: see `build_modules`."""
     path = Path(path)
     loaded = loaded or load_safetensors(path, shapes_only, widen_to=dtype or torch.float32)
     tensors, meta = loaded.tensors, loaded.metadata
@@ -111,7 +113,7 @@ def read_kohya(path, dtype: torch.dtype | None = None, shapes_only: bool = False
         alpha = float(rank) if file_alpha is None else file_alpha
         return alpha, alpha / rank
 
-    modules = build_modules(path, pairs, scale_of, dtype, all_finite=loaded.all_finite)
+    modules = build_modules(path, pairs, scale_of, dtype, all_finite=loaded.all_finite, plan=plan)
     from dataclasses import replace
 
     modules = [replace(m, name=kohya_to_module(m.name)) for m in modules]

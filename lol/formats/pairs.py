@@ -154,13 +154,15 @@ def _fold_scale(B: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.
 
 
 def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, float | None], tuple[float, float]],
-                  dtype: torch.dtype | None = None, all_finite: bool | None = None) -> list[LoRAModule]:
+                  dtype: torch.dtype | None = None, all_finite: bool | None = None,
+                  plan: list | None = None) -> list[LoRAModule]:
     """Check and convert every pair. ``scale_of(name, rank, file_alpha) -> (alpha, scale)`` is the format's rule.
 
     Factors are returned in float32 (float64 if the file is float64) unless ``dtype`` is given; the scale is folded
     into U only, computed in float32 or wider and rounded once to the output dtype. ``all_finite``: the result of a
     NaN/Inf test already done on all the tensors (`load_safetensors`), else it is done here; when False the per-key
-    check names the culprit.
+    check names the culprit. ``plan``: a list that receives ``(A key, B key, alpha key or None)`` per module, in the
+    order returned (`lol.formats.stacked` reads later files of the same layout with it).
     """
     modules = []
     if all_finite is None:
@@ -198,4 +200,6 @@ def build_modules(path, pairs: dict[str, Pair], scale_of: Callable[[str, int, fl
         else:
             U, V = _fold_scale(B2, scale, out_dtype), A2.to(out_dtype).T
         modules.append(LoRAModule(name, U=U, V=V, alpha=float(alpha), scale=float(scale), kernel_shape=kernel))
+        if plan is not None:
+            plan.append((ka, kb, p.keys.get("alpha")))
     return modules
