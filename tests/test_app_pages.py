@@ -125,6 +125,16 @@ def test_bad_upload_gives_a_plain_message_and_app_keeps_working(env):
     assert not any("Upload one or more LoRA files" in i.value for i in at.info)
 
 
+def test_no_pages_folder_beside_the_entrypoint():
+    """A folder named pages/ beside app.py (even one left holding only __pycache__) makes streamlit run its scripts
+    without app.py — no sidebar, no error boundary — and show its own navigation beside ours: the pages live in
+    app_pages/."""
+    assert not (Path(APP).parent / "pages").exists()
+    from lol.app.nav import PAGES
+
+    assert sorted(f for f, _, _ in PAGES) == sorted(p.name for p in (Path(APP).parent / "app_pages").glob("*.py"))
+
+
 def test_server_folders_are_off_unless_the_operator_allows_them(env, monkeypatch):
     monkeypatch.delenv("LOL_ALLOW_SERVER_FOLDERS", raising=False)
     monkeypatch.delenv("LOL_FOLDER_ROOTS", raising=False)
