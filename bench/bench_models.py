@@ -7,6 +7,10 @@ count of ``--threads`` (default 1 and 2 on a CPU; GL-net and colsketch run one s
 `lol.models.parallel`). Each model runs in its own subprocess so its peak memory (CPU: process max
 RSS; CUDA: max allocated) is its own.
 
+Memory ceiling. Every model reads each LoRA's factors once, Σ(n+m)·r·4 bytes in float32 (1.6 MB per LoRA at SD-1.x q/v,
+rank 4), so the rate at which this machine streams memory (measured in the same run: ``read GB/s``) bounds it too:
+``memory ceiling = read GB/s / factor bytes per LoRA``; the roofline is the lower of the two ceilings.
+
 FLOP ceiling. Models that count their FLOP (``flops_per_lora``: GL-net, its sketch-head variant, colsketch) are stated
 against the ceiling of their **whole** forward pass — every matmul of every layer and the head, exactly as
 `torch.utils.flop_counter.FlopCounterMode` counts them (checked in the tests), plus the small elementwise work —
@@ -75,6 +79,21 @@ def matmul_gflops(device, n=2048, seconds=1.0) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def read_gbps(device, mb: int = 512, repeats: int = 3) -> float:
+    """GB/s at which this machine streams a ``mb`` MB fp32 tensor from memory (best of ``repeats`` full sums, far
+    larger than any cache): the rate that bounds a model whose every input byte is read once."""
+    import torch
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
 def _sync(device):
     import torch
     if str(device).startswith("cuda"):
@@ -98,6 +117,18 @@ def glnet_loop_forward(model, batch):
     if model.mix is not None:  # the default GL-net's scale features join after the trunk
         y = model.mix(torch.cat([y, model.inv.scale_features(HU, HV)], 1))
     return model.head(y)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: ``VmHWM`` of its own address space on Linux (``ru_maxrss`` would
+    also count the parent's peak before the fork: it survives exec), else ``ru_maxrss``."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def child(args) -> dict:
@@ -137,11 +168,11 @@ def child(args) -> dict:
             fwd(x)
             _sync(device)
             times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
     params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     best = min(times)
     out = {"kind": args.kind, "threads": torch.get_num_threads(), "batch": n, "loras_per_s": n / best,
+           "factor_bytes_per_lora": 4 * spec.total_out_plus_in * args.rank,   # U and V in float32, read once
            "ms_per_batch": best * 1e3, "peak_mem_mb": peak / 2**20, "weights_mb": params / 2**20,
            "hparams": model.config()}
     if hasattr(model, "flops_per_lora"):
@@ -166,7 +197,8 @@ def _cpu_name() -> str:
 
 def _table(rows: list[dict]) -> list[str]:
     lines = ["| model | threads | batch | LoRAs/s | ms/batch | whole-pass MFLOP/LoRA | matmul GFLOP/s | ceiling LoRAs/s "
-             "| % of ceiling | peak mem MB | weights MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| % of ceiling | read GB/s | memory ceiling LoRAs/s | % of roofline | peak mem MB | weights MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         fl = x.get("flop_per_lora")
         lines.append(f"| {x['kind']} | {x['threads']} | {x['batch']} | {x['loras_per_s']:.1f} | {x['ms_per_batch']:.1f} "
@@ -174,7 +206,8 @@ def _table(rows: list[dict]) -> list[str]:
                      if fl else
                      f"| {x['kind']} | {x['threads']} | {x['batch']} | {x['loras_per_s']:.1f} | {x['ms_per_batch']:.1f} "
                      f"| | {x['matmul_gflops']:.1f} | | ")
-        lines[-1] += f" | {x['peak_mem_mb']:.0f} | {x['weights_mb']:.1f} |"
+        lines[-1] += f" | {x['read_gbps']:.1f} | {x['memory_ceiling']:.0f} | " + \
+            (f"{x['pct_of_roofline']:.0f} %" if fl else "") + f" | {x['peak_mem_mb']:.0f} | {x['weights_mb']:.1f} |"
     return lines
 
 
@@ -199,6 +232,8 @@ def _goals(rows: list[dict]) -> list[str]:
             if t == 2:
                 line += (f"; goal ≥ 2,000 LoRAs/s: {'met' if g['loras_per_s'] >= 2000 else 'not met'} (2,000 is "
                          f"{200000 / g['ceiling']:.0f} % of its ceiling)")
+            line += (f"; {g['pct_of_roofline']:.0f} % of its roofline (memory ceiling {g['memory_ceiling']:.0f}/s: "
+                     f"{g['factor_bytes_per_lora'] / 1e6:.2f} MB of factors per LoRA at {g['read_gbps']:.1f} GB/s)")
             out.append(line)
             if c:
                 out.append(f"- colsketch / {name}, {th}: {c['loras_per_s'] / g['loras_per_s']:.2f}× (goal ≥ 1: "
@@ -217,7 +252,8 @@ def write_results(out_dir, rows: list[dict], meta: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cols = ["kind", "threads", "batch", "loras_per_s", "ms_per_batch", "flop_per_lora", "matmul_flop_per_lora",
-            "matmul_gflops", "ceiling", "pct_of_ceiling", "peak_mem_mb", "weights_mb", "hparams"]
+            "matmul_gflops", "ceiling", "pct_of_ceiling", "factor_bytes_per_lora", "read_gbps", "memory_ceiling",
+            "pct_of_roofline", "peak_mem_mb", "weights_mb", "hparams"]
     with open(out / "bench_models.csv", "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore")
         w.writeheader()
@@ -229,6 +265,8 @@ def write_results(out_dir, rows: list[dict], meta: dict) -> None:
           "", "Whole-pass FLOP per LoRA: every matmul of every layer and the head (2 per multiply-add, as "
           "`torch.utils.flop_counter.FlopCounterMode` counts them) plus the small elementwise work, from each model's "
           "`flops_per_lora`; ceiling = this run's fp32 matmul rate (2048² GEMM) at that thread count / that FLOP. "
+          "Memory ceiling = this run's rate of streaming a 512 MB fp32 tensor from memory / the bytes of the LoRA's "
+          "fp32 factors (Σ(n+m)·r·4, each read once); roofline = the lower of the two ceilings. "
           "Models without a FLOP count (featurizer-based MLPs) show throughput only.", "", *_table(rows), "",
           "## Goals (issue 10)", "", *_goals(rows), ""]
     (out / "bench_models.md").write_text("\n".join(md))
@@ -281,7 +319,9 @@ def main(argv=None):
     for nt in threads:
         torch.set_num_threads(nt)
         gflops = matmul_gflops(args.device)
-        print(f"\n-- {nt} thread{'s' if nt > 1 else ''}: fp32 matmul (2048²) {gflops:.1f} GFLOP/s")
+        gbps = read_gbps(args.device)
+        print(f"\n-- {nt} thread{'s' if nt > 1 else ''}: fp32 matmul (2048²) {gflops:.1f} GFLOP/s; memory read "
+              f"{gbps:.1f} GB/s")
         passthrough = ["--device", args.device, "--spec", args.spec, "--batch", str(args.batch), "--dense-batch",
                        str(args.dense_batch), "--dense-width", str(args.dense_width), "--width", str(args.width),
                        "--channels", str(args.channels), "--depth", str(args.depth), "--head-channels",
@@ -294,10 +334,12 @@ def main(argv=None):
                 print(f"{kind:18s} FAILED: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
                 continue
             x = json.loads(r.stdout.strip().splitlines()[-1])
-            x["matmul_gflops"] = gflops
+            x["matmul_gflops"], x["read_gbps"] = gflops, gbps
+            x["memory_ceiling"] = gbps * 1e9 / x["factor_bytes_per_lora"]
             if x.get("flop_per_lora"):
                 x["ceiling"] = gflops * 1e9 / x["flop_per_lora"]
                 x["pct_of_ceiling"] = 100 * x["loras_per_s"] / x["ceiling"]
+                x["pct_of_roofline"] = 100 * x["loras_per_s"] / min(x["ceiling"], x["memory_ceiling"])
             rows.append(x)
             extra = (f"  {x['flop_per_lora'] / 1e6:6.1f} MFLOP/LoRA → {x['pct_of_ceiling']:3.0f}% of ceiling "
                      f"{x['ceiling']:.0f}/s" if x.get("flop_per_lora") else "")
