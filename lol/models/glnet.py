@@ -36,9 +36,11 @@ collections (a few hundred LoRAs per task) depth 1 generalizes better: results/g
 Internal layout and cost: U-side activations are one contiguous tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules
 zero-padded to the batch's largest rank; zero columns stay zero through every layer and add nothing to P), and so
 are the V-side ones. Transposed factors make every layer a large matmul on views: the first layer — the only
-O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — multiplies each module's transposed factors (B·r, n) by its (n, h)
-weights, writing straight into the module's slot (for training, one batched matmul per group of equal-dimension
-modules); hidden layers are one (L, B·r, h) @ (L, h, h) product; the gate is r multiply-add passes. The flat head
+O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — multiplies each module's factors, read in place as the transposed
+operand of a batched GEMM ((r, n) @ (n, h) per LoRA), by a contiguous copy of its weights, writing straight into the
+module's slot (for training, one batched matmul per group of equal-dimension modules); it reads every factor once
+(Σ(n+m)·r·4 bytes per LoRA, 1.6 MB on SD-1.x q/v at rank 4), so on a CPU memory bandwidth bounds it as much as the
+FLOP do (``python -m bench models`` states both ceilings); hidden layers are one (L, B·r, h) @ (L, h, h) product; the gate is r multiply-add passes. The flat head
 never materializes the (B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear module by module
 (2·L·h²·width FLOP per LoRA, 34 M at h = width = 64). `GLNet.flops_per_lora` counts the whole pass (~91 MFLOP per
 LoRA on SD-1.x q/v at h = width = 64, rank 4); without autograd on a CPU with several threads each thread runs a
