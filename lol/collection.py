@@ -166,7 +166,8 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
                      base_model: str | None = None, dtype: torch.dtype = torch.float16,
                      spec: ModuleSpec | None = None, provenance: dict | None = None,
                      rmax: Sequence[int] | None = None, overwrite: bool = False,
-                     ranks: Sequence[Sequence[int]] | None = None, layout: str = "rank_buckets") -> "Collection":
+                     ranks: Sequence[Sequence[int]] | None = None, layout: str = "rank_buckets",
+                     atomic: bool = True) -> "Collection":
     """Pack LoRAs (row ``i`` of ``table`` describes the ``i``-th LoRA) into the collection folder ``dest``.
 
     Streaming: each LoRA is written as it arrives and dropped. The layout needs every LoRA's rank per module before
@@ -176,7 +177,8 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
     2; the default ``"rank_buckets"`` stores no padding). Atomic: all files are written into a temporary sibling
     folder that is renamed to ``dest`` at the end. ``spec`` defaults to the first LoRA's; every LoRA is matched to it
     by module key. Missing ``source`` / ``format`` columns are filled from the LoRAs. Deterministic: the same inputs
-    give byte-identical files.
+    give byte-identical files. ``atomic=False``: write straight into ``dest``, an empty folder that the caller itself
+    renames into place when complete (`lol.packing.pack` stages there); the files are made durable all the same.
     """
     import pandas as pd
 
@@ -200,6 +202,11 @@ def write_collection(dest, loras: Iterable[LoRA], table, labels: dict | None = N
     if st_dtype is None or not dtype.is_floating_point:
         raise CollectionError(f"factor dtype must be float16/bfloat16/float32/float64, got {dtype}")
 
+    if not atomic:
+        dest.mkdir(parents=True, exist_ok=True)
+        _write_into(dest, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax, ranks,
+                    layout)
+        return open_collection(dest)
     try:
         with atomic_dir(dest, overwrite=overwrite) as tmp:
             _write_into(tmp, loras, table, n, labels, tasks, base_model, dtype, st_dtype, spec, provenance, rmax,
@@ -419,6 +426,21 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
     if count != n:
         raise CollectionError(f"the table has {n} rows but {count} LoRAs were given")
     del views, np_views
+    # the factors reach the disk while they are hashed: fsync waits on the disk, the hash on the CPU (both let go of
+    # the GIL); every file is durable before this returns, so before the caller's rename makes the folder visible
+    syncing = _Fsync(fpath)
+    try:
+        _finish(tmp, mm, total, table, sources, formats, spec, kernels, rmax, dtype, base_model, labels, tasks,
+                provenance, layout, n)
+    finally:
+        syncing.thread.join()  # never left running (on an error the folder is removed)
+    syncing.join()
+
+
+def _finish(tmp: Path, mm, total: int, table, sources, formats, spec, kernels, rmax, dtype, base_model, labels, tasks,
+            provenance, layout, n) -> None:
+    """`_write_into`'s end: the factors' SHA-256 (from the written pages), the table and the description, each file
+    fsynced (the two small ones at once, so one journal commit can serve both)."""
     sha = hashlib.sha256()  # hashed from the written pages (no second read of the file), a window at a time
     with memoryview(mm) as whole:
         for start in range(0, total, _RELEASE_BYTES):
@@ -443,8 +465,9 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
         "factors_sha256": sha.hexdigest(),
     }
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1))  # insertion order: labels keep theirs
-    for name in (FACTORS_NAME, TABLE_NAME, META_NAME):  # durable before the rename makes them visible
-        _fsync(tmp / name)
+    small = [_Fsync(tmp / TABLE_NAME), _Fsync(tmp / META_NAME)]  # durable before the rename makes them visible
+    for f in small:
+        f.join()
 
 
 def _prepend(first, it):
@@ -495,6 +518,28 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Fsync:
+    """``fsync(path)`` in a helper thread, started now; `join` waits for it and raises its `OSError`, if any."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self.thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            _fsync(path)
+        except OSError as e:
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

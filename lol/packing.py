@@ -197,13 +197,14 @@ def _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, p
     stage = temp_sibling(dest, "stage")  # never visible as dest until complete and valid
     loras = stream()
     try:
-        c = write_collection(stage, loras, table, ranks=ranks, **common)  # ranks from the headers: no spool
+        # ranks from the headers: no spool; written straight into the stage, which is the folder renamed into place
+        c = write_collection(stage, loras, table, ranks=ranks, atomic=False, **common)
         if late:  # a file whose header was fine but whose data is not: re-pack without it, still staged
             good = [j for j in range(len(keep)) if j not in set(late)]
             if not good:
                 raise PackError("none of the LoRA files could be read", res)
             stage2 = temp_sibling(dest, "stage")
-            c = write_collection(stage2, (c.lora(j) for j in good), c.table.iloc[good], **common)
+            c = write_collection(stage2, (c.lora(j) for j in good), c.table.iloc[good], atomic=False, **common)
             shutil.rmtree(stage)
             stage = stage2
         res.n = len(c)  # as written (and opened, so checked) by write_collection

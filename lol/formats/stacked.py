@@ -1,9 +1,10 @@
 """Reading many LoRA files of one layout at once: the fast path of `lol import` (`lol.packing.pack`).
 
 Files written by one trainer for one base model share their tensor table (names, dtypes, shapes, byte offsets) and
-differ only in their data and string metadata. `StackedReader` reads the first file of each table with the per-file
-reader (`read_lora`) and records which tensors became which module: a *plan*. Every later file with that table is
-read straight into one row of a byte array, and up to `CHUNK_FILES` consecutive files become one `StackedLoRAs`:
+differ only in their data and string metadata. `StackedReader.header`, the scan of every file, pairs each table once
+with the per-file reader (`read_lora`'s shapes-only read) and records which tensors became which module: a *plan*.
+Every file with that table is then read straight into one row of a reused byte array, and up to `CHUNK_FILES`
+consecutive files become one `StackedLoRAs`:
 per module, views of all their factors at once, which `write_collection` converts and stores with one torch operation
 per module for all of them, instead of one per module per file.
 
@@ -13,7 +14,7 @@ Every check of the per-file route is kept, file by file:
   the read compares the header bytes and the file size with the scan's (a BLAKE2b digest), so the tensors' byte
   ranges are known to tile the data exactly as the library checked;
 * NaN/Inf: one vectorized pass over each file's data bytes (`all_finite_bytes`);
-* key pairing, dtypes, shapes, ranks, alpha and scale are decided once per plan, by `read_lora` on the plan's first
+* key pairing, dtypes, shapes, ranks, alpha and scale are decided once per plan, by the reader on the table's first
   file. A plan is only made when none of that depends on the data: a file with ``alpha`` tensors (kohya, some
   diffusers files), several dtypes, or a PEFT folder (scale from its config) is read the per-file way.
 
