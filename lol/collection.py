@@ -428,6 +428,12 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
     del views, np_views
     # the factors reach the disk while they are hashed: fsync waits on the disk, the hash on the CPU (both let go of
     # the GIL); every file is durable before this returns, so before the caller's rename makes the folder visible
+    # written: the writable map goes before the fsync starts (its write-back would otherwise write-protect every page
+    # of a live writable map while the hash reads it); the hash reads the same page-cache pages through a read-only one
+    mm.close()
+    with open(fpath, "rb") as f:
+        populate = getattr(mmap, "MAP_POPULATE", 0) if total <= _POPULATE_MAX else 0
+        mm = mmap.mmap(f.fileno(), total, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
     syncing = _Fsync(fpath)
     try:
         _finish(tmp, mm, total, table, sources, formats, spec, kernels, rmax, dtype, base_model, labels, tasks,
