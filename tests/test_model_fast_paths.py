@@ -215,19 +215,20 @@ def test_row_parallel_splits_rows_restores_threads_and_keeps_outputs(two_threads
     seen = []
 
     def fn(x):
-        seen.append((len(x), torch.get_num_threads()))
+        seen.append((len(x), torch.get_num_threads(), torch.is_grad_enabled()))
         return x * 2
     x = torch.randn(40, 3)
     with torch.no_grad():
         torch.testing.assert_close(row_parallel(fn, x, min_rows=8), x * 2, rtol=0, atol=0)
-    assert sorted(seen) == [(20, 1), (20, 1)] and torch.get_num_threads() == 2
+    # both slices run without autograd: grad mode is per thread, and a pool thread starts with it on
+    assert sorted(seen) == [(20, 1, False), (20, 1, False)] and torch.get_num_threads() == 2
     seen.clear()
     with torch.no_grad():
         row_parallel(fn, x[:15], min_rows=8)          # too few rows for two slices
-    assert seen == [(15, 2)]
+    assert seen == [(15, 2, False)]
     seen.clear()
     row_parallel(fn, x, min_rows=8)                   # autograd on: never split
-    assert seen == [(40, 2)]
+    assert seen == [(40, 2, True)]
     with torch.no_grad(), pytest.raises(ZeroDivisionError):
         row_parallel(lambda t: 1 / 0, x, min_rows=8)
     assert torch.get_num_threads() == 2

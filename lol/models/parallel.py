@@ -49,9 +49,13 @@ def _rows(x, start: int, stop: int):
 
 
 def _run(fn, x):
+    """``fn(x)`` on this thread without autograd. Grad mode is per thread: a pool thread starts with it on, so without
+    this its slice would take the models' differentiable paths (slower, and recording a graph nobody uses) while the
+    caller's thread — which `row_parallel` only splits for when grad is off — takes the inference paths."""
     _local.inside = True
     try:
-        return fn(x)
+        with torch.no_grad():
+            return fn(x)
     finally:
         _local.inside = False
 
