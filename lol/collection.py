@@ -378,8 +378,8 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
             st.write_U(o, u_t[row:row + K, :, :r])
             st.write_V(o, v_t[row:row + K, :, :r])
         views["rank"][j:j + K] = torch.tensor(ranks_s, dtype=torch.int32)
-        views["alpha"][j:j + K] = torch.tensor([m.alpha for m in mods], dtype=torch.float32)
-        views["scale"][j:j + K] = torch.tensor([m.scale for m in mods], dtype=torch.float32)
+        views["alpha"][j:j + K] = st.alpha_rows(order)  # the files' own where they differ (``alpha`` tensors)
+        views["scale"][j:j + K] = st.scale_rows(order)
 
     count, since_release = 0, 0
     per_lora = max(1, (total - len(head)) // n)

@@ -101,7 +101,15 @@ def pack(items, dest, *, root=None, spec=None, labels=None, base_model: str | No
         clean_stale_temp(dest)
         if dest.exists() and any(dest.iterdir()) and not overwrite:
             raise CollectionError(f"{dest}: already exists (use --overwrite to replace it)")
-        _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, provenance or {}, progress)
+        # one torch thread: import's torch ops are copies and products of one module's factors for up to 64 files
+        # (`lol.formats.stacked`), each too small for two threads to pay; on a shared 2-core machine two threads
+        # stall each other (a 50 µs product took 2-4 ms). Restored after, as `lol.models.parallel` does
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _pack_locked(named, dest, res, spec, labels, base_model, dtype, overwrite, provenance or {}, progress)
+        finally:
+            torch.set_num_threads(threads)
     return res
 
 

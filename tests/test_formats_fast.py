@@ -291,3 +291,135 @@ def test_stacks_pack_into_every_layout_and_through_the_spool(tmp_path):
                 kw = {}
             c = write_collection(tmp_path / f"{layout}_{how}", items, table, layout=layout, rmax=[3, 3], **kw)
             _same_factors(c.path, ref.path)
+
+
+# ------------------------------------------------------- kohya files with per-module alpha tensors (lol.formats.stacked)
+
+KOHYA_SD = {  # kohya name: (out, in, kernel or None), SD-1.x shapes, as sd-scripts names them
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320, None),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v": (320, 768, None),
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj": (64, 40, None),
+    "lora_unet_down_blocks_0_resnets_0_conv1": (12, 8, (3, 3)),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (48, 48, None),
+}
+
+
+def _kohya_alpha_file(path, i, dtype, rank=4, nan_alpha=False):
+    """A kohya file as sd-scripts writes it (`save_file`, every tensor in the save dtype, a 0-dim ``.alpha`` per
+    module, ``ss_*`` metadata). Alphas differ per file and per module: alpha ≠ rank, alpha = rank, a value that is no
+    16-bit number's exact quotient; the conv module's alpha is the same in every file; the ff module has none
+    (alpha = r)."""
+    g = torch.Generator().manual_seed(100 + i)
+    alphas = {"attn1_to_q": [1.0, 4.0, 27.3, 0.5, 8.0, 3.0, 16.0][i % 7], "attn2_to_v": 1.0 + 0.37 * i,
+              "conv1": 2.0, "q_proj": [4.0, 0.25, 7.0][i % 3]}
+    t = {}
+    for name, (o, n, kernel) in KOHYA_SD.items():
+        kh, kw = kernel or (1, 1)
+        down = torch.randn(rank, n, kh, kw, generator=g) if kernel else torch.randn(rank, n, generator=g)
+        up = torch.randn(o, rank, 1, 1, generator=g) if kernel else torch.randn(o, rank, generator=g)
+        t[f"{name}.lora_down.weight"] = (down * 0.1).to(dtype)
+        t[f"{name}.lora_up.weight"] = (up * 0.01).to(dtype)
+        alpha = next((a for k, a in alphas.items() if name.endswith(k)), None)
+        if alpha is not None:
+            t[f"{name}.alpha"] = torch.tensor(float("nan") if nan_alpha and name.endswith("attn1_to_q") else alpha).to(dtype)
+    save_file(t, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                      "ss_output_name": f"lora_{i}", "ss_seed": str(1000 + i)})
+    return path
+
+
+def _count_routes(monkeypatch):
+    """{"stacked": files read as stacks, "alone": files read by `read_lora` one at a time} during the import."""
+    from lol.formats.stacked import StackedReader
+
+    seen = {"stacked": 0, "alone": 0}
+    stack, one = StackedReader._stack, StackedReader._read_one
+
+    def counted_stack(plan, data, sources):
+        seen["stacked"] += len(sources)
+        return stack(plan, data, sources)
+
+    def counted_one(self, path):
+        seen["alone"] += 1
+        return one(self, path)
+
+    monkeypatch.setattr(StackedReader, "_stack", staticmethod(counted_stack))
+    monkeypatch.setattr(StackedReader, "_read_one", counted_one)
+    return seen
+
+
+@pytest.mark.parametrize("src_dtype,store", [(torch.float16, torch.float16), (torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.float64)])
+@pytest.mark.parametrize("chunk", [64, 3])  # 3: stacks where every file has one alpha, and stacks where they differ
+def test_import_of_kohya_files_with_alpha_tensors_equals_the_per_file_route(tmp_path, capsys, monkeypatch, src_dtype,
+                                                                            store, chunk):
+    """kohya files with per-module ``alpha`` tensors, alpha differing per file and per module, are read as stacks
+    (none by `read_lora` alone) and pack to the per-file route's bytes: factors with the files' own scales folded
+    in, and the rank / alpha / scale columns."""
+    from lol.formats import stacked
+
+    monkeypatch.setattr(stacked, "CHUNK_FILES", chunk)
+    src = tmp_path / "src"
+    src.mkdir()
+    files = [_kohya_alpha_file(src / f"k_{i:02d}.safetensors", i, src_dtype) for i in range(8)]
+    routes = _count_routes(monkeypatch)
+    threads = torch.get_num_threads()
+    if store == torch.float64:  # not a `lol import` choice: the packing function behind it
+        from lol.packing import pack, scan
+
+        pack(scan(src)[0], tmp_path / "c", root=src, dtype=store)
+    else:
+        assert main(["import", str(src), str(tmp_path / "c"), "--dtype", str(store).replace("torch.", "")]) == 0
+        capsys.readouterr()
+    assert routes == {"stacked": len(files), "alone": 0}
+    assert torch.get_num_threads() == threads  # packing runs on one torch thread and gives the count back
+    ref = _per_file_collection(tmp_path / "ref", files, store)
+    _same_factors(tmp_path / "c", ref.path)  # every tensor of factors.safetensors: factors, rank, alpha, scale
+    got = open_collection(tmp_path / "c")
+    assert got.meta["factors_sha256"] == ref.meta["factors_sha256"]
+    for col in ("ranks", "alpha", "scale"):
+        assert torch.equal(getattr(got, col), getattr(ref, col)), col
+    # the case is the one asked for: alphas differ across files and modules, alpha ≠ rank, and some scale ≠ 1
+    q = ref.spec.names.index("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    ff = ref.spec.names.index("unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj")
+    assert len(set(ref.alpha[:, q].tolist())) == 7 and (ref.alpha != ref.ranks.float()).any()
+    assert set(ref.alpha[:, ff].tolist()) == {4.0} and set(ref.scale[:, ff].tolist()) == {1.0}
+    assert len(set(ref.scale[:, q].tolist())) == 7 and len({tuple(r) for r in ref.alpha.tolist()}) == len(files)
+
+
+def test_stacked_kohya_loras_and_bad_alpha_files(tmp_path, monkeypatch):
+    """Each LoRA of a kohya stack is `read_lora`'s (alpha, scale, U, V); a file whose alpha is NaN comes alone, with
+    the per-file error naming the key; a file whose alpha is no scalar has no plan and gets the per-file error."""
+    from lol.formats import stacked
+    from lol.formats.stacked import StackedLoRAs, StackedReader
+
+    monkeypatch.setattr(stacked, "CHUNK_FILES", 4)
+    files = [_kohya_alpha_file(tmp_path / f"k_{i}.safetensors", i, torch.float16) for i in range(7)]
+    _kohya_alpha_file(files[5], 5, torch.float16, nan_alpha=True)
+    t = load_file(str(files[1]))
+    key = next(k for k in sorted(t) if k.endswith(".alpha"))
+    t[key] = torch.tensor([2.0, 3.0], dtype=torch.float16)  # another table: no plan; the reader refuses it
+    save_file(t, str(files[1]))
+    reader = StackedReader(torch.float16)
+    for p in files:
+        reader.header(p)
+    seen = {}
+    for j, item in reader.read(files):
+        if isinstance(item, StackedLoRAs):
+            for k in range(len(item)):
+                seen[j + k] = ("stacked", item.lora(k))
+        else:
+            seen[j] = ("alone", item)
+    assert [seen[j][0] for j in range(7)] == ["stacked", "alone", "stacked", "stacked", "stacked", "alone", "stacked"]
+    for j, what in ((1, f"{key}': alpha must be a scalar, got shape (2,)"), (5, "attn1_to_q.alpha': alpha is nan")):
+        with pytest.raises(LoRAFormatError) as e:
+            read_lora(files[j], dtype=torch.float16)
+        assert isinstance(seen[j][1], LoRAFormatError) and str(seen[j][1]) == str(e.value) and what in str(e.value)
+    for j in (0, 2, 3, 4, 6):
+        want, got = read_lora(files[j], dtype=torch.float16), seen[j][1]
+        assert got.names == want.names and got.source == str(files[j]) and got.format == "kohya"
+        for m in want:
+            g_ = got[m.name]
+            assert (m.rank, m.alpha, m.scale, m.kernel_shape) == (g_.rank, g_.alpha, g_.scale, g_.kernel_shape)
+            assert torch.equal(m.U.view(torch.int16), g_.U.view(torch.int16))
+            assert torch.equal(m.V.view(torch.int16), g_.V.view(torch.int16))

@@ -14,9 +14,14 @@ Every check of the per-file route is kept, file by file:
   the read compares the header bytes and the file size with the scan's (a BLAKE2b digest), so the tensors' byte
   ranges are known to tile the data exactly as the library checked;
 * NaN/Inf: one vectorized pass over each file's data bytes (`all_finite_bytes`);
-* key pairing, dtypes, shapes, ranks, alpha and scale are decided once per plan, by the reader on the table's first
-  file. A plan is only made when none of that depends on the data: a file with ``alpha`` tensors (kohya, some
-  diffusers files), several dtypes, or a PEFT folder (scale from its config) is read the per-file way.
+* key pairing, dtypes, shapes and ranks are decided once per plan, by the reader on the table's first file, and so
+  are alpha and scale of every module without an ``alpha`` tensor (the header's: alpha = r, or diffusers' adapter
+  metadata, which is part of the plan's key). A module's ``alpha`` tensor (kohya files, some diffusers files) is a
+  scalar of the file's data: it is read per file and per module from the stacked bytes, as the per-file readers take
+  it (``alpha = float(value)``, ``scale = alpha / r`` in float64), and folded into U with `_fold_scale`'s rounding
+  (see `StackedLoRAs.write_U`). A plan is only made for a table of one float dtype (alpha tensors included), in
+  diffusers or kohya layout; a file with several dtypes, or a PEFT folder (scale from its config), is read the
+  per-file way.
 
 A file that changed since the scan, fails the NaN/Inf test or fits no plan is read by `read_lora` alone, which names
 the problem. The numbers are bit for bit those of ``read_lora(path, dtype)`` (tests/test_formats_fast.py).
@@ -57,11 +62,14 @@ def _fold_scale(B, scale, out_dtype):
 
 @dataclass
 class StackedLoRAs:
-    """K LoRAs read from K files of one plan: the same modules, shapes, ranks, alpha and scale, their factors as
-    stored in the files, stacked. Module ``m`` has the down factors ``A[m]`` (K, r, in) and the up factors ``B[m]``
-    (K, out, r); `write_U` / `write_V` turn them into ``U = scale·B`` and ``V = Aᵀ`` exactly as `read_lora` at
-    ``dtype`` does. ``template``: the modules (names, shapes, alpha, scale, kernel shapes; factors on the meta
-    device). ``A`` and ``B`` are views of the reader's buffer: valid until the reader's next item is taken."""
+    """K LoRAs read from K files of one plan: the same modules, shapes and ranks, their factors as stored in the
+    files, stacked. Module ``m`` has the down factors ``A[m]`` (K, r, in) and the up factors ``B[m]`` (K, out, r);
+    `write_U` / `write_V` turn them into ``U = scale·B`` and ``V = Aᵀ`` exactly as `read_lora` at ``dtype`` does.
+    ``template``: the modules (names, shapes, kernel shapes, and alpha and scale of modules without an ``alpha``
+    tensor; factors on the meta device). ``alphas`` / ``scales``: per module, its alpha and scale — one float when
+    the K files agree (always for a module without an ``alpha`` tensor), else a (K,) float64 tensor, the files' own
+    (`alpha_rows` / `scale_rows`). ``A`` and ``B`` are views of the reader's buffer: valid until the reader's next
+    item is taken."""
 
     template: LoRA
     A: list[torch.Tensor]
@@ -69,9 +77,14 @@ class StackedLoRAs:
     dtype: torch.dtype
     sources: list[str]
     format: str
+    alphas: list | None = None
+    scales: list | None = None
 
     def __post_init__(self):
-        self.scales = [m.scale for m in self.template]
+        if self.alphas is None:
+            self.alphas = [m.alpha for m in self.template]
+        if self.scales is None:
+            self.scales = [m.scale for m in self.template]
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -80,7 +93,12 @@ class StackedLoRAs:
         """Module ``m``'s U of all K LoRAs into ``dest`` (K, out, r): one rounding to ``dtype`` (`_fold_scale`'s
         rule), then to ``dest``'s dtype if it differs (as storing a read LoRA does)."""
         B, scale = self.B[m], self.scales[m]
-        if dest.dtype == self.dtype == B.dtype and scale != 1.0:
+        if isinstance(scale, torch.Tensor):  # the files' own scales: `_fold_scale`'s product for each (the scale
+            # rounded to the width it computes in, one product in it, one rounding to ``dtype``), all K at once
+            wide = torch.float64 if torch.float64 in (self.dtype, B.dtype) else torch.float32
+            U = B.to(wide) * scale.to(wide).view(-1, *[1] * (B.ndim - 1))
+            dest.copy_(U if dest.dtype == self.dtype else U.to(self.dtype))
+        elif dest.dtype == self.dtype == B.dtype and scale != 1.0:
             torch.mul(B, scale, out=dest)  # `_fold_scale`'s own operation, written in place
         else:
             dest.copy_(_fold_scale(B, scale, self.dtype))
@@ -93,11 +111,35 @@ class StackedLoRAs:
         else:
             dest.copy_(A.to(self.dtype).transpose(1, 2))
 
+    def alpha_rows(self, order: list[int]) -> torch.Tensor:
+        """The alphas of modules ``order`` as the collection's float32 column: (L,) when the K files agree, else
+        (K, L)."""
+        return self._rows(self.alphas, order)
+
+    def scale_rows(self, order: list[int]) -> torch.Tensor:
+        """The scales of modules ``order``, as `alpha_rows`."""
+        return self._rows(self.scales, order)
+
+    def _rows(self, values: list, order: list[int]) -> torch.Tensor:
+        picked = [values[o] for o in order]
+        if not any(isinstance(v, torch.Tensor) for v in picked):
+            return torch.tensor(picked, dtype=torch.float32)
+        K = len(self)
+        return torch.stack([v if isinstance(v, torch.Tensor) else torch.full((K,), v, dtype=torch.float64)
+                            for v in picked], dim=1).to(torch.float32)
+
+    def _at(self, values: list, m: int, k: int) -> float:
+        v = values[m]
+        return float(v[k]) if isinstance(v, torch.Tensor) else v
+
     def lora(self, k: int) -> LoRA:
         """The ``k``-th LoRA on its own, as `read_lora` gives it (its own copy: the stack's bytes are reused)."""
-        mods = [replace(t, U=_fold_scale(self.B[m][k], t.scale, self.dtype).clone(),
-                        V=self.A[m][k].to(self.dtype, copy=True).T)
-                for m, t in enumerate(self.template)]
+        mods = []
+        for m, t in enumerate(self.template):
+            scale = self._at(self.scales, m, k)
+            mods.append(replace(t, U=_fold_scale(self.B[m][k], scale, self.dtype).clone(),
+                                V=self.A[m][k].to(self.dtype, copy=True).T, alpha=self._at(self.alphas, m, k),
+                                scale=scale))
         return replace(self.template, modules={m.name: m for m in mods}, source=self.sources[k])
 
 
@@ -107,6 +149,8 @@ class _Plan:
     finite_dtype: torch.dtype  # every tensor's dtype: the data bytes are all floats of it
     A: tuple[tuple[int, int, torch.dtype, tuple[int, ...]], ...]  # per module: data byte range, dtype, (r, in)
     B: tuple[tuple[int, int, torch.dtype, tuple[int, ...]], ...]  # per module: data byte range, dtype, (out, r)
+    # per module: its alpha scalar's data byte range and dtype, or None (alpha and scale are then the template's)
+    alpha: tuple[tuple[int, int, torch.dtype] | None, ...]
     template: LoRA
     dtype: torch.dtype
 
@@ -272,8 +316,9 @@ class StackedReader:
         return self._plans[key]
 
     def _make_plan(self, key) -> _Plan | None:
-        """The plan of a tensor table, from the scan's shapes-only read of it (the pairing and, for files without
-        ``alpha`` tensors, alpha and scale are the header's), or None when files of it are read one by one."""
+        """The plan of a tensor table, from the scan's shapes-only read of it (the pairing; for modules without an
+        ``alpha`` tensor, alpha and scale are the header's; an ``alpha`` tensor's bytes are read per file), or None
+        when files of it are read one by one."""
         if key[0] == "raw" or key not in self._canon:
             return None
         data_len = key[0]
@@ -283,10 +328,10 @@ class StackedReader:
         if lora.format not in ("diffusers", "kohya") or len(dtypes) != 1 or len(keys) != len(lora):
             return None
         (finite_dtype,) = dtypes
-        if finite_dtype not in _EXPONENT or any(alpha is not None for _, _, alpha in keys):
+        if finite_dtype not in _EXPONENT:
             return None
-        A, B, template = [], [], []
-        for m, (ka, kb, _) in zip(lora, keys):
+        A, B, alpha, template = [], [], [], []
+        for m, (ka, kb, kalpha) in zip(lora, keys):
             (da, sa, (a0, a1)), (db, sb, (b0, b1)) = entries[ka], entries[kb]
             r, o, i_ = m.rank, m.out_features, m.in_features
             if len(sa) < 2 or sa[0] != r or int(np.prod(sa[1:])) != i_ or len(sb) < 2 or tuple(sb[:2]) != (o, r) \
@@ -294,9 +339,16 @@ class StackedReader:
                 return None  # not the shapes the reader paired (cannot happen for an unchanged file): no plan
             A.append((a0, a1, _DTYPES[da], (r, i_)))
             B.append((b0, b1, _DTYPES[db], (o, r)))
+            if kalpha is None:
+                alpha.append(None)
+            else:
+                dt, shape, (c0, c1) = entries[kalpha]
+                if int(np.prod(shape)) != 1:
+                    return None  # not a scalar: the per-file reader names the key
+                alpha.append((c0, c1, _DTYPES[dt]))
             template.append(replace(m, U=torch.empty(o, r, device="meta"), V=torch.empty(i_, r, device="meta")))
         tmpl = replace(lora, modules={t.name: t for t in template}, metadata={}, source=None)
-        return _Plan(data_len, finite_dtype, tuple(A), tuple(B), tmpl, self.dtype or (
+        return _Plan(data_len, finite_dtype, tuple(A), tuple(B), tuple(alpha), tmpl, self.dtype or (
             torch.float64 if finite_dtype == torch.float64 else torch.float32))
 
     def _flush(self, rows, plan: _Plan | None, buf) -> Iterator[tuple[int, object]]:
@@ -320,4 +372,22 @@ class StackedReader:
         K = len(sources)
         A = [t[:, a0:a1].view(dt).reshape(K, *shape) for a0, a1, dt, shape in plan.A]
         B = [t[:, b0:b1].view(dt).reshape(K, *shape) for b0, b1, dt, shape in plan.B]
-        return StackedLoRAs(plan.template, A, B, plan.dtype, sources, plan.template.format)
+        alphas, scales = [], []
+        for m, got in zip(plan.template, plan.alpha):
+            if got is None:  # the header's (alpha = r, or diffusers' adapter metadata)
+                alphas.append(m.alpha)
+                scales.append(m.scale)
+                continue
+            # as `Pair.set` and the formats' ``scale_of``: alpha = float(value) (exact), scale = alpha / r in float64
+            c0, c1, dt = got
+            a = t[:, c0:c1].view(dt).reshape(K).double()
+            s = a / m.rank
+            bits = a.view(torch.int64)
+            if bool((bits == bits[0]).all()):  # the K files agree (bit for bit: -0.0 is not 0.0): one Python float,
+                # the per-file route's own numbers
+                alphas.append(float(a[0]))
+                scales.append(float(a[0]) / m.rank)
+            else:
+                alphas.append(a)
+                scales.append(s)
+        return StackedLoRAs(plan.template, A, B, plan.dtype, sources, plan.template.format, alphas, scales)
