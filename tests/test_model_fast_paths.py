@@ -301,4 +301,15 @@ def test_inference_weight_layouts_follow_every_weight_update(kind):
     phis[0] = torch.nn.Parameter(torch.randn(phis[0].shape, generator=g))   # a new tensor object
     fast, plain = both()
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    m.double()                             # the same parameter objects, their data swapped for float64 copies
+    x = x.to(dtype=torch.float64)
+    fast, plain = both()
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():
+        phis[0].data.mul_(3)               # through .data: not tracked (autograd does not see it either) ...
+    from lol.models.base import clear_derived
+    clear_derived(m)                       # ... until the cache is dropped
+    fast, plain = both()
+    torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-10)
 

@@ -23,7 +23,7 @@ from ..errors import SpecMismatchError
 from ..lora import ModuleSpec
 from ..symmetry import NOTHING
 
-__all__ = ["LoLModel", "FeaturizedModel", "MLPTrunk", "Standardize", "iter_chunks", "derived"]
+__all__ = ["LoLModel", "FeaturizedModel", "MLPTrunk", "Standardize", "iter_chunks", "derived", "clear_derived"]
 
 
 class MLPTrunk(nn.Sequential):
@@ -151,18 +151,26 @@ class LoLModel(nn.Module):
 def derived(owner: nn.Module, name: str, sources, make):
     """``make()``, a tensor (or list of tensors) computed from ``sources`` (e.g. a weight in the memory layout a
     kernel reads fastest), cached on ``owner`` until a source changes: another tensor object (the cache holds the
-    sources, so none is freed and its memory reused while cached), or the same one updated in place (its version
-    counter: every in-place update, an optimizer step and ``load_state_dict`` included). Inference only: the cached
-    value carries no gradient."""
+    sources, so none is freed and its memory reused while cached), other storage, dtype or device (``.double()``,
+    ``.to(...)`` and ``.data = …`` swap a parameter's data in place of the same object), or an in-place update (its
+    version counter: an optimizer step, ``load_state_dict``, any in-place op on the parameter). Not seen: in-place
+    changes made through ``.data`` (autograd does not track them either; `clear_derived` drops the cache).
+    Inference only: the cached value carries no gradient."""
     sources = list(sources)
-    versions = [t._version for t in sources]
+    key = [(t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources]
     cache = owner.__dict__.setdefault("_derived", {})
     hit = cache.get(name)
     if (hit is None or len(hit[0]) != len(sources) or any(a is not b for a, b in zip(hit[0], sources))
-            or hit[1] != versions):
+            or hit[1] != key):
         with torch.no_grad():
-            hit = cache[name] = (sources, versions, make())
+            hit = cache[name] = (sources, key, make())
     return hit[2]
+
+
+def clear_derived(model: nn.Module) -> None:
+    """Drop every `derived` cache of ``model`` and its submodules."""
+    for m in model.modules():
+        m.__dict__.pop("_derived", None)
 
 
 def iter_chunks(batch: LoRABatch, size: int) -> Iterator[LoRABatch]:
