@@ -77,6 +77,30 @@ def test_same_input_gives_byte_identical_collection_and_fingerprint(tmp_path):
     a.verify()
 
 
+def test_verify_detects_a_changed_factor_byte_with_either_recorded_hash(tmp_path):
+    """A collection records a BLAKE3 hash of its factors file; one written before BLAKE3 (the version-1 fixture)
+    holds SHA-256. `verify` checks whichever is recorded, and one changed byte fails it, naming the file and hash."""
+    import shutil
+
+    from lol.errors import CollectionError
+
+    spec, loras = _loras()
+    c = write_collection(tmp_path / "c", loras, _table(6), labels=LABELS)
+    field, digest = c.factors_hash
+    assert field == "factors_blake3" and "factors_sha256" not in c.meta and len(digest) == 64
+    old = tmp_path / "v1"
+    shutil.copytree(FIXTURE_V1, old)
+    assert open_collection(old).factors_hash[0] == "factors_sha256"
+    for folder, name in ((tmp_path / "c", "BLAKE3"), (old, "SHA-256")):
+        open_collection(folder).verify()
+        f = folder / "factors.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0x01                                   # inside the last factor tensor
+        f.write_bytes(bytes(data))
+        with pytest.raises(CollectionError, match=f"factors.safetensors: contents changed .*{name} mismatch"):
+            open_collection(folder).verify()
+
+
 def test_factors_file_is_standard_safetensors(tmp_path):
     from safetensors.torch import load_file
 

@@ -75,7 +75,7 @@ def test_write_releasing_pages_gives_the_same_file(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "_RELEASE_BYTES", 4096)
     b = write_collection(tmp_path / "b", loras, table)
     assert (tmp_path / "a" / C.FACTORS_NAME).read_bytes() == (tmp_path / "b" / C.FACTORS_NAME).read_bytes()
-    assert a.meta["factors_sha256"] == b.meta["factors_sha256"]
+    assert a.factors_hash == b.factors_hash
     b.verify()
 
 
