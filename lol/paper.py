@@ -28,7 +28,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["PAPER", "PAPER_FIGURE4", "PAPER_MODELS", "DEFAULT_TASKS", "mse_norm_rows", "paper_comparison",
+__all__ = ["PAPER", "PAPER_FIGURE4", "PAPER_MODELS", "PAPER_SIZES", "DEFAULT_TASKS", "mse_norm_rows", "paper_comparison",
+           "explain_gaps", "read_paper_comparison",
            "write_paper_comparison"]
 
 # the paper's model families → our model kinds
@@ -196,6 +197,84 @@ def paper_comparison(runs: pd.DataFrame, predictions: pd.DataFrame | None = None
             row["note"] = f"no validation {metric}: best not chosen"
         out.append(row)
     return pd.DataFrame(out)
+
+
+# LoRAs in the paper's collections, by our collection that stands for each (issue 12)
+PAPER_SIZES = {"faces": 3900, "fashion": 2046, "lm": 2000}
+CURVE_METRIC = {"regression": "r2", "binary": "auc", "category": "balanced_accuracy"}  # a learning curve's metric
+
+
+def _short_of_paper(r) -> bool:
+    """Whether our best of GL-net and the best other model falls short of the paper's best in this row's metric."""
+    ours = [v for v in (r["ours_glnet"], r["ours_best_other"]) if pd.notna(v)]
+    paper = [v for v in (r["paper_glnet"], r["paper_best_other"]) if pd.notna(v)]
+    if not ours or not paper:
+        return False
+    return max(ours) < max(paper) if r["better"] == "higher" else min(ours) > min(paper)
+
+
+def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping] | None = None,
+                 curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
+    paper, from measurements only:
+
+    * ``ceilings`` (`lol.reliability.task_ceilings`: ``{(collection, task): {"r", "n", ...}}``): for a regression
+      task, the ceiling the label's own noise puts on R² (the test–retest correlation r);
+    * ``curves`` (`lol.experiments.learning_curve`'s tidy rows, ``results/learning_curves_runs.csv``): for the task,
+      the curve of the model best at 100 % of the training groups, in the curve's metric (mean over labels and
+      seeds), from 50 % to 100 %, and whether it still rises by more than its seeds' std at 100 %;
+    * ``sizes`` (LoRAs in each of our collections): against the paper's (`PAPER_SIZES`).
+
+    Rows that are not short of the paper, or with nothing measured, keep ``why`` as it was."""
+    out = table.copy()
+    out["why"] = out["why"].fillna("").astype(str) if "why" in out else ""
+    rel = {f"{c}/{t}": (float(v["r"]), int(v["n"])) for (c, t), v in (ceilings or {}).items()
+           if math.isfinite(float(v["r"]))}
+    curve = {}
+    if curves is not None and len(curves):
+        c = curves[curves.metric == curves.label_kind.map(CURVE_METRIC)]
+        lvl = c.groupby(["collection", "task", "metric", "model", "fraction", "seed"])["value"].mean().reset_index()
+        summ = lvl.groupby(["collection", "task", "metric", "model", "fraction"])["value"].agg(["mean", "std"])
+        for (coll, task, metric), g in summ.groupby(level=[0, 1, 2]):
+            g = g.droplevel([0, 1, 2])
+            top = g.xs(g.index.get_level_values("fraction").max(), level="fraction")["mean"].idxmax()
+            m = g.loc[top]
+            if 0.5 in m.index and 1.0 in m.index:
+                a, b, sd = float(m.loc[0.5, "mean"]), float(m.loc[1.0, "mean"]), float(m.loc[1.0, "std"])
+                sd = sd if math.isfinite(sd) else 0.0
+                trend = "still rising" if b - a > sd else "a rise within the seeds' spread" if b > a else "flat"
+                curve[f"{coll}/{task}"] = (f"learning curve ({top}, {metric}) {a:.3f} → {b:.3f} from 50 % to 100 % of "
+                                           f"the training groups (seeds' std {sd:.3f}): {trend}")
+    for i, r in out.iterrows():
+        if not r["ours"] or not _short_of_paper(r):
+            continue
+        coll = r["ours"].split("/")[0]
+        parts = []
+        if r["metric"] in ("r2", "kendall", "mse_norm") and r["ours"] in rel:
+            v, n = rel[r["ours"]]
+            what = f"label reliability (test–retest r, {n} LoRAs) {v:.3f}"
+            parts.append(f"{what}: not the limit" if v >= 0.99 else f"{what} caps R²")
+        if r["ours"] in curve:
+            parts.append(curve[r["ours"]])
+        if sizes and coll in sizes and coll in PAPER_SIZES:
+            parts.append(f"{sizes[coll]:,} LoRAs vs the paper's {PAPER_SIZES[coll]:,}")
+        if parts:
+            out.at[i, "why"] = "; ".join(parts)
+    return out
+
+
+_TEXT_COLUMNS = ("paper_ref", "paper_task", "ours", "metric", "better", "paper_best_other_model",
+                 "ours_best_other_model", "ours_best_model", "note", "why")
+
+
+def read_paper_comparison(path: str | Path) -> pd.DataFrame:
+    """A table written by `write_paper_comparison` (its ``.csv``), read back as `paper_comparison` made it: empty
+    text cells as "" (not NaN)."""
+    t = pd.read_csv(path)
+    for c in _TEXT_COLUMNS:
+        if c in t:
+            t[c] = t[c].fillna("").astype(str)
+    return t
 
 
 def write_paper_comparison(table: pd.DataFrame, out_dir: str | Path, name: str = "paper_comparison",
