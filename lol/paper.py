@@ -237,9 +237,12 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         summ = lvl.groupby(["collection", "task", "metric", "model", "fraction"])["value"].agg(["mean", "std"])
         for (coll, task, metric), g in summ.groupby(level=[0, 1, 2]):
             g = g.droplevel([0, 1, 2])
-            top = g.xs(g.index.get_level_values("fraction").max(), level="fraction")["mean"].idxmax()
+            full = g.xs(g.index.get_level_values("fraction").max(), level="fraction")["mean"].dropna()
+            if full.empty:           # the metric is undefined on this test split (e.g. one class only): no curve
+                continue
+            top = full.idxmax()
             m = g.loc[top]
-            if 0.5 in m.index and 1.0 in m.index:
+            if 0.5 in m.index and 1.0 in m.index and math.isfinite(m.loc[0.5, "mean"]):
                 a, b, sd = float(m.loc[0.5, "mean"]), float(m.loc[1.0, "mean"]), float(m.loc[1.0, "std"])
                 sd = sd if math.isfinite(sd) else 0.0
                 trend = "still rising" if b - a > sd else "a rise within the seeds' spread" if b > a else "flat"

@@ -145,7 +145,9 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
         + _curve_rows("faces", "clip_score", "regression", "r2", "dense", {0.5: [.50, .50], 1.0: [.70, .70]})
         + _curve_rows("faces", "clip_score", "regression", "kendall", "glnet", {0.5: [.1, .1], 1.0: [.9, .9]})
         + _curve_rows("fashion", "n_classes", "category", "balanced_accuracy", "svals",
-                      {0.5: [.60, .70], 1.0: [.62, .72]}))
+                      {0.5: [.60, .70], 1.0: [.62, .72]})
+        # a metric undefined on a test split (one class only): NaN everywhere, no curve, no error
+        + _curve_rows("faces", "attributes", "binary", "auc", "dense", {0.5: [math.nan], 1.0: [math.nan]}))
     ceilings = {("faces", "clip_score"): {"r": 0.9, "n": 50}}
     out = P.explain_gaps(t, ceilings, curves, {"faces": 640, "fashion": 420}).set_index(["paper_task", "metric"])
     why = out.loc[("CelebA-LoRA CLIP score", "r2")].why             # ours .81 < the paper's .884
@@ -155,6 +157,8 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     size = out.loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")].why   # .70 < .731
     assert "(svals, balanced_accuracy) 0.650 → 0.670" in size and "within the seeds' spread" in size
     assert "caps" not in size and "420 LoRAs vs the paper's 2,046" in size
+    attrs = out.loc[("CelebA-LoRA 5 attributes: mean per-label accuracy", "accuracy")].why    # .90 < .913
+    assert attrs == "640 LoRAs vs the paper's 3,900"
     assert out.loc[("CelebA-LoRA CLIP score", "mse_norm")].why == why   # .25 vs the paper's .111 (lower is better)
     assert out.loc[("Qwen2-ARC-LoRA: ARC-C test accuracy", "r2")].why == ""             # no runs: nothing to explain
     past = t.copy()                                                                      # ours past the paper: none
