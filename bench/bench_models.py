@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -119,20 +118,10 @@ def glnet_loop_forward(model, batch):
     return model.head(y)
 
 
-def _peak_rss() -> int:
-    """This process's peak resident memory in bytes: ``VmHWM`` of its own address space on Linux (``ru_maxrss`` would
-    also count the parent's peak before the fork: it survives exec), else ``ru_maxrss``."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def child(args) -> dict:
     import torch
+
+    from bench.bench_scale import _peak_mb
     from lol.models import build_model
     device = torch.device(args.device)
     spec = _spec(args.spec)
@@ -168,7 +157,8 @@ def child(args) -> dict:
             fwd(x)
             _sync(device)
             times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
+    # CPU: the child's own VmHWM (ru_maxrss would also count the parent's peak before the fork: it survives exec)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_mb() * 2**20
     params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     best = min(times)
     out = {"kind": args.kind, "threads": torch.get_num_threads(), "batch": n, "loras_per_s": n / best,

@@ -369,22 +369,29 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
         else:
             t_view[row, :, :r].copy_(src)  # converts: one rounding to the storage dtype
 
+    def check_ranks(j: int, mods, ranks: list[int]) -> None:
+        """LoRA #j's ranks agree with the given ones (if any) and none exceeds its module's rmax."""
+        if known_np is not None:
+            known_j = known_np[j].tolist()
+            if ranks != known_j:
+                ell = next(e for e, (a, b) in enumerate(zip(ranks, known_j)) if a != b)
+                raise CollectionError(f"LoRA #{j} module {mods[ell].name!r} has rank {ranks[ell]} but the "
+                                      f"given ranks say {known_j[ell]}")
+        over = [e for e, r in enumerate(ranks) if r > rmax[e]]
+        if over:
+            raise CollectionError(f"LoRA #{j} module {mods[over[0]].name!r} has rank {ranks[over[0]]} > rmax "
+                                  f"{rmax[over[0]]}")
+
     def put_stack(j: int, st, order: list[int], views: dict) -> None:
         """A `StackedLoRAs` of K LoRAs (one plan: the same ranks) into rows j..j+K-1: one operation per module."""
         K, tm = len(st), list(st.template)
         mods = [tm[o] for o in order]
         ranks_s = [m.rank for m in mods]
+        first_bad = 0   # the K LoRAs share their ranks: the first whose given ranks differ (else any) is checked
         if known_np is not None:
             bad = np.nonzero((known_np[j:j + K] != np.asarray(ranks_s)).any(axis=1))[0]
-            if len(bad):
-                jj = j + int(bad[0])
-                ell = next(e for e, (a, b) in enumerate(zip(ranks_s, known_np[jj].tolist())) if a != b)
-                raise CollectionError(f"LoRA #{jj} module {mods[ell].name!r} has rank {ranks_s[ell]} but the given "
-                                      f"ranks say {int(known_np[jj, ell])}")
-        over = [e for e, r in enumerate(ranks_s) if r > rmax[e]]
-        if over:
-            raise CollectionError(f"LoRA #{j} module {mods[over[0]].name!r} has rank {ranks_s[over[0]]} > rmax "
-                                  f"{rmax[over[0]]}")
+            first_bad = int(bad[0]) if len(bad) else 0
+        check_ranks(j + first_bad, mods, ranks_s)
         for ell, o in enumerate(order):
             r = ranks_s[ell]
             (_, u_t), (_, v_t) = dest_of[ell][None if layout == "padded" else r]
@@ -414,16 +421,7 @@ def _write_into(tmp: Path, loras, table, n, labels, tasks, base_model, dtype, st
             if j >= n:
                 raise CollectionError(f"more LoRAs than table rows ({n})")
             ranks_j = [m.rank for m in mods]
-            if known_np is not None:
-                known_j = known_np[j].tolist()
-                if ranks_j != known_j:
-                    ell = next(e for e, (a, b) in enumerate(zip(ranks_j, known_j)) if a != b)
-                    raise CollectionError(f"LoRA #{j} module {mods[ell].name!r} has rank {ranks_j[ell]} but the "
-                                          f"given ranks say {known_j[ell]}")
-            over = [e for e, r in enumerate(ranks_j) if r > rmax[e]]
-            if over:
-                raise CollectionError(f"LoRA #{j} module {mods[over[0]].name!r} has rank {ranks_j[over[0]]} > rmax "
-                                      f"{rmax[over[0]]}")
+            check_ranks(j, mods, ranks_j)
             rows_j = rows_np[j].tolist() if rows_np is not None else [j] * L
             for ell, m in enumerate(mods):
                 r, row = ranks_j[ell], rows_j[ell]

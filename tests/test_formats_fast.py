@@ -23,6 +23,20 @@ def _bits(values, dtype):
     return torch.tensor(values, dtype=dtype).view(torch.uint8).numpy().tobytes()
 
 
+def _read_all(reader, files) -> dict:
+    """``{file index: ("stacked" | "alone", LoRA or the error read alone)}`` over one `StackedReader.read` pass."""
+    from lol.formats.stacked import StackedLoRAs
+
+    seen = {}
+    for j, item in reader.read(files):
+        if isinstance(item, StackedLoRAs):
+            for k in range(len(item)):
+                seen[j + k] = ("stacked", item.lora(k))
+        else:
+            seen[j] = ("alone", item)
+    return seen
+
+
 @pytest.mark.parametrize("dtype,int_dtype", [(torch.float16, torch.int16), (torch.bfloat16, torch.int16)])
 def test_exponent_test_is_exact_on_every_16_bit_pattern(dtype, int_dtype):
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(int_dtype).view(dtype)
@@ -234,7 +248,7 @@ def test_stacked_reader_reads_stacks_and_sends_odd_files_the_per_file_way(tmp_pa
     """Files of one layout come as stacks; a NaN file, a file rewritten since the scan and a file of another layout
     come alone, as `read_lora` gives them (the NaN one as its error, naming the key); conv modules stack too."""
     from lol.formats import stacked
-    from lol.formats.stacked import StackedLoRAs, StackedReader
+    from lol.formats.stacked import StackedReader
 
     monkeypatch.setattr(stacked, "CHUNK_FILES", 3)
     files = [save_diffusers(_conv_lora(i), tmp_path / f"f_{i}.safetensors", dtype=torch.float16) for i in range(9)]
@@ -248,13 +262,7 @@ def test_stacked_reader_reads_stacks_and_sends_odd_files_the_per_file_way(tmp_pa
         reader.header(p)
     save_diffusers(_conv_lora(30), files[2], dtype=torch.float16)  # rewritten after the scan: same layout, new bytes
     save_diffusers(_conv_lora(31, rank=5), files[7], dtype=torch.float16)  # rewritten: another layout
-    seen = {}
-    for j, item in reader.read(files):
-        if isinstance(item, StackedLoRAs):
-            for k in range(len(item)):
-                seen[j + k] = ("stacked", item.lora(k))
-        else:
-            seen[j] = ("alone", item)
+    seen = _read_all(reader, files)
     assert sorted(seen) == list(range(9))
     kinds = [seen[j][0] for j in range(9)]
     assert kinds[2] == kinds[6] == kinds[7] == "alone"
@@ -391,7 +399,7 @@ def test_stacked_kohya_loras_and_bad_alpha_files(tmp_path, monkeypatch):
     """Each LoRA of a kohya stack is `read_lora`'s (alpha, scale, U, V); a file whose alpha is NaN comes alone, with
     the per-file error naming the key; a file whose alpha is no scalar has no plan and gets the per-file error."""
     from lol.formats import stacked
-    from lol.formats.stacked import StackedLoRAs, StackedReader
+    from lol.formats.stacked import StackedReader
 
     monkeypatch.setattr(stacked, "CHUNK_FILES", 4)
     files = [_kohya_alpha_file(tmp_path / f"k_{i}.safetensors", i, torch.float16) for i in range(7)]
@@ -403,13 +411,7 @@ def test_stacked_kohya_loras_and_bad_alpha_files(tmp_path, monkeypatch):
     reader = StackedReader(torch.float16)
     for p in files:
         reader.header(p)
-    seen = {}
-    for j, item in reader.read(files):
-        if isinstance(item, StackedLoRAs):
-            for k in range(len(item)):
-                seen[j + k] = ("stacked", item.lora(k))
-        else:
-            seen[j] = ("alone", item)
+    seen = _read_all(reader, files)
     assert [seen[j][0] for j in range(7)] == ["stacked", "alone", "stacked", "stacked", "stacked", "alone", "stacked"]
     for j, what in ((1, f"{key}': alpha must be a scalar, got shape (2,)"), (5, "attn1_to_q.alpha': alpha is nan")):
         with pytest.raises(LoRAFormatError) as e:
