@@ -40,8 +40,8 @@ O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — multiplies each module's fact
 operand of a batched GEMM ((r, n) @ (n, h) per LoRA), by a contiguous copy of its weights, writing straight into the
 module's slot (for training, one batched matmul per group of equal-dimension modules); it reads every factor once
 (Σ(n+m)·r·4 bytes per LoRA, 1.6 MB on SD-1.x q/v at rank 4), so on a CPU memory bandwidth bounds it as much as the
-FLOP do (``python -m bench models`` states both ceilings); hidden layers are one (L, B·r, h) @ (L, h, h) product; the gate is r multiply-add passes. The flat head
-never materializes the (B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear module by module
+FLOP do (``python -m bench models`` states both ceilings); hidden layers are one (L, B·r, h) @ (L, h, h) product;
+the gate is r multiply-add passes. The flat head never materializes the (B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear module by module
 (2·L·h²·width FLOP per LoRA, 34 M at h = width = 64). `GLNet.flops_per_lora` counts the whole pass (~91 MFLOP per
 LoRA on SD-1.x q/v at h = width = 64, rank 4); without autograd on a CPU with several threads each thread runs a
 slice of the batch (`lol.models.parallel`). ``python -m bench models`` states the throughput against that count.
