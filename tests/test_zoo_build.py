@@ -70,9 +70,16 @@ def test_resume_after_lost_group_and_given_lm_base(lm_build, tmp_path):
     a = open_collection(out / "collections" / "lm")
     ref = open_collection(lm_build / "collections" / "lm")
     assert a.table.equals(ref.table)                                           # same base, same jobs: same labels
-    # simulate a crash that lost the group: the re-run redoes exactly it and packs the same collection
+    # a group lost from the build folder is taken back from the packed collection that holds it: nothing re-runs
     import shutil
     shutil.rmtree(out / "_build" / "lm" / "groups" / "g00000")
+    build("ci", out, only="lm", base_paths={"lm": lm_build / "base" / "lm"}, progress=False, log=lambda *a: None)
+    assert json.loads((out / "build.json").read_text())["collections"]["lm"]["groups_run_now"] == 0
+    assert open_collection(out / "collections" / "lm").table.equals(a.table)
+    # simulate a crash that lost the group before anything was packed: the re-run redoes exactly it and packs the
+    # same collection
+    shutil.rmtree(out / "_build" / "lm" / "groups" / "g00000")
+    shutil.rmtree(out / "collections" / "lm")
     # an interrupted build can ship what it has: --pack-partial packs the finished groups only, and says so
     build("ci", out, only="lm", base_paths={"lm": lm_build / "base" / "lm"}, progress=False, log=lambda *a: None,
           pack_partial=True)
@@ -161,3 +168,71 @@ def test_given_base_never_replaces_a_trained_one_nor_mixes_groups(lm_build, tmp_
     (out / "base" / "lm" / "record.json").write_text(json.dumps(rec))
     with pytest.raises(ZooError, match="other inputs"):
         build("ci", out, only="lm", progress=False, log=lambda *a: None)
+
+
+def _toy_ids(out):
+    return list(open_collection(out / "collections" / "toy").table["id"])
+
+
+def test_grown_collection_adopts_what_was_packed(tmp_path, monkeypatch):
+    """A collection grown by a stage (as lm grew from 400 to 2,000 LoRAs) keeps the first stage's groups; a fresh
+    checkout (no build folder, only the packed collection) trains only the new stage's jobs, and the packed LoRAs come
+    back bit for bit."""
+    import shutil
+
+    from lol.zoo import toy
+    from lol.zoo.jobs import make_manifest
+
+    out = tmp_path / "z"
+    kw = dict(only="toy", base_recipes=TOY_BASES, collection_recipes=TOY_COLS, progress=False, log=lambda *a: None)
+    monkeypatch.setitem(toy.PRESETS, "ci", dict(n=10, steps=(5, 10)))
+    build("ci", out, **kw)
+    first = open_collection(out / "collections" / "toy")
+    first_U = [first.lora(i) for i in range(len(first))]
+    first_table = first.table.copy()
+    small = make_manifest(toy.ToyRecipe(), "ci", 0, 4)["groups"]
+    shutil.rmtree(out / "_build")                                  # a fresh checkout: the build folder is not committed
+
+    monkeypatch.setitem(toy.PRESETS, "ci", dict(n=18, steps=(5, 10), stages=(10,)))
+    grown = make_manifest(toy.ToyRecipe(), "ci", 0, 4)["groups"]
+    assert {g: grown[g] for g in small} == small                  # the first stage's groups stay as they were
+    monkeypatch.setitem(toy.PRESETS, "ci", dict(n=18, steps=(5, 10)))
+    assert make_manifest(toy.ToyRecipe(), "ci", 0, 4)["groups"]["g00002"] != small["g00002"]  # without stages: mixed
+
+    monkeypatch.setitem(toy.PRESETS, "ci", dict(n=18, steps=(5, 10), stages=(10,)))
+    trained = []
+    run_group = toy.ToyRecipe.run_group
+    monkeypatch.setattr(toy.ToyRecipe, "run_group",
+                        lambda self, jobs, *a: trained.extend(j.id for j in jobs) or run_group(self, jobs, *a))
+    rec = build("ci", out, **kw)
+    assert trained == [f"toy-{i:04d}" for i in range(10, 18)]     # only the new stage trains
+    assert rec["collections"]["toy"]["n_loras"] == 18 and rec["collections"]["toy"]["complete"]
+    big = open_collection(out / "collections" / "toy")
+    assert _toy_ids(out) == [f"toy-{i:04d}" for i in range(18)]
+    assert big.table.iloc[:10].equals(first_table)
+    for i, lora in enumerate(first_U):
+        for m, n in zip(lora, big.lora(i)):
+            assert torch.equal(m.U, n.U) and torch.equal(m.V, n.V) and (m.alpha, m.scale) == (n.alpha, n.scale)
+
+
+def test_adoption_refuses_a_collection_of_other_jobs(tmp_path, monkeypatch):
+    """If the recipe changed since the collection was packed (here job 3's learning rate), its LoRAs are not the
+    manifest's jobs: the build says which LoRA and setting differ instead of shipping them under the new settings."""
+    import shutil
+
+    from lol.zoo import toy
+
+    out = tmp_path / "z"
+    kw = dict(only="toy", base_recipes=TOY_BASES, collection_recipes=TOY_COLS, progress=False, log=lambda *a: None)
+    build("ci", out, **kw)
+    shutil.rmtree(out / "_build")
+    jobs = toy.ToyRecipe.jobs
+
+    def changed(self, preset, seed):
+        js = jobs(self, preset, seed)
+        js[3].params["lr"] *= 2
+        return js
+
+    monkeypatch.setattr(toy.ToyRecipe, "jobs", changed)
+    with pytest.raises(ZooError, match=r"toy-0003.*'lr'"):
+        build("ci", out, **kw)

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .jobs import (ZooError, collect_results, compute_seconds, load_object, load_or_create_manifest, make_executor,
-                   pending_groups)
+from .jobs import (ZooError, adopt_packed, collect_results, compute_seconds, load_object, load_or_create_manifest,
+                   make_executor, pending_groups)
 
 __all__ = ["PRESETS", "BASE_RECIPES", "COLLECTION_RECIPES", "build", "plan", "status", "folder_size"]
 
@@ -180,7 +180,8 @@ def _pack(name: str, recipe, results, out: Path, bases: dict[str, Path], manifes
                      base_model=json.dumps(base_dirs, sort_keys=True),
                      provenance={"zoo": {"collection": name, "recipe": manifest["recipe"], "preset": preset,
                                          "seed": seed, "n_jobs": manifest["n_jobs"], "n_packed": len(results),
-                                         "group_size": manifest["group_size"], "bases": base_dirs}},
+                                         "group_size": manifest["group_size"], "bases": base_dirs,
+                                         "inputs": manifest.get("inputs")}},
                      overwrite=True)
     return dest
 
@@ -265,6 +266,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
         build_dir = out / "_build" / name
         inputs = {"bases": {b: _fingerprint(bases[b] / "record.json") for b in recipe.requires}}
         manifest = load_or_create_manifest(build_dir, recipe, preset, seed, gs, inputs=inputs)
+        adopt_packed(build_dir, manifest, out / "collections" / name, log=log)
         todo = pending_groups(build_dir, manifest)
         log(f"[zoo] collection {name}: {manifest['n_jobs']} LoRAs in {len(manifest['groups'])} groups of "
             f"≤{manifest['group_size']}; {len(todo)} group(s) to run ({executor})")

@@ -31,7 +31,8 @@ from ..errors import LoLError
 from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
-__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "run_order", "compute_seconds",
+__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "adopt_packed",
+           "run_order", "compute_seconds",
            "run_group_to_disk", "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor",
            "make_executor",
            "recipe_ref", "load_object"]
@@ -81,8 +82,12 @@ class Manifest(dict):
 
 
 def make_manifest(recipe: CollectionRecipe, preset: str, seed: int, group_size: int) -> Manifest:
-    """Jobs of ``recipe`` grouped deterministically: by ``group_key`` (in order of first appearance), then in
-    consecutive chunks of at most ``group_size`` jobs in job order."""
+    """Jobs of ``recipe`` grouped deterministically: by stage and ``group_key`` (in order of first appearance), then
+    in consecutive chunks of at most ``group_size`` jobs in job order.
+
+    A collection grown in stages (a job's ``params["stage"]``, 0 when absent: e.g. 400 LoRAs shipped first, then
+    grown to 2,000) keeps every earlier stage's groups exactly as they were, so a grown build adopts the LoRAs it
+    already packed (`adopt_packed`) instead of training them again."""
     if group_size < 1:
         raise ZooError(f"group size must be at least 1, got {group_size}")
     jobs = recipe.jobs(preset, seed)
@@ -92,7 +97,8 @@ def make_manifest(recipe: CollectionRecipe, preset: str, seed: int, group_size: 
         raise ZooError(f"recipe {recipe.name}: duplicate job ids {dup}")
     by_key: dict[Any, list[str]] = {}
     for j in jobs:
-        by_key.setdefault(json.dumps(recipe.group_key(j), sort_keys=True, default=str), []).append(j.id)
+        key = [int(j.params.get("stage", 0)), recipe.group_key(j)]
+        by_key.setdefault(json.dumps(key, sort_keys=True, default=str), []).append(j.id)
     groups: dict[str, list[str]] = {}
     for members in by_key.values():
         for i in range(0, len(members), group_size):
@@ -242,6 +248,71 @@ def collect_results(build_dir: Path, manifest: Manifest, partial: bool = False) 
         for r in read_group(build_dir, gid):
             by_id[r.job_id] = r
     return [by_id[j["id"]] for j in manifest["jobs"] if j["id"] in by_id]
+
+
+def _native(v):
+    """A table cell as the plain Python value a recipe's row holds (numpy scalars → int / float / bool / str)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=print) -> list[str]:
+    """Mark as finished every pending group whose LoRAs the packed collection ``collection_dir`` already holds.
+
+    The packed collection is the build's checkpoint that outlives its build folder (``data/_build`` is never
+    committed; ``data/collections/<name>`` is): a build grown by a later stage (`make_manifest`), or resumed on
+    another machine, takes the LoRAs it already shipped from there instead of training them again. A group is
+    adopted only whole, and only from a collection packed by the same collection, preset, seed and recipe (and base
+    fingerprints, where the collection records them); every adopted job is checked against the collection's row: its
+    seed and every hyperparameter the row records must be the job's, else `ZooError` (the recipe changed since
+    then: rebuild). Factors come back bit for bit (the collection's float16 in float32), so packing the adopted groups
+    again gives the same bytes. Returns the adopted group ids."""
+    from ..collection import open_collection
+
+    collection_dir = Path(collection_dir)
+    if not (collection_dir / "collection.json").is_file():
+        return []
+    todo = pending_groups(build_dir, manifest)
+    if not todo:
+        return []
+    coll = open_collection(collection_dir)
+    prov = (coll.meta.get("provenance") or {}).get("zoo") or {}
+    mine = {"collection": manifest["collection"], "recipe": manifest["recipe"], "preset": manifest["preset"],
+            "seed": manifest["seed"]}
+    theirs = {k: prov.get(k) for k in mine}
+    if theirs != mine:
+        log(f"[zoo] {collection_dir} was packed by {theirs}, not {mine}: nothing adopted from it")
+        return []
+    if "inputs" in prov and manifest.get("inputs") is not None and prov["inputs"] != manifest["inputs"]:
+        log(f"[zoo] {collection_dir} was packed from other inputs ({prov['inputs']}) than this build's "
+            f"({manifest['inputs']}): nothing adopted from it")
+        return []
+    index = {str(i): k for k, i in enumerate(coll.table["id"])}
+    jobs = manifest.jobs
+    adopted = []
+    for gid in todo:
+        members = manifest["groups"][gid]
+        if not all(j in index for j in members):
+            continue
+        results = []
+        for jid in members:
+            job, k = jobs[jid], index[jid]
+            row = {c: _native(v) for c, v in coll.table.iloc[k].items() if c not in ("source", "format")}
+            wrong = {p: (row[p], v) for p, v in [("seed", job.seed), *job.params.items()]
+                     if p in row and isinstance(v, (int, float, str, bool)) and row[p] != v}
+            if wrong:
+                raise ZooError(f"{collection_dir}: LoRA {jid} was trained with other settings than this build's job "
+                               f"(collection, job: {wrong}); the recipe changed since it was packed: move the "
+                               f"collection away to rebuild it")
+            lora = coll.lora(k)
+            lora = LoRA.from_modules(list(lora), format=str(coll.table.iloc[k].get("format", "zoo")))
+            results.append(JobResult(jid, lora, row))
+        write_group(build_dir, gid, manifest.group_jobs(gid), results,
+                    info={"adopted_from": collection_dir.name, "seconds": 0.0})
+        adopted.append(gid)
+    if adopted:
+        log(f"[zoo] adopted {len(adopted)} finished group(s) ({sum(len(manifest['groups'][g]) for g in adopted)} "
+            f"LoRAs) from {collection_dir}")
+    return adopted
 
 
 def compute_seconds(build_dir: Path, manifest: Manifest) -> float:

@@ -43,6 +43,10 @@ TARGETS = ("q_proj", "v_proj")
 #            0.25): LoRAs hardly moved it; 216 challenge questions gave a label noise (0.031) as large as its spread.
 #   default (v2): the base also pretrains on challenge-level items (it must be clearly above chance with headroom),
 #            1,170 challenge questions (as ARC-C's 1,172) + 1,170 retest questions; lr log-uniform over 2.5 decades.
+#            Grown in stages (``stages``: the first 400 LoRAs were shipped first, then the collection grew to the
+#            paper's 2,000, as Qwen2-ARC-LoRA): a stage trains in its own groups, so the grown build adopts the LoRAs
+#            already packed (`lol.zoo.jobs.adopt_packed`). Only the first stage's every ``retest_every``-th LoRA is
+#            measured a second time (``retest_until``): 100 retests give the labels' reliability.
 LM_PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(
         model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -57,7 +61,7 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
                    num_key_value_heads=2),
         pretrain=dict(steps=2000, batch_size=48, lr=2e-3, warmup=100, challenge_fraction=0.35, pool=40000),
         world=dict(n_train=64, n_eval=32, n_test=16, n_challenge=65, n_retest=1), retest_every=4,
-        n_loras=400, lr=(1e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
+        n_loras=2000, stages=(400,), retest_until=400, lr=(1e-4, 3e-2), weight_decay=(1e-6, 1e-2), epochs=(2, 3, 4), batch_sizes=(8, 16, 32),
         epoch_scale=1.0, dropout=0.1, rank=4, alpha=8.0,
     ),
 }
@@ -400,8 +404,10 @@ class LMRecipe:
                 "epoch_scale": P["epoch_scale"], "rank": P["rank"], "alpha": P["alpha"],
                 "world": dict(seed=int(seed), **P["world"]),
                 "retest": bool(P["world"].get("n_retest") and P.get("retest_every", 1)
-                               and i % P.get("retest_every", 1) == 0),
+                               and i % P.get("retest_every", 1) == 0 and i < P.get("retest_until", math.inf)),
             }
+            if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)
+                params["stage"] = sum(i >= s for s in P["stages"])
             out.append(Job(id=f"{self.name}-{i:05d}", seed=int(seed) * 100003 + i, params=params))
         return out
 
@@ -517,7 +523,8 @@ class LMSiblingRecipe(LMRecipe):
     def preset(self, preset: str) -> dict[str, Any]:
         if preset not in LM_SIBLING_PRESETS:
             raise KeyError(f"unknown preset {preset!r} for the lm_v2 zoo; known: {', '.join(LM_SIBLING_PRESETS)}")
-        return {**_preset(preset), "n_loras": LM_SIBLING_PRESETS[preset]["n_loras"], "retest_every": 0}
+        P = {k: v for k, v in _preset(preset).items() if k not in ("stages", "retest_until")}
+        return {**P, "n_loras": LM_SIBLING_PRESETS[preset]["n_loras"], "retest_every": 0}
 
     def label_schema(self) -> dict[str, dict[str, Any]]:
         """The lm labels, without the retest measurements (the reliability figures are the main collection's)."""

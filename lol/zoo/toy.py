@@ -56,9 +56,10 @@ class ToyRecipe:
         out = []
         for i in range(P["n"]):
             rng = np.random.default_rng([seed, i])
-            out.append(Job(f"toy-{i:04d}", seed * 1000 + i,
-                           {"lr": float(10 ** rng.uniform(-3, -1.5)), "steps": int(rng.integers(*P["steps"])),
-                            "rank": 2}))
+            params = {"lr": float(10 ** rng.uniform(-3, -1.5)), "steps": int(rng.integers(*P["steps"])), "rank": 2}
+            if P.get("stages"):  # a collection grown in stages: jobs past each stage's size train in groups of their own
+                params["stage"] = sum(i >= s for s in P["stages"])
+            out.append(Job(f"toy-{i:04d}", seed * 1000 + i, params))
         return out
 
     def group_key(self, job: Job) -> Hashable:
