@@ -153,6 +153,35 @@ def test_cholesky_route_is_taken_on_generic_loras_and_refused_on_degenerate_ones
         assert ok[3].all() and ok[0][0] and ok[1][0] and ok[2][0]
 
 
+def test_float32_factors_take_cholesky_qr2_orthonormal_to_float32_precision():
+    """float32 factors: Gram matrices in float32, then a second pass (Cholesky QR2). The route is taken on generic
+    LoRAs and refused on the degenerate ones, and its bases are orthonormal to ~ε₃₂ and span col(ΔW) — where a single
+    Cholesky QR from the same float32 Gram matrix loses orthogonality on factors of moderate condition number."""
+    train = random_batch(8, rank=3, seed=14, dtype=torch.float32)
+    m = make("colsketch", train)
+    b = random_batch(8, rank=3, seed=19, dtype=torch.float32)
+    _, chol = m._factors(b, sketch=False)
+    assert all(bool(ok.all()) for _, ok in chol)
+    _, chol = m._factors(degenerate_batch(torch.float32), sketch=False)
+    ok = [o for _, o in chol]
+    assert not ok[0][1] and not ok[1][2] and not ok[2][3] and ok[3].all()
+    # moderately ill-conditioned U (cond ~300, inside the guard): QR2 stays orthonormal, one float32 pass does not
+    U = [u.clone() for u in b.U]
+    U[0][:, :, 2] = U[0][:, :, 0] + 3e-3 * U[0][:, :, 2]
+    b = b.with_factors(U, b.V)
+    with torch.no_grad():
+        Qts = m.bases(b)
+    eye = torch.eye(3)
+    for Qt, u, v in zip(Qts, b.U, b.V):
+        torch.testing.assert_close(Qt @ Qt.mT, eye.expand(len(b), 3, 3), atol=2e-5, rtol=0)
+        P = Qt.mT @ Qt
+        Q_ref = keep_components(column_basis(u.double(), v.double()), 3)
+        torch.testing.assert_close(P.double(), Q_ref @ Q_ref.mT, atol=1e-4, rtol=0)
+    G = (U[0].mT @ U[0]).double()
+    Q1 = U[0].double() @ torch.linalg.inv(torch.linalg.cholesky(G)).mT.float().double()
+    assert float((Q1.mT @ Q1 - eye.double()).abs().max()) > 1e-4      # the single pass is not that accurate
+
+
 def test_colsketch_training_gradients_flow_through_the_plain_path():
     b = random_batch(6, rank=3, seed=20)
     m = make("colsketch", b).train()

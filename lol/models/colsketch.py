@@ -56,7 +56,7 @@ def _gram(V: torch.Tensor, c: int = 4) -> torch.Tensor:
 
 
 def cholesky_bases(GUs: list[torch.Tensor], GVs: list[torch.Tensor], dims: list[tuple[int, int]], k: int,
-                   dtype: torch.dtype, rtol: float | None = None):
+                   dtype: torch.dtype, rtol: float | None = None, second=None):
     """Per module, ``(Linv, ok)``: Linv (B, r, r) float64 with ``Q = U Linvᵀ`` an orthonormal basis of col(ΔW)
     keeping every direction `column_basis` keeps (the same projector ``Q Qᵀ``), and ok (B,) bool where that is
     certified (elsewhere the caller uses `column_basis`; Linv is finite there but meaningless). Linv is None for a
@@ -64,7 +64,14 @@ def cholesky_bases(GUs: list[torch.Tensor], GVs: list[torch.Tensor], dims: list[
 
     GUs: UᵀU per module in float64 (B, r, r); GVs: VᵀV in the factors' dtype (only certifies, so its rounding is
     covered by the margin δ below); dims: (n, m) per module; dtype: the factors' dtype, whose ε sets
-    `column_basis`'s cut (``rtol`` = √ε by default) and the conditioning guard."""
+    `column_basis`'s cut (``rtol`` = √ε by default) and the conditioning guard.
+
+    ``second``: Cholesky QR2, for GUs computed in the factors' own (float32) precision. A callable ``(ℓ, L₁⁻¹) →
+    Q̃ᵀQ̃`` (float64, (B, r, r)) that forms ``Q̃ = U L₁⁻ᵀ`` from the first factorization ``UᵀU ≈ L₁ L₁ᵀ`` and returns its
+    Gram matrix; a second Cholesky ``Q̃ᵀQ̃ = L₂ L₂ᵀ`` then gives ``Q = Q̃ L₂⁻ᵀ``, orthonormal to the factors' ε even
+    though the first Gram matrix carries an error of up to n·ε·tr(UᵀU) (the second one is that of a nearly
+    orthonormal matrix). Linv is then L₂⁻¹, to be applied to Q̃ (``Qᵀ = L₂⁻¹ Q̃ᵀ``), and the certificate uses
+    ``L = L₁ L₂`` with the margin δ widened by that first-Gram error."""
     out: list = [None] * len(GUs)
     by_r: dict[int, list[int]] = {}
     for ell, (GU, (n, m)) in enumerate(zip(GUs, dims)):
@@ -84,15 +91,29 @@ def cholesky_bases(GUs: list[torch.Tensor], GVs: list[torch.Tensor], dims: list[
         L, info = torch.linalg.cholesky_ex(GU)
         # conditioning guard, λ_min(UᵀU) > 10⁻⁵ tr(UᵀU) (cond(U) ≲ 300√r): the Cholesky QR's own error, ~ε₆₄ cond(U)²
         # from the float64 Gram matrix, stays ≤ 1e-10, and the float32 basis differs from a Householder QR's by
-        # ~ε₃₂ cond(U) ≤ 1e-4 (each is that accurate); worse-conditioned factors take column_basis itself
+        # ~ε₃₂ cond(U) ≤ 1e-4 (each is that accurate); worse-conditioned factors take column_basis itself. With a
+        # float32 Gram matrix (``second``) its error, ≤ n ε tr(UᵀU), is at most 8× λ_min at n = 1280 under this guard:
+        # Q̃ = U L₁⁻ᵀ then has cond(Q̃)² ≤ 9, and the second pass is accurate to ~ε₃₂
         _, info_c = torch.linalg.cholesky_ex(GU - 1e-5 * tr(GU) * eye)
+        n_err = 0.0
+        if second is not None:
+            L1inv = torch.linalg.solve_triangular(torch.where((info == 0)[..., None, None], L, eye), eye, upper=False)
+            G2 = torch.stack([second(ell, L1inv[j]) for j, ell in enumerate(idx)])
+            L2, info2 = torch.linalg.cholesky_ex(G2)
+            L2 = torch.where((info2 == 0)[..., None, None], L2, eye)
+            info = info + info2
+            L = L @ L2                            # U ≈ Q (L₁ L₂)ᵀ: UᵀU ≈ L Lᵀ to the second Gram's error
+            n_err = torch.tensor([dims[ell][0] for ell in idx], dtype=torch.float64, device=GU.device)[:, None, None,
+                                                                                                          None]
         A = L.mT @ GV @ L                         # eigenvalues: ΔW's squared singular values (V's Gram as given)
-        # |error of A| ≤ ‖L‖² ‖VᵀV error‖ ≤ tr(UᵀU) tr(VᵀV) m ε (the classical bound of a length-m dot product)
-        delta = tr(GU) * tr(GV) * m * eps
+        # |error of A| ≤ ‖L‖² ‖VᵀV error‖ ≤ tr(UᵀU) tr(VᵀV) m ε (the classical bound of a length-m dot product), plus
+        # with ``second`` ‖VᵀV‖ ‖L Lᵀ − UᵀU‖ ≤ tr(VᵀV) tr(UᵀU) n ε (Weyl)
+        delta = tr(GU) * tr(GV) * (m + n_err) * eps
         # certify every s_j² > 4 cut² tr(A) ≥ (2 cut s_max)²: column_basis keeps them all, with a factor 2 to spare
         _, info_a = torch.linalg.cholesky_ex(A - (4 * cut * cut * (tr(A) + r * delta) + delta) * eye)
         ok = (info == 0) & (info_c == 0) & (info_a == 0)
-        Linv = torch.linalg.solve_triangular(torch.where(ok[..., None, None], L, eye), eye, upper=False)
+        Lout = L2 if second is not None else L
+        Linv = torch.linalg.solve_triangular(torch.where(ok[..., None, None], Lout, eye), eye, upper=False)
         for j, ell in enumerate(idx):
             out[ell] = (Linv[j], ok[j])
     return out
@@ -140,9 +161,15 @@ class ColumnSketch(LoLModel):
         return keep_components(column_basis(U[rows], V[rows]), int(self.features.rank)).mT
 
     def _factors(self, batch, sketch: bool):
-        """One pass over the modules: per module the transposed U (B, r, n) — or, with ``sketch``, only its product
-        with Φᵀ, (ΦU)ᵀ (B, r, s) — and the Gram matrices UᵀU (float64) and VᵀV; then `cholesky_bases` on all modules
-        at once."""
+        """Per module Y and ``(Linv, ok)`` (`cholesky_bases`) with ``Qᵀ = Linv Y`` where ok, and Y, transposed: the
+        factor's basis (B, r, n), or with ``sketch`` only its product with Φᵀ (B, r, s).
+
+        float64 factors: one pass, the Gram matrix UᵀU in float64, Y from U itself. Other dtypes: Cholesky QR2 in the
+        factors' own precision (`cholesky_bases` with ``second``), ~4× faster on a CPU than converting every U to
+        float64: UᵀU from one batched GEMM reading U in place, then per module ``Q̃ᵀ = L₁⁻¹ Uᵀ`` (a contiguous
+        (B, r, n), so Y = Q̃ᵀ Φᵀ is one (B·r, n) @ (n, s) GEMM) and its Gram matrix."""
+        if batch.dtype != torch.float64:
+            return self._factors_qr2(batch, sketch)
         k = self.features._need_rank()
         outs, GUs, GVs = [], [], []
         if sketch:
@@ -164,6 +191,24 @@ class ColumnSketch(LoLModel):
             GVs.append(_gram(V))
         return outs, cholesky_bases(GUs, GVs, list(self.spec.shapes), k, batch.dtype)
 
+    def _factors_qr2(self, batch, sketch: bool):
+        k = self.features._need_rank()
+        outs: list = [None] * len(batch.U)
+        if sketch:
+            phis = derived(self, "phi", list(self.phi),
+                           lambda: [phi.to(batch.dtype).mT.contiguous() for phi in self.phi])
+
+        def second(ell, L1inv):
+            U = batch.U[ell]
+            # L₁⁻¹ row-major (LAPACK returns it column-major: with Uᵀ also transposed, BLAS takes a slow path)
+            Qt = torch.bmm(L1inv.to(U.dtype, memory_format=torch.contiguous_format), U.mT)  # Q̃ᵀ = L₁⁻¹ Uᵀ (B, r, n)
+            outs[ell] = torch.matmul(Qt, phis[ell]) if sketch else Qt
+            return torch.bmm(Qt, Qt.mT).double()
+
+        GUs = [_gram(U).double() for U in batch.U]
+        GVs = [_gram(V) for V in batch.V]
+        return outs, cholesky_bases(GUs, GVs, list(self.spec.shapes), k, batch.dtype, second=second)
+
     def bases(self, batch) -> list[torch.Tensor]:
         """Per module the transposed orthonormal basis Qᵀ (B, k, n) of col(ΔW) (`column_basis`'s k largest
         directions, zero rows where there are fewer): Cholesky QR where certified, `column_basis` elsewhere."""
@@ -171,8 +216,8 @@ class ColumnSketch(LoLModel):
         Uts, chol = self._factors(batch, sketch=False)
         out = []
         for ell, ((Linv, ok), Ut) in enumerate(zip(chol, Uts)):
-            B, r, n = Ut.shape
-            Qt = Ut.new_zeros(B, k, n)
+            B, n, r = batch.U[ell].shape
+            Qt = batch.U[ell].new_zeros(B, k, n)
             if Linv is not None:                                    # Qᵀ = L⁻¹ Uᵀ
                 Qt[:, :r] = torch.bmm(Linv.to(Ut.dtype), Ut)
             if not bool(ok.all()):
@@ -188,16 +233,15 @@ class ColumnSketch(LoLModel):
         return torch.cat([Qt.flatten(1) for Qt in self.bases(batch)], 1)
 
     def sketch_factors(self, batch) -> list[torch.Tensor]:
-        """Per module Z = (Φ Q)ᵀ / √n (B, ≥ r, s) without forming Q: ``L⁻¹ (ΦU)ᵀ`` where the Cholesky QR is
-        certified, ``Qᵀ Φᵀ`` from `column_basis` elsewhere. ``ZᵀZ = Φ P Φᵀ / n``."""
+        """Per module Z = (Φ Q)ᵀ / √n (B, ≥ r, s) without forming Q: ``Linv Y`` (`_factors`: L⁻¹ (ΦU)ᵀ, or
+        L₂⁻¹ (ΦQ̃)ᵀ) where the Cholesky QR is certified, ``Qᵀ Φᵀ`` from `column_basis` elsewhere. ``ZᵀZ = Φ P Φᵀ / n``."""
         self.check(batch)
         Ys, chol = self._factors(batch, sketch=True)
         Zs = []
         for ell, ((Linv, ok), Y, phi) in enumerate(zip(chol, Ys, self.phi)):
-            B, r, _ = Y.shape
-            n = self.spec.shapes[ell][0]
+            B, n, r = batch.U[ell].shape
             c = 1 / math.sqrt(n)
-            Wt = phi.to(Y.dtype).mT
+            Wt = phi.to(batch.dtype).mT
             if Linv is None:                                        # the whole module through column_basis
                 Zs.append((self._reference(batch.U[ell], batch.V[ell], slice(None)) @ Wt).mul_(c))
                 continue
@@ -284,12 +328,13 @@ class ColumnSketch(LoLModel):
     def forward(self, batch):
         return row_parallel(lambda b: self.head(self._embed(self.sketch_factors(b))), batch)
 
-    def flops_per_lora(self, rank: int, batch: int = 64) -> dict[str, float]:
+    def flops_per_lora(self, rank: int, batch: int = 64, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """FLOP of the inference forward pass (`forward`: the Cholesky-QR route) for one LoRA of rank ``rank`` ≤ k in
         a batch of ``batch``, layer by layer, from the config: 2 per multiply-add of every matmul (what
         `torch.utils.flop_counter.FlopCounterMode` counts — ``matmul``; checked in the tests), plus approximate
         elementwise work (``elementwise``: r×r factorizations, LayerNorm statistics and scaling, ReLU). The streamed
-        first Linear has two extra rows per batch (Wγ and Wβ), amortized over ``batch``."""
+        first Linear has two extra rows per batch (Wγ and Wβ), amortized over ``batch``. Factors of another dtype
+        than float64 take Cholesky QR2 (`_factors`): ``second_pass`` counts its L₁⁻¹Uᵀ, Q̃ᵀQ̃ and L₁L₂."""
         L, s, r, w = len(self.spec), self.channels, int(rank), self.width
         T = s * (s + 1) // 2
         sum_n = sum(o for o, _ in self.spec.shapes)
@@ -297,6 +342,7 @@ class ColumnSketch(LoLModel):
         mm = {"gram": gram,
               "sketch": 2 * s * sum_n * r,
               "check": L * 2 * 2 * r ** 3,                          # Lᵀ (VᵀV) L
+              "second_pass": 0 if dtype == torch.float64 else 2 * 2 * r * r * sum_n + L * 2 * r ** 3,
               "basis": 2 * L * r * r * s,                           # L⁻¹ (ΦU)ᵀ
               "products": 2 * L * r * s * s,                        # ZᵀZ
               "trunk_linear": 2 * L * T * w * (batch + 2) / batch,
