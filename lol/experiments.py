@@ -36,7 +36,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
-           "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints",
+           "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
            "evaluate_rows", "rank_generalization", "learning_curve", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
@@ -518,6 +518,47 @@ def write_checkpoints(grid: Grid, best: pd.DataFrame, root: str | Path, refs: Se
         tmp.write_text(json.dumps(dict(sorted(current.items())), indent=1) + "\n")
         tmp.replace(path)
     return entries
+
+
+def retrain_checkpoints(collections: Mapping, root: str | Path, names: Sequence[str] | None = None,
+                        log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Retrain the shipped checkpoints of ``collections`` (default: every checkpoint under ``root`` whose collection
+    is given; ``names``: only these ``"<collection>/<task>"``) on the collections as they are now — after a collection
+    grew, a checkpoint trained on its earlier LoRAs would otherwise meet a collection of another fingerprint and
+    count LoRAs it trained on as unseen. Each keeps the kind, seed, model hyperparameters, training config and rows
+    recorded in its ``config.json``: the selection made on the earlier grid is reused, not redone (its
+    ``selected_by`` says so), so a full grid (notebook 02) should follow when the compute is there. Returns the
+    written rows (as `select_best`'s), with the new validation and test values."""
+    from .train import TrainConfig
+
+    root = Path(root)
+    fields = set(TrainConfig.__dataclass_fields__)
+    rows, grids = [], {}
+    for cfg_path in sorted(root.glob("*/*/config.json")):
+        cfg = json.loads(cfg_path.read_text())
+        coll, task = cfg.get("collection"), cfg.get("task")
+        if coll not in collections or (names is not None and f"{coll}/{task}" not in names):
+            continue
+        train = {k: (tuple(v) if k == "fractions" else v) for k, v in (cfg.get("train") or {}).items() if k in fields}
+        seed, kind = int(train.pop("seed", 0)), cfg["kind"]
+        hp = dict(train.pop("model", {}) or {})
+        ref = TaskRef(coll, task, tuple(sorted((cfg.get("rows") or {}).items())))
+        if log:
+            log(f"[retrain] {coll}/{task}: {kind}, seed {seed}, on {len(collections[coll])} LoRAs")
+        grid = run_grid({coll: collections[coll]}, [ref], models=[kind], seeds=[seed],
+                        config=TrainConfig(**{**train, "progress": False}), hparams={kind: hp}, log=None)
+        best = select_best(grid.runs)
+        old = cfg.get("selection") or {}
+        before = old.get("selected_by", "as recorded")
+        base = before.split("; retrained")[0]
+        best["selected_by"] = (f"{base}; retrained on {len(collections[coll])} LoRAs (fingerprint "
+                               f"{collections[coll].fingerprint[:12]}) with the kind and seed selected then")
+        best["candidates"] = old.get("candidates", kind)
+        grids[(coll, task)] = (grid, best, ref)
+        rows.append(best)
+    for grid, best, ref in grids.values():
+        write_checkpoints(grid, best, root, [ref])
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

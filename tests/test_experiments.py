@@ -312,3 +312,38 @@ def test_compare_summaries_sets_best_and_glnet_side_by_side():
     assert r["metric"] == "r2" and r["best v1"] == "0.200 (glnet)" and r["best v2"] == "0.900 (svals)"
     assert r["glnet v1"] == "0.200" and r["glnet v2"] == "0.850" and r["gain (best)"] == "+0.700"
     assert compare_summaries(old, summ({("mlp", "r2"): 0.3}).assign(task="other")).empty  # no common task
+
+
+def test_retrain_checkpoints_on_a_grown_collection(coll, tmp_path):
+    """A checkpoint trained before its collection grew sees another fingerprint and calls every LoRA unseen, its own
+    training LoRAs included; `retrain_checkpoints` retrains the recorded kind and seed on the collection as it is
+    now, so its test split is again its own, and keeps the rest of the index."""
+    from lol.checkpoint import load_checkpoint
+    from lol.predict import CollectionPredictions
+
+    small_dir = tmp_path / "small"
+    synth_collection(tiny_spec(), 40, ranks=(4,), seed=0).write(small_dir)
+    small = open_collection(small_dir)
+    refs = [X.TaskRef("synth", "spectrum")]
+    g = X.run_grid({"synth": small}, refs, models=("svals",), seeds=(1,), config=CFG, hparams={"svals": {"depth": 1}},
+                   log=None)
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "index.json").write_text(json.dumps({"other_label": "x/y"}))
+    X.write_checkpoints(g, X.select_best(g.runs), root, refs)
+    before = load_checkpoint(root / "synth" / "spectrum")
+    assert set(CollectionPredictions.of(before, coll).split) == {"unseen"}        # the grown collection: all "unseen"
+
+    rows = X.retrain_checkpoints({"synth": coll, "other": small}, root, log=None)
+    assert list(rows.model) == ["svals"] and list(rows.seed) == [1]
+    after = load_checkpoint(root / "synth" / "spectrum")
+    assert after.config["fingerprint"] == coll.fingerprint != before.config["fingerprint"]
+    assert after.config["train"]["seed"] == 1 and after.config["train"]["model"] == {"depth": 1}
+    assert after.config["train"]["epochs"] == CFG.epochs and after.model.depth == 1
+    assert "retrained on 60 LoRAs" in after.config["selection"]["selected_by"]
+    split = CollectionPredictions.of(after, coll).split
+    assert set(split) == {"train", "val", "test"} and len(split) == 60
+    assert json.loads((root / "index.json").read_text())["other_label"] == "x/y"
+    # names= limits the retraining; a collection not given is left alone
+    assert X.retrain_checkpoints({"synth": coll}, root, names=["synth/other_task"], log=None).empty
+    assert X.retrain_checkpoints({"elsewhere": coll}, root, log=None).empty
