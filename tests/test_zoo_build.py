@@ -204,9 +204,18 @@ def test_grown_collection_adopts_what_was_packed(tmp_path, monkeypatch):
     run_group = toy.ToyRecipe.run_group
     monkeypatch.setattr(toy.ToyRecipe, "run_group",
                         lambda self, jobs, *a: trained.extend(j.id for j in jobs) or run_group(self, jobs, *a))
+    first_s = json.loads((out / "build.json").read_text())["collections"]["toy"]["compute_seconds"]
     rec = build("ci", out, **kw)
     assert trained == [f"toy-{i:04d}" for i in range(10, 18)]     # only the new stage trains
-    assert rec["collections"]["toy"]["n_loras"] == 18 and rec["collections"]["toy"]["complete"]
+    c = rec["collections"]["toy"]
+    assert c["n_loras"] == 18 and c["complete"] and c["adopted_loras"] == 10
+    # the adopted LoRAs' training time is the first build's, counted once, also when the grown build is run again
+    done = [json.loads(p.read_text()) for p in (out / "_build" / "toy" / "groups").glob("*/done.json")]
+    assert sum("adopted_from" in d for d in done) == 3                   # the first stage's 3 groups of ≤4
+    trained_s = sum(d["seconds"] for d in done if "adopted_from" not in d)
+    assert c["adopted_compute_seconds"] == first_s and c["compute_seconds"] == round(trained_s + first_s, 1)
+    again = build("ci", out, **kw)["collections"]["toy"]
+    assert again["compute_seconds"] == c["compute_seconds"] and again["adopted_compute_seconds"] == first_s
     big = open_collection(out / "collections" / "toy")
     assert _toy_ids(out) == [f"toy-{i:04d}" for i in range(18)]
     assert big.table.iloc[:10].equals(first_table)

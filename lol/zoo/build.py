@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .jobs import (ZooError, adopt_packed, collect_results, compute_seconds, load_object, load_or_create_manifest,
+from .jobs import (ZooError, adopt_packed, adopted_groups, collect_results, compute_seconds, load_object, load_or_create_manifest,
                    make_executor, pending_groups)
 
 __all__ = ["PRESETS", "BASE_RECIPES", "COLLECTION_RECIPES", "build", "plan", "status", "folder_size"]
@@ -266,7 +266,20 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
         build_dir = out / "_build" / name
         inputs = {"bases": {b: _fingerprint(bases[b] / "record.json") for b in recipe.requires}}
         manifest = load_or_create_manifest(build_dir, recipe, preset, seed, gs, inputs=inputs)
-        adopt_packed(build_dir, manifest, out / "collections" / name, log=log)
+        prev = record["collections"].get(name, {})
+        adopted_now = adopt_packed(build_dir, manifest, out / "collections" / name, log=log)
+        # the training time of LoRAs adopted from the packed collection is the earlier build's (its record, when it
+        # covered exactly those LoRAs); their groups here record 0 s
+        adopted = adopted_groups(build_dir, manifest)
+        n_adopted = sum(len(manifest["groups"][g]) for g in adopted)
+        adopted_s = None
+        if adopted and prev.get("n_loras") == n_adopted:        # the earlier record covered exactly these LoRAs
+            adopted_s = prev.get("compute_seconds")
+        elif adopted and prev.get("adopted_loras") == n_adopted:  # a resumed run of this grown build
+            adopted_s = prev.get("adopted_compute_seconds")
+        if adopted_now and adopted_s is None:
+            log(f"[zoo] collection {name}: the training time of the {n_adopted} adopted LoRAs is unknown (no earlier "
+                f"record of exactly them)")
         todo = pending_groups(build_dir, manifest)
         log(f"[zoo] collection {name}: {manifest['n_jobs']} LoRAs in {len(manifest['groups'])} groups of "
             f"≤{manifest['group_size']}; {len(todo)} group(s) to run ({executor})")
@@ -280,12 +293,13 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             raise ZooError(f"collection {name}: no finished group to pack in {build_dir}")
         dest = _pack(name, recipe, results, out, bases, manifest, preset, seed)
         group_s = [s["seconds"] for s in summaries]
-        prev = record["collections"].get(name, {})
+        trained_s = compute_seconds(build_dir, manifest)
         record["collections"][name] = {
             "n_loras": len(results), "n_groups": len(manifest["groups"]), "group_size": manifest["group_size"],
             "groups_run_now": len(summaries), "seconds_now": round(run_s, 1),
             "seconds_total": round(prev.get("seconds_total", 0.0) + run_s, 1),
-            "compute_seconds": round(compute_seconds(build_dir, manifest), 1),
+            "compute_seconds": round(trained_s + (adopted_s or 0.0), 1),
+            **({"adopted_loras": n_adopted, "adopted_compute_seconds": adopted_s} if adopted else {}),
             "seconds_per_lora_now": round(sum(group_s) / max(1, sum(s["n_jobs"] for s in summaries)), 3)
             if summaries else prev.get("seconds_per_lora_now"),
             "size_bytes": folder_size(dest), "path": f"collections/{name}",

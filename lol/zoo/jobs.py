@@ -32,6 +32,7 @@ from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
 __all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "adopt_packed",
+           "adopted_groups",
            "run_order", "compute_seconds",
            "run_group_to_disk", "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor",
            "make_executor",
@@ -313,6 +314,13 @@ def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=
         log(f"[zoo] adopted {len(adopted)} finished group(s) ({sum(len(manifest['groups'][g]) for g in adopted)} "
             f"LoRAs) from {collection_dir}")
     return adopted
+
+
+def adopted_groups(build_dir: Path, manifest: Manifest) -> list[str]:
+    """The finished groups that `adopt_packed` took from a packed collection (their completion record says so)."""
+    gdir = _groups_dir(build_dir)
+    return [g for g in manifest["groups"] if (gdir / g / DONE).is_file()
+            and "adopted_from" in json.loads((gdir / g / DONE).read_text())]
 
 
 def compute_seconds(build_dir: Path, manifest: Manifest) -> float:
