@@ -245,3 +245,22 @@ def test_adoption_refuses_a_collection_of_other_jobs(tmp_path, monkeypatch):
     monkeypatch.setattr(toy.ToyRecipe, "jobs", changed)
     with pytest.raises(ZooError, match=r"toy-0003.*'lr'"):
         build("ci", out, **kw)
+
+
+def test_bench_workers_trains_the_same_loras_with_one_and_two_workers(tmp_path):
+    """``bench workers`` on the toy recipe: both executors train the chosen groups, bit for bit the same LoRAs, and
+    the written table states the speedup it measured (the figures themselves belong to a quiet machine)."""
+    from bench.bench_workers import main
+    from lol.zoo.toy import ToyBase
+
+    ToyBase().build("ci", tmp_path / "data" / "base" / "toy", "cpu", 0)
+    (tmp_path / "data" / "base" / "toy" / "record.json").write_text("{}")
+    out = tmp_path / "res"
+    assert main(["--collection", "lol.zoo.toy:ToyRecipe", "--preset", "ci", "--data", str(tmp_path / "data"),
+                 "--groups", "2", "--group-size", "3", "--out", str(out)]) == 0
+    import pandas as pd
+
+    r = pd.read_csv(out / "bench_workers.csv").iloc[0]
+    assert r["loras"] == 6 and r["groups"] == 2 and r["max_abs_diff"] == 0.0
+    assert r["speedup"] == pytest.approx(r["one_worker_s"] / r["workers_s"])
+    assert "bit for bit" in (out / "bench_workers.md").read_text()
