@@ -155,7 +155,9 @@ def derived(owner: nn.Module, name: str, sources, make):
     ``.to(...)`` and ``.data = …`` swap a parameter's data in place of the same object), or an in-place update (its
     version counter: an optimizer step, ``load_state_dict``, any in-place op on the parameter). Not seen: in-place
     changes made through ``.data`` (autograd does not track them either; `clear_derived` drops the cache).
-    Inference only: the cached value carries no gradient."""
+    Inference only: the cached value carries no gradient. A value made for one dtype or device of the inputs (a weight
+    cast to the batch's dtype) keeps that in its ``name`` (e.g. ``f"linear|{x.dtype}"``): the sources alone do not
+    say it."""
     sources = list(sources)
     key = [(t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources]
     cache = owner.__dict__.setdefault("_derived", {})

@@ -176,7 +176,7 @@ class ColumnSketch(LoLModel):
             # U read in place as the transposed left operand of a batched GEMM against Φᵀ kept contiguous (n, s)
             # (`derived`: no transposed copy of the factors, ~1.7× faster on a CPU); its float64 copy (for UᵀU) is a
             # plain conversion into one reused buffer (fresh multi-MB temporaries page-fault)
-            phis = derived(self, "phi", list(self.phi),
+            phis = derived(self, f"phi|{batch.dtype}", list(self.phi),
                            lambda: [phi.to(batch.dtype).mT.contiguous() for phi in self.phi])
             buf64 = batch.U[0].new_empty(max(U.numel() for U in batch.U), dtype=torch.float64)
         for ell, (U, V) in enumerate(zip(batch.U, batch.V)):
@@ -195,7 +195,7 @@ class ColumnSketch(LoLModel):
         k = self.features._need_rank()
         outs: list = [None] * len(batch.U)
         if sketch:
-            phis = derived(self, "phi", list(self.phi),
+            phis = derived(self, f"phi|{batch.dtype}", list(self.phi),
                            lambda: [phi.to(batch.dtype).mT.contiguous() for phi in self.phi])
 
         def second(ell, L1inv):
@@ -284,7 +284,7 @@ class ColumnSketch(LoLModel):
         B, s, L, T = Zs[0].shape[0], self.channels, len(Zs), len(self.triu)
         # the Linear's weight as contiguous (L, T, width) blocks (`derived`): each GEMM reads its right operand in its
         # natural layout, not transposed
-        Wl = derived(self, "linear", [lin.weight],
+        Wl = derived(self, f"linear|{Zs[0].dtype}", [lin.weight],
                      lambda: lin.weight.to(Zs[0].dtype).view(-1, L, T).permute(1, 2, 0).contiguous())
         gamma, beta = ln.weight.view(L, T), ln.bias.view(L, T)
         G = Zs[0].new_empty(B, s, s)

@@ -120,7 +120,7 @@ class GLInput(nn.Module):
             # the weights as contiguous (G, d, h) copies, made once per weight version: BLAS then reads each module's
             # factors as a transposed operand in place (a batched GEMM over the LoRAs, (r, d) @ (d, h) each), ~1.7×
             # faster on a CPU than copying the factors to (B·r, d) first; both operands transposed would be slower
-            Wc = derived(self, side, weights, lambda: [W.to(H.dtype).mT.contiguous() for W in weights])
+            Wc = derived(self, f"{side}|{H.dtype}", weights, lambda: [W.to(H.dtype).mT.contiguous() for W in weights])
             for (_, idx), W in zip(groups, Wc):
                 for k, ell in enumerate(idx):
                     torch.matmul(_pad(Xs[ell], r).mT, W[k], out=H[ell].view(B, r, self.h))
@@ -278,7 +278,8 @@ class InvariantHead(nn.Module):
             # without autograd, the weight as a contiguous (L, h·h', out) copy per weight version (`derived`): the
             # GEMM's right operand read in its natural layout, not transposed (~13 % faster)
             Wl = (W.permute(1, 2, 0) if grad else
-                  derived(self, "linear", [lin.weight], lambda: W.to(HU.dtype).permute(1, 2, 0).contiguous()))
+                  derived(self, f"linear|{HU.dtype}", [lin.weight],
+                          lambda: W.to(HU.dtype).permute(1, 2, 0).contiguous()))
             for ell in range(L):
                 P = torch.bmm(HU[ell].mT, HV[ell]) if grad else torch.bmm(HU[ell].mT, HV[ell], out=P)
                 y = torch.addmm(y, P.view(B, -1), Wl[ell], alpha=scale[ell])

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .jobs import (ZooError, adopt_packed, adopted_groups, collect_results, compute_seconds, load_object, load_or_create_manifest,
-                   make_executor, pending_groups)
+from .jobs import (ZooError, adopt_packed, adopted_groups, collect_results, compute_seconds, load_object,
+                   load_or_create_manifest, make_executor, pending_groups)
 
 __all__ = ["PRESETS", "BASE_RECIPES", "COLLECTION_RECIPES", "build", "plan", "status", "folder_size"]
 
