@@ -533,7 +533,7 @@ def retrain_checkpoints(collections: Mapping, root: str | Path, names: Sequence[
 
     root = Path(root)
     fields = set(TrainConfig.__dataclass_fields__)
-    rows, grids = [], {}
+    grids = {}
     for cfg_path in sorted(root.glob("*/*/config.json")):
         cfg = json.loads(cfg_path.read_text())
         coll, task = cfg.get("collection"), cfg.get("task")
@@ -555,10 +555,9 @@ def retrain_checkpoints(collections: Mapping, root: str | Path, names: Sequence[
                                f"{collections[coll].fingerprint[:12]}) with the kind and seed selected then")
         best["candidates"] = old.get("candidates", kind)
         grids[(coll, task)] = (grid, best, ref)
-        rows.append(best)
     for grid, best, ref in grids.values():
         write_checkpoints(grid, best, root, [ref])
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    return pd.concat([best for _, best, _ in grids.values()], ignore_index=True) if grids else pd.DataFrame()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
