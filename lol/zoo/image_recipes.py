@@ -20,6 +20,7 @@ drawn at the UNet's resolution, modules are named ``unet.<path>`` as diffusers n
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Hashable, Sequence
@@ -72,13 +73,16 @@ FACES_PRESETS: dict[str, dict[str, Any]] = {
 # −0.12). ``class_gain``: ``gain_images`` generations per kept class (prompt = the caption of one of its finetuning
 # images), with and without the LoRA on the same noises; every ``retest_every``-th LoRA is measured again with
 # ``retest_seed``. ``n_classes`` (how many classes were kept) is the paper's Table 4 task (dataset size).
+# Grown in stages (``stages``), as lm: the first 420 LoRAs were shipped first, then the collection grew to the
+# paper's 2,046 (Imagenette-LoRA); the grown build adopts the packed 420 (`lol.zoo.jobs.adopt_packed`) and trains
+# only the new stage. Only the first stage's every ``retest_every``-th LoRA is measured twice (``retest_until``).
 FASHION_PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(n_loras=6, rank=4, alpha=8.0, per_class=(1, 2), lr_range=(1e-3, 3e-3), steps_range=(2, 3),
                grad_accum=(1, 2), micro_batch=2, gain_images=1, gain_steps=2, guidance=4.0, gain_seed=42,
                retest_seed=1042, retest_every=2),
-    "default": dict(n_loras=420, rank=4, alpha=8.0, per_class=(6, 7, 8, 9, 10), lr_range=(1e-3, 1e-2),
-                    steps_range=(60, 120), grad_accum=(1,), micro_batch=2, gain_images=1, gain_steps=8,
-                    guidance=4.0, gain_seed=42, retest_seed=1042, retest_every=4),
+    "default": dict(n_loras=2046, stages=(420,), rank=4, alpha=8.0, per_class=(6, 7, 8, 9, 10),
+                    lr_range=(1e-3, 1e-2), steps_range=(60, 120), grad_accum=(1,), micro_batch=2, gain_images=1,
+                    gain_steps=8, guidance=4.0, gain_seed=42, retest_seed=1042, retest_every=4, retest_until=420),
 }
 # The sibling collection (`FashionSiblingRecipe`, on ``base/sd_v1``): the default preset's LoRA distribution (so
 # that a LoL model moved between the two bases meets LoRAs of the same recipe), its own draws of classes and images
@@ -86,7 +90,8 @@ FASHION_PRESETS: dict[str, dict[str, Any]] = {
 # of classes): no generations are needed, as in the paper's SD-1.4 → SD-1.5 Imagenette membership test.
 FASHION_SIBLING_PRESETS: dict[str, dict[str, Any]] = {
     "ci": {**FASHION_PRESETS["ci"], "n_loras": 4, "gain_images": 0},
-    "default": {**FASHION_PRESETS["default"], "n_loras": 320, "gain_images": 0},
+    "default": {**{k: v for k, v in FASHION_PRESETS["default"].items() if k not in ("stages", "retest_until")},
+                "n_loras": 320, "gain_images": 0},
 }
 MAX_IDENTITY_IMAGES = 20  # a LoRA's images are drawn from images 0..19 of its identity
 
@@ -561,9 +566,11 @@ class FashionRecipe:
                       "lr": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
                       "steps": int(rng.integers(P["steps_range"][0], P["steps_range"][1] + 1)),
                       "grad_accum": int(rng.choice(P["grad_accum"])), "micro_batch": int(P["micro_batch"]),
-                      "retest": i % P["retest_every"] == 0,
+                      "retest": i % P["retest_every"] == 0 and i < P.get("retest_until", math.inf),
                       "gain": ({"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"],
                                 "seed": P["gain_seed"], "retest_seed": P["retest_seed"]} if P["gain_images"] else None)}
+            if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)
+                params["stage"] = sum(i >= s for s in P["stages"])
             out.append(Job(id=f"{self.name}-{i:05d}", seed=int(seed) * 1_000_033 + i, params=params))
         return out
 
