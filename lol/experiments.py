@@ -11,6 +11,8 @@ best checkpoint per task.
 * `summarize` averages label metrics per task, then mean ± std over seeds; `results_table` / `write_table` give the
   paper-style table (CSV + Markdown); `compare_to_baseline` states, per task, whether the best GL-invariant model
   (chosen on validation) beats the flatten MLP on test by more than the seed spread.
+* `hparam_search` + `best_setting`: a grid of training settings for one model kind on one task, on `run_grid`'s
+  splits, chosen on validation (the measured answer to "was it the hyperparameters?").
 * `select_best` + `write_checkpoints` pick, among GL(r)-invariant kinds, the one with the best mean validation score
   and its best seed, and write ``<root>/<collection>/<task>/`` plus ``<root>/index.json`` ({label: folder}) for
   ``lol predict --task``.
@@ -37,7 +39,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
+           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "best_setting", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
 BASELINE = "mlp"
@@ -657,6 +659,93 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
     return pd.DataFrame(rows)
 
 
+def _settings(space: Mapping[str, Sequence]) -> list[dict]:
+    """Every combination of ``space`` (a grid), in the order the keys and values are given."""
+    import itertools
+
+    keys = list(space)
+    for k in keys:
+        if not isinstance(space[k], (list, tuple)) or not space[k]:
+            raise LoLError(f"hparam_search: space[{k!r}] must be a non-empty list of values, got {space[k]!r}")
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(space[k] for k in keys))]
+
+
+def _apply(config, setting: Mapping, seed: int):
+    """``config`` with ``setting`` applied: `TrainConfig` fields by name, model hyperparameters as ``model.<name>``."""
+    fields = {k: v for k, v in setting.items() if not k.startswith("model.")}
+    bad = [k for k in fields if not hasattr(config, k) or k in ("seed", "model")]
+    if bad:
+        raise LoLError(f"hparam_search: {bad} are not TrainConfig fields (model hyperparameters go as 'model.<name>')")
+    model = {**config.model, **{k[len("model."):]: v for k, v in setting.items() if k.startswith("model.")}}
+    return replace(config, **fields, seed=int(seed), model=model)
+
+
+def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], seeds: Sequence[int] = (0, 1, 2),
+                  config=None, log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Train ``kind`` on ``task`` with every setting of the grid ``space`` and every seed, on `run_grid`'s split of
+    that seed (same rows, same grouped split), and score it on validation and test.
+
+    ``space`` maps a `lol.train.TrainConfig` field (``lr``, ``width``, ``weight_decay``, ``epochs``, ...) or a model
+    hyperparameter written ``model.<name>`` (e.g. ``model.channels``) to the values to try. Returns tidy rows
+    (collection, task, model, setting (JSON), seed, val_loss, split, label, label_kind, metric, value) for ``split``
+    in val and test; `best_setting` chooses on validation only."""
+    from .train import TrainConfig, train
+
+    config = config or TrainConfig()
+    settings = _settings(space)
+    batch, cols, kinds, table = task_data(coll, task, main_rows(coll))
+    rows = []
+    for setting in settings:
+        key = json.dumps(setting, sort_keys=True)
+        for seed in seeds:
+            res = train(batch, cols, kind, _apply(config, setting, seed), table=table, kinds=kinds)
+            val_loss = min(h["val_loss"] for h in res.history)
+            for split in ("val", "test"):
+                for label, ms in res.metrics[split].items():
+                    for metric, value in ms.items():
+                        rows.append({"collection": str(Path(coll.path).name), "task": task, "model": kind,
+                                     "setting": key, "seed": int(seed), "val_loss": val_loss, "split": split,
+                                     "label": label, "label_kind": kinds[label], "metric": metric,
+                                     "value": float(value) if value is not None else math.nan})
+            if log:
+                log(f"[search] {task} {kind} {key} seed {seed}: best epoch {res.best_epoch}, {res.seconds:.1f} s")
+    return pd.DataFrame(rows)
+
+
+def best_setting(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (collection, task, model) of `hparam_search` rows: every setting's task score (the primary metric, mean
+    over labels, then mean ± std over seeds) on val and test, best validation first; ``chosen`` marks the setting
+    with the best validation mean (test never chooses). Where the metric is undefined on every validation split (one
+    class only), the lowest mean validation loss chooses, as in `select_best` (column ``selected_by``)."""
+    out = []
+    for (coll, task, model), g in rows.groupby(["collection", "task", "model"], sort=False):
+        metric = primary_metric(g["label_kind"].unique())
+        loss = g.groupby("setting", sort=False)["val_loss"].mean()
+        g = g[g.metric == metric]
+        per_seed = g.groupby(["setting", "split", "seed"], sort=False)["value"].mean()
+        agg = per_seed.groupby(level=["setting", "split"], sort=False).agg(["mean", "std"]).unstack("split")
+        agg.columns = [f"{split}_{stat}" for stat, split in agg.columns]
+        agg = agg.reset_index()
+        agg["val_loss"] = agg.setting.map(loss)
+        by = f"validation {metric}"
+        if agg.val_mean.notna().any():
+            agg = agg.sort_values("val_mean", ascending=False, kind="stable", na_position="last")
+        else:
+            agg = agg.sort_values("val_loss", kind="stable")
+            by = "validation loss (the primary metric is undefined on every validation split)"
+        agg.insert(0, "metric", metric)
+        agg.insert(0, "model", model)
+        agg.insert(0, "task", task)
+        agg.insert(0, "collection", coll)
+        agg["chosen"] = False
+        agg.iloc[0, agg.columns.get_loc("chosen")] = True
+        agg["selected_by"] = by
+        out.append(agg)
+    cols = ["collection", "task", "model", "metric", "setting", "val_mean", "val_std", "test_mean", "test_std",
+            "val_loss", "chosen", "selected_by"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
 def base_transfer(train_coll, eval_coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
                   config=None, hparams=None, log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Train on the LoRAs of one base model, test on the LoRAs of its sibling (the paper's SD-1.4 → SD-1.5 test).
@@ -710,6 +799,7 @@ README_SECTIONS = (
     ("Rank generalization", "rank_generalization.md", ["rank_generalization_*.png"]),
     ("Transfer to a sibling base", "base_transfer.md", ["base_transfer_*.png"]),
     ("Learning curves", "learning_curves.md", ["learning_curves.png"]),
+    ("Hyperparameter search on validation", "hparam_search.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )

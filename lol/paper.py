@@ -214,7 +214,8 @@ def _short_of_paper(r) -> bool:
 
 
 def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping] | None = None,
-                 curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None) -> pd.DataFrame:
+                 curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None,
+                 search: pd.DataFrame | None = None) -> pd.DataFrame:
     """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
     paper, from measurements only:
 
@@ -223,7 +224,10 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     * ``curves`` (`lol.experiments.learning_curve`'s tidy rows, ``results/learning_curves_runs.csv``): for the task,
       the curve of the model best at 100 % of the training groups, in the curve's metric (mean over labels and
       seeds), from 50 % to 100 %, and whether it still rises by more than its seeds' std at 100 %;
-    * ``sizes`` (LoRAs in each of our collections): against the paper's (`PAPER_SIZES`).
+    * ``sizes`` (LoRAs in each of our collections): against the paper's (`PAPER_SIZES`);
+    * ``search`` (`lol.experiments.best_setting` of a `lol.experiments.hparam_search`): per model searched on the
+      task, how many settings were tried, the one chosen on validation and its test score, in the task's primary
+      metric.
 
     Rows that are not short of the paper, or with nothing measured, keep ``why`` as it was."""
     out = table.copy()
@@ -248,6 +252,13 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
                 trend = "still rising" if b - a > sd else "a rise within the seeds' spread" if b > a else "flat"
                 curve[f"{coll}/{task}"] = (f"learning curve ({top}, {metric}) {a:.3f} → {b:.3f} from 50 % to 100 % of "
                                            f"the training groups (seeds' std {sd:.3f}): {trend}")
+    searched: dict[str, list[str]] = {}
+    if search is not None and len(search):
+        for (coll, task, model), g in search.groupby(["collection", "task", "model"], sort=False):
+            c = g[g.chosen].iloc[0]
+            searched.setdefault(f"{coll}/{task}", []).append(
+                f"hyperparameter search on validation ({model}, {len(g)} settings, {c.metric}): chosen "
+                f"{c.setting}, val {c.val_mean:.3f}, test {c.test_mean:.3f}")
     for i, r in out.iterrows():
         if not r["ours"] or not _short_of_paper(r):
             continue
@@ -259,6 +270,7 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
             parts.append(f"{what}: not the limit" if v >= 0.99 else f"{what} caps R²")
         if r["ours"] in curve:
             parts.append(curve[r["ours"]])
+        parts += searched.get(r["ours"], [])
         if sizes and coll in sizes and coll in PAPER_SIZES:
             parts.append(f"{sizes[coll]:,} LoRAs vs the paper's {PAPER_SIZES[coll]:,}")
         if parts:

@@ -230,6 +230,36 @@ def test_learning_curve_keeps_val_and_test_and_nests_training(coll):
         X.learning_curve(coll, "spectrum", ["svals"], fractions=(0.0,), seeds=(0,), config=CFG, log=None)
 
 
+def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid):
+    rows = X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr, 3e-2], "model.depth": [1, 2]}, seeds=(0, 1),
+                           config=CFG, log=None)
+    assert rows.setting.nunique() == 4 and set(rows.split) == {"val", "test"} and set(rows.seed) == {0, 1}
+    # the setting that is run_grid's own config (svals' default depth is 2) gives run_grid's numbers: same split
+    same = rows[rows.setting == json.dumps({"lr": CFG.lr, "model.depth": 2}, sort_keys=True)]
+    ref = grid.runs[(grid.runs.task == "spectrum") & (grid.runs.model == "svals")]
+    key = ["seed", "split", "label", "metric"]
+    merged = same.merge(ref[ref.split.isin(["val", "test"])], on=key, suffixes=("", "_grid"))
+    assert len(merged) == len(same) > 0
+    assert np.allclose(merged.value, merged.value_grid, equal_nan=True)
+    best = X.best_setting(rows)
+    assert len(best) == 4 and best.chosen.sum() == 1
+    assert set(best.metric) == {X.primary_metric(rows.label_kind.unique())}     # the task's score, as run_grid's
+    # the tiny validation splits hold one class of the binary label: AUC is undefined, validation loss chooses
+    assert best.val_mean.isna().all() and "validation loss" in best.selected_by.iloc[0]
+    assert best[best.chosen].val_loss.iloc[0] == best.val_loss.min()
+    reg = rows[rows.label_kind == "regression"]                           # a regression task: R² on validation chooses
+    rbest = X.best_setting(reg)
+    assert set(rbest.metric) == {"r2"} and rbest.val_mean.notna().all()
+    assert rbest[rbest.chosen].val_mean.iloc[0] == rbest.val_mean.max() and rbest.selected_by.iloc[0] == "validation r2"
+    flipped = reg.copy()                                                  # test never chooses
+    flipped.loc[flipped.split == "test", "value"] *= -1
+    assert X.best_setting(flipped).setting.iloc[0] == rbest.setting.iloc[0]
+    with pytest.raises(LoLError, match="not TrainConfig fields"):
+        X.hparam_search(coll, "spectrum", "svals", {"depth": [1]}, seeds=(0,), config=CFG, log=None)
+    with pytest.raises(LoLError, match="non-empty list"):
+        X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
+
+
 def test_base_transfer(coll, tmp_path):
     """Trained on one collection, scored on its own test split and on every LoRA of a sibling with the same modules;
     a collection with other modules is refused."""

@@ -161,6 +161,15 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     assert attrs == "640 LoRAs vs the paper's 3,900"
     assert out.loc[("CelebA-LoRA CLIP score", "mse_norm")].why == why   # .25 vs the paper's .111 (lower is better)
     assert out.loc[("Qwen2-ARC-LoRA: ARC-C test accuracy", "r2")].why == ""             # no runs: nothing to explain
+    search = pd.DataFrame([  # lol.experiments.best_setting rows: the chosen setting is cited, in the task's metric
+        {"collection": "faces", "task": "clip_score", "model": "glnet", "metric": "r2", "setting": '{"lr": 0.003}',
+         "val_mean": .84, "val_std": .01, "test_mean": .83, "test_std": .02, "chosen": True},
+        {"collection": "faces", "task": "clip_score", "model": "glnet", "metric": "r2", "setting": '{"lr": 0.001}',
+         "val_mean": .80, "val_std": .01, "test_mean": .85, "test_std": .02, "chosen": False}])
+    with_search = P.explain_gaps(t, ceilings, curves, {"faces": 640}, search).set_index(["paper_task", "metric"])
+    assert ('hyperparameter search on validation (glnet, 2 settings, r2): chosen {"lr": 0.003}, val 0.840, test 0.830'
+            in with_search.loc[("CelebA-LoRA CLIP score", "r2")].why)
+    assert "hyperparameter" not in with_search.loc[("CelebA-LoRA 5 attributes: mean per-label accuracy", "accuracy")].why
     past = t.copy()                                                                      # ours past the paper: none
     past.loc[(past.paper_task == "CelebA-LoRA CLIP score") & (past.metric == "r2"), "ours_glnet"] = 0.95
     past = P.explain_gaps(past, ceilings, curves, {"faces": 640}).set_index(["paper_task", "metric"])
