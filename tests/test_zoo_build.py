@@ -264,3 +264,26 @@ def test_bench_workers_trains_the_same_loras_with_one_and_two_workers(tmp_path):
     assert r["loras"] == 6 and r["groups"] == 2 and r["max_abs_diff"] == 0.0
     assert r["speedup"] == pytest.approx(r["one_worker_s"] / r["workers_s"])
     assert "bit for bit" in (out / "bench_workers.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTION_RECIPES))
+def test_default_presets_still_draw_the_shipped_loras(name):
+    """Each shipped collection is adopted by the next build of its preset (a grown collection trains only its new
+    stage), which needs the preset to still draw every shipped LoRA's seed and hyperparameters: a preset edited in a
+    way that changes them must fail here, not after hours of a build."""
+    from lol.paths import collections_root
+    from lol.zoo.jobs import job_mismatch, load_object
+
+    folder = collections_root() / name
+    if not (folder / "collection.json").is_file():
+        pytest.skip(f"no shipped collection {name} in {collections_root()}")
+    coll = open_collection(folder)
+    prov = coll.meta["provenance"]["zoo"]
+    jobs = {j.id: j for j in load_object(COLLECTION_RECIPES[name], name).jobs(prov["preset"], prov["seed"])}
+    rows = coll.table.drop(columns=[c for c in ("source", "format") if c in coll.table]).to_dict("records")
+    assert len(jobs) >= len(rows)
+    wrong = {r["id"]: job_mismatch(jobs[r["id"]], r) for r in rows if job_mismatch(jobs[r["id"]], r)}
+    assert not wrong, f"{name}: the {prov['preset']} preset no longer draws these shipped LoRAs: {list(wrong.items())[:3]}"
+    # and the check can fail: a LoRA's recorded learning rate differing from its job's is caught
+    r0 = dict(rows[0], lr=rows[0]["lr"] * 2) if "lr" in rows[0] else dict(rows[0], seed=rows[0]["seed"] + 1)
+    assert job_mismatch(jobs[r0["id"]], r0)

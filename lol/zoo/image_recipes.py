@@ -56,15 +56,20 @@ FASHION_PROMPTS_CLIP = CLIP_SCORE_PROMPTS  # kept for symmetry of names; fashion
 # Measured before choosing (pilot: 16 rank-4 LoRAs on the v1 base, 16 prompts × 4 images at 10 steps, seeds 42 and
 # 1042): test–retest r 0.69 / 0.82 / 0.93 / 0.955 with 1 / 2 / 3 / 4 images per prompt (label std ≈ 4.4, noise per
 # measurement 2.2 → 1.1); 3 images per prompt at 8 DPM-Solver steps is what the CPU budget of 640 LoRAs allows.
+# Grown in stages toward the paper's 3,900 (CelebA-LoRA), as lm: the shipped 640 first (ranks 4 / 8 / 16 as 8:1:1),
+# then the rest, which also draws ranks 1, 2 and 32 (``grown_rank_share``) so that rank generalization over 1–32 can
+# be drawn as in the paper's Figure 4 (trained on rank 4). The grown build adopts the packed 640 and trains only the
+# new stage; only the first stage's every ``retest_every``-th LoRA is measured twice (``retest_until``).
 FACES_PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(n_loras=6, rank_share={4: 4, 8: 1, 16: 1}, alpha=8.0, images=(3, 4), lr_range=(1e-3, 3e-3),
                steps_range=(2, 3), grad_accum=(1, 2), micro_batch=2, reuse_identity=0.3,
                clip_prompts=4, clip_images=1, clip_steps=2, guidance=4.0, clip_seed=42, retest_seed=1042,
                retest_every=2, identity_images=2),
-    "default": dict(n_loras=640, rank_share={4: 8, 8: 1, 16: 1}, alpha=8.0, images=(8, 9, 10, 11, 12),
+    "default": dict(n_loras=3900, stages=(640,), rank_share={4: 8, 8: 1, 16: 1},
+                    grown_rank_share={1: 1, 2: 1, 4: 16, 8: 1, 16: 1, 32: 1}, alpha=8.0, images=(8, 9, 10, 11, 12),
                     lr_range=(2e-4, 1e-2), steps_range=(20, 60), grad_accum=(1, 2), micro_batch=2,
                     reuse_identity=0.15, clip_prompts=16, clip_images=3, clip_steps=8, guidance=4.0, clip_seed=42,
-                    retest_seed=1042, retest_every=5, identity_images=6),
+                    retest_seed=1042, retest_every=5, retest_until=640, identity_images=6),
 }
 # Zoo v2 (default): 6–10 images per kept class, lr log-uniform 1e-3–1e-2, 60–120 steps, so the LoRA carries its
 # classes. Pilot (48 LoRAs each on the stage-2 SD, 2 generations per kept class): the v1 settings (3–6 images, lr
@@ -346,8 +351,11 @@ class FacesRecipe:
     def jobs(self, preset: str, seed: int) -> list[Job]:
         P = _preset(FACES_PRESETS, preset, "faces")
         ranks = [r for r, n in P["rank_share"].items() for _ in range(n)]
+        grown = [r for r, n in P.get("grown_rank_share", P["rank_share"]).items() for _ in range(n)]
         out = []
         for i in range(P["n_loras"]):
+            stage = sum(i >= s for s in P.get("stages", ()))
+            rank = ranks[i % len(ranks)] if stage == 0 else grown[i % len(grown)]
             rng = np.random.default_rng([int(seed), 0xFACE5, i])
             identity = i
             if i > 0 and rng.random() < P["reuse_identity"]:
@@ -355,15 +363,17 @@ class FacesRecipe:
             n_img = int(rng.choice(P["images"]))
             images = sorted(int(x) for x in rng.choice(MAX_IDENTITY_IMAGES, n_img, replace=False))
             lo, hi = P["lr_range"]
-            params = {"identity": identity, "images": images, "rank": int(ranks[i % len(ranks)]),
+            params = {"identity": identity, "images": images, "rank": int(rank),
                       "alpha": float(P["alpha"]), "lr": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
                       "steps": int(rng.integers(P["steps_range"][0], P["steps_range"][1] + 1)),
                       "grad_accum": int(rng.choice(P["grad_accum"])),
                       "instance_prompt": str(rng.choice(INSTANCE_WORDS)), "micro_batch": int(P["micro_batch"]),
-                      "retest": i % P["retest_every"] == 0,
+                      "retest": i % P["retest_every"] == 0 and i < P.get("retest_until", math.inf),
                       "clip": {"prompts": CLIP_SCORE_PROMPTS[:P["clip_prompts"]], "images": P["clip_images"],
                                "steps": P["clip_steps"], "guidance": P["guidance"], "seed": P["clip_seed"],
                                "retest_seed": P["retest_seed"], "identity_images": P["identity_images"]}}
+            if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)
+                params["stage"] = stage
             out.append(Job(id=f"faces-{i:05d}", seed=int(seed) * 1_000_003 + i, params=params))
         return out
 

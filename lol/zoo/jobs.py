@@ -31,7 +31,7 @@ from ..errors import LoLError
 from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
-__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "adopt_packed",
+__all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "adopt_packed", "job_mismatch",
            "adopted_groups",
            "run_order", "compute_seconds",
            "run_group_to_disk", "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor",
@@ -256,6 +256,13 @@ def _native(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def job_mismatch(job: Job, row: dict) -> dict[str, tuple]:
+    """The settings a collection's ``row`` records differently from ``job`` (its seed and every scalar
+    hyperparameter the row has a column for): ``{name: (row's, job's)}``; empty when the row is this job's LoRA."""
+    return {p: (_native(row[p]), v) for p, v in [("seed", job.seed), *job.params.items()]
+            if p in row and isinstance(v, (int, float, str, bool)) and _native(row[p]) != v}
+
+
 def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=print) -> list[str]:
     """Mark as finished every pending group whose LoRAs the packed collection ``collection_dir`` already holds.
 
@@ -298,8 +305,7 @@ def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=
         for jid in members:
             job, k = jobs[jid], index[jid]
             row = {c: _native(v) for c, v in coll.table.iloc[k].items() if c not in ("source", "format")}
-            wrong = {p: (row[p], v) for p, v in [("seed", job.seed), *job.params.items()]
-                     if p in row and isinstance(v, (int, float, str, bool)) and row[p] != v}
+            wrong = job_mismatch(job, row)
             if wrong:
                 raise ZooError(f"{collection_dir}: LoRA {jid} was trained with other settings than this build's job "
                                f"(collection, job: {wrong}); the recipe changed since it was packed: move the "
