@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from .models import MODELS, LoLModel, build_model, gl_invariant
 from .models.base import iter_chunks
 from .targets import TargetSet, nan_to_none
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint", "store_half", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "lol-checkpoint"
@@ -44,6 +46,38 @@ def save_checkpoint(path, model: LoLModel, targets: TargetSet, *, fingerprint: s
               "metrics": nan_to_none(metrics or {}), "train": train_config or {}, "split": split, **(extra or {})}
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str))
     return path
+
+
+HALF_MIN_NUMEL = 65_536  # `store_half`: tensors at least this large are stored in float16 (the first layers)
+
+
+def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
+    """Rewrite a checkpoint's weights with every parameter of at least ``min_numel`` entries in float16 (the wide
+    first layers that hold nearly all of a shipped model's bytes); smaller parameters and all buffers (fitted
+    featurizer state, normalization statistics) stay float32. `load_checkpoint` casts them back into the float32 model, which then predicts
+    with the float16-rounded weights. ``config.json`` records which tensors were halved; the folder is rewritten
+    through a temporary file, so an interrupted call leaves the old weights. Returns that record."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    params = {n for n, _ in load_checkpoint(path).model.named_parameters()}
+    state = load_file(str(path / WEIGHTS_NAME))
+    names = sorted(k for k, v in state.items() if k in params and v.is_floating_point() and v.numel() >= min_numel
+                   and v.dtype != torch.float16)
+    before = json.loads((path / CONFIG_NAME).read_text()).get("stored") or {}   # halved once already: add to it
+    record = {"float16": sorted(set(before.get("float16", [])) | set(names)), "min_numel": int(min_numel),
+              "bytes_before": before.get("bytes_before", (path / WEIGHTS_NAME).stat().st_size)}
+    if names:
+        state = {k: (v.to(torch.float16) if k in names else v) for k, v in state.items()}
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        kind = json.loads((path / CONFIG_NAME).read_text())["kind"]
+        save_file(state, str(tmp), metadata={"format": FORMAT, "kind": kind})
+        tmp.replace(path / WEIGHTS_NAME)
+    record["bytes_after"] = (path / WEIGHTS_NAME).stat().st_size
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg["stored"] = record
+    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
+    return record
 
 
 @dataclass

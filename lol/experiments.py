@@ -479,11 +479,12 @@ def select_best(runs: pd.DataFrame, gl_only: bool = True) -> pd.DataFrame:
 
 
 def write_checkpoints(grid: Grid, best: pd.DataFrame, root: str | Path, refs: Sequence[TaskRef] | None = None,
-                      index: bool = True) -> dict[str, str]:
+                      index: bool = True, half: bool = True) -> dict[str, str]:
     """Write each selected run to ``<root>/<collection>/<task>/`` (config.json records the selection) and merge
     ``{label: "<collection>/<task>"}`` into ``<root>/index.json`` (entries of other tasks are kept). Returns the
-    entries written."""
-    from .checkpoint import load_checkpoint
+    entries written. With ``half`` (the default) the wide first layers are stored in float16 (`store_half`): a
+    shipped checkpoint is about half the bytes."""
+    from .checkpoint import load_checkpoint, store_half
 
     root = Path(root)
     where = {(r.collection, r.task): r for r in (refs or [])}
@@ -506,6 +507,8 @@ def write_checkpoints(grid: Grid, best: pd.DataFrame, root: str | Path, refs: Se
         else:
             ref = where.get((b.collection, b.task), TaskRef(b.collection, b.task))
             _save(m, tmp, ref, {"selection": selection})
+        if half:
+            store_half(tmp)
         load_checkpoint(tmp)   # what we ship must load
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)

@@ -329,3 +329,40 @@ def test_built_from_config_matches_fitted_shapes(uniform):
         m = make(kind, uniform)
         fresh = build_model(kind, SPEC, 3, **m.config())
         fresh.load_state_dict(m.state_dict())  # strict: same parameters and buffers, no fit needed
+
+
+def test_store_half_keeps_buffers_and_predictions(tmp_path):
+    """`store_half` stores the wide parameters in float16 (about half the bytes) and nothing else: buffers and small
+    parameters stay float32, the model loads as float32, and its predictions move only by the rounding of those
+    weights. Running it twice changes nothing more."""
+    import json
+
+    from safetensors import safe_open
+
+    from lol.checkpoint import load_checkpoint, save_checkpoint, store_half
+    from lol.targets import TargetSet
+
+    batch = random_batch(24, rank=4, seed=3, dtype=torch.float32)
+    targets = TargetSet.fit({"a": [0.0, 1.0, 2.0], "b": [1.0, 0.0, 1.0], "c": [2.0, 2.0, 0.0]})
+    for kind in ("dense", "glnet", "oalign"):
+        m = make(kind, batch, width=64).eval()
+        path = save_checkpoint(tmp_path / kind, m, targets)
+        rec = store_half(path, min_numel=256)
+        params = dict(m.named_parameters())
+        assert rec["float16"] and set(rec["float16"]) <= set(params)
+        assert all(params[k].numel() >= 256 for k in rec["float16"])
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            for k in f.keys():
+                want = torch.float16 if k in rec["float16"] else m.state_dict()[k].dtype
+                assert f.get_slice(k).get_dtype() == {torch.float16: "F16", torch.float32: "F32",
+                                                      torch.int64: "I64", torch.bool: "BOOL"}.get(want, "?"), k
+        back = load_checkpoint(path)
+        assert all(p.dtype == torch.float32 for p in back.model.parameters())
+        assert json.loads((path / "config.json").read_text())["stored"]["float16"] == rec["float16"]
+        with torch.no_grad():
+            a, b = m(batch), back.model(batch)
+        assert not torch.equal(a, b)                                   # the weights were rounded ...
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)         # ... and only that
+        if kind == "dense":
+            assert rec["bytes_after"] < 0.6 * rec["bytes_before"]
+        assert store_half(path, min_numel=256)["float16"] == rec["float16"]   # idempotent
