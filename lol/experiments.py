@@ -39,7 +39,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "best_setting", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
+           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
 BASELINE = "mlp"
@@ -192,16 +192,45 @@ def _cached(rdir: Path, fingerprint: str) -> bool:
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def in_workers(fn: Callable, calls: Sequence[tuple], workers: int = 1) -> list:
+    """``[fn(*args) for args in calls]``, run by ``workers`` spawned processes with one torch thread each (the fast way
+    to use several cores for many small models: one process per core, not one process with several threads). ``fn``
+    must be a module-level function and its arguments picklable (pass a collection's path, not the collection).
+    Results come back in the order of ``calls``; ``workers <= 1`` runs them here, in order."""
+    if workers <= 1 or len(calls) <= 1:
+        return [fn(*a) for a in calls]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(int(workers), len(calls)), mp_context=mp.get_context("spawn"),
+                             initializer=_one_thread) as ex:
+        futures = [ex.submit(fn, *a) for a in calls]
+        return [f.result() for f in futures]
+
+
+def _grid_unit(paths: dict, ref: TaskRef, kind: str, seed: int, config, hparams, runs_dir: str) -> list:
+    """One (task, kind, seed) run of `run_grid` in a worker: trained and stored in ``runs_dir``; returns failures."""
+    from .collection import open_collection
+
+    colls = {ref.collection: open_collection(paths[ref.collection])}
+    return run_grid(colls, [ref], [kind], [seed], config, hparams, runs_dir, errors="record", log=None).failures
+
+
 def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models: Sequence[str] = MODEL_KINDS,
              seeds: Sequence[int] = (0, 1, 2), config=None, hparams: Mapping[str, dict] | None = None,
              runs_dir: str | Path | None = None, errors: str = "raise",
-             log: Callable[[str], None] | None = print) -> Grid:
+             log: Callable[[str], None] | None = print, workers: int = 1) -> Grid:
     """Train every model kind in ``models`` with every seed on every task of ``refs`` (default: `task_refs`).
 
     ``config`` is a `lol.train.TrainConfig` (its ``seed`` and ``model`` fields are set per run); ``hparams`` maps a
     kind to extra model hyperparameters. ``errors="record"`` keeps going when a run fails and lists it in
     ``Grid.failures``; ``"raise"`` stops. With ``runs_dir``, each finished run is saved there (checkpoint, metric
-    rows, predictions) and reused, not retrained, when found."""
+    rows, predictions) and reused, not retrained, when found. ``workers`` > 1 (with ``runs_dir``) trains the runs not
+    stored yet in that many processes (`in_workers`), then reads them all back from ``runs_dir``: the same table."""
     from .train import TrainConfig, train
 
     if errors not in ("raise", "record"):
@@ -214,12 +243,27 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
     refs = list(refs) if refs is not None else task_refs(collections)
     runs, preds, grid = [], [], Grid(pd.DataFrame(), pd.DataFrame())
     t_all = time.time()
+    if workers > 1:
+        if runs_dir is None:
+            raise LoLError("run_grid: workers > 1 needs a runs_dir (the workers store their runs there)")
+        paths = {name: str(c.path) for name, c in collections.items()}
+        calls = [(paths, ref, kind, int(seed), config, hparams, str(runs_dir)) for ref in refs for kind in models
+                 for seed in seeds if not _cached(_run_dir(runs_dir, ref, kind, seed), collections[ref.collection].fingerprint)]
+        if log and calls:
+            log(f"[grid] {len(calls)} run(s) to train in {min(workers, len(calls))} worker processes")
+        for failures in in_workers(_grid_unit, calls, workers):
+            if failures and errors == "raise":
+                raise LoLError(f"run_grid: a run failed in a worker: {failures[0]}")
+            grid.failures += failures
+    failed = {tuple(f[:4]) for f in grid.failures}
     for ref in refs:
         coll = collections[ref.collection]
         batch, cols, kinds, table = task_data(coll, ref.task, ref.filter)
         for kind in models:
             for seed in seeds:
                 key = (ref.collection, ref.task, kind, int(seed))
+                if key in failed:    # failed in a worker: recorded there, not tried again here
+                    continue
                 rdir = _run_dir(runs_dir, ref, kind, seed) if runs_dir is not None else None
                 if rdir is not None and _cached(rdir, coll.fingerprint):
                     runs.append(pd.read_csv(rdir / "metrics.csv"))
@@ -622,18 +666,37 @@ def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[
     return pd.DataFrame(rows)
 
 
+def _curve_unit(path: str, task: str, kind: str, fractions, seed: int, config, hparams) -> pd.DataFrame:
+    from .collection import open_collection
+
+    return learning_curve(open_collection(path), task, [kind], fractions, [seed], config, hparams, log=None)
+
+
 def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[float] = (0.25, 0.5, 1.0),
                    seeds: Sequence[int] = (0, 1, 2), config=None, hparams=None,
-                   log: Callable[[str], None] | None = print) -> pd.DataFrame:
+                   log: Callable[[str], None] | None = print, workers: int = 1) -> pd.DataFrame:
     """Test score against the amount of training data: per seed, the grouped split of `run_grid` (same seed, same
     fractions); then each model is trained on the first ``f`` of the training *groups* in a seeded order (nested:
     the 25 % are inside the 50 %), always with the same validation and test splits, so only the training data
     change. A curve still rising at 1.0 says more LoRAs would help. Returns tidy rows (collection, task, model, seed,
-    fraction, n_train, label, label_kind, metric, value), test split only."""
+    fraction, n_train, label, label_kind, metric, value), test split only. ``workers`` > 1 trains each (model, seed)
+    in its own process (`in_workers`); the rows are the same, in the same order."""
     from .splits import make_splits
     from .train import TrainConfig, train
 
     config = config or TrainConfig()
+    if workers > 1 and len(models) * len(seeds) > 1:
+        for f in fractions:
+            if not 0 < f <= 1:
+                raise LoLError(f"learning_curve: fractions must be in (0, 1], got {f}")
+        calls = [(str(coll.path), task, kind, tuple(fractions), int(seed), config, hparams)
+                 for seed in seeds for kind in models]
+        if log:
+            log(f"[curve] {task}: {len(calls)} (model, seed) pairs in {min(workers, len(calls))} worker processes")
+        rows = pd.concat(in_workers(_curve_unit, calls, workers), ignore_index=True)
+        order = {k: i for i, k in enumerate(models)}   # the order of the sequential loop: seed, fraction, model
+        rows = rows.assign(_m=rows.model.map(order), _f=rows.fraction.map({float(f): i for i, f in enumerate(fractions)}))
+        return rows.sort_values(["seed", "_f", "_m"], kind="stable").drop(columns=["_m", "_f"]).reset_index(drop=True)
     batch, cols, kinds, table = task_data(coll, task, main_rows(coll))
     groups = table["group"].astype(str).to_numpy() if "group" in table.columns else np.arange(len(table)).astype(str)
     rows = []
@@ -683,19 +746,34 @@ def _apply(config, setting: Mapping, seed: int):
     return replace(config, **fields, seed=int(seed), model=model)
 
 
+def _search_unit(path: str, task: str, kind: str, setting: dict, seed: int, config) -> pd.DataFrame:
+    from .collection import open_collection
+
+    return hparam_search(open_collection(path), task, kind, {k: [v] for k, v in setting.items()}, [seed], config,
+                         log=None)
+
+
 def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], seeds: Sequence[int] = (0, 1, 2),
-                  config=None, log: Callable[[str], None] | None = print) -> pd.DataFrame:
+                  config=None, log: Callable[[str], None] | None = print, workers: int = 1) -> pd.DataFrame:
     """Train ``kind`` on ``task`` with every setting of the grid ``space`` and every seed, on `run_grid`'s split of
     that seed (same rows, same grouped split), and score it on validation and test.
 
     ``space`` maps a `lol.train.TrainConfig` field (``lr``, ``width``, ``weight_decay``, ``epochs``, ...) or a model
     hyperparameter written ``model.<name>`` (e.g. ``model.channels``) to the values to try. Returns tidy rows
     (collection, task, model, setting (JSON), seed, val_loss, split, label, label_kind, metric, value) for ``split``
-    in val and test; `best_setting` chooses on validation only."""
+    in val and test; `best_setting` chooses on validation only. ``workers`` > 1 trains each (setting, seed) in its
+    own process (`in_workers`): the same rows, in the same order."""
     from .train import TrainConfig, train
 
     config = config or TrainConfig()
     settings = _settings(space)
+    for setting in settings[:1]:
+        _apply(config, setting, 0)                       # a wrong name fails here, before any worker starts
+    if workers > 1 and len(settings) * len(seeds) > 1:
+        calls = [(str(coll.path), task, kind, setting, int(seed), config) for setting in settings for seed in seeds]
+        if log:
+            log(f"[search] {task} {kind}: {len(calls)} (setting, seed) pairs in {min(workers, len(calls))} workers")
+        return pd.concat(in_workers(_search_unit, calls, workers), ignore_index=True)
     batch, cols, kinds, table = task_data(coll, task, main_rows(coll))
     rows = []
     for setting in settings:

@@ -260,6 +260,36 @@ def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid)
         X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
 
 
+def test_worker_processes_give_the_same_results(coll, tmp_path):
+    """run_grid, learning_curve and hparam_search with two spawned worker processes (one torch thread each) give
+    the rows of the sequential run (here with one thread too): the same numbers, the same order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refs = [X.TaskRef("synth", "spectrum")]
+        seq = X.run_grid({"synth": coll}, refs, models=("svals", "glnet"), seeds=(0, 1), config=CFG,
+                         runs_dir=tmp_path / "a", log=None)
+        par = X.run_grid({"synth": coll}, refs, models=("svals", "glnet"), seeds=(0, 1), config=CFG,
+                         runs_dir=tmp_path / "b", log=None, workers=2)
+        key = ["model", "seed", "split", "label", "metric"]
+        a, b = (g.runs.sort_values(key).reset_index(drop=True) for g in (seq, par))
+        assert len(a) == len(b) > 0 and (a[key] == b[key]).all().all()
+        assert np.allclose(a.value, b.value, equal_nan=True, rtol=0, atol=0)
+        assert all((tmp_path / "b" / "synth" / "spectrum" / k / f"seed{s}" / "done.json").is_file()
+                   for k in ("svals", "glnet") for s in (0, 1))
+        with pytest.raises(LoLError, match="runs_dir"):
+            X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0, 1), config=CFG, log=None, workers=2)
+        c1 = X.learning_curve(coll, "spectrum", ["svals", "glnet"], (0.5, 1.0), (0, 1), CFG, log=None)
+        c2 = X.learning_curve(coll, "spectrum", ["svals", "glnet"], (0.5, 1.0), (0, 1), CFG, log=None, workers=2)
+        pd.testing.assert_frame_equal(c1, c2)
+        space = {"lr": [1e-3, 1e-2]}
+        s1 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None)
+        s2 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None, workers=2)
+        pd.testing.assert_frame_equal(s1, s2)
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_base_transfer(coll, tmp_path):
     """Trained on one collection, scored on its own test split and on every LoRA of a sibling with the same modules;
     a collection with other modules is refused."""
