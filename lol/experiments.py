@@ -622,20 +622,31 @@ def evaluate_rows(model, targets, batch, cols: Mapping) -> dict[str, dict[str, f
     return targets.metrics(torch.cat(outs), dict(cols))
 
 
+def _rank_unit(path: str, task: str, kind: str, seed: int, config, train_rank: int, eval_ranks, hparams):
+    from .collection import open_collection
+
+    return rank_generalization(open_collection(path), task, [kind], [seed], config, train_rank, eval_ranks, hparams,
+                               log=None)
+
+
 def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2), config=None,
                         train_rank: int = 4, eval_ranks: Sequence[int] = (8, 16), hparams=None,
-                        log: Callable[[str], None] | None = print) -> pd.DataFrame:
+                        log: Callable[[str], None] | None = print, workers: int = 1) -> pd.DataFrame:
     """Train each rank-agnostic model on the rank-``train_rank`` LoRAs of ``coll`` (grouped split) and evaluate it on
     that split's test LoRAs and on every LoRA of rank ``eval_ranks`` whose group (identity) is not in its train or
     val split. The collection's U carries each LoRA's own scale alpha/r, so ΔW = U Vᵀ is exact at every rank.
     Rank-padded kinds (svals, canon_*) are built with ``rank=max(eval_ranks)``. Returns tidy rows (model, seed,
-    eval_rank, n, label, metric, value)."""
+    eval_rank, n, label, metric, value). ``workers`` > 1: each (model, seed) in its own process (`in_workers`)."""
     from .train import TrainConfig, train
 
     bad = [m for m in models if not rank_agnostic(m)]
     if bad:
         raise LoLError(f"rank generalization needs rank-agnostic models; {bad} read only their training rank")
     config = config or TrainConfig()
+    if workers > 1 and len(models) * len(seeds) > 1:
+        calls = [(str(coll.path), task, kind, int(seed), config, train_rank, tuple(eval_ranks), hparams)
+                 for kind in models for seed in seeds]
+        return pd.concat(in_workers(_rank_unit, calls, workers), ignore_index=True)
     top = max(eval_ranks)
     batch, cols, kinds, table = task_data(coll, task, {"rank": train_rank})
     others = {r: task_data(coll, task, {"rank": r}) for r in eval_ranks}
@@ -827,15 +838,24 @@ def best_setting(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
+def _transfer_unit(train_path: str, eval_path: str, task: str, kind: str, seed: int, config, hparams):
+    from .collection import open_collection
+
+    return base_transfer(open_collection(train_path), open_collection(eval_path), task, [kind], [seed], config,
+                         hparams, log=None)
+
+
 def base_transfer(train_coll, eval_coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2),
-                  config=None, hparams=None, log: Callable[[str], None] | None = print) -> pd.DataFrame:
+                  config=None, hparams=None, log: Callable[[str], None] | None = print,
+                  workers: int = 1) -> pd.DataFrame:
     """Train on the LoRAs of one base model, test on the LoRAs of its sibling (the paper's SD-1.4 → SD-1.5 test).
 
     Each model is trained on ``train_coll`` (grouped split, selected on its validation split) and scored on that
     collection's own test split (``eval = "same base"``) and on every LoRA of ``eval_coll`` (``"sibling base"``):
     LoRAs of another base, none of which was seen. The two collections must adapt the same modules with the same
     shapes (siblings share an architecture). Returns tidy rows (train_collection, eval_collection, eval, model,
-    seed, n, label, label_kind, metric, value)."""
+    seed, n, label, label_kind, metric, value). ``workers`` > 1: each (model, seed) in its own process
+    (`in_workers`)."""
     from .train import TrainConfig, train
 
     a, b = train_coll.spec, eval_coll.spec
@@ -843,6 +863,12 @@ def base_transfer(train_coll, eval_coll, task: str, models: Sequence[str], seeds
         raise LoLError(f"{eval_coll.path} does not adapt the same modules as {train_coll.path}: a LoL model reads "
                        f"one module layout (siblings share the architecture)")
     config = config or TrainConfig()
+    if workers > 1 and len(models) * len(seeds) > 1:
+        calls = [(str(train_coll.path), str(eval_coll.path), task, kind, int(seed), config, hparams)
+                 for kind in models for seed in seeds]
+        if log:
+            log(f"[transfer] {task}: {len(calls)} (model, seed) pairs in {min(workers, len(calls))} worker processes")
+        return pd.concat(in_workers(_transfer_unit, calls, workers), ignore_index=True)
     batch, cols, kinds, table = task_data(train_coll, task, main_rows(train_coll))
     ob, oc, okinds, _ = task_data(eval_coll, task, main_rows(eval_coll))
     if okinds != kinds:

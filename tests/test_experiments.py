@@ -260,8 +260,8 @@ def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid)
         X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
 
 
-def test_worker_processes_give_the_same_results(coll, tmp_path):
-    """run_grid, learning_curve and hparam_search with two spawned worker processes (one torch thread each) give
+def test_worker_processes_give_the_same_results(coll, mixed, tmp_path):
+    """run_grid, learning_curve, rank_generalization and hparam_search with two spawned worker processes (one torch thread each) give
     the rows of the sequential run (here with one thread too): the same numbers, the same order."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -282,6 +282,11 @@ def test_worker_processes_give_the_same_results(coll, tmp_path):
         c1 = X.learning_curve(coll, "spectrum", ["svals", "glnet"], (0.5, 1.0), (0, 1), CFG, log=None)
         c2 = X.learning_curve(coll, "spectrum", ["svals", "glnet"], (0.5, 1.0), (0, 1), CFG, log=None, workers=2)
         pd.testing.assert_frame_equal(c1, c2)
+        r1 = X.rank_generalization(mixed, "spectrum", ["svals", "glnet"], (0,), CFG, train_rank=2, eval_ranks=(4,),
+                                   log=None)
+        r2 = X.rank_generalization(mixed, "spectrum", ["svals", "glnet"], (0,), CFG, train_rank=2, eval_ranks=(4,),
+                                   log=None, workers=2)
+        pd.testing.assert_frame_equal(r1, r2)
         space = {"lr": [1e-3, 1e-2]}
         s1 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None)
         s2 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None, workers=2)
@@ -302,6 +307,15 @@ def test_base_transfer(coll, tmp_path):
     assert (rows[rows["eval"] == "sibling base"].n == len(sib)).all()
     assert (rows[rows["eval"] == "same base"].n < len(coll)).all()  # the train collection's test split only
     assert np.isfinite(rows[rows.metric == "r2"].value).all()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # the workers' one thread: the same sums, so the same numbers
+    try:
+        seq = X.base_transfer(coll, sib, "spectrum", ["glnet", "svals"], seeds=(0, 1), config=CFG, log=None)
+        par = X.base_transfer(coll, sib, "spectrum", ["glnet", "svals"], seeds=(0, 1), config=CFG, log=None,
+                              workers=2)
+    finally:
+        torch.set_num_threads(n)
+    pd.testing.assert_frame_equal(seq, par)
     from lol.lora import ModuleSpec
 
     other = tmp_path / "other"
