@@ -901,6 +901,7 @@ README_SECTIONS = (
     ("Results table (test, mean ± std over seeds)", "results.md", ["results_bar.png"]),
     ("Best GL-invariant model vs the flatten MLP", "gl_vs_mlp.md", []),
     ("Shipped checkpoints", "best_checkpoints.md", []),
+    ("Before and after growing the collections", "growth.md", []),
     ("Regression: predicted vs actual", None, ["scatter_*.png"]),
     ("Membership", "membership_metrics.md", ["roc_*.png"]),
     ("Rank generalization", "rank_generalization.md", ["rank_generalization_*.png"]),
