@@ -21,10 +21,13 @@ Only validation scores choose anything; test scores are reported, never used to 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -196,6 +199,21 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def _plain_main():
+    """A spawned worker first re-imports its parent's ``__main__`` (by module name or file path). Under Streamlit that
+    is the page script (its script runner installs a fake ``__main__``), and under other hosts any script: nothing a
+    worker should run. The workers need only lol's module-level functions, so while they start, ``__main__`` is an
+    empty module (no name, no file) and they import nothing of the caller's."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
 def in_workers(fn: Callable, calls: Sequence[tuple], workers: int = 1) -> list:
     """``[fn(*args) for args in calls]``, run by ``workers`` spawned processes with one torch thread each (the fast way
     to use several cores for many small models: one process per core, not one process with several threads). ``fn``
@@ -208,7 +226,8 @@ def in_workers(fn: Callable, calls: Sequence[tuple], workers: int = 1) -> list:
 
     with ProcessPoolExecutor(min(int(workers), len(calls)), mp_context=mp.get_context("spawn"),
                              initializer=_one_thread) as ex:
-        futures = [ex.submit(fn, *a) for a in calls]
+        with _plain_main():                  # workers are spawned as the calls are submitted
+            futures = [ex.submit(fn, *a) for a in calls]
         return [f.result() for f in futures]
 
 

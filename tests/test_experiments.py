@@ -260,6 +260,20 @@ def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid)
         X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
 
 
+def test_workers_never_run_the_callers_main_script(tmp_path, monkeypatch):
+    """Streamlit (and any script host) installs its script as ``__main__``; spawned workers must not re-run it (here
+    it would kill each worker at import: a broken pool)."""
+    import types
+
+    script = tmp_path / "page.py"
+    script.write_text("import os\nos._exit(3)\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__, fake.__spec__ = str(script), None
+    monkeypatch.setitem(__import__("sys").modules, "__main__", fake)
+    assert X.in_workers(math.pow, [(2, 3), (3, 2), (2, 0.5)], workers=2) == [8.0, 9.0, math.pow(2, 0.5)]
+    assert __import__("sys").modules["__main__"] is fake          # the caller's __main__ is back
+
+
 def test_worker_processes_give_the_same_results(coll, mixed, tmp_path):
     """run_grid, learning_curve, rank_generalization and hparam_search with two spawned worker processes (one torch thread each) give
     the rows of the sequential run (here with one thread too): the same numbers, the same order."""

@@ -47,8 +47,13 @@ def test_faces_jobs_sample_the_paper_grids():
     assert jobs == r.jobs("default", 0) and jobs != r.jobs("default", 1)
     assert len(jobs) >= 600 and len({j.id for j in jobs}) == len(jobs)
     P = FACES_PRESETS["default"]
-    ranks = Counter(j.params["rank"] for j in jobs)
-    assert set(ranks) == {4, 8, 16} and ranks[4] > 0.7 * len(jobs) and min(ranks[8], ranks[16]) > 0.05 * len(jobs)
+    first = P["stages"][0]     # the shipped stage: ranks 4 / 8 / 16; the grown stage adds 1, 2 and 32 (Figure 4)
+    ranks = Counter(j.params["rank"] for j in jobs[:first])
+    assert set(ranks) == {4, 8, 16} and ranks[4] > 0.7 * first and min(ranks[8], ranks[16]) > 0.05 * first
+    grown = Counter(j.params["rank"] for j in jobs[first:])
+    assert set(grown) == {1, 2, 4, 8, 16, 32} and grown[4] > 0.6 * (len(jobs) - first)
+    assert len(jobs) == P["n_loras"] >= 3900 and {j.params["stage"] for j in jobs[first:]} == {1}
+    assert {j.params["stage"] for j in jobs[:first]} == {0}
     assert {j.params["alpha"] for j in jobs} == {8.0}  # fixed alpha: ranks 8 and 16 get another alpha / r
     lrs = np.array([j.params["lr"] for j in jobs])
     lo, hi = P["lr_range"]
@@ -56,14 +61,15 @@ def test_faces_jobs_sample_the_paper_grids():
     assert abs(np.median(np.log10(lrs)) - np.log10(lo * hi) / 2) < 0.2
     assert {j.params["steps"] for j in jobs} == set(range(P["steps_range"][0], P["steps_range"][1] + 1))
     assert {j.params["grad_accum"] for j in jobs} == set(P["grad_accum"])
-    retest = [j for j in jobs if j.params["retest"]]
-    assert len(retest) >= 100 and len(retest) == len(jobs) // P["retest_every"]  # measured twice: reliability
+    retest = [j for j in jobs if j.params["retest"]]                 # measured twice (reliability): first stage only
+    assert len(retest) >= 100 and len(retest) == P["retest_until"] // P["retest_every"]
+    assert all(int(j.id.split("-")[1]) < P["retest_until"] for j in retest)
     assert {j.params["instance_prompt"] for j in jobs} == {"celebrity", "person", "thing", "skd"}
     assert all(8 <= len(j.params["images"]) <= 12 and max(j.params["images"]) < 20 for j in jobs)
     ids = Counter(j.params["identity"] for j in jobs)
     assert 0 < sum(c > 1 for c in ids.values()) < 0.3 * len(ids)  # some identities have several LoRAs
     assert len(jobs[0].params["clip"]["prompts"]) == 16 and jobs[0].params["clip"]["seed"] == 42
-    assert len({r.group_key(j) for j in jobs}) == 3  # groups split by rank only
+    assert len({r.group_key(j) for j in jobs}) == 6  # groups split by rank only
 
 
 def test_fashion_jobs_use_exactly_their_classes():
