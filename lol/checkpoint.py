@@ -54,8 +54,8 @@ HALF_MIN_NUMEL = 65_536  # `store_half`: tensors at least this large are stored 
 def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
     """Rewrite a checkpoint's weights with every parameter of at least ``min_numel`` entries in float16 (the wide
     first layers that hold nearly all of a shipped model's bytes); smaller parameters and all buffers (fitted
-    featurizer state, normalization statistics) stay float32. `load_checkpoint` casts them back into the float32 model, which then predicts
-    with the float16-rounded weights. ``config.json`` records which tensors were halved; the folder is rewritten
+    featurizer state, normalization statistics) stay float32. `load_checkpoint` casts them back into the float32
+    model, which then predicts with the float16-rounded weights. ``config.json`` records which tensors were halved; the folder is rewritten
     through a temporary file, so an interrupted call leaves the old weights. Returns that record."""
     from safetensors.torch import load_file, save_file
 
@@ -64,17 +64,16 @@ def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
     state = load_file(str(path / WEIGHTS_NAME))
     names = sorted(k for k, v in state.items() if k in params and v.is_floating_point() and v.numel() >= min_numel
                    and v.dtype != torch.float16)
-    before = json.loads((path / CONFIG_NAME).read_text()).get("stored") or {}   # halved once already: add to it
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    before = cfg.get("stored") or {}                     # halved once already: add to it
     record = {"float16": sorted(set(before.get("float16", [])) | set(names)), "min_numel": int(min_numel),
               "bytes_before": before.get("bytes_before", (path / WEIGHTS_NAME).stat().st_size)}
     if names:
         state = {k: (v.to(torch.float16) if k in names else v) for k, v in state.items()}
         tmp = path / (WEIGHTS_NAME + ".tmp")
-        kind = json.loads((path / CONFIG_NAME).read_text())["kind"]
-        save_file(state, str(tmp), metadata={"format": FORMAT, "kind": kind})
+        save_file(state, str(tmp), metadata={"format": FORMAT, "kind": cfg["kind"]})
         tmp.replace(path / WEIGHTS_NAME)
     record["bytes_after"] = (path / WEIGHTS_NAME).stat().st_size
-    cfg = json.loads((path / CONFIG_NAME).read_text())
     cfg["stored"] = record
     (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
     return record

@@ -715,10 +715,10 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
     from .train import TrainConfig, train
 
     config = config or TrainConfig()
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise LoLError(f"learning_curve: fractions must be in (0, 1], got {f}")
     if workers > 1 and len(models) * len(seeds) > 1:
-        for f in fractions:
-            if not 0 < f <= 1:
-                raise LoLError(f"learning_curve: fractions must be in (0, 1], got {f}")
         calls = [(str(coll.path), task, kind, tuple(fractions), int(seed), config, hparams)
                  for seed in seeds for kind in models]
         if log:
@@ -735,8 +735,6 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
         train_groups = np.unique(groups[split == "train"])
         order = np.random.default_rng([int(seed), 0x1C]).permutation(train_groups)
         for f in fractions:
-            if not 0 < f <= 1:
-                raise LoLError(f"learning_curve: fractions must be in (0, 1], got {f}")
             keep = set(order[:max(1, int(round(f * len(order))))])
             idx = np.nonzero((split != "train") | np.isin(groups, list(keep)))[0]
             t = table.iloc[idx].reset_index(drop=True).assign(split=split[idx])
@@ -797,8 +795,7 @@ def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], see
 
     config = config or TrainConfig()
     settings = _settings(space)
-    for setting in settings[:1]:
-        _apply(config, setting, 0)                       # a wrong name fails here, before any worker starts
+    _apply(config, settings[0], 0)                       # a wrong name fails here, before any worker starts
     if workers > 1 and len(settings) * len(seeds) > 1:
         calls = [(str(coll.path), task, kind, setting, int(seed), config) for setting in settings for seed in seeds]
         if log:

@@ -28,7 +28,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 import torch
 
-from .recipe import Job, JobResult
+from .recipe import Job, JobResult, single_stage, stage_of
 
 __all__ = ["FacesRecipe", "FashionRecipe", "FashionSiblingRecipe", "FASHION_SIBLING_PRESETS", "FACES_PRESETS",
            "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS", "ImageLoRATrainer", "load_adapters", "sample_with_adapters", "TARGETS"]
@@ -95,8 +95,7 @@ FASHION_PRESETS: dict[str, dict[str, Any]] = {
 # of classes): no generations are needed, as in the paper's SD-1.4 → SD-1.5 Imagenette membership test.
 FASHION_SIBLING_PRESETS: dict[str, dict[str, Any]] = {
     "ci": {**FASHION_PRESETS["ci"], "n_loras": 4, "gain_images": 0},
-    "default": {**{k: v for k, v in FASHION_PRESETS["default"].items() if k not in ("stages", "retest_until")},
-                "n_loras": 320, "gain_images": 0},
+    "default": {**single_stage(FASHION_PRESETS["default"]), "n_loras": 320, "gain_images": 0},
 }
 MAX_IDENTITY_IMAGES = 20  # a LoRA's images are drawn from images 0..19 of its identity
 
@@ -354,7 +353,7 @@ class FacesRecipe:
         grown = [r for r, n in P.get("grown_rank_share", P["rank_share"]).items() for _ in range(n)]
         out = []
         for i in range(P["n_loras"]):
-            stage = sum(i >= s for s in P.get("stages", ()))
+            stage = stage_of(i, P)
             rank = ranks[i % len(ranks)] if stage == 0 else grown[i % len(grown)]
             rng = np.random.default_rng([int(seed), 0xFACE5, i])
             identity = i
@@ -580,7 +579,7 @@ class FashionRecipe:
                       "gain": ({"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"],
                                 "seed": P["gain_seed"], "retest_seed": P["retest_seed"]} if P["gain_images"] else None)}
             if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)
-                params["stage"] = sum(i >= s for s in P["stages"])
+                params["stage"] = stage_of(i, P)
             out.append(Job(id=f"{self.name}-{i:05d}", seed=int(seed) * 1_000_033 + i, params=params))
         return out
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .qa import LEVELS, SOURCES, QAItem, byte_tokenizer, make_split, make_world, prompt_text
-from .recipe import Job, JobResult
+from .recipe import Job, JobResult, single_stage, stage_of
 
 __all__ = ["LMBase", "LMRecipe", "LMSiblingBase", "LMSiblingRecipe", "LM_PRESETS", "LM_SIBLING_PRESETS",
            "encode_answers", "encode_options", "answer_nll", "evaluate"]
@@ -407,7 +407,7 @@ class LMRecipe:
                                and i % P.get("retest_every", 1) == 0 and i < P.get("retest_until", math.inf)),
             }
             if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)
-                params["stage"] = sum(i >= s for s in P["stages"])
+                params["stage"] = stage_of(i, P)
             out.append(Job(id=f"{self.name}-{i:05d}", seed=int(seed) * 100003 + i, params=params))
         return out
 
@@ -523,7 +523,7 @@ class LMSiblingRecipe(LMRecipe):
     def preset(self, preset: str) -> dict[str, Any]:
         if preset not in LM_SIBLING_PRESETS:
             raise KeyError(f"unknown preset {preset!r} for the lm_v2 zoo; known: {', '.join(LM_SIBLING_PRESETS)}")
-        P = {k: v for k, v in _preset(preset).items() if k not in ("stages", "retest_until")}
+        P = single_stage(_preset(preset))
         return {**P, "n_loras": LM_SIBLING_PRESETS[preset]["n_loras"], "retest_every": 0}
 
     def label_schema(self) -> dict[str, dict[str, Any]]:

@@ -15,11 +15,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Protocol, runtime_checkable
+from typing import Any, Hashable, Mapping, Protocol, runtime_checkable
 
 from ..lora import LoRA
 
-__all__ = ["Job", "JobResult", "BaseRecipe", "CollectionRecipe"]
+__all__ = ["Job", "JobResult", "BaseRecipe", "CollectionRecipe", "GROWTH_KEYS", "stage_of", "single_stage"]
+
+# A collection grown in stages (its first LoRAs shipped first, the rest later): a preset's ``stages`` are the job
+# indices at which each later stage starts, and ``retest_until`` keeps the second measurements in the first stage.
+GROWTH_KEYS = ("stages", "retest_until")
+
+
+def stage_of(i: int, preset: Mapping[str, Any]) -> int:
+    """The stage of a grown collection that job ``i`` belongs to (0 below the first of ``preset["stages"]``, 0 for a
+    preset without stages). `lol.zoo.jobs.make_manifest` groups each stage apart, so growing a collection trains only
+    its new stage and adopts the packed ones."""
+    return sum(i >= s for s in preset.get("stages", ()))
+
+
+def single_stage(preset: Mapping[str, Any]) -> dict[str, Any]:
+    """``preset`` without its growth keys: a collection drawn from it (a sibling) is built in one stage."""
+    return {k: v for k, v in preset.items() if k not in GROWTH_KEYS}
 
 
 @dataclass(frozen=True)

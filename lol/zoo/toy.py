@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .recipe import Job, JobResult
+from .recipe import Job, JobResult, stage_of
 
 __all__ = ["ToyBase", "ToyRecipe"]
 
@@ -58,7 +58,7 @@ class ToyRecipe:
             rng = np.random.default_rng([seed, i])
             params = {"lr": float(10 ** rng.uniform(-3, -1.5)), "steps": int(rng.integers(*P["steps"])), "rank": 2}
             if P.get("stages"):  # a collection grown in stages: jobs past each stage's size train in groups of their own
-                params["stage"] = sum(i >= s for s in P["stages"])
+                params["stage"] = stage_of(i, P)
             out.append(Job(f"toy-{i:04d}", seed * 1000 + i, params))
         return out
 
