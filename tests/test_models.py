@@ -270,7 +270,7 @@ def test_hard_gate_passes_gradients_to_the_equivariant_weights(uniform):
 
 
 def test_models_state_their_requirements_and_fail_clearly(uniform, mixed):
-    m = make("mlp", uniform)
+    m = make("mlp", uniform).double()   # the batches are float64: the rank is the one problem here
     with pytest.raises(SpecMismatchError, match="one rank"):
         m(mixed)
     other = ModuleSpec(SPEC.names[:3] + ("mid.attn2.to_k",), SPEC.shapes)
@@ -282,6 +282,24 @@ def test_models_state_their_requirements_and_fail_clearly(uniform, mixed):
     with pytest.raises(SpecMismatchError, match="16×9.*16×8"):
         make("glnet", uniform)(LoRABatch(wrong, uniform.U[:3] + [uniform.U[3]], uniform.V[:3] + [uniform.V[3][:, :8]],
                                          uniform.ranks))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_a_batch_in_another_float_dtype_than_the_model_is_named_not_a_torch_error(kind, uniform):
+    """A float32 model given float64 factors (or the reverse) says so for forward and embed, naming both dtypes; fit
+    computes statistics in the batch's dtype, and the same batch converted predicts."""
+    b = uniform if kind != "canon_transformer" else uniform.select(range(4))
+    m = make(kind, b).eval()
+    assert m.float_dtype == torch.float32 and b.dtype == torch.float64
+    for call in (m, m.embed):
+        with pytest.raises(TypeError, match=f"model '{kind}' computes in float32, the batch's factors are float64"):
+            call(b)
+    with torch.no_grad():
+        y = m(b.to(dtype=torch.float32))
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        torch.testing.assert_close(m.double()(b), y.double(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="computes in float64, the batch's factors are float32"):
+        m(b.to(dtype=torch.float32))
 
 
 def mixed_collection(n_per_rank=3, ranks=(4, 8, 16)):

@@ -119,12 +119,14 @@ class LoLModel(nn.Module):
 
     def embed(self, batch: LoRABatch) -> torch.Tensor:
         """The penultimate representation (B, E); invariant wherever the model is."""
+        self.check_dtype(batch)
         return self.embed_features(self.featurize(batch))
 
     def forward_features(self, x) -> torch.Tensor:
         return self.head(self.embed_features(x))
 
     def forward(self, batch: LoRABatch) -> torch.Tensor:
+        self.check_dtype(batch)
         return self.forward_features(self.featurize(batch))
 
     # -- input checks --------------------------------------------------------------------------------------------
@@ -143,6 +145,25 @@ class LoLModel(nn.Module):
             if k1 != k2 or tuple(s1) != tuple(s2):
                 raise SpecMismatchError(f"model {self.kind!r} expects module {n1!r} of shape {s1[0]}×{s1[1]}, the "
                                         f"batch has {n2!r} of shape {s2[0]}×{s2[1]}")
+
+    def check_dtype(self, batch: LoRABatch) -> None:
+        """Raise a `TypeError` naming both dtypes when ``batch``'s factors are not in the model's float dtype (the
+        layers of `forward` and `embed` compute in it; `fit` and parameter-free featurizers take any float dtype)."""
+        self.check(batch)
+        want = self.float_dtype
+        if want is not None and len(batch) and batch.dtype != want:
+            raise TypeError(f"model {self.kind!r} computes in {str(want).removeprefix('torch.')}, the batch's factors "
+                            f"are {str(batch.dtype).removeprefix('torch.')}: convert one to the other "
+                            f"(batch.to(dtype=...) or model.to(...))")
+
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The floating dtype of the model's parameters and buffers (None while it has none, e.g. a featurized model
+        before `fit` builds its layers)."""
+        for t in (*self.parameters(), *self.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return None
 
     def extra_repr(self) -> str:
         return f"modules={len(self.spec)}, outputs={self.n_outputs}, invariant_to={self.invariant_to!r}"

@@ -323,9 +323,11 @@ class ColumnSketch(LoLModel):
     def embed(self, batch):
         """The embedding from the Cholesky route (`sketch_factors`), never forming the bases; without autograd on a
         CPU with several intra-op threads, one slice of the batch per thread (`lol.models.parallel.row_parallel`)."""
+        self.check_dtype(batch)
         return row_parallel(lambda b: self._embed(self.sketch_factors(b)), batch)
 
     def forward(self, batch):
+        self.check_dtype(batch)
         return row_parallel(lambda b: self.head(self._embed(self.sketch_factors(b))), batch)
 
     def flops_per_lora(self, rank: int, batch: int = 64, dtype: torch.dtype = torch.float32) -> dict[str, float]:
