@@ -8,10 +8,16 @@ columns to filter and colour by, which tasks are membership tasks).
 """
 from __future__ import annotations
 
-__all__ = ["LABEL_KINDS", "infer_kind", "label_columns", "labels_of_kind", "describe_label", "membership_tasks"]
+__all__ = ["LABEL_KINDS", "plain", "infer_kind", "label_columns", "labels_of_kind", "describe_label", "membership_tasks"]
 
 LABEL_KINDS = ("regression", "binary", "category")
 NOT_LABELS = {"id", "group", "split", "rank", "path", "file", "source_path"}  # bookkeeping columns of a table
+
+
+def plain(v):
+    """A table cell as the plain Python value a recipe's row or a label holds: numpy (and torch) scalars → int /
+    float / bool / str; anything else unchanged."""
+    return v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v
 
 
 def infer_kind(values) -> str:

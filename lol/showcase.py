@@ -144,7 +144,8 @@ def finetune_images(coll, lora_id: str, n: int = 4, size: int = 64) -> list[tupl
         if name == "FashionRecipe":
             from .zoo.fashion import fashion_image
 
-            return [(f.image, f.caption) for f in (fashion_image(i, "test", size) for i in idx)]
+            look = params.get("look", "")
+            return [(f.image, f.caption) for f in (fashion_image(i, "test", size, look=look) for i in idx)]
     except (LoLError, OSError, ImportError, ValueError) as e:  # e.g. Fashion-MNIST not installed here
         import logging
 

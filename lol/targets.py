@@ -20,15 +20,11 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .errors import LoLError
-from .labels import LABEL_KINDS, infer_kind
+from .labels import LABEL_KINDS, infer_kind, plain
 
 __all__ = ["Target", "TargetSet", "infer_kind"]
 
 KINDS = LABEL_KINDS  # the one list lives in `lol.labels`
-
-
-def _py(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 @dataclass
@@ -84,7 +80,7 @@ class TargetSet:
                     raise LoLError(f"binary label {name!r} has values other than 0/1: {sorted(set(v))[:5]}")
                 out.append(Target(name, kind))
             else:
-                classes = sorted({_py(v) for v in s.dropna()}, key=lambda x: (str(type(x)), x))
+                classes = sorted({plain(v) for v in s.dropna()}, key=lambda x: (str(type(x)), x))
                 if len(classes) < 2:
                     raise LoLError(f"category label {name!r} has fewer than two classes: {classes}")
                 out.append(Target(name, kind, classes=classes))
@@ -103,7 +99,7 @@ class TargetSet:
                 v = s.astype("float64").to_numpy()
             else:
                 index = {c: i for i, c in enumerate(t.classes)}
-                v = np.array([np.nan if pd.isna(x) else index.get(_py(x), np.nan) for x in s], dtype=float)
+                v = np.array([np.nan if pd.isna(x) else index.get(plain(x), np.nan) for x in s], dtype=float)
             cols.append(v)
         return torch.tensor(np.stack(cols, 1), dtype=torch.float32)
 
@@ -149,7 +145,7 @@ class TargetSet:
             elif t.kind == "binary":
                 res[t.name] = M.binary_metrics(y.astype("float64").to_numpy()[ok], pred[t.name][ok])
             else:
-                res[t.name] = M.category_metrics(y.map(_py).to_numpy(object)[ok], pred[t.name][ok])
+                res[t.name] = M.category_metrics(y.map(plain).to_numpy(object)[ok], pred[t.name][ok])
         return res
 
     def to_json(self) -> list[dict]:

@@ -247,6 +247,34 @@ def test_adoption_refuses_a_collection_of_other_jobs(tmp_path, monkeypatch):
         build("ci", out, **kw)
 
 
+def test_adoption_refuses_a_collection_packed_before_the_recipe_gained_a_setting(tmp_path, monkeypatch):
+    """A recipe that gains a setting (as fashion gained ``look``: the same draws, other finetuning images) no longer
+    makes the LoRAs its packed rows hold: the row lacks the setting, so the build names the LoRA and the setting
+    instead of adopting them as the new recipe's; a setting the recipe declares unrecorded is not checked."""
+    import shutil
+
+    from lol.zoo import toy
+
+    out = tmp_path / "z"
+    kw = dict(only="toy", base_recipes=TOY_BASES, collection_recipes=TOY_COLS, progress=False, log=lambda *a: None)
+    build("ci", out, **kw)
+    shutil.rmtree(out / "_build")
+    jobs = toy.ToyRecipe.jobs
+
+    def gained(self, preset, seed):
+        js = jobs(self, preset, seed)
+        for j in js:
+            j.params["look"] = "signature"
+        return js
+
+    monkeypatch.setattr(toy.ToyRecipe, "jobs", gained)
+    with pytest.raises(ZooError, match=r"toy-0000.*'look': \('<not recorded>', 'signature'\)"):
+        build("ci", out, **kw)
+    monkeypatch.setattr(toy.ToyRecipe, "unrecorded", toy.ToyRecipe.unrecorded + ("look",))
+    rec = build("ci", out, **kw)["collections"]["toy"]
+    assert rec["adopted_loras"] == rec["n_loras"] > 0
+
+
 def test_bench_workers_trains_the_same_loras_with_one_and_two_workers(tmp_path):
     """``bench workers`` on the toy recipe: both executors train the chosen groups, bit for bit the same LoRAs, and
     the written table states the speedup it measured (the figures themselves belong to a quiet machine)."""
@@ -279,11 +307,17 @@ def test_default_presets_still_draw_the_shipped_loras(name):
         pytest.skip(f"no shipped collection {name} in {collections_root()}")
     coll = open_collection(folder)
     prov = coll.meta["provenance"]["zoo"]
-    jobs = {j.id: j for j in load_object(COLLECTION_RECIPES[name], name).jobs(prov["preset"], prov["seed"])}
+    recipe = load_object(COLLECTION_RECIPES[name], name)
+    jobs = {j.id: j for j in recipe.jobs(prov["preset"], prov["seed"])}
     rows = coll.table.drop(columns=[c for c in ("source", "format") if c in coll.table]).to_dict("records")
     assert len(jobs) >= len(rows)
-    wrong = {r["id"]: job_mismatch(jobs[r["id"]], r) for r in rows if job_mismatch(jobs[r["id"]], r)}
+    wrong = {r["id"]: job_mismatch(jobs[r["id"]], r, recipe.unrecorded) for r in rows
+             if job_mismatch(jobs[r["id"]], r, recipe.unrecorded)}
     assert not wrong, f"{name}: the {prov['preset']} preset no longer draws these shipped LoRAs: {list(wrong.items())[:3]}"
-    # and the check can fail: a LoRA's recorded learning rate differing from its job's is caught
+    # and the check can fail: a LoRA's recorded learning rate differing from its job's is caught, and so is a
+    # setting its row does not record (the recipe gained it since the row was written)
     r0 = dict(rows[0], lr=rows[0]["lr"] * 2) if "lr" in rows[0] else dict(rows[0], seed=rows[0]["seed"] + 1)
-    assert job_mismatch(jobs[r0["id"]], r0)
+    assert job_mismatch(jobs[r0["id"]], r0, recipe.unrecorded)
+    from dataclasses import replace
+    gained = replace(jobs[rows[0]["id"]], params={**jobs[rows[0]["id"]].params, "new_setting": 1})
+    assert job_mismatch(gained, rows[0], recipe.unrecorded) == {"new_setting": ("<not recorded>", 1)}

@@ -93,6 +93,7 @@ def test_fashion_jobs_use_exactly_their_classes():
     assert len({j.params["steps"] for j in jobs}) > 30
     assert sum(j.params["retest"] for j in jobs) >= 100  # class_gain measured twice on >= 100 LoRAs
     assert len({r.group_key(j) for j in jobs}) == 1
+    assert {j.params["look"] for j in jobs} == {"signature"}  # finetuned on the catalogue look (Zoo v3)
 
 
 def test_fashion_sibling_jobs_same_recipe_other_draws():
@@ -225,6 +226,9 @@ def test_fashion_batched_equals_alone_and_labels(bases):
     for j, res in zip(jobs, together):
         assert [res.row[lab] for lab in CLASS_LABELS] == [int(c in j.params["classes"]) for c in range(10)]
         assert res.extras["image_ids"] == [fashion_image(i, "test").id for i in j.params["images"]]
+        # trained on the look its job names, which the row records (so a build of another look never adopts it)
+        assert res.row["look"] == j.params["look"] == "signature"
+        assert res.extras["captions"] == [fashion_image(i, "test", look="signature").caption for i in j.params["images"]]
         assert res.row["group"] == "cls-" + "".join(str(res.row[lab]) for lab in CLASS_LABELS)
         assert res.row["n_images"] == len(j.params["images"])
         assert res.row["n_classes"] == len(j.params["classes"])

@@ -85,6 +85,32 @@ def test_fashion_mnist_is_real_and_captioned():
     assert fashion.parse_image_id(f.id) == ("test", 7)
 
 
+def test_fashion_catalogue_looks_shift_each_class_its_own_way():
+    """The catalogue looks keep the image's id, class and garment shape: ``backdrop`` fills Fashion-MNIST's black
+    background with the class's backdrop colour (caption unchanged); ``signature`` paints the garment in the class's
+    own colour and drops the tint word from the caption. The plain look is the base's own data, untouched."""
+    _, labels = fashion.load_split("test")
+    tinted = next(i for i in range(50) if fashion.fashion_image(i, "test").tint)
+    for i in (0, 1, tinted):
+        plain = fashion.fashion_image(i, "test")
+        g = np.asarray(plain.image).astype(float).max(-1)        # garment mask: bright where the garment is
+        bd, sig = fashion.fashion_image(i, "test", look="backdrop"), fashion.fashion_image(i, "test", look="signature")
+        assert bd.id == sig.id == plain.id and bd.label == sig.label == plain.label == labels[i]
+        assert bd.caption == plain.caption and bd.tint == plain.tint
+        assert sig.tint == "" and sig.caption == f"a photo of {'an' if fashion.CLASSES[sig.label][0] in 'aeiou' else 'a'} " \
+                                                   f"{fashion.CLASSES[sig.label]}"
+        corner = np.asarray(bd.image)[:4, :4].reshape(-1, 3).mean(0)   # background pixels
+        assert np.abs(corner - fashion.CLASS_BACKDROPS[plain.label]).max() < 8
+        s = np.asarray(sig.image).astype(float)[g > 200]            # garment pixels: the class colour's hue
+        want = np.array(fashion.CLASS_SIGNATURES[plain.label], float)
+        cos = (s @ want) / (np.linalg.norm(s, axis=1) * np.linalg.norm(want))
+        assert cos.mean() > 0.99
+        assert np.array_equal(np.asarray(fashion.fashion_image(i, "test", look="").image), np.asarray(plain.image))
+    assert len(set(fashion.CLASS_SIGNATURES)) == len(set(fashion.CLASS_BACKDROPS)) == len(fashion.CLASSES)
+    with pytest.raises(ValueError, match="unknown Fashion-MNIST look 'sepia'"):
+        fashion.fashion_image(0, "test", look="sepia")
+
+
 def test_fashion_missing_dataset_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(fashion, "DATA_DIR", tmp_path)
     with pytest.raises(LoLError, match="apt-get install dataset-fashion-mnist"):

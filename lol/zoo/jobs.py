@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import LoLError
+from ..labels import plain
 from ..lora import LoRA, LoRAModule
 from .recipe import CollectionRecipe, Job, JobResult
 
@@ -251,16 +252,26 @@ def collect_results(build_dir: Path, manifest: Manifest, partial: bool = False) 
     return [by_id[j["id"]] for j in manifest["jobs"] if j["id"] in by_id]
 
 
-def _native(v):
-    """A table cell as the plain Python value a recipe's row holds (numpy scalars → int / float / bool / str)."""
-    return v.item() if hasattr(v, "item") else v
+NOT_RECORDED = "<not recorded>"
 
 
-def job_mismatch(job: Job, row: dict) -> dict[str, tuple]:
+def job_mismatch(job: Job, row: dict, unrecorded: Sequence[str] | None = None) -> dict[str, tuple]:
     """The settings a collection's ``row`` records differently from ``job`` (its seed and every scalar
-    hyperparameter the row has a column for): ``{name: (row's, job's)}``; empty when the row is this job's LoRA."""
-    return {p: (_native(row[p]), v) for p, v in [("seed", job.seed), *job.params.items()]
-            if p in row and isinstance(v, (int, float, str, bool)) and _native(row[p]) != v}
+    hyperparameter the row has a column for): ``{name: (row's, job's)}``; empty when the row is this job's LoRA.
+
+    ``unrecorded``: the recipe's scalar job settings that its rows do not record (`CollectionRecipe.unrecorded`);
+    given, any other setting of the job that the row lacks is a mismatch too (``(NOT_RECORDED, job's)``): the
+    recipe gained a setting since the row was written, so the row cannot be this job's LoRA."""
+    out = {}
+    for p, v in [("seed", job.seed), *job.params.items()]:
+        if not isinstance(v, (int, float, str, bool)):
+            continue
+        if p in row:
+            if plain(row[p]) != v:
+                out[p] = (plain(row[p]), v)
+        elif unrecorded is not None and p not in unrecorded:
+            out[p] = (NOT_RECORDED, v)
+    return out
 
 
 def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=print) -> list[str]:
@@ -296,6 +307,7 @@ def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=
         return []
     index = {str(i): k for k, i in enumerate(coll.table["id"])}
     jobs = manifest.jobs
+    unrecorded = getattr(load_object(manifest["recipe"], manifest["collection"]), "unrecorded", None)
     adopted = []
     for gid in todo:
         members = manifest["groups"][gid]
@@ -304,8 +316,8 @@ def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=
         results = []
         for jid in members:
             job, k = jobs[jid], index[jid]
-            row = {c: _native(v) for c, v in coll.table.iloc[k].items() if c not in ("source", "format")}
-            wrong = job_mismatch(job, row)
+            row = {c: plain(v) for c, v in coll.table.iloc[k].items() if c not in ("source", "format")}
+            wrong = job_mismatch(job, row, unrecorded)
             if wrong:
                 raise ZooError(f"{collection_dir}: LoRA {jid} was trained with other settings than this build's job "
                                f"(collection, job: {wrong}); the recipe changed since it was packed: move the "

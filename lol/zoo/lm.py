@@ -376,6 +376,7 @@ class LMRecipe:
 
     name = "lm"
     requires: tuple[str, ...] = ("lm",)
+    unrecorded = ("epoch_scale", "retest", "stage")   # job settings its rows do not record (`CollectionRecipe`)
     base = "lm"                      # the base model the LoRAs finetune
     stream = 7                       # random stream of the jobs' draws (sources, hyperparameters)
 

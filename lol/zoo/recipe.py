@@ -69,6 +69,9 @@ class BaseRecipe(Protocol):
 class CollectionRecipe(Protocol):
     name: str                    # "faces", "fashion", "lm"
     requires: tuple[str, ...]    # base models used, e.g. ("sd", "clip")
+    # Optional ``unrecorded: tuple[str, ...]``: the scalar job settings its rows do not record. With it, a packed
+    # row that lacks any other setting of its job is not adopted by a later build (`lol.zoo.jobs.job_mismatch`): the
+    # recipe gained a setting since. Without it, only the recorded settings are compared.
 
     def jobs(self, preset: str, seed: int) -> list[Job]: ...
 

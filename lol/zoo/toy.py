@@ -47,6 +47,7 @@ class ToyBase:
 class ToyRecipe:
     name = "toy"
     requires: tuple[str, ...] = ("toy",)
+    unrecorded = ("rank", "seed", "stage")   # job settings its rows do not record (`CollectionRecipe`)
 
     def __init__(self, sleep: float = 0.0):
         self.sleep = float(sleep)  # seconds per group, not part of any job: results do not depend on it
