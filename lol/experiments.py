@@ -918,6 +918,7 @@ README_SECTIONS = (
     ("Best GL-invariant model vs the flatten MLP", "gl_vs_mlp.md", []),
     ("Shipped checkpoints", "best_checkpoints.md", []),
     ("Before and after growing the collections", "growth.md", []),
+    ("Fashion recipe v2 → v3 (the catalogue look)", "fashion_v3.md", []),
     ("Regression: predicted vs actual", None, ["scatter_*.png"]),
     ("Membership", "membership_metrics.md", ["roc_*.png"]),
     ("Rank generalization", "rank_generalization.md", ["rank_generalization_*.png"]),

@@ -224,17 +224,24 @@ def test_grown_collection_adopts_what_was_packed(tmp_path, monkeypatch):
             assert torch.equal(m.U, n.U) and torch.equal(m.V, n.V) and (m.alpha, m.scale) == (n.alpha, n.scale)
 
 
-def test_adoption_refuses_a_collection_of_other_jobs(tmp_path, monkeypatch):
-    """If the recipe changed since the collection was packed (here job 3's learning rate), its LoRAs are not the
-    manifest's jobs: the build says which LoRA and setting differ instead of shipping them under the new settings."""
+def _packed_toy_checkout(out):
+    """A toy collection built and packed into ``out``, then its build folder removed (a fresh checkout): the next
+    build can only adopt from the packed collection. Returns the build's keyword arguments."""
     import shutil
 
-    from lol.zoo import toy
-
-    out = tmp_path / "z"
     kw = dict(only="toy", base_recipes=TOY_BASES, collection_recipes=TOY_COLS, progress=False, log=lambda *a: None)
     build("ci", out, **kw)
     shutil.rmtree(out / "_build")
+    return kw
+
+
+def test_adoption_refuses_a_collection_of_other_jobs(tmp_path, monkeypatch):
+    """If the recipe changed since the collection was packed (here job 3's learning rate), its LoRAs are not the
+    manifest's jobs: the build says which LoRA and setting differ instead of shipping them under the new settings."""
+    from lol.zoo import toy
+
+    out = tmp_path / "z"
+    kw = _packed_toy_checkout(out)
     jobs = toy.ToyRecipe.jobs
 
     def changed(self, preset, seed):
@@ -251,14 +258,10 @@ def test_adoption_refuses_a_collection_packed_before_the_recipe_gained_a_setting
     """A recipe that gains a setting (as fashion gained ``look``: the same draws, other finetuning images) no longer
     makes the LoRAs its packed rows hold: the row lacks the setting, so the build names the LoRA and the setting
     instead of adopting them as the new recipe's; a setting the recipe declares unrecorded is not checked."""
-    import shutil
-
     from lol.zoo import toy
 
     out = tmp_path / "z"
-    kw = dict(only="toy", base_recipes=TOY_BASES, collection_recipes=TOY_COLS, progress=False, log=lambda *a: None)
-    build("ci", out, **kw)
-    shutil.rmtree(out / "_build")
+    kw = _packed_toy_checkout(out)
     jobs = toy.ToyRecipe.jobs
 
     def gained(self, preset, seed):
