@@ -22,8 +22,9 @@ BASE_TITLES = {
 }
 COLLECTION_TITLES = {
     "faces": "faces — CelebA-LoRA analogue: one procedurally drawn identity per LoRA; attributes and CLIP score",
-    "fashion": "fashion — Imagenette-LoRA analogue: Fashion-MNIST class subsets; class membership, number of classes "
-               "(dataset size), class gain",
+    "fashion": "fashion — Imagenette-LoRA analogue: Fashion-MNIST class subsets in the catalogue look (each class in "
+               "its own garment colour, `lol.zoo.fashion`); class membership, number of classes (dataset size), class "
+               "gain",
     "fashion_v1": "fashion_v1 — the fashion recipe on the sibling base `base/sd_v1` (SD-1.4 to fashion's SD-1.5): "
                   "class membership, number of classes; for training on one base and testing on the other (notebook 08)",
     "lm": "lm — Qwen2-ARC-LoRA analogue: QA sources dropped at random; challenge accuracy, eval loss, membership",
