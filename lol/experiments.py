@@ -921,6 +921,7 @@ README_SECTIONS = (
     ("Fashion recipe v2 → v3 (the catalogue look)", "fashion_v3.md", []),
     ("Regression: predicted vs actual", None, ["scatter_*.png"]),
     ("Membership", "membership_metrics.md", ["roc_*.png"]),
+    ("Dataset size counted from the membership models", "size_from_membership.md", []),
     ("Rank generalization", "rank_generalization.md", ["rank_generalization_*.png"]),
     ("Transfer to a sibling base", "base_transfer.md", ["base_transfer_*.png"]),
     ("Learning curves", "learning_curves.md", ["learning_curves.png"]),

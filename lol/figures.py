@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import metrics as M
 
-__all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "rank_generalization_plot", "base_transfer_plot",
+__all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "size_from_membership", "rank_generalization_plot", "base_transfer_plot",
            "learning_curve_plot", "speed_plot",
            "umap_panel", "results_bar", "r2_vs_ceiling", "save", "scatter_pred_actual_plotly"]
 
@@ -99,6 +99,30 @@ def membership_table(pred: pd.DataFrame, models: Sequence[str], split: str = "te
                      "balanced_accuracy": m["balanced_accuracy"], "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
                      "tpr_at_0.1pct_fpr": m["tpr_at_0.1pct_fpr"], "positives": int((y == 1).sum()),
                      "negatives": int((y == 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def size_from_membership(pred: pd.DataFrame, models: Sequence[str], split: str = "test",
+                         seeds: Mapping[str, int] | None = None, threshold: float = 0.5) -> pd.DataFrame:
+    """The dataset size (how many of a task's labels are present: the paper's Table 4 task on Imagenette-LoRA) read
+    off a membership model: per model (one seed each, ``seeds[model]``, default the smallest), how often the number of
+    labels it predicts present (score > ``threshold``) is the true number (``accuracy``), within one of it
+    (``within_one``), and the accuracy of always answering the most common true number (``majority_baseline``). A
+    diagnostic beside a model trained on the size directly: it uses every membership label in training."""
+    rows = []
+    for model in models:
+        q = _one_run(pred[pred.split == split], model, seeds)
+        if q.empty:
+            continue
+        per = q.assign(hat=(q.pred > threshold).astype(int)).groupby("id").agg(n=("y", "sum"), n_hat=("hat", "sum"),
+                                                                                   labels=("y", "size"))
+        if per.labels.nunique() != 1:
+            raise ValueError(f"size_from_membership: model {model!r} has predictions for {sorted(per.labels.unique())} "
+                             f"labels per LoRA; a dataset size needs every label of every LoRA")
+        n = per.n.round().astype(int)
+        rows.append({"model": model, "seed": int(q.seed.iloc[0]), "loras": len(per),
+                     "accuracy": float((n == per.n_hat).mean()), "within_one": float(((n - per.n_hat).abs() <= 1).mean()),
+                     "majority_baseline": float(n.value_counts(normalize=True).iloc[0])})
     return pd.DataFrame(rows)
 
 

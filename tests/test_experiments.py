@@ -368,6 +368,20 @@ def test_figures(grid, tmp_path):
     r = q[(q.model == "glnet") & (q.seed == 0) & (q.split == "test")]
     assert t.loc["glnet", "auc"] == pytest.approx(M.auc(r.y, r.pred))
     assert t.loc["glnet", "negatives"] == int((r.y == 0).sum())
+    # the size read off membership predictions: exact predictions count exactly, one flipped label is off by one
+    ids = [f"l{i}" for i in range(4)]
+    y = np.array([[1, 0, 1], [1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    rows = lambda pred: pd.DataFrame([{"model": "m", "seed": 3, "split": "test", "id": i, "label": f"c{k}",  # noqa: E731
+                                       "y": y[a, k], "pred": pred[a, k]} for a, i in enumerate(ids) for k in range(3)])
+    exact = F.size_from_membership(rows(y * 0.9 + 0.05), ["m"]).iloc[0]
+    assert (exact.accuracy, exact.within_one, exact.loras, exact.seed) == (1.0, 1.0, 4, 3)
+    assert exact.majority_baseline == 0.5                                  # sizes 2, 3, 1, 2
+    flipped = y.copy()
+    flipped[0, 1] = 1
+    off = F.size_from_membership(rows(flipped.astype(float)), ["m"]).iloc[0]
+    assert (off.accuracy, off.within_one) == (0.75, 1.0)
+    with pytest.raises(ValueError, match="every label of every LoRA"):
+        F.size_from_membership(rows(y.astype(float)).iloc[1:], ["m"])
     assert F.save(F.roc_curves(q, ["mlp", "glnet"]), tmp_path, "roc")[0].is_file()
     assert F.save(F.results_bar(X.summarize(grid.runs)), tmp_path, "bar")[0].is_file()
     rk = pd.DataFrame([{"task": "t", "model": m, "seed": s, "train_rank": 4, "eval_rank": r, "metric": "r2",
