@@ -267,7 +267,8 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
         inputs = {"bases": {b: _fingerprint(bases[b] / "record.json") for b in recipe.requires}}
         manifest = load_or_create_manifest(build_dir, recipe, preset, seed, gs, inputs=inputs)
         prev = record["collections"].get(name, {})
-        adopted_now = adopt_packed(build_dir, manifest, out / "collections" / name, log=log)
+        adopted_now = adopt_packed(build_dir, manifest, out / "collections" / name, log=log,
+                                   unrecorded=getattr(recipe, "unrecorded", None))
         # the training time of LoRAs adopted from the packed collection is the earlier build's (its record, when it
         # covered exactly those LoRAs); their groups here record 0 s
         adopted = adopted_groups(build_dir, manifest)

@@ -113,6 +113,7 @@ def fashion_image(index: int, split: str = "train", size: int = 64, tint: bool =
         rgb = g * np.array(TINTS[name], dtype=np.float32)
     if look == "backdrop":
         rgb += (1.0 - g) * np.array(CLASS_BACKDROPS[label], dtype=np.float32)
+    # the plain look truncates, as it always has: the base was trained on exactly those bytes
     rgb = rgb.round().clip(0, 255).astype(np.uint8) if look else rgb.clip(0, 255).astype(np.uint8)
     return FashionImage(f"fashion-{split}-{index:05d}", Image.fromarray(rgb, "RGB"), label, name, caption(label, name))
 

@@ -274,7 +274,8 @@ def job_mismatch(job: Job, row: dict, unrecorded: Sequence[str] | None = None) -
     return out
 
 
-def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=print) -> list[str]:
+def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=print,
+                 unrecorded: Sequence[str] | None = None) -> list[str]:
     """Mark as finished every pending group whose LoRAs the packed collection ``collection_dir`` already holds.
 
     The packed collection is the build's checkpoint that outlives its build folder (``data/_build`` is never
@@ -283,8 +284,9 @@ def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=
     adopted only whole, and only from a collection packed by the same collection, preset, seed and recipe (and base
     fingerprints, where the collection records them); every adopted job is checked against the collection's row: its
     seed and every hyperparameter the row records must be the job's, else `ZooError` (the recipe changed since
-    then: rebuild). Factors come back bit for bit (the collection's float16 in float32), so packing the adopted groups
-    again gives the same bytes. Returns the adopted group ids."""
+    then: rebuild). With the recipe's ``unrecorded`` settings given, a job setting the row lacks is a change too
+    (`job_mismatch`). Factors come back bit for bit (the collection's float16 in float32), so packing the adopted
+    groups again gives the same bytes. Returns the adopted group ids."""
     from ..collection import open_collection
 
     collection_dir = Path(collection_dir)
@@ -307,7 +309,6 @@ def adopt_packed(build_dir: Path, manifest: Manifest, collection_dir: Path, log=
         return []
     index = {str(i): k for k, i in enumerate(coll.table["id"])}
     jobs = manifest.jobs
-    unrecorded = getattr(load_object(manifest["recipe"], manifest["collection"]), "unrecorded", None)
     adopted = []
     for gid in todo:
         members = manifest["groups"][gid]
