@@ -321,6 +321,11 @@ def test_default_presets_still_draw_the_shipped_loras(name):
     # setting its row does not record (the recipe gained it since the row was written)
     r0 = dict(rows[0], lr=rows[0]["lr"] * 2) if "lr" in rows[0] else dict(rows[0], seed=rows[0]["seed"] + 1)
     assert job_mismatch(jobs[r0["id"]], r0, recipe.unrecorded)
+    if "lr" in rows[0]:  # one ulp apart (numpy's exp on another CPU) is the same job; 1e-9 apart is not
+        import math
+        assert not job_mismatch(jobs[rows[0]["id"]], dict(rows[0], lr=math.nextafter(rows[0]["lr"], 1.0)),
+                                recipe.unrecorded)
+        assert job_mismatch(jobs[rows[0]["id"]], dict(rows[0], lr=rows[0]["lr"] * (1 + 1e-9)), recipe.unrecorded)
     from dataclasses import replace
     gained = replace(jobs[rows[0]["id"]], params={**jobs[rows[0]["id"]].params, "new_setting": 1})
     assert job_mismatch(gained, rows[0], recipe.unrecorded) == {"new_setting": ("<not recorded>", 1)}

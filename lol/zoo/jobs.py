@@ -17,6 +17,7 @@ when CUDA is available, else one CPU; ``ray.init`` starts a local cluster unless
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -255,9 +256,18 @@ def collect_results(build_dir: Path, manifest: Manifest, partial: bool = False) 
 NOT_RECORDED = "<not recorded>"
 
 
+def _same_setting(recorded, v) -> bool:
+    if isinstance(v, float) and isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+        return math.isclose(recorded, v, rel_tol=1e-12, abs_tol=0.0)
+    return recorded == v
+
+
 def job_mismatch(job: Job, row: dict, unrecorded: Sequence[str] | None = None) -> dict[str, tuple]:
     """The settings a collection's ``row`` records differently from ``job`` (its seed and every scalar
     hyperparameter the row has a column for): ``{name: (row's, job's)}``; empty when the row is this job's LoRA.
+    Floats agree when they match to 1e-12 relative: a sampled hyperparameter (``exp(uniform(log lo, log hi))``)
+    can come out one ulp apart on another CPU, as numpy's exp and log dispatch on the CPU's vector instructions,
+    and a learning rate one ulp apart is the same job.
 
     ``unrecorded``: the recipe's scalar job settings that its rows do not record (`CollectionRecipe.unrecorded`);
     given, any other setting of the job that the row lacks is a mismatch too (``(NOT_RECORDED, job's)``): the
@@ -267,7 +277,7 @@ def job_mismatch(job: Job, row: dict, unrecorded: Sequence[str] | None = None) -
         if not isinstance(v, (int, float, str, bool)):
             continue
         if p in row:
-            if plain(row[p]) != v:
+            if not _same_setting(plain(row[p]), v):
                 out[p] = (plain(row[p]), v)
         elif unrecorded is not None and p not in unrecorded:
             out[p] = (NOT_RECORDED, v)
