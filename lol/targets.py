@@ -4,9 +4,14 @@
   decoded back to the label's units.
 * binary: one logit; multi-label BCE (each binary label its own sigmoid); decoded to a probability.
 * category: one logit per class seen in the data; cross-entropy; decoded to the most likely class.
-
-Missing values (NaN / None) are left out of the loss and the metrics. A `TargetSet` round-trips through JSON, so a
-checkpoint can decode predictions without any training state.
+* ordered category (``Target.ordered``: a count or a level, such as how many classes a LoRA was finetuned on): one
+  output, trained like a regression label on the class's value (MSE on ``(y − mean) / std``, training-split
+  statistics) and decoded to the nearest class. A softmax treats "3 classes" and "7 classes" as unrelated answers;
+  on the fashion dataset-size task (2,046 LoRAs, GL-net, seed 0, validation accuracy) it stopped at epoch 1 with
+  0.208, K − 1 threshold logits (Frank & Hall's ordinal classifiers) at epoch 3 with 0.279, the regression head at
+  epoch 97 with 0.328. A category label whose classes are all integers is ordered unless ``ordered`` says otherwise
+  (`TargetSet.fit`): integer columns are regression unless a schema declares them a category, which is what a count
+  or a level is.
 """
 from __future__ import annotations
 
@@ -34,10 +39,30 @@ class Target:
     mean: float = 0.0
     std: float = 1.0
     classes: list = field(default_factory=list)
+    ordered: bool = False            # category only: classes in order, learned as one scalar (module docstring)
 
     @property
     def width(self) -> int:
-        return len(self.classes) if self.kind == "category" else 1
+        return len(self.classes) if self.kind == "category" and not self.ordered else 1
+
+    @property
+    def scalar(self) -> bool:
+        """One output trained with MSE on standardized values: a regression label or an ordered category."""
+        return self.kind == "regression" or self.ordered
+
+
+def _train_stats(name: str, v: np.ndarray, train_index) -> tuple[float, float]:
+    """(mean, std) of a label's values on the training split (std 1 when they are all equal)."""
+    tr = v[train_index] if train_index is not None else v
+    tr = tr[np.isfinite(tr)]
+    if len(tr) == 0:
+        raise LoLError(f"label {name!r}: no finite value in the training split")
+    std = float(tr.std())
+    return float(tr.mean()), std if std > 0 else 1.0
+
+
+def _integer_classes(classes: list) -> bool:
+    return all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in classes)
 
 
 class TargetSet:
@@ -59,21 +84,19 @@ class TargetSet:
         return [t.name for t in self.targets]
 
     @classmethod
-    def fit(cls, columns: dict, kinds: dict | None = None, train_index=None) -> "TargetSet":
-        """Targets for ``columns`` ({name: values}); regression statistics from the rows in ``train_index`` only."""
-        kinds = kinds or {}
+    def fit(cls, columns: dict, kinds: dict | None = None, train_index=None,
+            ordered: dict | None = None) -> "TargetSet":
+        """Targets for ``columns`` ({name: values}); regression statistics from the rows in ``train_index`` only.
+        ``ordered`` ({name: bool}) says which category labels have ordered classes; a category label it does not
+        name is ordered when its classes are all integers."""
+        kinds, ordered = kinds or {}, dict(ordered or {})
         out = []
         for name, values in columns.items():
             kind = kinds.get(name) or infer_kind(values)
             s = pd.Series(values)
             if kind == "regression":
-                v = pd.to_numeric(s, errors="raise").to_numpy(float)
-                tr = v[train_index] if train_index is not None else v
-                tr = tr[np.isfinite(tr)]
-                if len(tr) == 0:
-                    raise LoLError(f"label {name!r}: no finite value in the training split")
-                std = float(tr.std())
-                out.append(Target(name, kind, float(tr.mean()), std if std > 0 else 1.0))
+                mean, std = _train_stats(name, pd.to_numeric(s, errors="raise").to_numpy(float), train_index)
+                out.append(Target(name, kind, mean, std))
             elif kind == "binary":
                 v = pd.to_numeric(s.astype("float64"), errors="raise").dropna().to_numpy()
                 if not set(np.unique(v)) <= {0.0, 1.0}:
@@ -83,17 +106,25 @@ class TargetSet:
                 classes = sorted({plain(v) for v in s.dropna()}, key=lambda x: (str(type(x)), x))
                 if len(classes) < 2:
                     raise LoLError(f"category label {name!r} has fewer than two classes: {classes}")
-                out.append(Target(name, kind, classes=classes))
+                if not ordered.get(name, _integer_classes(classes)):
+                    out.append(Target(name, kind, classes=classes))
+                    continue
+                if not all(isinstance(c, (int, float, np.number)) and not isinstance(c, bool) for c in classes):
+                    raise LoLError(f"category label {name!r} is declared ordered but its classes are not numbers "
+                                   f"(whose order is known): {classes[:5]}")
+                mean, std = _train_stats(name, pd.to_numeric(s, errors="raise").to_numpy(float), train_index)
+                out.append(Target(name, kind, mean, std, classes=sorted(classes), ordered=True))
         return cls(out)
 
     def encode(self, columns: dict) -> torch.Tensor:
-        """(N, n_labels) float32 targets: normalized regression values, 0/1, or class index; NaN where missing."""
+        """(N, n_labels) float32 targets: normalized regression (and ordered category) values, 0/1, or class index;
+        NaN where missing."""
         cols = []
         for t in self.targets:
             if t.name not in columns:
                 raise LoLError(f"label {t.name!r} is missing from the data")
             s = pd.Series(columns[t.name])
-            if t.kind == "regression":
+            if t.scalar:
                 v = (pd.to_numeric(s).to_numpy(float) - t.mean) / t.std
             elif t.kind == "binary":
                 v = s.astype("float64").to_numpy()
@@ -104,14 +135,15 @@ class TargetSet:
         return torch.tensor(np.stack(cols, 1), dtype=torch.float32)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean over labels of MSE (regression), BCE-with-logits (binary) or cross-entropy (category)."""
+        """Mean over labels of MSE (regression, ordered category), BCE-with-logits (binary) or cross-entropy
+        (category)."""
         parts = []
         for j, (t, sl) in enumerate(zip(self.targets, self.slices)):
             ok = torch.isfinite(y[:, j])
             if not bool(ok.any()):
                 continue
             o, yy = out[ok, sl], y[ok, j]
-            if t.kind == "regression":
+            if t.scalar:
                 parts.append(F.mse_loss(o[:, 0], yy))
             elif t.kind == "binary":
                 parts.append(F.binary_cross_entropy_with_logits(o[:, 0], yy))
@@ -129,6 +161,11 @@ class TargetSet:
                 res[t.name] = (o[:, 0] * t.std + t.mean).numpy()
             elif t.kind == "binary":
                 res[t.name] = torch.sigmoid(o[:, 0]).numpy()
+            elif t.ordered:
+                value = (o[:, 0] * t.std + t.mean).numpy()
+                classes = np.array(t.classes, dtype=float)
+                nearest = np.abs(value[:, None] - classes[None, :]).argmin(1)
+                res[t.name] = np.array(t.classes, dtype=object)[nearest]
             else:
                 res[t.name] = np.array(t.classes, dtype=object)[o.argmax(1).numpy()]
         return res
@@ -146,6 +183,8 @@ class TargetSet:
                 res[t.name] = M.binary_metrics(y.astype("float64").to_numpy()[ok], pred[t.name][ok])
             else:
                 res[t.name] = M.category_metrics(y.map(plain).to_numpy(object)[ok], pred[t.name][ok])
+                if t.ordered:
+                    res[t.name]["mae"] = M.mae(y.map(plain).to_numpy(float)[ok], pred[t.name][ok].astype(float))
         return res
 
     def to_json(self) -> list[dict]:

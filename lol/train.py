@@ -5,7 +5,7 @@
 1. splits: the collection's ``split`` column if present, else a seeded grouped split (`lol.splits.make_splits`, by the
    ``group`` column when there is one);
 2. targets (`lol.targets.TargetSet`): regression labels normalized with training-split statistics only; binary labels
-   trained with multi-label BCE; categories with cross-entropy;
+   trained with multi-label BCE; categories with cross-entropy, ordered ones (counts) as a regression;
 3. ``model.fit(train split)`` sets featurizer state (templates, ranks, standardization) from training LoRAs only;
 4. AdamW with minibatches; models whose featurizer is fixed (``precompute``) are featurized once; ``mlp_aug`` gets a
    fresh random GL(r) element per module and LoRA on every minibatch;
@@ -152,9 +152,11 @@ def _outputs(model, inputs, n, chunk=256):
 
 
 def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = None, *, table=None, kinds=None,
-          **overrides) -> TrainResult:
+          ordered=None, **overrides) -> TrainResult:
     """Train a model of ``kind`` to predict ``labels`` (a task name, label name or list for a collection; a dict or
-    DataFrame for a LoRABatch). ``overrides`` replace fields of ``config`` (e.g. ``epochs=50``)."""
+    DataFrame for a LoRABatch). ``overrides`` replace fields of ``config`` (e.g. ``epochs=50``). ``ordered``
+    ({label: bool}) overrides which category labels get an ordinal head (`lol.targets`; a collection's schema can
+    say so with ``"ordered"``; by default a category of integers is ordered)."""
     cfg = copy.deepcopy(config) if config is not None else TrainConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
@@ -162,9 +164,12 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
         setattr(cfg, k, v)
     t0 = time.time()
     batch, cols, kinds, table, fingerprint = _resolve_data(data, labels, table, kinds)
+    if hasattr(data, "labels") and hasattr(data, "label_columns"):
+        ordered = {n: bool(d["ordered"]) for n, d in (data.labels or {}).items()
+                   if n in cols and "ordered" in d} | dict(ordered or {})
     n = len(batch)
     split, idx, split_how = _splits(n, table, cfg)
-    targets = TargetSet.fit(cols, kinds, idx["train"])
+    targets = TargetSet.fit(cols, kinds, idx["train"], ordered=ordered)
     Y = targets.encode(cols)
     device = resolve_device(cfg.device)
 

@@ -83,6 +83,57 @@ def test_binary_and_category_labels_with_groups(task, tmp_path):
     assert (again["energy_bin"] == res.predictions["energy_bin"].to_numpy()).all()
 
 
+def test_count_labels_get_an_ordinal_head(task, tmp_path):
+    """A category label of integers (a count, e.g. how many classes a LoRA saw) is learned as one standardized value
+    and decoded to the nearest of its classes; ``ordered=False`` gives the softmax head back; the checkpoint decodes
+    the same."""
+    batch, labels = task
+    n = 300
+    level = pd.qcut(labels["energy"][:n], 5, labels=False).astype(int) + 1          # 1..5, ordered by energy
+    table = pd.DataFrame({"id": [f"l{i}" for i in range(n)], "group": np.arange(n) // 3, "level": level})
+    res = train(batch.select(range(n)), table[["level"]], "svals", table=table, epochs=60, progress=False,
+                kinds={"level": "category"})
+    t = res.targets.targets[0]
+    assert t.ordered and t.classes == [1, 2, 3, 4, 5] and res.model.n_outputs == 1
+    assert t.mean == pytest.approx(float(level[res.split == "train"].mean()))         # training split only
+    m = res.metrics["test"]["level"]
+    assert set(m) == {"accuracy", "balanced_accuracy", "mae"}
+    assert m["mae"] < 0.8 and m["accuracy"] > 0.4, m            # chance: accuracy 0.2, MAE 1.6
+    assert set(res.predictions["level"]) <= {1, 2, 3, 4, 5}
+    ck = load_checkpoint(res.save(tmp_path / "ck"), device=res.device)
+    assert ck.targets.targets[0].ordered
+    assert (ck.predict_batch(batch.select(range(n)))["level"] == res.predictions["level"].to_numpy()).all()
+    soft = train(batch.select(range(n)), table[["level"]], "svals", table=table, epochs=2, progress=False,
+                 kinds={"level": "category"}, ordered={"level": False})
+    assert not soft.targets.targets[0].ordered and soft.model.n_outputs == 5
+
+
+def test_ordinal_targets_encode_decode_and_refuse_unordered_classes():
+    import torch
+
+    from lol.errors import LoLError
+    from lol.targets import TargetSet
+
+    ts = TargetSet.fit({"n": [4, 1, 2, 2]}, {"n": "category"})
+    t = ts.targets[0]
+    assert t.ordered and t.classes == [1, 2, 4] and ts.n_outputs == 1
+    assert (t.mean, t.std) == pytest.approx((2.25, float(np.std([4, 1, 2, 2]))))
+    y = ts.encode({"n": [1, 2, 4]})
+    torch.testing.assert_close(y[:, 0], (torch.tensor([1.0, 2.0, 4.0]) - t.mean) / t.std)
+    assert float(ts.loss(y, y)) == 0.0 and float(ts.loss(y + 1, y)) == pytest.approx(1.0)
+    # decoded to the nearest class, in the label's units (3.2 is nearer 4 than 2; far values clip to the ends)
+    values = torch.tensor([[0.0], [1.4], [1.6], [3.2], [9.0]])
+    assert list(ts.decode((values - t.mean) / t.std)["n"]) == [1, 1, 2, 4, 4]
+    # a checkpoint written before ordered heads existed decodes as the softmax it was trained as
+    old = [{k: v for k, v in d.items() if k != "ordered"} for d in ts.to_json()]
+    assert not TargetSet.from_json(old).targets[0].ordered and TargetSet.from_json(old).n_outputs == 3
+    assert TargetSet.from_json(ts.to_json()).targets[0].ordered
+    # strings are not ordered by default; declaring them ordered names the label
+    assert not TargetSet.fit({"c": ["a", "b"]}, {"c": "category"}).targets[0].ordered
+    with pytest.raises(LoLError, match="'c' is declared ordered"):
+        TargetSet.fit({"c": ["a", "b"]}, {"c": "category"}, ordered={"c": True})
+
+
 def test_gl_augmentation_helps_the_flatten_mlp(task):
     """Random GL(r) augmentation teaches the raw-factor MLP some of the symmetry: better test R² than without."""
     batch, labels = task
