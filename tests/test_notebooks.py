@@ -89,8 +89,10 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
               "base_transfer_membership.png", "learning_curves.csv", "learning_curves.png"):
         assert (res / f).is_file(), f
     search = pd.read_csv(res / "hparam_search.csv")     # notebook 09's search, trimmed to 2 settings in smoke mode
-    assert set(zip(search.collection, search.task)) == {("lm", "eval_loss")} and set(search.model) == {"svals", "glnet"}
-    assert search.groupby("model").chosen.sum().eq(1).all() and search.setting.nunique() == 2
+    assert set(zip(search.collection, search.task, search.model)) == {("lm", "eval_loss", "svals"),
+                                                                      ("lm", "eval_loss", "glnet"),
+                                                                      ("fashion", "membership", "glnet")}
+    assert search.groupby(["collection", "task", "model"]).chosen.sum().eq(1).all() and search.setting.nunique() == 2
     assert "## Hyperparameter search on validation" in (res / "README.md").read_text()
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
     assert set(transfer.train_collection) == {"fashion", "fashion_v1", "lm", "lm_v2"}
