@@ -4,7 +4,8 @@ Regression: ``r2`` (coefficient of determination, 1 − SS_res/SS_tot), ``spearm
 Binary labels (one score per LoRA, higher = positive): ``accuracy`` and ``balanced_accuracy`` at threshold 0.5 on a
 probability, ``auc`` (ROC AUC), ``tpr_at_1pct_fpr`` and ``tpr_at_0.1pct_fpr`` (the largest TPR on the ROC curve at
 FPR ≤ 1% / 0.1%, as in Carlini et al. 2112.03570; with fewer than 100 / 1000 negatives these are TPR at FPR = 0),
-and `roc_curve` points. Categories: ``accuracy`` and ``balanced_accuracy``. Undefined values (one class only,
+``bce`` (the binary cross-entropy of the probabilities, natural log: the paper's Figure 4 "BCE test loss"), and
+`roc_curve` points. Categories: ``accuracy`` and ``balanced_accuracy``. Undefined values (one class only,
 constant input) are NaN, never a made-up number.
 """
 from __future__ import annotations
@@ -13,14 +14,14 @@ import math
 
 import numpy as np
 
-__all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "roc_curve", "tpr_at_fpr",
+__all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "bce", "roc_curve", "tpr_at_fpr",
            "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "membership_curves", "confusion",
            "METRIC_NAMES"]
 
 # the keys of the ``*_metrics`` dicts (as checkpoints and result tables record them) -> their names on screen
 METRIC_NAMES = {"r2": "R²", "spearman": "Spearman ρ", "kendall": "Kendall τ", "mae": "MAE", "auc": "AUC",
                 "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "tpr_at_1pct_fpr": "TPR @ 1% FPR",
-                "tpr_at_0.1pct_fpr": "TPR @ 0.1% FPR"}
+                "tpr_at_0.1pct_fpr": "TPR @ 0.1% FPR", "bce": "BCE loss"}
 
 
 def _pair(y, p):
@@ -101,12 +102,23 @@ def regression_metrics(y, p) -> dict[str, float]:
     return {"r2": r2(y, p), "spearman": spearman(y, p), "kendall": kendall(y, p), "mae": mae(y, p)}
 
 
+def bce(y, prob, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy −[y log p + (1 − y) log(1 − p)] of 0/1 labels ``y`` and probabilities ``prob``
+    (clipped to [eps, 1 − eps], so one confident mistake costs about 16, not infinity)."""
+    y, p = _pair(y, prob)
+    if not len(y):
+        return math.nan
+    p = np.clip(p, eps, 1 - eps)
+    return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
+
+
 def binary_metrics(y, prob) -> dict[str, float]:
     """``prob``: predicted probability of the positive class."""
     y_, p_ = _pair(y, prob)
     pred = (p_ >= 0.5).astype(float)
     return {"accuracy": accuracy(y_, pred), "balanced_accuracy": balanced_accuracy(y_, pred), "auc": auc(y_, p_),
-            "tpr_at_1pct_fpr": tpr_at_fpr(y_, p_, 0.01), "tpr_at_0.1pct_fpr": tpr_at_fpr(y_, p_, 0.001)}
+            "tpr_at_1pct_fpr": tpr_at_fpr(y_, p_, 0.01), "tpr_at_0.1pct_fpr": tpr_at_fpr(y_, p_, 0.001),
+            "bce": bce(y_, p_)}
 
 
 def category_metrics(y, pred) -> dict[str, float]:

@@ -29,8 +29,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["PAPER", "PAPER_FIGURE4", "PAPER_MODELS", "PAPER_SIZES", "DEFAULT_TASKS", "mse_norm_rows", "paper_comparison",
-           "explain_gaps", "read_paper_comparison",
-           "write_paper_comparison"]
+           "explain_gaps", "read_paper_comparison", "figure4_ours", "write_paper_comparison"]
 
 # the paper's model families → our model kinds
 PAPER_MODELS = {"MLP": "mlp", "O-Align": "oalign", "SVD": "svals", "Dense": "dense", "GL-net": "glnet"}
@@ -204,6 +203,23 @@ PAPER_SIZES = {"faces": 3900, "fashion": 2046, "lm": 2000}
 CURVE_METRIC = {"regression": "r2", "binary": "auc", "category": "balanced_accuracy"}  # a learning curve's metric
 
 
+def figure4_ours(rank_runs: pd.DataFrame, collection: str = "faces", task: str = "attributes",
+                 train_rank: int = 4) -> pd.DataFrame:
+    """Our Figure 4 from `lol.experiments.rank_generalization`'s tidy rows (``results/rank_generalization_runs.csv``):
+    the test BCE loss (mean over the task's labels, then over seeds) of each model trained on ``train_rank``, at each
+    evaluation rank: columns ``rank`` and one per model (GL-net and Dense first, as in the paper). Runs made before
+    binary metrics recorded ``bce`` give an empty table (rerun notebook 05)."""
+    r = rank_runs[(rank_runs.collection == collection) & (rank_runs.task == task) & (rank_runs.metric == "bce")
+                  & (rank_runs.train_rank == train_rank)]
+    if r.empty:
+        return pd.DataFrame(columns=["rank"])
+    per_seed = r.groupby(["model", "seed", "eval_rank"])["value"].mean()
+    wide = per_seed.groupby(["model", "eval_rank"]).mean().unstack("model")
+    order = [m for m in ("glnet", "dense") if m in wide.columns] + sorted(c for c in wide.columns
+                                                                       if c not in ("glnet", "dense"))
+    return wide[order].rename_axis(index="rank", columns=None).reset_index()
+
+
 def _short_of_paper(r) -> bool:
     """Whether our best of GL-net and the best other model falls short of the paper's best in this row's metric."""
     ours = [v for v in (r["ours_glnet"], r["ours_best_other"]) if pd.notna(v)]
@@ -215,7 +231,8 @@ def _short_of_paper(r) -> bool:
 
 def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping] | None = None,
                  curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None,
-                 search: pd.DataFrame | None = None) -> pd.DataFrame:
+                 search: pd.DataFrame | None = None,
+                 counted: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
     paper, from measurements only:
 
@@ -227,7 +244,11 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     * ``sizes`` (LoRAs in each of our collections): against the paper's (`PAPER_SIZES`);
     * ``search`` (`lol.experiments.best_setting` of a `lol.experiments.hparam_search`): per model searched on the
       task, how many settings were tried, the one chosen on validation and its test score, in the task's primary
-      metric.
+      metric;
+    * ``counted`` (``{"<collection>/<task>": rows}``, rows of `lol.figures.size_from_membership`): for a dataset-size
+      task, how often counting the classes a membership model predicts present gives the exact size (the best model
+      of those rows), against ours: when counting does better, the weights carry the size and the head trained on the
+      size alone is what falls short.
 
     Rows that are not short of the paper, or with nothing measured, keep ``why`` as it was."""
     out = table.copy()
@@ -271,6 +292,16 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         if r["ours"] in curve:
             parts.append(curve[r["ours"]])
         parts += searched.get(r["ours"], [])
+        rows = (counted or {}).get(r["ours"])
+        if rows is not None and len(rows) and r["metric"] == "accuracy":
+            c = rows.loc[rows.accuracy.idxmax()]
+            text = (f"counting the classes a membership model predicts present gives the exact size for "
+                    f"{c.accuracy:.3f} of test LoRAs ({c.model}; within one {c.within_one:.3f}, always-the-commonest "
+                    f"{c.majority_baseline:.3f})")
+            ours = max(v for v in (r["ours_glnet"], r["ours_best_other"]) if pd.notna(v)) \
+                if pd.notna(r["ours_glnet"]) or pd.notna(r["ours_best_other"]) else math.nan
+            parts.append(text + (": the weights carry the size; the head trained on the size alone falls short of it"
+                                 if math.isfinite(ours) and c.accuracy > ours else ""))
         if sizes and coll in sizes and coll in PAPER_SIZES:
             parts.append(f"{sizes[coll]:,} LoRAs vs the paper's {PAPER_SIZES[coll]:,}")
         if parts:

@@ -73,3 +73,14 @@ def test_splits_are_seeded_grouped_and_sized():
     assert sorted(tiny) == ["test", "train", "val"]
     with pytest.raises(CollectionError, match="unknown value"):
         split_indices(["train", "dev"])
+
+
+def test_bce_is_the_binary_cross_entropy_of_the_probabilities():
+    import torch
+
+    y, p = np.array([1.0, 0.0, 1.0, 0.0, np.nan]), np.array([0.9, 0.2, 0.4, 0.5, 0.3])
+    want = float(torch.nn.functional.binary_cross_entropy(torch.tensor(p[:4]), torch.tensor(y[:4])))
+    assert M.bce(y, p) == pytest.approx(want)                          # the NaN label is left out
+    assert M.bce([1, 0], [0.5, 0.5]) == pytest.approx(math.log(2))     # a coin flip
+    assert M.bce([1, 0], [1.0, 0.0]) < 1e-6 and math.isfinite(M.bce([1], [0.0]))   # clipped, not infinite
+    assert M.binary_metrics(y, p)["bce"] == pytest.approx(want)

@@ -4,6 +4,7 @@ uses. Notebooks are committed with outputs stripped and with kernelspec / langua
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +101,10 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     assert set(transfer[transfer.train_collection == "lm_v2"].task) == {"membership", "challenge_accuracy",
                                                                         "eval_loss"}
     assert (res / "base_transfer_challenge_accuracy.png").is_file()
+    # the paper comparison, rewritten by notebook 09: our Figure 4 (notebook 05's BCE losses) beside the paper's
+    fig4 = (res / "paper_comparison.md").read_text().split("## Figure 4")[1]
+    assert "| rank | paper GL-net | paper Dense | ours glnet | ours dense |" in fig4
+    assert re.search(r"\| 4 \| 0\.323 \| – \| \d\.\d{3} \| \d\.\d{3} \|", fig4), fig4
 
 
 def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):

@@ -170,6 +170,19 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     assert ('hyperparameter search on validation (glnet, 2 settings, r2): chosen {"lr": 0.003}, val 0.840, test 0.830'
             in with_search.loc[("CelebA-LoRA CLIP score", "r2")].why)
     assert "hyperparameter" not in with_search.loc[("CelebA-LoRA 5 attributes: mean per-label accuracy", "accuracy")].why
+    counted = {"fashion/n_classes": pd.DataFrame([  # lol.figures.size_from_membership rows: the best is cited
+        {"model": "dense", "seed": 0, "loras": 300, "accuracy": .684, "within_one": .945, "majority_baseline": .316},
+        {"model": "glnet", "seed": 0, "loras": 300, "accuracy": .505, "within_one": .909, "majority_baseline": .316}])}
+    with_count = P.explain_gaps(t, ceilings, curves, {"fashion": 420}, counted=counted).set_index(["paper_task", "metric"])
+    size = with_count.loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")].why
+    assert ("counting the classes a membership model predicts present gives the exact size for 0.684 of test LoRAs "
+            "(dense; within one 0.945, always-the-commonest 0.316);" in size)        # ours (.70) does better: no claim
+    counted["fashion/n_classes"].loc[0, "accuracy"] = .784
+    size = P.explain_gaps(t, ceilings, curves, {"fashion": 420}, counted=counted).set_index(
+        ["paper_task", "metric"]).loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")].why
+    assert "exact size for 0.784 of test LoRAs (dense; within one 0.945, always-the-commonest 0.316): the weights " \
+           "carry the size; the head trained on the size alone falls short of it" in size
+    assert "counting" not in with_count.loc[("CelebA-LoRA CLIP score", "r2")].why
     past = t.copy()                                                                      # ours past the paper: none
     past.loc[(past.paper_task == "CelebA-LoRA CLIP score") & (past.metric == "r2"), "ours_glnet"] = 0.95
     past = P.explain_gaps(past, ceilings, curves, {"faces": 640}).set_index(["paper_task", "metric"])
@@ -178,3 +191,21 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     back = P.read_paper_comparison(csv)
     assert list(back.why) == list(out.why) and list(back.note) == list(out.note)
     assert "nan" not in md.read_text()
+
+
+def test_our_figure4_is_the_mean_test_bce_per_evaluation_rank():
+    rows = []
+    for model, base in (("dense", 0.40), ("glnet", 0.30), ("svals", 0.50)):
+        for seed in (0, 1):
+            for rank in (1, 4, 32):
+                for label, shift in (("male", 0.0), ("young", 0.02)):
+                    rows.append({"collection": "faces", "task": "attributes", "model": model, "seed": seed,
+                                 "train_rank": 4, "eval_rank": rank, "label": label, "metric": "bce",
+                                 "value": base + shift + 0.01 * seed + (0.1 if rank != 4 else 0.0)})
+                    rows.append({**rows[-1], "metric": "auc", "value": 0.9})
+    fig = P.figure4_ours(pd.DataFrame(rows))
+    assert list(fig.columns) == ["rank", "glnet", "dense", "svals"] and list(fig["rank"]) == [1, 4, 32]
+    assert fig.set_index("rank").loc[4, "glnet"] == pytest.approx(0.30 + 0.01 + 0.005)   # labels, then seeds
+    assert fig.set_index("rank").loc[32, "dense"] == pytest.approx(0.40 + 0.01 + 0.005 + 0.1)
+    old = pd.DataFrame(rows)
+    assert P.figure4_ours(old[old.metric != "bce"]).empty          # runs from before bce was recorded

@@ -70,7 +70,7 @@ def test_binary_and_category_labels_with_groups(task, tmp_path):
     assert kinds == ["binary", "category"] and res.model.n_outputs == 1 + 3
     m = res.metrics["test"]
     assert set(m["probe_positive"]) == {"accuracy", "balanced_accuracy", "auc", "tpr_at_1pct_fpr",
-                                        "tpr_at_0.1pct_fpr"}
+                                        "tpr_at_0.1pct_fpr", "bce"}
     assert m["probe_positive"]["auc"] > 0.8, m
     assert m["energy_bin"]["accuracy"] > 0.6, m
     # grouped split: each group of three LoRAs sits in one split

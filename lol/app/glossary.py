@@ -27,6 +27,7 @@ METRIC_HELP = {
     "balanced accuracy": "Accuracy averaged over the classes, so a rare class counts as much as a common one.",
     "TPR @ 1% FPR": "True-positive rate when only 1% of negatives are flagged (the low-false-alarm regime).",
     "TPR @ 0.1% FPR": "True-positive rate when only 0.1% of negatives are flagged.",
+    "BCE loss": "Binary cross-entropy of the predicted probabilities (lower is better; 0.693 is a coin flip).",
     "LoRAs": "How many LoRAs the metrics are computed on (the model's test split).",
 }
 LOWER_IS_BETTER = ("MAE", "loss")
