@@ -220,9 +220,14 @@ def figure4_ours(rank_runs: pd.DataFrame, collection: str = "faces", task: str =
     return wide[order].rename_axis(index="rank", columns=None).reset_index()
 
 
+def _ours(r) -> list[float]:
+    """This row's values of ours (GL-net, best other model) that were measured."""
+    return [v for v in (r["ours_glnet"], r["ours_best_other"]) if pd.notna(v)]
+
+
 def _short_of_paper(r) -> bool:
     """Whether our best of GL-net and the best other model falls short of the paper's best in this row's metric."""
-    ours = [v for v in (r["ours_glnet"], r["ours_best_other"]) if pd.notna(v)]
+    ours = _ours(r)
     paper = [v for v in (r["paper_glnet"], r["paper_best_other"]) if pd.notna(v)]
     if not ours or not paper:
         return False
@@ -298,10 +303,8 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
             text = (f"counting the classes a membership model predicts present gives the exact size for "
                     f"{c.accuracy:.3f} of test LoRAs ({c.model}; within one {c.within_one:.3f}, always-the-commonest "
                     f"{c.majority_baseline:.3f})")
-            ours = max(v for v in (r["ours_glnet"], r["ours_best_other"]) if pd.notna(v)) \
-                if pd.notna(r["ours_glnet"]) or pd.notna(r["ours_best_other"]) else math.nan
             parts.append(text + (": the weights carry the size; the head trained on the size alone falls short of it"
-                                 if math.isfinite(ours) and c.accuracy > ours else ""))
+                                 if c.accuracy > max(_ours(r)) else ""))     # short of the paper: ours is measured
         if sizes and coll in sizes and coll in PAPER_SIZES:
             parts.append(f"{sizes[coll]:,} LoRAs vs the paper's {PAPER_SIZES[coll]:,}")
         if parts:

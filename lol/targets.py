@@ -61,8 +61,10 @@ def _train_stats(name: str, v: np.ndarray, train_index) -> tuple[float, float]:
     return float(tr.mean()), std if std > 0 else 1.0
 
 
-def _integer_classes(classes: list) -> bool:
-    return all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in classes)
+def _number_classes(classes: list, integers: bool = False) -> bool:
+    """Whether every class is a number (an integer, with ``integers``), not a bool."""
+    kinds = (int, np.integer) if integers else (int, float, np.number)
+    return all(isinstance(c, kinds) and not isinstance(c, (bool, np.bool_)) for c in classes)
 
 
 class TargetSet:
@@ -106,10 +108,10 @@ class TargetSet:
                 classes = sorted({plain(v) for v in s.dropna()}, key=lambda x: (str(type(x)), x))
                 if len(classes) < 2:
                     raise LoLError(f"category label {name!r} has fewer than two classes: {classes}")
-                if not ordered.get(name, _integer_classes(classes)):
+                if not ordered.get(name, _number_classes(classes, integers=True)):
                     out.append(Target(name, kind, classes=classes))
                     continue
-                if not all(isinstance(c, (int, float, np.number)) and not isinstance(c, bool) for c in classes):
+                if not _number_classes(classes):
                     raise LoLError(f"category label {name!r} is declared ordered but its classes are not numbers "
                                    f"(whose order is known): {classes[:5]}")
                 mean, std = _train_stats(name, pd.to_numeric(s, errors="raise").to_numpy(float), train_index)
@@ -157,15 +159,14 @@ class TargetSet:
         res = {}
         for t, sl in zip(self.targets, self.slices):
             o = out[:, sl]
-            if t.kind == "regression":
-                res[t.name] = (o[:, 0] * t.std + t.mean).numpy()
+            if t.scalar:
+                value = (o[:, 0] * t.std + t.mean).numpy()
+                if t.ordered:    # the nearest class
+                    value = np.array(t.classes, dtype=object)[
+                        np.abs(value[:, None] - np.array(t.classes, dtype=float)[None, :]).argmin(1)]
+                res[t.name] = value
             elif t.kind == "binary":
                 res[t.name] = torch.sigmoid(o[:, 0]).numpy()
-            elif t.ordered:
-                value = (o[:, 0] * t.std + t.mean).numpy()
-                classes = np.array(t.classes, dtype=float)
-                nearest = np.abs(value[:, None] - classes[None, :]).argmin(1)
-                res[t.name] = np.array(t.classes, dtype=object)[nearest]
             else:
                 res[t.name] = np.array(t.classes, dtype=object)[o.argmax(1).numpy()]
         return res

@@ -94,16 +94,19 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(default_device(device))
 
 
-def _resolve_data(data, labels, table, kinds):
-    """→ (batch, {label: values}, kinds, table, fingerprint)."""
+def _resolve_data(data, labels, table, kinds, ordered):
+    """→ (batch, {label: values}, kinds, ordered, table, fingerprint); a collection's schema gives the kinds and
+    ``ordered`` flags that the arguments leave out."""
     if hasattr(data, "batch") and hasattr(data, "table") and hasattr(data, "label_columns"):
         names = data.label_columns(labels)
         table = data.table
-        kinds = {n: (data.labels.get(n) or {}).get("kind") for n in names} | dict(kinds or {})
+        schema = {n: data.labels.get(n) or {} for n in names}
+        kinds = {n: d.get("kind") for n, d in schema.items()} | dict(kinds or {})
+        ordered = {n: bool(d["ordered"]) for n, d in schema.items() if "ordered" in d} | dict(ordered or {})
         missing = [n for n in names if n not in table.columns]
         if missing:
             raise LoLError(f"{getattr(data, 'path', 'collection')}: label column(s) {missing} missing from the table")
-        return data.batch(dtype=torch.float32), {n: table[n].to_numpy() for n in names}, kinds, table, \
+        return data.batch(dtype=torch.float32), {n: table[n].to_numpy() for n in names}, kinds, ordered, table, \
             data.fingerprint
     if not isinstance(data, LoRABatch):
         raise TypeError(f"train: expected a collection or a LoRABatch, got {type(data).__name__}")
@@ -119,7 +122,7 @@ def _resolve_data(data, labels, table, kinds):
     bad = {k: len(v) for k, v in cols.items() if len(v) != len(data)}
     if bad:
         raise LoLError(f"train: label lengths {bad} differ from the batch size {len(data)}")
-    return data, cols, dict(kinds or {}), table, None
+    return data, cols, dict(kinds or {}), dict(ordered or {}), table, None
 
 
 def _splits(n, table, cfg):
@@ -163,10 +166,7 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
             raise TypeError(f"train: unknown option {k!r}")
         setattr(cfg, k, v)
     t0 = time.time()
-    batch, cols, kinds, table, fingerprint = _resolve_data(data, labels, table, kinds)
-    if hasattr(data, "labels") and hasattr(data, "label_columns"):
-        ordered = {n: bool(d["ordered"]) for n, d in (data.labels or {}).items()
-                   if n in cols and "ordered" in d} | dict(ordered or {})
+    batch, cols, kinds, ordered, table, fingerprint = _resolve_data(data, labels, table, kinds, ordered)
     n = len(batch)
     split, idx, split_how = _splits(n, table, cfg)
     targets = TargetSet.fit(cols, kinds, idx["train"], ordered=ordered)
