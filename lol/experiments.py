@@ -54,7 +54,6 @@ DEFAULT_TASKS: dict[str, tuple[str, ...]] = {
 }
 # the task-level score used to select models (higher is better), by label kind
 PRIMARY_METRIC = {"regression": "r2", "binary": "auc", "category": "balanced_accuracy"}
-LOWER_IS_BETTER = {"mae", "bce"}
 
 
 def gl_invariant(kind: str) -> bool:

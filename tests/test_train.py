@@ -208,3 +208,26 @@ def test_checkpoint_records_the_exact_split_by_id(task, tmp_path):
     assert ck2.split["by"] == "position" and ck2.split["how"].startswith("seeded split with seed 0")
     assert sorted(ck2.split["train"] + ck2.split["val"] + ck2.split["test"]) == list(range(n))
     assert ck2.split_of(["l0"]) is None
+
+
+def test_a_collections_schema_says_which_categories_are_ordered(tmp_path):
+    """A collection's label schema carries ``"ordered"``: the trainer reads it beside the kind (a count declared
+    unordered gets the softmax head), and the ``ordered=`` argument still overrides the schema."""
+    from helpers_models import SPEC, random_lora
+    from lol.collection import open_collection, write_collection
+
+    n = 24
+    loras = [random_lora(SPEC, 4, seed=i, dtype=torch.float32) for i in range(n)]
+    table = pd.DataFrame({"id": [f"l{i}" for i in range(n)], "group": np.arange(n) // 2,
+                          "level": np.arange(n) % 3 + 1})
+    schema = {"level": {"kind": "category", "ordered": False}}
+    col = open_collection(write_collection(tmp_path / "c", loras, table, labels=schema).path)
+    assert col.labels["level"]["ordered"] is False
+    soft = train(col, ["level"], "svals", epochs=1, width=8, progress=False)
+    assert not soft.targets.targets[0].ordered and soft.model.n_outputs == 3
+    reg = train(col, ["level"], "svals", epochs=1, width=8, progress=False, ordered={"level": True})
+    assert reg.targets.targets[0].ordered and reg.model.n_outputs == 1
+    # without the flag, the integer category is ordered by default
+    plain = open_collection(write_collection(tmp_path / "d", loras, table,
+                                             labels={"level": {"kind": "category"}}).path)
+    assert train(plain, ["level"], "svals", epochs=1, width=8, progress=False).targets.targets[0].ordered
