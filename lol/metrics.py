@@ -1,6 +1,8 @@
 """Evaluation metrics, each under its true name (the reference code logs a Spearman ρ as "R^2"; we do not).
 
-Regression: ``r2`` (coefficient of determination, 1 − SS_res/SS_tot), ``spearman`` (ρ), ``kendall`` (τ-b), ``mae``.
+Regression: ``r2`` (coefficient of determination, 1 − SS_res/SS_tot), ``spearman`` (ρ), ``kendall`` (τ-b), ``mae``,
+and where the training split's std of the label is known, ``mse_norm`` (the MSE of the label z-scored with the training
+split's statistics: the paper's Table 2 "test MSE on the normalized target").
 Binary labels (one score per LoRA, higher = positive): ``accuracy`` and ``balanced_accuracy`` at threshold 0.5 on a
 probability, ``auc`` (ROC AUC), ``tpr_at_1pct_fpr`` and ``tpr_at_0.1pct_fpr`` (the largest TPR on the ROC curve at
 FPR ≤ 1% / 0.1%, as in Carlini et al. 2112.03570; with fewer than 100 / 1000 negatives these are TPR at FPR = 0),
@@ -14,14 +16,14 @@ import math
 
 import numpy as np
 
-__all__ = ["r2", "spearman", "kendall", "mae", "accuracy", "balanced_accuracy", "auc", "bce", "roc_curve", "tpr_at_fpr",
+__all__ = ["r2", "spearman", "kendall", "mae", "mse_norm", "accuracy", "balanced_accuracy", "auc", "bce", "roc_curve", "tpr_at_fpr",
            "regression_metrics", "binary_metrics", "category_metrics", "membership_rows", "membership_curves", "confusion",
            "METRIC_NAMES"]
 
 # the keys of the ``*_metrics`` dicts (as checkpoints and result tables record them) -> their names on screen
 METRIC_NAMES = {"r2": "R²", "spearman": "Spearman ρ", "kendall": "Kendall τ", "mae": "MAE", "auc": "AUC",
                 "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "tpr_at_1pct_fpr": "TPR @ 1% FPR",
-                "tpr_at_0.1pct_fpr": "TPR @ 0.1% FPR", "bce": "BCE loss"}
+                "tpr_at_0.1pct_fpr": "TPR @ 0.1% FPR", "bce": "BCE loss", "mse_norm": "normalized MSE"}
 
 
 def _pair(y, p):
@@ -58,6 +60,14 @@ def kendall(y, p) -> float:
 def mae(y, p) -> float:
     y, p = _pair(y, p)
     return float(np.abs(y - p).mean()) if len(y) else math.nan
+
+
+def mse_norm(y, p, scale: float) -> float:
+    """Mean of ((y − p) / scale)²: the MSE of a label z-scored with the mean and std ``scale`` of the training split
+    (the mean cancels); ``scale`` ≤ 0 counts as 1, as the trainer's standardization does for a constant label."""
+    y, p = _pair(y, p)
+    s = float(scale) if scale > 0 else 1.0
+    return float((((y - p) / s) ** 2).mean()) if len(y) else math.nan
 
 
 def accuracy(y, pred) -> float:
@@ -98,8 +108,12 @@ def tpr_at_fpr(y, score, max_fpr: float) -> float:
     return float(tpr[fpr <= max_fpr].max())
 
 
-def regression_metrics(y, p) -> dict[str, float]:
-    return {"r2": r2(y, p), "spearman": spearman(y, p), "kendall": kendall(y, p), "mae": mae(y, p)}
+def regression_metrics(y, p, scale: float | None = None) -> dict[str, float]:
+    """R², Spearman ρ, Kendall τ, MAE; with ``scale`` (the training split's std of the label) also ``mse_norm``."""
+    out = {"r2": r2(y, p), "spearman": spearman(y, p), "kendall": kendall(y, p), "mae": mae(y, p)}
+    if scale is not None:
+        out["mse_norm"] = mse_norm(y, p, scale)
+    return out
 
 
 def bce(y, prob, eps: float = 1e-7) -> float:

@@ -11,8 +11,9 @@ for GL-net and for the best other model (chosen on **validation**, as everything
 place among ours on test, and an empty ``why`` column for measured notes. The metrics:
 
 * ``mse_norm``: test MSE of the regression target z-scored with the **training split's** mean and std (population
-  std, as `lol.targets.TargetSet.fit`), i.e. the loss the models were trained on; computed from the per-LoRA
-  predictions (train rows give the statistics), or taken from ``runs`` when a ``mse_norm`` metric is there;
+  std, as `lol.targets.TargetSet.fit`), i.e. the loss the models were trained on; the trainer records it
+  (`lol.metrics.mse_norm`), and for runs recorded before it did, it is computed from their per-LoRA predictions
+  (train rows give the statistics);
 * ``kendall`` (τ-b) and ``r2`` (the coefficient of determination; the paper's "R²" may be a correlation, see
   ``docs/paper.md``);
 * ``accuracy``: for binary tasks (attributes, membership) the mean over labels of the per-label accuracy at 0.5, for
@@ -27,6 +28,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from . import metrics as M
 
 __all__ = ["PAPER", "PAPER_FIGURE4", "PAPER_MODELS", "PAPER_SIZES", "DEFAULT_TASKS", "mse_norm_rows", "paper_comparison",
            "explain_gaps", "read_paper_comparison", "figure4_ours", "write_paper_comparison"]
@@ -107,12 +110,9 @@ def mse_norm_rows(predictions: pd.DataFrame, runs: pd.DataFrame | None = None) -
         tr = tr[np.isfinite(tr)]
         if not len(tr):
             continue
-        std = float(tr.std())  # the mean cancels: (y − m)/s − (p − m)/s = (y − p)/s
-        std = std if std > 0 else 1.0
+        std = float(tr.std())     # population std, as the trainer's (`lol.targets`); 0 counts as 1 in M.mse_norm
         for split, s in g.groupby("split"):
-            y, q = s["y"].to_numpy(float), s["pred"].to_numpy(float)
-            ok = np.isfinite(y) & np.isfinite(q)
-            v = float(np.mean(((y[ok] - q[ok]) / std) ** 2)) if ok.any() else math.nan
+            v = M.mse_norm(s["y"].to_numpy(float), s["pred"].to_numpy(float), std)
             out.append({**dict(zip([*_KEYS, "label"], key)), "split": split, "label_kind": "regression",
                         "metric": "mse_norm", "value": v})
     return pd.DataFrame(out, columns=[*_KEYS, "label", "split", "label_kind", "metric", "value"])
@@ -125,8 +125,11 @@ def _scores(runs: pd.DataFrame, predictions: pd.DataFrame | None) -> pd.DataFram
     if missing:
         raise ValueError(f"paper_comparison: runs lack column(s) {sorted(missing)} (expected run_grid's runs table)")
     r = runs[cols]
-    if "mse_norm" not in set(r.metric) and predictions is not None:
-        r = pd.concat([r, mse_norm_rows(predictions, runs)[cols]], ignore_index=True)
+    if predictions is not None:     # runs recorded before the trainer recorded mse_norm: from their predictions
+        have = set(map(tuple, r.loc[r.metric == "mse_norm", _KEYS].drop_duplicates().itertuples(index=False)))
+        extra = mse_norm_rows(predictions, runs)
+        extra = extra[np.array([k not in have for k in map(tuple, extra[_KEYS].itertuples(index=False))], dtype=bool)]
+        r = pd.concat([r, extra[cols]], ignore_index=True)
     return r.groupby([*_KEYS, "split", "metric"], dropna=False)["value"].mean().reset_index()
 
 

@@ -179,7 +179,7 @@ class TargetSet:
             y = pd.Series(columns[t.name])
             ok = ~y.isna().to_numpy()
             if t.kind == "regression":
-                res[t.name] = M.regression_metrics(y.to_numpy(float)[ok], pred[t.name][ok])
+                res[t.name] = M.regression_metrics(y.to_numpy(float)[ok], pred[t.name][ok], scale=t.std)
             elif t.kind == "binary":
                 res[t.name] = M.binary_metrics(y.astype("float64").to_numpy()[ok], pred[t.name][ok])
             else:

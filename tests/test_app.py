@@ -361,11 +361,14 @@ def test_every_command_the_app_mentions_exists():
 
 
 def test_best_result_is_marked_in_numeric_and_mean_pm_spread_columns():
+    from lol.metrics import METRIC_NAMES
+
     df = pd.DataFrame({"model": ["a", "b", "c"], "faces · R²": [0.2, 0.8, 0.5], "lm · MAE": [0.3, 0.1, 0.2],
-                       "fashion · AUC": ["0.468 ± 0.040", "0.655 ± 0.095", "n/a"]})
+                       "fashion · AUC": ["0.468 ± 0.040", "0.655 ± 0.095", "n/a"],
+                       f"faces · {METRIC_NAMES['mse_norm']}": [0.4, 0.2, 0.9]})
     styles = fmt.mark_best(df)._compute().ctx  # {(row, col): [(prop, value)]}
     bold = sorted((r, c) for (r, c), props in styles.items() if ("font-weight", "bold") in props)
-    assert bold == [(1, 1), (1, 2), (1, 3)]  # highest R², lowest MAE, highest AUC mean
+    assert bold == [(1, 1), (1, 2), (1, 3), (1, 4)]  # highest R², lowest MAE, highest AUC mean, lowest normalized MSE
 
 
 def test_a_table_too_large_to_style_is_shown_plain():

@@ -50,7 +50,7 @@ def test_grid_is_tidy_and_complete(grid):
     # every run has every label × metric on every split, once
     counts = r.groupby(["task", "model", "seed", "split", "label", "metric"]).size()
     assert (counts == 1).all()
-    assert set(r[r.label == "sv_energy"].metric) == {"r2", "spearman", "kendall", "mae"}
+    assert set(r[r.label == "sv_energy"].metric) == {"r2", "spearman", "kendall", "mae", "mse_norm"}
     assert set(r[r.label == "sv_high"].metric) >= {"auc", "tpr_at_1pct_fpr", "balanced_accuracy"}
     assert r[r.model == "glnet"].gl_invariant.all() and not r[r.model == "mlp"].gl_invariant.any()
 

@@ -18,6 +18,11 @@ def test_regression_metrics_by_hand():
     # Spearman is not R²: a monotone but nonlinear prediction has ρ = 1 and R² < 1
     assert M.spearman(y, y ** 3) == pytest.approx(1.0) and M.r2(y, y ** 3) < 0
     assert math.isnan(M.r2([1, 1], [1, 2])) and math.isnan(M.spearman([1, 2], [3, 3]))
+    # the paper's Table 2 metric: the MSE of the target z-scored with the training split's std (here 2)
+    assert M.mse_norm(y, p, 2.0) == pytest.approx((0.25 + 0 + 0.25 + 1) / 4 / 4)
+    assert M.mse_norm(y, p, 0.0) == pytest.approx(M.mse_norm(y, p, 1.0))   # a constant label's std counts as 1
+    assert "mse_norm" not in M.regression_metrics(y, p)                      # unknown without the training std
+    assert M.regression_metrics(y, p, scale=2.0)["mse_norm"] == pytest.approx(M.mse_norm(y, p, 2.0))
 
 
 def test_binary_metrics_by_hand():

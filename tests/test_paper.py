@@ -209,3 +209,15 @@ def test_our_figure4_is_the_mean_test_bce_per_evaluation_rank():
     assert fig.set_index("rank").loc[32, "dense"] == pytest.approx(0.40 + 0.01 + 0.005 + 0.1)
     old = pd.DataFrame(rows)
     assert P.figure4_ours(old[old.metric != "bce"]).empty          # runs from before bce was recorded
+
+
+def test_recorded_mse_norm_is_kept_and_older_runs_get_theirs_from_predictions():
+    """Runs trained since the trainer records ``mse_norm`` carry it; a table spliced from older runs has it for some
+    runs only: those keep what they recorded, the others get it from their predictions."""
+    runs, preds = _tables()
+    recorded = runs[(runs.model == "glnet") & (runs.metric == "r2")].assign(metric="mse_norm", value=0.5)
+    t = P.paper_comparison(pd.concat([runs, recorded], ignore_index=True), preds).set_index(["paper_task", "metric"])
+    mse = t.loc[("CelebA-LoRA CLIP score", "mse_norm")]
+    assert mse.ours_glnet == pytest.approx(0.5)                           # recorded, not recomputed (.25)
+    assert mse.ours_best_other_model == "mlp" and mse.ours_best_other == pytest.approx(.25)   # from predictions
+    assert mse.glnet_place == 2 and mse.n_models == 3

@@ -45,7 +45,16 @@ def test_training_is_deterministic_and_normalizes_with_train_statistics(task):
     assert t.mean == pytest.approx(float(lab["energy"][tr].mean()), rel=1e-5)
     assert t.mean != pytest.approx(float(lab["energy"].mean()), rel=1e-6)
     assert set(a.metrics) == {"train", "val", "test"} and set(a.metrics["test"]["probe"]) == {
-        "r2", "spearman", "kendall", "mae"}
+        "r2", "spearman", "kendall", "mae", "mse_norm"}
+    # mse_norm is the test MSE of the label z-scored with the training split's statistics: the same number that
+    # lol.paper computes from the predictions (one definition of the paper's Table 2 metric)
+    from lol.paper import mse_norm_rows
+    preds = a.predictions.melt(id_vars=["split"], value_vars=["probe"], var_name="label", value_name="pred")
+    preds = preds.assign(y=np.tile(lab["probe"], 1), collection="c", task="t", model="glnet", seed=0)
+    runs = pd.DataFrame([{"collection": "c", "task": "t", "label": "probe", "label_kind": "regression"}])
+    rows = mse_norm_rows(preds, runs).set_index("split")["value"]
+    for split in ("train", "val", "test"):
+        assert a.metrics[split]["probe"]["mse_norm"] == pytest.approx(rows[split], rel=1e-5)
 
 
 def test_early_stopping_keeps_the_best_epoch(task):

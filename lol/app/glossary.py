@@ -28,9 +28,11 @@ METRIC_HELP = {
     "TPR @ 1% FPR": "True-positive rate when only 1% of negatives are flagged (the low-false-alarm regime).",
     "TPR @ 0.1% FPR": "True-positive rate when only 0.1% of negatives are flagged.",
     "BCE loss": "Binary cross-entropy of the predicted probabilities (lower is better; 0.693 is a coin flip).",
+    "normalized MSE": "Mean squared error of the label z-scored with the training split's mean and std (the paper's "
+                      "Table 2 metric; lower is better, 1 is as good as predicting the training mean).",
     "LoRAs": "How many LoRAs the metrics are computed on (the model's test split).",
 }
-LOWER_IS_BETTER = ("MAE", "loss")
+LOWER_IS_BETTER = ("MAE", "MSE", "loss")
 
 
 def kind_help(kind: str | None) -> str:
