@@ -42,7 +42,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "write_results_readme"]
+           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
 BASELINE = "mlp"
@@ -362,6 +362,29 @@ def load_grid(runs_dir: str | Path) -> Grid:
         raise LoLError(f"{runs_dir}: no finished runs")
     return Grid(pd.concat(runs, ignore_index=True), pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(),
                 models)
+
+
+def splice_runs(earlier_runs: pd.DataFrame, earlier_predictions: pd.DataFrame | None, runs: pd.DataFrame,
+                predictions: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A partial rerun put in its place: every (collection, task) that ``runs`` holds replaces that task's rows of
+    the earlier tables (``results/runs.csv``, ``results/predictions_test.parquet``), and every other task's rows are
+    kept as they were. → (runs, predictions), earlier tasks first. Notebook 02's ``tasks`` parameter uses it, so a
+    grid too long for one sitting can be rerun task by task, each part committed."""
+    keys = ["collection", "task"]
+    missing = [c for c in (*keys, "model", "seed", "metric", "value") if c not in earlier_runs.columns]
+    if missing:
+        raise LoLError(f"splice_runs: the earlier runs table lacks column(s) {missing} (expected run_grid's runs)")
+    done = set(map(tuple, runs[keys].drop_duplicates().itertuples(index=False)))
+
+    def keep(df):
+        if df is None or not len(df):
+            return pd.DataFrame()
+        return df[np.array([k not in done for k in map(tuple, df[keys].itertuples(index=False))], dtype=bool)]
+
+    out_runs = pd.concat([keep(earlier_runs), runs], ignore_index=True)
+    out_preds = pd.concat([keep(earlier_predictions), predictions if predictions is not None else pd.DataFrame()],
+                          ignore_index=True)
+    return out_runs, out_preds
 
 
 # ---------------------------------------------------------------------------------------------------------------------

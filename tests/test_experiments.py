@@ -449,3 +449,23 @@ def test_retrain_checkpoints_on_a_grown_collection(coll, tmp_path):
     # names= limits the retraining; a collection not given is left alone
     assert X.retrain_checkpoints({"synth": coll}, root, names=["synth/other_task"], log=None).empty
     assert X.retrain_checkpoints({"elsewhere": coll}, root, log=None).empty
+
+
+def test_a_partial_rerun_replaces_only_its_own_tasks():
+    """`splice_runs`: the rerun tasks' rows replace theirs, every other task's rows are kept verbatim."""
+    def rows(task, value, n=2):
+        return pd.DataFrame({"collection": "c", "task": task, "model": "svals", "seed": range(n), "split": "test",
+                             "label": task, "label_kind": "regression", "metric": "r2", "value": value})
+
+    def preds(task, pred):
+        return pd.DataFrame({"collection": "c", "task": task, "model": "svals", "seed": 0, "id": ["a", "b"],
+                             "split": "test", "label": task, "y": 1.0, "pred": pred})
+
+    old_runs = pd.concat([rows("kept", 0.1), rows("redone", 0.2, n=3)], ignore_index=True)
+    old_preds = pd.concat([preds("kept", 0.5), preds("redone", 0.6)], ignore_index=True)
+    runs, p = X.splice_runs(old_runs, old_preds, rows("redone", 0.9), preds("redone", 0.7))
+    pd.testing.assert_frame_equal(runs[runs.task == "kept"].reset_index(drop=True), rows("kept", 0.1))
+    assert list(runs[runs.task == "redone"].value) == [0.9, 0.9]       # the old three seeds are gone, not mixed in
+    assert list(p[p.task == "kept"].pred) == [0.5, 0.5] and list(p[p.task == "redone"].pred) == [0.7, 0.7]
+    with pytest.raises(LoLError, match="lacks column"):
+        X.splice_runs(old_runs.drop(columns="metric"), old_preds, rows("redone", 0.9))

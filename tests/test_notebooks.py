@@ -107,6 +107,37 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     assert re.search(r"\| 4 \| 0\.323 \| – \| \d\.\d{3} \| \d\.\d{3} \|", fig4), fig4
 
 
+def test_training_notebook_reruns_some_tasks_and_keeps_the_others(smoke_run, tmp_path):
+    """Notebook 02 with ``tasks``: only those tasks are trained (here all found finished in runs_dir, so nothing
+    trains) and spliced into out_dir's tables; every other task's rows are kept as they were."""
+    import shutil
+
+    res, ck = tmp_path / "results", tmp_path / "checkpoints"
+    shutil.copytree(smoke_run["results"], res)
+    shutil.copytree(smoke_run["checkpoints"], ck)
+    before = pd.read_csv(res / "runs.csv")
+    redo = (before.collection == "lm") & (before.task == "eval_loss")
+    before.loc[redo, "value"] = 99.0           # stale rows of the rerun task: replaced, not kept
+    before.to_csv(res / "runs.csv", index=False)
+    params = {"smoke": True, "collections_dir": str(smoke_run["zoo"] / "collections"), "out_dir": str(res),
+              "checkpoints_dir": str(ck), "runs_dir": str(smoke_run["results"].parent / "runs"),
+              "tasks": ["lm/eval_loss"]}
+    run_notebooks(tmp_path / "nb", params, names=["02"])
+    after = pd.read_csv(res / "runs.csv")
+    again = (after.collection == "lm") & (after.task == "eval_loss")
+    pd.testing.assert_frame_equal(after[~again].reset_index(drop=True), before[~redo].reset_index(drop=True))
+    fresh = pd.read_csv(smoke_run["results"] / "runs.csv")
+    fresh = fresh[(fresh.collection == "lm") & (fresh.task == "eval_loss")]
+    cols = ["model", "seed", "split", "label", "metric"]      # the rerun task's rows: the finished runs' own
+    pd.testing.assert_series_equal(after[again].sort_values(cols).value.reset_index(drop=True),
+                                   fresh.sort_values(cols).value.reset_index(drop=True))
+    assert set(zip(after.collection, after.task)) == set(zip(before.collection, before.task))
+    preds = pd.read_parquet(res / "predictions_test.parquet")      # (category tasks store no per-LoRA scores)
+    earlier = pd.read_parquet(smoke_run["results"] / "predictions_test.parquet")
+    assert set(zip(preds.collection, preds.task)) == set(zip(earlier.collection, earlier.task)) and set(preds.split) == {
+        "test"} and len(preds) == len(earlier)
+
+
 def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):
     """The index written by the notebook is what `lol predict --task` reads (via default_checkpoint)."""
     from lol.checkpoint import default_checkpoint, load_checkpoint

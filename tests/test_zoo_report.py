@@ -23,3 +23,23 @@ def test_data_readme_reports_records_and_missing_parts(tmp_path):
     coll_table = synth.table
     first = next(l for l in synth.labels if synth.labels[l].get("kind") == "regression")
     assert f"| {first} | regression | {coll_table[first].astype(float).mean():.4g} |" in text
+
+
+def test_the_lora_effect_is_reported_overall_and_by_learning_rate():
+    """identity_gain: the share of LoRAs that pull their generations toward their identity, against the goal, and the
+    same per fifth of the sampled learning rates (here the low rates barely move the model, by construction)."""
+    import numpy as np
+    import pandas as pd
+
+    from lol.zoo.report import _effect_lines
+
+    lr = np.geomspace(1e-4, 1e-2, 200)
+    gain = np.where(lr < 5e-4, -0.1, 0.3)                 # the lowest learning rates do nothing useful
+    text = "\n".join(_effect_lines(pd.DataFrame({"lr": lr, "identity_gain": gain, "pixel_change_255": lr * 1e4})))
+    share = float((gain > 0).mean())
+    assert f"for {share:.1%} of 200 LoRAs (goal ≥ 90%: **not met**)" in text
+    rows = [r for r in text.splitlines() if r.startswith("| 0.0")]
+    assert len(rows) == 5 and all("| 40 |" in r for r in rows)
+    assert rows[0].split("|")[3].strip() == "0.0%" and rows[-1].split("|")[3].strip() == "100.0%"
+    # no learning rate in the table (e.g. another recipe): the overall line only
+    assert "By learning rate" not in "\n".join(_effect_lines(pd.DataFrame({"identity_gain": gain})))

@@ -131,7 +131,32 @@ def _effect_lines(table) -> list[str]:
         p = table["pixel_change_255"].astype(float).dropna()
         line += (f" Mean absolute pixel change LoRA vs base on those images: median {p.median():.1f}/255, "
                  f"quartiles {p.quantile(0.25):.1f} / {p.quantile(0.75):.1f}.")
-    return [line, ""]
+    return [line, ""] + _effect_by_lr(table)
+
+
+def _effect_by_lr(table, bins: int = 5) -> list[str]:
+    """The LoRA effect per fifth of the sampled learning rates (equal counts): where the recipe's LoRAs barely move
+    the model, measured."""
+    import pandas as pd
+
+    if "lr" not in table.columns:
+        return []
+    t = table[["lr", "identity_gain"] + (["pixel_change_255"] if "pixel_change_255" in table.columns else [])]
+    t = t.dropna(subset=["lr", "identity_gain"])
+    if len(t) < 20 * bins or t["lr"].nunique() < bins:
+        return []
+    fifth = pd.qcut(t["lr"].astype(float), bins, labels=False, duplicates="drop")
+    head = "| learning rate | LoRAs | identity_gain > 0 | median identity_gain |"
+    lines = [f"By learning rate ({bins} bins of equal count):", "",
+             head + (" median pixel change /255 |" if "pixel_change_255" in t.columns else ""),
+             "|---|---|---|---|" + ("---|" if "pixel_change_255" in t.columns else "")]
+    for _, g in t.groupby(fifth):
+        row = (f"| {g.lr.min():.2g} – {g.lr.max():.2g} | {len(g)} | {(g.identity_gain > 0).mean():.1%} | "
+               f"{g.identity_gain.median():.3f} |")
+        if "pixel_change_255" in t.columns:
+            row += f" {g.pixel_change_255.median():.1f} |"
+        lines.append(row)
+    return lines + [""]
 
 
 def _reliability_lines(table, labels) -> list[str]:
