@@ -364,27 +364,30 @@ def load_grid(runs_dir: str | Path) -> Grid:
                 models)
 
 
-def splice_runs(earlier_runs: pd.DataFrame, earlier_predictions: pd.DataFrame | None, runs: pd.DataFrame,
-                predictions: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def splice_runs(earlier_runs: pd.DataFrame, earlier_predictions: pd.DataFrame | None,
+                runs: pd.DataFrame | None, predictions: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A partial rerun put in its place: every (collection, task) that ``runs`` holds replaces that task's rows of
-    the earlier tables (``results/runs.csv``, ``results/predictions_test.parquet``), and every other task's rows are
-    kept as they were. → (runs, predictions), earlier tasks first. Notebook 02's ``tasks`` parameter uses it, so a
-    grid too long for one sitting can be rerun task by task, each part committed."""
+    the earlier tables (``results/runs.csv``, ``results/predictions_test.parquet``, or any tidy table with those
+    columns, such as learning-curve or search rows), and every other task's rows are kept as they were (``runs``
+    None or empty: all of them). → (runs, predictions), earlier tasks first. Notebooks 02 and 09 use it for their
+    ``tasks`` parameter, so work too long for one sitting can be rerun task by task, each part committed."""
     keys = ["collection", "task"]
     missing = [c for c in (*keys, "model", "seed", "metric", "value") if c not in earlier_runs.columns]
     if missing:
         raise LoLError(f"splice_runs: the earlier runs table lacks column(s) {missing} (expected run_grid's runs)")
-    done = set(map(tuple, runs[keys].drop_duplicates().itertuples(index=False)))
+    runs = runs if runs is not None else pd.DataFrame(columns=earlier_runs.columns)
+    done = set(map(tuple, runs[keys].drop_duplicates().itertuples(index=False))) if len(runs) else set()
 
     def keep(df):
         if df is None or not len(df):
             return pd.DataFrame()
         return df[np.array([k not in done for k in map(tuple, df[keys].itertuples(index=False))], dtype=bool)]
 
-    out_runs = pd.concat([keep(earlier_runs), runs], ignore_index=True)
-    out_preds = pd.concat([keep(earlier_predictions), predictions if predictions is not None else pd.DataFrame()],
-                          ignore_index=True)
-    return out_runs, out_preds
+    def join(a, b):
+        parts = [df for df in (a, b) if df is not None and len(df)]
+        return pd.concat(parts, ignore_index=True) if parts else (a if a is not None else pd.DataFrame())
+
+    return join(keep(earlier_runs), runs), join(keep(earlier_predictions), predictions)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

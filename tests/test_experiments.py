@@ -467,5 +467,8 @@ def test_a_partial_rerun_replaces_only_its_own_tasks():
     pd.testing.assert_frame_equal(runs[runs.task == "kept"].reset_index(drop=True), rows("kept", 0.1))
     assert list(runs[runs.task == "redone"].value) == [0.9, 0.9]       # the old three seeds are gone, not mixed in
     assert list(p[p.task == "kept"].pred) == [0.5, 0.5] and list(p[p.task == "redone"].pred) == [0.7, 0.7]
+    nothing_new, p2 = X.splice_runs(old_runs, None, None)                  # a rerun that ran nothing keeps all
+    pd.testing.assert_frame_equal(nothing_new, old_runs)
+    assert len(p2) == 0
     with pytest.raises(LoLError, match="lacks column"):
         X.splice_runs(old_runs.drop(columns="metric"), old_preds, rows("redone", 0.9))

@@ -136,6 +136,17 @@ def test_training_notebook_reruns_some_tasks_and_keeps_the_others(smoke_run, tmp
     earlier = pd.read_parquet(smoke_run["results"] / "predictions_test.parquet")
     assert set(zip(preds.collection, preds.task)) == set(zip(earlier.collection, earlier.task)) and set(preds.split) == {
         "test"} and len(preds) == len(earlier)
+    # notebook 09 likewise: its learning curves and searches of the other tasks are kept as they were
+    for name in ("learning_curves_runs.csv", "hparam_search_runs.csv"):
+        t = pd.read_csv(res / name)
+        pd.concat([t[t.task != "eval_loss"], t[t.task == "eval_loss"].assign(value=-1.0)]).to_csv(res / name, index=False)
+    kept = {name: pd.read_csv(res / name) for name in ("learning_curves_runs.csv", "hparam_search_runs.csv")}
+    run_notebooks(tmp_path / "nb", {**params, "tasks": ["fashion/membership"]}, names=["09"])
+    for name, t0 in kept.items():
+        t1 = pd.read_csv(res / name)
+        other = lambda t: t[~((t.collection == "fashion") & (t.task == "membership"))].reset_index(drop=True)  # noqa: E731
+        pd.testing.assert_frame_equal(other(t1), other(t0))
+        assert ((t1.collection == "fashion") & (t1.task == "membership")).any(), name
 
 
 def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):
