@@ -375,13 +375,12 @@ def splice_runs(earlier_runs: pd.DataFrame, earlier_predictions: pd.DataFrame | 
     missing = [c for c in (*keys, "model", "seed", "metric", "value") if c not in earlier_runs.columns]
     if missing:
         raise LoLError(f"splice_runs: the earlier runs table lacks column(s) {missing} (expected run_grid's runs)")
-    runs = runs if runs is not None else pd.DataFrame(columns=earlier_runs.columns)
-    done = set(map(tuple, runs[keys].drop_duplicates().itertuples(index=False))) if len(runs) else set()
+    done = pd.MultiIndex.from_frame(runs[keys]) if runs is not None and len(runs) else []
 
     def keep(df):
         if df is None or not len(df):
             return pd.DataFrame()
-        return df[np.array([k not in done for k in map(tuple, df[keys].itertuples(index=False))], dtype=bool)]
+        return df[~pd.MultiIndex.from_frame(df[keys]).isin(done)]
 
     def join(a, b):
         parts = [df for df in (a, b) if df is not None and len(df)]

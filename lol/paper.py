@@ -126,9 +126,9 @@ def _scores(runs: pd.DataFrame, predictions: pd.DataFrame | None) -> pd.DataFram
         raise ValueError(f"paper_comparison: runs lack column(s) {sorted(missing)} (expected run_grid's runs table)")
     r = runs[cols]
     if predictions is not None:     # runs recorded before the trainer recorded mse_norm: from their predictions
-        have = set(map(tuple, r.loc[r.metric == "mse_norm", _KEYS].drop_duplicates().itertuples(index=False)))
+        have = pd.MultiIndex.from_frame(r.loc[r.metric == "mse_norm", _KEYS])
         extra = mse_norm_rows(predictions, runs)
-        extra = extra[np.array([k not in have for k in map(tuple, extra[_KEYS].itertuples(index=False))], dtype=bool)]
+        extra = extra[~pd.MultiIndex.from_frame(extra[_KEYS]).isin(have)]
         r = pd.concat([r, extra[cols]], ignore_index=True)
     return r.groupby([*_KEYS, "split", "metric"], dropna=False)["value"].mean().reset_index()
 

@@ -50,7 +50,7 @@ def test_training_is_deterministic_and_normalizes_with_train_statistics(task):
     # lol.paper computes from the predictions (one definition of the paper's Table 2 metric)
     from lol.paper import mse_norm_rows
     preds = a.predictions.melt(id_vars=["split"], value_vars=["probe"], var_name="label", value_name="pred")
-    preds = preds.assign(y=np.tile(lab["probe"], 1), collection="c", task="t", model="glnet", seed=0)
+    preds = preds.assign(y=lab["probe"], collection="c", task="t", model="glnet", seed=0)
     runs = pd.DataFrame([{"collection": "c", "task": "t", "label": "probe", "label_kind": "regression"}])
     rows = mse_norm_rows(preds, runs).set_index("split")["value"]
     for split in ("train", "val", "test"):
