@@ -7,6 +7,11 @@ questions). Measured twice, independently and with the same protocol (``y₁``, 
 reach: the best predictor of ``y₁`` from the weights is ``t``, whose R² is ``var(t)/var(y) = r``. So ``r`` is the
 *ceiling on test R²*. The per-measurement noise is ``std(y₁ − y₂)/√2``.
 
+How far is a label from a goal reliability? Averaging ``k`` independent measurements divides the noise variance by
+``k``, so the reliability becomes ``k r / (1 + (k − 1) r)`` (the Spearman–Brown formula, `spearman_brown`), and
+``measurements_needed(r, goal)`` is the ``k`` that reaches the goal: how many times today's protocol (images, prompts,
+questions) a label would have to be measured. ``r`` comes with a bootstrap 95 % interval over the LoRAs measured twice.
+
 A binary label decided by a majority vote (a face attribute over the finetuning images) is ambiguous when the vote
 is close: we report the share of LoRAs whose vote share lies within ``margin`` of one half.
 
@@ -20,15 +25,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["retest_reliability", "vote_ambiguity", "label_reliability", "task_ceilings"]
+__all__ = ["RELIABILITY_GOAL", "retest_reliability", "spearman_brown", "measurements_needed", "vote_ambiguity",
+           "label_reliability", "task_ceilings"]
+
+RELIABILITY_GOAL = 0.95   # Zoo v2's goal for every regression label of the default presets
 
 
-def retest_reliability(first, second) -> dict[str, float]:
+def retest_reliability(first, second, boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Test–retest figures of two independent measurements of one label over the same LoRAs.
 
-    Returns ``n``, ``r`` (Pearson correlation = reliability = ceiling on R²), ``spearman``, ``label_std`` (of the
-    first measurement), ``noise_std`` (per measurement: std of the difference / √2) and ``r2_ceiling`` (= ``r``,
-    clipped at 0). Pairs with a non-finite value are dropped; fewer than 3 pairs give NaNs.
+    Returns ``n``, ``r`` (Pearson correlation = reliability = ceiling on R²), ``r_ci95`` (a percentile bootstrap
+    interval for r over the pairs: ``boot`` resamples, seeded, so the same data give the same interval), ``spearman``,
+    ``label_std`` (of the first measurement), ``noise_std`` (per measurement: std of the difference / √2) and
+    ``r2_ceiling`` (= ``r``, clipped at 0). Pairs with a non-finite value are dropped; fewer than 3 pairs give NaNs.
     """
     from .metrics import spearman
 
@@ -39,11 +48,50 @@ def retest_reliability(first, second) -> dict[str, float]:
     a, b = a[ok], b[ok]
     n = int(a.size)
     if n < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return {"n": n, "r": math.nan, "spearman": math.nan, "label_std": float(a.std(ddof=1)) if n > 1 else math.nan,
+        return {"n": n, "r": math.nan, "r_ci95": (math.nan, math.nan), "spearman": math.nan,
+                "label_std": float(a.std(ddof=1)) if n > 1 else math.nan,
                 "noise_std": math.nan, "r2_ceiling": math.nan}
     r = float(np.corrcoef(a, b)[0, 1])
-    return {"n": n, "r": r, "spearman": spearman(a, b), "label_std": float(a.std(ddof=1)),
+    return {"n": n, "r": r, "r_ci95": _bootstrap_r(a, b, boot, seed), "spearman": spearman(a, b),
+            "label_std": float(a.std(ddof=1)),
             "noise_std": float((a - b).std(ddof=1) / math.sqrt(2)), "r2_ceiling": max(0.0, r)}
+
+
+def _bootstrap_r(a: np.ndarray, b: np.ndarray, boot: int, seed: int) -> tuple[float, float]:
+    """Percentile 95 % interval of Pearson's r over ``boot`` resamples of the pairs (a resample where either side is
+    constant is skipped)."""
+    rng, rs = np.random.default_rng(seed), []
+    step = max(1, 2_000_000 // a.size)                 # resamples per chunk: a few MB at a time
+    for s in range(0, boot, step):
+        i = rng.integers(0, a.size, (min(step, boot - s), a.size))
+        x, y = a[i], b[i]
+        x, y = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+        den = np.sqrt((x * x).sum(1) * (y * y).sum(1))
+        rs.append((x * y).sum(1)[den > 0] / den[den > 0])
+    rs = np.concatenate(rs)
+    if rs.size == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(rs, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def spearman_brown(r: float, k: float) -> float:
+    """Reliability of the mean of ``k`` independent measurements, each of reliability ``r``: ``k r / (1 + (k − 1) r)``
+    (the noise variance shrinks by ``k``, the variance the weights determine does not)."""
+    return k * r / (1 + (k - 1) * r)
+
+
+def measurements_needed(r: float, goal: float) -> float:
+    """The ``k`` (≥ 1) with ``spearman_brown(r, k) == goal``: how many independent measurements of today's size a label
+    needs, averaged, to reach reliability ``goal``; 1 when ``r`` already reaches it, inf when ``r ≤ 0`` (no signal
+    to average up), NaN when ``r`` is unknown."""
+    if not 0 < goal < 1:
+        raise ValueError(f"measurements_needed: goal must lie in (0, 1), got {goal}")
+    if math.isnan(r):
+        return math.nan
+    if r <= 0:
+        return math.inf
+    return max(1.0, goal * (1 - r) / (r * (1 - goal)))
 
 
 def vote_ambiguity(shares, margin: float = 0.1) -> dict[str, float]:

@@ -79,3 +79,36 @@ def test_task_ceilings_and_the_figure_that_draws_r2_against_them():
     assert [round(p.get_height(), 3) for p in ax.patches] == [0.2, 0.7]   # registry order: mlp first, glnet last
     dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
     assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(ceil[("lm", "acc")]["r2_ceiling"])
+
+
+def test_spearman_brown_predicts_what_averaging_measurements_does_and_measurements_needed_inverts_it():
+    from lol.reliability import measurements_needed, spearman_brown
+
+    rng = np.random.default_rng(3)
+    t = rng.normal(size=20000)
+    one = retest_reliability(t + rng.normal(size=t.size), t + rng.normal(size=t.size))["r"]          # ≈ 1/2
+    k = 4                                                  # averaging 4 independent measurements into one label
+    avg = [t + rng.normal(size=(k, t.size)).mean(0) for _ in range(2)]
+    assert retest_reliability(*avg)["r"] == pytest.approx(spearman_brown(one, k), abs=0.01)
+    for r in (0.3, 0.645, 0.895):
+        need = measurements_needed(r, 0.95)
+        assert need > 1 and spearman_brown(r, need) == pytest.approx(0.95)
+    assert measurements_needed(0.97, 0.95) == 1.0
+    assert measurements_needed(-0.1, 0.95) == math.inf and math.isnan(measurements_needed(math.nan, 0.95))
+    with pytest.raises(ValueError, match="goal must lie in"):
+        measurements_needed(0.5, 1.0)
+
+
+def test_the_bootstrap_interval_covers_the_true_reliability_and_narrows_with_more_loras():
+    rng = np.random.default_rng(4)
+    widths = []
+    for n in (100, 1600):
+        t = rng.normal(0, 2.0, n)
+        y1, y2 = t + rng.normal(size=n), t + rng.normal(size=n)
+        rel = retest_reliability(y1, y2)
+        lo, hi = rel["r_ci95"]
+        assert lo < 0.8 < hi and lo < rel["r"] < hi        # true r = 4 / 5
+        widths.append(hi - lo)
+        assert retest_reliability(y1, y2)["r_ci95"] == (lo, hi)                  # seeded: same data, same interval
+        assert retest_reliability(y1, y2, seed=1)["r_ci95"] != (lo, hi)
+    assert widths[1] < widths[0] / 2.5                     # ~1/√n: a quarter of the width at 16× the LoRAs

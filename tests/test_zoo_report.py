@@ -43,3 +43,28 @@ def test_the_lora_effect_is_reported_overall_and_by_learning_rate():
     assert rows[0].split("|")[3].strip() == "0.0%" and rows[-1].split("|")[3].strip() == "100.0%"
     # no learning rate in the table (e.g. another recipe): the overall line only
     assert "By learning rate" not in "\n".join(_effect_lines(pd.DataFrame({"identity_gain": gain})))
+
+
+def test_the_reliability_table_gives_the_interval_and_the_measurements_the_goal_needs():
+    """A label below the goal gets its bootstrap interval and the Spearman–Brown factor of measurements that would
+    reach it; one above the goal needs no more (1.0×)."""
+    import numpy as np
+    import pandas as pd
+
+    from lol.reliability import measurements_needed, retest_reliability
+    from lol.zoo.report import _reliability_lines
+
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=400)
+    table = pd.DataFrame({"noisy": t + rng.normal(size=400), "noisy_retest": t + rng.normal(size=400),
+                          "clean": t + 0.05 * rng.normal(size=400), "clean_retest": t + 0.05 * rng.normal(size=400)})
+    labels = {"noisy": {"kind": "regression", "retest": "noisy_retest"},
+              "clean": {"kind": "regression", "retest": "clean_retest"}}
+    text = "\n".join(_reliability_lines(table, labels))
+    noisy = retest_reliability(table.noisy, table.noisy_retest)
+    k = measurements_needed(noisy["r"], 0.95)
+    assert 15 < k < 23                                   # r ≈ 1/2: 0.95·0.5 / (0.5·0.05) = 19
+    row = next(r for r in text.splitlines() if r.startswith("| noisy |"))
+    lo, hi = noisy["r_ci95"]
+    assert f"{noisy['r']:.3f} ({lo:.3f} – {hi:.3f})" in row and row.endswith(f"| **no** | {k:.1f}× |")
+    assert next(r for r in text.splitlines() if r.startswith("| clean |")).endswith("| yes | 1.0× |")

@@ -113,7 +113,6 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
     return lines + [""]
 
 
-RELIABILITY_GOAL = 0.95
 IDENTITY_GOAL = 0.9
 
 
@@ -162,7 +161,7 @@ def _effect_by_lr(table, bins: int = 5) -> list[str]:
 def _reliability_lines(table, labels) -> list[str]:
     """The labels' reliability (`lol.reliability`): test–retest for measured labels, vote ambiguity for voted ones,
     and the labels that carry no evidence either way (said, not hidden)."""
-    from ..reliability import label_reliability
+    from ..reliability import RELIABILITY_GOAL, label_reliability, measurements_needed
 
     rel = label_reliability(table, labels)
     lines = ["**Label reliability.** A measured label is measured a second time, independently (other seeds, a "
@@ -171,13 +170,18 @@ def _reliability_lines(table, labels) -> list[str]:
              "vote share is within 0.1 of one half.", ""]
     reg = {k: v for k, v in rel.items() if v["method"] == "retest"}
     if reg:
-        lines += ["| label | LoRAs measured twice | test–retest r | R² ceiling | label std | noise std per measurement "
-                  "| goal met |", "|---|---|---|---|---|---|---|"]
+        lines += ["| label | LoRAs measured twice | test–retest r (95 % CI) | R² ceiling | label std | noise std per "
+                  f"measurement | goal met | measurements for r ≥ {RELIABILITY_GOAL} |", "|---|---|---|---|---|---|---|---|"]
         for lab, v in reg.items():
             ok = "yes" if v["r"] >= RELIABILITY_GOAL else "**no**"
-            lines.append(f"| {lab} | {v['n']} | {v['r']:.3f} | {v['r2_ceiling']:.3f} | {v['label_std']:.4g} | "
-                         f"{v['noise_std']:.4g} | {ok} |")
-        lines.append("")
+            lo, hi = v["r_ci95"]
+            k = measurements_needed(v["r"], RELIABILITY_GOAL)
+            lines.append(f"| {lab} | {v['n']} | {v['r']:.3f} ({lo:.3f} – {hi:.3f}) | {v['r2_ceiling']:.3f} | "
+                         f"{v['label_std']:.4g} | {v['noise_std']:.4g} | {ok} | {k:.1f}× |")
+        lines += ["", f"*Measurements for r ≥ {RELIABILITY_GOAL}*: how many independent measurements of today's "
+                  "size (images, prompts, questions) would have to be averaged into one label to reach the goal, by the "
+                  "Spearman–Brown formula `k r / (1 + (k − 1) r)` (`lol.reliability.measurements_needed`): the label's "
+                  "cost grows by that factor.", ""]
     other = {k: v for k, v in rel.items() if v["method"] != "retest"}
     if other:
         lines += ["| label | evidence | LoRAs | ambiguous share |", "|---|---|---|---|"]
