@@ -37,10 +37,12 @@ if ctx.require_collection():
         if regress:
             label = st.selectbox("Label", regress, key="pred_label",
                                  index=next((i for i, r in enumerate(regress) if "clip" in r), 0))
+            rel = cache.label_reliability(ctx.path, ctx.key).get(label)
+            rel = rel if rel and rel.get("method") == "retest" and rel["r"] == rel["r"] else None   # r not NaN
             for i, (col, (name, p)) in enumerate(zip(st.columns(len(preds)), preds.items())):
                 with col:  # first model blue, the compared one orange
                     views.pred_vs_true_panel(p, label, name, key=f"pv_{name}", color=plots.PALETTE[i],
-                                             narrow=len(preds) > 1)
+                                             narrow=len(preds) > 1, reliability=rel)
         if binary or category:
             st.subheader("Attributes: predicted vs truth")
             views.attribute_panel(preds, binary, category)

@@ -25,8 +25,9 @@ def random_lora(g: torch.Generator, rank: int, modules=TINY_MODULES, alpha: floa
     return LoRA.from_modules(mods, format="synthetic")
 
 
-def faces_like(dest: Path, n: int = 40, seed: int = 0, modules=TINY_MODULES) -> Path:
-    """A labelled collection: a regression label (clip_score), binary attributes, splits, groups, hyperparameters."""
+def faces_like(dest: Path, n: int = 40, seed: int = 0, modules=TINY_MODULES, retest: bool = False) -> Path:
+    """A labelled collection: a regression label (clip_score), binary attributes, splits, groups, hyperparameters.
+    ``retest``: clip_score measured a second time (``clip_score_retest``, other noise), as the zoo's recipes do."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     ranks = [int(rng.choice([2, 4])) for _ in range(n)]
@@ -48,15 +49,18 @@ def faces_like(dest: Path, n: int = 40, seed: int = 0, modules=TINY_MODULES) -> 
               "male": {"kind": "binary", "description": "identity is male", "task": "attributes"},
               "young": {"kind": "binary", "description": "identity is young", "task": "attributes"},
               "hair_colour": {"kind": "category", "description": "hair colour", "task": "hair_colour"}}
+    if retest:
+        table["clip_score_retest"] = table["clip_score"] - rng.normal(0, 0.3, n) + rng.normal(0, 0.3, n)
+        labels["clip_score"]["retest"] = "clip_score_retest"
     write_collection(dest, loras, table, labels=labels, tasks={"clip": ["clip_score"], "attributes": ["male", "young"],
                                                           "hair_colour": ["hair_colour"]},
                      base_model="tiny-test", dtype=torch.float32)
     return dest
 
 
-def data_root(tmp: Path) -> Path:
+def data_root(tmp: Path, retest: bool = False) -> Path:
     root = Path(tmp) / "data"
-    faces_like(root / "collections" / "faces")
+    faces_like(root / "collections" / "faces", retest=retest)
     return root
 
 

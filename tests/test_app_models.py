@@ -14,7 +14,7 @@ from test_app_pages import assert_clean, run_app, widget
 
 @pytest.fixture(scope="module")
 def model_root(tmp_path_factory):
-    root = app_support.data_root(tmp_path_factory.mktemp("appmodels"))
+    root = app_support.data_root(tmp_path_factory.mktemp("appmodels"), retest=True)   # clip_score measured twice
     app_support.lm_like(root / "collections" / "lm")
     app_support.train_checkpoints(root, epochs=6)
     return root
@@ -55,6 +55,15 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
     assert float(shown["Spearman ρ"]) == pytest.approx(rec["spearman"], abs=1.5e-3)
     assert float(shown["Kendall τ"]) == pytest.approx(rec["kendall"], abs=1.5e-3)
     assert shown["LoRAs"] == "8"  # the test split of the 40-LoRA collection
+    # beside R², the ceiling the label's own measurement noise sets: its test–retest r over the LoRAs measured twice
+    from lol.collection import open_collection
+    from lol.reliability import retest_reliability
+
+    table = open_collection(env / "collections" / "faces").table
+    rel = retest_reliability(table["clip_score"], table["clip_score_retest"])
+    ceiling = [c.value for c in at.caption if c.value.startswith("R² ceiling for `clip_score`")]
+    assert len(ceiling) == 1 and f"**{rel['r']:.3f}** (95 % interval {rel['r_ci95'][0]:.3f}–" in ceiling[0]
+    assert f"on {rel['n']} LoRAs" in ceiling[0] and rel["n"] == 40
 
     # change the model in the sidebar, then compare two models side by side
     widget(at, "selectbox", "LoL model").select(SVALS).run()
@@ -64,7 +73,7 @@ def test_predict_page_metrics_match_training_record_and_compare(env):
     widget(at, "selectbox", "Compare with").select(GLNET).run()
     assert_clean(at)
     r2s = [float(v) for k, v in metrics_shown(at) if k == "R²"]
-    assert len(r2s) == 2
+    assert len(r2s) == 2 and sum(c.value.startswith("R² ceiling") for c in at.caption) == 2   # one per model
     assert r2s == pytest.approx([recorded(env, "faces/svals", "clip_score")["r2"],
                                  recorded(env, "faces/glnet", "clip_score")["r2"]], abs=1.5e-3)
     # attribute predictions vs truth: one AUC row per model and attribute

@@ -61,6 +61,16 @@ def collection_table(path: str, key: str) -> pd.DataFrame:
     return df
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def label_reliability(path: str, key: str) -> dict:
+    """`lol.reliability.label_reliability` of the collection's labels: for a label measured twice, its test–retest r
+    (the ceiling on any model's R²) with a bootstrap interval."""
+    from ..reliability import label_reliability as reliability
+
+    coll = collection(path, key)
+    return reliability(coll.table, getattr(coll, "labels", None) or {})
+
+
 @st.cache_data(show_spinner="Summarising the LoRA…", max_entries=256)
 def lora_summary(path: str, key: str, index: int) -> tuple[pd.DataFrame, dict[str, list[float]]]:
     """`lol.showcase.module_table` of one LoRA of a collection: its per-module table and spectra."""

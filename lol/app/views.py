@@ -78,9 +78,10 @@ def gl_check(ctx, limit: int = 300, seed: int = 1) -> None:
 
 
 def pred_vs_true_panel(p, label: str, model_name: str, key: str, color: str | None = None,
-                       narrow: bool = False) -> None:
+                       narrow: bool = False, reliability: dict | None = None) -> None:
     """Scatter of predicted vs actual ``label`` on the model's evaluated rows (its test split) with R², Spearman ρ,
-    Kendall τ (`lol.metrics`); a click or box selects those LoRAs on every page and offers the detail view."""
+    Kendall τ (`lol.metrics`); a click or box selects those LoRAs on every page and offers the detail view. With the
+    label's test–retest ``reliability`` (`lol.reliability.retest_reliability`), R² is shown against its ceiling."""
     m, scores = p.versus(label)
     pred = f"{label} (predicted)"
     st.markdown(f"**{model_name}**")
@@ -88,6 +89,8 @@ def pred_vs_true_panel(p, label: str, model_name: str, key: str, color: str | No
     for col, (name, v) in zip(cols, [("R²", f"{scores['r2']:.3f}"), ("Spearman ρ", f"{scores['spearman']:.3f}"),
                                      ("Kendall τ", f"{scores['kendall']:.3f}"), ("LoRAs", len(m))]):
         col.metric(name, v, help=metric_help(name))
+    if reliability:
+        st.caption(ceiling_text(label, reliability))
     picked = nav.take_selection(key)  # a box or click here rings the LoRAs on every page's charts
     fig = plots.pred_vs_true(m, label, pred, name=model_name, hover=[c for c in ("group",) if c in m.columns],
                              color=color, highlight=nav.highlighted())
@@ -97,6 +100,14 @@ def pred_vs_true_panel(p, label: str, model_name: str, key: str, color: str | No
         st.markdown(f"Selected **{picked[0]}** · " + lora_row_markdown(m, picked[0], [label, pred]))
         if st.button("Open its detail view", key=f"{key}_open", icon=":material/table_view:"):
             nav.open_lora(picked[0], "collection.py")
+
+
+def ceiling_text(label: str, rel: dict) -> str:
+    """One line: the R² ceiling a label's measurement noise sets (its test–retest r, `lol.reliability`)."""
+    lo, hi = rel["r_ci95"]
+    return (f"R² ceiling for `{label}`: **{rel['r2_ceiling']:.3f}** (95 % interval {lo:.3f}–{hi:.3f}). The label was "
+            f"measured twice, independently, on {rel['n']} LoRAs: the measurement's noise is not in the weights, so no "
+            f"model's R² can exceed the two measurements' correlation.")
 
 
 def attribute_panel(preds: dict, labels: list[str], categories: list[str] = ()) -> None:
