@@ -98,18 +98,13 @@ class Checkpoint:
     @property
     def split(self) -> dict | None:
         """The recorded split (``{"by", "how", "fingerprint", "train", "val", "test"}``), or None (not recorded)."""
-        rec = self.config.get("split")
-        return rec if isinstance(rec, dict) and all(s in rec for s in ("train", "val", "test")) else None
+        return _split_record(self.config)
 
     def split_of(self, ids) -> np.ndarray | None:
         """``"train"``/``"val"``/``"test"`` for each LoRA id in ``ids`` as recorded at training time, ``""`` for one the
         model never used; None when the checkpoint records no split by id. Compare the collection's fingerprint with
         ``split["fingerprint"]`` first: ids are only meaningful within the collection the model was trained on."""
-        rec = self.split
-        if rec is None or rec.get("by", "id") != "id":
-            return None
-        where = {str(i): s for s in ("train", "val", "test") for i in rec[s]}
-        return np.array([where.get(str(i), "") for i in ids], dtype=object)
+        return recorded_split(self.config, ids)
 
     def predict_batch(self, batch: LoRABatch, chunk: int = 64) -> dict[str, np.ndarray]:
         """{label: predictions} for a batch over this checkpoint's spec (float32 on the model's device)."""
@@ -120,6 +115,20 @@ class Checkpoint:
             for b in iter_chunks(batch, chunk):
                 outs.append(self.model(b.to(device=p.device, dtype=p.dtype)))
         return self.targets.decode(torch.cat(outs))
+
+
+def _split_record(config: dict) -> dict | None:
+    rec = config.get("split")
+    return rec if isinstance(rec, dict) and all(s in rec for s in ("train", "val", "test")) else None
+
+
+def recorded_split(config: dict, ids) -> np.ndarray | None:
+    """`Checkpoint.split_of` from a checkpoint's ``config.json`` alone (no weights loaded)."""
+    rec = _split_record(config)
+    if rec is None or rec.get("by", "id") != "id":
+        return None
+    where = {str(i): s for s in ("train", "val", "test") for i in rec[s]}
+    return np.array([where.get(str(i), "") for i in ids], dtype=object)
 
 
 def load_checkpoint(path, device=None) -> Checkpoint:

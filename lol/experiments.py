@@ -42,7 +42,8 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "write_results_readme"]
+           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run",
+           "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
 BASELINE = "mlp"
@@ -192,6 +193,29 @@ def _cached(rdir: Path, fingerprint: str) -> bool:
     trained again, never reused."""
     done = rdir / "done.json"
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
+
+
+def _same_training(a: Mapping, b: Mapping) -> bool:
+    """Two `TrainConfig` records (``asdict``, as JSON) that train the same model: every field but ``progress``."""
+    def norm(c):
+        return {k: v for k, v in json.loads(json.dumps(dict(c), default=str)).items() if k != "progress"}
+    return norm(a) == norm(b)
+
+
+def finished_run(runs_dir, coll, task: str, where: Mapping, kind: str, config) -> Path | None:
+    """The folder of the `run_grid` run stored in ``runs_dir`` that is exactly this training — the same version of
+    ``coll`` (fingerprint), rows ``where``, task, model kind and `TrainConfig` (seed and model hyperparameters
+    included) — or None. `learning_curve` at 100 % of the training groups and `rank_generalization` on the main rank
+    are such trainings: they read the run's metrics or checkpoint instead of training it again."""
+    if runs_dir is None:
+        return None
+    rdir = _run_dir(runs_dir, TaskRef(Path(coll.path).name, task), kind, int(config.seed))
+    cfg_file = rdir / "checkpoint" / "config.json"
+    if not (_cached(rdir, coll.fingerprint) and cfg_file.is_file()):
+        return None
+    rec = json.loads(cfg_file.read_text())
+    rows = json.loads(json.dumps(dict(where), default=int))
+    return rdir if rec.get("rows") == rows and _same_training(rec.get("train", {}), asdict(config)) else None
 
 
 def _one_thread() -> None:
@@ -665,30 +689,33 @@ def evaluate_rows(model, targets, batch, cols: Mapping) -> dict[str, dict[str, f
     return targets.metrics(torch.cat(outs), dict(cols))
 
 
-def _rank_unit(path: str, task: str, kind: str, seed: int, config, train_rank: int, eval_ranks, hparams):
+def _rank_unit(path: str, task: str, kind: str, seed: int, config, train_rank: int, eval_ranks, hparams, runs_dir):
     from .collection import open_collection
 
     return rank_generalization(open_collection(path), task, [kind], [seed], config, train_rank, eval_ranks, hparams,
-                               log=None)
+                               log=None, runs_dir=runs_dir)
 
 
 def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2), config=None,
                         train_rank: int = 4, eval_ranks: Sequence[int] = (8, 16), hparams=None,
-                        log: Callable[[str], None] | None = print, workers: int = 1) -> pd.DataFrame:
+                        log: Callable[[str], None] | None = print, workers: int = 1,
+                        runs_dir: str | Path | None = None) -> pd.DataFrame:
     """Train each rank-agnostic model on the rank-``train_rank`` LoRAs of ``coll`` (grouped split) and evaluate it on
     that split's test LoRAs and on every LoRA of rank ``eval_ranks`` whose group (identity) is not in its train or
     val split. The collection's U carries each LoRA's own scale alpha/r, so ΔW = U Vᵀ is exact at every rank.
     Rank-padded kinds (svals, canon_*) are built with ``rank=max(eval_ranks)``. Returns tidy rows (model, seed,
-    eval_rank, n, label, metric, value). ``workers`` > 1: each (model, seed) in its own process (`in_workers`)."""
-    from .train import TrainConfig, train
+    eval_rank, n, label, metric, value). ``workers`` > 1: each (model, seed) in its own process (`in_workers`).
+    ``runs_dir`` (`run_grid`'s): a model `run_grid` already trained on these very rows and settings
+    (`finished_run`) is loaded from its checkpoint, with its recorded split, not trained again."""
+    from .train import TrainConfig
 
     bad = [m for m in models if not rank_agnostic(m)]
     if bad:
         raise LoLError(f"rank generalization needs rank-agnostic models; {bad} read only their training rank")
     config = config or TrainConfig()
     if workers > 1 and len(models) * len(seeds) > 1:
-        calls = [(str(coll.path), task, kind, int(seed), config, train_rank, tuple(eval_ranks), hparams)
-                 for kind in models for seed in seeds]
+        calls = [(str(coll.path), task, kind, int(seed), config, train_rank, tuple(eval_ranks), hparams,
+                  None if runs_dir is None else str(runs_dir)) for kind in models for seed in seeds]
         return pd.concat(in_workers(_rank_unit, calls, workers), ignore_index=True)
     top = max(eval_ranks)
     batch, cols, kinds, table = task_data(coll, task, {"rank": train_rank})
@@ -699,9 +726,11 @@ def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[
         if kind in ("svals", "canon_mlp", "canon_transformer"):
             hp.setdefault("rank", top)
         for seed in seeds:
-            res = train(batch, cols, kind, replace(config, seed=int(seed), model=hp), table=table, kinds=kinds)
-            seen = set(table["group"][res.split != "test"]) if "group" in table else set()
-            te = np.nonzero(res.split == "test")[0]
+            cfg = replace(config, seed=int(seed), model=hp)
+            model, targets, split, how = _trained(runs_dir, coll, task, {"rank": train_rank}, kind, cfg, batch, cols,
+                                                  kinds, table)
+            seen = set(table["group"][split != "test"]) if "group" in table else set()
+            te = np.nonzero(split == "test")[0]
             evals = [(train_rank, batch.select(te), {k: v[te] for k, v in cols.items()})]
             for r, (b, c, _, t) in others.items():
                 keep = np.array([g not in seen for g in t["group"]]) if "group" in t else np.ones(len(t), bool)
@@ -709,32 +738,52 @@ def rank_generalization(coll, task: str, models: Sequence[str], seeds: Sequence[
                 if len(k):
                     evals.append((r, b.select(k), {n: v[k] for n, v in c.items()}))
             for r, b, c in evals:
-                for label, ms in evaluate_rows(res.model, res.targets, b, c).items():
+                for label, ms in evaluate_rows(model, targets, b, c).items():
                     for metric, value in ms.items():
                         rows.append({"collection": str(coll.path.name), "task": task, "model": kind, "seed": seed,
                                      "train_rank": train_rank, "eval_rank": r, "n": len(b), "label": label,
                                      "label_kind": kinds[label], "metric": metric, "value": value})
             if log:
-                log(f"[rank] {kind} seed {seed}: trained on {int((res.split == 'train').sum())} rank-{train_rank} "
+                log(f"[rank] {kind} seed {seed}: {how} on {int((split == 'train').sum())} rank-{train_rank} "
                     f"LoRAs, evaluated on ranks {[e[0] for e in evals]}")
     return pd.DataFrame(rows)
 
 
-def _curve_unit(path: str, task: str, kind: str, fractions, seed: int, config, hparams) -> pd.DataFrame:
+def _trained(runs_dir, coll, task, where, kind, cfg, batch, cols, kinds, table):
+    """(model, targets, split per row of ``table``, "trained" or "reused from run_grid"): `run_grid`'s stored run of
+    exactly this training when there is one whose recorded split names every row, else a new one."""
+    from .checkpoint import load_checkpoint
+    from .train import train
+
+    rdir = finished_run(runs_dir, coll, task, where, kind, cfg)
+    if rdir is not None and "id" in table.columns:
+        ck = load_checkpoint(rdir / "checkpoint")
+        split = ck.split_of(table["id"].astype(str))
+        if split is not None and not (split == "").any():
+            return ck.model, ck.targets, split, "reused from run_grid"
+    res = train(batch, cols, kind, cfg, table=table, kinds=kinds)
+    return res.model, res.targets, res.split, "trained"
+
+
+def _curve_unit(path: str, task: str, kind: str, fractions, seed: int, config, hparams, runs_dir) -> pd.DataFrame:
     from .collection import open_collection
 
-    return learning_curve(open_collection(path), task, [kind], fractions, [seed], config, hparams, log=None)
+    return learning_curve(open_collection(path), task, [kind], fractions, [seed], config, hparams, log=None,
+                          runs_dir=runs_dir)
 
 
 def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[float] = (0.25, 0.5, 1.0),
                    seeds: Sequence[int] = (0, 1, 2), config=None, hparams=None,
-                   log: Callable[[str], None] | None = print, workers: int = 1) -> pd.DataFrame:
+                   log: Callable[[str], None] | None = print, workers: int = 1,
+                   runs_dir: str | Path | None = None) -> pd.DataFrame:
     """Test score against the amount of training data: per seed, the grouped split of `run_grid` (same seed, same
     fractions); then each model is trained on the first ``f`` of the training *groups* in a seeded order (nested:
     the 25 % are inside the 50 %), always with the same validation and test splits, so only the training data
     change. A curve still rising at 1.0 says more LoRAs would help. Returns tidy rows (collection, task, model, seed,
     fraction, n_train, label, label_kind, metric, value), test split only. ``workers`` > 1 trains each (model, seed)
-    in its own process (`in_workers`); the rows are the same, in the same order."""
+    in its own process (`in_workers`); the rows are the same, in the same order. ``runs_dir`` (`run_grid`'s): at
+    100 % the training is `run_grid`'s own, so a run it stored (`finished_run`) gives its test metrics, untrained."""
+    from .checkpoint import recorded_split
     from .splits import make_splits
     from .train import TrainConfig, train
 
@@ -743,8 +792,8 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
         if not 0 < f <= 1:
             raise LoLError(f"learning_curve: fractions must be in (0, 1], got {f}")
     if workers > 1 and len(models) * len(seeds) > 1:
-        calls = [(str(coll.path), task, kind, tuple(fractions), int(seed), config, hparams)
-                 for seed in seeds for kind in models]
+        calls = [(str(coll.path), task, kind, tuple(fractions), int(seed), config, hparams,
+                  None if runs_dir is None else str(runs_dir)) for seed in seeds for kind in models]
         if log:
             log(f"[curve] {task}: {len(calls)} (model, seed) pairs in {min(workers, len(calls))} worker processes")
         rows = pd.concat(in_workers(_curve_unit, calls, workers), ignore_index=True)
@@ -766,14 +815,27 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
             n_train = int((split[idx] == "train").sum())
             for kind in models:
                 cfg = replace(config, seed=int(seed), model=dict((hparams or {}).get(kind, {})))
-                res = train(b, c, kind, cfg, table=t, kinds=kinds)
-                for label, ms in res.metrics["test"].items():
-                    for metric, value in ms.items():
-                        rows.append({"collection": str(Path(coll.path).name), "task": task, "model": kind,
-                                     "seed": seed, "fraction": float(f), "n_train": n_train, "label": label,
-                                     "label_kind": kinds[label], "metric": metric, "value": value})
+                rdir = finished_run(runs_dir, coll, task, main_rows(coll), kind, cfg) if len(idx) == len(table) \
+                    else None
+                if rdir is not None and "id" in t.columns:   # 100 %: run_grid's training, if it had this split
+                    stored = recorded_split(json.loads((rdir / "checkpoint" / "config.json").read_text()),
+                                            t["id"].astype(str))
+                    rdir = rdir if stored is not None and (stored == t["split"].to_numpy()).all() else None
+                else:
+                    rdir = None
+                if rdir is not None:
+                    test = pd.read_csv(rdir / "metrics.csv").query("split == 'test'")
+                    scores = [(r.label, r.metric, r.value) for r in test.itertuples()]
+                else:
+                    res = train(b, c, kind, cfg, table=t, kinds=kinds)
+                    scores = [(label, metric, value) for label, ms in res.metrics["test"].items()
+                              for metric, value in ms.items()]
+                rows += [{"collection": str(Path(coll.path).name), "task": task, "model": kind, "seed": seed,
+                          "fraction": float(f), "n_train": n_train, "label": label, "label_kind": kinds[label],
+                          "metric": metric, "value": value} for label, metric, value in scores]
                 if log:
-                    log(f"[curve] {task} {kind} seed {seed}: {f:.0%} of the training groups ({n_train} LoRAs)")
+                    log(f"[curve] {task} {kind} seed {seed}: {f:.0%} of the training groups ({n_train} LoRAs)"
+                        + (", run_grid's run reused" if rdir is not None else ""))
     return pd.DataFrame(rows)
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 from . import metrics as M
 
 __all__ = ["PAPER", "PAPER_FIGURE4", "PAPER_MODELS", "PAPER_SIZES", "DEFAULT_TASKS", "mse_norm_rows", "paper_comparison",
-           "explain_gaps", "read_paper_comparison", "figure4_ours", "write_paper_comparison"]
+           "explain_gaps", "keep_why", "read_paper_comparison", "figure4_ours", "write_paper_comparison"]
 
 # the paper's model families → our model kinds
 PAPER_MODELS = {"MLP": "mlp", "O-Align": "oalign", "SVD": "svals", "Dense": "dense", "GL-net": "glnet"}
@@ -312,6 +312,21 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
             parts.append(f"{sizes[coll]:,} LoRAs vs the paper's {PAPER_SIZES[coll]:,}")
         if parts:
             out.at[i, "why"] = "; ".join(parts)
+    return out
+
+
+def keep_why(table: pd.DataFrame, previous: pd.DataFrame, retrained: Sequence[str]) -> pd.DataFrame:
+    """``table`` with the ``why`` of ``previous`` (an earlier `paper_comparison` table with its reasons, e.g. read back
+    by `read_paper_comparison`) on every row whose task (``ours``, "collection/task") is not in ``retrained``, matched
+    by (paper_ref, paper_task, ours, metric). A partial rerun (notebook 02's ``tasks``) keeps the measured reasons of
+    the tasks it did not touch; a retrained task's reason is left empty, since it was measured on the earlier runs
+    (notebook 09 measures it again)."""
+    out = table.copy()
+    key = ["paper_ref", "paper_task", "ours", "metric"]
+    old = previous[previous.ours.astype(str).ne("") & ~previous.ours.isin(list(retrained))]
+    why = dict(zip(map(tuple, old[key].astype(str).to_numpy()), old["why"].fillna("").astype(str)))
+    out["why"] = [why.get(tuple(k), "") if k[2] not in retrained else ""
+                  for k in out[key].astype(str).to_numpy().tolist()]
     return out
 
 

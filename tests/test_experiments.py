@@ -472,3 +472,56 @@ def test_a_partial_rerun_replaces_only_its_own_tasks():
     assert len(p2) == 0
     with pytest.raises(LoLError, match="lacks column"):
         X.splice_runs(old_runs.drop(columns="metric"), old_preds, rows("redone", 0.9))
+
+
+def test_learning_curves_and_rank_generalization_reuse_what_run_grid_trained(mixed, tmp_path, monkeypatch):
+    """At 100 % of the training groups a learning curve is run_grid's own training, and rank generalization on the
+    main rank trains run_grid's models: with run_grid's runs_dir they read those runs (same numbers) and train only
+    the rest. A run of other settings (here another lr), of other rows, or on another split is not taken for them."""
+    import lol.train
+
+    synth = synth_collection(tiny_spec(), 60, ranks=(2, 2, 4), seed=1)
+    split_column = synth.table["split"]
+    synth.table = synth.table.drop(columns="split")     # as the zoo's collections: split by seed, as the curves do
+    synth.write(tmp_path / "c" / "mixed")
+    mixed_by_column, mixed = mixed, open_collection(tmp_path / "c" / "mixed")
+    assert (mixed_by_column.table["split"] == split_column).all()
+    tmp_path = tmp_path / "runs"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = X.TaskRef("mixed", "spectrum", (("rank", 2),))          # the folder is "mixed"; rank 2 is the main rank
+        assert X.main_rows(mixed) == {"rank": 2}
+        X.run_grid({"mixed": mixed}, [ref], models=("svals", "glnet"), seeds=(0,), config=CFG, runs_dir=tmp_path,
+                   log=None)
+        fresh_curve = X.learning_curve(mixed, "spectrum", ["glnet"], (0.5, 1.0), (0,), CFG, log=None)
+        fresh_rank = X.rank_generalization(mixed, "spectrum", ["glnet", "svals"], (0,), CFG, train_rank=2,
+                                           eval_ranks=(4,), log=None)
+        trained, real = [], lol.train.train
+        monkeypatch.setattr(lol.train, "train", lambda *a, **k: trained.append(a[2]) or real(*a, **k))
+        curve = X.learning_curve(mixed, "spectrum", ["glnet"], (0.5, 1.0), (0,), CFG, log=None, runs_dir=tmp_path)
+        assert trained == ["glnet"]                                   # the 50 % one only
+        pd.testing.assert_frame_equal(curve, fresh_curve, check_exact=False, rtol=1e-9)
+        trained.clear()
+        rank = X.rank_generalization(mixed, "spectrum", ["glnet", "svals"], (0,), CFG, train_rank=2, eval_ranks=(4,),
+                                     log=None, runs_dir=tmp_path)
+        assert trained == ["svals"]          # svals is built for rank 4 (the largest evaluated): another model
+        pd.testing.assert_frame_equal(rank, fresh_rank, check_exact=False, rtol=1e-6)
+        trained.clear()
+        other = TrainConfig(**{**CFG.__dict__, "lr": CFG.lr * 3})
+        X.rank_generalization(mixed, "spectrum", ["glnet"], (0,), other, train_rank=2, eval_ranks=(4,), log=None,
+                              runs_dir=tmp_path)
+        X.learning_curve(mixed, "spectrum", ["glnet"], (1.0,), (0,), other, log=None, runs_dir=tmp_path)
+        assert trained == ["glnet", "glnet"]
+        # run_grid on a collection with a split column trains on that split; a learning curve splits by seed
+        X.run_grid({"mixed": mixed_by_column}, [ref], models=("glnet",), seeds=(0,), config=CFG,
+                   runs_dir=tmp_path / "by_column", log=None)
+        trained.clear()
+        X.learning_curve(mixed_by_column, "spectrum", ["glnet"], (1.0,), (0,), CFG, log=None,
+                         runs_dir=tmp_path / "by_column")
+        assert trained == ["glnet"]
+        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG) is not None
+        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 4}, "glnet", CFG) is None    # other rows
+        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", other) is None
+    finally:
+        torch.set_num_threads(n)

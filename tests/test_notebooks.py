@@ -123,6 +123,13 @@ def test_training_notebook_reruns_some_tasks_and_keeps_the_others(smoke_run, tmp
               "checkpoints_dir": str(ck), "runs_dir": str(smoke_run["results"].parent / "runs"),
               "tasks": ["lm/eval_loss"]}
     run_notebooks(tmp_path / "nb", params, names=["02"])
+    # the paper comparison: the other tasks keep the reasons notebook 09 measured; the rerun task's are cleared
+    from lol.paper import read_paper_comparison
+
+    pc0, pc1 = (read_paper_comparison(d / "paper_comparison.csv") for d in (smoke_run["results"], res))
+    other = pc0.ours != "lm/eval_loss"
+    assert (pc0.why[other] != "").any() and list(pc1.why[other]) == list(pc0.why[other])
+    assert (pc1.why[~other] == "").all() and list(pc1.ours) == list(pc0.ours)
     after = pd.read_csv(res / "runs.csv")
     again = (after.collection == "lm") & (after.task == "eval_loss")
     pd.testing.assert_frame_equal(after[~again].reset_index(drop=True), before[~redo].reset_index(drop=True))

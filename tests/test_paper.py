@@ -221,3 +221,22 @@ def test_recorded_mse_norm_is_kept_and_older_runs_get_theirs_from_predictions():
     assert mse.ours_glnet == pytest.approx(0.5)                           # recorded, not recomputed (.25)
     assert mse.ours_best_other_model == "mlp" and mse.ours_best_other == pytest.approx(.25)   # from predictions
     assert mse.glnet_place == 2 and mse.n_models == 3
+
+
+def test_a_partial_rerun_keeps_the_reasons_of_the_tasks_it_did_not_retrain(tmp_path):
+    """Notebook 02 with ``tasks``: the other tasks' measured reasons survive (read back from the written table); the
+    retrained task's reason, measured on the earlier runs, is cleared for notebook 09 to measure again."""
+    runs, preds = _tables()
+    t = P.paper_comparison(runs, preds, tasks={"dataset_size": ("fashion", "n_classes")})
+    explained = P.explain_gaps(t, {("faces", "clip_score"): {"r": 0.9, "n": 50}}, None,
+                               {"faces": 640, "fashion": 420})
+    csv, _ = P.write_paper_comparison(explained, tmp_path)
+    rerun = P.paper_comparison(runs, preds, tasks={"dataset_size": ("fashion", "n_classes")})   # why all empty
+    assert (rerun.why == "").all()
+    raw = P.keep_why(rerun, P.read_paper_comparison(csv), ["faces/clip_score"])
+    assert list(raw.columns) == list(rerun.columns) and len(raw) == len(rerun)
+    kept = raw.set_index(["ours", "metric"])
+    before = explained.set_index(["ours", "metric"])
+    assert before.loc[("faces/clip_score", "r2")].why != "" and kept.loc[("faces/clip_score", "r2")].why == ""
+    assert kept.loc[("faces/attributes", "accuracy")].why == before.loc[("faces/attributes", "accuracy")].why != ""
+    assert kept.loc[("fashion/n_classes", "accuracy")].why == "420 LoRAs vs the paper's 2,046"
