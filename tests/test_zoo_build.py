@@ -148,6 +148,10 @@ def test_full_ci_build_all_collections(tmp_path):
         col = open_collection(tmp_path / "collections" / name)
         assert len(col) == rec["collections"][name]["n_loras"] > 0
     assert open_collection(tmp_path / "collections" / "faces").spec.names[0].startswith("unet.")
+    # what the labels cost: the image recipes time finetuning and sampling per group, and the record sums them
+    for name in ("faces", "fashion"):
+        ph = rec["collections"][name]["phase_seconds"]
+        assert ph["groups"] == rec["collections"][name]["n_groups"] and ph["train"] > 0 and ph["sample"] > 0
     # the build (and only the build: recipes run directly write none) leaves sample sheets of its first LoRAs
     samples = tmp_path / "samples"
     assert (samples / "faces-00000.png").is_file() and (samples / "fashion-00000.png").is_file()

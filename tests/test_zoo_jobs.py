@@ -188,3 +188,18 @@ def test_ray_executor_local_cluster(tmp_path, toy_base):
         ray.shutdown()
     ref = run_all(tmp_path / "ref", toy_base)
     same_results(collect_results(tmp_path / "ray", m), collect_results(tmp_path / "ref", ref))
+
+
+def test_phase_seconds_sums_each_timed_phase_once_per_group():
+    """What labels cost: the image recipes record per group how long finetuning and sampling took (the same figure in
+    every job of the group); a group adopted from a packed collection has no timing and is not counted."""
+    from lol.zoo.jobs import phase_seconds
+    from lol.zoo.recipe import JobResult
+
+    manifest = {"groups": {"g0": ["a", "b"], "g1": ["c"], "g2": ["d", "e"], "g3": ["f"]}}
+    timed = {"group_train_seconds": 10.0, "group_sample_seconds": 30.0}
+    results = [JobResult("a", None, {}, extras=dict(timed)), JobResult("b", None, {}, extras=dict(timed)),
+               JobResult("c", None, {}, extras={"group_train_seconds": 2.0, "group_sample_seconds": 8.0}),
+               JobResult("d", None, {}, extras={}), JobResult("e", None, {}, extras={})]      # g2 adopted; g3 not done
+    assert phase_seconds(results, manifest) == {"train": 12.0, "sample": 38.0, "groups": 2}
+    assert phase_seconds(results[3:], manifest) == {}

@@ -68,3 +68,12 @@ def test_the_reliability_table_gives_the_interval_and_the_measurements_the_goal_
     lo, hi = noisy["r_ci95"]
     assert f"{noisy['r']:.3f} ({lo:.3f} – {hi:.3f})" in row and row.endswith(f"| **no** | {k:.1f}× |")
     assert next(r for r in text.splitlines() if r.startswith("| clean |")).endswith("| yes | 1.0× |")
+
+
+def test_the_compute_per_phase_says_what_the_labels_cost():
+    from lol.zoo.report import _phase_lines
+
+    line = "\n".join(_phase_lines({"phase_seconds": {"train": 25.0, "sample": 75.0, "groups": 3}}))
+    assert line == ("Compute per phase, over the 3 groups timed by phase (100 s): train 25% (finetuning the LoRAs), "
+                    "sample 75% (generating and scoring the images that measure the labels).")
+    assert _phase_lines({}) == [] and _phase_lines({"phase_seconds": {}}) == []

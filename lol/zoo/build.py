@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .jobs import (ZooError, adopt_packed, adopted_groups, collect_results, compute_seconds, load_object,
-                   load_or_create_manifest, make_executor, pending_groups)
+                   load_or_create_manifest, make_executor, pending_groups, phase_seconds)
 
 __all__ = ["PRESETS", "BASE_RECIPES", "COLLECTION_RECIPES", "build", "plan", "status", "folder_size"]
 
@@ -306,6 +306,7 @@ def build(preset: str = "ci", out: str | Path = "data", executor: str = "local",
             "size_bytes": folder_size(dest), "path": f"collections/{name}",
             "executor": executor if summaries else prev.get("executor", executor),
             "n_planned": manifest["n_jobs"], "complete": len(results) == manifest["n_jobs"],
+            **({"phase_seconds": phases} if (phases := phase_seconds(results, manifest)) else {}),
         }
         mine["collections"].add(name)
         log(f"[zoo] collection {name}: packed {len(results)} LoRAs into {dest} in {run_s:.1f} s")

@@ -35,7 +35,7 @@ from .recipe import CollectionRecipe, Job, JobResult
 
 __all__ = ["ZooError", "Manifest", "make_manifest", "load_or_create_manifest", "pending_groups", "adopt_packed", "job_mismatch",
            "adopted_groups",
-           "run_order", "compute_seconds",
+           "run_order", "compute_seconds", "phase_seconds",
            "run_group_to_disk", "write_group", "read_group", "collect_results", "LocalExecutor", "RayExecutor",
            "make_executor",
            "recipe_ref", "load_object"]
@@ -358,6 +358,27 @@ def compute_seconds(build_dir: Path, manifest: Manifest) -> float:
     gdir = _groups_dir(build_dir)
     return sum(float(json.loads((gdir / g / DONE).read_text()).get("seconds", 0.0))
                for g in manifest["groups"] if (gdir / g / DONE).is_file())
+
+
+def phase_seconds(results: Sequence[JobResult], manifest: Manifest) -> dict[str, Any]:
+    """Where a build's compute went: per phase a recipe times (``extras["group_<phase>_seconds"]``, one figure per group,
+    e.g. the image recipes' ``train`` and ``sample`` — the images that measure the labels), the sum over the groups
+    that recorded it, and ``groups``, how many did (LoRAs adopted from a packed collection carry no timing). {} when
+    no group recorded any."""
+    import re
+
+    by_id = {r.job_id: r for r in results}
+    sums: dict[str, float] = {}
+    n = 0
+    for jobs in manifest["groups"].values():
+        first = next((by_id[j] for j in jobs if j in by_id), None)
+        timed = {m.group(1): float(v) for k, v in (first.extras if first else {}).items()
+                 if (m := re.fullmatch(r"group_(\w+)_seconds", k)) and v is not None}
+        if timed:
+            n += 1
+            for k, v in timed.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return {**{k: round(v, 1) for k, v in sums.items()}, "groups": n} if n else {}
 
 
 def run_group_to_disk(recipe_or_ref, build_dir: str, gid: str, jobs: list[Job], bases: dict[str, str],

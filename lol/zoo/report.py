@@ -86,6 +86,7 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
                  + (f", built in {rec.get('compute_seconds', rec['seconds_total']):.0f} s of training "
                     f"({rec.get('executor', 'local')} executor, groups of {rec.get('group_size')}; summed over every "
                     f"group, resumed runs included)" if "seconds_total" in rec else "") + ".")
+    lines += _phase_lines(rec)
     zoo = (coll.provenance or {}).get("zoo", {})
     if zoo.get("bases"):
         lines.append("Built on " + ", ".join(f"`{v}` ({k})" for k, v in zoo["bases"].items()) + "."
@@ -114,6 +115,18 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
 
 
 IDENTITY_GOAL = 0.9
+PHASE_WORDS = {"train": "finetuning the LoRAs", "sample": "generating and scoring the images that measure the labels"}
+
+
+def _phase_lines(rec: dict) -> list[str]:
+    """Where the build's compute went, per phase its recipe timed (`lol.zoo.jobs.phase_seconds`): what labels cost."""
+    ph = dict(rec.get("phase_seconds") or {})
+    n = ph.pop("groups", 0)
+    total = sum(ph.values())
+    if not n or total <= 0:
+        return []
+    parts = [f"{k} {v / total:.0%}" + (f" ({PHASE_WORDS[k]})" if k in PHASE_WORDS else "") for k, v in ph.items()]
+    return [f"Compute per phase, over the {n} groups timed by phase ({total:,.0f} s): " + ", ".join(parts) + "."]
 
 
 def _effect_lines(table) -> list[str]:
