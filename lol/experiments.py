@@ -42,7 +42,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run",
+           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
@@ -202,11 +202,25 @@ def _same_training(a: Mapping, b: Mapping) -> bool:
     return norm(a) == norm(b)
 
 
-def finished_run(runs_dir, coll, task: str, where: Mapping, kind: str, config) -> Path | None:
-    """The folder of the `run_grid` run stored in ``runs_dir`` that is exactly this training — the same version of
-    ``coll`` (fingerprint), rows ``where``, task, model kind and `TrainConfig` (seed and model hyperparameters
-    included) — or None. `learning_curve` at 100 % of the training groups and `rank_generalization` on the main rank
-    are such trainings: they read the run's metrics or checkpoint instead of training it again."""
+@dataclass(frozen=True)
+class FinishedRun:
+    """A `run_grid` run found by `finished_run`: its folder, its checkpoint's ``config.json`` record, and the split it
+    recorded for the asked ids (None when no ids were asked)."""
+    path: Path
+    record: dict
+    split: np.ndarray | None = None
+
+
+def finished_run(runs_dir, coll, task: str, where: Mapping, kind: str, config, ids=None,
+                 split=None) -> FinishedRun | None:
+    """The `run_grid` run stored in ``runs_dir`` that is exactly this training — the same version of ``coll``
+    (fingerprint), rows ``where``, task, model kind and `TrainConfig` (seed and model hyperparameters included) — or
+    None. With ``ids``, also its recorded split of those LoRA ids, which must name every one of them (and equal
+    ``split`` when given): a run trained on another split is another training. `learning_curve` at 100 % of the
+    training groups and `rank_generalization` on the main rank are such trainings: they read the run's metrics or
+    checkpoint instead of training it again. One read of the run's record serves every check."""
+    from .checkpoint import recorded_split
+
     if runs_dir is None:
         return None
     rdir = _run_dir(runs_dir, TaskRef(Path(coll.path).name, task), kind, int(config.seed))
@@ -215,7 +229,16 @@ def finished_run(runs_dir, coll, task: str, where: Mapping, kind: str, config) -
         return None
     rec = json.loads(cfg_file.read_text())
     rows = json.loads(json.dumps(dict(where), default=int))
-    return rdir if rec.get("rows") == rows and _same_training(rec.get("train", {}), asdict(config)) else None
+    if rec.get("rows") != rows or not _same_training(rec.get("train", {}), asdict(config)):
+        return None
+    stored = None
+    if ids is not None:
+        stored = recorded_split(rec, ids)
+        if stored is None or (stored == "").any():
+            return None
+        if split is not None and not (stored == np.asarray(split, dtype=object)).all():
+            return None
+    return FinishedRun(rdir, rec, stored)
 
 
 def _one_thread() -> None:
@@ -755,12 +778,11 @@ def _trained(runs_dir, coll, task, where, kind, cfg, batch, cols, kinds, table):
     from .checkpoint import load_checkpoint
     from .train import train
 
-    rdir = finished_run(runs_dir, coll, task, where, kind, cfg)
-    if rdir is not None and "id" in table.columns:
-        ck = load_checkpoint(rdir / "checkpoint")
-        split = ck.split_of(table["id"].astype(str))
-        if split is not None and not (split == "").any():
-            return ck.model, ck.targets, split, "reused from run_grid"
+    run = finished_run(runs_dir, coll, task, where, kind, cfg, ids=table["id"].astype(str)) \
+        if "id" in table.columns else None
+    if run is not None:
+        ck = load_checkpoint(run.path / "checkpoint")
+        return ck.model, ck.targets, run.split, "reused from run_grid"
     res = train(batch, cols, kind, cfg, table=table, kinds=kinds)
     return res.model, res.targets, res.split, "trained"
 
@@ -783,7 +805,6 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
     fraction, n_train, label, label_kind, metric, value), test split only. ``workers`` > 1 trains each (model, seed)
     in its own process (`in_workers`); the rows are the same, in the same order. ``runs_dir`` (`run_grid`'s): at
     100 % the training is `run_grid`'s own, so a run it stored (`finished_run`) gives its test metrics, untrained."""
-    from .checkpoint import recorded_split
     from .splits import make_splits
     from .train import TrainConfig, train
 
@@ -815,16 +836,11 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
             n_train = int((split[idx] == "train").sum())
             for kind in models:
                 cfg = replace(config, seed=int(seed), model=dict((hparams or {}).get(kind, {})))
-                rdir = finished_run(runs_dir, coll, task, main_rows(coll), kind, cfg) if len(idx) == len(table) \
-                    else None
-                if rdir is not None and "id" in t.columns:   # 100 %: run_grid's training, if it had this split
-                    stored = recorded_split(json.loads((rdir / "checkpoint" / "config.json").read_text()),
-                                            t["id"].astype(str))
-                    rdir = rdir if stored is not None and (stored == t["split"].to_numpy()).all() else None
-                else:
-                    rdir = None
-                if rdir is not None:
-                    test = pd.read_csv(rdir / "metrics.csv").query("split == 'test'")
+                # 100 %: run_grid's training, if it had this very split
+                run = finished_run(runs_dir, coll, task, main_rows(coll), kind, cfg, ids=t["id"].astype(str),
+                                   split=t["split"]) if len(idx) == len(table) and "id" in t.columns else None
+                if run is not None:
+                    test = pd.read_csv(run.path / "metrics.csv").query("split == 'test'")
                     scores = [(r.label, r.metric, r.value) for r in test.itertuples()]
                 else:
                     res = train(b, c, kind, cfg, table=t, kinds=kinds)
@@ -835,7 +851,7 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
                           "metric": metric, "value": value} for label, metric, value in scores]
                 if log:
                     log(f"[curve] {task} {kind} seed {seed}: {f:.0%} of the training groups ({n_train} LoRAs)"
-                        + (", run_grid's run reused" if rdir is not None else ""))
+                        + (", run_grid's run reused" if run is not None else ""))
     return pd.DataFrame(rows)
 
 

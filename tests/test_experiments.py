@@ -520,7 +520,17 @@ def test_learning_curves_and_rank_generalization_reuse_what_run_grid_trained(mix
         X.learning_curve(mixed_by_column, "spectrum", ["glnet"], (1.0,), (0,), CFG, log=None,
                          runs_dir=tmp_path / "by_column")
         assert trained == ["glnet"]
-        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG) is not None
+        run = X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG)
+        assert run is not None and run.split is None and run.record["rows"] == {"rank": 2}
+        ids = mixed.table.loc[mixed.table["rank"] == 2, "id"].astype(str).to_numpy()
+        run = X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG, ids=ids)
+        assert run is not None and set(run.split) == {"train", "val", "test"} and len(run.split) == len(ids)
+        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG, ids=ids,
+                              split=run.split) is not None
+        flipped = np.where(run.split == "train", "val", run.split)                         # another split
+        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG, ids=ids, split=flipped) is None
+        assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", CFG,
+                              ids=np.append(ids, "not-an-id")) is None                # an id it never split
         assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 4}, "glnet", CFG) is None    # other rows
         assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", other) is None
     finally:
