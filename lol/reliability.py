@@ -25,8 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["RELIABILITY_GOAL", "retest_reliability", "spearman_brown", "measurements_needed", "vote_ambiguity",
-           "label_reliability", "task_ceilings"]
+__all__ = ["RELIABILITY_GOAL", "retest_reliability", "repeated_reliability", "spearman_brown", "measurements_needed",
+           "vote_ambiguity", "label_reliability", "task_ceilings"]
 
 RELIABILITY_GOAL = 0.95   # Zoo v2's goal for every regression label of the default presets
 
@@ -92,6 +92,44 @@ def measurements_needed(r: float, goal: float) -> float:
     if r <= 0:
         return math.inf
     return max(1.0, goal * (1 - r) / (r * (1 - goal)))
+
+
+def _mean_pair_r(M: np.ndarray) -> np.ndarray:
+    """Mean Pearson r over the column pairs of M (..., n, k), per leading index."""
+    X = M - M.mean(-2, keepdims=True)
+    norm = np.sqrt((X * X).sum(-2))                              # (..., k)
+    C = np.einsum("...ni,...nj->...ij", X, X) / (norm[..., :, None] * norm[..., None, :])
+    iu = np.triu_indices(M.shape[-1], 1)
+    return C[..., iu[0], iu[1]].mean(-1)
+
+
+def repeated_reliability(values, boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Reliability of a label measured ``k`` ≥ 2 times, independently and with one protocol, and stored as the mean of
+    the ``k``: ``values`` (n LoRAs, k measurements); rows with a non-finite value are dropped.
+
+    Returns ``n``, ``k``, ``r_single`` (the reliability of one measurement: the mean Pearson r over the k(k−1)/2
+    pairs of measurements), ``r_mean`` (of their average: `spearman_brown` of ``r_single`` and k — the ceiling on
+    test R² of the averaged label), ``r_mean_ci95`` (percentile bootstrap over the LoRAs, seeded), ``label_std`` (of
+    the averaged label) and ``noise_std`` (per measurement: the root mean within-LoRA variance). With k = 2,
+    ``r_single`` is `retest_reliability`'s r."""
+    M = np.asarray(values, dtype=float)
+    if M.ndim != 2 or M.shape[1] < 2:
+        raise ValueError(f"repeated_reliability: expected (LoRAs, ≥ 2 measurements), got shape {M.shape}")
+    M = M[np.isfinite(M).all(1)]
+    n, k = M.shape
+    if n < 3 or (np.ptp(M, 0) == 0).any():
+        return {"n": n, "k": k, "r_single": math.nan, "r_mean": math.nan, "r_mean_ci95": (math.nan, math.nan),
+                "label_std": math.nan, "noise_std": math.nan}
+    r1 = float(_mean_pair_r(M))
+    rng, rs = np.random.default_rng(seed), []
+    step = max(1, 2_000_000 // (n * k))                          # resamples per chunk: a few MB at a time
+    for s in range(0, boot, step):
+        R = _mean_pair_r(M[rng.integers(0, n, (min(step, boot - s), n))])
+        rs.append(R[np.isfinite(R)])
+    rs = np.concatenate(rs)
+    lo, hi = (np.percentile(spearman_brown(rs, k), [2.5, 97.5]) if rs.size else (math.nan, math.nan))
+    return {"n": n, "k": k, "r_single": r1, "r_mean": spearman_brown(r1, k), "r_mean_ci95": (float(lo), float(hi)),
+            "label_std": float(M.mean(1).std(ddof=1)), "noise_std": float(np.sqrt(M.var(1, ddof=1).mean()))}
 
 
 def vote_ambiguity(shares, margin: float = 0.1) -> dict[str, float]:

@@ -112,3 +112,30 @@ def test_the_bootstrap_interval_covers_the_true_reliability_and_narrows_with_mor
         assert retest_reliability(y1, y2)["r_ci95"] == (lo, hi)                  # seeded: same data, same interval
         assert retest_reliability(y1, y2, seed=1)["r_ci95"] != (lo, hi)
     assert widths[1] < widths[0] / 2.5                     # ~1/√n: a quarter of the width at 16× the LoRAs
+
+
+def test_repeated_reliability_of_an_averaged_label():
+    """k independent measurements of true values t (var 1) with noise var 0.5: one measurement's reliability is
+    1/1.5, their mean's the Spearman–Brown value, and the mean of k really is that reliable (its correlation with a
+    fresh mean of k, on the same LoRAs). k = 2 gives `retest_reliability`'s r; rows with a gap are dropped."""
+    from lol.reliability import repeated_reliability, spearman_brown
+
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=4000)
+    M = t[:, None] + rng.normal(size=(4000, 3)) * math.sqrt(0.5)
+    fresh = (t[:, None] + rng.normal(size=(4000, 3)) * math.sqrt(0.5)).mean(1)
+    rel = repeated_reliability(M)
+    assert rel["n"] == 4000 and rel["k"] == 3
+    assert rel["r_single"] == pytest.approx(1 / 1.5, abs=0.02)
+    assert rel["r_mean"] == pytest.approx(spearman_brown(rel["r_single"], 3))
+    assert rel["r_mean"] == pytest.approx(float(np.corrcoef(M.mean(1), fresh)[0, 1]), abs=0.02)
+    lo, hi = rel["r_mean_ci95"]
+    assert lo < spearman_brown(1 / 1.5, 3) < hi and hi - lo < 0.03
+    assert rel["noise_std"] == pytest.approx(math.sqrt(0.5), rel=0.03)
+    assert repeated_reliability(M[:, :2])["r_single"] == pytest.approx(retest_reliability(M[:, 0], M[:, 1])["r"])
+    gappy = M.copy()
+    gappy[:10, 2] = np.nan
+    assert repeated_reliability(gappy)["n"] == 3990
+    with pytest.raises(ValueError, match=r"expected \(LoRAs, ≥ 2 measurements\), got shape \(4000,\)"):
+        repeated_reliability(M[:, 0])
+    assert math.isnan(repeated_reliability(np.ones((10, 2)))["r_mean"])

@@ -1,6 +1,6 @@
-"""`lol zoo build`, `lol zoo status`, `lol zoo report`, `lol zoo precompute`: build the LoRA zoo (base models +
-labelled collections), resumably; describe it; ship what the explorer shows first (maps, predictions) with each
-collection.
+"""`lol zoo build`, `lol zoo status`, `lol zoo report`, `lol zoo precompute`, `lol zoo measure`: build the LoRA zoo
+(base models + labelled collections), resumably; describe it; ship what the explorer shows first (maps,
+predictions) with each collection; measure a label again to raise its reliability.
 
 Light at import: torch, transformers and diffusers are imported only when a build runs.
 """
@@ -55,6 +55,33 @@ def register(sub) -> None:
     m.add_argument("--out", default="data", help="data folder (collections/ and checkpoints/ under it)")
     m.add_argument("--only", default=None, help="comma list of collections (default: all under OUT/collections)")
     m.set_defaults(func=cmd_precompute)
+
+    ms = zsub.add_parser("measure", help="measure a packed faces collection's CLIP score once more with another noise "
+                                         "seed and the build's protocol (resumable; averaged measurements raise the "
+                                         "label's reliability; `lol zoo report` shows it)")
+    ms.add_argument("--out", default="data", help="data folder (collections/ under it)")
+    ms.add_argument("--collection", default="faces")
+    ms.add_argument("--label", default="clip_score", choices=("clip_score",))
+    ms.add_argument("--seed", type=int, required=True, help="noise seed (not the build's own, 42)")
+    ms.add_argument("--limit", type=int, default=None, help="measure at most this many LoRAs, then stop")
+    ms.add_argument("--chunk", type=int, default=8, help="LoRAs per batched pass")
+    ms.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; run two seeds side by side)")
+    ms.set_defaults(func=cmd_measure)
+
+
+def cmd_measure(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..zoo.measure import measure_clip_score
+
+    torch.set_num_threads(max(1, args.threads))
+    path = measure_clip_score(Path(args.out) / "collections" / args.collection, args.seed, limit=args.limit,
+                              chunk=args.chunk, device=args.device, progress=lambda t: print(t, flush=True))
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_build(args) -> int:

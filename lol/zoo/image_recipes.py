@@ -31,7 +31,8 @@ import torch
 from .recipe import Job, JobResult, single_stage, stage_of
 
 __all__ = ["FacesRecipe", "FashionRecipe", "FashionSiblingRecipe", "FASHION_SIBLING_PRESETS", "FACES_PRESETS",
-           "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS", "ImageLoRATrainer", "load_adapters", "sample_with_adapters", "TARGETS"]
+           "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS", "ImageLoRATrainer", "load_adapters", "faces_clip_protocol",
+           "sample_with_adapters", "TARGETS"]
 
 TARGETS = ("to_q", "to_v")
 INSTANCE_WORDS = ("celebrity", "person", "thing", "skd")
@@ -349,6 +350,15 @@ def _save_strip(path: Path, rows: list[np.ndarray]) -> None:
 # faces
 
 
+def faces_clip_protocol(P: dict) -> dict:
+    """How a faces preset ``P`` measures its LoRAs' CLIP score (and identity gain): prompts, images per prompt,
+    denoising steps, guidance, the label's seed and the retest's. One home for the build (`FacesRecipe.jobs`) and for
+    measuring a packed collection again (`lol.zoo.measure`)."""
+    return {"prompts": CLIP_SCORE_PROMPTS[:P["clip_prompts"]], "images": P["clip_images"], "steps": P["clip_steps"],
+            "guidance": P["guidance"], "seed": P["clip_seed"], "retest_seed": P["retest_seed"],
+            "identity_images": P["identity_images"]}
+
+
 class FacesRecipe:
     """CelebA-LoRA on the face world (see module docstring)."""
 
@@ -378,9 +388,7 @@ class FacesRecipe:
                       "grad_accum": int(rng.choice(P["grad_accum"])),
                       "instance_prompt": str(rng.choice(INSTANCE_WORDS)), "micro_batch": int(P["micro_batch"]),
                       "retest": i % P["retest_every"] == 0 and i < P.get("retest_until", math.inf),
-                      "clip": {"prompts": CLIP_SCORE_PROMPTS[:P["clip_prompts"]], "images": P["clip_images"],
-                               "steps": P["clip_steps"], "guidance": P["guidance"], "seed": P["clip_seed"],
-                               "retest_seed": P["retest_seed"], "identity_images": P["identity_images"]}}
+                      "clip": faces_clip_protocol(P)}
             if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)
                 params["stage"] = stage
             out.append(Job(id=f"faces-{i:05d}", seed=int(seed) * 1_000_003 + i, params=params))

@@ -110,7 +110,7 @@ def _collection_section(name: str, folder: Path, build: dict) -> list[str]:
                          f"{col.max():.4g} |")
         else:
             lines.append(f"| {lab} | {info.get('kind')} | {col.nunique()} values | | | |")
-    lines += [""] + _reliability_lines(t, coll.labels) + _effect_lines(t)
+    lines += [""] + _reliability_lines(t, coll.labels) + _measurement_lines(coll) + _effect_lines(t)
     return lines + [""]
 
 
@@ -206,6 +206,31 @@ def _reliability_lines(table, labels) -> list[str]:
     if missing:
         lines += ["No reliability evidence recorded (collection built before Zoo v2's retest measurements): "
                   + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+    return lines
+
+
+def _measurement_lines(coll) -> list[str]:
+    """Labels measured again after the build (`lol.zoo.measure`): per label, each measurement's coverage and cost,
+    and the reliability of their mean over the LoRAs measured every time, against the goal."""
+    from ..reliability import RELIABILITY_GOAL
+    from .measure import MEASUREMENTS_DIR, measured_reliability
+
+    folder = Path(coll.path) / MEASUREMENTS_DIR
+    labels = sorted({p.stem.rsplit("-seed", 1)[0] for p in folder.glob("*-seed*.parquet")}) if folder.is_dir() else []
+    lines = []
+    for lab in labels:
+        v = measured_reliability(coll, lab)
+        if v is None:
+            continue
+        src = "; ".join(f"{s['column']}: {s['n']} LoRAs" + (f", {s['seconds']:.1f} s per LoRA" if s["seconds"] else "")
+                        for s in v["sources"])
+        lo, hi = v["r_mean_ci95"]
+        ok = "met" if v["r_mean"] >= RELIABILITY_GOAL else "**not met**"
+        lines += [f"**`{lab}` measured again** (`lol zoo measure`, same protocol, other noise seeds; files under "
+                  f"`{MEASUREMENTS_DIR}/`): {src}. Over the {v['n']} LoRAs measured all {v['k']} times, one "
+                  f"measurement's reliability (mean pairwise r) is {v['r_single']:.3f} and their mean's "
+                  f"{v['r_mean']:.3f} (95 % CI {lo:.3f} – {hi:.3f}; goal r ≥ {RELIABILITY_GOAL}: {ok}). The "
+                  f"`{lab}` column is the build's measurement alone: these files do not change it.", ""]
     return lines
 
 

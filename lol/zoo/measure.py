@@ -1,0 +1,221 @@
+"""Measure a packed collection's label again, after the build: how a label reaches reliability ≥ 0.95.
+
+A measured label (a CLIP score over generated images) carries noise; its test–retest reliability r bounds any
+model's R² (`lol.reliability`). Averaging k independent measurements raises it to ``spearman_brown(r, k)``: faces'
+CLIP score, r = 0.895 per measurement, needs k = 3 for 0.95 (`measurements_needed` says 2.2). The build measured
+each LoRA once; this module measures the packed LoRAs again, each time with another seed and the build's own
+protocol, so the label can become the mean of k measurements without training a single LoRA again.
+
+`measure_clip_score` loads the collection's LoRAs (fp16 factors, U carrying each LoRA's scale) into the base UNet as
+adapters (`lol.zoo.image_recipes.load_adapters`, the build's own multi-adapter sampler) and scores them with the
+protocol the build used (`faces_clip_protocol` of the collection's preset: prompts, images per prompt, steps,
+guidance; the collection's own base and scorer, from its provenance) and another noise seed. Results go to
+``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, seconds; the protocol, seed and
+the factors' content hash in the file's metadata), rewritten atomically after every chunk of LoRAs: an interrupted
+run keeps what it measured and a rerun measures only the rest. Two processes measuring two seeds use two cores.
+
+`measurements` gathers a label's measurements (the build's column and every complete file of the same protocol and
+factors) and `measured_reliability` gives the reliability of their mean (`repeated_reliability`); ``lol zoo report``
+shows it. Files live beside the collection but outside its fingerprint (``collection.json`` and ``loras.parquet``):
+measuring changes no label until the mean replaces the label column.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..errors import CollectionError, LoLError
+
+__all__ = ["MEASUREMENTS_DIR", "measurement_path", "clip_protocol", "measure_clip_score", "measurements",
+           "measured_reliability"]
+
+MEASUREMENTS_DIR = "measurements"
+_META_KEY = b"lol_measurement"
+_FACES = "lol.zoo.image_recipes:FacesRecipe"
+
+
+def measurement_path(collection_dir, label: str, seed: int) -> Path:
+    return Path(collection_dir) / MEASUREMENTS_DIR / f"{label}-seed{int(seed)}.parquet"
+
+
+def _provenance(coll) -> dict:
+    prov = (coll.meta.get("provenance") or {}).get("zoo")
+    if not prov:
+        raise CollectionError(f"{coll.path}: no zoo provenance in collection.json: not built by `lol zoo build`, so "
+                              "its measurement protocol is unknown")
+    return prov
+
+
+def clip_protocol(coll) -> dict:
+    """The CLIP-score protocol the build used for ``coll`` (a faces collection): `faces_clip_protocol` of its preset."""
+    from .image_recipes import FACES_PRESETS, faces_clip_protocol
+
+    prov = _provenance(coll)
+    if prov.get("recipe") != _FACES:
+        raise LoLError(f"{coll.path}: CLIP scores are measured for faces collections ({_FACES}); this one was built "
+                       f"by {prov.get('recipe')!r}")
+    if prov.get("preset") not in FACES_PRESETS:
+        raise LoLError(f"{coll.path}: unknown faces preset {prov.get('preset')!r}")
+    return faces_clip_protocol(FACES_PRESETS[prov["preset"]])
+
+
+def _read(path: Path) -> tuple[pd.DataFrame, dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported by name
+        raise CollectionError(f"{path}: not a readable measurement file ({e})") from None
+    raw = (t.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise CollectionError(f"{path}: not a lol measurement file (no {_META_KEY.decode()!r} metadata)")
+    return t.to_pandas(), json.loads(raw)
+
+
+def _write(path: Path, df: pd.DataFrame, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    t = t.replace_schema_metadata({**(t.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(t, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bases(coll, bases: dict | None) -> dict[str, Path]:
+    from .image_bases import resolve_base
+
+    if bases is None:
+        root = Path(coll.path).parent.parent                      # data/collections/<name> → data
+        rel = _provenance(coll).get("bases") or {}
+        missing = [k for k in ("sd", "clip") if k not in rel]
+        if missing:
+            raise CollectionError(f"{coll.path}: provenance names no base model {missing}; pass bases=")
+        bases = {k: root / rel[k] for k in ("sd", "clip")}
+    out = {k: resolve_base(Path(v)) for k, v in bases.items()}
+    for k, p in out.items():
+        if not p.is_dir():
+            raise LoLError(f"{coll.path}: base model {k!r} not found at {p}")
+    return out
+
+
+def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, limit: int | None = None,
+                       chunk: int = 8, device: str | None = None,
+                       progress: Callable[[str], None] | None = None) -> Path:
+    """Measure the CLIP score of every LoRA of the packed faces collection at ``collection_dir`` once more, with the
+    build's protocol and noise seed ``seed``; resumable (module docstring). ``limit``: measure at most that many
+    LoRAs not yet measured, in table order, then stop (a rerun continues). ``chunk``: LoRAs per batched pass (one
+    rank each). ``bases``: {"sd", "clip"} folders (default: the collection's own, from its provenance). Returns the
+    measurement file."""
+    import torch
+
+    from ..collection import open_collection
+    from .clipscore import CLIPScorer
+    from .image_recipes import ImageLoRATrainer, _clip_score_measure, load_adapters
+
+    coll = open_collection(collection_dir)
+    protocol = clip_protocol(coll)
+    if int(seed) == int(protocol["seed"]):
+        raise LoLError(f"{coll.path}: seed {seed} is the build's own: that measurement is the clip_score column "
+                       "already; choose another seed")
+    meta = {"label": "clip_score", "seed": int(seed), "protocol": {k: v for k, v in protocol.items()
+                                                                   if k not in ("seed", "retest_seed")},
+            "factors": list(coll.factors_hash), "bases": (_provenance(coll).get("inputs") or {}).get("bases"),
+            "written_by": "lol.zoo.measure.measure_clip_score (lol zoo measure)"}
+    path = measurement_path(coll.path, "clip_score", seed)
+    done = pd.DataFrame({"id": pd.Series(dtype=str), "value": pd.Series(dtype=float),
+                         "seconds": pd.Series(dtype=float)})
+    if path.is_file():
+        done, old = _read(path)
+        if {k: old.get(k) for k in ("label", "seed", "protocol", "factors")} != \
+                {k: meta[k] for k in ("label", "seed", "protocol", "factors")}:
+            raise CollectionError(f"{path}: measured with another protocol or other LoRAs than {coll.path} holds "
+                                  "now; move it away to measure again")
+    seen = set(done["id"].astype(str))
+    todo = [i for i, x in enumerate(coll.table["id"].astype(str)) if x not in seen]
+    if limit is not None:
+        todo = todo[:max(0, int(limit))]
+    say = progress or (lambda _t: None)
+    if not todo:
+        say(f"{path}: all {len(coll)} LoRAs measured")
+        return path
+    b = _bases(coll, bases)
+    trainer = ImageLoRATrainer(b["sd"], device)
+    scorer = CLIPScorer(b["clip"], device=trainer.device)
+    ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
+    by_rank: dict[int, list[int]] = {}
+    for i in todo:
+        by_rank.setdefault(int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]), []).append(i)
+    chunks = [idx[s:s + chunk] for idx in by_rank.values() for s in range(0, len(idx), chunk)]
+    for c, idx in enumerate(chunks):
+        t0 = time.time()
+        loras = [coll.lora(i) for i in idx]
+        ml = load_adapters(trainer.unet, loras)
+        try:
+            with torch.no_grad():
+                res = _clip_score_measure(trainer, ml, scorer, range(len(idx)), protocol, int(seed), base=False)
+        finally:
+            ml.remove()
+        sec = (time.time() - t0) / len(idx)
+        new = pd.DataFrame({"id": [str(coll.table["id"].iloc[i]) for i in idx],
+                            "value": [float(res["scores"][k].mean()) for k in range(len(idx))],
+                            "seconds": [round(sec, 3)] * len(idx)})
+        done = pd.concat([done, new], ignore_index=True)
+        _write(path, done, meta)
+        say(f"{path.name}: {len(done)}/{len(coll)} LoRAs ({sec:.1f} s per LoRA, chunk {c + 1}/{len(chunks)})")
+    return path
+
+
+def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """(values, sources): one column per independent measurement of ``label`` over the collection's LoRAs (rows in
+    table order, NaN where a LoRA was not measured): the build's column first, then every file of this label, this
+    protocol and these factors under ``measurements/`` (seed order). ``sources`` says, per column, the seed, how
+    many LoRAs it covers and what one LoRA's measurement cost (seconds, median). A file measured on other LoRAs or
+    with another protocol raises, naming it."""
+    folder = Path(coll.path) / MEASUREMENTS_DIR
+    files = sorted(folder.glob(f"{label}-seed*.parquet"), key=lambda p: int(p.stem.rsplit("seed", 1)[1])) \
+        if folder.is_dir() else []
+    if label not in coll.table.columns:
+        raise CollectionError(f"{coll.path}: no label column {label!r}")
+    ids = coll.table["id"].astype(str)
+    cols = {"build": pd.to_numeric(coll.table[label], errors="coerce").to_numpy(float)}
+    protocol = clip_protocol(coll) if files else None
+    sources = [{"column": "build", "seed": protocol["seed"] if protocol else None,
+                "n": int(np.isfinite(cols["build"]).sum()), "seconds": None}]
+    for f in files:
+        df, meta = _read(f)
+        want = {k: v for k, v in protocol.items() if k not in ("seed", "retest_seed")}
+        if meta.get("label") != label or meta.get("protocol") != want or meta.get("factors") != list(coll.factors_hash):
+            raise CollectionError(f"{f}: measured with another protocol or other LoRAs than {coll.path} holds now")
+        v = ids.map(dict(zip(df["id"].astype(str), df["value"].astype(float)))).to_numpy(float)
+        name = f"seed {meta['seed']}"
+        cols[name] = v
+        sources.append({"column": name, "seed": meta["seed"], "n": int(np.isfinite(v).sum()),
+                        "seconds": float(df["seconds"].median()) if len(df) else None})
+    return pd.DataFrame(cols), sources
+
+
+def measured_reliability(coll, label: str = "clip_score") -> dict[str, Any] | None:
+    """`repeated_reliability` of ``label``'s measurements (`measurements`) over the LoRAs measured every time, with
+    ``sources``; None when only the build measured it."""
+    from ..reliability import repeated_reliability
+
+    values, sources = measurements(coll, label)
+    if values.shape[1] < 2:
+        return None
+    return {**repeated_reliability(values.to_numpy()), "sources": sources}

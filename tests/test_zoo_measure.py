@@ -1,0 +1,134 @@
+"""Measuring a packed collection's label again (`lol.zoo.measure`): the build's protocol reproduced from the packed
+LoRAs, resumable files, and the reliability of the averaged measurements."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from zoo_image_support import ci_bases
+
+from lol.collection import open_collection
+from lol.errors import CollectionError, LoLError
+from lol.zoo.build import _pack
+from lol.zoo.image_recipes import FacesRecipe
+from lol.zoo.measure import (_read, _write, clip_protocol, measure_clip_score, measured_reliability, measurement_path,
+                             measurements)
+from lol.zoo.report import _measurement_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Three rank-4 ci faces LoRAs, finetuned and labelled by the recipe, packed as the build packs them."""
+    bases = ci_bases()
+    r = FacesRecipe()
+    jobs = [j for j in r.jobs("ci", 0) if j.params["rank"] == 4][:3]
+    results = r.run_group(jobs, bases, "cpu")
+    out = tmp_path_factory.mktemp("zoo")
+    dest = _pack("faces", r, results, out, bases, {"recipe": "lol.zoo.image_recipes:FacesRecipe", "n_jobs": 3,
+                                                    "group_size": 3}, "ci", 0)
+    return dest, jobs, results
+
+
+def test_measuring_is_resumable_and_keeps_what_it_measured(packed):
+    """A limited run stops, a rerun measures only the rest, and what was measured is kept as it was."""
+    dest, jobs, _ = packed
+    coll = open_collection(dest)
+    seed = clip_protocol(coll)["retest_seed"]
+    lines = []
+    path = measure_clip_score(dest, seed, limit=1, chunk=2, progress=lines.append)
+    assert path == measurement_path(dest, "clip_score", seed) and len(pd.read_parquet(path)) == 1
+    first = pd.read_parquet(path).iloc[0].copy()
+    measure_clip_score(dest, seed, chunk=2, progress=lines.append)
+    df, meta = _read(path)
+    assert list(df["id"]) == [j.id for j in jobs] and df.iloc[0]["value"] == first["value"]
+    assert meta["seed"] == seed and meta["factors"] == list(coll.factors_hash)
+    assert lines[-1].startswith(f"{path.name}: 3/3 LoRAs")
+    measure_clip_score(dest, seed, progress=lines.append)          # nothing left: measures nothing, says so
+    assert lines[-1].endswith("all 3 LoRAs measured")
+
+
+def test_the_retest_seed_reproduces_the_shipped_builds_second_measurement(tmp_path):
+    """Two shipped faces LoRAs that the build measured twice, packed again from their fp16 factors and measured with
+    the build's retest seed, get the build's own retest values: same protocol, same noises, same LoRAs. (The ci
+    bases score every image 0, so this needs the shipped ones.) On common noises LoRAs without effect would all
+    score alike: the two differ."""
+    from lol.collection import write_collection
+
+    data = Path(__file__).resolve().parent.parent / "data"
+    if not (data / "base" / "sd" / "record.json").is_file() or not (data / "collections" / "faces").is_dir():
+        pytest.skip("the shipped faces collection and its bases are not in data/")
+    shipped = open_collection(data / "collections" / "faces")
+    t = shipped.table
+    idx = [i for i in np.nonzero(np.isfinite(t["clip_score_retest"].to_numpy(float)))[0] if t["rank"].iloc[i] == 4][:2]
+    write_collection(tmp_path / "two", [shipped.lora(i) for i in idx], t.iloc[idx].reset_index(drop=True),
+                     labels=shipped.labels, tasks=shipped.tasks, base_model=shipped.meta.get("base_model"),
+                     provenance=shipped.meta["provenance"])
+    bases = {"sd": data / "base" / "sd", "clip": data / "base" / "clip"}
+    path = measure_clip_score(tmp_path / "two", clip_protocol(shipped)["retest_seed"], bases=bases)
+    got = pd.read_parquet(path)["value"].to_numpy()
+    want = t["clip_score_retest"].iloc[idx].to_numpy(float)
+    np.testing.assert_allclose(got, want, atol=0.05)
+    assert abs(want[0] - want[1]) > 1.0, want
+
+
+def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):
+    dest, _, _ = packed
+    coll = open_collection(dest)
+    seed = clip_protocol(coll)["retest_seed"]
+    measure_clip_score(dest, seed)
+    values, sources = measurements(coll)
+    assert list(values.columns) == ["build", f"seed {seed}"] and len(values) == 3
+    np.testing.assert_allclose(values["build"], coll.table["clip_score"].astype(float))
+    assert [s["n"] for s in sources] == [3, 3] and sources[1]["seconds"] > 0
+    rel = measured_reliability(coll)
+    assert rel["k"] == 2 and rel["n"] == 3
+    text = "\n".join(_measurement_lines(coll))
+    assert "`clip_score` measured again" in text and f"seed {seed}: 3 LoRAs" in text
+    assert f"their mean's {rel['r_mean']:.3f}" in text
+    # a file measured on other LoRAs (another factors hash) is refused by name, never mixed in
+    df, meta = _read(measurement_path(dest, "clip_score", seed))
+    other = measurement_path(dest, "clip_score", 7)
+    _write(other, df, {**meta, "seed": 7, "factors": ["blake3", "0" * 64]})
+    try:
+        with pytest.raises(CollectionError, match="clip_score-seed7.parquet: measured with another protocol or other"):
+            measurements(coll)
+        with pytest.raises(CollectionError, match="seed7.parquet: measured with another protocol"):
+            measure_clip_score(dest, 7)
+    finally:
+        other.unlink()
+
+
+def test_refusals_name_the_problem(packed, tmp_path):
+    dest, _, _ = packed
+    with pytest.raises(LoLError, match="seed 42 is the build's own"):
+        measure_clip_score(dest, 42)
+    from lol.synth import synth_collection, tiny_spec
+
+    synth_collection(tiny_spec(), 4, ranks=(2,), seed=0).write(tmp_path / "synth")
+    with pytest.raises(CollectionError, match="no zoo provenance"):
+        clip_protocol(open_collection(tmp_path / "synth"))
+    bad = measurement_path(tmp_path, "clip_score", 5)
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not parquet")
+    with pytest.raises(CollectionError, match="seed5.parquet: not a readable measurement file"):
+        _read(bad)
+    pd.DataFrame({"id": ["a"], "value": [1.0]}).to_parquet(bad)
+    with pytest.raises(CollectionError, match="not a lol measurement file"):
+        _read(bad)
+    assert json.loads(json.dumps(clip_protocol(open_collection(dest))))["images"] >= 1
+
+
+def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capsys):
+    from lol.cli import main
+
+    dest, _, _ = packed
+    out = dest.parent.parent
+    assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "5042", "--limit", "2"]) == 0
+    path = measurement_path(dest, "clip_score", 5042)
+    assert f"wrote {path}" in capsys.readouterr().out and len(pd.read_parquet(path)) == 2
+    path.unlink()
+    assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "42"]) != 0
+    assert "seed 42 is the build's own" in capsys.readouterr().err
