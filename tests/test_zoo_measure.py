@@ -1,12 +1,11 @@
 """Measuring a packed collection's label again (`lol.zoo.measure`): the build's protocol reproduced from the packed
 LoRAs, resumable files, and the reliability of the averaged measurements."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from zoo_image_support import ci_bases
+from zoo_image_support import ci_bases, shipped_faces_retested
 
 from lol.collection import open_collection
 from lol.errors import CollectionError, LoLError
@@ -55,21 +54,11 @@ def test_the_retest_seed_reproduces_the_shipped_builds_second_measurement(tmp_pa
     the build's retest seed, get the build's own retest values: same protocol, same noises, same LoRAs. (The ci
     bases score every image 0, so this needs the shipped ones.) On common noises LoRAs without effect would all
     score alike: the two differ."""
-    from lol.collection import write_collection
-
-    data = Path(__file__).resolve().parent.parent / "data"
-    if not (data / "base" / "sd" / "record.json").is_file() or not (data / "collections" / "faces").is_dir():
-        pytest.skip("the shipped faces collection and its bases are not in data/")
-    shipped = open_collection(data / "collections" / "faces")
-    t = shipped.table
-    idx = [i for i in np.nonzero(np.isfinite(t["clip_score_retest"].to_numpy(float)))[0] if t["rank"].iloc[i] == 4][:2]
-    write_collection(tmp_path / "two", [shipped.lora(i) for i in idx], t.iloc[idx].reset_index(drop=True),
-                     labels=shipped.labels, tasks=shipped.tasks, base_model=shipped.meta.get("base_model"),
-                     provenance=shipped.meta["provenance"])
-    bases = {"sd": data / "base" / "sd", "clip": data / "base" / "clip"}
-    path = measure_clip_score(tmp_path / "two", clip_protocol(shipped)["retest_seed"], bases=bases)
+    rows, bases = shipped_faces_retested(tmp_path / "two")
+    path = measure_clip_score(tmp_path / "two", clip_protocol(open_collection(tmp_path / "two"))["retest_seed"],
+                              bases=bases)
     got = pd.read_parquet(path)["value"].to_numpy()
-    want = t["clip_score_retest"].iloc[idx].to_numpy(float)
+    want = rows["clip_score_retest"].to_numpy(float)
     np.testing.assert_allclose(got, want, atol=0.05)
     assert abs(want[0] - want[1]) > 1.0, want
 
