@@ -4,7 +4,8 @@
 ships). The library, the CLI (``lol predict --task``) and the app all resolve it here, at call time, so one
 environment variable moves every default at once and ``lol predict --task`` works from any working directory.
 
-`atomic_dir` is the one atomic-folder writer: build into a hidden temporary sibling, rename into place at the end,
+`atomic_file` is the one atomic-file writer (a temporary file beside it, renamed over it); `atomic_dir` is the one
+atomic-folder writer: build into a hidden temporary sibling, rename into place at the end,
 remove the temporary folder on any failure. `clean_stale_temp` removes temporary siblings left by killed processes.
 Pure path logic: no torch, no pandas.
 """
@@ -21,7 +22,7 @@ from typing import Iterator
 
 __all__ = ["REPO", "data_root", "collections_root", "checkpoints_root", "checkpoint_index_path", "checkpoint_index",
            "shipped_collections", "checkpoint_dirs", "results_dirs", "describe_base", "folder_key", "atomic_dir",
-           "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "TEMP_MARK"]
+           "replace_dir", "exclusive_lock", "temp_sibling", "clean_stale_temp", "atomic_file", "TEMP_MARK"]
 
 REPO = Path(__file__).resolve().parent.parent
 TEMP_MARK = ".lol-tmp-"  # every temporary sibling's name holds it: `clean_stale_temp` removes only these
@@ -235,3 +236,22 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_file(path, write) -> Path:
+    """Write ``path`` whole or not at all: ``write(f)`` fills a temporary file (binary) beside it, which is renamed
+    over ``path`` (readable like its neighbours: mkstemp makes it private); removed on any failure. A reader never
+    sees half a file."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

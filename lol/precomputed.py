@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .paths import atomic_file
 
 __all__ = ["DATA_NAME", "META_NAME", "DEFAULT_PARAMS", "INVARIANT_KINDS", "collection_features", "GLCheck", "gl_check",
            "map_disparity", "umap_2d", "cached_umap",
@@ -142,7 +142,7 @@ def cached_umap(features: np.ndarray, key: str, folder, n_neighbors: int = 15, m
             return xy
     xy = umap_2d(features, **params)
     file.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(file, lambda f: np.save(f, xy, allow_pickle=False))
+    atomic_file(file, lambda f: np.save(f, xy, allow_pickle=False))
     return xy
 
 
@@ -267,18 +267,6 @@ def write_precomputed(collection_dir, checkpoints=(), params: dict | None = None
             arrays[f"pred:{sha[:16]}:{c}"] = v.astype(str) if v.dtype == object else v
     meta = {"fingerprint": coll.fingerprint, "n": len(coll), "params": p, "maps": entries, "predictions": preds,
             "written_by": "lol.precomputed.write_precomputed (lol zoo precompute)"}
-    _atomic(folder / DATA_NAME, lambda f: np.savez_compressed(f, **arrays))
-    _atomic(folder / META_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_file(folder / DATA_NAME, lambda f: np.savez_compressed(f, **arrays))
+    atomic_file(folder / META_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return folder / META_NAME
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # readable like the collection's other files (mkstemp makes it private)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

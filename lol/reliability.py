@@ -145,16 +145,23 @@ def vote_ambiguity(shares, margin: float = 0.1) -> dict[str, float]:
 def label_reliability(table, labels: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Reliability of every label of a collection that carries the evidence for it.
 
-    ``table``: the collection's table (a pandas DataFrame); ``labels``: its label schema. A regression label with a
-    ``"retest"`` column gets `retest_reliability` (over the LoRAs measured twice); a binary label with a ``"vote"``
+    ``table``: the collection's table (a pandas DataFrame); ``labels``: its label schema. A regression label stored as
+    the mean of several measurements (``"measurements"``: their columns, `lol.zoo.measure.apply_measurements`) gets
+    `repeated_reliability`, with ``r`` the reliability of the mean; one with a ``"retest"`` column gets
+    `retest_reliability` (over the LoRAs measured twice); a binary label with a ``"vote"``
     column gets `vote_ambiguity`; a label with neither is exact by construction when its schema says
     ``"exact": true`` (e.g. "was this source in the finetuning set"). Labels without evidence are left out.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, info in labels.items():
         kind = info.get("kind")
-        retest, vote = info.get("retest"), info.get("vote")
-        if kind == "regression" and retest and retest in table.columns and name in table.columns:
+        retest, vote, repeats = info.get("retest"), info.get("vote"), info.get("measurements")
+        if kind == "regression" and repeats and all(c in table.columns for c in repeats) and len(repeats) >= 2:
+            rel = repeated_reliability(table[list(repeats)].astype(float).to_numpy())
+            out[name] = {"kind": kind, "method": "repeated", "measurements": list(repeats), **rel,
+                         "r": rel["r_mean"], "r_ci95": rel["r_mean_ci95"],
+                         "r2_ceiling": max(0.0, rel["r_mean"]) if math.isfinite(rel["r_mean"]) else math.nan}
+        elif kind == "regression" and retest and retest in table.columns and name in table.columns:
             rows = table[[name, retest]].astype(float).dropna()
             out[name] = {"kind": kind, "method": "retest", "retest": retest,
                          **retest_reliability(rows[name], rows[retest])}
@@ -167,12 +174,12 @@ def label_reliability(table, labels: Mapping[str, Mapping[str, Any]]) -> dict[st
 
 def task_ceilings(collections: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, float]]:
     """``{(collection, task): reliability figures}`` for every single-label regression task whose label was measured
-    twice (``collections``: name → `lol.collection.Collection`). ``r2_ceiling`` is what the results notebook draws
+    twice or more (``collections``: name → `lol.collection.Collection`). ``r2_ceiling`` is what the results notebook draws
     each model's test R² against."""
     out = {}
     for name, coll in collections.items():
         rel = label_reliability(coll.table, coll.labels)
         for task, labels in coll.tasks.items():
-            if len(labels) == 1 and labels[0] in rel and rel[labels[0]]["method"] == "retest":
+            if len(labels) == 1 and labels[0] in rel and rel[labels[0]]["method"] in ("retest", "repeated"):
                 out[(name, task)] = rel[labels[0]]
     return out

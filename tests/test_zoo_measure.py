@@ -121,3 +121,78 @@ def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capsys):
     path.unlink()
     assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "42"]) != 0
     assert "seed 42 is the build's own" in capsys.readouterr().err
+    assert main(["zoo", "measure", "--out", str(out), "--collection", "faces"]) != 0
+    assert "give --seed S" in capsys.readouterr().err
+
+
+def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_path):
+    """Only once every LoRA has every measurement; the table keeps each one as its own column, the label becomes their
+    mean, the schema lists them (so label_reliability gives the mean's reliability), the fingerprint changes, and a
+    second apply changes nothing."""
+    import shutil
+
+    from lol.reliability import label_reliability
+    from lol.zoo.measure import apply_measurements
+
+    dest = tmp_path / "faces"
+    shutil.copytree(packed[0], dest)
+    shutil.rmtree(dest / "measurements", ignore_errors=True)
+    coll = open_collection(dest)
+    with pytest.raises(LoLError, match="no measurement beyond the build's"):
+        apply_measurements(dest)
+    ids = coll.table["id"].astype(str).tolist()
+    meta = {"label": "clip_score", "protocol": {k: v for k, v in clip_protocol(coll).items()
+                                                if k not in ("seed", "retest_seed")},
+            "factors": list(coll.factors_hash)}
+    # the ci scorer gives every image 0, so measurements with values of their own stand in for two more seeds
+    _write(measurement_path(dest, "clip_score", 7), pd.DataFrame({"id": ids[:2], "value": [10.0, 20.0],
+                                                                  "seconds": [1.0, 1.0]}), {**meta, "seed": 7})
+    with pytest.raises(LoLError, match="seed 7: 1 LoRAs missing"):
+        apply_measurements(dest)
+    _write(measurement_path(dest, "clip_score", 7), pd.DataFrame({"id": ids, "value": [10.0, 20.0, 30.0],
+                                                                  "seconds": [1.0] * 3}), {**meta, "seed": 7})
+    _write(measurement_path(dest, "clip_score", 9), pd.DataFrame({"id": ids[::-1], "value": [3.0, 2.0, 1.0],
+                                                                  "seconds": [1.0] * 3}), {**meta, "seed": 9})
+    before, build = coll.fingerprint, coll.table["clip_score"].to_numpy(float)
+    apply_measurements(dest)
+    after = open_collection(dest)
+    t = after.table
+    assert after.fingerprint != before and len(after) == 3
+    assert after.labels["clip_score"]["measurements"] == ["clip_score_seed42", "clip_score_seed7", "clip_score_seed9"]
+    np.testing.assert_allclose(t["clip_score_seed42"], build)
+    np.testing.assert_allclose(t["clip_score_seed9"], [1.0, 2.0, 3.0])          # matched by id, not by position
+    np.testing.assert_allclose(t["clip_score"], (build + np.array([10, 20, 30]) + np.array([1, 2, 3])) / 3)
+    assert "mean of 3 independent measurements (noise seeds 42, 7, 9" in after.labels["clip_score"]["description"]
+    rel = label_reliability(t, after.labels)["clip_score"]
+    assert rel["method"] == "repeated" and rel["k"] == 3 and rel["n"] == 3
+    apply_measurements(dest)                                                    # again: the same label
+    np.testing.assert_allclose(open_collection(dest).table["clip_score"], t["clip_score"])
+
+
+def test_the_reliability_of_a_mean_label_reaches_the_report_the_ceilings_and_the_app():
+    import math
+
+    from lol.app.views import ceiling_text
+    from lol.reliability import label_reliability, repeated_reliability, task_ceilings
+    from lol.zoo.report import _reliability_lines
+
+    rng = np.random.default_rng(0)
+    tr = rng.normal(size=500)
+    M = tr[:, None] + rng.normal(size=(500, 3)) * 0.6
+    table = pd.DataFrame({"y": M.mean(1), "y_s1": M[:, 0], "y_s2": M[:, 1], "y_s3": M[:, 2],
+                          "y_retest": tr + rng.normal(size=500)})
+    labels = {"y": {"kind": "regression", "task": "y", "measurements": ["y_s1", "y_s2", "y_s3"], "retest": "y_retest"}}
+    rel = label_reliability(table, labels)["y"]
+    want = repeated_reliability(M)
+    assert rel["method"] == "repeated" and rel["r"] == pytest.approx(want["r_mean"]) and rel["k"] == 3
+    assert rel["r2_ceiling"] == pytest.approx(want["r_mean"]) and math.isfinite(rel["r_ci95"][0])
+    row = next(r for r in _reliability_lines(table, labels) if r.startswith("| y |"))
+    assert row.startswith(f"| y | 500 (3 times; the label is their mean) | {want['r_mean']:.3f} (")
+
+    class Coll:
+        tasks = {"y": ["y"]}
+
+    Coll.table, Coll.labels = table, labels
+    assert task_ceilings({"c": Coll})[("c", "y")]["r"] == pytest.approx(want["r_mean"])
+    text = ceiling_text("y", rel)
+    assert f"**{want['r_mean']:.3f}**" in text and "the mean of 3 independent measurements of each of 500 LoRAs" in text

@@ -105,9 +105,13 @@ def pred_vs_true_panel(p, label: str, model_name: str, key: str, color: str | No
 def ceiling_text(label: str, rel: dict) -> str:
     """One line: the R² ceiling a label's measurement noise sets (its test–retest r, `lol.reliability`)."""
     lo, hi = rel["r_ci95"]
-    return (f"R² ceiling for `{label}`: **{rel['r2_ceiling']:.3f}** (95 % interval {lo:.3f}–{hi:.3f}). The label was "
-            f"measured twice, independently, on {rel['n']} LoRAs: the measurement's noise is not in the weights, so no "
-            f"model's R² can exceed the two measurements' correlation.")
+    head = f"R² ceiling for `{label}`: **{rel['r2_ceiling']:.3f}** (95 % interval {lo:.3f}–{hi:.3f})."
+    if rel.get("method") == "repeated":
+        return (f"{head} The label is the mean of {rel['k']} independent measurements of each of {rel['n']} LoRAs: "
+                "their noise is not in the weights, so no model's R² can exceed the mean's reliability "
+                "(Spearman–Brown from the measurements' correlation).")
+    return (f"{head} The label was measured twice, independently, on {rel['n']} LoRAs: the measurement's noise is not "
+            "in the weights, so no model's R² can exceed the two measurements' correlation.")
 
 
 def attribute_panel(preds: dict, labels: list[str], categories: list[str] = ()) -> None:

@@ -62,7 +62,10 @@ def register(sub) -> None:
     ms.add_argument("--out", default="data", help="data folder (collections/ under it)")
     ms.add_argument("--collection", default="faces")
     ms.add_argument("--label", default="clip_score", choices=("clip_score",))
-    ms.add_argument("--seed", type=int, required=True, help="noise seed (not the build's own, 42)")
+    ms.add_argument("--seed", type=int, default=None, help="noise seed (not the build's own, 42)")
+    ms.add_argument("--apply", action="store_true",
+                    help="measure nothing: make the label the mean of all its measurements (every LoRA must have "
+                         "every one); then rerun `lol zoo precompute` and the notebooks")
     ms.add_argument("--limit", type=int, default=None, help="measure at most this many LoRAs, then stop")
     ms.add_argument("--chunk", type=int, default=8, help="LoRAs per batched pass")
     ms.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -75,10 +78,19 @@ def cmd_measure(args) -> int:
 
     import torch
 
-    from ..zoo.measure import measure_clip_score
+    from ..errors import LoLError
+    from ..zoo.measure import apply_measurements, measure_clip_score
 
+    folder = Path(args.out) / "collections" / args.collection
+    if args.apply:
+        rel = apply_measurements(folder, args.label)
+        print(f"{folder}: {args.label} is now the mean of {rel['k']} measurements of {rel['n']} LoRAs; reliability "
+              f"{rel['r_mean']:.3f} (one measurement {rel['r_single']:.3f})")
+        return 0
+    if args.seed is None:
+        raise LoLError("lol zoo measure: give --seed S (a noise seed other than the build's) or --apply")
     torch.set_num_threads(max(1, args.threads))
-    path = measure_clip_score(Path(args.out) / "collections" / args.collection, args.seed, limit=args.limit,
+    path = measure_clip_score(folder, args.seed, limit=args.limit,
                               chunk=args.chunk, device=args.device, progress=lambda t: print(t, flush=True))
     print(f"wrote {path}")
     return 0

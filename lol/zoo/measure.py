@@ -22,8 +22,6 @@ measuring changes no label until the mean replaces the label column.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,13 +30,18 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CollectionError, LoLError
+from ..paths import atomic_file
 
 __all__ = ["MEASUREMENTS_DIR", "measurement_path", "clip_protocol", "measure_clip_score", "measurements",
-           "measured_reliability"]
+           "measured_reliability", "apply_measurements"]
 
 MEASUREMENTS_DIR = "measurements"
 _META_KEY = b"lol_measurement"
 _FACES = "lol.zoo.image_recipes:FacesRecipe"
+
+
+def _seed_column(label: str, seed: int) -> str:
+    return f"{label}_seed{int(seed)}"
 
 
 def measurement_path(collection_dir, label: str, seed: int) -> Path:
@@ -86,15 +89,7 @@ def _write(path: Path, df: pd.DataFrame, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     t = pa.Table.from_pandas(df, preserve_index=False)
     t = t.replace_schema_metadata({**(t.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(t, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_file(path, lambda f: pq.write_table(t, f))
 
 
 def _bases(coll, bases: dict | None) -> dict[str, Path]:
@@ -193,8 +188,10 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
     if label not in coll.table.columns:
         raise CollectionError(f"{coll.path}: no label column {label!r}")
     ids = coll.table["id"].astype(str)
-    cols = {"build": pd.to_numeric(coll.table[label], errors="coerce").to_numpy(float)}
     protocol = clip_protocol(coll) if files else None
+    first = _seed_column(label, protocol["seed"]) if protocol else None
+    build = first if first in coll.table.columns else label      # after `apply_measurements`: the build's own column
+    cols = {"build": pd.to_numeric(coll.table[build], errors="coerce").to_numpy(float)}
     sources = [{"column": "build", "seed": protocol["seed"] if protocol else None,
                 "n": int(np.isfinite(cols["build"]).sum()), "seconds": None}]
     for f in files:
@@ -219,3 +216,44 @@ def measured_reliability(coll, label: str = "clip_score") -> dict[str, Any] | No
     if values.shape[1] < 2:
         return None
     return {**repeated_reliability(values.to_numpy()), "sources": sources}
+
+
+def apply_measurements(collection_dir, label: str = "clip_score") -> dict[str, Any]:
+    """Make ``label`` the mean of all its measurements, once every LoRA has every one (`measurements`): the table
+    keeps each as its own column (``<label>_seed<S>``, the build's first) and ``label`` becomes their row mean; the
+    schema lists them under ``"measurements"``, so `lol.reliability.label_reliability` gives the mean's reliability
+    (`repeated_reliability`) and every reader (report, app, notebooks) uses it. Changes the collection's
+    fingerprint, as a new label should: rerun ``lol zoo precompute`` and the notebooks. Running it again after a
+    further seed was measured averages that one in too. The table is replaced before ``collection.json`` (each
+    atomically); if a crash falls between, running it again completes it. Returns the new
+    `measured_reliability`."""
+    from ..collection import META_NAME, TABLE_NAME, open_collection
+
+    coll = open_collection(collection_dir)
+    values, sources = measurements(coll, label)
+    if values.shape[1] < 2:
+        raise LoLError(f"{coll.path}: {label!r} has no measurement beyond the build's; run `lol zoo measure` first")
+    short = {s["column"]: len(coll) - s["n"] for s in sources if s["n"] < len(coll)}
+    if short:
+        raise LoLError(f"{coll.path}: every LoRA needs every measurement before {label!r} becomes their mean; "
+                       + ", ".join(f"{c}: {n} LoRAs missing" for c, n in short.items())
+                       + " (`lol zoo measure` resumes)")
+    names = [_seed_column(label, s["seed"]) for s in sources]
+    table = coll.table.copy()
+    for name, col in zip(names, values.columns):
+        table[name] = values[col].to_numpy()
+    table[label] = values.to_numpy().mean(1)
+    meta = json.loads((coll.path / META_NAME).read_text())
+    info = dict(meta["labels"][label])
+    info["measurements"] = names
+    info.setdefault("single_description", info.get("description", ""))
+    info["description"] = (f"mean of {len(names)} independent measurements (noise seeds "
+                           f"{', '.join(str(s['seed']) for s in sources)}; `lol zoo measure`) of: "
+                           f"{info['single_description']}")
+    meta["labels"][label] = info
+    folder = Path(coll.path)
+    coll.release()
+    atomic_file(folder / TABLE_NAME, lambda f: table.to_parquet(f, index=False))
+    atomic_file(folder / META_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return measured_reliability(open_collection(folder), label)
+

@@ -179,23 +179,27 @@ def _reliability_lines(table, labels) -> list[str]:
     rel = label_reliability(table, labels)
     lines = ["**Label reliability.** A measured label is measured a second time, independently (other seeds, a "
              "disjoint question or eval set of the same size); the test–retest correlation r is the ceiling on any "
-             f"model's test R² for that label (goal: r ≥ {RELIABILITY_GOAL}). A voted label is ambiguous when its "
-             "vote share is within 0.1 of one half.", ""]
-    reg = {k: v for k, v in rel.items() if v["method"] == "retest"}
+             f"model's test R² for that label (goal: r ≥ {RELIABILITY_GOAL}). A label stored as the mean of k "
+             "measurements (`lol zoo measure --apply`) has the reliability of that mean (Spearman–Brown from the "
+             "measurements' mean pairwise r). A voted label is ambiguous when its vote share is within 0.1 of one "
+             "half.", ""]
+    reg = {k: v for k, v in rel.items() if v["method"] in ("retest", "repeated")}
     if reg:
-        lines += ["| label | LoRAs measured twice | test–retest r (95 % CI) | R² ceiling | label std | noise std per "
+        lines += ["| label | LoRAs measured again | reliability r (95 % CI) | R² ceiling | label std | noise std per "
                   f"measurement | goal met | measurements for r ≥ {RELIABILITY_GOAL} |", "|---|---|---|---|---|---|---|---|"]
         for lab, v in reg.items():
             ok = "yes" if v["r"] >= RELIABILITY_GOAL else "**no**"
             lo, hi = v["r_ci95"]
             k = measurements_needed(v["r"], RELIABILITY_GOAL)
-            lines.append(f"| {lab} | {v['n']} | {v['r']:.3f} ({lo:.3f} – {hi:.3f}) | {v['r2_ceiling']:.3f} | "
+            n = (f"{v['n']} ({v['k']} times; the label is their mean)" if v["method"] == "repeated"
+                 else str(v["n"]))
+            lines.append(f"| {lab} | {n} | {v['r']:.3f} ({lo:.3f} – {hi:.3f}) | {v['r2_ceiling']:.3f} | "
                          f"{v['label_std']:.4g} | {v['noise_std']:.4g} | {ok} | {k:.1f}× |")
         lines += ["", f"*Measurements for r ≥ {RELIABILITY_GOAL}*: how many independent measurements of today's "
                   "size (images, prompts, questions) would have to be averaged into one label to reach the goal, by the "
                   "Spearman–Brown formula `k r / (1 + (k − 1) r)` (`lol.reliability.measurements_needed`): the label's "
                   "cost grows by that factor.", ""]
-    other = {k: v for k, v in rel.items() if v["method"] != "retest"}
+    other = {k: v for k, v in rel.items() if v["method"] not in ("retest", "repeated")}
     if other:
         lines += ["| label | evidence | LoRAs | ambiguous share |", "|---|---|---|---|"]
         for lab, v in other.items():
