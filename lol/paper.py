@@ -261,8 +261,8 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     Rows that are not short of the paper, or with nothing measured, keep ``why`` as it was."""
     out = table.copy()
     out["why"] = out["why"].fillna("").astype(str) if "why" in out else ""
-    rel = {f"{c}/{t}": (float(v["r"]), int(v["n"])) for (c, t), v in (ceilings or {}).items()
-           if math.isfinite(float(v["r"]))}
+    rel = {f"{c}/{t}": (float(v["r"]), int(v["n"]), v.get("k") if v.get("method") == "repeated" else None)
+           for (c, t), v in (ceilings or {}).items() if math.isfinite(float(v["r"]))}
     curve = {}
     if curves is not None and len(curves):
         c = curves[curves.metric == curves.label_kind.map(CURVE_METRIC)]
@@ -294,8 +294,9 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         coll = r["ours"].split("/")[0]
         parts = []
         if r["metric"] in ("r2", "kendall", "mse_norm") and r["ours"] in rel:
-            v, n = rel[r["ours"]]
-            what = f"label reliability (test–retest r, {n} LoRAs) {v:.3f}"
+            v, n, k = rel[r["ours"]]
+            how = f"mean of {k} measurements, {n:,} LoRAs" if k else f"test–retest r, {n} LoRAs"
+            what = f"label reliability ({how}) {v:.3f}"
             parts.append(f"{what}: not the limit" if v >= 0.99 else f"{what} caps R²")
         if r["ours"] in curve:
             parts.append(curve[r["ours"]])

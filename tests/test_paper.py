@@ -152,6 +152,10 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     out = P.explain_gaps(t, ceilings, curves, {"faces": 640, "fashion": 420}).set_index(["paper_task", "metric"])
     why = out.loc[("CelebA-LoRA CLIP score", "r2")].why             # ours .81 < the paper's .884
     assert "label reliability (test–retest r, 50 LoRAs) 0.900 caps R²" in why
+    averaged = {("faces", "clip_score"): {"r": 0.93, "n": 3900, "k": 3, "method": "repeated"}}   # `zoo measure --apply`
+    again = P.explain_gaps(t, averaged, curves, {"faces": 640, "fashion": 420}).set_index(["paper_task", "metric"])
+    assert "label reliability (mean of 3 measurements, 3,900 LoRAs) 0.930 caps R²" in \
+        again.loc[("CelebA-LoRA CLIP score", "r2")].why
     assert "learning curve (glnet, r2) 0.610 → 0.810" in why and "still rising" in why   # r2 rows only, best at 100 %
     assert "640 LoRAs vs the paper's 3,900" in why
     size = out.loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")].why   # .70 < .731
