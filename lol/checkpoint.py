@@ -75,7 +75,9 @@ def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
         tmp.replace(path / WEIGHTS_NAME)
     record["bytes_after"] = (path / WEIGHTS_NAME).stat().st_size
     cfg["stored"] = record
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
+    from .paths import atomic_file
+
+    atomic_file(path / CONFIG_NAME, lambda f: f.write(json.dumps(cfg, indent=1, default=str).encode()))
     return record
 
 
