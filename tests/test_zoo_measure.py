@@ -71,12 +71,14 @@ def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):
     values, sources = measurements(coll)
     assert list(values.columns) == ["build", f"seed {seed}"] and len(values) == 3
     np.testing.assert_allclose(values["build"], coll.table["clip_score"].astype(float))
-    assert [s["n"] for s in sources] == [3, 3] and sources[1]["seconds"] > 0
+    assert [s["n"] for s in sources] == [3, 3] and sources[1]["seconds"] > 0 and sources[1]["cpu_seconds"] > 0
     rel = measured_reliability(coll)
     assert rel["k"] == 2 and rel["n"] == 3
     text = "\n".join(_measurement_lines(coll))
     assert "`clip_score` measured again" in text and f"seed {seed}: 3 LoRAs" in text
     assert f"their mean's {rel['r_mean']:.3f}" in text
+    assert f"seed {seed}: 3 LoRAs, {sources[1]['cpu_seconds']:.1f} CPU-s per LoRA" in text
+    assert "too few LoRAs to judge (fewer than 100)" in text          # 3 LoRAs say nothing against the goal
     # a file measured on other LoRAs (another factors hash) is refused by name, never mixed in
     df, meta = _read(measurement_path(dest, "clip_score", seed))
     other = measurement_path(dest, "clip_score", 7)

@@ -10,7 +10,7 @@ protocol, so the label can become the mean of k measurements without training a 
 adapters (`lol.zoo.image_recipes.load_adapters`, the build's own multi-adapter sampler) and scores them with the
 protocol the build used (`faces_clip_protocol` of the collection's preset: prompts, images per prompt, steps,
 guidance; the collection's own base and scorer, from its provenance) and another noise seed. Results go to
-``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, seconds; the protocol, seed and
+``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, wall and CPU seconds; the protocol, seed and
 the factors' content hash in the file's metadata), rewritten atomically after every chunk of LoRAs: an interrupted
 run keeps what it measured and a rerun measures only the rest. Two processes measuring two seeds use two cores.
 
@@ -158,7 +158,7 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
         by_rank.setdefault(int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]), []).append(i)
     chunks = [idx[s:s + chunk] for idx in by_rank.values() for s in range(0, len(idx), chunk)]
     for c, idx in enumerate(chunks):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         loras = [coll.lora(i) for i in idx]
         ml = load_adapters(trainer.unet, loras)
         try:
@@ -166,13 +166,14 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
                 res = _clip_score_measure(trainer, ml, scorer, range(len(idx)), protocol, int(seed), base=False)
         finally:
             ml.remove()
-        sec = (time.time() - t0) / len(idx)
+        sec, cpu = (time.time() - t0) / len(idx), (time.process_time() - c0) / len(idx)
         new = pd.DataFrame({"id": [str(coll.table["id"].iloc[i]) for i in idx],
                             "value": [float(res["scores"][k].mean()) for k in range(len(idx))],
-                            "seconds": [round(sec, 3)] * len(idx)})
+                            "seconds": [round(sec, 3)] * len(idx), "cpu_seconds": [round(cpu, 3)] * len(idx)})
         done = pd.concat([done, new], ignore_index=True)
         _write(path, done, meta)
-        say(f"{path.name}: {len(done)}/{len(coll)} LoRAs ({sec:.1f} s per LoRA, chunk {c + 1}/{len(chunks)})")
+        say(f"{path.name}: {len(done)}/{len(coll)} LoRAs ({sec:.1f} s wall, {cpu:.1f} CPU-s per LoRA, chunk "
+            f"{c + 1}/{len(chunks)})")
     return path
 
 
@@ -180,7 +181,8 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
     """(values, sources): one column per independent measurement of ``label`` over the collection's LoRAs (rows in
     table order, NaN where a LoRA was not measured): the build's column first, then every file of this label, this
     protocol and these factors under ``measurements/`` (seed order). ``sources`` says, per column, the seed, how
-    many LoRAs it covers and what one LoRA's measurement cost (seconds, median). A file measured on other LoRAs or
+    many LoRAs it covers and what one LoRA's measurement cost (median wall seconds, and CPU seconds of the process
+    where recorded: on a shared CPU the wall time says little). A file measured on other LoRAs or
     with another protocol raises, naming it."""
     folder = Path(coll.path) / MEASUREMENTS_DIR
     files = sorted(folder.glob(f"{label}-seed*.parquet"), key=lambda p: int(p.stem.rsplit("seed", 1)[1])) \
@@ -193,7 +195,7 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
     build = first if first in coll.table.columns else label      # after `apply_measurements`: the build's own column
     cols = {"build": pd.to_numeric(coll.table[build], errors="coerce").to_numpy(float)}
     sources = [{"column": "build", "seed": protocol["seed"] if protocol else None,
-                "n": int(np.isfinite(cols["build"]).sum()), "seconds": None}]
+                "n": int(np.isfinite(cols["build"]).sum()), "seconds": None, "cpu_seconds": None}]
     for f in files:
         df, meta = _read(f)
         want = {k: v for k, v in protocol.items() if k not in ("seed", "retest_seed")}
@@ -202,8 +204,10 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
         v = ids.map(dict(zip(df["id"].astype(str), df["value"].astype(float)))).to_numpy(float)
         name = f"seed {meta['seed']}"
         cols[name] = v
+        cpu = df["cpu_seconds"] if "cpu_seconds" in df.columns else pd.Series(dtype=float)
         sources.append({"column": name, "seed": meta["seed"], "n": int(np.isfinite(v).sum()),
-                        "seconds": float(df["seconds"].median()) if len(df) else None})
+                        "seconds": float(df["seconds"].median()) if len(df) else None,
+                        "cpu_seconds": float(cpu.median()) if cpu.notna().any() else None})
     return pd.DataFrame(cols), sources
 
 

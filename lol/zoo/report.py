@@ -216,7 +216,7 @@ def _reliability_lines(table, labels) -> list[str]:
 def _measurement_lines(coll) -> list[str]:
     """Labels measured again after the build (`lol.zoo.measure`): per label, each measurement's coverage and cost,
     and the reliability of their mean over the LoRAs measured every time, against the goal."""
-    from ..reliability import RELIABILITY_GOAL
+    from ..reliability import MIN_RETEST, RELIABILITY_GOAL
     from .measure import MEASUREMENTS_DIR, measured_reliability
 
     folder = Path(coll.path) / MEASUREMENTS_DIR
@@ -226,10 +226,15 @@ def _measurement_lines(coll) -> list[str]:
         v = measured_reliability(coll, lab)
         if v is None:
             continue
-        src = "; ".join(f"{s['column']}: {s['n']} LoRAs" + (f", {s['seconds']:.1f} s per LoRA" if s["seconds"] else "")
-                        for s in v["sources"])
+        def cost(s):
+            if s.get("cpu_seconds"):
+                return f", {s['cpu_seconds']:.1f} CPU-s per LoRA"
+            return f", {s['seconds']:.1f} s wall per LoRA" if s.get("seconds") else ""
+
+        src = "; ".join(f"{s['column']}: {s['n']} LoRAs{cost(s)}" for s in v["sources"])
         lo, hi = v["r_mean_ci95"]
-        ok = "met" if v["r_mean"] >= RELIABILITY_GOAL else "**not met**"
+        ok = ("met" if v["r_mean"] >= RELIABILITY_GOAL else "**not met**") if v["n"] >= MIN_RETEST else \
+            f"too few LoRAs to judge (fewer than {MIN_RETEST})"
         lines += [f"**`{lab}` measured again** (`lol zoo measure`, same protocol, other noise seeds; files under "
                   f"`{MEASUREMENTS_DIR}/`): {src}. Over the {v['n']} LoRAs measured all {v['k']} times, one "
                   f"measurement's reliability (mean pairwise r) is {v['r_single']:.3f} and their mean's "
