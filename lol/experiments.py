@@ -412,13 +412,16 @@ def load_grid(runs_dir: str | Path) -> Grid:
 
 
 def splice_runs(earlier_runs: pd.DataFrame, earlier_predictions: pd.DataFrame | None,
-                runs: pd.DataFrame | None, predictions: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                runs: pd.DataFrame | None, predictions: pd.DataFrame | None = None,
+                keys: Sequence[str] = ("collection", "task")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A partial rerun put in its place: every (collection, task) that ``runs`` holds replaces that task's rows of
     the earlier tables (``results/runs.csv``, ``results/predictions_test.parquet``, or any tidy table with those
     columns, such as learning-curve or search rows), and every other task's rows are kept as they were (``runs``
     None or empty: all of them). → (runs, predictions), earlier tasks first. Notebooks 02 and 09 use it for their
-    ``tasks`` parameter, so work too long for one sitting can be rerun task by task, each part committed."""
-    keys = ["collection", "task"]
+    ``tasks`` parameter, so work too long for one sitting can be rerun task by task, each part committed. ``keys``:
+    the columns that name a part (notebook 08's transfer rows: ``("train_collection", "task")``, so rerunning one
+    pair of bases keeps the other pair's rows)."""
+    keys = list(keys)
     missing = [c for c in (*keys, "model", "seed", "metric", "value") if c not in earlier_runs.columns]
     if missing:
         raise LoLError(f"splice_runs: the earlier runs table lacks column(s) {missing} (expected run_grid's runs)")

@@ -472,6 +472,13 @@ def test_a_partial_rerun_replaces_only_its_own_tasks():
     assert len(p2) == 0
     with pytest.raises(LoLError, match="lacks column"):
         X.splice_runs(old_runs.drop(columns="metric"), old_preds, rows("redone", 0.9))
+    # other part names (notebook 08's rows are named by the collection they trained on)
+    named = lambda df: df.rename(columns={"collection": "train_collection"})          # noqa: E731
+    both = pd.concat([old_runs, rows("kept", 0.3).assign(collection="d")], ignore_index=True)
+    redo = named(rows("kept", 0.8).assign(collection="d"))
+    spliced, _ = X.splice_runs(named(both), None, redo, keys=("train_collection", "task"))
+    assert list(spliced[spliced.train_collection == "d"].value) == [0.8, 0.8]
+    pd.testing.assert_frame_equal(spliced[spliced.train_collection == "c"].reset_index(drop=True), named(old_runs))
 
 
 def test_learning_curves_and_rank_generalization_reuse_what_run_grid_trained(mixed, tmp_path, monkeypatch):

@@ -182,3 +182,24 @@ def test_speed_notebook_recomputes_the_labels(smoke_run):
     assert abs(s.loc["lm/challenge_accuracy", "recomputed_label"] - s.loc["lm/challenge_accuracy", "stored_label"]) < 1e-6
     assert abs(s.loc["faces/clip_score", "recomputed_label"] - s.loc["faces/clip_score", "stored_label"]) < 1e-3
     assert (s.ratio > 0).all() and (s.standard_seconds > 0).all()
+
+
+def test_base_transfer_notebook_reruns_one_pair_and_keeps_the_other(smoke_run, tmp_path):
+    """Notebook 08 with ``pairs``: the rerun pair's rows replace theirs in base_transfer_runs.csv, the other pair's
+    rows are kept as they were (a pair of bases can be rerun alone, e.g. after one collection is rebuilt)."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(smoke_run["results"], res)
+    before = pd.read_csv(res / "base_transfer_runs.csv")
+    assert {"fashion", "lm"} <= set(before.train_collection)
+    before.loc[before.train_collection.isin(["lm", "lm_v2"]), "value"] = 99.0   # stale rows of the rerun pair
+    before.to_csv(res / "base_transfer_runs.csv", index=False)
+    params = {"smoke": True, "collections_dir": str(smoke_run["zoo"] / "collections"), "out_dir": str(res),
+              "pairs": [["lm", "lm_v2"]]}
+    run_notebooks(tmp_path / "nb", params, names=["08"])
+    after = pd.read_csv(res / "base_transfer_runs.csv")
+    lm = lambda t: t.train_collection.isin(["lm", "lm_v2"])        # noqa: E731
+    pd.testing.assert_frame_equal(after[~lm(after)].reset_index(drop=True), before[~lm(before)].reset_index(drop=True))
+    assert lm(after).any() and (after[lm(after)].value != 99.0).all()
+    assert "fashion_v1" in (res / "base_transfer.md").read_text()      # the table still shows both pairs
