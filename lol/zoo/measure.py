@@ -153,10 +153,15 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
     trainer = ImageLoRATrainer(b["sd"], device)
     scorer = CLIPScorer(b["clip"], device=trainer.device)
     ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
-    by_rank: dict[int, list[int]] = {}
+    # chunks of one rank each, in table order (a chunk is cut when its rank has `chunk` LoRAs waiting): runs of two
+    # seeds side by side measure the same LoRAs first, so their overlap, and the reliability, grows from the start
+    chunks, waiting = [], {}
     for i in todo:
-        by_rank.setdefault(int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]), []).append(i)
-    chunks = [idx[s:s + chunk] for idx in by_rank.values() for s in range(0, len(idx), chunk)]
+        r = int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0])
+        waiting.setdefault(r, []).append(i)
+        if len(waiting[r]) == chunk:
+            chunks.append(waiting.pop(r))
+    chunks += sorted(waiting.values())
     for c, idx in enumerate(chunks):
         t0, c0 = time.time(), time.process_time()
         loras = [coll.lora(i) for i in idx]
