@@ -167,6 +167,9 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
     assert "mean of 3 independent measurements (noise seeds 42, 7, 9" in after.labels["clip_score"]["description"]
     rel = label_reliability(t, after.labels)["clip_score"]
     assert rel["method"] == "repeated" and rel["k"] == 3 and rel["n"] == 3
+    from lol.zoo.report import _measurement_lines
+
+    assert "The `clip_score` column is their mean" in "\n".join(_measurement_lines(after))
     apply_measurements(dest)                                                    # again: the same label
     np.testing.assert_allclose(open_collection(dest).table["clip_score"], t["clip_score"])
 

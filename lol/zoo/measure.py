@@ -69,6 +69,19 @@ def clip_protocol(coll) -> dict:
     return faces_clip_protocol(FACES_PRESETS[prov["preset"]])
 
 
+def _identity(coll, label: str, protocol: dict) -> dict:
+    """What every measurement file of ``label`` on ``coll`` must record alike (its seed aside): the label, the
+    build's protocol without its seeds, and the content hash of the LoRAs' factors."""
+    return {"label": label, "protocol": {k: v for k, v in protocol.items() if k not in ("seed", "retest_seed")},
+            "factors": list(coll.factors_hash)}
+
+
+def _check_identity(path: Path, meta: dict, want: dict, coll) -> None:
+    if {k: meta.get(k) for k in want} != want:
+        raise CollectionError(f"{path}: measured with another protocol or other LoRAs than {coll.path} holds now; "
+                              "move it away to measure again")
+
+
 def _read(path: Path) -> tuple[pd.DataFrame, dict]:
     import pyarrow.parquet as pq
 
@@ -128,19 +141,15 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
     if int(seed) == int(protocol["seed"]):
         raise LoLError(f"{coll.path}: seed {seed} is the build's own: that measurement is the clip_score column "
                        "already; choose another seed")
-    meta = {"label": "clip_score", "seed": int(seed), "protocol": {k: v for k, v in protocol.items()
-                                                                   if k not in ("seed", "retest_seed")},
-            "factors": list(coll.factors_hash), "bases": (_provenance(coll).get("inputs") or {}).get("bases"),
+    want = _identity(coll, "clip_score", protocol)
+    meta = {**want, "seed": int(seed), "bases": (_provenance(coll).get("inputs") or {}).get("bases"),
             "written_by": "lol.zoo.measure.measure_clip_score (lol zoo measure)"}
     path = measurement_path(coll.path, "clip_score", seed)
     done = pd.DataFrame({"id": pd.Series(dtype=str), "value": pd.Series(dtype=float),
                          "seconds": pd.Series(dtype=float)})
     if path.is_file():
         done, old = _read(path)
-        if {k: old.get(k) for k in ("label", "seed", "protocol", "factors")} != \
-                {k: meta[k] for k in ("label", "seed", "protocol", "factors")}:
-            raise CollectionError(f"{path}: measured with another protocol or other LoRAs than {coll.path} holds "
-                                  "now; move it away to measure again")
+        _check_identity(path, old, {**want, "seed": int(seed)}, coll)
     seen = set(done["id"].astype(str))
     todo = [i for i, x in enumerate(coll.table["id"].astype(str)) if x not in seen]
     if limit is not None:
@@ -201,11 +210,10 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
     cols = {"build": pd.to_numeric(coll.table[build], errors="coerce").to_numpy(float)}
     sources = [{"column": "build", "seed": protocol["seed"] if protocol else None,
                 "n": int(np.isfinite(cols["build"]).sum()), "seconds": None, "cpu_seconds": None}]
+    want = _identity(coll, label, protocol) if protocol else None
     for f in files:
         df, meta = _read(f)
-        want = {k: v for k, v in protocol.items() if k not in ("seed", "retest_seed")}
-        if meta.get("label") != label or meta.get("protocol") != want or meta.get("factors") != list(coll.factors_hash):
-            raise CollectionError(f"{f}: measured with another protocol or other LoRAs than {coll.path} holds now")
+        _check_identity(f, meta, want, coll)
         v = ids.map(dict(zip(df["id"].astype(str), df["value"].astype(float)))).to_numpy(float)
         name = f"seed {meta['seed']}"
         cols[name] = v

@@ -226,21 +226,26 @@ def _measurement_lines(coll) -> list[str]:
         v = measured_reliability(coll, lab)
         if v is None:
             continue
-        def cost(s):
-            if s.get("cpu_seconds"):
-                return f", {s['cpu_seconds']:.1f} CPU-s per LoRA"
-            return f", {s['seconds']:.1f} s wall per LoRA" if s.get("seconds") else ""
-
-        src = "; ".join(f"{s['column']}: {s['n']} LoRAs{cost(s)}" for s in v["sources"])
+        src = "; ".join(f"{s['column']}: {s['n']} LoRAs{_cost(s)}" for s in v["sources"])
         lo, hi = v["r_mean_ci95"]
         ok = ("met" if v["r_mean"] >= RELIABILITY_GOAL else "**not met**") if v["n"] >= MIN_RETEST else \
             f"too few LoRAs to judge (fewer than {MIN_RETEST})"
         lines += [f"**`{lab}` measured again** (`lol zoo measure`, same protocol, other noise seeds; files under "
                   f"`{MEASUREMENTS_DIR}/`): {src}. Over the {v['n']} LoRAs measured all {v['k']} times, one "
                   f"measurement's reliability (mean pairwise r) is {v['r_single']:.3f} and their mean's "
-                  f"{v['r_mean']:.3f} (95 % CI {lo:.3f} – {hi:.3f}; goal r ≥ {RELIABILITY_GOAL}: {ok}). The "
-                  f"`{lab}` column is the build's measurement alone: these files do not change it.", ""]
+                  f"{v['r_mean']:.3f} (95 % CI {lo:.3f} – {hi:.3f}; goal r ≥ {RELIABILITY_GOAL}: {ok}). "
+                  + (f"The `{lab}` column is their mean (`lol zoo measure --apply`)."
+                     if coll.labels.get(lab, {}).get("measurements") else
+                     f"The `{lab}` column is the build's measurement alone: these files do not change it."), ""]
     return lines
+
+
+def _cost(source: dict) -> str:
+    """What one LoRA's measurement cost, as `lol.zoo.measure.measurements` recorded it: CPU seconds where known (on
+    a shared CPU the wall time says little), else wall seconds."""
+    if source.get("cpu_seconds"):
+        return f", {source['cpu_seconds']:.1f} CPU-s per LoRA"
+    return f", {source['seconds']:.1f} s wall per LoRA" if source.get("seconds") else ""
 
 
 def data_readme(out: str | Path) -> str:
