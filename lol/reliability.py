@@ -53,27 +53,9 @@ def retest_reliability(first, second, boot: int = 2000, seed: int = 0) -> dict[s
                 "label_std": float(a.std(ddof=1)) if n > 1 else math.nan,
                 "noise_std": math.nan, "r2_ceiling": math.nan}
     r = float(np.corrcoef(a, b)[0, 1])
-    return {"n": n, "r": r, "r_ci95": _bootstrap_r(a, b, boot, seed), "spearman": spearman(a, b),
+    return {"n": n, "r": r, "r_ci95": _percentiles(_bootstrap_pair_r(np.stack([a, b], 1), boot, seed)), "spearman": spearman(a, b),
             "label_std": float(a.std(ddof=1)),
             "noise_std": float((a - b).std(ddof=1) / math.sqrt(2)), "r2_ceiling": max(0.0, r)}
-
-
-def _bootstrap_r(a: np.ndarray, b: np.ndarray, boot: int, seed: int) -> tuple[float, float]:
-    """Percentile 95 % interval of Pearson's r over ``boot`` resamples of the pairs (a resample where either side is
-    constant is skipped)."""
-    rng, rs = np.random.default_rng(seed), []
-    step = max(1, 2_000_000 // a.size)                 # resamples per chunk: a few MB at a time
-    for s in range(0, boot, step):
-        i = rng.integers(0, a.size, (min(step, boot - s), a.size))
-        x, y = a[i], b[i]
-        x, y = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-        den = np.sqrt((x * x).sum(1) * (y * y).sum(1))
-        rs.append((x * y).sum(1)[den > 0] / den[den > 0])
-    rs = np.concatenate(rs)
-    if rs.size == 0:
-        return (math.nan, math.nan)
-    lo, hi = np.percentile(rs, [2.5, 97.5])
-    return (float(lo), float(hi))
 
 
 def spearman_brown(r: float, k: float) -> float:
@@ -104,6 +86,27 @@ def _mean_pair_r(M: np.ndarray) -> np.ndarray:
     return C[..., iu[0], iu[1]].mean(-1)
 
 
+def _bootstrap_pair_r(M: np.ndarray, boot: int, seed: int) -> np.ndarray:
+    """`_mean_pair_r` of ``boot`` resamples of the rows (LoRAs) of M (n, k), seeded; a resample in which a column is
+    constant (r undefined) is dropped. Resamples are drawn a chunk at a time (a few MB)."""
+    n, k = M.shape
+    rng, rs = np.random.default_rng(seed), []
+    step = max(1, 2_000_000 // (n * k))
+    for s in range(0, boot, step):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            R = _mean_pair_r(M[rng.integers(0, n, (min(step, boot - s), n))])
+        rs.append(R[np.isfinite(R)])
+    return np.concatenate(rs)
+
+
+def _percentiles(rs: np.ndarray) -> tuple[float, float]:
+    """Percentile 95 % interval of bootstrap values (NaNs when none)."""
+    if rs.size == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(rs, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
 def repeated_reliability(values, boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Reliability of a label measured ``k`` ≥ 2 times, independently and with one protocol, and stored as the mean of
     the ``k``: ``values`` (n LoRAs, k measurements); rows with a non-finite value are dropped.
@@ -122,13 +125,7 @@ def repeated_reliability(values, boot: int = 2000, seed: int = 0) -> dict[str, A
         return {"n": n, "k": k, "r_single": math.nan, "r_mean": math.nan, "r_mean_ci95": (math.nan, math.nan),
                 "label_std": math.nan, "noise_std": math.nan}
     r1 = float(_mean_pair_r(M))
-    rng, rs = np.random.default_rng(seed), []
-    step = max(1, 2_000_000 // (n * k))                          # resamples per chunk: a few MB at a time
-    for s in range(0, boot, step):
-        R = _mean_pair_r(M[rng.integers(0, n, (min(step, boot - s), n))])
-        rs.append(R[np.isfinite(R)])
-    rs = np.concatenate(rs)
-    lo, hi = (np.percentile(spearman_brown(rs, k), [2.5, 97.5]) if rs.size else (math.nan, math.nan))
+    lo, hi = _percentiles(spearman_brown(_bootstrap_pair_r(M, boot, seed), k))
     return {"n": n, "k": k, "r_single": r1, "r_mean": spearman_brown(r1, k), "r_mean_ci95": (float(lo), float(hi)),
             "label_std": float(M.mean(1).std(ddof=1)), "noise_std": float(np.sqrt(M.var(1, ddof=1).mean()))}
 
