@@ -11,7 +11,7 @@ from lol.collection import open_collection
 from lol.errors import CollectionError, LoLError
 from lol.zoo.build import _pack
 from lol.zoo.image_recipes import FacesRecipe
-from lol.zoo.measure import (_read, _write, clip_protocol, measure_clip_score, measured_reliability, measurement_path,
+from lol.zoo.measure import (_read, _write, clip_protocol, measure_clip_score, measurement_chunks, measured_reliability, measurement_path,
                              measurements)
 from lol.zoo.report import _measurement_lines
 
@@ -47,6 +47,24 @@ def test_measuring_is_resumable_and_keeps_what_it_measured(packed):
     assert lines[-1].startswith(f"{path.name}: 3/3 LoRAs")
     measure_clip_score(dest, seed, progress=lines.append)          # nothing left: measures nothing, says so
     assert lines[-1].endswith("all 3 LoRAs measured")
+
+
+def test_chunks_follow_table_order_so_parallel_seeds_overlap_from_the_start():
+    """Chunks hold one rank each and are cut in table order, whatever order the ranks come in: two runs (two seeds)
+    interrupted after the same number of chunks measured the same LoRAs, and the first chunk is the first LoRAs of
+    the rank that fills a chunk first. Session 13's two runs, which took the ranks in different orders, overlapped on
+    9 LoRAs of over 200."""
+    ranks = [8, 4, 8, 4, 16, 4, 8, 4, 1]
+    todo = list(range(len(ranks)))
+    chunks = measurement_chunks(ranks, todo, 2)
+    assert chunks == [[0, 2], [1, 3], [5, 7], [4], [6], [8]]
+    assert sorted(i for c in chunks for i in c) == todo                     # every LoRA once
+    assert all(len({ranks[i] for i in c}) == 1 for c in chunks)               # one rank per chunk
+    # a resumed run (the first two chunks done) continues in the same order
+    rest = [i for i in todo if i not in (0, 2, 1, 3)]
+    assert measurement_chunks([ranks[i] for i in rest], rest, 2) == [[5, 7], [4], [6], [8]]
+    with pytest.raises(ValueError, match="chunk"):
+        measurement_chunks(ranks, todo, 0)
 
 
 def test_the_retest_seed_reproduces_the_shipped_builds_second_measurement(tmp_path):

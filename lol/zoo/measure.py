@@ -32,8 +32,8 @@ import pandas as pd
 from ..errors import CollectionError, LoLError
 from ..paths import atomic_file
 
-__all__ = ["MEASUREMENTS_DIR", "measurement_path", "clip_protocol", "measure_clip_score", "measurements",
-           "measured_reliability", "apply_measurements"]
+__all__ = ["MEASUREMENTS_DIR", "measurement_path", "measurement_chunks", "clip_protocol", "measure_clip_score",
+           "measurements", "measured_reliability", "apply_measurements"]
 
 MEASUREMENTS_DIR = "measurements"
 _META_KEY = b"lol_measurement"
@@ -122,6 +122,21 @@ def _bases(coll, bases: dict | None) -> dict[str, Path]:
     return out
 
 
+def measurement_chunks(ranks, todo, chunk: int) -> list[list[int]]:
+    """The LoRAs ``todo`` (row numbers, in table order; ``ranks[j]`` the rank of ``todo[j]``) cut into chunks of one
+    rank each, in table order: a chunk is cut when its rank has ``chunk`` LoRAs waiting, and the chunks left short at the
+    end follow in the order of their first LoRA. Runs of two seeds side by side thus measure the same LoRAs first, so their overlap
+    (and the reliability it supports) grows from the start, whatever the ranks' order."""
+    if int(chunk) < 1:
+        raise ValueError(f"measurement chunk must be ≥ 1, got {chunk}")
+    chunks, waiting = [], {}
+    for i, r in zip(todo, ranks):
+        waiting.setdefault(int(r), []).append(i)
+        if len(waiting[int(r)]) == int(chunk):
+            chunks.append(waiting.pop(int(r)))
+    return chunks + sorted(waiting.values())
+
+
 def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, limit: int | None = None,
                        chunk: int = 8, device: str | None = None,
                        progress: Callable[[str], None] | None = None) -> Path:
@@ -162,15 +177,8 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
     trainer = ImageLoRATrainer(b["sd"], device)
     scorer = CLIPScorer(b["clip"], device=trainer.device)
     ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
-    # chunks of one rank each, in table order (a chunk is cut when its rank has `chunk` LoRAs waiting): runs of two
-    # seeds side by side measure the same LoRAs first, so their overlap, and the reliability, grows from the start
-    chunks, waiting = [], {}
-    for i in todo:
-        r = int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0])
-        waiting.setdefault(r, []).append(i)
-        if len(waiting[r]) == chunk:
-            chunks.append(waiting.pop(r))
-    chunks += sorted(waiting.values())
+    chunks = measurement_chunks([int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]) for i in todo],
+                                todo, chunk)
     for c, idx in enumerate(chunks):
         t0, c0 = time.time(), time.process_time()
         loras = [coll.lora(i) for i in idx]
