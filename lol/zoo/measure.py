@@ -175,6 +175,9 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
         return path
     b = _bases(coll, bases)
     trainer = ImageLoRATrainer(b["sd"], device)
+    # channels-last convolutions: 12 % less time per LoRA on the shipped faces base (one thread, 20.0 → 17.7 s for
+    # two LoRAs), scores equal to 0.002 (the measurement's own noise is 1.3)
+    trainer.unet.to(memory_format=torch.channels_last)
     scorer = CLIPScorer(b["clip"], device=trainer.device)
     ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
     chunks = measurement_chunks([int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]) for i in todo],
