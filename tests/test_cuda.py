@@ -182,12 +182,12 @@ def test_measuring_a_label_again_on_cuda_reproduces_the_builds_retest(tmp_path):
     """`lol zoo measure` on the GPU: two shipped faces LoRAs measured with the build's retest seed get the build's
     (CPU) retest values, to the devices' float rounding (as the zoo job above)."""
     import pandas as pd
-    from zoo_image_support import shipped_faces_retested
+    from zoo_image_support import shipped_retested
 
     from lol.collection import open_collection
-    from lol.zoo.measure import clip_protocol, measure_clip_score
+    from lol.zoo.measure import label_protocol, measure
 
-    rows, bases = shipped_faces_retested(tmp_path / "two")
-    seed = clip_protocol(open_collection(tmp_path / "two"))["retest_seed"]
-    got = pd.read_parquet(measure_clip_score(tmp_path / "two", seed, bases=bases, device="cuda"))["value"]
+    rows, bases = shipped_retested(tmp_path / "two")
+    seed = label_protocol(open_collection(tmp_path / "two"))["retest_seed"]
+    got = pd.read_parquet(measure(tmp_path / "two", seed, bases=bases, device="cuda"))["value"]
     np.testing.assert_allclose(got.to_numpy(), rows["clip_score_retest"].to_numpy(float), atol=1.0)

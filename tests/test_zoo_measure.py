@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from zoo_image_support import ci_bases, shipped_faces_retested
+from zoo_image_support import ci_bases, shipped_retested
 
 from lol.collection import open_collection
 from lol.errors import CollectionError, LoLError
 from lol.zoo.build import _pack
 from lol.zoo.image_recipes import FacesRecipe
-from lol.zoo.measure import (_read, _write, clip_protocol, measure_clip_score, measurement_chunks, measured_reliability, measurement_path,
-                             measurements)
+from lol.zoo.measure import (_read, _write, label_protocol, measure, measured_reliability, measurement_chunks,
+                             measurement_path, measurements)
 from lol.zoo.report import _measurement_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,17 +35,17 @@ def test_measuring_is_resumable_and_keeps_what_it_measured(packed):
     """A limited run stops, a rerun measures only the rest, and what was measured is kept as it was."""
     dest, jobs, _ = packed
     coll = open_collection(dest)
-    seed = clip_protocol(coll)["retest_seed"]
+    seed = label_protocol(coll)["retest_seed"]
     lines = []
-    path = measure_clip_score(dest, seed, limit=1, chunk=2, progress=lines.append)
+    path = measure(dest, seed, limit=1, chunk=2, progress=lines.append)
     assert path == measurement_path(dest, "clip_score", seed) and len(pd.read_parquet(path)) == 1
     first = pd.read_parquet(path).iloc[0].copy()
-    measure_clip_score(dest, seed, chunk=2, progress=lines.append)
+    measure(dest, seed, chunk=2, progress=lines.append)
     df, meta = _read(path)
     assert list(df["id"]) == [j.id for j in jobs] and df.iloc[0]["value"] == first["value"]
     assert meta["seed"] == seed and meta["factors"] == list(coll.factors_hash)
     assert lines[-1].startswith(f"{path.name}: 3/3 LoRAs")
-    measure_clip_score(dest, seed, progress=lines.append)          # nothing left: measures nothing, says so
+    measure(dest, seed, progress=lines.append)          # nothing left: measures nothing, says so
     assert lines[-1].endswith("all 3 LoRAs measured")
 
 
@@ -72,8 +72,8 @@ def test_the_retest_seed_reproduces_the_shipped_builds_second_measurement(tmp_pa
     the build's retest seed, get the build's own retest values: same protocol, same noises, same LoRAs. (The ci
     bases score every image 0, so this needs the shipped ones.) On common noises LoRAs without effect would all
     score alike: the two differ."""
-    rows, bases = shipped_faces_retested(tmp_path / "two")
-    path = measure_clip_score(tmp_path / "two", clip_protocol(open_collection(tmp_path / "two"))["retest_seed"],
+    rows, bases = shipped_retested(tmp_path / "two")
+    path = measure(tmp_path / "two", label_protocol(open_collection(tmp_path / "two"))["retest_seed"],
                               bases=bases)
     got = pd.read_parquet(path)["value"].to_numpy()
     want = rows["clip_score_retest"].to_numpy(float)
@@ -81,11 +81,45 @@ def test_the_retest_seed_reproduces_the_shipped_builds_second_measurement(tmp_pa
     assert abs(want[0] - want[1]) > 1.0, want
 
 
+@pytest.mark.parametrize("collection,label,atol", [("faces", "identity_gain", 0.002), ("fashion", "class_gain", 0.002)])
+def test_the_gains_measured_again_reproduce_the_shipped_builds_retest(tmp_path, collection, label, atol):
+    """identity_gain (faces) and class_gain (fashion) compare a LoRA's generations with its finetuning images, which
+    the build's jobs name: measured again from the packed fp16 LoRAs with the build's retest seed, two shipped LoRAs
+    get the build's own retest values (to 0.0004 and 3e-5 when written; the tolerance is far below the two LoRAs'
+    difference, which the test also checks)."""
+    rows, bases = shipped_retested(tmp_path / "two", collection, label)
+    coll = open_collection(tmp_path / "two")
+    path = measure(tmp_path / "two", label_protocol(coll, label)["retest_seed"], label, bases=bases)
+    assert path == measurement_path(tmp_path / "two", label, label_protocol(coll, label)["retest_seed"])
+    got = pd.read_parquet(path)["value"].to_numpy()
+    want = rows[f"{label}_retest"].to_numpy(float)
+    np.testing.assert_allclose(got, want, atol=atol)
+    assert abs(want[0] - want[1]) > 20 * atol, want
+
+
+def test_a_gain_is_measured_only_against_the_lora_its_build_finetuned(tmp_path):
+    """A row whose recorded identity is not its build job's would be compared with another identity's images: refused,
+    naming the LoRA, before any image is generated. A label of another recipe is refused too."""
+    from lol.collection import TABLE_NAME
+
+    rows, bases = shipped_retested(tmp_path / "two", "faces", "identity_gain")
+    t = pd.read_parquet(tmp_path / "two" / TABLE_NAME)
+    t.loc[0, "identity"] = int(t.loc[0, "identity"]) + 1
+    t.to_parquet(tmp_path / "two" / TABLE_NAME, index=False)
+    with pytest.raises(CollectionError, match=f"LoRA '{rows['id'][0]}' differs from its build's job identity"):
+        measure(tmp_path / "two", 7, "identity_gain", bases=bases)
+    assert not measurement_path(tmp_path / "two", "identity_gain", 7).exists()
+    with pytest.raises(LoLError, match="'class_gain' is measured for collections built by .*FashionRecipe"):
+        measure(tmp_path / "two", 7, "class_gain", bases=bases)
+    with pytest.raises(LoLError, match="cannot be measured again; measurable labels"):
+        label_protocol(open_collection(tmp_path / "two"), "smiling")
+
+
 def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):
     dest, _, _ = packed
     coll = open_collection(dest)
-    seed = clip_protocol(coll)["retest_seed"]
-    measure_clip_score(dest, seed)
+    seed = label_protocol(coll)["retest_seed"]
+    measure(dest, seed)
     values, sources = measurements(coll)
     assert list(values.columns) == ["build", f"seed {seed}"] and len(values) == 3
     np.testing.assert_allclose(values["build"], coll.table["clip_score"].astype(float))
@@ -105,7 +139,7 @@ def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):
         with pytest.raises(CollectionError, match="clip_score-seed7.parquet: measured with another protocol or other"):
             measurements(coll)
         with pytest.raises(CollectionError, match="seed7.parquet: measured with another protocol"):
-            measure_clip_score(dest, 7)
+            measure(dest, 7)
     finally:
         other.unlink()
 
@@ -113,12 +147,12 @@ def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):
 def test_refusals_name_the_problem(packed, tmp_path):
     dest, _, _ = packed
     with pytest.raises(LoLError, match="seed 42 is the build's own"):
-        measure_clip_score(dest, 42)
+        measure(dest, 42)
     from lol.synth import synth_collection, tiny_spec
 
     synth_collection(tiny_spec(), 4, ranks=(2,), seed=0).write(tmp_path / "synth")
     with pytest.raises(CollectionError, match="no zoo provenance"):
-        clip_protocol(open_collection(tmp_path / "synth"))
+        label_protocol(open_collection(tmp_path / "synth"))
     bad = measurement_path(tmp_path, "clip_score", 5)
     bad.parent.mkdir(parents=True)
     bad.write_text("not parquet")
@@ -127,7 +161,7 @@ def test_refusals_name_the_problem(packed, tmp_path):
     pd.DataFrame({"id": ["a"], "value": [1.0]}).to_parquet(bad)
     with pytest.raises(CollectionError, match="not a lol measurement file"):
         _read(bad)
-    assert json.loads(json.dumps(clip_protocol(open_collection(dest))))["images"] >= 1
+    assert json.loads(json.dumps(label_protocol(open_collection(dest))))["images"] >= 1
 
 
 def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capsys):
@@ -143,6 +177,9 @@ def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capsys):
     assert "seed 42 is the build's own" in capsys.readouterr().err
     assert main(["zoo", "measure", "--out", str(out), "--collection", "faces"]) != 0
     assert "give --seed S" in capsys.readouterr().err
+    assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--label", "class_gain", "--seed",
+                 "5042"]) != 0
+    assert "'class_gain' is measured for collections built by" in capsys.readouterr().err
 
 
 def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_path):
@@ -161,7 +198,7 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
     with pytest.raises(LoLError, match="no measurement beyond the build's"):
         apply_measurements(dest)
     ids = coll.table["id"].astype(str).tolist()
-    meta = {"label": "clip_score", "protocol": {k: v for k, v in clip_protocol(coll).items()
+    meta = {"label": "clip_score", "protocol": {k: v for k, v in label_protocol(coll).items()
                                                 if k not in ("seed", "retest_seed")},
             "factors": list(coll.factors_hash)}
     # the ci scorer gives every image 0, so measurements with values of their own stand in for two more seeds

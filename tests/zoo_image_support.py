@@ -32,21 +32,22 @@ def ci_bases() -> dict[str, Path]:
     return {"clip": root / "base" / "clip", "sd": root / "base" / "sd", "root": root}
 
 
-def shipped_faces_retested(dest: Path, n: int = 2):
-    """``n`` rank-4 LoRAs of the shipped faces collection that its build measured twice, packed again at ``dest``
-    (fp16 factors, rows, schema and provenance as shipped); returns (collection table rows, bases) or skips when
-    data/ lacks the collection or its bases."""
+def shipped_retested(dest: Path, collection: str = "faces", label: str = "clip_score", n: int = 2):
+    """``n`` LoRAs of the shipped ``collection`` at its most common rank that its build measured twice (a finite
+    ``<label>_retest``), packed again at ``dest`` (fp16 factors, rows, schema and provenance as shipped); returns
+    (collection table rows, bases) or skips when data/ lacks the collection or its bases."""
     import numpy as np
     import pytest
 
     from lol.collection import open_collection, write_collection
 
     data = Path(__file__).resolve().parent.parent / "data"
-    if not (data / "base" / "sd" / "record.json").is_file() or not (data / "collections" / "faces").is_dir():
-        pytest.skip("the shipped faces collection and its bases are not in data/")
-    shipped = open_collection(data / "collections" / "faces")
+    if not (data / "base" / "sd" / "record.json").is_file() or not (data / "collections" / collection).is_dir():
+        pytest.skip(f"the shipped {collection} collection and its bases are not in data/")
+    shipped = open_collection(data / "collections" / collection)
     t = shipped.table
-    idx = [i for i in np.nonzero(np.isfinite(t["clip_score_retest"].to_numpy(float)))[0] if t["rank"].iloc[i] == 4][:n]
+    rank = int(t["rank"].mode().iloc[0])
+    idx = [i for i in np.nonzero(np.isfinite(t[f"{label}_retest"].to_numpy(float)))[0] if t["rank"].iloc[i] == rank][:n]
     rows = t.iloc[idx].reset_index(drop=True)
     write_collection(dest, [shipped.lora(i) for i in idx], rows, labels=shipped.labels, tasks=shipped.tasks,
                      base_model=shipped.meta.get("base_model"), provenance=shipped.meta["provenance"])

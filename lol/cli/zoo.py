@@ -56,12 +56,13 @@ def register(sub) -> None:
     m.add_argument("--only", default=None, help="comma list of collections (default: all under OUT/collections)")
     m.set_defaults(func=cmd_precompute)
 
-    ms = zsub.add_parser("measure", help="measure a packed faces collection's CLIP score once more with another noise "
-                                         "seed and the build's protocol (resumable; averaged measurements raise the "
-                                         "label's reliability; `lol zoo report` shows it)")
+    ms = zsub.add_parser("measure", help="measure a label of a packed collection once more with another noise seed "
+                                         "and the build's protocol: faces clip_score or identity_gain, fashion "
+                                         "class_gain (resumable; averaged measurements raise the label's "
+                                         "reliability; `lol zoo report` shows it)")
     ms.add_argument("--out", default="data", help="data folder (collections/ under it)")
     ms.add_argument("--collection", default="faces")
-    ms.add_argument("--label", default="clip_score", choices=("clip_score",))
+    ms.add_argument("--label", default="clip_score", choices=("clip_score", "identity_gain", "class_gain"))
     ms.add_argument("--seed", type=int, default=None, help="noise seed (not the build's own, 42)")
     ms.add_argument("--apply", action="store_true",
                     help="measure nothing: make the label the mean of all its measurements (every LoRA must have "
@@ -79,7 +80,7 @@ def cmd_measure(args) -> int:
     import torch
 
     from ..errors import LoLError
-    from ..zoo.measure import apply_measurements, measure_clip_score
+    from ..zoo.measure import apply_measurements, measure
 
     folder = Path(args.out) / "collections" / args.collection
     if args.apply:
@@ -90,8 +91,8 @@ def cmd_measure(args) -> int:
     if args.seed is None:
         raise LoLError("lol zoo measure: give --seed S (a noise seed other than the build's) or --apply")
     torch.set_num_threads(max(1, args.threads))
-    path = measure_clip_score(folder, args.seed, limit=args.limit,
-                              chunk=args.chunk, device=args.device, progress=lambda t: print(t, flush=True))
+    path = measure(folder, args.seed, args.label, limit=args.limit, chunk=args.chunk, device=args.device,
+                   progress=lambda t: print(t, flush=True))
     print(f"wrote {path}")
     return 0
 

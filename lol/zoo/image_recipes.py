@@ -32,7 +32,7 @@ from .recipe import Job, JobResult, single_stage, stage_of
 
 __all__ = ["FacesRecipe", "FashionRecipe", "FashionSiblingRecipe", "FASHION_SIBLING_PRESETS", "FACES_PRESETS",
            "FASHION_PROMPTS_CLIP", "CLIP_SCORE_PROMPTS", "ImageLoRATrainer", "load_adapters", "faces_clip_protocol",
-           "sample_with_adapters", "TARGETS"]
+           "fashion_gain_protocol", "sample_with_adapters", "TARGETS"]
 
 TARGETS = ("to_q", "to_v")
 INSTANCE_WORDS = ("celebrity", "person", "thing", "skd")
@@ -359,6 +359,16 @@ def faces_clip_protocol(P: dict) -> dict:
             "identity_images": P["identity_images"]}
 
 
+def fashion_gain_protocol(P: dict) -> dict | None:
+    """How a fashion preset ``P`` measures its LoRAs' class gain: images per class caption, denoising steps, guidance,
+    the label's seed and the retest's (None: the preset measures no gain). One home for the build
+    (`FashionRecipe.jobs`) and for measuring a packed collection again (`lol.zoo.measure`)."""
+    if not P["gain_images"]:
+        return None
+    return {"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"], "seed": P["gain_seed"],
+            "retest_seed": P["retest_seed"]}
+
+
 class FacesRecipe:
     """CelebA-LoRA on the face world (see module docstring)."""
 
@@ -595,8 +605,7 @@ class FashionRecipe:
                       "steps": int(rng.integers(P["steps_range"][0], P["steps_range"][1] + 1)),
                       "grad_accum": int(rng.choice(P["grad_accum"])), "micro_batch": int(P["micro_batch"]),
                       "retest": i % P["retest_every"] == 0 and i < P.get("retest_until", math.inf),
-                      "gain": ({"images": P["gain_images"], "steps": P["gain_steps"], "guidance": P["guidance"],
-                                "seed": P["gain_seed"], "retest_seed": P["retest_seed"]} if P["gain_images"] else None)}
+                      "gain": fashion_gain_protocol(P)}
             if P.get("look"):  # finetuning images in a catalogue look (`lol.zoo.fashion`)
                 params["look"] = P["look"]
             if P.get("stages"):  # which stage of a grown collection the job belongs to (`make_manifest`)

@@ -6,13 +6,17 @@ CLIP score, r = 0.895 per measurement, needs k = 3 for 0.95 (`measurements_neede
 each LoRA once; this module measures the packed LoRAs again, each time with another seed and the build's own
 protocol, so the label can become the mean of k measurements without training a single LoRA again.
 
-`measure_clip_score` loads the collection's LoRAs (fp16 factors, U carrying each LoRA's scale) into the base UNet as
-adapters (`lol.zoo.image_recipes.load_adapters`, the build's own multi-adapter sampler) and scores them with the
-protocol the build used (`faces_clip_protocol` of the collection's preset: prompts, images per prompt, steps,
-guidance; the collection's own base and scorer, from its provenance) and another noise seed. Results go to
-``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, wall and CPU seconds; the protocol, seed and
-the factors' content hash in the file's metadata), rewritten atomically after every chunk of LoRAs: an interrupted
-run keeps what it measured and a rerun measures only the rest. Two processes measuring two seeds use two cores.
+`measure` loads the collection's LoRAs (fp16 factors, U carrying each LoRA's scale) into the base UNet as adapters
+(`lol.zoo.image_recipes.load_adapters`, the build's own multi-adapter sampler) and measures them with the build's
+own function and protocol for the label (`label_protocol`: the preset's prompts, images, steps, guidance; the
+collection's own base and scorer, from its provenance) and another noise seed. Three labels can be measured again
+(`MEASURED`): a faces LoRA's ``clip_score`` and ``identity_gain`` and a fashion LoRA's ``class_gain``; the two gains
+compare the LoRA's generations with its finetuning images, which the build's jobs (recipe, preset and seed from the
+provenance) name and each row's recorded identity, instance prompt and image count confirm. Results go to
+``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, wall and CPU seconds; the
+protocol, seed and the factors' content hash in the file's metadata), rewritten atomically after every chunk of
+LoRAs: an interrupted run keeps what it measured and a rerun measures only the rest. Two processes measuring two
+seeds use two cores; on a GPU (``device="cuda"``) take larger chunks.
 
 `measurements` gathers a label's measurements (the build's column and every complete file of the same protocol and
 factors) and `measured_reliability` gives the reliability of their mean (`repeated_reliability`); ``lol zoo report``
@@ -32,12 +36,13 @@ import pandas as pd
 from ..errors import CollectionError, LoLError
 from ..paths import atomic_file
 
-__all__ = ["MEASUREMENTS_DIR", "measurement_path", "measurement_chunks", "clip_protocol", "measure_clip_score",
+__all__ = ["MEASUREMENTS_DIR", "measurement_path", "measurement_chunks", "MEASURED", "label_protocol", "measure",
            "measurements", "measured_reliability", "apply_measurements"]
 
 MEASUREMENTS_DIR = "measurements"
 _META_KEY = b"lol_measurement"
 _FACES = "lol.zoo.image_recipes:FacesRecipe"
+_FASHION = "lol.zoo.image_recipes:FashionRecipe"
 
 
 def _seed_column(label: str, seed: int) -> str:
@@ -56,17 +61,30 @@ def _provenance(coll) -> dict:
     return prov
 
 
-def clip_protocol(coll) -> dict:
-    """The CLIP-score protocol the build used for ``coll`` (a faces collection): `faces_clip_protocol` of its preset."""
-    from .image_recipes import FACES_PRESETS, faces_clip_protocol
+# the labels a packed collection can measure again: label → (the recipe that built it, its protocol from the preset)
+MEASURED = {"clip_score": _FACES, "identity_gain": _FACES, "class_gain": _FASHION}
 
+
+def label_protocol(coll, label: str = "clip_score") -> dict:
+    """The protocol the build used to measure ``label`` on ``coll``: `faces_clip_protocol` of a faces collection's
+    preset (``clip_score``, ``identity_gain``), `fashion_gain_protocol` of a fashion one's (``class_gain``)."""
+    from .image_recipes import FACES_PRESETS, FASHION_PRESETS, faces_clip_protocol, fashion_gain_protocol
+
+    if label not in MEASURED:
+        raise LoLError(f"{coll.path}: {label!r} cannot be measured again; measurable labels: {sorted(MEASURED)}")
     prov = _provenance(coll)
-    if prov.get("recipe") != _FACES:
-        raise LoLError(f"{coll.path}: CLIP scores are measured for faces collections ({_FACES}); this one was built "
-                       f"by {prov.get('recipe')!r}")
-    if prov.get("preset") not in FACES_PRESETS:
-        raise LoLError(f"{coll.path}: unknown faces preset {prov.get('preset')!r}")
-    return faces_clip_protocol(FACES_PRESETS[prov["preset"]])
+    recipe = MEASURED[label]
+    if prov.get("recipe") != recipe:
+        raise LoLError(f"{coll.path}: {label!r} is measured for collections built by {recipe}; this one was built by "
+                       f"{prov.get('recipe')!r}")
+    presets, protocol_of = ((FACES_PRESETS, faces_clip_protocol) if recipe == _FACES
+                            else (FASHION_PRESETS, fashion_gain_protocol))
+    if prov.get("preset") not in presets:
+        raise LoLError(f"{coll.path}: unknown preset {prov.get('preset')!r} of {recipe}")
+    protocol = protocol_of(presets[prov["preset"]])
+    if protocol is None:
+        raise LoLError(f"{coll.path}: its preset {prov['preset']!r} measures no {label!r}")
+    return protocol
 
 
 def _identity(coll, label: str, protocol: dict) -> dict:
@@ -137,29 +155,89 @@ def measurement_chunks(ranks, todo, chunk: int) -> list[list[int]]:
     return chunks + sorted(waiting.values())
 
 
-def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, limit: int | None = None,
-                       chunk: int = 8, device: str | None = None,
-                       progress: Callable[[str], None] | None = None) -> Path:
-    """Measure the CLIP score of every LoRA of the packed faces collection at ``collection_dir`` once more, with the
-    build's protocol and noise seed ``seed``; resumable (module docstring). ``limit``: measure at most that many
-    LoRAs not yet measured, in table order, then stop (a rerun continues). ``chunk``: LoRAs per batched pass (one
-    rank each). ``bases``: {"sd", "clip"} folders (default: the collection's own, from its provenance). Returns the
-    measurement file."""
+def _build_jobs(coll) -> dict[str, Any]:
+    """The build's jobs of ``coll`` by id (its recipe, preset and seed from the provenance): what each LoRA was
+    finetuned on, which identity_gain and class_gain compare its generations with."""
+    import importlib
+
+    prov = _provenance(coll)
+    mod, cls = prov["recipe"].split(":")
+    recipe = getattr(importlib.import_module(mod), cls)()
+    return {j.id: j for j in recipe.jobs(prov["preset"], int(prov.get("seed", 0)))}
+
+
+def _job_of(coll, jobs: dict, i: int):
+    """The build's job of row ``i``, checked against what the row records of it (a collection packed by other code
+    would otherwise be compared with the wrong finetuning images)."""
+    row = coll.table.iloc[i]
+    job = jobs.get(str(row["id"]))
+    if job is None:
+        raise CollectionError(f"{coll.path}: LoRA {row['id']!r} is not a job of its recorded build "
+                              f"({_provenance(coll).get('preset')!r}, seed {_provenance(coll).get('seed')})")
+    recorded = {"identity": job.params.get("identity"), "instance_prompt": job.params.get("instance_prompt"),
+                "n_images": len(job.params["images"])}
+    bad = {k: (row[k], v) for k, v in recorded.items() if v is not None and k in row.index and row[k] != v}
+    if bad:
+        raise CollectionError(f"{coll.path}: LoRA {row['id']!r} differs from its build's job "
+                              + ", ".join(f"{k}: table {a!r}, job {b!r}" for k, (a, b) in bad.items()))
+    return job
+
+
+def _measure_chunk(label: str, trainer, scorer, ml, coll, idx: list[int], protocol: dict, seed: int, jobs) -> list:
+    """``label`` of the LoRAs ``idx`` (loaded as adapters 0..len(idx)−1 of ``ml``), measured with the build's own
+    function for it, ``protocol`` and noise seed ``seed``."""
+    import numpy as np
+
+    from .image_recipes import _class_gain, _class_targets, _clip_score_measure, _identity_gain, instance_caption
+
+    ks = range(len(idx))
+    if label == "clip_score":
+        res = _clip_score_measure(trainer, ml, scorer, ks, protocol, seed, base=False)
+        return [float(res["scores"][k].mean()) for k in ks]
+    todo = [_job_of(coll, jobs, i) for i in idx]
+    res_px = trainer.resolution
+    if label == "identity_gain":
+        from .faces import Identity, render_face
+
+        captions, targets = [], []
+        for j in todo:
+            faces = [render_face(Identity.from_seed(j.params["identity"]), k, res_px) for k in j.params["images"]]
+            captions.append(instance_caption(j.params["instance_prompt"]))
+            targets.append(scorer.image_features([np.asarray(f.image) for f in faces]).mean(0))
+        return [float(g) for g in _identity_gain(trainer, ml, scorer, ks, captions, targets, protocol, seed)["gain"]]
+    from .fashion import fashion_image
+
+    targets = [_class_targets(scorer, [fashion_image(k, "test", res_px, look=j.params.get("look", ""))
+                                       for k in j.params["images"]]) for j in todo]
+    return [float(g) for g in _class_gain(trainer, ml, scorer, ks, targets, protocol, seed)["gain"]]
+
+
+def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict | None = None,
+            limit: int | None = None, chunk: int = 8, device: str | None = None,
+            progress: Callable[[str], None] | None = None) -> Path:
+    """Measure ``label`` of every LoRA of the packed collection at ``collection_dir`` once more, with the build's
+    protocol (`label_protocol`) and noise seed ``seed``; resumable (module docstring). ``label``: ``clip_score`` or
+    ``identity_gain`` (faces), ``class_gain`` (fashion). ``limit``: measure at most that many LoRAs not yet
+    measured, in table order, then stop (a rerun continues). ``chunk``: LoRAs per batched pass (one rank each).
+    ``bases``: {"sd", "clip"} folders (default: the collection's own, from its provenance). Returns the measurement
+    file."""
     import torch
 
     from ..collection import open_collection
     from .clipscore import CLIPScorer
-    from .image_recipes import ImageLoRATrainer, _clip_score_measure, load_adapters
+    from .image_recipes import ImageLoRATrainer, load_adapters
 
     coll = open_collection(collection_dir)
-    protocol = clip_protocol(coll)
+    protocol = label_protocol(coll, label)
     if int(seed) == int(protocol["seed"]):
-        raise LoLError(f"{coll.path}: seed {seed} is the build's own: that measurement is the clip_score column "
+        raise LoLError(f"{coll.path}: seed {seed} is the build's own: that measurement is the {label} column "
                        "already; choose another seed")
-    want = _identity(coll, "clip_score", protocol)
+    if label not in coll.table.columns:
+        raise CollectionError(f"{coll.path}: no label column {label!r}")
+    want = _identity(coll, label, protocol)
     meta = {**want, "seed": int(seed), "bases": (_provenance(coll).get("inputs") or {}).get("bases"),
-            "written_by": "lol.zoo.measure.measure_clip_score (lol zoo measure)"}
-    path = measurement_path(coll.path, "clip_score", seed)
+            "written_by": "lol.zoo.measure.measure (lol zoo measure)"}
+    path = measurement_path(coll.path, label, seed)
     done = pd.DataFrame({"id": pd.Series(dtype=str), "value": pd.Series(dtype=float),
                          "seconds": pd.Series(dtype=float)})
     if path.is_file():
@@ -173,6 +251,9 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
     if not todo:
         say(f"{path}: all {len(coll)} LoRAs measured")
         return path
+    jobs = _build_jobs(coll) if label != "clip_score" else None
+    for i in todo[:1] if jobs is not None else []:
+        _job_of(coll, jobs, i)                                  # a mismatch fails before any compute
     b = _bases(coll, bases)
     trainer = ImageLoRATrainer(b["sd"], device)
     # channels-last convolutions: 12 % less time per LoRA on the shipped faces base (one thread, 20.0 → 17.7 s for
@@ -184,16 +265,14 @@ def measure_clip_score(collection_dir, seed: int, *, bases: dict | None = None, 
                                 todo, chunk)
     for c, idx in enumerate(chunks):
         t0, c0 = time.time(), time.process_time()
-        loras = [coll.lora(i) for i in idx]
-        ml = load_adapters(trainer.unet, loras)
+        ml = load_adapters(trainer.unet, [coll.lora(i) for i in idx])
         try:
             with torch.no_grad():
-                res = _clip_score_measure(trainer, ml, scorer, range(len(idx)), protocol, int(seed), base=False)
+                values = _measure_chunk(label, trainer, scorer, ml, coll, idx, protocol, int(seed), jobs)
         finally:
             ml.remove()
         sec, cpu = (time.time() - t0) / len(idx), (time.process_time() - c0) / len(idx)
-        new = pd.DataFrame({"id": [str(coll.table["id"].iloc[i]) for i in idx],
-                            "value": [float(res["scores"][k].mean()) for k in range(len(idx))],
+        new = pd.DataFrame({"id": [str(coll.table["id"].iloc[i]) for i in idx], "value": values,
                             "seconds": [round(sec, 3)] * len(idx), "cpu_seconds": [round(cpu, 3)] * len(idx)})
         done = pd.concat([done, new], ignore_index=True)
         _write(path, done, meta)
@@ -215,7 +294,7 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
     if label not in coll.table.columns:
         raise CollectionError(f"{coll.path}: no label column {label!r}")
     ids = coll.table["id"].astype(str)
-    protocol = clip_protocol(coll) if files else None
+    protocol = label_protocol(coll, label) if files else None
     first = _seed_column(label, protocol["seed"]) if protocol else None
     build = first if first in coll.table.columns else label      # after `apply_measurements`: the build's own column
     cols = {"build": pd.to_numeric(coll.table[build], errors="coerce").to_numpy(float)}
