@@ -114,8 +114,10 @@ def repeated_reliability(values, boot: int = 2000, seed: int = 0) -> dict[str, A
     Returns ``n``, ``k``, ``r_single`` (the reliability of one measurement: the mean Pearson r over the k(k−1)/2
     pairs of measurements), ``r_mean`` (of their average: `spearman_brown` of ``r_single`` and k — the ceiling on
     test R² of the averaged label), ``r_mean_ci95`` (percentile bootstrap over the LoRAs, seeded), ``label_std`` (of
-    the averaged label) and ``noise_std`` (per measurement: the root mean within-LoRA variance). With k = 2,
-    ``r_single`` is `retest_reliability`'s r."""
+    the averaged label) and ``noise_std`` (per measurement: the residual std of a two-way layout, LoRA × measurement,
+    so a measurement's constant offset — with common noises one seed can shift every LoRA alike — is not counted as
+    noise, as it changes no correlation). With k = 2, ``r_single`` and ``noise_std`` are `retest_reliability`'s r
+    and noise std."""
     M = np.asarray(values, dtype=float)
     if M.ndim != 2 or M.shape[1] < 2:
         raise ValueError(f"repeated_reliability: expected (LoRAs, ≥ 2 measurements), got shape {M.shape}")
@@ -127,7 +129,15 @@ def repeated_reliability(values, boot: int = 2000, seed: int = 0) -> dict[str, A
     r1 = float(_mean_pair_r(M))
     lo, hi = _percentiles(spearman_brown(_bootstrap_pair_r(M, boot, seed), k))
     return {"n": n, "k": k, "r_single": r1, "r_mean": spearman_brown(r1, k), "r_mean_ci95": (float(lo), float(hi)),
-            "label_std": float(M.mean(1).std(ddof=1)), "noise_std": float(np.sqrt(M.var(1, ddof=1).mean()))}
+            "label_std": float(M.mean(1).std(ddof=1)), "noise_std": _residual_std(M)}
+
+
+def _residual_std(M: np.ndarray) -> float:
+    """Residual std of an (n, k) two-way layout without interaction: ``M_ij − row_i − col_j + grand`` over
+    (n − 1)(k − 1) degrees of freedom."""
+    R = M - M.mean(1, keepdims=True) - M.mean(0, keepdims=True) + M.mean()
+    n, k = M.shape
+    return float(np.sqrt((R * R).sum() / ((n - 1) * (k - 1))))
 
 
 def vote_ambiguity(shares, margin: float = 0.1) -> dict[str, float]:

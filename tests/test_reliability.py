@@ -132,6 +132,11 @@ def test_repeated_reliability_of_an_averaged_label():
     lo, hi = rel["r_mean_ci95"]
     assert lo < spearman_brown(1 / 1.5, 3) < hi and hi - lo < 0.03
     assert rel["noise_std"] == pytest.approx(math.sqrt(0.5), rel=0.03)
+    # common noises: one seed shifts every LoRA alike; that offset changes no correlation and is not noise
+    shifted = repeated_reliability(M + np.array([0.0, 3.0, -2.0]))
+    assert shifted["noise_std"] == pytest.approx(rel["noise_std"]) and shifted["r_mean"] == pytest.approx(rel["r_mean"])
+    two = retest_reliability(M[:, 0], M[:, 1] + 3.0)
+    assert repeated_reliability(np.stack([M[:, 0], M[:, 1] + 3.0], 1))["noise_std"] == pytest.approx(two["noise_std"])
     assert repeated_reliability(M[:, :2])["r_single"] == pytest.approx(retest_reliability(M[:, 0], M[:, 1])["r"])
     gappy = M.copy()
     gappy[:10, 2] = np.nan
