@@ -131,6 +131,7 @@ def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):
     assert f"their mean's {rel['r_mean']:.3f}" in text
     assert f"seed {seed}: 3 LoRAs, {sources[1]['cpu_seconds']:.1f} CPU-s per LoRA" in text
     assert "too few LoRAs to judge (fewer than 100)" in text          # 3 LoRAs say nothing against the goal
+    assert "Every LoRA has every measurement: `lol zoo measure --apply` averages them." in text
     # a file measured on other LoRAs (another factors hash) is refused by name, never mixed in
     df, meta = _read(measurement_path(dest, "clip_score", seed))
     other = measurement_path(dest, "clip_score", 7)
@@ -203,9 +204,14 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
             "factors": list(coll.factors_hash)}
     # the ci scorer gives every image 0, so measurements with values of their own stand in for two more seeds
     _write(measurement_path(dest, "clip_score", 7), pd.DataFrame({"id": ids[:2], "value": [10.0, 20.0],
-                                                                  "seconds": [1.0, 1.0]}), {**meta, "seed": 7})
+                                                                  "seconds": [1.0, 1.0], "cpu_seconds": [3600.0] * 2}),
+           {**meta, "seed": 7})
     with pytest.raises(LoLError, match="seed 7: 1 LoRAs missing"):
         apply_measurements(dest)
+    from lol.zoo.report import _measurement_lines
+
+    assert ("Left before `--apply` can average them: 1 LoRAs (seed 7), about 1.0 CPU-hours at the measured cost"
+            in "\n".join(_measurement_lines(open_collection(dest))))
     _write(measurement_path(dest, "clip_score", 7), pd.DataFrame({"id": ids, "value": [10.0, 20.0, 30.0],
                                                                   "seconds": [1.0] * 3}), {**meta, "seed": 7})
     _write(measurement_path(dest, "clip_score", 9), pd.DataFrame({"id": ids[::-1], "value": [3.0, 2.0, 1.0],
@@ -222,8 +228,6 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
     assert "mean of 3 independent measurements (noise seeds 42, 7, 9" in after.labels["clip_score"]["description"]
     rel = label_reliability(t, after.labels)["clip_score"]
     assert rel["method"] == "repeated" and rel["k"] == 3 and rel["n"] == 3
-    from lol.zoo.report import _measurement_lines
-
     assert "The `clip_score` column is their mean" in "\n".join(_measurement_lines(after))
     apply_measurements(dest)                                                    # again: the same label
     np.testing.assert_allclose(open_collection(dest).table["clip_score"], t["clip_score"])

@@ -236,8 +236,21 @@ def _measurement_lines(coll) -> list[str]:
                   f"{v['r_mean']:.3f} (95 % CI {lo:.3f} – {hi:.3f}; goal r ≥ {RELIABILITY_GOAL}: {ok}). "
                   + (f"The `{lab}` column is their mean (`lol zoo measure --apply`)."
                      if coll.labels.get(lab, {}).get("measurements") else
-                     f"The `{lab}` column is the build's measurement alone: these files do not change it."), ""]
+                     f"The `{lab}` column is the build's measurement alone: these files do not change it."
+                     + _remaining(v["sources"], len(coll))), ""]
     return lines
+
+
+def _remaining(sources: list[dict], n: int) -> str:
+    """What is left before ``--apply`` can average the measurements: LoRAs still to measure per seed and, at each
+    file's measured CPU cost per LoRA, the CPU time."""
+    left = [(s, n - s["n"]) for s in sources[1:] if s["n"] < n]
+    if not left:
+        return " Every LoRA has every measurement: `lol zoo measure --apply` averages them."
+    cpu = sum(k * s["cpu_seconds"] for s, k in left if s.get("cpu_seconds"))
+    return (" Left before `--apply` can average them: " + ", ".join(f"{k:,} LoRAs ({s['column']})" for s, k in left)
+            + (f", about {cpu / 3600:.1f} CPU-hours at the measured cost (`lol zoo measure` resumes)." if cpu else
+               " (`lol zoo measure` resumes)."))
 
 
 def _cost(source: dict) -> str:
