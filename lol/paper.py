@@ -237,6 +237,11 @@ def _short_of_paper(r) -> bool:
     return max(ours) < max(paper) if r["better"] == "higher" else min(ours) > min(paper)
 
 
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, …, 11th, 12th, 13th, 21st."""
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping] | None = None,
                  curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None,
                  search: pd.DataFrame | None = None,
@@ -298,7 +303,7 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         if not _short_of_paper(r):
             glnet = searched.get(r["ours"], {}).get("glnet")
             if glnet and pd.notna(r["glnet_place"]) and r["glnet_place"] > 2:
-                out.at[i, "why"] = f"GL-net places {int(r.glnet_place)}th with notebook 02's one setting; {glnet}"
+                out.at[i, "why"] = f"GL-net places {_ordinal(int(r.glnet_place))} with notebook 02's one setting; {glnet}"
             continue
         coll = r["ours"].split("/")[0]
         parts = []

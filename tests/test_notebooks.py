@@ -92,8 +92,12 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     search = pd.read_csv(res / "hparam_search.csv")     # notebook 09's search, trimmed to 2 settings in smoke mode
     assert set(zip(search.collection, search.task, search.model)) == {("lm", "eval_loss", "svals"),
                                                                       ("lm", "eval_loss", "glnet"),
-                                                                      ("fashion", "membership", "glnet")}
-    assert search.groupby(["collection", "task", "model"]).chosen.sum().eq(1).all() and search.setting.nunique() == 2
+                                                                      ("fashion", "membership", "glnet"),
+                                                                      ("lm", "membership", "glnet")}
+    assert search.groupby(["collection", "task", "model"]).chosen.sum().eq(1).all()
+    own = (search.collection == "lm") & (search.task == "membership")     # a space of its own: GL-net's capacity
+    assert search[~own].setting.nunique() == 2
+    assert list(search[own].setting) == ['{"model.channels": 32, "width": 64}']
     assert "## Hyperparameter search on validation" in (res / "README.md").read_text()
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
     assert set(transfer.train_collection) == {"fashion", "fashion_v1", "lm", "lm_v2"}

@@ -201,6 +201,11 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
                     'settings, r2): chosen {"lr": 0.003}, val 0.840, test 0.830')
     assert P.explain_gaps(placed, ceilings, curves, {"faces": 640}).set_index(            # no search: nothing said
         ["paper_task", "metric"]).loc[("CelebA-LoRA CLIP score", "r2")].why == ""
+    placed.loc[row, "glnet_place"] = 3
+    assert P.explain_gaps(placed, ceilings, curves, {"faces": 640}, search).set_index(
+        ["paper_task", "metric"]).loc[("CelebA-LoRA CLIP score", "r2")].why.startswith("GL-net places 3rd with")
+    assert [P._ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22)] == ["1st", "2nd", "3rd", "4th", "11th", "12th",
+                                                                         "13th", "21st", "22nd"]
     placed.loc[row, "glnet_place"] = 2
     assert P.explain_gaps(placed, ceilings, curves, {"faces": 640}, search).set_index(
         ["paper_task", "metric"]).loc[("CelebA-LoRA CLIP score", "r2")].why == ""
