@@ -113,6 +113,13 @@ def test_a_gain_is_measured_only_against_the_lora_its_build_finetuned(tmp_path):
         measure(tmp_path / "two", 7, "class_gain", bases=bases)
     with pytest.raises(LoLError, match="cannot be measured again; measurable labels"):
         label_protocol(open_collection(tmp_path / "two"), "smiling")
+    # a fashion LoRA whose recorded classes are not its job's
+    rows, bases = shipped_retested(tmp_path / "fashion", "fashion", "class_gain")
+    t = pd.read_parquet(tmp_path / "fashion" / TABLE_NAME)
+    t.loc[0, "class_bag"] = 1 - int(t.loc[0, "class_bag"])
+    t.to_parquet(tmp_path / "fashion" / TABLE_NAME, index=False)
+    with pytest.raises(CollectionError, match=f"LoRA '{rows['id'][0]}' differs from its build's job class_bag"):
+        measure(tmp_path / "fashion", 7, "class_gain", bases=bases)
 
 
 def test_measurements_and_their_reliability_and_the_report(packed, tmp_path):

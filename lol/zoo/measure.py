@@ -142,9 +142,9 @@ def _bases(coll, bases: dict | None) -> dict[str, Path]:
 
 def measurement_chunks(ranks, todo, chunk: int) -> list[list[int]]:
     """The LoRAs ``todo`` (row numbers, in table order; ``ranks[j]`` the rank of ``todo[j]``) cut into chunks of one
-    rank each, in table order: a chunk is cut when its rank has ``chunk`` LoRAs waiting, and the chunks left short at the
-    end follow in the order of their first LoRA. Runs of two seeds side by side thus measure the same LoRAs first, so their overlap
-    (and the reliability it supports) grows from the start, whatever the ranks' order."""
+    rank each, in table order: a chunk is cut when its rank has ``chunk`` LoRAs waiting, and the chunks left short at
+    the end follow in the order of their first LoRA. Runs of two seeds side by side thus measure the same LoRAs
+    first, so their overlap (and the reliability it supports) grows from the start, whatever the ranks' order."""
     if int(chunk) < 1:
         raise ValueError(f"measurement chunk must be ≥ 1, got {chunk}")
     chunks, waiting = [], {}
@@ -176,6 +176,10 @@ def _job_of(coll, jobs: dict, i: int):
                               f"({_provenance(coll).get('preset')!r}, seed {_provenance(coll).get('seed')})")
     recorded = {"identity": job.params.get("identity"), "instance_prompt": job.params.get("instance_prompt"),
                 "n_images": len(job.params["images"])}
+    if "classes" in job.params:                                   # fashion: which classes it was finetuned on
+        from .fashion import CLASS_LABELS
+
+        recorded.update({lab: int(c in job.params["classes"]) for c, lab in enumerate(CLASS_LABELS)})
     bad = {k: (row[k], v) for k, v in recorded.items() if v is not None and k in row.index and row[k] != v}
     if bad:
         raise CollectionError(f"{coll.path}: LoRA {row['id']!r} differs from its build's job "
@@ -256,9 +260,6 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
         _job_of(coll, jobs, i)                                  # a mismatch fails before any compute
     b = _bases(coll, bases)
     trainer = ImageLoRATrainer(b["sd"], device)
-    # channels-last convolutions: 12 % less time per LoRA on the shipped faces base (one thread, 20.0 → 17.7 s for
-    # two LoRAs), scores equal to 0.002 (the measurement's own noise is 1.3)
-    trainer.unet.to(memory_format=torch.channels_last)
     scorer = CLIPScorer(b["clip"], device=trainer.device)
     ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
     chunks = measurement_chunks([int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]) for i in todo],
