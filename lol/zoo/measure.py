@@ -256,8 +256,8 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
         say(f"{path}: all {len(coll)} LoRAs measured")
         return path
     jobs = _build_jobs(coll) if label != "clip_score" else None
-    for i in todo[:1] if jobs is not None else []:
-        _job_of(coll, jobs, i)                                  # a mismatch fails before any compute
+    if jobs is not None:
+        _job_of(coll, jobs, todo[0])                            # a mismatch fails before the bases load
     b = _bases(coll, bases)
     trainer = ImageLoRATrainer(b["sd"], device)
     scorer = CLIPScorer(b["clip"], device=trainer.device)
