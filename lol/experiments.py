@@ -42,7 +42,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
+           "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
@@ -856,6 +856,102 @@ def learning_curve(coll, task: str, models: Sequence[str], fractions: Sequence[f
                     log(f"[curve] {task} {kind} seed {seed}: {f:.0%} of the training groups ({n_train} LoRAs)"
                         + (", run_grid's run reused" if run is not None else ""))
     return pd.DataFrame(rows)
+
+
+def _averaging_unit(path: str, task: str, kind: str, seed: int, config, ids) -> pd.DataFrame:
+    from .collection import open_collection
+
+    return label_averaging(open_collection(path), task, kind, [seed], config, log=None, ids=ids)
+
+
+def label_averaging(coll, task: str, kind: str, seeds: Sequence[int] = (0, 1, 2), config=None,
+                    log: Callable[[str], None] | None = print, workers: int = 1,
+                    ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Would a label averaged over k measurements (`lol.zoo.measure`) raise what a model learns, and by how much?
+    On the LoRAs (of `main_rows`) that every measurement of the task's one regression label covers, ``kind`` is
+    trained per seed twice, on the build's single measurement and on the mean of all k, on `run_grid`'s grouped split
+    of that seed restricted to those LoRAs; both are scored on test against the single measurement and against the
+    mean (R²). The label's noise bounds R² against a single measurement; the mean is the better estimate of what
+    the LoRA does, so the gain of the mean-trained model, scored against the mean, is what averaging the whole
+    collection's label would buy (measured on fewer LoRAs than the full collection: a lower bound on the data side).
+
+    Each measurement is first centred on the build's mean over those LoRAs: a noise seed shifts every LoRA's score
+    alike (the measurements share their noises across LoRAs), an offset between seeds, not between LoRAs, which
+    would otherwise count against the model trained on the build's scale. Returns tidy rows (collection, task,
+    model, seed, k, n_loras, n_train, n_test, trained_on, scored_against, metric, value); ``trained_on`` and
+    ``scored_against`` are ``"single"`` or ``"mean"``. ``workers`` > 1 trains each seed in its own process, on the
+    LoRAs measured every time when it starts (a measuring run may add more meanwhile). ``ids``: only these LoRAs (each
+    must be measured every time)."""
+    from .metrics import r2
+    from .train import TrainConfig, _splits, train
+    from .zoo.measure import measurements
+
+    config = config or TrainConfig()
+    labels = coll.label_columns(task)
+    if len(labels) != 1 or coll.labels[labels[0]].get("kind") != "regression":
+        raise LoLError(f"label_averaging: task {task!r} of {coll.path} must have one regression label, has {labels}")
+    label = labels[0]
+    where = main_rows(coll)
+    batch, _, _, table = task_data(coll, task, where)
+    values, _ = measurements(coll, label)
+    M = values.to_numpy(float)[_rows(coll, where)]
+    if M.shape[1] < 2:
+        raise LoLError(f"label_averaging: {coll.path} has no measurement of {label!r} beyond the build's "
+                       "(`lol zoo measure`)")
+    every = np.isfinite(M).all(1)
+    if ids is not None:
+        want = set(map(str, ids))
+        pick = table["id"].astype(str).isin(want).to_numpy()
+        if pick.sum() != len(want) or not every[pick].all():
+            raise LoLError(f"label_averaging: of the {len(want)} LoRAs asked for, {int((pick & every).sum())} are "
+                           f"in {coll.path}'s main rows and measured every time")
+        every = pick
+    idx = np.nonzero(every)[0]
+    if workers > 1 and len(seeds) > 1:
+        chosen = table["id"].astype(str).to_numpy()[idx].tolist()
+        calls = [(str(coll.path), task, kind, int(seed), config, chosen) for seed in seeds]
+        return pd.concat(in_workers(_averaging_unit, calls, workers), ignore_index=True)
+    M = M[idx]
+    M = M - M.mean(0) + M[:, 0].mean()                       # seed offsets removed, on the build's scale
+    y = {"single": M[:, 0], "mean": M.mean(1)}
+    rows = []
+    for seed in seeds:
+        split = _splits(len(table), table, replace(config, seed=int(seed)))[0][idx]       # run_grid's split
+        n = {s: int((split == s).sum()) for s in ("train", "val", "test")}
+        if min(n.values()) == 0:
+            raise LoLError(f"label_averaging: the {len(idx)} LoRAs measured {M.shape[1]} times leave split {n} with "
+                           f"seed {seed}: measure more of them")
+        t = table.iloc[idx].reset_index(drop=True).assign(split=split)
+        test = split == "test"
+        for trained_on, target in y.items():
+            res = train(batch.select(torch.as_tensor(idx)), {label: target}, kind, replace(config, seed=int(seed)),
+                        table=t, kinds={label: "regression"})
+            pred = res.predictions[label].to_numpy(float)[test]
+            rows += [{"collection": str(Path(coll.path).name), "task": task, "model": kind, "seed": int(seed),
+                      "k": M.shape[1], "n_loras": len(idx), "n_train": n["train"], "n_test": n["test"],
+                      "trained_on": trained_on, "scored_against": against, "metric": "r2",
+                      "value": r2(y[against][test], pred)} for against in y]
+            if log:
+                log(f"[averaging] {task} {kind} seed {seed}: trained on the {trained_on} "
+                    f"({n['train']} LoRAs), test R² against the mean {rows[-1]['value']:.3f}")
+    return pd.DataFrame(rows)
+
+
+def averaging_gain(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (collection, task, model) of `label_averaging` rows: test R² against the mean of the k measurements of
+    the model trained on one measurement (``single``) and of the one trained on the mean (``mean``), means over
+    seeds, and the gain (``mean − single``, its mean ± std over seeds: each seed's pair shares split and
+    initialization), with k, the LoRAs used and the seeds."""
+    q = rows[rows.scored_against == "mean"]
+    out = []
+    for (coll, task, model), g in q.groupby(["collection", "task", "model"], sort=False):
+        w = g.pivot_table(index="seed", columns="trained_on", values="value")
+        d = w["mean"] - w["single"]
+        out.append({"collection": coll, "task": task, "model": model, "k": int(g.k.iloc[0]),
+                    "n_loras": int(g.n_loras.iloc[0]), "seeds": len(w), "r2_trained_on_single": float(w["single"].mean()),
+                    "r2_trained_on_mean": float(w["mean"].mean()), "gain": float(d.mean()),
+                    "gain_std": float(d.std()) if len(d) > 1 else math.nan})
+    return pd.DataFrame(out)
 
 
 def _settings(space: Mapping[str, Sequence]) -> list[dict]:

@@ -245,7 +245,8 @@ def _ordinal(n: int) -> str:
 def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping] | None = None,
                  curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None,
                  search: pd.DataFrame | None = None,
-                 counted: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+                 counted: Mapping[str, pd.DataFrame] | None = None,
+                 averaged: pd.DataFrame | None = None) -> pd.DataFrame:
     """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
     paper, from measurements only:
 
@@ -262,6 +263,9 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
       task, how often counting the classes a membership model predicts present gives the exact size (the best model
       of those rows), against ours: when counting does better, the weights carry the size and the head trained on the
       size alone is what falls short.
+    * ``averaged`` (`lol.experiments.averaging_gain` rows): for a regression task whose label was measured k times on
+      some LoRAs, the test R² against the mean of the k of a model trained on one measurement and of one trained on
+      the mean: how much of the gap averaging the label would close.
 
     A row where ours reaches the paper but GL-net places below second among ours (the paper has it in the top two on
     every task) gets GL-net's own search, when there is one, against the row's best model: whether a setting chosen
@@ -290,6 +294,13 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
                 trend = "still rising" if b - a > sd else "a rise within the seeds' spread" if b > a else "flat"
                 curve[f"{coll}/{task}"] = (f"learning curve ({top}, {metric}) {a:.3f} → {b:.3f} from 50 % to 100 % of "
                                            f"the training groups (seeds' std {sd:.3f}): {trend}")
+    averaging = {}
+    for a in (averaged.itertuples() if averaged is not None else ()):
+        sd = f" ± {a.gain_std:.3f}" if math.isfinite(a.gain_std) else ""
+        averaging[f"{a.collection}/{a.task}"] = (
+            f"trained on the mean of {a.k} measurements instead of one ({a.model}, the {a.n_loras:,} LoRAs measured "
+            f"{a.k} times, {a.seeds} seeds), test R² against that mean goes {a.r2_trained_on_single:.3f} → "
+            f"{a.r2_trained_on_mean:.3f} ({a.gain:+.3f}{sd})")
     searched: dict[str, dict[str, str]] = {}                     # collection/task → model → its search, in words
     if search is not None and len(search):
         for (coll, task, model), g in search.groupby(["collection", "task", "model"], sort=False):
@@ -312,6 +323,8 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
             how = f"mean of {k} measurements, {n:,} LoRAs" if k else f"test–retest r, {n} LoRAs"
             what = f"label reliability ({how}) {v:.3f}"
             parts.append(f"{what}: not the limit" if v >= 0.99 else f"{what} caps R²")
+        if r["metric"] in ("r2", "kendall", "mse_norm") and r["ours"] in averaging:
+            parts.append(averaging[r["ours"]])
         if r["ours"] in curve:
             parts.append(curve[r["ours"]])
         parts += list(searched.get(r["ours"], {}).values())

@@ -542,3 +542,60 @@ def test_learning_curves_and_rank_generalization_reuse_what_run_grid_trained(mix
         assert X.finished_run(tmp_path, mixed, "spectrum", {"rank": 2}, "glnet", other) is None
     finally:
         torch.set_num_threads(n)
+
+
+def test_label_averaging_trains_on_one_measurement_and_on_their_mean(tmp_path):
+    """On the LoRAs every measurement covers: the model trained on the mean of k measurements beats the one trained
+    on one noisy measurement when both are scored against the mean, seed offsets are removed first (a seed that
+    shifts every LoRA alike costs the single-trained model nothing), and averaging_gain summarizes the pairs."""
+    from lol.collection import write_collection
+    from lol.zoo.measure import _write, label_protocol, measurement_path
+
+    spec, n = tiny_spec(), 150
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(-1.5, 1.5, n)                   # each LoRA's log-magnitude: what svals reads off the weights
+    loras = [random_lora(spec, 4, seed=i, log_scale=t, decay=0.0) for i, t in enumerate(truth)]
+    table = pd.DataFrame({"id": [f"l{i}" for i in range(n)], "group": [f"g{i // 3}" for i in range(n)],
+                          "rank": 4, "clip_score": truth + rng.normal(size=n) * truth.std()})   # a noisy build
+    d = tmp_path / "faces"
+    write_collection(d, loras, table, labels={"clip_score": {"kind": "regression", "task": "clip_score"}},
+                     tasks={"clip_score": ["clip_score"]},
+                     provenance={"zoo": {"recipe": "lol.zoo.image_recipes:FacesRecipe", "preset": "ci", "seed": 0}})
+    coll = open_collection(d)
+    with pytest.raises(LoLError, match="no measurement of 'clip_score' beyond the build's"):
+        X.label_averaging(coll, "clip_score", "svals", seeds=(0,), config=CFG, log=None)
+    meta = {"label": "clip_score", "protocol": {k: v for k, v in label_protocol(coll).items()
+                                                if k not in ("seed", "retest_seed")}, "factors": list(coll.factors_hash)}
+    noise = {s: rng.normal(size=n) * 0.05 * truth.std() for s in (7, 9)}
+
+    def measured(offsets):                  # two more seeds, far less noisy, each with its own offset
+        for s, offset in zip((7, 9), offsets):
+            keep = slice(None) if s == 7 else slice(1, None)                 # seed 9 left the first LoRA out
+            _write(measurement_path(d, "clip_score", s), pd.DataFrame(
+                {"id": table.id[keep], "value": (truth + offset + noise[s])[keep], "seconds": 1.0}), {**meta, "seed": s})
+        return open_collection(d)
+
+    cfg = TrainConfig(epochs=100, patience=100, progress=False, width=32, lr=3e-3)
+    rows = X.label_averaging(measured((3.0, -2.0)), "clip_score", "svals", seeds=(0, 1), config=cfg, log=None)
+    assert len(rows) == 8 and set(rows.n_loras) == {n - 1} and set(rows.k) == {3}
+    r = rows.pivot_table(index=["seed", "trained_on"], columns="scored_against", values="value")
+    gain = r.xs("mean", level="trained_on")["mean"] - r.xs("single", level="trained_on")["mean"]
+    assert (gain > 0).all() and gain.mean() > 0.08, r
+    # a seed's offset shifts every LoRA alike: removed before training and scoring, it changes nothing
+    same = X.label_averaging(measured((0.0, 0.0)), "clip_score", "svals", seeds=(0,), config=cfg, log=None)
+    np.testing.assert_allclose(same.value, rows[rows.seed == 0].value, atol=1e-6)
+    # in two worker processes: the same rows (the LoRAs measured every time are fixed before the workers start)
+    pd.testing.assert_frame_equal(X.label_averaging(open_collection(d), "clip_score", "svals", seeds=(0, 1), config=cfg,
+                                                    log=None, workers=2), rows)
+    some = X.label_averaging(open_collection(d), "clip_score", "svals", seeds=(0,), config=CFG, log=None,
+                             ids=table.id[1:100])
+    assert set(some.n_loras) == {99}
+    with pytest.raises(LoLError, match="of the 2 LoRAs asked for, 1 are in"):      # l0: not measured with seed 9
+        X.label_averaging(open_collection(d), "clip_score", "svals", config=cfg, log=None, ids=["l0", "l1"])
+    g = X.averaging_gain(rows)
+    assert len(g) == 1 and g.k[0] == 3 and g.seeds[0] == 2 and g.n_loras[0] == n - 1
+    assert g.gain[0] == pytest.approx(gain.mean()) and g.gain_std[0] == pytest.approx(gain.std())
+    bad = tmp_path / "bin"
+    synth_collection(tiny_spec(), 12, seed=3).write(bad)
+    with pytest.raises(LoLError, match="must have one regression label"):
+        X.label_averaging(open_collection(bad), "spectrum", "svals", config=CFG, log=None)
