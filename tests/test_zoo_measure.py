@@ -264,6 +264,9 @@ def test_the_reliability_of_a_mean_label_reaches_the_report_the_ceilings_and_the
         tasks = {"y": ["y"]}
 
     Coll.table, Coll.labels = table, labels
+    once = {"z": {"kind": "regression", "task": "z"}}                       # measured once, nothing more
+    assert ("No reliability evidence in this collection for `z`: its build measured each LoRA once (no retest column) "
+            "and nothing was measured again." in _reliability_lines(table.assign(z=tr), once))
     assert task_ceilings({"c": Coll})[("c", "y")]["r"] == pytest.approx(want["r_mean"])
     text = ceiling_text("y", rel)
     assert f"**{want['r_mean']:.3f}**" in text and "the mean of 3 independent measurements of each of 500 LoRAs" in text

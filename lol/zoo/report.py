@@ -208,8 +208,8 @@ def _reliability_lines(table, labels) -> list[str]:
         lines.append("")
     missing = [lab for lab, info in labels.items() if lab not in rel and lab in table.columns]
     if missing:
-        lines += ["No reliability evidence recorded (collection built before Zoo v2's retest measurements): "
-                  + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+        lines += ["No reliability evidence in this collection for " + ", ".join(f"`{m}`" for m in missing)
+                  + ": its build measured each LoRA once (no retest column) and nothing was measured again.", ""]
     return lines
 
 
