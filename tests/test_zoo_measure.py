@@ -270,3 +270,29 @@ def test_the_reliability_of_a_mean_label_reaches_the_report_the_ceilings_and_the
     assert task_ceilings({"c": Coll})[("c", "y")]["r"] == pytest.approx(want["r_mean"])
     text = ceiling_text("y", rel)
     assert f"**{want['r_mean']:.3f}**" in text and "the mean of 3 independent measurements of each of 500 LoRAs" in text
+
+
+def test_main_rows_are_measured_first_when_asked(packed, tmp_path):
+    """``main_rows=True`` measures only the LoRAs the tasks train on (the most common rank), says so when they are
+    done, and a later run without it measures the rest into the same file."""
+    from dataclasses import replace
+
+    from lol.collection import write_collection
+    from lol.lora import LoRA
+
+    dest, _, _ = packed
+    coll = open_collection(dest)
+    low = coll.lora(2)                                    # the third LoRA cut to rank 2: a minority rank
+    low = LoRA.from_modules([replace(m, U=m.U[:, :2].clone(), V=m.V[:, :2].clone()) for m in low.modules.values()],
+                            format=low.format, metadata=low.metadata, source=low.source)
+    rows = coll.table.assign(rank=[4, 4, 2])
+    mixed = tmp_path / "mixed"
+    write_collection(mixed, [coll.lora(0), coll.lora(1), low], rows, labels=coll.labels, tasks=coll.tasks,
+                     base_model=coll.meta.get("base_model"), provenance=coll.meta["provenance"])
+    seed, lines = 7, []
+    path = measure(mixed, seed, bases=ci_bases(), main_rows=True, progress=lines.append)
+    assert list(pd.read_parquet(path)["id"]) == list(rows["id"][:2])
+    measure(mixed, seed, bases=ci_bases(), main_rows=True, progress=lines.append)
+    assert lines[-1].endswith("every main-row LoRA measured (2 of 3 LoRAs)")
+    measure(mixed, seed, bases=ci_bases(), progress=lines.append)
+    assert list(pd.read_parquet(path)["id"]) == list(rows["id"])

@@ -68,6 +68,9 @@ def register(sub) -> None:
                     help="measure nothing: make the label the mean of all its measurements (every LoRA must have "
                          "every one); then rerun `lol zoo precompute` and the notebooks")
     ms.add_argument("--limit", type=int, default=None, help="measure at most this many LoRAs, then stop")
+    ms.add_argument("--main-rows", action="store_true",
+                    help="measure only the LoRAs the tasks train on (the collection's most common rank) first; a later "
+                         "run without it measures the rest")
     ms.add_argument("--chunk", type=int, default=8, help="LoRAs per batched pass")
     ms.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; run two seeds side by side)")
@@ -92,7 +95,7 @@ def cmd_measure(args) -> int:
         raise LoLError("lol zoo measure: give --seed S (a noise seed other than the build's) or --apply")
     torch.set_num_threads(max(1, args.threads))
     path = measure(folder, args.seed, args.label, limit=args.limit, chunk=args.chunk, device=args.device,
-                   progress=lambda t: print(t, flush=True))
+                   main_rows=args.main_rows, progress=lambda t: print(t, flush=True))
     print(f"wrote {path}")
     return 0
 

@@ -217,12 +217,14 @@ def _measure_chunk(label: str, trainer, scorer, ml, coll, idx: list[int], protoc
 
 
 def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict | None = None,
-            limit: int | None = None, chunk: int = 8, device: str | None = None,
+            limit: int | None = None, chunk: int = 8, device: str | None = None, main_rows: bool = False,
             progress: Callable[[str], None] | None = None) -> Path:
     """Measure ``label`` of every LoRA of the packed collection at ``collection_dir`` once more, with the build's
     protocol (`label_protocol`) and noise seed ``seed``; resumable (module docstring). ``label``: ``clip_score`` or
     ``identity_gain`` (faces), ``class_gain`` (fashion). ``limit``: measure at most that many LoRAs not yet
-    measured, in table order, then stop (a rerun continues). ``chunk``: LoRAs per batched pass (one rank each).
+    measured, in table order, then stop (a rerun continues). ``main_rows``: only the LoRAs the tasks train on
+    (`lol.experiments.main_rows`: the collection's most common rank), so the training rows are measured every time
+    first; a later run without it measures the rest. ``chunk``: LoRAs per batched pass (one rank each).
     ``bases``: {"sd", "clip"} folders (default: the collection's own, from its provenance). Returns the measurement
     file."""
     import torch
@@ -249,11 +251,17 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
         _check_identity(path, old, {**want, "seed": int(seed)}, coll)
     seen = set(done["id"].astype(str))
     todo = [i for i, x in enumerate(coll.table["id"].astype(str)) if x not in seen]
+    if main_rows:
+        from ..experiments import _rows, main_rows as rows_of
+
+        main = set(_rows(coll, rows_of(coll)).tolist())
+        todo = [i for i in todo if i in main]
     if limit is not None:
         todo = todo[:max(0, int(limit))]
     say = progress or (lambda _t: None)
     if not todo:
-        say(f"{path}: all {len(coll)} LoRAs measured")
+        say(f"{path}: all {len(coll)} LoRAs measured" if len(seen) >= len(coll)
+            else f"{path}: every main-row LoRA measured ({len(seen)} of {len(coll)} LoRAs)")
         return path
     jobs = _build_jobs(coll) if label != "clip_score" else None
     if jobs is not None:
