@@ -13,7 +13,7 @@ from lol.zoo.build import _pack
 from lol.zoo.image_recipes import FacesRecipe
 from lol.zoo.measure import (_read, _write, label_protocol, measure, measured_reliability, measurement_chunks,
                              measurement_path, measurements)
-from lol.zoo.report import _measurement_lines
+from lol.zoo.report import _main_rows_measured, _measurement_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,5 +294,8 @@ def test_main_rows_are_measured_first_when_asked(packed, tmp_path):
     assert list(pd.read_parquet(path)["id"]) == list(rows["id"][:2])
     measure(mixed, seed, bases=ci_bases(), main_rows=True, progress=lines.append)
     assert lines[-1].endswith("every main-row LoRA measured (2 of 3 LoRAs)")
+    text = "\n".join(_measurement_lines(open_collection(mixed)))
+    assert "Of the 2 LoRAs the tasks train on (rank 4), 2 have every measurement" in text
     measure(mixed, seed, bases=ci_bases(), progress=lines.append)
     assert list(pd.read_parquet(path)["id"]) == list(rows["id"])
+    assert _main_rows_measured(coll, "clip_score") == ""                  # one rank: every LoRA is a main row

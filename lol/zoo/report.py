@@ -237,8 +237,25 @@ def _measurement_lines(coll) -> list[str]:
                   + (f"The `{lab}` column is their mean (`lol zoo measure --apply`)."
                      if coll.labels.get(lab, {}).get("measurements") else
                      f"The `{lab}` column is the build's measurement alone: these files do not change it."
-                     + _remaining(v["sources"], len(coll))), ""]
+                     + _remaining(v["sources"], len(coll)) + _main_rows_measured(coll, lab)), ""]
     return lines
+
+
+def _main_rows_measured(coll, label: str) -> str:
+    """For a collection of mixed ranks: how many of the LoRAs the tasks train on (`lol.experiments.main_rows`) have
+    every measurement of ``label`` (`lol zoo measure --main-rows` measures those first)."""
+    from ..experiments import _rows, main_rows
+    from .measure import measurements
+
+    where = main_rows(coll)
+    if not where:
+        return ""
+    values, _ = measurements(coll, label)
+    idx = _rows(coll, where)
+    done = int(values.iloc[idx].notna().all(1).sum())
+    what = ", ".join(f"{k} {v}" for k, v in where.items())
+    return (f" Of the {len(idx):,} LoRAs the tasks train on ({what}), {done:,} have every measurement "
+            "(`--main-rows` measures those first).")
 
 
 def _remaining(sources: list[dict], n: int) -> str:
