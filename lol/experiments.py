@@ -1127,6 +1127,7 @@ README_SECTIONS = (
     ("Transfer to a sibling base", "base_transfer.md", ["base_transfer_*.png"]),
     ("Learning curves", "learning_curves.md", ["learning_curves.png"]),
     ("Hyperparameter search on validation", "hparam_search.md", []),
+    ("Training on the mean of a label's measurements", "label_averaging.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )
