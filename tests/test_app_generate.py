@@ -103,3 +103,16 @@ def test_images_are_enlarged_sharp_and_the_grid_is_one_png():
     png = grid_png([[(a, "base"), (a, "LoRA"), (same, "difference")]] * 2, title="t")
     im = Image.open(io.BytesIO(png))
     assert im.format == "PNG" and im.width >= 3 * 192 and im.height >= 2 * 192
+
+
+def test_a_lora_measured_again_shows_every_measurement_and_their_spread():
+    import pandas as pd
+
+    from lol.app.generation import measurements_caption
+
+    m = pd.DataFrame({"source": ["build", "seed 2042", "seed 3042"], "value": [50.0, 45.0, 48.0],
+                      "centred": [50.0, 51.0, 52.0]})
+    text = measurements_caption(m, "clip_score", False)
+    assert text.startswith("**Measured 3 times**") and "50 (build), 51 (seed 2042), 52 (seed 3042)" in text
+    assert "std 1 between them" in text and "the clip_score label is the build's measurement" in text
+    assert "the clip_score label is their mean" in measurements_caption(m, "clip_score", True)

@@ -206,6 +206,9 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
     with pytest.raises(LoLError, match="no measurement beyond the build's"):
         apply_measurements(dest)
     ids = coll.table["id"].astype(str).tolist()
+    from lol.zoo.measure import lora_measurements
+
+    assert lora_measurements(coll, "clip_score", ids[0]) is None                 # measured by the build alone
     meta = {"label": "clip_score", "protocol": {k: v for k, v in label_protocol(coll).items()
                                                 if k not in ("seed", "retest_seed")},
             "factors": list(coll.factors_hash)}
@@ -223,6 +226,16 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
                                                                   "seconds": [1.0] * 3}), {**meta, "seed": 7})
     _write(measurement_path(dest, "clip_score", 9), pd.DataFrame({"id": ids[::-1], "value": [3.0, 2.0, 1.0],
                                                                   "seconds": [1.0] * 3}), {**meta, "seed": 9})
+    # one LoRA's measurements, each centred by its seed's offset: the mean difference from the build's over the LoRAs
+    mine = lora_measurements(coll, "clip_score", ids[1])
+    build1 = float(coll.table["clip_score"].iloc[1])
+    assert list(mine.source) == ["build", "seed 7", "seed 9"]
+    np.testing.assert_allclose(mine.value, [build1, 20.0, 2.0])
+    off7 = np.mean([10.0, 20.0, 30.0] - coll.table["clip_score"].to_numpy(float))
+    off9 = np.mean([1.0, 2.0, 3.0] - coll.table["clip_score"].to_numpy(float))     # seed 9's file, matched by id
+    np.testing.assert_allclose(mine.centred, [build1, 20.0 - off7, 2.0 - off9])
+    with pytest.raises(CollectionError, match="no LoRA 'nope'"):
+        lora_measurements(coll, "clip_score", "nope")
     before, build = coll.fingerprint, coll.table["clip_score"].to_numpy(float)
     apply_measurements(dest)
     after = open_collection(dest)

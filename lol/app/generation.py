@@ -12,7 +12,7 @@ from .. import showcase
 from ..labels import label_columns
 from ..showcase import SHOW_PX, Generation
 
-__all__ = ["images_view", "answers_view", "show_comparison", "show_grid"]
+__all__ = ["images_view", "answers_view", "show_comparison", "show_grid", "measurements_caption"]
 
 
 def _predicted_and_measured(ctx, coll, df, lab: str, lora_id: str, cols, help_pred: str, base_dir=None) -> None:
@@ -33,6 +33,28 @@ def _predicted_and_measured(ctx, coll, df, lab: str, lora_id: str, cols, help_pr
     cols[1].metric(f"Measured {lab}", number(mv, 3) if mv is not None else "n/a", delta=delta,
                    delta_color="off" if base_dir is None else "normal",
                    help=showcase.label_protocol(coll, lab, lora_id).capitalize() + ".")
+    if base_dir is None:
+        from ..errors import LoLError
+        from ..zoo.measure import lora_measurements
+
+        try:
+            again = lora_measurements(coll, lab, lora_id)
+        except LoLError:                      # measurement files that do not fit this collection: nothing to add
+            again = None
+        if again is not None:
+            st.caption(measurements_caption(again, lab, bool((coll.labels.get(lab) or {}).get("measurements"))))
+
+
+def measurements_caption(m, lab: str, label_is_mean: bool) -> str:
+    """One line on a LoRA measured more than once (`lol.zoo.measure.lora_measurements`): each measurement on the
+    build's scale, their spread, and which of them the label is — how far a prediction can be off by noise alone."""
+    import numpy as np
+
+    values = ", ".join(f"{number(v, 4)} ({s})" for s, v in zip(m["source"], m["centred"]))
+    sd = float(np.std(m["centred"], ddof=1))
+    which = f"the {lab} label is their mean" if label_is_mean else f"the {lab} label is the build's measurement"
+    return (f"**Measured {len(m)} times** with the same protocol and other noise seeds, each on the build's scale "
+            f"(its seed's offset over all LoRAs removed): {values}; std {number(sd, 2)} between them — {which}.")
 
 
 def show_comparison(ctx, coll, df, res: Generation) -> None:

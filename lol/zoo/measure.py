@@ -37,7 +37,7 @@ from ..errors import CollectionError, LoLError
 from ..paths import atomic_file
 
 __all__ = ["MEASUREMENTS_DIR", "measurement_path", "measurement_chunks", "MEASURED", "label_protocol", "measure",
-           "measurements", "measured_reliability", "apply_measurements"]
+           "measurements", "lora_measurements", "measured_reliability", "apply_measurements"]
 
 MEASUREMENTS_DIR = "measurements"
 _META_KEY = b"lol_measurement"
@@ -321,6 +321,30 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
                         "seconds": float(df["seconds"].median()) if len(df) else None,
                         "cpu_seconds": float(cpu.median()) if cpu.notna().any() else None})
     return pd.DataFrame(cols), sources
+
+
+def lora_measurements(coll, label: str, lora_id: str) -> pd.DataFrame | None:
+    """Every measurement of ``label`` of one LoRA (`measurements`: the build's first), or None when the label was
+    measured only by the build (or the LoRA not again). Columns: ``source`` ("build", "seed S"), ``value`` (as
+    measured) and ``centred``: the value less its seed's offset, the mean difference from the build's measurement over
+    the LoRAs both measured (a noise seed shifts every LoRA's score alike, the measurements sharing their noises), so
+    the values compare on the build's scale."""
+    folder = Path(coll.path) / MEASUREMENTS_DIR
+    if not folder.is_dir() or not any(folder.glob(f"{label}-seed*.parquet")):
+        return None
+    values, _ = measurements(coll, label)
+    row = np.nonzero((coll.table["id"].astype(str) == str(lora_id)).to_numpy())[0]
+    if len(row) == 0:
+        raise CollectionError(f"{coll.path}: no LoRA {lora_id!r}")
+    M = values.to_numpy(float)
+    mine = M[row[0]]
+    keep = np.isfinite(mine)
+    if keep.sum() < 2:
+        return None
+    cols = np.nonzero(keep)[0]                   # each has this LoRA at least; NaN rows drop out of each mean
+    offset = np.array([np.nanmean(M[:, j] - M[:, 0]) for j in cols])
+    return pd.DataFrame({"source": np.asarray(values.columns)[cols], "value": mine[cols],
+                         "centred": mine[cols] - offset})
 
 
 def measured_reliability(coll, label: str = "clip_score") -> dict[str, Any] | None:
