@@ -93,11 +93,14 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     assert set(zip(search.collection, search.task, search.model)) == {("lm", "eval_loss", "svals"),
                                                                       ("lm", "eval_loss", "glnet"),
                                                                       ("fashion", "membership", "glnet"),
-                                                                      ("lm", "membership", "glnet")}
+                                                                      ("lm", "membership", "glnet"),
+                                                                      ("faces", "clip_score", "glnet")}
     assert search.groupby(["collection", "task", "model"]).chosen.sum().eq(1).all()
     own = (search.collection == "lm") & (search.task == "membership")     # a space of its own: GL-net's capacity
-    assert search[~own].setting.nunique() == 2
+    faces = (search.collection == "faces") & (search.task == "clip_score")   # its own: lr × weight decay
+    assert search[~own & ~faces].setting.nunique() == 2
     assert list(search[own].setting) == ['{"model.channels": 32, "width": 64}']
+    assert list(search[faces].setting) == ['{"lr": 0.0003, "weight_decay": 0.0001}']
     assert "## Hyperparameter search on validation" in (res / "README.md").read_text()
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
     assert set(transfer.train_collection) == {"fashion", "fashion_v1", "lm", "lm_v2"}
