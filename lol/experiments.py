@@ -40,7 +40,7 @@ from .errors import LoLError
 from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
-           "rank_agnostic", "main_rows", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
+           "rank_agnostic", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
            "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
@@ -95,6 +95,11 @@ def main_rows(coll) -> dict:
     if "rank" not in coll.table.columns:
         raise LoLError(f"{coll.path}: LoRAs have mixed ranks and the table has no 'rank' column to select one")
     return {"rank": int(coll.table["rank"].mode().iloc[0])}
+
+
+def main_row_indices(coll) -> np.ndarray:
+    """Row numbers of the LoRAs the tasks train on (`main_rows`): every row of a one-rank collection."""
+    return _rows(coll, main_rows(coll))
 
 
 def task_refs(collections: Mapping, tasks: Mapping[str, Sequence[str]] | None = None) -> list[TaskRef]:
@@ -884,7 +889,7 @@ def label_averaging(coll, task: str, kind: str, seeds: Sequence[int] = (0, 1, 2)
     must be measured every time)."""
     from .metrics import r2
     from .train import TrainConfig, _splits, train
-    from .zoo.measure import measurements
+    from .zoo.measure import centred_on_build, measurements
 
     config = config or TrainConfig()
     labels = coll.label_columns(task)
@@ -894,7 +899,7 @@ def label_averaging(coll, task: str, kind: str, seeds: Sequence[int] = (0, 1, 2)
     where = main_rows(coll)
     batch, _, _, table = task_data(coll, task, where)
     values, _ = measurements(coll, label)
-    M = values.to_numpy(float)[_rows(coll, where)]
+    M = values.to_numpy(float)[main_row_indices(coll)]
     if M.shape[1] < 2:
         raise LoLError(f"label_averaging: {coll.path} has no measurement of {label!r} beyond the build's "
                        "(`lol zoo measure`)")
@@ -911,8 +916,7 @@ def label_averaging(coll, task: str, kind: str, seeds: Sequence[int] = (0, 1, 2)
         chosen = table["id"].astype(str).to_numpy()[idx].tolist()
         calls = [(str(coll.path), task, kind, int(seed), config, chosen) for seed in seeds]
         return pd.concat(in_workers(_averaging_unit, calls, workers), ignore_index=True)
-    M = M[idx]
-    M = M - M.mean(0) + M[:, 0].mean()                       # seed offsets removed, on the build's scale
+    M = centred_on_build(M[idx])                             # seed offsets removed, on the build's scale
     y = {"single": M[:, 0], "mean": M.mean(1)}
     rows = []
     for seed in seeds:

@@ -37,7 +37,7 @@ from ..errors import CollectionError, LoLError
 from ..paths import atomic_file
 
 __all__ = ["MEASUREMENTS_DIR", "measurement_path", "measurement_chunks", "MEASURED", "label_protocol", "measure",
-           "measurements", "lora_measurements", "measured_reliability", "apply_measurements"]
+           "measurements", "centred_on_build", "lora_measurements", "measured_reliability", "apply_measurements"]
 
 MEASUREMENTS_DIR = "measurements"
 _META_KEY = b"lol_measurement"
@@ -252,16 +252,16 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
     seen = set(done["id"].astype(str))
     todo = [i for i, x in enumerate(coll.table["id"].astype(str)) if x not in seen]
     if main_rows:
-        from ..experiments import _rows, main_rows as rows_of
+        from ..experiments import main_row_indices
 
-        main = set(_rows(coll, rows_of(coll)).tolist())
+        main = set(main_row_indices(coll).tolist())
         todo = [i for i in todo if i in main]
     if limit is not None:
         todo = todo[:max(0, int(limit))]
     say = progress or (lambda _t: None)
     if not todo:
-        say(f"{path}: all {len(coll)} LoRAs measured" if len(seen) >= len(coll)
-            else f"{path}: every main-row LoRA measured ({len(seen)} of {len(coll)} LoRAs)")
+        say(f"{path}: every main-row LoRA measured ({len(seen)} of {len(coll)} LoRAs)"
+            if main_rows and len(seen) < len(coll) else f"{path}: all {len(coll)} LoRAs measured")
         return path
     jobs = _build_jobs(coll) if label != "clip_score" else None
     if jobs is not None:
@@ -323,6 +323,17 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
     return pd.DataFrame(cols), sources
 
 
+def centred_on_build(M) -> np.ndarray:
+    """Measurements M (LoRAs × measurements, the build's first; NaN where a LoRA was not measured) less each one's
+    seed offset: its mean difference from the build's measurement over the LoRAs both measured. A noise seed shifts
+    every LoRA's score alike (the measurements share their noises across LoRAs): an offset between seeds, not a
+    difference between LoRAs; removed, every measurement is on the build's scale."""
+    M = np.asarray(M, dtype=float)
+    d = M - M[:, :1]
+    n = np.isfinite(d).sum(0)
+    return M - np.where(n > 0, np.nansum(d, 0) / np.maximum(n, 1), 0.0)
+
+
 def lora_measurements(coll, label: str, lora_id: str) -> pd.DataFrame | None:
     """Every measurement of ``label`` of one LoRA (`measurements`: the build's first), or None when the label was
     measured only by the build (or the LoRA not again). Columns: ``source`` ("build", "seed S"), ``value`` (as
@@ -341,10 +352,8 @@ def lora_measurements(coll, label: str, lora_id: str) -> pd.DataFrame | None:
     keep = np.isfinite(mine)
     if keep.sum() < 2:
         return None
-    cols = np.nonzero(keep)[0]                   # each has this LoRA at least; NaN rows drop out of each mean
-    offset = np.array([np.nanmean(M[:, j] - M[:, 0]) for j in cols])
-    return pd.DataFrame({"source": np.asarray(values.columns)[cols], "value": mine[cols],
-                         "centred": mine[cols] - offset})
+    return pd.DataFrame({"source": np.asarray(values.columns)[keep], "value": mine[keep],
+                         "centred": centred_on_build(M)[row[0]][keep]})
 
 
 def measured_reliability(coll, label: str = "clip_score") -> dict[str, Any] | None:

@@ -244,14 +244,14 @@ def _measurement_lines(coll) -> list[str]:
 def _main_rows_measured(coll, label: str) -> str:
     """For a collection of mixed ranks: how many of the LoRAs the tasks train on (`lol.experiments.main_rows`) have
     every measurement of ``label`` (`lol zoo measure --main-rows` measures those first)."""
-    from ..experiments import _rows, main_rows
+    from ..experiments import main_row_indices, main_rows
     from .measure import measurements
 
     where = main_rows(coll)
     if not where:
         return ""
     values, _ = measurements(coll, label)
-    idx = _rows(coll, where)
+    idx = main_row_indices(coll)
     done = int(values.iloc[idx].notna().all(1).sum())
     what = ", ".join(f"{k} {v}" for k, v in where.items())
     return (f" Of the {len(idx):,} LoRAs the tasks train on ({what}), {done:,} have every measurement "
