@@ -12,7 +12,8 @@ best checkpoint per task.
   paper-style table (CSV + Markdown); `compare_to_baseline` states, per task, whether the best GL-invariant model
   (chosen on validation) beats the flatten MLP on test by more than the seed spread.
 * `hparam_search` + `best_setting`: a grid of training settings for one model kind on one task, on `run_grid`'s
-  splits, chosen on validation (the measured answer to "was it the hyperparameters?").
+  splits, chosen on validation (the measured answer to "was it the hyperparameters?"); `chosen_on_seeds` trains the
+  chosen setting on every seed of the grid, so its test score over seeds stands beside the other models'.
 * `select_best` + `write_checkpoints` pick, among GL(r)-invariant kinds, the one with the best mean validation score
   and its best seed, and write ``<root>/<collection>/<task>/`` plus ``<root>/index.json`` ({label: folder}) for
   ``lol predict --task``.
@@ -42,7 +43,7 @@ from .models import MODELS, gl_invariant as _gl_invariant
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
            "rank_agnostic", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
-           "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
+           "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "chosen_on_seeds", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
 
 MODEL_KINDS: tuple[str, ...] = tuple(MODELS)
@@ -1059,6 +1060,32 @@ def best_setting(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
+def chosen_on_seeds(collections: Mapping, search_rows: pd.DataFrame, seeds: Sequence[int], config=None,
+                    models: Sequence[str] = ("glnet",), log: Callable[[str], None] | None = print,
+                    workers: int = 1) -> pd.DataFrame:
+    """`hparam_search` rows of each searched model's chosen setting (`best_setting`: on validation) on every seed of
+    ``seeds`` — notebook 02's seeds, so the setting's test score over seeds stands beside the other models' — for the
+    models in ``models`` and the collections in ``collections``. Rows the search already has for a seed are reused;
+    the other seeds are trained (`hparam_search` with that one setting: `run_grid`'s split of each seed)."""
+    if search_rows is None or not len(search_rows):
+        return pd.DataFrame()
+    chosen = best_setting(search_rows)
+    chosen = chosen[chosen.chosen & chosen.model.isin(list(models)) & chosen.collection.isin(list(collections))]
+    parts = []
+    for c in chosen.itertuples(index=False):
+        mine = search_rows[(search_rows.collection == c.collection) & (search_rows.task == c.task)
+                           & (search_rows.model == c.model) & (search_rows.setting == c.setting)]
+        have = mine[mine.seed.isin(list(seeds))]
+        parts.append(have)
+        rest = [int(s) for s in seeds if s not in set(have.seed)]
+        if rest:
+            space = {k: [v] for k, v in json.loads(c.setting).items()}
+            parts.append(hparam_search(collections[c.collection], c.task, c.model, space, rest, config, log=log,
+                                       workers=workers))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=search_rows.columns)
+
+
 def _transfer_unit(train_path: str, eval_path: str, task: str, kind: str, seed: int, config, hparams):
     from .collection import open_collection
 
@@ -1131,6 +1158,7 @@ README_SECTIONS = (
     ("Transfer to a sibling base", "base_transfer.md", ["base_transfer_*.png"]),
     ("Learning curves", "learning_curves.md", ["learning_curves.png"]),
     ("Hyperparameter search on validation", "hparam_search.md", []),
+    ("GL-net with its chosen setting on every seed", "hparam_tuned.md", []),
     ("Training on the mean of a label's measurements", "label_averaging.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),

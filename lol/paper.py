@@ -8,7 +8,8 @@ as fractions (91.3 % → 0.913), like every metric of ours.
 `paper_comparison` takes the tidy ``runs`` table of `lol.experiments.run_grid` (and its ``predictions`` for the
 normalized test MSE) and gives one row per (paper table, task, metric): the paper's GL-net and best other model, ours
 for GL-net and for the best other model (chosen on **validation**, as everything here), which of ours is best, GL-net's
-place among ours on test, and an empty ``why`` column for measured notes. The metrics:
+place among ours on test, every model's test mean (``ours_test``, JSON), and an empty ``why`` column for measured
+notes. The metrics:
 
 * ``mse_norm``: test MSE of the regression target z-scored with the **training split's** mean and std (population
   std, as `lol.targets.TargetSet.fit`), i.e. the loss the models were trained on; the trainer records it
@@ -22,6 +23,7 @@ place among ours on test, and an empty ``why`` column for measured notes. The me
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -167,7 +169,7 @@ def paper_comparison(runs: pd.DataFrame, predictions: pd.DataFrame | None = None
                "paper_best_other_model": p_other or "",
                "ours_glnet": math.nan, "ours_glnet_std": math.nan, "ours_best_other": math.nan,
                "ours_best_other_std": math.nan, "ours_best_other_model": "", "ours_best_model": "",
-               "glnet_place": math.nan, "n_models": 0, "n_seeds": 0, "note": "", "why": ""}
+               "glnet_place": math.nan, "n_models": 0, "n_seeds": 0, "ours_test": "", "note": "", "why": ""}
         have = coll is not None and (coll, task) in set(zip(s.collection, s.task))
         if not have:
             row["note"] = f"no runs of {coll}/{task}" if coll else "no task of ours is mapped to this paper task"
@@ -181,6 +183,7 @@ def paper_comparison(runs: pd.DataFrame, predictions: pd.DataFrame | None = None
             out.append(row)
             continue
         row["n_models"], row["n_seeds"] = int(test["mean"].notna().sum()), int(test["count"].max())
+        row["ours_test"] = json.dumps({m: round(float(v), 6) for m, v in test["mean"].dropna().items()}, sort_keys=True)
         if "glnet" in test.index:
             row["ours_glnet"], row["ours_glnet_std"] = float(test.loc["glnet", "mean"]), float(test.loc["glnet", "std"])
             t = test["mean"].dropna()
@@ -246,7 +249,8 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
                  curves: pd.DataFrame | None = None, sizes: Mapping[str, int] | None = None,
                  search: pd.DataFrame | None = None,
                  counted: Mapping[str, pd.DataFrame] | None = None,
-                 averaged: pd.DataFrame | None = None) -> pd.DataFrame:
+                 averaged: pd.DataFrame | None = None,
+                 tuned: pd.DataFrame | None = None) -> pd.DataFrame:
     """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
     paper, from measurements only:
 
@@ -266,6 +270,10 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     * ``averaged`` (`lol.experiments.averaging_gain` rows): for a regression task whose label was measured k times on
       some LoRAs, the test R² against the mean of the k of a model trained on one measurement and of one trained on
       the mean: how much of the gap averaging the label would close.
+
+    * ``tuned`` (`lol.experiments.chosen_on_seeds` rows: GL-net's chosen setting trained on notebook 02's seeds): the
+      row's metric for that setting, mean ± std over seeds on test, and the place it would take among ours (from
+      ``ours_test``; the other models keep notebook 02's one setting).
 
     A row where ours reaches the paper but GL-net places below second among ours (the paper has it in the top two on
     every task) gets GL-net's own search, when there is one, against the row's best model: whether a setting chosen
@@ -314,7 +322,9 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         if not _short_of_paper(r):
             glnet = searched.get(r["ours"], {}).get("glnet")
             if glnet and pd.notna(r["glnet_place"]) and r["glnet_place"] > 2:
-                out.at[i, "why"] = f"GL-net places {_ordinal(int(r.glnet_place))} with notebook 02's one setting; {glnet}"
+                out.at[i, "why"] = "; ".join(
+                    [f"GL-net places {_ordinal(int(r.glnet_place))} with notebook 02's one setting", glnet,
+                     *_tuned_place(r, tuned)])
             continue
         coll = r["ours"].split("/")[0]
         parts = []
@@ -328,6 +338,8 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         if r["ours"] in curve:
             parts.append(curve[r["ours"]])
         parts += list(searched.get(r["ours"], {}).values())
+        if "glnet" in searched.get(r["ours"], {}):
+            parts += _tuned_place(r, tuned)
         rows = (counted or {}).get(r["ours"])
         if rows is not None and len(rows) and r["metric"] == "accuracy":
             c = rows.loc[rows.accuracy.idxmax()]
@@ -341,6 +353,28 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         if parts:
             out.at[i, "why"] = "; ".join(parts)
     return out
+
+
+def _tuned_place(r, tuned: pd.DataFrame | None) -> list[str]:
+    """For a `paper_comparison` row: GL-net's chosen setting on test over notebook 02's seeds (``tuned`` rows,
+    `lol.experiments.chosen_on_seeds`) in the row's metric, and the place it would take among the row's other models
+    (``ours_test``), in words; [] without such rows."""
+    if tuned is None or not len(tuned) or not str(r.get("ours_test", "") or ""):
+        return []
+    coll, task = r["ours"].split("/", 1)
+    q = tuned[(tuned.collection == coll) & (tuned.task == task) & (tuned.model == "glnet") & (tuned.split == "test")
+              & (tuned.metric == r["metric"])]
+    per_seed = q.groupby("seed")["value"].mean().dropna()
+    if per_seed.empty:
+        return []
+    x, sd = float(per_seed.mean()), float(per_seed.std()) if len(per_seed) > 1 else math.nan
+    others = {m: v for m, v in json.loads(r["ours_test"]).items() if m != "glnet" and v is not None}
+    higher = r["better"] == "higher"
+    place = 1 + sum((v > x) if higher else (v < x) for v in others.values())
+    seeds = ", ".join(str(int(s)) for s in per_seed.index)
+    pm = f" ± {sd:.3f}" if math.isfinite(sd) else ""
+    return [f"GL-net with that setting on seeds {seeds}: test {r['metric']} {x:.3f}{pm}, which would place it "
+            f"{_ordinal(place)} of {len(others) + 1} (the other models keep notebook 02's setting)"]
 
 
 def keep_why(table: pd.DataFrame, previous: pd.DataFrame, retrained: Sequence[str]) -> pd.DataFrame:
@@ -359,7 +393,7 @@ def keep_why(table: pd.DataFrame, previous: pd.DataFrame, retrained: Sequence[st
 
 
 _TEXT_COLUMNS = ("paper_ref", "paper_task", "ours", "metric", "better", "paper_best_other_model",
-                 "ours_best_other_model", "ours_best_model", "note", "why")
+                 "ours_best_other_model", "ours_best_model", "ours_test", "note", "why")
 
 
 def read_paper_comparison(path: str | Path) -> pd.DataFrame:

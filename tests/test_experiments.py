@@ -260,6 +260,28 @@ def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid)
         X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
 
 
+def test_the_chosen_setting_is_trained_on_every_seed_reusing_what_the_search_ran(coll, monkeypatch):
+    """`chosen_on_seeds`: the setting chosen on validation (seed 0's search) on seeds 0 and 1 — seed 0's rows are the
+    search's own (not retrained), seed 1 is trained by `hparam_search` with that one setting."""
+    reg_task = "spectrum"
+    rows = X.hparam_search(coll, reg_task, "svals", {"lr": [CFG.lr, 3e-2]}, seeds=(0,), config=CFG, log=None)
+    rows = rows[rows.label_kind == "regression"]             # R² chooses (the binary label's AUC is undefined here)
+    chosen = X.best_setting(rows).query("chosen").setting.iloc[0]
+    calls = []
+    real = X.hparam_search
+    monkeypatch.setattr(X, "hparam_search", lambda *a, **k: calls.append((a[3], list(a[4]))) or real(*a, **k))
+    out = X.chosen_on_seeds({"synth": coll}, rows, (0, 1), CFG, models=("svals",), log=None)
+    assert calls == [({k: [v] for k, v in json.loads(chosen).items()}, [1])]        # seed 0 reused, seed 1 trained
+    assert set(out.setting) == {chosen} and set(out.seed) == {0, 1} and set(out.model) == {"svals"}
+    seed0 = out[out.seed == 0].merge(rows[rows.setting == chosen], on=["seed", "split", "label", "metric"])
+    assert len(seed0) == len(out[out.seed == 0]) > 0 and np.allclose(seed0.value_x, seed0.value_y, equal_nan=True)
+    assert set(out[out.seed == 1].split) == {"val", "test"}   # (hparam_search = run_grid's split: tested above)
+    # models not asked for, collections not given, or no search: nothing trained, nothing returned
+    assert X.chosen_on_seeds({"synth": coll}, rows, (0, 1), CFG, models=("glnet",), log=None).empty
+    assert X.chosen_on_seeds({"other": coll}, rows, (0, 1), CFG, models=("svals",), log=None).empty
+    assert X.chosen_on_seeds({"synth": coll}, rows.iloc[:0], (0, 1), CFG, log=None).empty
+    assert len(calls) == 1
+
 def test_workers_never_run_the_callers_main_script(tmp_path, monkeypatch):
     """Streamlit (and any script host) installs its script as ``__main__``; spawned workers must not re-run it (here
     it would kill each worker at import: a broken pool)."""

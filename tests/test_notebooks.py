@@ -96,12 +96,21 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
                                                                       ("lm", "membership", "glnet"),
                                                                       ("faces", "clip_score", "glnet")}
     assert search.groupby(["collection", "task", "model"]).chosen.sum().eq(1).all()
-    own = (search.collection == "lm") & (search.task == "membership")     # a space of its own: GL-net's capacity
+    own = search.task == "membership"                     # lm and fashion: a space of their own, GL-net's capacity
     faces = (search.collection == "faces") & (search.task == "clip_score")   # its own: lr × weight decay
     assert search[~own & ~faces].setting.nunique() == 2
-    assert list(search[own].setting) == ['{"model.channels": 32, "width": 64}']
+    assert list(search[own].setting) == ['{"model.channels": 32, "width": 64}'] * 2
     assert list(search[faces].setting) == ['{"lr": 0.0003, "weight_decay": 0.0001}']
     assert "## Hyperparameter search on validation" in (res / "README.md").read_text()
+    # GL-net's chosen setting on notebook 02's seeds (smoke: seed 0 only, the search's own rows, reused as they are)
+    runs, tuned = pd.read_csv(res / "hparam_search_runs.csv"), pd.read_csv(res / "hparam_tuned_runs.csv")
+    chosen = search[search.chosen & (search.model == "glnet")][["collection", "task", "model", "setting"]]
+    assert set(tuned.model) == {"glnet"} and set(tuned.seed) == {0} and len(tuned.drop_duplicates(
+        ["collection", "task"])) == len(chosen) == 4
+    key = ["collection", "task", "model", "setting", "seed", "split", "label", "metric"]
+    pd.testing.assert_frame_equal(tuned.sort_values(key).reset_index(drop=True),
+                                  runs.merge(chosen).sort_values(key).reset_index(drop=True)[tuned.columns])
+    assert (res / "hparam_tuned.md").is_file()
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
     assert set(transfer.train_collection) == {"fashion", "fashion_v1", "lm", "lm_v2"}
     assert set(transfer["eval"]) == {"same base", "sibling base"}
@@ -151,10 +160,11 @@ def test_training_notebook_reruns_some_tasks_and_keeps_the_others(smoke_run, tmp
     assert set(zip(preds.collection, preds.task)) == set(zip(earlier.collection, earlier.task)) and set(preds.split) == {
         "test"} and len(preds) == len(earlier)
     # notebook 09 likewise: its learning curves and searches of the other tasks are kept as they were
-    for name in ("learning_curves_runs.csv", "hparam_search_runs.csv"):
+    names = ("learning_curves_runs.csv", "hparam_search_runs.csv", "hparam_tuned_runs.csv")
+    for name in names:
         t = pd.read_csv(res / name)
         pd.concat([t[t.task != "eval_loss"], t[t.task == "eval_loss"].assign(value=-1.0)]).to_csv(res / name, index=False)
-    kept = {name: pd.read_csv(res / name) for name in ("learning_curves_runs.csv", "hparam_search_runs.csv")}
+    kept = {name: pd.read_csv(res / name) for name in names}
     run_notebooks(tmp_path / "nb", {**params, "tasks": ["fashion/membership"]}, names=["09"])
     for name, t0 in kept.items():
         t1 = pd.read_csv(res / name)
