@@ -171,6 +171,14 @@ def test_training_notebook_reruns_some_tasks_and_keeps_the_others(smoke_run, tmp
         other = lambda t: t[~((t.collection == "fashion") & (t.task == "membership"))].reset_index(drop=True)  # noqa: E731
         pd.testing.assert_frame_equal(other(t1), other(t0))
         assert ((t1.collection == "fashion") & (t1.task == "membership")).any(), name
+    # run_curves False: the searches again, the learning curves read back untouched
+    curves = (res / "learning_curves_runs.csv").read_bytes()
+    (res / "hparam_search_runs.csv").write_text(pd.read_csv(res / "hparam_search_runs.csv").query(
+        "task != 'membership'").to_csv(index=False))
+    run_notebooks(tmp_path / "nb", {**params, "tasks": ["lm/membership"], "run_curves": False}, names=["09"])
+    assert (res / "learning_curves_runs.csv").read_bytes() == curves
+    search = pd.read_csv(res / "hparam_search_runs.csv")
+    assert set(search[search.task == "membership"].collection) == {"lm"}        # lm's search ran; fashion's was cut
 
 
 def test_shipped_index_serves_lol_predict(smoke_run, tmp_path):
