@@ -41,7 +41,7 @@ from .errors import LoLError
 from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
-           "rank_agnostic", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "compare_summaries",
+           "rank_agnostic", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
            "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "chosen_on_seeds", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
@@ -466,6 +466,58 @@ def summarize(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     out = g.agg(mean="mean", std="std", n_seeds="count").reset_index()
     out.insert(0, "split", split)
     return out
+
+
+def per_label_scores(runs: pd.DataFrame, predictions: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Per (collection, task, model, binary label) on ``split``, means over seeds: accuracy and AUC (from ``runs``),
+    the label's positive share and the accuracy of always answering its commonest value (``majority``, from the
+    true values in ``predictions``, seed by seed: each seed has its own split), and ``gain`` = accuracy − majority.
+    A label whose gain is near 0 is one the weights do not carry for that model, however well the others do."""
+    cols = ["collection", "task", "model", "label", "seeds", "accuracy", "auc", "positive_share", "majority", "gain"]
+    r = runs[(runs.split == split) & (runs.label_kind == "binary") & runs.metric.isin(["accuracy", "auc"])]
+    p = predictions[predictions.split == split]
+    if r.empty or p.empty:
+        return pd.DataFrame(columns=cols)
+    keys = ["collection", "task", "model", "label"]
+    score = r.pivot_table(index=[*keys, "seed"], columns="metric", values="value", dropna=False)
+    score = score.reindex(columns=["accuracy", "auc"]).reset_index()   # an AUC undefined on every split stays NaN
+    pos = p.groupby([*keys, "seed"])["y"].mean().rename("positive_share").reset_index()
+    pos["majority"] = np.maximum(pos.positive_share, 1 - pos.positive_share)
+    m = score.merge(pos, on=[*keys, "seed"])
+    out = m.groupby(keys).agg(seeds=("seed", "nunique"), accuracy=("accuracy", "mean"), auc=("auc", "mean"),
+                              positive_share=("positive_share", "mean"), majority=("majority", "mean")).reset_index()
+    out["gain"] = out.accuracy - out.majority
+    return out[cols]
+
+
+def label_tail(predictions: pd.DataFrame, top: float = 0.1, split: str = "test") -> pd.DataFrame:
+    """Per (collection, task, model, regression label) on ``split``, means over seeds: of the LoRAs whose true value
+    is in the label's top ``top`` share on that seed's split (``threshold``: the value where it starts), the share of
+    the label's variance they hold (``variance_share``: Σ over them of (y − ȳ)² / Σ over all) and the share of the
+    model's squared error they make (``error_share``). When a few LoRAs hold most of the variance, R² mostly measures
+    how well those few are predicted. Rows are the labels of ``predictions`` (its ``y`` and ``pred``) that are not
+    0/1, on splits of at least 1/``top`` LoRAs (fewer have no top share to speak of)."""
+    cols = ["collection", "task", "model", "label", "seeds", "loras", "top", "threshold", "variance_share",
+            "error_share"]
+    p = predictions[predictions.split == split].dropna(subset=["y", "pred"])
+    rows = []
+    for (coll, task, model, label, seed), g in p.groupby(["collection", "task", "model", "label", "seed"]):
+        y, e = g.y.to_numpy(float), (g.pred.to_numpy(float) - g.y.to_numpy(float)) ** 2
+        if set(np.unique(y)) <= {0.0, 1.0} or len(y) < math.ceil(1 / top) or not (e.sum() > 0 and y.var() > 0):
+            continue                             # a binary label, a split too small for a top share, or nothing to share
+        thr = float(np.quantile(y, 1 - top))
+        tail = y >= thr
+        rows.append({"collection": coll, "task": task, "model": model, "label": label, "seed": seed, "loras": len(y),
+                     "threshold": thr, "variance_share": float(((y - y.mean()) ** 2)[tail].sum()
+                                                               / ((y - y.mean()) ** 2).sum()),
+                     "error_share": float(e[tail].sum() / e.sum())})
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    out = pd.DataFrame(rows).groupby(["collection", "task", "model", "label"]).agg(
+        seeds=("seed", "nunique"), loras=("loras", "mean"), threshold=("threshold", "mean"),
+        variance_share=("variance_share", "mean"), error_share=("error_share", "mean")).reset_index()
+    out["top"] = top
+    return out[cols]
 
 
 def compare_summaries(old: pd.DataFrame, new: pd.DataFrame, old_name: str = "v1", new_name: str = "v2"
@@ -1159,6 +1211,8 @@ README_SECTIONS = (
     ("Learning curves", "learning_curves.md", ["learning_curves.png"]),
     ("Hyperparameter search on validation", "hparam_search.md", []),
     ("GL-net with its chosen setting on every seed", "hparam_tuned.md", []),
+    ("Per-label scores beside always answering the commonest value", "per_label.md", []),
+    ("How much of a regression label its top 10 % of LoRAs hold", "label_tail.md", []),
     ("Training on the mean of a label's measurements", "label_averaging.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),

@@ -250,7 +250,9 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
                  search: pd.DataFrame | None = None,
                  counted: Mapping[str, pd.DataFrame] | None = None,
                  averaged: pd.DataFrame | None = None,
-                 tuned: pd.DataFrame | None = None) -> pd.DataFrame:
+                 tuned: pd.DataFrame | None = None,
+                 labels: pd.DataFrame | None = None,
+                 tails: pd.DataFrame | None = None) -> pd.DataFrame:
     """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
     paper, from measurements only:
 
@@ -274,6 +276,12 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     * ``tuned`` (`lol.experiments.chosen_on_seeds` rows: GL-net's chosen setting trained on notebook 02's seeds): the
       row's metric for that setting, mean ± std over seeds on test, and the place it would take among ours (from
       ``ours_test``; the other models keep notebook 02's one setting).
+    * ``labels`` (`lol.experiments.per_label_scores` rows): for a mean per-label accuracy, the label of the row's best
+      model with the least gain over always answering its commonest value, and the mean accuracy over the others:
+      whether one label the weights do not carry holds the mean down.
+    * ``tails`` (`lol.experiments.label_tail` rows): for an R² or normalized MSE, when the label's top share of test
+      LoRAs holds more than half of its test variance (a heavy tail), that share and the share of the row's best
+      model's squared error those LoRAs make.
 
     A row where ours reaches the paper but GL-net places below second among ours (the paper has it in the top two on
     every task) gets GL-net's own search, when there is one, against the row's best model: whether a setting chosen
@@ -335,6 +343,10 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
             parts.append(f"{what}: not the limit" if v >= 0.99 else f"{what} caps R²")
         if r["metric"] in ("r2", "kendall", "mse_norm") and r["ours"] in averaging:
             parts.append(averaging[r["ours"]])
+        if r["metric"] in ("r2", "mse_norm"):
+            parts += _heavy_tail(r, tails)
+        if r["metric"] == "accuracy":
+            parts += _weakest_label(r, labels)
         if r["ours"] in curve:
             parts.append(curve[r["ours"]])
         parts += list(searched.get(r["ours"], {}).values())
@@ -353,6 +365,38 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
         if parts:
             out.at[i, "why"] = "; ".join(parts)
     return out
+
+
+def _heavy_tail(r, tails: pd.DataFrame | None) -> list[str]:
+    """For a `paper_comparison` R² row: when the label's top share of test LoRAs (`lol.experiments.label_tail` rows
+    of the row's best model) holds more than half of the label's test variance, in words; else []."""
+    if tails is None or not len(tails) or not r["ours_best_model"]:
+        return []
+    coll, task = r["ours"].split("/", 1)
+    q = tails[(tails.collection == coll) & (tails.task == task) & (tails.model == r["ours_best_model"])]
+    q = q[q.variance_share > 0.5]
+    return [f"heavy tail: the top {t.top:.0%} of test LoRAs by {t.label} (from {t.threshold:.3f}) hold "
+            f"{t.variance_share:.0%} of its test variance and make {t.error_share:.0%} of {t.model}'s squared error, "
+            f"so R² mostly measures how well those few (~{t.top * t.loras:.0f} per test split) are predicted"
+            for t in q.itertuples()]
+
+
+def _weakest_label(r, labels: pd.DataFrame | None) -> list[str]:
+    """For a `paper_comparison` accuracy row: the label of the row's best model (chosen on validation) with the least
+    gain over always answering its commonest value (`lol.experiments.per_label_scores` rows), in words, with the mean
+    accuracy over the task's other labels; [] without such rows or with one label only."""
+    if labels is None or not len(labels) or not r["ours_best_model"]:
+        return []
+    coll, task = r["ours"].split("/", 1)
+    q = labels[(labels.collection == coll) & (labels.task == task) & (labels.model == r["ours_best_model"])]
+    q = q.dropna(subset=["accuracy", "majority"])
+    if len(q) < 2:
+        return []
+    w = q.loc[q.gain.idxmin()]
+    auc = f", AUC {w.auc:.3f}" if pd.notna(w.auc) else ""
+    return [f"weakest label {w.label} ({w.model}): test accuracy {w.accuracy:.3f} against {w.majority:.3f} for always "
+            f"answering its commonest value{auc}; mean accuracy over its other {len(q) - 1} "
+            f"label{'s' if len(q) > 2 else ''} {q[q.label != w.label].accuracy.mean():.3f}"]
 
 
 def _tuned_place(r, tuned: pd.DataFrame | None) -> list[str]:

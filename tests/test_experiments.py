@@ -100,6 +100,48 @@ def test_summary_and_baseline_verdict():
     assert best.model == "glnet" and best.seed == 1 and "validation r2" in best.selected_by
 
 
+def test_per_label_scores_set_each_label_beside_always_answering_its_commonest_value():
+    """Accuracy and AUC per binary label (means over seeds) beside the majority accuracy of that seed's own split;
+    regression labels and other splits are left out."""
+    runs = pd.DataFrame([{"collection": "c", "task": "t", "model": "m", "seed": s, "split": sp, "label": lab,
+                          "label_kind": kind, "metric": met, "value": v}
+                         for s in (0, 1) for sp in ("test", "val")
+                         for lab, kind, met, v in [("a", "binary", "accuracy", .8 + .1 * s), ("a", "binary", "auc", .9),
+                                                   ("b", "binary", "accuracy", .7), ("b", "binary", "auc", .6),
+                                                   ("r", "regression", "r2", .5)]])
+    ys = {("a", 0): [1, 1, 1, 0], ("a", 1): [0, 0, 0, 0], ("b", 0): [1, 0, 0, 0], ("b", 1): [1, 1, 0, 0],
+          ("r", 0): [2.0], ("r", 1): [3.0]}
+    preds = pd.DataFrame([{"collection": "c", "task": "t", "model": "m", "seed": s, "split": sp, "label": lab, "y": y,
+                           "pred": .5} for (lab, s), v in ys.items() for sp in ("test", "val") for y in v])
+    out = X.per_label_scores(runs, preds).set_index("label")
+    assert list(out.index) == ["a", "b"] and (out.seeds == 2).all()
+    assert out.loc["a", "accuracy"] == pytest.approx(.85) and out.loc["a", "auc"] == pytest.approx(.9)
+    assert out.loc["a", "majority"] == pytest.approx((.75 + 1.0) / 2)          # seed by seed, then the mean
+    assert out.loc["b", "majority"] == pytest.approx((.75 + .5) / 2) and out.loc["b", "positive_share"] == .375
+    assert out.gain.to_list() == pytest.approx([.85 - .875, .7 - .625])
+    assert X.per_label_scores(runs[runs.label_kind == "regression"], preds).empty
+    no_auc = runs.assign(value=runs.value.where(runs.metric != "auc"))    # AUC undefined everywhere (one class only)
+    out = X.per_label_scores(no_auc, preds)
+    assert out.auc.isna().all() and out.accuracy.to_list() == pytest.approx([.85, .7])
+
+
+def test_label_tail_measures_how_much_of_the_variance_and_the_error_a_labels_top_holds():
+    """Ten LoRAs per seed: nine at 0 or 1 and one at 10 (the top 10 %); binary labels are left out."""
+    y = np.array([0, 1] * 4 + [0, 10.0])
+    rows = [{"collection": "c", "task": "t", "model": "m", "seed": s, "split": "test", "label": "r", "y": v,
+             "pred": v + (2.0 if v == 10 else 1.0)} for s in (0, 1) for v in y]
+    rows += [{"collection": "c", "task": "t", "model": "m", "seed": 0, "split": "test", "label": "b", "y": float(v),
+              "pred": .5} for v in (0, 1, 1, 0)]
+    rows += [{"collection": "c", "task": "small", "model": "m", "seed": 0, "split": "test", "label": "r", "y": v,
+              "pred": v + 1} for v in y[:9]]                   # 9 LoRAs: too few for a top 10 %
+    out = X.label_tail(pd.DataFrame(rows)).set_index("label")
+    assert list(out.index) == ["r"] and out.loc["r", "seeds"] == 2 and out.loc["r", "loras"] == 10
+    d2 = (y - y.mean()) ** 2
+    assert out.loc["r", "threshold"] == pytest.approx(np.quantile(y, 0.9))
+    assert out.loc["r", "variance_share"] == pytest.approx(d2[-1] / d2.sum())
+    assert out.loc["r", "error_share"] == pytest.approx(4 / (4 + 9))             # errors 2² for the top, 1² for nine
+
+
 def test_selection_falls_back_to_validation_loss():
     runs = _runs({("mlp", 0, "val"): math.nan, ("glnet", 0, "val"): math.nan, ("mlp", 0, "test"): math.nan,
                   ("glnet", 0, "test"): math.nan}, kind="binary", metric="auc")

@@ -111,6 +111,17 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     pd.testing.assert_frame_equal(tuned.sort_values(key).reset_index(drop=True),
                                   runs.merge(chosen).sort_values(key).reset_index(drop=True)[tuned.columns])
     assert (res / "hparam_tuned.md").is_file()
+    per_label = pd.read_csv(res / "per_label.csv")           # every binary task of notebook 02, every model
+    assert {("faces", "attributes"), ("fashion", "membership"), ("lm", "membership")} <= set(
+        zip(per_label.collection, per_label.task)) and per_label.majority.between(0.5, 1).all()
+    # every (task, model) with a regression label's test predictions on splits of ≥ 10 LoRAs (the CI zoo's are
+    # smaller: then none, and the file still has its columns)
+    tails = pd.read_csv(res / "label_tail.csv")
+    preds = pd.read_parquet(res / "predictions_test.parquet")
+    n = preds[~preds.y.isin([0.0, 1.0])].groupby(["collection", "task", "model", "seed"]).size()
+    big = {k[:3] for k, v in n.items() if v >= 10}
+    assert set(zip(tails.collection, tails.task, tails.model)) == big
+    assert {"variance_share", "error_share", "threshold"} <= set(tails.columns)
     transfer = pd.read_csv(res / "base_transfer_runs.csv")  # both directions, both evaluations, on the ci siblings
     assert set(transfer.train_collection) == {"fashion", "fashion_v1", "lm", "lm_v2"}
     assert set(transfer["eval"]) == {"same base", "sibling base"}

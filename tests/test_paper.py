@@ -214,6 +214,32 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     assert "exact size for 0.784 of test LoRAs (dense; within one 0.945, always-the-commonest 0.316): the weights " \
            "carry the size; the head trained on the size alone falls short of it" in size
     assert "counting" not in with_count.loc[("CelebA-LoRA CLIP score", "r2")].why
+    # per-label scores (lol.experiments.per_label_scores rows): the best model's label with the least gain over always
+    # answering its commonest value, beside the mean over the other labels (dense is the best on validation here)
+    labels = pd.DataFrame([{"collection": "faces", "task": "attributes", "model": m, "label": lab, "seeds": 1,
+                            "accuracy": acc, "auc": auc, "positive_share": .3, "majority": maj, "gain": acc - maj}
+                           for m, lab, acc, auc, maj in [("dense", "male", .95, .98, .60), ("dense", "young", .85, .80, .75),
+                                                          ("glnet", "male", .50, .50, .60), ("glnet", "young", .50, .5, .75)]])
+    weak = P.explain_gaps(t, ceilings, curves, {"faces": 640}, labels=labels).set_index(["paper_task", "metric"])
+    attrs = weak.loc[("CelebA-LoRA 5 attributes: mean per-label accuracy", "accuracy")]
+    assert attrs.ours_best_model == "dense" and attrs.why == (
+        "weakest label young (dense): test accuracy 0.850 against 0.750 for always answering its commonest value, "
+        "AUC 0.800; mean accuracy over its other 1 label 0.950; 640 LoRAs vs the paper's 3,900")
+    assert "weakest" not in weak.loc[("CelebA-LoRA CLIP score", "r2")].why                 # accuracy rows only
+    # a heavy-tailed label (lol.experiments.label_tail rows): cited for the row's best model (glnet on validation R²)
+    # on R² and normalized MSE rows when its top share holds more than half of the variance; a light tail is not cited
+    tails = pd.DataFrame([{"collection": "faces", "task": "clip_score", "model": m, "label": "clip_score", "seeds": 2,
+                           "loras": 300.0, "top": 0.1, "threshold": 2.5, "variance_share": .92, "error_share": e}
+                          for m, e in [("dense", .5), ("glnet", .9), ("mlp", .9)]])
+    heavy = P.explain_gaps(t, ceilings, curves, {"faces": 640}, tails=tails).set_index(["paper_task", "metric"])
+    text = ("heavy tail: the top 10% of test LoRAs by clip_score (from 2.500) hold 92% of its test variance and make "
+            "90% of {}'s squared error, so R² mostly measures how well those few (~30 per test split) are predicted")
+    r2_row, mse_row = (heavy.loc[("CelebA-LoRA CLIP score", m)] for m in ("r2", "mse_norm"))
+    assert r2_row.ours_best_model == "glnet" and text.format("glnet") in r2_row.why
+    assert text.format(mse_row.ours_best_model) in mse_row.why
+    assert "heavy tail" not in heavy.loc[("CelebA-LoRA CLIP score", "kendall")].why       # a rank statistic: no
+    light = P.explain_gaps(t, ceilings, curves, {"faces": 640}, tails=tails.assign(variance_share=.3))
+    assert not light.why.str.contains("heavy tail").any()
     past = t.copy()                                                                      # ours past the paper: none
     past.loc[(past.paper_task == "CelebA-LoRA CLIP score") & (past.metric == "r2"), "ours_glnet"] = 0.95
     past = P.explain_gaps(past, ceilings, curves, {"faces": 640}).set_index(["paper_task", "metric"])
