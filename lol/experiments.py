@@ -506,10 +506,9 @@ def label_tail(predictions: pd.DataFrame, top: float = 0.1, split: str = "test")
         if set(np.unique(y)) <= {0.0, 1.0} or len(y) < math.ceil(1 / top) or not (e.sum() > 0 and y.var() > 0):
             continue                             # a binary label, a split too small for a top share, or nothing to share
         thr = float(np.quantile(y, 1 - top))
-        tail = y >= thr
+        tail, d2 = y >= thr, (y - y.mean()) ** 2
         rows.append({"collection": coll, "task": task, "model": model, "label": label, "seed": seed, "loras": len(y),
-                     "threshold": thr, "variance_share": float(((y - y.mean()) ** 2)[tail].sum()
-                                                               / ((y - y.mean()) ** 2).sum()),
+                     "threshold": thr, "variance_share": float(d2[tail].sum() / d2.sum()),
                      "error_share": float(e[tail].sum() / e.sum())})
     if not rows:
         return pd.DataFrame(columns=cols)

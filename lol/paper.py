@@ -367,13 +367,19 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     return out
 
 
+def _task_rows(table: pd.DataFrame, r, model: str) -> pd.DataFrame:
+    """The rows of ``table`` (any table with collection, task and model columns) for the task of the
+    `paper_comparison` row ``r`` and ``model``."""
+    coll, task = r["ours"].split("/", 1)
+    return table[(table.collection == coll) & (table.task == task) & (table.model == model)]
+
+
 def _heavy_tail(r, tails: pd.DataFrame | None) -> list[str]:
     """For a `paper_comparison` R² row: when the label's top share of test LoRAs (`lol.experiments.label_tail` rows
     of the row's best model) holds more than half of the label's test variance, in words; else []."""
     if tails is None or not len(tails) or not r["ours_best_model"]:
         return []
-    coll, task = r["ours"].split("/", 1)
-    q = tails[(tails.collection == coll) & (tails.task == task) & (tails.model == r["ours_best_model"])]
+    q = _task_rows(tails, r, r["ours_best_model"])
     q = q[q.variance_share > 0.5]
     return [f"heavy tail: the top {t.top:.0%} of test LoRAs by {t.label} (from {t.threshold:.3f}) hold "
             f"{t.variance_share:.0%} of its test variance and make {t.error_share:.0%} of {t.model}'s squared error, "
@@ -387,9 +393,7 @@ def _weakest_label(r, labels: pd.DataFrame | None) -> list[str]:
     accuracy over the task's other labels; [] without such rows or with one label only."""
     if labels is None or not len(labels) or not r["ours_best_model"]:
         return []
-    coll, task = r["ours"].split("/", 1)
-    q = labels[(labels.collection == coll) & (labels.task == task) & (labels.model == r["ours_best_model"])]
-    q = q.dropna(subset=["accuracy", "majority"])
+    q = _task_rows(labels, r, r["ours_best_model"]).dropna(subset=["accuracy", "majority"])
     if len(q) < 2:
         return []
     w = q.loc[q.gain.idxmin()]
@@ -403,11 +407,10 @@ def _tuned_place(r, tuned: pd.DataFrame | None) -> list[str]:
     """For a `paper_comparison` row: GL-net's chosen setting on test over notebook 02's seeds (``tuned`` rows,
     `lol.experiments.chosen_on_seeds`) in the row's metric, and the place it would take among the row's other models
     (``ours_test``), in words; [] without such rows."""
-    if tuned is None or not len(tuned) or not str(r.get("ours_test", "") or ""):
+    if tuned is None or not len(tuned) or not r.get("ours_test"):
         return []
-    coll, task = r["ours"].split("/", 1)
-    q = tuned[(tuned.collection == coll) & (tuned.task == task) & (tuned.model == "glnet") & (tuned.split == "test")
-              & (tuned.metric == r["metric"])]
+    q = _task_rows(tuned, r, "glnet")
+    q = q[(q.split == "test") & (q.metric == r["metric"])]
     per_seed = q.groupby("seed")["value"].mean().dropna()
     if per_seed.empty:
         return []
