@@ -1031,15 +1031,55 @@ def _apply(config, setting: Mapping, seed: int):
     return replace(config, **fields, seed=int(seed), model=model)
 
 
-def _search_unit(path: str, task: str, kind: str, setting: dict, seed: int, config) -> pd.DataFrame:
+def _search_unit(path: str, task: str, kind: str, setting: dict, seed: int, config, runs_dir=None) -> pd.DataFrame:
     from .collection import open_collection
 
     return hparam_search(open_collection(path), task, kind, {k: [v] for k, v in setting.items()}, [seed], config,
-                         log=None)
+                         log=None, runs_dir=runs_dir)
+
+
+def _search_record(coll, task: str, kind: str, config) -> dict:
+    """What makes a search run this very training: the collection's version, the task, the model kind and every
+    `TrainConfig` field (seed and model hyperparameters included; ``progress`` only prints)."""
+    train = {k: v for k, v in json.loads(json.dumps(asdict(config), default=str)).items() if k != "progress"}
+    return {"collection": str(Path(coll.path).name), "fingerprint": coll.fingerprint, "task": task, "model": kind,
+            "train": train}
+
+
+def _search_file(runs_dir, record: dict) -> Path:
+    """``<runs_dir>/<collection>/<task>/<kind>/search/<digest>.parquet``, the digest that of the run's record."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(runs_dir) / record["collection"] / record["task"] / record["model"] / "search" / f"{digest}.parquet"
+
+
+def _search_cached(runs_dir, record: dict) -> pd.DataFrame | None:
+    """The stored rows of a finished search run with exactly this record (checked field by field, not by the digest
+    alone), or None."""
+    if runs_dir is None:
+        return None
+    f = _search_file(runs_dir, record)
+    meta = f.with_suffix(".json")
+    if not (f.is_file() and meta.is_file()) or json.loads(meta.read_text()) != record:
+        return None
+    return pd.read_parquet(f)
+
+
+def _search_store(runs_dir, record: dict, rows: pd.DataFrame) -> None:
+    """Store one finished search run: the rows first, then the record that marks it finished (written last, by
+    rename, so an interrupted run leaves nothing that reads as finished)."""
+    f = _search_file(runs_dir, record)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(f, index=False)
+    tmp = f.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.replace(f.with_suffix(".json"))
 
 
 def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], seeds: Sequence[int] = (0, 1, 2),
-                  config=None, log: Callable[[str], None] | None = print, workers: int = 1) -> pd.DataFrame:
+                  config=None, log: Callable[[str], None] | None = print, workers: int = 1,
+                  runs_dir: str | Path | None = None) -> pd.DataFrame:
     """Train ``kind`` on ``task`` with every setting of the grid ``space`` and every seed, on `run_grid`'s split of
     that seed (same rows, same grouped split), and score it on validation and test.
 
@@ -1047,34 +1087,50 @@ def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], see
     hyperparameter written ``model.<name>`` (e.g. ``model.channels``) to the values to try. Returns tidy rows
     (collection, task, model, setting (JSON), seed, val_loss, split, label, label_kind, metric, value) for ``split``
     in val and test; `best_setting` chooses on validation only. ``workers`` > 1 trains each (setting, seed) in its
-    own process (`in_workers`): the same rows, in the same order."""
+    own process (`in_workers`): the same rows, in the same order. With ``runs_dir`` each finished (setting, seed) run
+    is stored there (its rows, and a record of the collection's version, the task, the model and every training
+    setting) and reused, not trained again, when the same run is asked for: an interrupted search resumes where it
+    stopped, and a grid grown by one value trains only the new settings."""
     from .train import TrainConfig, train
 
     config = config or TrainConfig()
     settings = _settings(space)
     _apply(config, settings[0], 0)                       # a wrong name fails here, before any worker starts
-    if workers > 1 and len(settings) * len(seeds) > 1:
-        calls = [(str(coll.path), task, kind, setting, int(seed), config) for setting in settings for seed in seeds]
+    units = [(setting, int(seed)) for setting in settings for seed in seeds]
+    records = [_search_record(coll, task, kind, _apply(config, setting, seed)) for setting, seed in units]
+    found = [_search_cached(runs_dir, rec) for rec in records]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if log and runs_dir is not None and len(todo) < len(units):
+        log(f"[search] {task} {kind}: {len(units) - len(todo)} of {len(units)} (setting, seed) runs found in {runs_dir}")
+    if workers > 1 and len(todo) > 1:
+        calls = [(str(coll.path), task, kind, units[i][0], units[i][1], config,
+                  None if runs_dir is None else str(runs_dir)) for i in todo]
         if log:
             log(f"[search] {task} {kind}: {len(calls)} (setting, seed) pairs in {min(workers, len(calls))} workers")
-        return pd.concat(in_workers(_search_unit, calls, workers), ignore_index=True)
-    batch, cols, kinds, table = task_data(coll, task, main_rows(coll))
-    rows = []
-    for setting in settings:
+        for i, rows in zip(todo, in_workers(_search_unit, calls, workers)):
+            found[i] = rows
+        return pd.concat(found, ignore_index=True)
+    data = task_data(coll, task, main_rows(coll)) if todo else None
+    for i in todo:
+        setting, seed = units[i]
+        batch, cols, kinds, table = data
         key = json.dumps(setting, sort_keys=True)
-        for seed in seeds:
-            res = train(batch, cols, kind, _apply(config, setting, seed), table=table, kinds=kinds)
-            val_loss = min(h["val_loss"] for h in res.history)
-            for split in ("val", "test"):
-                for label, ms in res.metrics[split].items():
-                    for metric, value in ms.items():
-                        rows.append({"collection": str(Path(coll.path).name), "task": task, "model": kind,
-                                     "setting": key, "seed": int(seed), "val_loss": val_loss, "split": split,
-                                     "label": label, "label_kind": kinds[label], "metric": metric,
-                                     "value": float(value) if value is not None else math.nan})
-            if log:
-                log(f"[search] {task} {kind} {key} seed {seed}: best epoch {res.best_epoch}, {res.seconds:.1f} s")
-    return pd.DataFrame(rows)
+        res = train(batch, cols, kind, _apply(config, setting, seed), table=table, kinds=kinds)
+        val_loss = min(h["val_loss"] for h in res.history)
+        rows = []
+        for split in ("val", "test"):
+            for label, ms in res.metrics[split].items():
+                for metric, value in ms.items():
+                    rows.append({"collection": str(Path(coll.path).name), "task": task, "model": kind,
+                                 "setting": key, "seed": int(seed), "val_loss": val_loss, "split": split,
+                                 "label": label, "label_kind": kinds[label], "metric": metric,
+                                 "value": float(value) if value is not None else math.nan})
+        found[i] = pd.DataFrame(rows)
+        if runs_dir is not None:
+            _search_store(runs_dir, records[i], found[i])
+        if log:
+            log(f"[search] {task} {kind} {key} seed {seed}: best epoch {res.best_epoch}, {res.seconds:.1f} s")
+    return pd.concat(found, ignore_index=True)
 
 
 def best_setting(rows: pd.DataFrame) -> pd.DataFrame:
@@ -1113,11 +1169,12 @@ def best_setting(rows: pd.DataFrame) -> pd.DataFrame:
 
 def chosen_on_seeds(collections: Mapping, search_rows: pd.DataFrame, seeds: Sequence[int], config=None,
                     models: Sequence[str] = ("glnet",), log: Callable[[str], None] | None = print,
-                    workers: int = 1) -> pd.DataFrame:
+                    workers: int = 1, runs_dir: str | Path | None = None) -> pd.DataFrame:
     """`hparam_search` rows of each searched model's chosen setting (`best_setting`: on validation) on every seed of
     ``seeds`` — notebook 02's seeds, so the setting's test score over seeds stands beside the other models' — for the
     models in ``models`` and the collections in ``collections``. Rows the search already has for a seed are reused;
-    the other seeds are trained (`hparam_search` with that one setting: `run_grid`'s split of each seed)."""
+    the other seeds are trained (`hparam_search` with that one setting: `run_grid`'s split of each seed, stored in and
+    reused from ``runs_dir`` when given)."""
     if search_rows is None or not len(search_rows):
         return pd.DataFrame()
     chosen = best_setting(search_rows)
@@ -1132,7 +1189,7 @@ def chosen_on_seeds(collections: Mapping, search_rows: pd.DataFrame, seeds: Sequ
         if rest:
             space = {k: [v] for k, v in json.loads(c.setting).items()}
             parts.append(hparam_search(collections[c.collection], c.task, c.model, space, rest, config, log=log,
-                                       workers=workers))
+                                       workers=workers, runs_dir=runs_dir))
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=search_rows.columns)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -302,6 +303,38 @@ def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid)
         X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
 
 
+def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, monkeypatch):
+    """With ``runs_dir`` every finished (setting, seed) run is stored and reused: a grid grown by one value trains only
+    the new setting, the rows are those of a search without the store, and a run of another training (other epochs,
+    another version of the collection) or an unfinished one (no record) is trained again, never reused."""
+    import lol.train as T
+
+    trained = []
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: trained.append(a[3].lr) or real(*a, **k))
+    store = tmp_path / "runs"
+    first = X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), CFG, log=None, runs_dir=store)
+    assert trained == [CFG.lr]
+    grown = X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr, 3e-2]}, (0,), CFG, log=None, runs_dir=store)
+    assert trained == [CFG.lr, 3e-2]                                # only the new value was trained
+    plain = X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr, 3e-2]}, (0,), CFG, log=None)
+    pd.testing.assert_frame_equal(grown, plain)                     # same rows, same order, same dtypes
+    pd.testing.assert_frame_equal(grown[grown.setting == first.setting.iloc[0]].reset_index(drop=True), first)
+    files = sorted((store / "synth" / "spectrum" / "svals" / "search").glob("*.json"))
+    assert len(files) == 2 and {json.loads(f.read_text())["train"]["lr"] for f in files} == {CFG.lr, 3e-2}
+    n = len(trained)
+    X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), replace(CFG, epochs=CFG.epochs + 1),
+                    log=None, runs_dir=store)
+    assert len(trained) == n + 1                                    # another training: trained, not reused
+    record = next(f for f in files if json.loads(f.read_text())["train"]["lr"] == CFG.lr)
+    record.write_text(record.read_text().replace(coll.fingerprint, "another version"))
+    X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), CFG, log=None, runs_dir=store)
+    assert len(trained) == n + 2                                    # another version of the collection: trained again
+    record.unlink()                                                 # rows without their record: an unfinished run
+    X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), CFG, log=None, runs_dir=store)
+    assert len(trained) == n + 3 and record.is_file()
+
+
 def test_the_chosen_setting_is_trained_on_every_seed_reusing_what_the_search_ran(coll, monkeypatch):
     """`chosen_on_seeds`: the setting chosen on validation (seed 0's search) on seeds 0 and 1 — seed 0's rows are the
     search's own (not retrained), seed 1 is trained by `hparam_search` with that one setting."""
@@ -369,6 +402,13 @@ def test_worker_processes_give_the_same_results(coll, mixed, tmp_path):
         s1 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None)
         s2 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None, workers=2)
         pd.testing.assert_frame_equal(s1, s2)
+        s3 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None, workers=2,
+                             runs_dir=tmp_path / "search")           # the workers store their runs ...
+        pd.testing.assert_frame_equal(s1, s3)
+        assert len(list((tmp_path / "search").rglob("*.json"))) == 4
+        s4 = X.hparam_search(coll, "spectrum", "svals", space, (0, 1), CFG, log=None, workers=2,
+                             runs_dir=tmp_path / "search")           # ... and a rerun reads them back
+        pd.testing.assert_frame_equal(s1, s4)
     finally:
         torch.set_num_threads(n)
 
