@@ -56,11 +56,13 @@ def _spec(name: str = "sd15"):
 
 def _batch(spec, n, rank, seed, device):
     import torch
-    from lol.batch import LoRABatch
+    from lol.batch import LoRABatch, rank_major
     g = torch.Generator().manual_seed(seed)
     U = [torch.randn(n, o, rank, generator=g) * 0.01 for o, _ in spec.shapes]
     V = [torch.randn(n, i, rank, generator=g) / i ** 0.5 for _, i in spec.shapes]
-    return LoRABatch(spec, U, V, torch.full((n, len(spec)), rank, dtype=torch.long)).to(device=device)
+    # in the layout `Collection.batch` gives the models (rank-major, `lol.batch`): what a user's batches look like
+    return LoRABatch(spec, [rank_major(u) for u in U], [rank_major(v) for v in V],
+                     torch.full((n, len(spec)), rank, dtype=torch.long)).to(device=device)
 
 
 def matmul_gflops(device, n=2048, seconds=1.0) -> float:

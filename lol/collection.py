@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .batch import LoRABatch
+from .batch import LoRABatch, empty_factors
 from .errors import CollectionError, SpecMismatchError
 from .labels import LABEL_KINDS
 from .lora import LoRA, LoRAModule, ModuleSpec
@@ -678,11 +678,12 @@ class Collection:
             widths, rows = self._width[idx, ell], self._row[idx, ell]
             if len(buckets) == 1:  # one bucket (padded layout, or one rank): a gather of rows, as one slice
                 U, V = next(iter(buckets.values()))
-                Us.append(U[rows, :, :r].to(device=device, dtype=dtype))
-                Vs.append(V[rows, :, :r].to(device=device, dtype=dtype))
+                # converted into the rank-major layout (`lol.batch`) on the way: one copy, as a plain conversion is
+                Us.append(empty_factors(len(idx), o, r, dtype, device).copy_(U[rows, :, :r]))
+                Vs.append(empty_factors(len(idx), i_, r, dtype, device).copy_(V[rows, :, :r]))
                 continue
-            U_out = torch.zeros(len(idx), o, r, dtype=dtype, device=device)
-            V_out = torch.zeros(len(idx), i_, r, dtype=dtype, device=device)
+            U_out = empty_factors(len(idx), o, r, dtype, device, zero=True)
+            V_out = empty_factors(len(idx), i_, r, dtype, device, zero=True)
             for w in torch.unique(widths).tolist():
                 sel = (widths == w).nonzero().reshape(-1)
                 U, V = buckets[w]

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .batch import LoRABatch
+from .batch import LoRABatch, rank_major
 from .collection import Collection, open_collection
 
 __all__ = ["CollectionStream", "stream_loader", "train_stream", "predict_stream", "StreamTrainResult",
@@ -127,8 +127,8 @@ def _trim(b: LoRABatch) -> LoRABatch:
     if b.uniform_rank is not None:
         return b
     widths = b.ranks.max(dim=0).values.tolist()
-    return LoRABatch(b.spec, [u[..., :w].contiguous() for u, w in zip(b.U, widths)],
-                     [v[..., :w].contiguous() for v, w in zip(b.V, widths)], b.ranks)
+    return LoRABatch(b.spec, [rank_major(u[..., :w]) for u, w in zip(b.U, widths)],
+                     [rank_major(v[..., :w]) for v, w in zip(b.V, widths)], b.ranks)
 
 
 def stream_loader(stream: CollectionStream, num_workers: int = 0, prefetch_factor: int | None = None):

@@ -158,7 +158,7 @@ def random_lora_batch(spec: ModuleSpec, n: int, rank: int = 4, seed: int = 0, dt
     ``probe`` of `lora_labels`, computed in float64 from the factors *as rounded*, so they are exact for what is
     stored (``labels=False`` skips them: the same factors, faster). The batch holds U with the scale folded in
     (`LoRABatch.lora` gives alpha = rank, scale 1)."""
-    from .batch import LoRABatch
+    from .batch import LoRABatch, rank_major
 
     g = torch.Generator().manual_seed(int(seed))
     draw = torch.rand(n, 3, generator=g, dtype=torch.float64)
@@ -190,7 +190,7 @@ def random_lora_batch(spec: ModuleSpec, n: int, rank: int = 4, seed: int = 0, dt
     table = {"log_scale": log_scale.numpy(), "decay": decay.numpy(), "probe_t": probe_t.numpy()}
     if labels:
         table |= {"sv_energy": torch.stack(nuclear, 1).mean(1).numpy(), "probe": torch.stack(probe, 1).mean(1).numpy()}
-    return LoRABatch(spec, Us, Vs, ranks), table
+    return LoRABatch(spec, [rank_major(U) for U in Us], [rank_major(V) for V in Vs], ranks), table
 
 
 def lora_labels(lora: LoRA, spec: ModuleSpec, probes=None) -> dict[str, float]:

@@ -232,6 +232,8 @@ def _same_batch(a: LoRABatch, b: LoRABatch) -> None:
     assert torch.equal(a.ranks, b.ranks)
     for u, v, ur, vr in zip(a.U, a.V, b.U, b.V):
         assert u.dtype == ur.dtype and torch.equal(u, ur) and torch.equal(v, vr)
+        # both in the rank-major layout (`lol.batch`): each LoRA's r columns stored as r contiguous rows
+        assert all(t.mT.is_contiguous() for t in (u, v, ur, vr)), [t.stride() for t in (u, v, ur, vr)]
 
 
 def test_rank_buckets_store_no_padding(tmp_path):

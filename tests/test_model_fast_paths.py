@@ -8,9 +8,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers_models import random_batch
-from lol.batch import LoRABatch
+from lol.batch import LoRABatch, empty_factors, rank_major
 from lol.features import column_basis, keep_components
-from lol.models import build_model
+from lol.models import MODELS, build_model
 from lol.models.colsketch import cholesky_bases
 from lol.synth import tiny_spec
 
@@ -261,6 +261,39 @@ def test_row_parallel_splits_rows_restores_threads_and_keeps_outputs(two_threads
     with torch.no_grad(), pytest.raises(ZeroDivisionError):
         row_parallel(lambda t: 1 / 0, x, min_rows=8)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("kind,mixed", [(k, False) for k in sorted(MODELS)] +   # mixed ranks: the kinds that take them
+                         [(k, True) for k in sorted(MODELS) if MODELS[k].rank_agnostic])
+def test_every_model_gives_the_same_output_in_either_factor_layout(kind, mixed):
+    """Batches come rank-major (`lol.batch`); a batch built by hand in torch's default layout must give the same
+    predictions and embeddings (the layout is a speed choice only), in either training or inference mode."""
+    b = random_batch(6, rank=3, seed=23, mixed=mixed)
+    assert all(u.mT.is_contiguous() and not u.is_contiguous() for u in b.U)
+    plain = b.with_factors([u.contiguous() for u in b.U], [v.contiguous() for v in b.V])
+    assert all(u.is_contiguous() for u in plain.U + plain.V)
+    m = make(kind, b) if kind in ("glnet", "colsketch") else _fitted(kind, b)
+    with torch.no_grad():
+        torch.testing.assert_close(m(plain), m(b), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(m.embed(plain), m.embed(b), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(m(plain), m(b), atol=1e-12, rtol=1e-10)          # autograd paths
+
+
+def _fitted(kind, batch):
+    torch.manual_seed(0)
+    m = build_model(kind, batch.spec, 3, width=16)
+    with torch.no_grad():
+        m.fit(batch)
+    return m.to(batch.dtype).eval()
+
+
+def test_factor_layout_helpers():
+    x = torch.arange(24.0).view(2, 3, 4)                # (B, d, r) in the default layout
+    y = rank_major(x)
+    assert torch.equal(y, x) and y.mT.is_contiguous() and not y.is_contiguous()
+    assert rank_major(y) is y                           # already rank-major: no copy
+    e = empty_factors(5, 7, 2, zero=True)
+    assert e.shape == (5, 7, 2) and e.mT.is_contiguous() and float(e.abs().sum()) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["glnet", "colsketch"])

@@ -30,6 +30,7 @@ def test_stream_in_order_equals_batches(coll):
         assert torch.equal(b.ranks, ref.ranks)
         for u, ru, v, rv in zip(b.U, ref.U, b.V, ref.V):  # trimmed to the minibatch's own widths: identical
             assert torch.equal(u, ru) and torch.equal(v, rv)
+            assert u.mT.is_contiguous() and v.mT.is_contiguous()     # and in the same (rank-major) layout
         seen += idx.tolist()
     assert seen == list(range(len(coll))) and len(s) == sum(1 for _ in s)
     coll.release()  # maps afresh: the same values

@@ -36,9 +36,9 @@ collections (a few hundred LoRAs per task) depth 1 generalizes better: results/g
 Internal layout and cost: U-side activations are one contiguous tensor (L, B, r, h) holding each (Φ U)ᵀ (all modules
 zero-padded to the batch's largest rank; zero columns stay zero through every layer and add nothing to P), and so
 are the V-side ones. Transposed factors make every layer a large matmul on views: the first layer — the only
-O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — multiplies each module's factors, read in place as the transposed
-operand of a batched GEMM ((r, n) @ (n, h) per LoRA), by a contiguous copy of its weights, writing straight into the
-module's slot (for training, one batched matmul per group of equal-dimension modules); it reads every factor once
+O((n+m)r) step, 2·h·Σ(n+m)·r FLOP per LoRA — multiplies each module's factors, read in place (batches are rank-major,
+`lol.batch`: the transposed factors of the whole batch are one (B·r, n) matrix, so one GEMM per module), by a
+contiguous copy of its weights, writing straight into the module's slot (for training, one batched matmul per group of equal-dimension modules); it reads every factor once
 (Σ(n+m)·r·4 bytes per LoRA, 1.6 MB on SD-1.x q/v at rank 4), so on a CPU memory bandwidth bounds it as much as the
 FLOP do (``python -m bench models`` states both ceilings); hidden layers are one (L, B·r, h) @ (L, h, h) product;
 the gate is r multiply-add passes. The flat head never materializes the (B, L·h²) products: `InvariantHead.linear` applies the MLP's first Linear module by module
@@ -110,16 +110,18 @@ class GLInput(nn.Module):
     def _side(self, Xs, groups, weights, r, side: str):
         """(L, B, r, h), each module's slot the product (B·r, d) @ (d, h) of its transposed factors and weights.
 
-        Without autograd (inference), one batched GEMM per module writes straight into its slot (``out=``), reading
-        the module's (B, d, r) factors in place as the transposed left operand (no copy of the factors) against a
-        contiguous (d, h) copy of its weights (`derived`). With autograd (``out=`` is not differentiable), each group
-        of equal-dimension modules is one batched matmul (G, B·r, d) @ (G, d, h). Same products."""
+        Without autograd (inference), one GEMM per module writes straight into its slot (``out=``), reading the
+        module's factors in place against a contiguous (d, h) copy of its weights (`derived`): in the rank-major
+        layout batches come in (`lol.batch`) the transposed factors are one (B·r, d) matrix, so this is a single
+        (B·r, d) @ (d, h) GEMM; in the default layout, a batched GEMM over the LoRAs ((r, d) @ (d, h) each, ~1.3×
+        slower on a CPU at r = 4, no copy either). With autograd (``out=`` is not differentiable), each group of
+        equal-dimension modules is one batched matmul (G, B·r, d) @ (G, d, h). Same products."""
         B = Xs[0].shape[0]
         H = Xs[0].new_empty(self.L, B * r, self.h)
         if not (torch.is_grad_enabled() and any(W.requires_grad for W in weights)):
             # the weights as contiguous (G, d, h) copies, made once per weight version: BLAS then reads each module's
-            # factors as a transposed operand in place (a batched GEMM over the LoRAs, (r, d) @ (d, h) each), ~1.7×
-            # faster on a CPU than copying the factors to (B·r, d) first; both operands transposed would be slower
+            # factors in place (one GEMM when rank-major; in the default layout a batched GEMM over the LoRAs, still
+            # ~1.7× faster on a CPU than copying the factors to (B·r, d) first); both operands transposed is slower
             Wc = derived(self, f"{side}|{H.dtype}", weights, lambda: [W.to(H.dtype).mT.contiguous() for W in weights])
             for (_, idx), W in zip(groups, Wc):
                 for k, ell in enumerate(idx):
