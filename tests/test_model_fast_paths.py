@@ -196,20 +196,26 @@ def test_colsketch_training_gradients_flow_through_the_plain_path():
 @pytest.mark.parametrize("kind,hp", [("glnet", {}), ("glnet", {"head_channels": 3}), ("glnet", {"depth": 2}),
                                      ("glnet", {"depth": 2, "scale_features": None}),
                                      ("glnet", {"depth": 3, "pool": "mean"}), ("colsketch", {})])
-def test_flops_per_lora_counts_every_matmul_of_the_forward_pass(kind, hp):
+@pytest.mark.parametrize("layout", ["dim_major", "rank_major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flops_per_lora_counts_every_matmul_of_the_forward_pass(kind, hp, layout, dtype):
     spec = tiny_spec()
     g = torch.Generator().manual_seed(21)
     B, r = 5, 4
+    lay = rank_major if layout == "rank_major" else (lambda X: X.contiguous())
 
     def batch():
-        return LoRABatch(spec, [torch.randn(B, o, r, generator=g) for o, _ in spec.shapes],
-                         [torch.randn(B, i, r, generator=g) for _, i in spec.shapes], torch.full((B, len(spec)), r))
+        return LoRABatch(spec, [lay(torch.randn(B, o, r, generator=g, dtype=dtype)) for o, _ in spec.shapes],
+                         [lay(torch.randn(B, i, r, generator=g, dtype=dtype)) for _, i in spec.shapes],
+                         torch.full((B, len(spec)), r))
 
-    m = make(kind, batch(), **hp)
+    m = make(kind, batch(), **hp).to(dtype)
     x = batch()
+    assert all(U.mT.is_contiguous() == (layout == "rank_major") for U in x.U + x.V)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         m(x)
-    f = m.flops_per_lora(r, batch=B) if kind == "colsketch" else m.flops_per_lora(r)
+    f = (m.flops_per_lora(r, batch=B, dtype=dtype, rank_major=layout == "rank_major") if kind == "colsketch"
+         else m.flops_per_lora(r))
     assert math.isclose(fc.get_total_flops() / B, f["matmul"], rel_tol=1e-9), (fc.get_total_flops() / B, f)
     assert f["total"] == f["matmul"] + f["elementwise"]
     if kind == "glnet":

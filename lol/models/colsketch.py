@@ -20,7 +20,8 @@ GEMM per module and applies L⁻¹ to the small (r × s) result, never forming Q
 the transposed bases Qᵀ (k × n per module), which `sketch` multiplies by Φ. Without autograd the LayerNorm and the
 first Linear run module by module on the s(s+1)/2 triangle of each G (`_norm_linear`), and on a CPU with several
 threads each thread takes a slice of the batch (`lol.models.parallel`). `ColumnSketch.flops_per_lora` counts the
-whole pass (~54 MFLOP per LoRA on SD-1.x q/v at s = width = 64, rank 4; GL-net: ~91 at h = width = 64).
+whole pass (~52 MFLOP per LoRA on rank-major SD-1.x q/v batches at s = width = 64, rank 4, float32; GL-net: ~91 at
+h = width = 64).
 """
 from __future__ import annotations
 
@@ -44,15 +45,27 @@ def _gram64(Xt: torch.Tensor) -> torch.Tensor:
 
 
 def _gram(V: torch.Tensor, c: int = 4) -> torch.Tensor:
-    """(B, r, r) Gram matrix VᵀV of V (B, m, r) in V's dtype, read in place: V seen as (B, m/c, c·r) gives one
-    (c·r)² Gram matrix per LoRA whose c diagonal r×r blocks sum to VᵀV — a better shape for the batched GEMM than
-    ``V.mT @ V`` (M = N = r, transposed), about twice as fast on a CPU for r = 4, c = 4 (any m not divisible by c:
-    ``V.mT @ V``)."""
+    """(B, r, r) Gram matrix VᵀV of V (B, m, r) in V's dtype, read in place. Rank-major V (`lol.batch`: Vᵀ
+    contiguous, what collections give) is one plain batched GEMM ``Vᵀ @ V``. A dim-major V (contiguous (B, m, r)) is
+    seen as (B, m/c, c·r), which gives one (c·r)² Gram matrix per LoRA whose c diagonal r×r blocks sum to VᵀV — c×
+    the FLOP but a better shape for the batched GEMM than the transposed ``V.mT @ V`` (M = N = r), about twice as fast
+    on a CPU for r = 4, c = 4 (any m not divisible by c: ``V.mT @ V``). In the rank-major layout that reshaping loses:
+    the plain GEMM is ~1.8× faster than it at c = 4 (SD-1.x dims, B = 128, one thread). `_gram_flops` counts both."""
     B, m, r = V.shape
-    if m % c or not V.is_contiguous():
+    if not _blocked(V, c):
         return torch.bmm(V.mT, V)
     W = V.view(B, m // c, c * r)
     return torch.bmm(W.mT, W).view(B, c, r, c, r).diagonal(dim1=1, dim2=3).sum(-1)
+
+
+def _blocked(V: torch.Tensor, c: int = 4) -> bool:
+    """Whether `_gram` takes the blocked (c·r)² route for V: dim-major and m divisible by c."""
+    return V.shape[1] % c == 0 and V.is_contiguous()
+
+
+def _gram_flops(d: int, r: int, blocked: bool, c: int = 4) -> int:
+    """FLOP of `_gram` on one (d, r) factor: 2·d·r², c× that on the blocked route."""
+    return 2 * d * r * r * (c if blocked and d % c == 0 else 1)
 
 
 def cholesky_bases(GUs: list[torch.Tensor], GVs: list[torch.Tensor], dims: list[tuple[int, int]], k: int,
@@ -330,17 +343,21 @@ class ColumnSketch(LoLModel):
         self.check_dtype(batch)
         return row_parallel(lambda b: self.head(self._embed(self.sketch_factors(b))), batch)
 
-    def flops_per_lora(self, rank: int, batch: int = 64, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    def flops_per_lora(self, rank: int, batch: int = 64, dtype: torch.dtype = torch.float32,
+                       rank_major: bool = True) -> dict[str, float]:
         """FLOP of the inference forward pass (`forward`: the Cholesky-QR route) for one LoRA of rank ``rank`` ≤ k in
         a batch of ``batch``, layer by layer, from the config: 2 per multiply-add of every matmul (what
         `torch.utils.flop_counter.FlopCounterMode` counts — ``matmul``; checked in the tests), plus approximate
         elementwise work (``elementwise``: r×r factorizations, LayerNorm statistics and scaling, ReLU). The streamed
         first Linear has two extra rows per batch (Wγ and Wβ), amortized over ``batch``. Factors of another dtype
-        than float64 take Cholesky QR2 (`_factors`): ``second_pass`` counts its L₁⁻¹Uᵀ, Q̃ᵀQ̃ and L₁L₂."""
+        than float64 take Cholesky QR2 (`_factors`): ``second_pass`` counts its L₁⁻¹Uᵀ, Q̃ᵀQ̃ and L₁L₂. ``rank_major``:
+        the factors' layout (`lol.batch`; collections give rank-major batches), which sets `_gram`'s route (float64
+        factors: UᵀU always from a dim-major float64 copy)."""
         L, s, r, w = len(self.spec), self.channels, int(rank), self.width
         T = s * (s + 1) // 2
         sum_n = sum(o for o, _ in self.spec.shapes)
-        gram = sum(2 * d * r * r * (4 if d % 4 == 0 else 1) for shape in self.spec.shapes for d in shape)  # `_gram`
+        blocked_u = dtype == torch.float64 or not rank_major                                  # `_factors`
+        gram = sum(_gram_flops(n, r, blocked_u) + _gram_flops(m, r, not rank_major) for n, m in self.spec.shapes)
         mm = {"gram": gram,
               "sketch": 2 * s * sum_n * r,
               "check": L * 2 * 2 * r ** 3,                          # Lᵀ (VᵀV) L
