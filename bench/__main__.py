@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown bench(es) {unknown}; available: {', '.join(names)}", file=sys.stderr)
         return 2
+    from lol.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as every `lol` command: freed tensors reused (`lol.allocator`); subprocesses inherit it
     for name in wanted:
         print(f"\n=== bench {name} ===", flush=True)
         t0 = time.perf_counter()

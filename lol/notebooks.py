@@ -49,6 +49,9 @@ def run_notebooks(out_dir, params: dict, names: list[str] | None = None, log=pri
     returns {notebook name: executed copy}."""
     import papermill as pm
 
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # the kernels (and their workers) start with it: freed tensors reused (`lol.allocator`)
     kernel = register_kernel()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,10 @@ def _warm_when_up(poll: float = 0.25) -> None:
                                                                   RuntimeState.ONE_OR_MORE_SESSIONS_CONNECTED)):
         time.sleep(poll)
     sys.path.insert(0, str(REPO))
+    from lol.allocator import keep_freed_memory
     from lol.app import warmup
+
+    keep_freed_memory()  # before the app computes anything: freed tensors reused (`lol.allocator`)
 
     warmup.start()
 

@@ -8,6 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lol.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the `lol` commands do (`lol.allocator`); the test subprocesses inherit it
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..allocator import keep_freed_memory
     from ..errors import LoLError, one_line
 
+    keep_freed_memory()  # freed tensors reused, not faulted in again (`lol.allocator`); workers inherit it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
