@@ -76,7 +76,9 @@ def test_generate_page(env):
     assert len(caps) == 3 and caps[0].startswith("base · CLIP ") and caps[1].startswith("LoRA · CLIP ")
     assert caps[2].startswith("mean |Δ|")
     m = {x.label: x.value for x in at.metric}
-    assert m["Measured clip_score"] != "n/a" and "Predicted clip_score" in m
+    assert m["Measured clip_score"] != "n/a" and m["Predicted clip_score"] == "n/a"  # no checkpoints in this root …
+    assert next(x.help for x in at.metric if x.label == "Predicted clip_score") == (
+        "No trained checkpoint that fits this collection predicts clip_score.")   # … and the page says so
     assert "vs base" in next(x.delta for x in at.metric if x.label == "CLIP score of these images")
     assert any("**The comparison:**" in c.value for c in at.caption)
     assert any("Done in" in p.proto.text for p in at.get("progress"))
@@ -116,3 +118,33 @@ def test_a_lora_measured_again_shows_every_measurement_and_their_spread():
     assert text.startswith("**Measured 3 times**") and "50 (build), 51 (seed 2042), 52 (seed 3042)" in text
     assert "std 1 between them" in text and "the clip_score label is the build's measurement" in text
     assert "the clip_score label is their mean" in measurements_caption(m, "clip_score", True)
+
+
+def test_a_view_of_one_label_uses_the_sidebars_model_or_else_the_shipped_one_for_that_label():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from lol.app.generation import prediction_help
+    from lol.app.sidebar import AppContext
+    from lol.catalog import CheckpointInfo
+    from lol.lora import ModuleSpec
+
+    spec = ModuleSpec(("m.q",), ((8, 8),))
+    other = ModuleSpec(("m.k",), ((8, 8),))
+    attrs = CheckpointInfo("/c/attrs", "faces/attributes", "dense", ("male", "young"), spec, shipped_for=("male",))
+    clip = CheckpointInfo("/c/clip", "faces/clip_score", "glnet", ("clip_score",), spec, shipped_for=("clip_score",))
+    svals = CheckpointInfo("/c/svals", "faces/svals", "svals", ("clip_score", "male"), spec)
+    elsewhere = CheckpointInfo("/c/x", "other/clip", "glnet", ("clip_score",), other, shipped_for=("clip_score",))
+    coll = SimpleNamespace(table=pd.DataFrame(columns=["id", "clip_score", "male", "young"]), spec=spec)
+    ctx = AppContext(collection=coll, model=attrs, models=[elsewhere, svals, attrs, clip])
+    assert ctx.model_for("male") is attrs                   # the sidebar's model predicts it
+    assert ctx.model_for("clip_score") is clip              # it does not: the fitting one shipped for clip_score
+    assert "shipped model for clip_score" in prediction_help(ctx, clip, "clip_score", ", without generating anything")
+    assert prediction_help(ctx, attrs, "male", "").startswith("By the sidebar's LoL model, faces/attributes")
+    ctx = AppContext(collection=coll, model=attrs, models=[elsewhere, svals, attrs])
+    assert ctx.model_for("clip_score") is svals             # none shipped for it here: the first fitting one
+    ctx = AppContext(collection=coll, model=attrs, models=[elsewhere, attrs])
+    assert ctx.model_for("clip_score") is None              # only a model of other modules predicts it
+    assert prediction_help(ctx, None, "clip_score", "") == ("No trained checkpoint that fits this collection "
+                                                           "predicts clip_score.")

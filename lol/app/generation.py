@@ -12,14 +12,16 @@ from .. import showcase
 from ..labels import label_columns
 from ..showcase import SHOW_PX, Generation
 
-__all__ = ["images_view", "answers_view", "show_comparison", "show_grid", "measurements_caption"]
+__all__ = ["images_view", "answers_view", "show_comparison", "show_grid", "measurements_caption", "prediction_help"]
 
 
-def _predicted_and_measured(ctx, coll, df, lab: str, lora_id: str, cols, help_pred: str, base_dir=None) -> None:
-    """Two metrics: the sidebar model's prediction of ``lab`` from the weights alone, and the measured value with
-    its distance to the prediction — or, for a base folder that records its own value (`showcase.base_value`), to
-    the base model's."""
-    p = ctx.predictions()
+def _predicted_and_measured(ctx, coll, df, lab: str, lora_id: str, cols, without: str, base_dir=None) -> None:
+    """Two metrics: a LoL model's prediction of ``lab`` from the weights alone (`AppContext.model_for`: the
+    sidebar's, or the shipped model for ``lab`` when the sidebar's predicts other labels), and the measured value
+    with its distance to the prediction — or, for a base folder that records its own value
+    (`showcase.base_value`), to the base model's. ``without``: what the prediction does without (", without …")."""
+    model = ctx.model_for(lab)
+    p = ctx.predictions(model) if model is not None else None
     pv = p.value(lab, lora_id) if p is not None else None
     pv = float(pv) if pv is not None else None
     measured = df.loc[df["id"].astype(str) == lora_id, lab]
@@ -29,7 +31,8 @@ def _predicted_and_measured(ctx, coll, df, lab: str, lora_id: str, cols, help_pr
         delta = f"prediction off by {number(pv - mv, 2)}" if pv is not None and mv is not None else None
     else:
         delta = f"{number(mv - base, 2)} vs base ({number(base, 3)})" if base is not None and mv is not None else None
-    cols[0].metric(f"Predicted {lab}", number(pv, 3) if pv is not None else "n/a", help=help_pred)
+    cols[0].metric(f"Predicted {lab}", number(pv, 3) if pv is not None else "n/a", help=prediction_help(ctx, model, lab,
+                                                                                                     without))
     cols[1].metric(f"Measured {lab}", number(mv, 3) if mv is not None else "n/a", delta=delta,
                    delta_color="off" if base_dir is None else "normal",
                    help=showcase.label_protocol(coll, lab, lora_id).capitalize() + ".")
@@ -43,6 +46,15 @@ def _predicted_and_measured(ctx, coll, df, lab: str, lora_id: str, cols, help_pr
             again = None
         if again is not None:
             st.caption(measurements_caption(again, lab, bool((coll.labels.get(lab) or {}).get("measurements"))))
+
+
+def prediction_help(ctx, model, lab: str, without: str) -> str:
+    """Which model a predicted ``lab`` comes from, in words: the sidebar's, or the shipped one for ``lab`` and why."""
+    if model is None:
+        return f"No trained checkpoint that fits this collection predicts {lab}."
+    whose = ("the sidebar's LoL model" if model is ctx.model else
+             f"the shipped model for {lab} (the sidebar's model does not predict {lab})")
+    return f"By {whose}, {model.title}, from the LoRA's weights alone{without}."
 
 
 def measurements_caption(m, lab: str, label_is_mean: bool) -> str:
@@ -66,9 +78,7 @@ def show_comparison(ctx, coll, df, res: Generation) -> None:
     lab = showcase.clip_label(coll)
     c = st.columns(3)
     if lab is not None:
-        _predicted_and_measured(ctx, coll, df, lab, res.lora_id, c, f"By the sidebar's LoL model ("
-                                f"{ctx.model.title if ctx.model else 'none'}) from the LoRA's weights alone, without "
-                                f"generating anything.")
+        _predicted_and_measured(ctx, coll, df, lab, res.lora_id, c, ", without generating anything")
     if res.clip_base is not None:
         b, lo = float(np.mean(res.clip_base)), float(np.mean(res.clip_lora))
         c[2 if lab else 0].metric("CLIP score of these images", f"{number(lo, 3)} LoRA",
@@ -87,19 +97,19 @@ def show_comparison(ctx, coll, df, res: Generation) -> None:
 
 
 def show_grid(res: Generation) -> None:
-    """One row per prompt × seed (`Generation.grid`): [finetuning image] | base | LoRA | difference, all at
-    `SHOW_PX`; and the PNG of the grid."""
+    """The PNG of the grid and the settings, then one row per prompt × seed (`Generation.grid`): [finetuning image] |
+    base | LoRA | difference, each at `SHOW_PX` or its column's width where that is narrower (a 1280-px projector
+    gives the four columns ~180 px), so no image runs into its neighbour."""
     rows, settings = res.grid(), f"{res.steps} steps · guidance {res.guidance} · strength {res.strength}"
+    c = st.columns([1, 3], vertical_alignment="center")
+    c[0].download_button("PNG of the grid", showcase.grid_png(rows, title=f"{res.lora_id} · {settings}"),
+                         file_name=f"{res.lora_id}-base-vs-lora.png", mime="image/png", key="gen_png",
+                         icon=":material/download:")
+    c[1].caption(f"{settings} · {res.seconds:.1f} s")
     for k, cells in enumerate(rows):
         st.markdown(f"**{res.captions[k]}**" + ("" if len(rows) > 1 else " · " + " · ".join(res.heads)))
-        cols = st.columns(len(res.heads) + 1)
-        for col, (img, cap) in zip(cols, cells):
-            col.image(showcase.sharp(img), caption=cap, width=SHOW_PX)
-        if k == 0:
-            cols[-1].download_button("PNG of the grid", showcase.grid_png(rows, title=f"{res.lora_id} · {settings}"),
-                                     file_name=f"{res.lora_id}-base-vs-lora.png", mime="image/png", key="gen_png",
-                                     icon=":material/download:")
-            cols[-1].caption(f"{settings} · {res.seconds:.1f} s")
+        for col, (img, cap) in zip(st.columns(len(res.heads)), cells):
+            col.image(showcase.sharp(img), caption=cap, width="content")   # SHOW_PX, never wider than the column
 
 
 def images_view(ctx, coll, df, lora_id: str, lora_index: int, sd_dir, prompt_col, controls_col) -> None:
@@ -186,8 +196,7 @@ def answers_view(ctx, coll, df, lora_id: str, lora_index: int, lm_dir, sources_c
     answers, c = done[1], st.columns(3)
     lab = "challenge_accuracy" if "challenge_accuracy" in df.columns else None
     if lab is not None:
-        _predicted_and_measured(ctx, coll, df, lab, lora_id, c, "By the sidebar's LoL model from the LoRA's weights "
-                                "alone, without running the LM.", base_dir=lm_dir)
+        _predicted_and_measured(ctx, coll, df, lab, lora_id, c, ", without running the LM", base_dir=lm_dir)
     right_b, right_l = showcase.right_counts(answers)
     c[2 if lab else 0].metric("Right on these questions", f"{right_l}/{len(answers)} LoRA",
                               delta=f"{right_l - right_b} vs base ({right_b}/{len(answers)})",

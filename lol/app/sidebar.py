@@ -66,6 +66,15 @@ class AppContext:
         return [m for m in self.models if self.ok and m.fits(self.collection.spec)
                 and (not m.labels or set(m.labels) & cols or self.kind in ("upload", "server"))]
 
+    def model_for(self, label: str) -> CheckpointInfo | None:
+        """The model a view of one label uses: the sidebar's when it predicts ``label``, else the fitting checkpoint
+        the index ships for it, else the first fitting one that predicts it; None when none does."""
+        fitting = self.fitting()
+        if self.model is not None and label in self.model.labels and self.model in fitting:
+            return self.model
+        have = [m for m in fitting if label in m.labels]
+        return next((m for m in have if label in m.shipped_for), have[0] if have else None)
+
     def predictions(self, model: CheckpointInfo | None = None):
         """`lol.predict.CollectionPredictions` of ``model`` (default: the sidebar's) for the collection, cached; None
         without a fitting model. A library error goes to the page's error boundary."""
