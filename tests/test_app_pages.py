@@ -244,6 +244,19 @@ def test_membership_without_model_shows_truth(env):
     assert any("No trained LoL model predicts" in i.value for i in at.info)
 
 
+def test_membership_on_a_collection_without_it_offers_the_shipped_ones_that_have_it(env):
+    at = run_app("app_pages/membership.py")                   # the sidebar opens on faces: no membership labels
+    assert_clean(at)
+    assert any("has no membership labels" in i.value for i in at.info)
+    button = next(b for b in at.button if b.label.startswith("Open the lm collection"))
+    assert button.label == "Open the lm collection (membership: 5 labels)"   # faces itself is not offered
+    assert not any(b.label.startswith("Open the faces") for b in at.button)
+    button.click().run()
+    assert_clean(at)
+    assert widget(at, "selectbox", "Collection").value == "lm (shipped)"   # the sidebar follows …
+    assert any("No trained LoL model predicts" in i.value for i in at.info)  # … and the page shows lm's membership
+
+
 def test_language_models_page_finds_lm_collection(env):
     at = run_app("app_pages/language_models.py")  # sidebar on faces: the page opens the shipped lm collection itself
     assert_clean(at)

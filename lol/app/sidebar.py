@@ -24,7 +24,7 @@ from ..errors import LoLError, one_line
 from ..paths import data_root, shipped_collections
 from .. import uploads
 
-__all__ = ["AppContext", "render", "context", "collection_caption", "max_upload_mb"]
+__all__ = ["AppContext", "render", "context", "collection_caption", "max_upload_mb", "open_shipped_button"]
 
 _SERVER = "A folder or packed collection on the server…"
 _UPLOAD = "Uploaded LoRA files…"
@@ -144,6 +144,16 @@ def render() -> AppContext:
     _to_url(ctx)
     st.session_state[_CTX] = ctx
     return ctx
+
+
+def open_shipped_button(name: str, why: str = "", where=None) -> None:
+    """A button that makes the shipped collection ``name`` the sidebar's choice: its callback sets the sidebar's
+    selectbox before the rerun it triggers (a widget's value cannot change after it is drawn in a run)."""
+    def choose():
+        st.session_state["collection_choice"] = f"{name} (shipped)"
+
+    (where or st).button(f"Open the {name} collection" + (f" ({why})" if why else ""), key=f"open_shipped_{name}",
+                         on_click=choose, icon=":material/swap_horiz:")
 
 
 def context() -> AppContext:
