@@ -172,7 +172,8 @@ def test_refusals_name_the_problem(packed, tmp_path):
     assert json.loads(json.dumps(label_protocol(open_collection(dest))))["images"] >= 1
 
 
-def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capsys):
+def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capfd):
+    """(capfd: the per-seed workers print to the inherited file descriptors)"""
     from lol.cli import main
 
     dest, _, _ = packed
@@ -180,15 +181,30 @@ def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capsys):
     assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "5042", "--limit", "2",
                  "--main-rows"]) == 0                              # one rank: every LoRA is a main row
     path = measurement_path(dest, "clip_score", 5042)
-    assert f"wrote {path}" in capsys.readouterr().out and len(pd.read_parquet(path)) == 2
+    assert f"wrote {path}" in capfd.readouterr().out and len(pd.read_parquet(path)) == 2
     path.unlink()
     assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "42"]) != 0
-    assert "seed 42 is the build's own" in capsys.readouterr().err
+    assert "seed 42 is the build's own" in capfd.readouterr().err
     assert main(["zoo", "measure", "--out", str(out), "--collection", "faces"]) != 0
-    assert "give --seed S" in capsys.readouterr().err
+    assert "give --seed S" in capfd.readouterr().err
     assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--label", "class_gain", "--seed",
                  "5042"]) != 0
-    assert "'class_gain' is measured for collections built by" in capsys.readouterr().err
+    assert "'class_gain' is measured for collections built by" in capfd.readouterr().err
+    # several seeds in one command: one worker process each, the same values as measuring each seed here
+    assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "6042", "7042", "--limit",
+                 "1"]) == 0
+    printed = capfd.readouterr().out
+    for s in (6042, 7042):
+        path = measurement_path(dest, "clip_score", s)
+        assert f"wrote {path}" in printed and f"{path.name}: 1/3 LoRAs" in printed
+        side_by_side = pd.read_parquet(path)
+        path.unlink()
+        here = pd.read_parquet(measure(dest, s, limit=1))
+        assert list(side_by_side["id"]) == list(here["id"]) and np.allclose(side_by_side["value"], here["value"])
+        path.unlink()
+    assert main(["zoo", "measure", "--out", str(out), "--collection", "faces", "--seed", "6042", "42"]) != 0
+    assert "seed 42 is the build's own" in capfd.readouterr().err    # refused before either seed measures
+    assert not measurement_path(dest, "clip_score", 6042).exists()
 
 
 def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_path):

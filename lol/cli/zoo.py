@@ -63,7 +63,9 @@ def register(sub) -> None:
     ms.add_argument("--out", default="data", help="data folder (collections/ under it)")
     ms.add_argument("--collection", default="faces")
     ms.add_argument("--label", default="clip_score", choices=("clip_score", "identity_gain", "class_gain"))
-    ms.add_argument("--seed", type=int, default=None, help="noise seed (not the build's own, 42)")
+    ms.add_argument("--seed", type=int, nargs="+", default=None,
+                    help="noise seed(s), not the build's own (42); several seeds are measured side by side, one "
+                         "worker process (one torch thread) per seed")
     ms.add_argument("--apply", action="store_true",
                     help="measure nothing: make the label the mean of all its measurements (every LoRA must have "
                          "every one); then rerun `lol zoo precompute` and the notebooks")
@@ -73,7 +75,8 @@ def register(sub) -> None:
                          "run without it measures the rest")
     ms.add_argument("--chunk", type=int, default=8, help="LoRAs per batched pass")
     ms.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; run two seeds side by side)")
+    ms.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads of a single seed's run (default 1: on a CPU, give several seeds instead)")
     ms.set_defaults(func=cmd_measure)
 
 
@@ -91,13 +94,28 @@ def cmd_measure(args) -> int:
         print(f"{folder}: {args.label} is now the mean of {rel['k']} measurements of {rel['n']} LoRAs; reliability "
               f"{rel['r_mean']:.3f} (one measurement {rel['r_single']:.3f})")
         return 0
-    if args.seed is None:
+    if not args.seed:
         raise LoLError("lol zoo measure: give --seed S (a noise seed other than the build's) or --apply")
-    torch.set_num_threads(max(1, args.threads))
-    path = measure(folder, args.seed, args.label, limit=args.limit, chunk=args.chunk, device=args.device,
-                   main_rows=args.main_rows, progress=lambda t: print(t, flush=True))
-    print(f"wrote {path}")
+    seeds = list(dict.fromkeys(args.seed))
+    for s in seeds:                    # every seed's refusal (the build's seed, a file of other LoRAs) before any work
+        measure(folder, s, args.label, limit=0, main_rows=args.main_rows)
+    calls = [(str(folder), s, args.label, args.limit, args.chunk, args.device, args.main_rows) for s in seeds]
+    if len(seeds) == 1:
+        torch.set_num_threads(max(1, args.threads))
+    from ..experiments import in_workers
+
+    for path in in_workers(measure_seed, calls, workers=len(seeds)):   # one process per seed, one thread each
+        print(f"wrote {path}")
     return 0
+
+
+def measure_seed(folder: str, seed: int, label: str, limit, chunk: int, device, main_rows: bool):
+    """`lol.zoo.measure.measure` of one seed, printing its progress (a worker of ``lol zoo measure --seed S1 S2 …``:
+    its lines name the seed's file)."""
+    from ..zoo.measure import measure
+
+    return measure(folder, seed, label, limit=limit, chunk=chunk, device=device, main_rows=main_rows,
+                   progress=lambda t: print(t, flush=True))
 
 
 def cmd_build(args) -> int:
