@@ -57,3 +57,23 @@ def test_the_users_own_setting_and_the_opt_out_win():
     off = _probe("keep", LOL_MALLOC="system")
     assert off["applied"] == {} and all(v is None for v in off["env"].values())
     assert off["faults"] > 20 * 16384 * 0.9
+
+
+def test_bench_allocator_reports_the_ratio_of_medians_and_whether_the_numbers_agree():
+    from argparse import Namespace
+
+    from bench.bench_allocator import report
+
+    def row(mode, user, sys_, values):
+        return {"workload": "measure", "mode": mode, "wall_s": user + sys_, "user_s": user, "sys_s": sys_,
+                "minor_faults": 1000 if mode == "defaults" else 10, "peak_mb": 800.0, "values": values}
+
+    a = Namespace(loras=8, epochs=3, repeats=3)
+    rows = [row("defaults", 40, 14, [1.5]), row("kept", 45, 0.3, [1.5]), row("defaults", 44, 14, [1.5]),
+            row("kept", 44, 0.3, [1.5]), row("defaults", 50, 15, [1.5]), row("kept", 46, 0.4, [1.5])]
+    text = report(rows, a)
+    assert "| measure | defaults | 3 | 58.0 | 14.0 | 1,000 |" in text       # medians: 54, 58, 65 → 58
+    assert "| measure | kept | 3 | 45.3 | 0.3 | 10 |" in text                # 45.3, 44.3, 46.4 → 45.3
+    assert f"**{58.0 / 45.3:.2f}×**" in text and "the same numbers under both settings: yes" in text
+    rows[-1]["values"] = [1.6]
+    assert "the same numbers under both settings: NO" in report(rows, a)
