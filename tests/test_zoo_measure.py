@@ -239,6 +239,17 @@ def test_apply_makes_the_label_the_mean_of_complete_measurements(packed, tmp_pat
 
     assert ("Left before `--apply` can average them: 1 LoRAs (seed 7), about 1.0 CPU-hours at the measured cost"
             in "\n".join(_measurement_lines(open_collection(dest))))
+    # the cost is the latest rows' (older ones may predate a speed-up): 300 slow rows, then RECENT fast ones
+    from lol.zoo import measure as measure_module
+
+    n_old, fast = 300, measure_module.RECENT
+    costs = pd.DataFrame({"id": [f"x{i}" for i in range(n_old + fast)], "value": 1.0,
+                          "seconds": [10.0] * n_old + [5.0] * fast, "cpu_seconds": [10.0] * n_old + [5.0] * fast})
+    _write(measurement_path(dest, "clip_score", 7), pd.concat([pd.DataFrame({"id": ids[:2], "value": [10.0, 20.0],
+                                                                             "seconds": 10.0, "cpu_seconds": 10.0}),
+                                                               costs]), {**meta, "seed": 7})
+    _, sources = measurements(open_collection(dest))
+    assert sources[1]["cpu_seconds"] == 5.0 and sources[1]["seconds"] == 5.0
     _write(measurement_path(dest, "clip_score", 7), pd.DataFrame({"id": ids, "value": [10.0, 20.0, 30.0],
                                                                   "seconds": [1.0] * 3}), {**meta, "seed": 7})
     _write(measurement_path(dest, "clip_score", 9), pd.DataFrame({"id": ids[::-1], "value": [3.0, 2.0, 1.0],

@@ -49,6 +49,8 @@ def _seed_column(label: str, seed: int) -> str:
     return f"{label}_seed{int(seed)}"
 
 
+RECENT = 200  # a measurement file's latest rows, whose median cost `measurements` reports
+
 def measurement_path(collection_dir, label: str, seed: int) -> Path:
     return Path(collection_dir) / MEASUREMENTS_DIR / f"{label}-seed{int(seed)}.parquet"
 
@@ -316,9 +318,12 @@ def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[di
         v = ids.map(dict(zip(df["id"].astype(str), df["value"].astype(float)))).to_numpy(float)
         name = f"seed {meta['seed']}"
         cols[name] = v
-        cpu = df["cpu_seconds"] if "cpu_seconds" in df.columns else pd.Series(dtype=float)
+        # the cost as the code runs now: the median of the latest RECENT rows (a file grows in measuring order, and its
+        # older rows may predate a speed-up, e.g. `lol.allocator`)
+        recent = df.tail(RECENT)
+        cpu = recent["cpu_seconds"] if "cpu_seconds" in df.columns else pd.Series(dtype=float)
         sources.append({"column": name, "seed": meta["seed"], "n": int(np.isfinite(v).sum()),
-                        "seconds": float(df["seconds"].median()) if len(df) else None,
+                        "seconds": float(recent["seconds"].median()) if len(df) else None,
                         "cpu_seconds": float(cpu.median()) if cpu.notna().any() else None})
     return pd.DataFrame(cols), sources
 
