@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
+import threading
 import time
 import types
 from dataclasses import asdict, dataclass, field, replace
@@ -247,8 +249,20 @@ def finished_run(runs_dir, coll, task: str, where: Mapping, kind: str, config, i
     return FinishedRun(rdir, rec, stored)
 
 
-def _one_thread() -> None:
+def _worker_start(parent: int, poll: float = 1.0) -> None:
+    """Initializer of every `in_workers` process: one torch thread, and a daemon thread that ends this worker when
+    its parent is gone. A parent killed by a signal (``pkill``, ``kill -9``, a closed terminal) runs no clean-up, so
+    without this its workers would keep computing, and a rerun's workers would write the same files beside them. The
+    worker sees its parent die as a change of ``os.getppid()`` (it is re-parented), checked every ``poll`` seconds:
+    portable, and it does not depend on which parent thread spawned it (Linux's ``PR_SET_PDEATHSIG`` does)."""
     torch.set_num_threads(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(3)                          # files are written atomically (`lol.paths`), so nothing is left half
+
+    threading.Thread(target=watch, name="lol-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -277,7 +291,7 @@ def in_workers(fn: Callable, calls: Sequence[tuple], workers: int = 1) -> list:
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(min(int(workers), len(calls)), mp_context=mp.get_context("spawn"),
-                             initializer=_one_thread) as ex:
+                             initializer=_worker_start, initargs=(os.getpid(),)) as ex:
         with _plain_main():                  # workers are spawned as the calls are submitted
             futures = [ex.submit(fn, *a) for a in calls]
         return [f.result() for f in futures]

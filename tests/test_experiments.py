@@ -1,9 +1,14 @@
 """The experiment runner (`lol.experiments`) and figure functions (`lol.figures`) on tiny synthetic collections."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -369,6 +374,53 @@ def test_workers_never_run_the_callers_main_script(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "__main__", fake)
     assert X.in_workers(math.pow, [(2, 3), (3, 2), (2, 0.5)], workers=2) == [8.0, 9.0, math.pow(2, 0.5)]
     assert __import__("sys").modules["__main__"] is fake          # the caller's __main__ is back
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """A parent killed by a signal runs no clean-up (``pkill`` on ``lol zoo measure`` or the notebook runner): its
+    spawned workers must not live on computing, or a rerun's workers write the same files beside them. Here a parent
+    with two sleeping workers is killed with SIGKILL; both workers must be gone within seconds."""
+    import signal
+    import subprocess
+
+    script = tmp_path / "parent.py"
+    script.write_text("import time\nfrom lol.experiments import in_workers\n"
+                      "in_workers(time.sleep, [(120,), (120,)], workers=2)\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+
+    def workers() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                stat = (d / "stat").read_text()
+                cmd = (d / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent.pid and b"spawn_main" in cmd:
+                found.append(int(d.name))
+        return found
+
+    found: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while len(found := workers()) < 2 and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+        assert len(found) == 2, f"the parent started {len(found)} workers, not 2"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 20
+        alive = found
+        while alive and time.time() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in found if Path(f"/proc/{p}").exists() and
+                     Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived their killed parent"
+    finally:
+        parent.kill()
+        for p in found:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_worker_processes_give_the_same_results(coll, mixed, tmp_path):

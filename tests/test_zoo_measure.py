@@ -172,6 +172,27 @@ def test_refusals_name_the_problem(packed, tmp_path):
     assert json.loads(json.dumps(label_protocol(open_collection(dest))))["images"] >= 1
 
 
+def test_a_second_run_of_one_seed_is_refused_while_the_first_measures(packed, capfd):
+    """Two runs of one seed would append the same LoRAs to one file side by side (it happened when a killed run's
+    workers lived on): while one run holds the file's lock, another is refused by name and changes nothing; once the
+    lock is released the same command measures."""
+    from lol.cli import main
+    from lol.paths import exclusive_lock
+
+    dest, _, _ = packed
+    path = measurement_path(dest, "clip_score", 8042)
+    with exclusive_lock(path, "measuring"):                      # the first run, holding the file
+        with pytest.raises(BlockingIOError, match="another process is measuring it now") as e:
+            measure(dest, 8042, limit=1)
+        assert e.value.filename == str(path) and not path.exists()
+        assert main(["zoo", "measure", "--out", str(dest.parent.parent), "--collection", "faces", "--seed", "8042",
+                     "--limit", "1"]) != 0
+        err = capfd.readouterr().err
+        assert "another process is measuring it now" in err and path.name in err and not path.exists()
+    assert len(pd.read_parquet(measure(dest, 8042, limit=1))) == 1    # the lock ended with its holder
+    path.unlink()
+
+
 def test_the_cli_measures_and_refuses_with_a_clear_error(packed, capfd):
     """(capfd: the per-seed workers print to the inherited file descriptors)"""
     from lol.cli import main

@@ -15,8 +15,8 @@ compare the LoRA's generations with its finetuning images, which the build's job
 provenance) name and each row's recorded identity, instance prompt and image count confirm. Results go to
 ``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, wall and CPU seconds; the
 protocol, seed and the factors' content hash in the file's metadata), rewritten atomically after every chunk of
-LoRAs: an interrupted run keeps what it measured and a rerun measures only the rest. Two processes measuring two
-seeds use two cores; on a GPU (``device="cuda"``) take larger chunks.
+LoRAs: an interrupted run keeps what it measured and a rerun measures only the rest; while a run holds a file's lock
+(`lol.paths.exclusive_lock`) a second run of the same seed is refused. Two processes measuring two seeds use two cores; on a GPU (``device="cuda"``) take larger chunks.
 
 `measurements` gathers a label's measurements (the build's column and every complete file of the same protocol and
 factors) and `measured_reliability` gives the reliability of their mean (`repeated_reliability`); ``lol zoo report``
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CollectionError, LoLError
-from ..paths import atomic_file
+from ..paths import atomic_file, exclusive_lock
 
 __all__ = ["MEASUREMENTS_DIR", "measurement_path", "measurement_chunks", "MEASURED", "label_protocol", "measure",
            "measurements", "centred_on_build", "lora_measurements", "measured_reliability", "apply_measurements"]
@@ -228,12 +228,9 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
     (`lol.experiments.main_rows`: the collection's most common rank), so the training rows are measured every time
     first; a later run without it measures the rest. ``chunk``: LoRAs per batched pass (one rank each).
     ``bases``: {"sd", "clip"} folders (default: the collection's own, from its provenance). Returns the measurement
-    file."""
-    import torch
-
+    file. Two runs of one seed cannot write its file side by side: the second is refused at once (`BlockingIOError`
+    naming the file) while the first holds the file's lock."""
     from ..collection import open_collection
-    from .clipscore import CLIPScorer
-    from .image_recipes import ImageLoRATrainer, load_adapters
 
     coll = open_collection(collection_dir)
     protocol = label_protocol(coll, label)
@@ -246,6 +243,20 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
     meta = {**want, "seed": int(seed), "bases": (_provenance(coll).get("inputs") or {}).get("bases"),
             "written_by": "lol.zoo.measure.measure (lol zoo measure)"}
     path = measurement_path(coll.path, label, seed)
+    with exclusive_lock(path, "measuring"):       # a second run of the same seed would append the same rows beside it
+        _measure_locked(coll, path, label, seed, want, meta, protocol, bases, limit, chunk, device, main_rows,
+                        progress)
+    return path
+
+
+def _measure_locked(coll, path: Path, label: str, seed: int, want: dict, meta: dict, protocol: dict, bases, limit,
+                    chunk: int, device, main_rows: bool, progress) -> None:
+    """`measure`'s work, while it holds the measurement file's lock: resume from the file, measure, append, write."""
+    import torch
+
+    from .clipscore import CLIPScorer
+    from .image_recipes import ImageLoRATrainer, load_adapters
+
     done = pd.DataFrame({"id": pd.Series(dtype=str), "value": pd.Series(dtype=float),
                          "seconds": pd.Series(dtype=float)})
     if path.is_file():
@@ -264,7 +275,7 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
     if not todo:
         say(f"{path}: every main-row LoRA measured ({len(seen)} of {len(coll)} LoRAs)"
             if main_rows and len(seen) < len(coll) else f"{path}: all {len(coll)} LoRAs measured")
-        return path
+        return
     jobs = _build_jobs(coll) if label != "clip_score" else None
     if jobs is not None:
         _job_of(coll, jobs, todo[0])                            # a mismatch fails before the bases load
@@ -289,7 +300,6 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
         _write(path, done, meta)
         say(f"{path.name}: {len(done)}/{len(coll)} LoRAs ({sec:.1f} s wall, {cpu:.1f} CPU-s per LoRA, chunk "
             f"{c + 1}/{len(chunks)})")
-    return path
 
 
 def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[dict[str, Any]]]:
