@@ -16,7 +16,8 @@ provenance) name and each row's recorded identity, instance prompt and image cou
 ``<collection>/measurements/<label>-seed<S>.parquet`` (one row per LoRA: id, value, wall and CPU seconds; the
 protocol, seed and the factors' content hash in the file's metadata), rewritten atomically after every chunk of
 LoRAs: an interrupted run keeps what it measured and a rerun measures only the rest; while a run holds a file's lock
-(`lol.paths.exclusive_lock`) a second run of the same seed is refused. Two processes measuring two seeds use two cores; on a GPU (``device="cuda"``) take larger chunks.
+(`lol.paths.exclusive_lock`) a second run of the same seed is refused. Two processes measuring two seeds use two
+cores; on a GPU (``device="cuda"``) take larger chunks.
 
 `measurements` gathers a label's measurements (the build's column and every complete file of the same protocol and
 factors) and `measured_reliability` gives the reliability of their mean (`repeated_reliability`); ``lol zoo report``
@@ -230,7 +231,11 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
     ``bases``: {"sd", "clip"} folders (default: the collection's own, from its provenance). Returns the measurement
     file. Two runs of one seed cannot write its file side by side: the second is refused at once (`BlockingIOError`
     naming the file) while the first holds the file's lock."""
+    import torch
+
     from ..collection import open_collection
+    from .clipscore import CLIPScorer
+    from .image_recipes import ImageLoRATrainer, load_adapters
 
     coll = open_collection(collection_dir)
     protocol = label_protocol(coll, label)
@@ -244,62 +249,50 @@ def measure(collection_dir, seed: int, label: str = "clip_score", *, bases: dict
             "written_by": "lol.zoo.measure.measure (lol zoo measure)"}
     path = measurement_path(coll.path, label, seed)
     with exclusive_lock(path, "measuring"):       # a second run of the same seed would append the same rows beside it
-        _measure_locked(coll, path, label, seed, want, meta, protocol, bases, limit, chunk, device, main_rows,
-                        progress)
+        done = pd.DataFrame({"id": pd.Series(dtype=str), "value": pd.Series(dtype=float),
+                             "seconds": pd.Series(dtype=float)})
+        if path.is_file():
+            done, old = _read(path)
+            _check_identity(path, old, {**want, "seed": int(seed)}, coll)
+        seen = set(done["id"].astype(str))
+        todo = [i for i, x in enumerate(coll.table["id"].astype(str)) if x not in seen]
+        if main_rows:
+            from ..experiments import main_row_indices
+
+            main = set(main_row_indices(coll).tolist())
+            todo = [i for i in todo if i in main]
+        if limit is not None:
+            todo = todo[:max(0, int(limit))]
+        say = progress or (lambda _t: None)
+        if not todo:
+            say(f"{path}: every main-row LoRA measured ({len(seen)} of {len(coll)} LoRAs)"
+                if main_rows and len(seen) < len(coll) else f"{path}: all {len(coll)} LoRAs measured")
+            return path
+        jobs = _build_jobs(coll) if label != "clip_score" else None
+        if jobs is not None:
+            _job_of(coll, jobs, todo[0])                            # a mismatch fails before the bases load
+        b = _bases(coll, bases)
+        trainer = ImageLoRATrainer(b["sd"], device)
+        scorer = CLIPScorer(b["clip"], device=trainer.device)
+        ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
+        chunks = measurement_chunks([int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0])
+                                     for i in todo], todo, chunk)
+        for c, idx in enumerate(chunks):
+            t0, c0 = time.time(), time.process_time()
+            ml = load_adapters(trainer.unet, [coll.lora(i) for i in idx])
+            try:
+                with torch.no_grad():
+                    values = _measure_chunk(label, trainer, scorer, ml, coll, idx, protocol, int(seed), jobs)
+            finally:
+                ml.remove()
+            sec, cpu = (time.time() - t0) / len(idx), (time.process_time() - c0) / len(idx)
+            new = pd.DataFrame({"id": [str(coll.table["id"].iloc[i]) for i in idx], "value": values,
+                                "seconds": [round(sec, 3)] * len(idx), "cpu_seconds": [round(cpu, 3)] * len(idx)})
+            done = pd.concat([done, new], ignore_index=True)
+            _write(path, done, meta)
+            say(f"{path.name}: {len(done)}/{len(coll)} LoRAs ({sec:.1f} s wall, {cpu:.1f} CPU-s per LoRA, chunk "
+                f"{c + 1}/{len(chunks)})")
     return path
-
-
-def _measure_locked(coll, path: Path, label: str, seed: int, want: dict, meta: dict, protocol: dict, bases, limit,
-                    chunk: int, device, main_rows: bool, progress) -> None:
-    """`measure`'s work, while it holds the measurement file's lock: resume from the file, measure, append, write."""
-    import torch
-
-    from .clipscore import CLIPScorer
-    from .image_recipes import ImageLoRATrainer, load_adapters
-
-    done = pd.DataFrame({"id": pd.Series(dtype=str), "value": pd.Series(dtype=float),
-                         "seconds": pd.Series(dtype=float)})
-    if path.is_file():
-        done, old = _read(path)
-        _check_identity(path, old, {**want, "seed": int(seed)}, coll)
-    seen = set(done["id"].astype(str))
-    todo = [i for i, x in enumerate(coll.table["id"].astype(str)) if x not in seen]
-    if main_rows:
-        from ..experiments import main_row_indices
-
-        main = set(main_row_indices(coll).tolist())
-        todo = [i for i in todo if i in main]
-    if limit is not None:
-        todo = todo[:max(0, int(limit))]
-    say = progress or (lambda _t: None)
-    if not todo:
-        say(f"{path}: every main-row LoRA measured ({len(seen)} of {len(coll)} LoRAs)"
-            if main_rows and len(seen) < len(coll) else f"{path}: all {len(coll)} LoRAs measured")
-        return
-    jobs = _build_jobs(coll) if label != "clip_score" else None
-    if jobs is not None:
-        _job_of(coll, jobs, todo[0])                            # a mismatch fails before the bases load
-    b = _bases(coll, bases)
-    trainer = ImageLoRATrainer(b["sd"], device)
-    scorer = CLIPScorer(b["clip"], device=trainer.device)
-    ranks = coll.table["rank"].to_numpy() if "rank" in coll.table.columns else None
-    chunks = measurement_chunks([int(ranks[i]) if ranks is not None else int(coll.lora(i).ranks[0]) for i in todo],
-                                todo, chunk)
-    for c, idx in enumerate(chunks):
-        t0, c0 = time.time(), time.process_time()
-        ml = load_adapters(trainer.unet, [coll.lora(i) for i in idx])
-        try:
-            with torch.no_grad():
-                values = _measure_chunk(label, trainer, scorer, ml, coll, idx, protocol, int(seed), jobs)
-        finally:
-            ml.remove()
-        sec, cpu = (time.time() - t0) / len(idx), (time.process_time() - c0) / len(idx)
-        new = pd.DataFrame({"id": [str(coll.table["id"].iloc[i]) for i in idx], "value": values,
-                            "seconds": [round(sec, 3)] * len(idx), "cpu_seconds": [round(cpu, 3)] * len(idx)})
-        done = pd.concat([done, new], ignore_index=True)
-        _write(path, done, meta)
-        say(f"{path.name}: {len(done)}/{len(coll)} LoRAs ({sec:.1f} s wall, {cpu:.1f} CPU-s per LoRA, chunk "
-            f"{c + 1}/{len(chunks)})")
 
 
 def measurements(coll, label: str = "clip_score") -> tuple[pd.DataFrame, list[dict[str, Any]]]:
