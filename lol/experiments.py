@@ -1284,6 +1284,8 @@ README_SECTIONS = (
     ("Per-label scores beside always answering the commonest value", "per_label.md", []),
     ("How much of a regression label its top 10 % of LoRAs hold", "label_tail.md", []),
     ("Training on the mean of a label's measurements", "label_averaging.md", []),
+    ("Ensembles of GL-invariant models", "ensembles.md", []),
+    ("Dataset size counted from the membership ensemble", "ensemble_size.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from .ensemble import count_present, count_scores
 
 __all__ = ["scatter_pred_actual", "roc_curves", "membership_table", "size_from_membership", "rank_generalization_plot", "base_transfer_plot",
            "learning_curve_plot", "speed_plot",
@@ -106,23 +107,18 @@ def size_from_membership(pred: pd.DataFrame, models: Sequence[str], split: str =
                          seeds: Mapping[str, int] | None = None, threshold: float = 0.5) -> pd.DataFrame:
     """The dataset size (how many of a task's labels are present: the paper's Table 4 task on Imagenette-LoRA) read
     off a membership model: per model (one seed each, ``seeds[model]``, default the smallest), how often the number of
-    labels it predicts present (score > ``threshold``) is the true number (``accuracy``), within one of it
-    (``within_one``), and the accuracy of always answering the most common true number (``majority_baseline``). A
-    diagnostic beside a model trained on the size directly: it uses every membership label in training."""
+    labels it predicts present (score ≥ ``threshold``) is the true number (``accuracy``), within one of it
+    (``within_one``), and the accuracy of always answering the most common true number (``majority_baseline``):
+    `lol.ensemble.count_scores`. A diagnostic beside a model trained on the size directly: it uses every membership
+    label in training."""
     rows = []
     for model in models:
         q = _one_run(pred[pred.split == split], model, seeds)
         if q.empty:
             continue
-        per = q.assign(hat=(q.pred > threshold).astype(int)).groupby("id").agg(n=("y", "sum"), n_hat=("hat", "sum"),
-                                                                                   labels=("y", "size"))
-        if per.labels.nunique() != 1:
-            raise ValueError(f"size_from_membership: model {model!r} has predictions for {sorted(per.labels.unique())} "
-                             f"labels per LoRA; a dataset size needs every label of every LoRA")
-        n = per.n.round().astype(int)
-        rows.append({"model": model, "seed": int(q.seed.iloc[0]), "loras": len(per),
-                     "accuracy": float((n == per.n_hat).mean()), "within_one": float(((n - per.n_hat).abs() <= 1).mean()),
-                     "majority_baseline": float(n.value_counts(normalize=True).iloc[0])})
+        s = count_scores(count_present(q, threshold)).iloc[0]
+        rows.append({"model": model, "seed": int(q.seed.iloc[0]), "loras": int(s.loras), "accuracy": s.accuracy,
+                     "within_one": s.within_one, "majority_baseline": s.majority_baseline})
     return pd.DataFrame(rows)
 
 

@@ -536,7 +536,7 @@ def test_figures(grid, tmp_path):
     flipped[0, 1] = 1
     off = F.size_from_membership(rows(flipped.astype(float)), ["m"]).iloc[0]
     assert (off.accuracy, off.within_one) == (0.75, 1.0)
-    with pytest.raises(ValueError, match="every label of every LoRA"):
+    with pytest.raises(LoLError, match="every label of every LoRA"):
         F.size_from_membership(rows(y.astype(float)).iloc[1:], ["m"])
     assert F.save(F.roc_curves(q, ["mlp", "glnet"]), tmp_path, "roc")[0].is_file()
     assert F.save(F.results_bar(X.summarize(grid.runs)), tmp_path, "bar")[0].is_file()

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -102,6 +103,17 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     assert list(search[own].setting) == ['{"model.channels": 32, "width": 64}'] * 2
     assert list(search[faces].setting) == ['{"lr": 0.0003, "weight_decay": 0.0001}']
     assert "## Hyperparameter search on validation" in (res / "README.md").read_text()
+    # notebook 09's ensembles: every notebook-02 task with per-LoRA scores, members among the smoke kinds (GL-invariant)
+    ens = pd.read_csv(res / "ensembles.csv")
+    assert set(zip(ens.collection, ens.task)) == want - {("fashion", "dataset_size")}
+    members = {m for s in ens.members for m in s.split(" + ")}
+    assert members <= {"dense", "svals", "colspace"} and ens.best_single.isin(["dense", "svals", "colspace"]).all()
+    binary = ens[ens.task.isin(["attributes", "membership"])]
+    assert set(binary.metric) == {"auc", "accuracy"} and set(ens[~ens.index.isin(binary.index)].metric) == {"r2"}
+    np.testing.assert_allclose(ens.ensemble - ens.single, ens.gain, atol=1e-9)
+    size = pd.read_csv(res / "ensemble_size.csv")               # fashion's size counted from its membership ensemble
+    assert list(zip(size.collection, size.task)) == [("fashion", "dataset_size")]
+    assert size.accuracy.between(0, 1).all() and (size.within_one >= size.accuracy).all()
     # GL-net's chosen setting on notebook 02's seeds (smoke: seed 0 only, the search's own rows, reused as they are)
     runs, tuned = pd.read_csv(res / "hparam_search_runs.csv"), pd.read_csv(res / "hparam_tuned_runs.csv")
     chosen = search[search.chosen & (search.model == "glnet")][["collection", "task", "model", "setting"]]

@@ -1,0 +1,210 @@
+"""Ensembles of trained LoL models: the mean of several models' predictions on the same LoRAs, members chosen on
+validation.
+
+An ensemble of GL(r)-invariant models is GL(r)-invariant: each member's output is unchanged by the GL action
+(U, V) ↦ (U R, V R⁻ᵀ), so their mean is too. Choose members among `lol.experiments.gl_invariant` kinds to keep that.
+
+Works on the tidy predictions of `lol.experiments.run_grid` (``Grid.predictions``: one row per collection, task,
+model, seed, LoRA ``id``, ``split``, label, true ``y`` and ``pred``: the label's value for a regression label, the
+probability for a binary one). A grid's seed fixes the split, so the models of one seed saw the same training LoRAs and
+are averaged seed by seed.
+
+* `average`: the members' mean prediction per (seed, LoRA, label); a member named twice counts twice (a weight).
+* `select_members`: greedy forward selection with replacement (Caruana et al., ICML 2004): start from the best single
+  model on validation, add whichever candidate most raises the validation score of the average, stop when none does.
+  The score is a task's primary metric (`lol.experiments.PRIMARY_METRIC`), averaged over its labels, then over seeds.
+* `ensemble_runs`: metric rows of the ensemble in `run_grid`'s format (model ``"ensemble"``), every seed and split,
+  so `lol.experiments.summarize` scores it beside the single models.
+* `ensemble_table`: per task, the members chosen on validation, and on test the ensemble beside the best single model
+  (also chosen on validation).
+* `count_present`: the number of a LoRA's binary labels predicted present (probability ≥ 0.5): for a membership task,
+  the size of the finetuning set counted class by class (the paper's Table 4 quantity, read off membership outputs).
+
+Only validation scores choose anything; test scores are reported, never used to select.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .errors import LoLError
+
+__all__ = ["ENSEMBLE", "average", "task_score", "select_members", "ensemble_runs", "ensemble_table", "count_present", "count_scores"]
+
+ENSEMBLE = "ensemble"   # the model name of an ensemble's rows
+_PRIMARY = {"regression": "r2", "binary": "auc"}
+_KEYS = ["collection", "task", "seed", "split", "id", "label"]
+
+
+def _task(pred: pd.DataFrame) -> pd.DataFrame:
+    """``pred`` must hold one collection and task (an ensemble averages models of one task)."""
+    tasks = pred[["collection", "task"]].drop_duplicates()
+    if len(tasks) != 1:
+        raise LoLError(f"ensemble: predictions of one task expected, got {len(tasks)}: "
+                       f"{[f'{c}/{t}' for c, t in tasks.itertuples(index=False)]}")
+    return pred
+
+
+def average(pred: pd.DataFrame, members: Sequence[str]) -> pd.DataFrame:
+    """Mean ``pred`` over ``members`` (model kinds; repeats weigh more) per (seed, split, LoRA, label), on the seeds
+    where every member has predictions. Columns: `_KEYS`, ``y``, ``pred``."""
+    if not len(members):
+        raise LoLError("ensemble: no members to average")
+    p = _task(pred)
+    missing = sorted(set(members) - set(p.model))
+    if missing:
+        raise LoLError(f"ensemble: no predictions of model(s) {missing} (models: {sorted(p.model.unique())})")
+    seeds = set.intersection(*(set(p.seed[p.model == m]) for m in set(members)))
+    if not seeds:
+        raise LoLError(f"ensemble: models {sorted(set(members))} share no seed")
+    p = p[p.seed.isin(seeds)]
+    weight = pd.Series(members).value_counts()
+    parts = []
+    for m, w in weight.items():
+        q = p[p.model == m].set_index(_KEYS)
+        if q.index.duplicated().any():
+            raise LoLError(f"ensemble: model {m!r} has more than one prediction per seed, LoRA and label")
+        parts.append((q[["y", "pred"]], float(w)))
+    index = parts[0][0].index
+    for q, _ in parts[1:]:
+        if len(q) != len(index) or not q.index.isin(index).all():
+            raise LoLError("ensemble: the members' predictions cover different LoRAs or splits; train them with the "
+                           "same seeds on the same collection (`run_grid`)")
+    total = sum(w for _, w in parts)
+    mean = sum(q["pred"].reindex(index) * w for q, w in parts) / total
+    return pd.DataFrame({"y": parts[0][0]["y"], "pred": mean}).reset_index()
+
+
+def _kind(label: str, y, kinds: Mapping[str, str] | None) -> str:
+    """The label's kind: from ``kinds`` ({label: "regression" | "binary"}, e.g. a grid's ``label_kind`` column), else
+    read off its values (0/1 only: binary)."""
+    if kinds and label in kinds:
+        return kinds[label]
+    y = np.asarray(y, dtype=float)
+    y = y[np.isfinite(y)]
+    return "binary" if len(y) and set(np.unique(y)) <= {0.0, 1.0} else "regression"
+
+
+def task_score(avg: pd.DataFrame, split: str = "val", metric: str | None = None,
+               kinds: Mapping[str, str] | None = None) -> pd.Series:
+    """Per seed, the task's score on ``split``: ``metric`` (default the primary metric of its labels' kind: R² for
+    regression, AUC for binary; ``kinds`` as in `_kind`) of each label, averaged over labels (undefined values
+    skipped)."""
+    q = avg[avg.split == split]
+    if q.empty:
+        raise LoLError(f"ensemble: no predictions on the {split!r} split")
+    out = {}
+    for seed, g in q.groupby("seed"):
+        vals = []
+        for label, h in g.groupby("label"):
+            y, p = h.y.to_numpy(float), h.pred.to_numpy(float)
+            kind = _kind(label, y, kinds)
+            name = metric or _PRIMARY[kind]
+            ms = M.regression_metrics(y, p) if kind == "regression" else M.binary_metrics(y, p)
+            if name not in ms:
+                raise LoLError(f"ensemble: metric {name!r} is not one of a {kind} label's ({sorted(ms)})")
+            vals.append(ms[name])
+        out[seed] = float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan
+    return pd.Series(out, name=metric or "score").rename_axis("seed")
+
+
+def select_members(pred: pd.DataFrame, candidates: Sequence[str], metric: str | None = None,
+                   max_members: int = 8, kinds: Mapping[str, str] | None = None) -> list[str]:
+    """Greedy forward selection with replacement on the validation split (module docstring): the members, in the
+    order they were added (a kind may appear more than once). ``metric`` must be one where higher is better."""
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise LoLError("ensemble: no candidate models")
+
+    def val(members):
+        return float(task_score(average(pred, members), "val", metric, kinds).mean())
+
+    scores = {c: val([c]) for c in candidates}
+    members = [max(scores, key=scores.get)]
+    best = scores[members[0]]
+    while len(members) < max_members:
+        trial = {c: val(members + [c]) for c in candidates}
+        c = max(trial, key=trial.get)
+        if not trial[c] > best:
+            break
+        members, best = members + [c], trial[c]
+    return members
+
+
+def ensemble_runs(pred: pd.DataFrame, members: Sequence[str], name: str = ENSEMBLE,
+                  kinds: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Metric rows of the ensemble of ``members`` for every seed, split and label, in `run_grid`'s ``runs`` format
+    (``model`` = ``name``, ``gl_invariant`` as given by its members; ``mse_norm`` with the training split's std of
+    the label, as `lol.train` scores it)."""
+    from .experiments import gl_invariant
+
+    avg = average(pred, members)
+    coll, task = pred.collection.iloc[0], pred.task.iloc[0]
+    rows = []
+    for (seed, label), g in avg.groupby(["seed", "label"]):
+        kind = _kind(label, g.y, kinds)
+        tr = g.y[g.split == "train"].to_numpy(float)
+        scale = float(tr[np.isfinite(tr)].std()) if kind == "regression" and np.isfinite(tr).any() else None
+        for split, h in g.groupby("split"):
+            y, p = h.y.to_numpy(float), h.pred.to_numpy(float)
+            ms = M.regression_metrics(y, p, scale=scale or None) if kind == "regression" else M.binary_metrics(y, p)
+            rows += [{"collection": coll, "task": task, "model": name, "members": "+".join(members),
+                      "gl_invariant": all(gl_invariant(m) for m in members), "seed": int(seed), "split": split,
+                      "n": len(h), "label": label, "label_kind": kind, "metric": k, "value": float(v)}
+                     for k, v in ms.items()]
+    return pd.DataFrame(rows)
+
+
+def ensemble_table(pred: pd.DataFrame, candidates: Sequence[str], metric: str | None = None,
+                   max_members: int = 8, kinds: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """For every task in ``pred``: select members among ``candidates`` on validation, and on test compare the ensemble
+    with the best single candidate (chosen on validation too). ``kinds``: {label: kind} (a grid's runs have them:
+    ``dict(zip(runs.label, runs.label_kind))``), else read off the values. → (table: one row per task and metric,
+    runs: the ensembles' `ensemble_runs`)."""
+    rows, runs = [], []
+    for (coll, task), p in pred.groupby(["collection", "task"]):
+        cands = [c for c in candidates if c in set(p.model)]
+        if not cands:
+            continue
+        members = select_members(p, cands, metric, max_members, kinds)
+        single = max(cands, key=lambda c: float(task_score(average(p, [c]), "val", metric, kinds).mean()))
+        kind = "binary" if all(_kind(n, g.y, kinds) == "binary" for n, g in p.groupby("label")) else "regression"
+        name = metric or _PRIMARY[kind]
+        names = [name, "accuracy"] if kind == "binary" and name != "accuracy" else [name]
+        for m in names:
+            ens = task_score(average(p, members), "test", m, kinds)
+            one = task_score(average(p, [single]), "test", m, kinds)
+            gain = ens - one
+            rows.append({"collection": coll, "task": task, "metric": m, "members": " + ".join(members),
+                         "seeds": len(ens), "ensemble": ens.mean(), "ensemble_std": ens.std(),
+                         "best_single": single, "single": one.mean(), "single_std": one.std(),
+                         "gain": gain.mean(), "gain_std": gain.std()})
+        runs.append(ensemble_runs(p, members, kinds=kinds))
+    return pd.DataFrame(rows), (pd.concat(runs, ignore_index=True) if runs else pd.DataFrame())
+
+
+def count_present(avg: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """Per (seed, split, LoRA): the true number of its binary labels that are 1 (``n``) and the number predicted
+    present, probability ≥ ``threshold`` (``n_hat``). Every LoRA must have every label (a count needs them all)."""
+    per = avg.assign(hat=(avg.pred >= threshold).astype(int)).groupby(["seed", "split", "id"]).agg(
+        n=("y", "sum"), n_hat=("hat", "sum"), labels=("y", "size")).reset_index()
+    if per.labels.nunique() != 1:
+        raise LoLError(f"count_present: LoRAs have predictions for {sorted(per.labels.unique())} labels; a count "
+                       f"needs every label of every LoRA")
+    per["n"] = per.n.round().astype(int)
+    return per.drop(columns="labels")
+
+
+def count_scores(per: pd.DataFrame) -> pd.DataFrame:
+    """Per (seed, split) of `count_present` rows: ``loras``, ``accuracy`` (the count is the true number),
+    ``within_one`` and ``majority_baseline`` (always answering the commonest true number on that split)."""
+    rows = []
+    for (seed, split), g in per.groupby(["seed", "split"]):
+        err = (g.n - g.n_hat).abs()
+        rows.append({"seed": seed, "split": split, "loras": len(g), "accuracy": float((err == 0).mean()),
+                     "within_one": float((err <= 1).mean()),
+                     "majority_baseline": float(g.n.value_counts(normalize=True).iloc[0])})
+    return pd.DataFrame(rows)
