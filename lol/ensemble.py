@@ -12,7 +12,8 @@ are averaged seed by seed.
 * `average`: the members' mean prediction per (seed, LoRA, label); a member named twice counts twice (a weight).
 * `select_members`: greedy forward selection with replacement (Caruana et al., ICML 2004): start from the best single
   model on validation, add whichever candidate most raises the validation score of the average, stop when none does.
-  The score is a task's primary metric (`lol.experiments.PRIMARY_METRIC`), averaged over its labels, then over seeds.
+  The score is a task's primary metric (`lol.experiments.PRIMARY_METRIC`), averaged over its labels, then over seeds;
+  the first member is thus the best single model on validation.
 * `ensemble_runs`: metric rows of the ensemble in `run_grid`'s format (model ``"ensemble"``), every seed and split,
   so `lol.experiments.summarize` scores it beside the single models.
 * `ensemble_table`: per task, the members chosen on validation, and on test the ensemble beside the best single model
@@ -31,11 +32,11 @@ import pandas as pd
 
 from . import metrics as M
 from .errors import LoLError
+from .labels import infer_kind
 
 __all__ = ["ENSEMBLE", "average", "task_score", "select_members", "ensemble_runs", "ensemble_table", "count_present", "count_scores"]
 
 ENSEMBLE = "ensemble"   # the model name of an ensemble's rows
-_PRIMARY = {"regression": "r2", "binary": "auc"}
 _KEYS = ["collection", "task", "seed", "split", "id", "label"]
 
 
@@ -80,12 +81,16 @@ def average(pred: pd.DataFrame, members: Sequence[str]) -> pd.DataFrame:
 
 def _kind(label: str, y, kinds: Mapping[str, str] | None) -> str:
     """The label's kind: from ``kinds`` ({label: "regression" | "binary"}, e.g. a grid's ``label_kind`` column), else
-    read off its values (0/1 only: binary)."""
+    read off its values (`lol.labels.infer_kind`: 0/1 only is binary)."""
     if kinds and label in kinds:
         return kinds[label]
-    y = np.asarray(y, dtype=float)
-    y = y[np.isfinite(y)]
-    return "binary" if len(y) and set(np.unique(y)) <= {0.0, 1.0} else "regression"
+    return infer_kind(np.asarray(y, dtype=float))
+
+
+def _primary(kind: str) -> str:
+    from .experiments import PRIMARY_METRIC
+
+    return PRIMARY_METRIC[kind]
 
 
 def task_score(avg: pd.DataFrame, split: str = "val", metric: str | None = None,
@@ -102,7 +107,7 @@ def task_score(avg: pd.DataFrame, split: str = "val", metric: str | None = None,
         for label, h in g.groupby("label"):
             y, p = h.y.to_numpy(float), h.pred.to_numpy(float)
             kind = _kind(label, y, kinds)
-            name = metric or _PRIMARY[kind]
+            name = metric or _primary(kind)
             ms = M.regression_metrics(y, p) if kind == "regression" else M.binary_metrics(y, p)
             if name not in ms:
                 raise LoLError(f"ensemble: metric {name!r} is not one of a {kind} label's ({sorted(ms)})")
@@ -151,7 +156,7 @@ def ensemble_runs(pred: pd.DataFrame, members: Sequence[str], name: str = ENSEMB
         for split, h in g.groupby("split"):
             y, p = h.y.to_numpy(float), h.pred.to_numpy(float)
             ms = M.regression_metrics(y, p, scale=scale or None) if kind == "regression" else M.binary_metrics(y, p)
-            rows += [{"collection": coll, "task": task, "model": name, "members": "+".join(members),
+            rows += [{"collection": coll, "task": task, "model": name, "members": " + ".join(members),
                       "gl_invariant": all(gl_invariant(m) for m in members), "seed": int(seed), "split": split,
                       "n": len(h), "label": label, "label_kind": kind, "metric": k, "value": float(v)}
                      for k, v in ms.items()]
@@ -170,9 +175,9 @@ def ensemble_table(pred: pd.DataFrame, candidates: Sequence[str], metric: str | 
         if not cands:
             continue
         members = select_members(p, cands, metric, max_members, kinds)
-        single = max(cands, key=lambda c: float(task_score(average(p, [c]), "val", metric, kinds).mean()))
+        single = members[0]                      # the best single candidate on validation (`select_members`)
         kind = "binary" if all(_kind(n, g.y, kinds) == "binary" for n, g in p.groupby("label")) else "regression"
-        name = metric or _PRIMARY[kind]
+        name = metric or _primary(kind)
         names = [name, "accuracy"] if kind == "binary" and name != "accuracy" else [name]
         for m in names:
             ens = task_score(average(p, members), "test", m, kinds)
