@@ -152,7 +152,7 @@ def _checkpoint_config(folder) -> dict:
 FAMILY = {"mlp": "flat MLP", "mlp_aug": "flat MLP + GL augmentation", "dense": "ΔW MLP",
           "colspace": "column-space MLP", "colsketch": "column-space sketch", "svals": "singular-value MLP",
           "oalign": "Procrustes-aligned MLP", "canon_mlp": "SVD-canonical MLP",
-          "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net"}
+          "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net", "ensemble": "ensemble"}
 
 
 @dataclass(frozen=True)
@@ -242,17 +242,15 @@ def metrics_table(infos: list[CheckpointInfo], split: str = "test"):
 
 
 def home_collection(checkpoint_dir, base: Base, collections: dict[str, Path]) -> str | None:
-    """The collection (of ``collections``, on ``base``) the checkpoint was trained on — the one whose fingerprint
-    (SHA-256 of ``collection.json`` + ``loras.parquet``, as `Collection.fingerprint`) it records — else the base's
-    first collection."""
-    import hashlib
+    """The collection (of ``collections``, on ``base``) the checkpoint was trained on — the one whose fingerprint it
+    records, or whose LoRAs it records (`lol.predict.trained_on`: labels re-measured since) — else the base's first
+    collection."""
+    from .collection import open_collection
+    from .predict import trained_on
 
-    fp = _checkpoint_config(checkpoint_dir).get("fingerprint")
-    for name in base.collections:
-        if fp and name in collections:
-            h = hashlib.sha256()
-            for part in ("collection.json", "loras.parquet"):
-                h.update((Path(collections[name]) / part).read_bytes())
-            if h.hexdigest() == fp:
+    config = _checkpoint_config(checkpoint_dir)
+    if config.get("fingerprint"):
+        for name in base.collections:
+            if name in collections and trained_on(config, open_collection(collections[name]))[0]:
                 return name
     return base.collections[0] if base.collections else None

@@ -18,7 +18,7 @@ import torch
 from .batch import LoRABatch
 from .errors import LoLError
 from .lora import ModuleSpec
-from .models import MODELS, LoLModel, build_model, gl_invariant
+from .models import LoLModel, build_model, gl_invariant, model_class
 from .models.base import iter_chunks
 from .targets import TargetSet, nan_to_none
 
@@ -154,7 +154,7 @@ def load_checkpoint(path, device=None) -> Checkpoint:
         raise LoLError(f"{cfg_path}: checkpoint version {config['version']} is newer than this lol ({VERSION})")
     spec = ModuleSpec.from_json(config["spec"])
     targets = TargetSet.from_json(config["labels"])
-    legacy = getattr(MODELS.get(config["kind"]), "legacy_hparams", {})
+    legacy = getattr(model_class(config["kind"]), "legacy_hparams", {})
     model = build_model(config["kind"], spec, int(config["n_outputs"]), **{**legacy, **config["hparams"]})
     try:
         state = load_file(str(w_path))
@@ -202,7 +202,7 @@ def default_checkpoint(label: str, index: Path | None = None) -> Path:
     except (OSError, json.JSONDecodeError) as e:
         raise LoLError(f"{cfg_path}: the default checkpoint for {label!r} cannot be read ({e})") from None
     if not gl_invariant(kind):
-        inv = getattr(MODELS.get(kind), "invariant_to", "unknown")
+        inv = getattr(model_class(kind), "invariant_to", "unknown")
         raise LoLError(f"{index}: the default checkpoint for {label!r} ({path}) is a {kind!r} model, invariant to "
                        f"{inv} only, not GL(r): defaults must be GL(r)-invariant (same ΔW, same prediction); pass "
                        f"--checkpoint {path} to use it anyway")

@@ -628,6 +628,19 @@ class Collection:
             h.update((self.path / name).read_bytes())
         return h.hexdigest()
 
+    @cached_property
+    def loras_fingerprint(self) -> str:
+        """SHA-256 over what makes the LoRAs themselves: the factors file's content hash (factors, ranks, alphas and
+        scales), the layout, the module spec and the ids in table order — not the labels. Re-measuring a label
+        (`lol zoo measure --apply`) changes `fingerprint` but not this, so a model's recorded split (which LoRA ids it
+        trained, validated and tested on) still applies to the collection (`lol.predict.CollectionPredictions`)."""
+        field, digest = self.factors_hash
+        h = hashlib.sha256()
+        for part in ("lol-loras-v1", field, digest, self.layout, json.dumps(self.spec.to_json(), sort_keys=True),
+                     "\n".join(str(i) for i in self.table["id"])):
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
     @property
     def factors_hash(self) -> tuple[str, str]:
         """(field, hex digest) of the content hash recorded for the factors file (`FACTOR_HASHES`)."""

@@ -21,10 +21,19 @@ are averaged seed by seed.
 * `count_present`: the number of a LoRA's binary labels predicted present (probability ≥ 0.5): for a membership task,
   the size of the finetuning set counted class by class (the paper's Table 4 quantity, read off membership outputs).
 
+* `best_seed`: the seed whose ensemble of given members scores best on validation (the one to ship).
+* `ensemble_checkpoint`: trained checkpoints of one task and one split assembled into one checkpoint of kind
+  ``ensemble`` (`lol.models.Ensemble`), which `lol predict`, the app and `lol.checkpoint.load_checkpoint` read like
+  any model; its metrics are computed by running it on the collection's splits.
+
 Only validation scores choose anything; test scores are reported, never used to select.
 """
 from __future__ import annotations
 
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -34,7 +43,8 @@ from . import metrics as M
 from .errors import LoLError
 from .labels import infer_kind
 
-__all__ = ["ENSEMBLE", "average", "task_score", "select_members", "ensemble_runs", "ensemble_table", "count_present", "count_scores"]
+__all__ = ["ENSEMBLE", "average", "task_score", "select_members", "ensemble_runs", "ensemble_table", "count_present",
+           "count_scores", "best_seed", "ensemble_checkpoint"]
 
 ENSEMBLE = "ensemble"   # the model name of an ensemble's rows
 _KEYS = ["collection", "task", "seed", "split", "id", "label"]
@@ -213,3 +223,101 @@ def count_scores(per: pd.DataFrame) -> pd.DataFrame:
                      "within_one": float((err <= 1).mean()),
                      "majority_baseline": float(g.n.value_counts(normalize=True).iloc[0])})
     return pd.DataFrame(rows)
+
+
+def best_seed(pred: pd.DataFrame, members: Sequence[str], metric: str | None = None,
+              kinds: Mapping[str, str] | None = None) -> int:
+    """The seed on which the ensemble of ``members`` scores best on validation (`task_score`): the one to ship, as
+    `lol.experiments.select_best` ships a single model's best validation seed."""
+    scores = task_score(average(pred, members), "val", metric, kinds)
+    return int(scores.idxmax())
+
+
+def _encoding(t) -> str:
+    return "scalar" if t.scalar else ("binary" if t.kind == "binary" else "category")
+
+
+def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, extra: dict | None = None) -> Path:
+    """Assemble the trained checkpoints ``members`` (folders; one named twice weighs twice, as `select_members`
+    returns them) into one checkpoint of kind ``ensemble`` at ``out`` (replaced whole, through a temporary folder).
+
+    The members must predict the same labels with the same normalization, over the same module spec, from the same
+    recorded split (the same LoRAs trained, validated and tested on: one seed of a grid); anything else raises a
+    `LoLError` naming the member and what differs. Their kinds must be GL(r)-invariant (`lol.models.Ensemble`). With
+    ``coll`` (the collection they were trained on), the checkpoint's metrics are the ensemble's own on each split,
+    computed by running it; without, it records none. ``half``: store the wide layers in float16 (`store_half`), as
+    shipped checkpoints are, before the metrics are computed, so they are the shipped model's."""
+    from .checkpoint import load_checkpoint, save_checkpoint, store_half
+    from .models import Ensemble
+
+    if not len(members):
+        raise LoLError("ensemble: no member checkpoints")
+    weight = Counter(str(Path(m)) for m in members)
+    cks = [load_checkpoint(p) for p in weight]
+    first = cks[0]
+    labels = first.targets.to_json()
+    split = {s: first.split.get(s) for s in ("train", "val", "test")} if first.split else None
+    for c in cks[1:]:
+        if c.spec != first.spec:
+            raise LoLError(f"ensemble: {c.path} reads other modules than {first.path}")
+        if c.targets.to_json() != labels:
+            raise LoLError(f"ensemble: {c.path} predicts other labels (or normalizes them otherwise) than "
+                           f"{first.path}: {c.labels} vs {first.labels}")
+        other = {s: c.split.get(s) for s in ("train", "val", "test")} if c.split else None
+        if other != split or split is None:
+            raise LoLError(f"ensemble: {c.path} was trained on another split than {first.path} (members must share "
+                           f"one seed's split, recorded by id)")
+    outputs = [[_encoding(t), t.width] for t in first.targets.targets]
+    model = Ensemble(first.spec, first.model.n_outputs,
+                     [{"kind": c.kind, "hparams": c.model.config(), "weight": weight[str(c.path)]} for c in cks],
+                     outputs)
+    for m, c in zip(model.members, cks):
+        m.load_state_dict(c.model.state_dict())
+    model.fitted = True
+    model.eval()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    keep = ("collection", "task", "rows")
+    record = {k: first.config[k] for k in keep if k in first.config}
+    record["members"] = [{"kind": c.kind, "weight": weight[str(c.path)], "from": str(c.path),
+                          "seed": (c.config.get("train") or {}).get("seed"), "best_epoch": c.config.get("best_epoch")}
+                         for c in cks]
+    record_split = dict(first.split or {})
+    if coll is not None:
+        from .predict import trained_on
+
+        if not trained_on(first.config, coll)[0]:
+            raise LoLError(f"ensemble: {first.path} was not trained on {coll.path} (another collection): no split "
+                           f"to score it on")
+        if not record_split.get("loras"):    # the same LoRAs (same fingerprint): say so, for later relabelling
+            record_split["loras"] = coll.loras_fingerprint
+    save_checkpoint(tmp, model, first.targets, fingerprint=first.config.get("fingerprint"),
+                    train_config={"members": [c.config.get("train") or {} for c in cks]}, split=record_split or None,
+                    extra={**record, **(extra or {})})
+    if half:
+        store_half(tmp)
+    if coll is not None:
+        ck = load_checkpoint(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["metrics"] = _split_metrics(ck, coll)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+    load_checkpoint(tmp)   # what is written must load
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _split_metrics(ck, coll) -> dict:
+    """{split: {label: {metric: value}}} of checkpoint ``ck`` on the LoRAs of ``coll`` its recorded split names."""
+    from .checkpoint import recorded_split
+    from .experiments import evaluate_rows
+    where = recorded_split(ck.config, coll.table["id"])
+    res = {}
+    for s in ("train", "val", "test"):
+        idx = np.flatnonzero(where == s)
+        if len(idx):
+            table = coll.table.iloc[idx]
+            cols = {n: table[n].to_numpy() for n in ck.labels}
+            res[s] = evaluate_rows(ck.model, ck.targets, coll.batch(idx), cols)
+    return res

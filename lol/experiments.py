@@ -367,7 +367,7 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
                     if log:
                         log(f"[grid] {ref.name} {kind} seed {seed}: FAILED {msg}")
                     continue
-                res.fingerprint = coll.fingerprint
+                res.fingerprint, res.loras_fingerprint = coll.fingerprint, coll.loras_fingerprint
                 n_split = {s: int((res.split == s).sum()) for s in ("train", "val", "test")}
                 rows = pd.DataFrame(_metric_rows(ref, kind, int(seed), res, kinds, n_split))
                 pr = _prediction_rows(ref, kind, int(seed), res, cols, kinds)

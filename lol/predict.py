@@ -18,7 +18,7 @@ from .batch import LoRABatch
 from .checkpoint import Checkpoint, load_checkpoint
 from .lora import LoRA
 
-__all__ = ["predict", "predict_files", "find_lora_files", "FilePredictions", "CollectionPredictions", "EXECUTORS"]
+__all__ = ["predict", "predict_files", "trained_on", "find_lora_files", "FilePredictions", "CollectionPredictions", "EXECUTORS"]
 
 EXECUTORS = ("local", "ray")
 
@@ -46,6 +46,20 @@ def predict(checkpoint, loras: Sequence[LoRA | str | Path], device=None, chunk: 
 
 
 # ------------------------------------------------------------------------------------------------ collections
+
+def trained_on(config: dict, coll) -> tuple[bool, bool]:
+    """``(same, relabelled)`` for a checkpoint's ``config.json`` and a collection. ``same``: the checkpoint's ids
+    name this collection's LoRAs — its recorded fingerprint is the collection's, or its recorded LoRAs' identity
+    (`lol.collection.Collection.loras_fingerprint`) is, which survives re-measured labels; a checkpoint that records
+    neither counts as trained here (nothing says otherwise). ``relabelled``: same LoRAs, another table."""
+    rec = config.get("split") if isinstance(config.get("split"), dict) else {}
+    fp = rec.get("fingerprint") or config.get("fingerprint")
+    if not fp or fp == getattr(coll, "fingerprint", None):
+        return True, False
+    loras = rec.get("loras")
+    same = bool(loras) and loras == getattr(coll, "loras_fingerprint", None)
+    return same, same
+
 
 @dataclass
 class CollectionPredictions:
@@ -76,16 +90,17 @@ class CollectionPredictions:
         truth = coll.table.reset_index(drop=True)
         truth = truth.assign(id=truth["id"].astype(str))
         rec = ckpt.split or {}
-        fp = rec.get("fingerprint") or ckpt.config.get("fingerprint")
-        other = bool(fp) and fp != getattr(coll, "fingerprint", None)
-        split = None if other else ckpt.split_of(truth["id"])
-        if other:
+        same, relabelled = trained_on(ckpt.config, coll)
+        split = ckpt.split_of(truth["id"]) if same else None
+        if not same:
             split, note = np.full(len(truth), "unseen", dtype=object), \
                 "this model was trained on another collection: every LoRA here is unseen by it"
         elif split is None:
             split, note = np.full(len(truth), "", dtype=object), "the checkpoint does not record which LoRAs it used"
         else:
             note = f"the split recorded with the model: {rec.get('how') or 'its train/val/test LoRA ids'}"
+            if relabelled:
+                note += " (the same LoRAs; labels were re-measured since it was trained, metrics use today's)"
         kinds = {n: d.get("kind") for n, d in (getattr(coll, "labels", {}) or {}).items()}
         return cls(str(ckpt.path), truth, values.drop(columns=["id"], errors="ignore").reset_index(drop=True), kinds,
                    split, note)

@@ -68,16 +68,18 @@ class TrainResult:
     seconds: float = 0.0
     split_how: str = ""                              # how the split was made, in words
     device: str = ""                                 # where it trained and computed `predictions` (model: on CPU)
+    loras_fingerprint: str | None = None             # the LoRAs' identity, labels aside (`Collection.loras_fingerprint`)
 
     def split_record(self) -> dict:
         """The exact split, for the checkpoint (`lol.checkpoint.save_checkpoint`): ``{"by": "id", "train": [ids],
-        "val": [...], "test": [...], "how": ..., "fingerprint": collection fingerprint}``. LoRAs are named by their
-        ``id`` when the training table had one, else (``"by": "position"``) by row number in the training batch."""
+        "val": [...], "test": [...], "how": ..., "fingerprint": collection fingerprint, "loras": the collection's
+        `lol.collection.Collection.loras_fingerprint`}``. LoRAs are named by their ``id`` when the training table had
+        one, else (``"by": "position"``) by row number in the training batch."""
         if "id" in self.predictions.columns:
             by, names = "id", [str(i) for i in self.predictions["id"]]
         else:
             by, names = "position", list(range(len(self.split)))
-        return {"by": by, "how": self.split_how, "fingerprint": self.fingerprint,
+        return {"by": by, "how": self.split_how, "fingerprint": self.fingerprint, "loras": self.loras_fingerprint,
                 **{s: [names[i] for i in np.nonzero(self.split == s)[0]] for s in ("train", "val", "test")}}
 
     def save(self, path) -> "Any":
@@ -95,7 +97,7 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def _resolve_data(data, labels, table, kinds, ordered):
-    """→ (batch, {label: values}, kinds, ordered, table, fingerprint); a collection's schema gives the kinds and
+    """→ (batch, {label: values}, kinds, ordered, table, (fingerprint, loras fingerprint)); a collection's schema gives the kinds and
     ``ordered`` flags that the arguments leave out."""
     if hasattr(data, "batch") and hasattr(data, "table") and hasattr(data, "label_columns"):
         names = data.label_columns(labels)
@@ -107,7 +109,7 @@ def _resolve_data(data, labels, table, kinds, ordered):
         if missing:
             raise LoLError(f"{getattr(data, 'path', 'collection')}: label column(s) {missing} missing from the table")
         return data.batch(dtype=torch.float32), {n: table[n].to_numpy() for n in names}, kinds, ordered, table, \
-            data.fingerprint
+            (data.fingerprint, getattr(data, "loras_fingerprint", None))
     if not isinstance(data, LoRABatch):
         raise TypeError(f"train: expected a collection or a LoRABatch, got {type(data).__name__}")
     if isinstance(labels, pd.DataFrame):
@@ -122,7 +124,7 @@ def _resolve_data(data, labels, table, kinds, ordered):
     bad = {k: len(v) for k, v in cols.items() if len(v) != len(data)}
     if bad:
         raise LoLError(f"train: label lengths {bad} differ from the batch size {len(data)}")
-    return data, cols, dict(kinds or {}), dict(ordered or {}), table, None
+    return data, cols, dict(kinds or {}), dict(ordered or {}), table, (None, None)
 
 
 def _splits(n, table, cfg):
@@ -166,7 +168,7 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
             raise TypeError(f"train: unknown option {k!r}")
         setattr(cfg, k, v)
     t0 = time.time()
-    batch, cols, kinds, ordered, table, fingerprint = _resolve_data(data, labels, table, kinds, ordered)
+    batch, cols, kinds, ordered, table, (fingerprint, loras_fp) = _resolve_data(data, labels, table, kinds, ordered)
     n = len(batch)
     split, idx, split_how = _splits(n, table, cfg)
     targets = TargetSet.fit(cols, kinds, idx["train"], ordered=ordered)
@@ -238,4 +240,4 @@ def train(data, labels=None, kind: str = "glnet", config: TrainConfig | None = N
     if table is not None and "id" in table.columns:
         pred.insert(0, "id", table["id"].to_numpy())
     return TrainResult(model.cpu(), kind, targets, cfg, metrics, history, best[1], split, pred, fingerprint,
-                       time.time() - t0, split_how, str(device))
+                       time.time() - t0, split_how, str(device), loras_fp)

@@ -135,3 +135,120 @@ def test_a_regression_label_that_happens_to_be_0_or_1_is_scored_as_regression_wh
     told, runs = E.ensemble_table(p, ["a", "b"], kinds={"y": "regression"})
     assert list(guessed.metric) == ["auc", "accuracy"] and list(told.metric) == ["r2"]
     assert set(runs.label_kind) == {"regression"} and "r2" in set(runs.metric)
+
+
+# ------------------------------------------------------------------------------------------- ensemble checkpoints
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three GL-invariant kinds and a flatten MLP trained by `run_grid` on a small synthetic collection (a regression
+    and a binary label), seeds 0 and 1, their checkpoints stored as folders."""
+    from lol import experiments as X
+    from lol.collection import open_collection
+    from lol.synth import synth_collection, tiny_spec
+    from lol.train import TrainConfig
+
+    d = tmp_path_factory.mktemp("ens")
+    synth_collection(tiny_spec(), 48, ranks=(4,), seed=3).write(d / "synth")
+    coll = open_collection(d / "synth")
+    grid = X.run_grid({"synth": coll}, [X.TaskRef("synth", "spectrum")], models=("svals", "dense", "glnet", "mlp"),
+                      seeds=(0, 1), config=TrainConfig(epochs=4, patience=4, progress=False, width=16),
+                      runs_dir=d / "runs", log=None)
+    return coll, grid, d
+
+
+def _folders(grid, kinds, seed=0):
+    return [grid.models[("synth", "spectrum", k, seed)] for k in kinds]
+
+
+def test_an_ensemble_checkpoint_predicts_the_weighted_mean_its_members_were_selected_on(trained, tmp_path):
+    from lol.checkpoint import load_checkpoint
+    from lol.predict import predict
+
+    coll, grid, _ = trained
+    members = ["svals", "glnet", "svals"]
+    out = E.ensemble_checkpoint(_folders(grid, members), tmp_path / "ens", coll=coll, half=False)
+    ck = load_checkpoint(out)
+    assert ck.kind == "ensemble" and ck.labels == ["sv_energy", "sv_high"]
+    assert [(m["kind"], m["weight"]) for m in ck.config["members"]] == [("svals", 2), ("glnet", 1)]
+    one = load_checkpoint(_folders(grid, ["svals"])[0])
+    assert ck.split["test"] == one.split["test"] and ck.split_of(coll.table["id"]).tolist() \
+        == one.split_of(coll.table["id"]).tolist()
+    assert ck.split["loras"] == coll.loras_fingerprint and ck.config["fingerprint"] == coll.fingerprint
+    # the ensemble's output is what `average` computed from the members' stored predictions, label by label
+    got = predict(ck, [coll.lora(i) for i in range(len(coll))])
+    avg = E.average(grid.predictions[grid.predictions.seed == 0], members)
+    for label in ("sv_energy", "sv_high"):
+        want = avg[avg.label == label].set_index("id")["pred"].reindex(coll.table["id"].astype(str))
+        np.testing.assert_allclose(got[label].to_numpy(float), want.to_numpy(float), rtol=1e-4, atol=1e-5)
+    # its recorded metrics are its own, by split: the test R² of the averaged predictions
+    t = avg[(avg.label == "sv_energy") & (avg.split == "test")]
+    r2 = 1 - ((t.y - t.pred) ** 2).sum() / ((t.y - t.y.mean()) ** 2).sum()
+    assert ck.config["metrics"]["test"]["sv_energy"]["r2"] == pytest.approx(r2, abs=1e-4)
+    # embeddings side by side; stored in float16 by default, and that checkpoint still loads and predicts close
+    b = coll.batch(np.arange(4))
+    assert ck.model.embed(b).shape[1] == sum(m.embed(b).shape[1] for m in ck.model.members)
+    half = load_checkpoint(E.ensemble_checkpoint(_folders(grid, members), tmp_path / "half", coll=coll))
+    assert half.config["stored"]["min_numel"] > 0     # `store_half` ran (these tiny layers stay float32)
+    np.testing.assert_allclose(half.predict_batch(b)["sv_energy"], ck.predict_batch(b)["sv_energy"], atol=0.05)
+
+
+def test_an_ensemble_checkpoint_is_gl_invariant_and_sees_a_real_change(trained, tmp_path):
+    from lol.checkpoint import load_checkpoint
+
+    coll, grid, _ = trained
+    ck = load_checkpoint(E.ensemble_checkpoint(_folders(grid, ["dense", "glnet", "svals"]), tmp_path / "e", half=False))
+    model = ck.model.double()
+    b = coll.batch(np.arange(8), dtype=torch.float64)
+    g = random_gl_like(b, seed=7, cond=4.0)           # random non-orthogonal R per module and LoRA
+    with torch.no_grad():
+        base, moved = model(b), model(gl_act(b, g))
+        one_sided = model(one_sided_act(b, g))
+    torch.testing.assert_close(moved, base, rtol=1e-7, atol=1e-8)
+    assert (one_sided - base).abs().max() > 1e-3      # U ↦ U R alone changes ΔW: the ensemble sees it
+
+
+def test_an_ensemble_checkpoint_refuses_members_that_do_not_belong_together(trained, tmp_path):
+    import json
+    import shutil
+
+    from lol.collection import open_collection
+    from lol.synth import synth_collection, tiny_spec
+
+    coll, grid, _ = trained
+    svals, glnet = _folders(grid, ["svals", "glnet"])
+
+    def edited(src, name, change):                    # a copy of a member checkpoint with its record changed
+        dest = tmp_path / name
+        shutil.copytree(src, dest)
+        cfg = json.loads((dest / "config.json").read_text())
+        change(cfg)
+        (dest / "config.json").write_text(json.dumps(cfg))
+        return dest
+
+    def move_one(cfg):                                # one LoRA from train to test: another split
+        cfg["split"]["test"].append(cfg["split"]["train"].pop())
+
+    def renormalize(cfg):
+        cfg["labels"][0]["std"] *= 2
+
+    with pytest.raises(LoLError, match=r"glnet_moved was trained on another split .*one seed's split"):
+        E.ensemble_checkpoint([svals, edited(glnet, "glnet_moved", move_one)], tmp_path / "a")
+    with pytest.raises(LoLError, match=r"glnet_norm predicts other labels \(or normalizes them otherwise\)"):
+        E.ensemble_checkpoint([svals, edited(glnet, "glnet_norm", renormalize)], tmp_path / "a")
+    with pytest.raises(LoLError, match=r"member kind\(s\) \['mlp'\] are not GL\(r\)-invariant"):
+        E.ensemble_checkpoint(_folders(grid, ["svals", "mlp"]), tmp_path / "b")
+    synth_collection(tiny_spec(), 12, ranks=(4,), seed=9).write(tmp_path / "other")
+    other = open_collection(tmp_path / "other")
+    with pytest.raises(LoLError, match=r"was not trained on .*other \(another collection\)"):
+        E.ensemble_checkpoint([svals, glnet], tmp_path / "a", coll=other)
+    with pytest.raises(LoLError, match="no member checkpoints"):
+        E.ensemble_checkpoint([], tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_best_seed_is_chosen_on_validation():
+    y = np.arange(30.0)
+    good = {0: y + 5.0, 1: y.copy()}                     # seed 1 is exact on every split
+    p = tidy({"a": lambda s: good[s]}, y)
+    assert E.best_seed(p, ["a"]) == 1

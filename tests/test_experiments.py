@@ -596,6 +596,7 @@ def test_retrain_checkpoints_on_a_grown_collection(coll, tmp_path):
     assert list(rows.model) == ["svals"] and list(rows.seed) == [1]
     after = load_checkpoint(root / "synth" / "spectrum")
     assert after.config["fingerprint"] == coll.fingerprint != before.config["fingerprint"]
+    assert after.split["loras"] == coll.loras_fingerprint != before.split["loras"] == small.loras_fingerprint
     assert after.config["train"]["seed"] == 1 and after.config["train"]["model"] == {"depth": 1}
     assert after.config["train"]["epochs"] == CFG.epochs and after.model.depth == 1
     assert "retrained on 60 LoRAs" in after.config["selection"]["selected_by"]

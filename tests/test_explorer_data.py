@@ -114,6 +114,50 @@ def test_a_model_of_another_collection_is_scored_on_every_lora(root, tmp_path):
                    "by it."
 
 
+def _copy_with_table(src, dest, change):
+    """A copy of the collection folder ``src`` whose ``loras.parquet`` is ``change(table)``: the same factors file."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    table = pd.read_parquet(dest / "loras.parquet")
+    change(table).to_parquet(dest / "loras.parquet", index=False)
+    return open_collection(dest)
+
+
+def test_re_measured_labels_keep_the_models_split(root, tmp_path):
+    """Re-measuring a label (`lol zoo measure --apply`) rewrites the table, so the collection's fingerprint changes;
+    the LoRAs are the same, so a model trained before keeps its split (its ids still name the LoRAs it trained on)
+    and is scored on its test LoRAs with today's labels. Other ids over the same factors, or other factors, are
+    another collection: every LoRA is unseen."""
+    from lol.catalog import bases, home_collection
+
+    src = root / "collections" / "faces"
+    coll = open_collection(src)
+    ck = load_checkpoint(root / "checkpoints" / "faces" / "svals")
+    assert ck.split["loras"] == coll.loras_fingerprint and ck.split["fingerprint"] == coll.fingerprint
+
+    def remeasure(t):
+        return t.assign(clip_score=t["clip_score"] + np.linspace(-1, 1, len(t)))
+
+    again = _copy_with_table(src, tmp_path / "again", remeasure)
+    assert again.fingerprint != coll.fingerprint and again.loras_fingerprint == coll.loras_fingerprint
+    p = CollectionPredictions.of(ck, again)
+    assert p.tested and list(p.split) == coll.table["split"].tolist()
+    assert p.split_note.endswith("(the same LoRAs; labels were re-measured since it was trained, metrics use "
+                                 "today's)")
+    m, _ = p.versus("clip_score")
+    np.testing.assert_allclose(m["clip_score"], again.table["clip_score"][p.split == "test"])
+    # the catalogue finds its home collection by the same rule
+    faces_base = next(b for b in bases({"faces": again.path}))
+    assert home_collection(ck.path, faces_base, {"faces": again.path}) == "faces"
+
+    renamed = _copy_with_table(src, tmp_path / "renamed", lambda t: t.assign(id=[f"x-{i}" for i in t["id"]]))
+    assert renamed.loras_fingerprint != coll.loras_fingerprint
+    assert set(CollectionPredictions.of(ck, renamed).split) == {"unseen"}
+    other = open_collection(app_support.faces_like(tmp_path / "other", n=12, seed=5))
+    assert other.loras_fingerprint != coll.loras_fingerprint
+
+
 # ---------------------------------------------------------------------------------------------------------- labels
 
 def test_label_schema_helpers(root):

@@ -29,9 +29,12 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def _collection_of(label: str) -> str:
-    rel = json.loads(INDEX.read_text())[label]
-    folder = (INDEX.parent / rel).resolve()
-    return folder.relative_to(checkpoints_root().resolve()).parts[0]
+    return _collection_of_folder(json.loads(INDEX.read_text())[label])
+
+
+def _collection_of_folder(rel: str) -> str:
+    """The collection a checkpoint folder of the index (``<collection>/<task>``) belongs to."""
+    return (INDEX.parent / rel).resolve().relative_to(checkpoints_root().resolve()).parts[0]
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +95,23 @@ def test_index_lists_every_shipped_collection():
         assert twins, f"{name}: no shipped default was trained on it or on a collection with its modules"
         served = [lab for lab in LABELS if _collection_of(lab) in twins and lab in coll.labels]
         assert served, f"{name}: the defaults of {twins} predict none of its labels"
+
+
+def test_every_default_knows_which_shipped_loras_it_trained_on():
+    """Each shipped default's recorded split names LoRAs of the collection it was trained on as it is now (same
+    fingerprint, or the same LoRAs with labels re-measured since: `lol.predict.trained_on`). Otherwise the app would
+    count its training LoRAs as unseen and score it on them."""
+    from lol.checkpoint import recorded_split
+    from lol.predict import trained_on
+
+    if not LABELS:
+        pytest.skip(f"no shipped checkpoint index at {INDEX}")
+    for rel in sorted(set(json.loads(INDEX.read_text()).values())):
+        config = json.loads((INDEX.parent / rel / "config.json").read_text())
+        coll = open_collection(collections_root() / _collection_of_folder(rel))
+        assert trained_on(config, coll)[0], f"{rel}: trained on another version of {coll.path.name}; retrain it " \
+                                            f"(`lol.experiments.retrain_checkpoints`)"
+        split = recorded_split(config, coll.table["id"])
+        n = {s: int((split == s).sum()) for s in ("train", "val", "test")}
+        assert all(n.values()), f"{rel}: its recorded split names no {[s for s, k in n.items() if not k]} LoRA here"
+        assert sum(n.values()) == sum(len(config["split"][s]) for s in n), f"{rel}: recorded ids missing here"

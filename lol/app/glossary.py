@@ -16,6 +16,8 @@ KIND_HELP = {
     "canon_mlp": "MLP on an SVD canonical form of every module: GL-invariant for generic inputs.",
     "canon_transformer": "Transformer over per-module SVD canonical tokens: GL-invariant for generic inputs.",
     "glnet": "GL-equivariant layers on (U, V) with an invariant head: GL-invariant by construction, any rank.",
+    "ensemble": "Several GL-invariant models trained on the same split, their predictions averaged (probabilities for "
+                "yes/no labels); members chosen on validation: GL-invariant because every member is.",
 }
 METRIC_HELP = {
     "R²": "Coefficient of determination: 1 is perfect, 0 is as good as predicting the mean, below 0 worse.",

@@ -16,6 +16,9 @@ kind                      model                                                i
 ``canon_transformer``     Transformer over per-module canonical tokens         GL(r), generic inputs
 ``glnet``                 GL-equivariant network with invariant head           GL(r), any rank
 ========================= ==================================================== =======================================
+
+``ensemble`` (`lol.models.ensemble`, in `ASSEMBLED`, not `MODELS`): trained models of GL-invariant kinds combined into
+one, assembled from checkpoints by `lol.ensemble.ensemble_checkpoint`, never trained by a grid.
 """
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ from ..lora import ModuleSpec
 from ..symmetry import GL, INVARIANCES
 from .base import LoLModel, MLPTrunk, Standardize
 from .colsketch import ColumnSketch
+from .ensemble import Ensemble
 from .glnet import GLHidden, GLInput, GLNet, InvariantHead, RowGate
 from .mlp import (AugmentedMLP, CanonicalMLP, ColumnSpaceMLP, DenseMLP, FeatureMLP, FlattenMLP, OAlignMLP,
                   SingularValueMLP)
 from .transformer import CanonicalTransformer
 
-__all__ = ["MODELS", "build_model", "gl_invariant", "gl_invariant_kinds", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
+__all__ = ["MODELS", "ASSEMBLED", "model_class", "Ensemble", "build_model", "gl_invariant", "gl_invariant_kinds", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
            "ColumnSpaceMLP", "ColumnSketch",
            "SingularValueMLP", "OAlignMLP", "CanonicalMLP", "CanonicalTransformer", "GLNet", "GLInput", "GLHidden",
            "RowGate", "InvariantHead", "MLPTrunk", "Standardize"]
@@ -37,15 +41,22 @@ __all__ = ["MODELS", "build_model", "gl_invariant", "gl_invariant_kinds", "LoLMo
 MODELS: dict[str, type[LoLModel]] = {cls.kind: cls for cls in (
     FlattenMLP, AugmentedMLP, DenseMLP, ColumnSpaceMLP, ColumnSketch, SingularValueMLP, OAlignMLP, CanonicalMLP,
     CanonicalTransformer, GLNet)}
-for _cls in MODELS.values():  # the registry is the one home of kinds and their symmetry: no free text
+# kinds assembled from trained models rather than trained: checkpoints load them, grids and `lol train` never see them
+ASSEMBLED: dict[str, type[LoLModel]] = {Ensemble.kind: Ensemble}
+for _cls in (*MODELS.values(), *ASSEMBLED.values()):  # the registry is the one home of kinds and their symmetry: no free text
     if _cls.invariant_to not in INVARIANCES:
         raise TypeError(f"model {_cls.kind!r}: invariant_to {_cls.invariant_to!r} is not one of {INVARIANCES}")
+
+
+def model_class(kind: str) -> type[LoLModel] | None:
+    """The class of a trainable kind (`MODELS`) or of an assembled one (`ASSEMBLED`: an ensemble); None if unknown."""
+    return MODELS.get(kind) or ASSEMBLED.get(kind)
 
 
 def gl_invariant(kind: str) -> bool:
     """True for kinds invariant to GL(r) (by construction or canonicalization), not only O(r). Unknown kinds:
     False."""
-    cls = MODELS.get(kind)
+    cls = model_class(kind)
     return cls is not None and cls.invariant_to == GL
 
 
@@ -56,9 +67,10 @@ def gl_invariant_kinds() -> tuple[str, ...]:
 def build_model(kind: str, spec: ModuleSpec, n_outputs: int, **hparams) -> LoLModel:
     """A new model of ``kind`` for LoRAs over ``spec`` with ``n_outputs`` outputs; ``hparams`` go to its constructor
     (see each class; ``width`` is accepted by all)."""
-    if kind not in MODELS:
+    cls = model_class(kind)
+    if cls is None:
         raise LoLError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")
     try:
-        return MODELS[kind](spec, n_outputs, **hparams)
+        return cls(spec, n_outputs, **hparams)
     except TypeError as e:
         raise LoLError(f"model {kind!r}: {e}") from None

@@ -380,7 +380,8 @@ def apply_measurements(collection_dir, label: str = "clip_score") -> dict[str, A
     keeps each as its own column (``<label>_seed<S>``, the build's first) and ``label`` becomes their row mean; the
     schema lists them under ``"measurements"``, so `lol.reliability.label_reliability` gives the mean's reliability
     (`repeated_reliability`) and every reader (report, app, notebooks) uses it. Changes the collection's
-    fingerprint, as a new label should: rerun ``lol zoo precompute`` and the notebooks. Running it again after a
+    fingerprint, as a new label should: rerun ``lol zoo precompute`` and the notebooks. Its LoRAs stay the same
+    (`Collection.loras_fingerprint`), so a model trained before keeps its recorded split here. Running it again after a
     further seed was measured averages that one in too. The table is replaced before ``collection.json`` (each
     atomically); if a crash falls between, running it again completes it. Returns the new
     `measured_reliability`."""
