@@ -21,7 +21,7 @@ are averaged seed by seed.
 * `count_present`: the number of a LoRA's binary labels predicted present (probability ≥ 0.5): for a membership task,
   the size of the finetuning set counted class by class (the paper's Table 4 quantity, read off membership outputs).
 
-* `best_seed`: the seed whose ensemble of given members scores best on validation (the one to ship).
+* `ship_ensemble`: the members of the best validation seed written as one checkpoint, their selection recorded.
 * `ensemble_checkpoint`: trained checkpoints of one task and one split assembled into one checkpoint of kind
   ``ensemble`` (`lol.models.Ensemble`), which `lol predict`, the app and `lol.checkpoint.load_checkpoint` read like
   any model; its metrics are computed by running it on the collection's splits.
@@ -44,7 +44,7 @@ from .errors import LoLError
 from .labels import infer_kind
 
 __all__ = ["ENSEMBLE", "average", "task_score", "select_members", "ensemble_runs", "ensemble_table", "count_present",
-           "count_scores", "best_seed", "ensemble_checkpoint"]
+           "count_scores", "ship_ensemble", "ensemble_checkpoint"]
 
 ENSEMBLE = "ensemble"   # the model name of an ensemble's rows
 _KEYS = ["collection", "task", "seed", "split", "id", "label"]
@@ -225,12 +225,30 @@ def count_scores(per: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best_seed(pred: pd.DataFrame, members: Sequence[str], metric: str | None = None,
-              kinds: Mapping[str, str] | None = None) -> int:
-    """The seed on which the ensemble of ``members`` scores best on validation (`task_score`): the one to ship, as
-    `lol.experiments.select_best` ships a single model's best validation seed."""
-    scores = task_score(average(pred, members), "val", metric, kinds)
-    return int(scores.idxmax())
+def ship_ensemble(pred: pd.DataFrame, members: Sequence[str], models: Mapping, coll, out, metric: str | None = None,
+                  kinds: Mapping[str, str] | None = None, candidates: Sequence[str] = ()) -> dict:
+    """Write the ensemble of ``members`` (chosen on validation, `select_members`) of the one task in ``pred`` as a
+    checkpoint at ``out``: the members of the seed where the ensemble scores best on validation (as
+    `lol.experiments.select_best` ships a single model's best validation seed), found in ``models`` (a grid's
+    ``{(collection, task, kind, seed): checkpoint folder}``), assembled by `ensemble_checkpoint` with their selection
+    recorded. Returns that record (collection, task, members, seed, metric, validation over seeds and at the seed,
+    test at the seed)."""
+    p = _task(pred)
+    c, t = p.collection.iloc[0], p.task.iloc[0]
+    avg = average(p, members)
+    val, test = task_score(avg, "val", metric, kinds), task_score(avg, "test", metric, kinds)
+    seed = int(val.idxmax())
+    missing = [k for k in members if (c, t, k, seed) not in models]
+    if missing:
+        raise LoLError(f"ensemble: no trained {missing} of {c}/{t} at seed {seed} to assemble")
+    name = metric or val.name
+    record = {"collection": c, "task": t, "members": " + ".join(members), "seed": seed, "metric": name,
+              "val_mean": float(val.mean()), "val_seed": float(val[seed]), "test_seed": float(test[seed])}
+    selection = {"selected_by": f"members by greedy forward selection with replacement on validation (mean {name} "
+                                f"over seeds {sorted(int(s) for s in val.index)}), then the seed whose ensemble "
+                                f"scores best on validation", "candidates": ", ".join(candidates), **record}
+    ensemble_checkpoint([models[(c, t, k, seed)] for k in members], out, coll=coll, extra={"selection": selection})
+    return record
 
 
 def _encoding(t) -> str:

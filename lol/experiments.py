@@ -1286,6 +1286,7 @@ README_SECTIONS = (
     ("Training on the mean of a label's measurements", "label_averaging.md", []),
     ("Ensembles of GL-invariant models", "ensembles.md", []),
     ("Dataset size counted from the membership ensemble", "ensemble_size.md", []),
+    ("Ensembles shipped in place of a single model", "shipped_ensembles.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )

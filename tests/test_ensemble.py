@@ -247,8 +247,20 @@ def test_an_ensemble_checkpoint_refuses_members_that_do_not_belong_together(trai
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_best_seed_is_chosen_on_validation():
-    y = np.arange(30.0)
-    good = {0: y + 5.0, 1: y.copy()}                     # seed 1 is exact on every split
-    p = tidy({"a": lambda s: good[s]}, y)
-    assert E.best_seed(p, ["a"]) == 1
+def test_ship_ensemble_writes_the_members_of_the_best_validation_seed(trained, tmp_path):
+    from lol.checkpoint import load_checkpoint
+
+    coll, grid, _ = trained
+    members = ["svals", "glnet"]
+    rec = E.ship_ensemble(grid.predictions, members, grid.models, coll, tmp_path / "s",
+                          candidates=["svals", "glnet", "dense"])       # R² and AUC: each label's primary metric
+    val = E.task_score(E.average(grid.predictions, members), "val")
+    assert rec["seed"] == int(val.idxmax()) and rec["val_seed"] == pytest.approx(val.max())
+    assert rec["val_mean"] == pytest.approx(val.mean()) and rec["members"] == "svals + glnet"
+    ck = load_checkpoint(tmp_path / "s")
+    assert ck.kind == "ensemble" and ck.config["selection"]["seed"] == rec["seed"]
+    assert ck.config["selection"]["candidates"] == "svals, glnet, dense"
+    assert {m["seed"] for m in ck.config["members"]} == {rec["seed"]}
+    with pytest.raises(LoLError, match=r"no trained \['colspace'\] of synth/spectrum at seed"):
+        E.ship_ensemble(grid.predictions.assign(model=grid.predictions.model.replace("dense", "colspace")),
+                        ["svals", "colspace"], grid.models, coll, tmp_path / "t")

@@ -26,7 +26,7 @@ def smoke_run(ci_zoo, tmp_path_factory):
     res, ck, runs = work / "results", work / "checkpoints", work / "runs"
     params = {"smoke": True, "collections_dir": str(ci_zoo / "collections"), "out_dir": str(res),
               "checkpoints_dir": str(ck), "runs_dir": str(runs), "data_dir": str(ci_zoo),
-              "zoo_dir": str(ci_zoo)}   # 01 re-runs the (resumable) build on the session's CI zoo: nothing left to do
+              "zoo_dir": str(ci_zoo), "ship_ensembles": None}   # 01 re-runs the (resumable) build on the session's CI zoo: nothing left to do
     executed = run_notebooks(work, params)
     return {"results": res, "checkpoints": ck, "executed": executed, "zoo": ci_zoo}
 
@@ -111,6 +111,18 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
     binary = ens[ens.task.isin(["attributes", "membership"])]
     assert set(binary.metric) == {"auc", "accuracy"} and set(ens[~ens.index.isin(binary.index)].metric) == {"r2"}
     np.testing.assert_allclose(ens.ensemble - ens.single, ens.gain, atol=1e-9)
+    # an ensemble that selection grew beyond one model ships in notebook 02's checkpoint's place (ship_ensembles None:
+    # every task's), its members at the seed where it scores best on validation
+    grown = ens[ens.members.str.contains(" + ", regex=False)].drop_duplicates(["collection", "task"])
+    shipped = pd.read_csv(res / "shipped_ensembles.csv") if (res / "shipped_ensembles.csv").is_file() \
+        else pd.DataFrame(columns=["collection", "task", "members", "seed"])
+    assert set(zip(shipped.collection, shipped.task)) == set(zip(grown.collection, grown.task))
+    for r in shipped.itertuples():
+        c = load_checkpoint(smoke_run["checkpoints"] / r.collection / r.task)
+        assert c.kind == "ensemble" and c.config["selection"]["seed"] == r.seed
+        weighted = [m["kind"] for m in c.config["members"] for _ in range(m["weight"])]
+        assert sorted(weighted) == sorted(r.members.split(" + ")) and c.config["metrics"]["test"]
+        assert r.val_seed >= r.val_mean                          # the best validation seed is at least the mean
     size = pd.read_csv(res / "ensemble_size.csv")               # fashion's size counted from its membership ensemble
     assert list(zip(size.collection, size.task)) == [("fashion", "dataset_size")]
     assert size.accuracy.between(0, 1).all() and (size.within_one >= size.accuracy).all()
