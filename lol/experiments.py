@@ -43,7 +43,7 @@ from .errors import LoLError
 from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
-           "rank_agnostic", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
+           "rank_agnostic", "task_digest", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
            "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "chosen_on_seeds", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
@@ -196,11 +196,38 @@ def _run_dir(runs_dir, ref: TaskRef, kind: str, seed: int) -> Path:
     return Path(runs_dir) / ref.collection / ref.task / kind / f"seed{seed}"
 
 
-def _cached(rdir: Path, fingerprint: str) -> bool:
-    """A finished run of this very data: a cached run of another version of the collection (rebuilt, repacked) is
-    trained again, never reused."""
+def task_digest(coll, ref: TaskRef) -> str:
+    """SHA-256 of what a run of ``ref`` reads from ``coll``'s table besides the LoRAs themselves: the rows it selects,
+    its labels' values and schema, and the columns its split is made from (``group``, ``split``)."""
+    import hashlib
+
+    idx = _rows(coll, ref.filter)
+    names = coll.label_columns(ref.task)
+    cols = [c for c in (*names, "group", "split") if c in coll.table.columns]
+    h = hashlib.sha256(json.dumps({"rows": idx.tolist(), "columns": cols,
+                                   "schema": {n: coll.labels.get(n) for n in names}}, sort_keys=True,
+                                  default=str).encode())
+    h.update(pd.util.hash_pandas_object(coll.table.iloc[idx][cols], index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_record(coll, ref: TaskRef) -> dict:
+    """What `_cached` compares: the collection's fingerprint, its LoRAs' and the task's own data."""
+    return {"fingerprint": coll.fingerprint, "loras": coll.loras_fingerprint, "task_data": task_digest(coll, ref)}
+
+
+def _cached(rdir: Path, coll, ref: TaskRef) -> bool:
+    """A finished run of this very data: the same collection (fingerprint), or the same LoRAs with the same rows,
+    labels and split columns for this task (a label of another task re-measured, `lol zoo measure --apply`). A cached
+    run of another version (rebuilt, repacked, this task's labels changed) is trained again, never reused."""
     done = rdir / "done.json"
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
+    if not done.is_file():
+        return False
+    rec = json.loads(done.read_text())
+    if rec.get("fingerprint") == coll.fingerprint:
+        return True
+    return bool(rec.get("loras")) and rec["loras"] == coll.loras_fingerprint \
+        and rec.get("task_data") == task_digest(coll, ref)
 
 
 def _same_training(a: Mapping, b: Mapping) -> bool:
@@ -231,9 +258,10 @@ def finished_run(runs_dir, coll, task: str, where: Mapping, kind: str, config, i
 
     if runs_dir is None:
         return None
-    rdir = _run_dir(runs_dir, TaskRef(Path(coll.path).name, task), kind, int(config.seed))
+    ref = TaskRef(Path(coll.path).name, task, tuple(sorted(dict(where).items())))
+    rdir = _run_dir(runs_dir, ref, kind, int(config.seed))
     cfg_file = rdir / "checkpoint" / "config.json"
-    if not (_cached(rdir, coll.fingerprint) and cfg_file.is_file()):
+    if not (cfg_file.is_file() and _cached(rdir, coll, ref)):
         return None
     rec = json.loads(cfg_file.read_text())
     rows = json.loads(json.dumps(dict(where), default=int))
@@ -333,7 +361,7 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
             raise LoLError("run_grid: workers > 1 needs a runs_dir (the workers store their runs there)")
         paths = {name: str(c.path) for name, c in collections.items()}
         calls = [(paths, ref, kind, int(seed), config, hparams, str(runs_dir)) for ref in refs for kind in models
-                 for seed in seeds if not _cached(_run_dir(runs_dir, ref, kind, seed), collections[ref.collection].fingerprint)]
+                 for seed in seeds if not _cached(_run_dir(runs_dir, ref, kind, seed), collections[ref.collection], ref)]
         if log and calls:
             log(f"[grid] {len(calls)} run(s) to train in {min(workers, len(calls))} worker processes")
         for failures in in_workers(_grid_unit, calls, workers):
@@ -350,7 +378,7 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
                 if key in failed:    # failed in a worker: recorded there, not tried again here
                     continue
                 rdir = _run_dir(runs_dir, ref, kind, seed) if runs_dir is not None else None
-                if rdir is not None and _cached(rdir, coll.fingerprint):
+                if rdir is not None and _cached(rdir, coll, ref):
                     runs.append(pd.read_csv(rdir / "metrics.csv"))
                     if (rdir / "predictions.parquet").is_file():
                         preds.append(pd.read_parquet(rdir / "predictions.parquet"))
@@ -381,8 +409,7 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
                     rows.to_csv(tmp / "metrics.csv", index=False)
                     if len(pr):
                         pr.to_parquet(tmp / "predictions.parquet", index=False)
-                    (tmp / "done.json").write_text(json.dumps({"seconds": res.seconds,
-                                                               "fingerprint": coll.fingerprint}))
+                    (tmp / "done.json").write_text(json.dumps({"seconds": res.seconds, **_data_record(coll, ref)}))
                     shutil.rmtree(rdir, ignore_errors=True)
                     tmp.rename(rdir)
                     grid.models[key] = rdir / "checkpoint"

@@ -204,7 +204,8 @@ def test_checkpoints_index_and_resume(coll, tmp_path, monkeypatch):
     assert len(X.load_grid(runs_dir).runs) == len(g1.runs)
     # a cached run of another version of the collection (rebuilt data) is never reused: it is trained again
     done = next(runs_dir.glob("synth/spectrum/svals/seed0/done.json"))
-    done.write_text(json.dumps({**json.loads(done.read_text()), "fingerprint": "an-older-build"}))
+    done.write_text(json.dumps({**json.loads(done.read_text()), "fingerprint": "an-older-build",
+                                "loras": "its-older-loras"}))
     with pytest.raises(AssertionError, match="retrained"):
         X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
 
@@ -306,6 +307,48 @@ def test_hparam_search_runs_the_grid_split_and_chooses_on_validation(coll, grid)
         X.hparam_search(coll, "spectrum", "svals", {"depth": [1]}, seeds=(0,), config=CFG, log=None)
     with pytest.raises(LoLError, match="non-empty list"):
         X.hparam_search(coll, "spectrum", "svals", {"lr": []}, seeds=(0,), config=CFG, log=None)
+
+
+def test_a_finished_run_survives_relabelling_of_another_task_only(coll, tmp_path, monkeypatch):
+    """`lol zoo measure --apply` rewrites the table: the collection's fingerprint changes but its LoRAs do not. A stored
+    run is reused when its own task's rows, labels and split columns are unchanged (another task's label was
+    re-measured), and trained again when they changed or when the record predates that (fingerprint only)."""
+    import shutil
+
+    import lol.train
+
+    refs = [X.TaskRef("synth", "spectrum")]
+    runs_dir = tmp_path / "runs"
+    first = X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+
+    def relabelled(name, change):
+        d = tmp_path / name
+        shutil.copytree(coll.path, d)
+        t = pd.read_parquet(d / "loras.parquet")
+        change(t).to_parquet(d / "loras.parquet", index=False)
+        return open_collection(d)
+
+    other = relabelled("other_task", lambda t: t.assign(probe=t["probe"] * 2))        # task "direction"'s label
+    own = relabelled("own_task", lambda t: t.assign(sv_energy=t["sv_energy"] + 1.0))  # task "spectrum"'s label
+    assert other.fingerprint != coll.fingerprint and other.loras_fingerprint == coll.loras_fingerprint
+    assert X.task_digest(other, refs[0]) == X.task_digest(coll, refs[0]) != X.task_digest(own, refs[0])
+    real = lol.train.train
+    trained = []
+    monkeypatch.setattr(lol.train, "train", lambda *a, **k: trained.append(1) or real(*a, **k))
+    again = X.run_grid({"synth": other}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    assert trained == []                                                  # reused
+    pd.testing.assert_frame_equal(again.runs, first.runs, check_dtype=False)
+    X.run_grid({"synth": own}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    assert trained == [1]                                                 # its own label changed: trained again
+    done = runs_dir / "synth" / "spectrum" / "svals" / "seed0" / "done.json"
+    rec = json.loads(done.read_text())
+    assert rec["fingerprint"] == own.fingerprint and rec["task_data"] == X.task_digest(own, refs[0])
+    done.write_text(json.dumps({"seconds": 1.0, "fingerprint": own.fingerprint}))   # a record from before
+    X.run_grid({"synth": own}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    assert trained == [1]                                                 # same fingerprint: reused
+    later = relabelled("own_later", lambda t: t.assign(probe=t["probe"] - 1))      # another task relabelled again
+    X.run_grid({"synth": later}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    assert trained == [1, 1]                # the old record cannot tell which data it saw: trained again
 
 
 def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, monkeypatch):
