@@ -43,7 +43,7 @@ from .errors import LoLError
 from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
-           "rank_agnostic", "task_digest", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
+           "rank_agnostic", "task_digest", "adopt_runs", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
            "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "chosen_on_seeds", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
@@ -228,6 +228,37 @@ def _cached(rdir: Path, coll, ref: TaskRef) -> bool:
         return True
     return bool(rec.get("loras")) and rec["loras"] == coll.loras_fingerprint \
         and rec.get("task_data") == task_digest(coll, ref)
+
+
+def adopt_runs(runs_dir, coll, earlier, name: str | None = None, log: Callable[[str], None] | None = print) -> int:
+    """Make the stored runs of ``earlier`` (an earlier version of ``coll``, e.g. before `lol zoo measure --apply`
+    re-measured a label) runs of ``coll`` wherever that is true: the same LoRAs (`Collection.loras_fingerprint`) and,
+    task by task, the same rows, labels and split columns (`task_digest`). Their ``done.json`` gets ``coll``'s record
+    and their checkpoint's split the LoRAs' fingerprint, so `run_grid` reuses them and a checkpoint shipped from them
+    knows its LoRAs. Runs of any other version are left as they are (they train again). ``name``: the collection's
+    name in ``runs_dir`` (default its folder's). Returns how many runs were adopted."""
+    name = name or Path(coll.path).name
+    if earlier.loras_fingerprint != coll.loras_fingerprint:
+        raise LoLError(f"{earlier.path} and {coll.path} hold other LoRAs: nothing of one is a run of the other")
+    adopted = 0
+    for done in sorted(Path(runs_dir, name).glob("*/*/seed*/done.json")):
+        rec = json.loads(done.read_text())
+        cfg_file = done.parent / "checkpoint" / "config.json"
+        if rec.get("fingerprint") != earlier.fingerprint or not cfg_file.is_file():
+            continue
+        cfg = json.loads(cfg_file.read_text())
+        task = done.parent.parent.parent.name
+        ref = TaskRef(name, task, tuple(sorted((cfg.get("rows") or {}).items())))
+        if task not in coll.tasks or task_digest(earlier, ref) != task_digest(coll, ref):
+            continue
+        if isinstance(cfg.get("split"), dict):
+            cfg["split"]["loras"] = coll.loras_fingerprint
+            cfg_file.write_text(json.dumps(cfg, indent=1, default=str))
+        done.write_text(json.dumps({**rec, **_data_record(coll, ref), "adopted_from": earlier.fingerprint}))
+        adopted += 1
+    if log:
+        log(f"[adopt] {adopted} run(s) of {earlier.path} adopted as runs of {coll.path}")
+    return adopted
 
 
 def _same_training(a: Mapping, b: Mapping) -> bool:

@@ -351,6 +351,37 @@ def test_a_finished_run_survives_relabelling_of_another_task_only(coll, tmp_path
     assert trained == [1, 1]                # the old record cannot tell which data it saw: trained again
 
 
+def test_runs_of_an_earlier_version_are_adopted_only_where_their_task_data_is_unchanged(coll, tmp_path, monkeypatch):
+    import shutil
+
+    import lol.train
+    from lol.checkpoint import load_checkpoint
+    from lol.predict import trained_on
+
+    refs = [X.TaskRef("synth", "spectrum"), X.TaskRef("synth", "direction")]
+    runs_dir = tmp_path / "runs"
+    X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    for done in runs_dir.glob("synth/*/svals/seed0/done.json"):      # records from before task_data was stored
+        done.write_text(json.dumps({"seconds": 1.0, "fingerprint": coll.fingerprint}))
+    d = tmp_path / "now"
+    shutil.copytree(coll.path, d)
+    t = pd.read_parquet(d / "loras.parquet")
+    t.assign(probe=t["probe"] + 0.5).to_parquet(d / "loras.parquet", index=False)   # "direction"'s label re-measured
+    now = open_collection(d)
+    assert X.adopt_runs(runs_dir, now, coll, name="synth", log=None) == 1            # spectrum's run only
+    ck = load_checkpoint(runs_dir / "synth" / "spectrum" / "svals" / "seed0" / "checkpoint")
+    assert trained_on(ck.config, now) == (True, True)
+    trained = []
+    real = lol.train.train
+    monkeypatch.setattr(lol.train, "train", lambda *a, **k: trained.append(a[1]) or real(*a, **k))
+    X.run_grid({"synth": now}, refs, models=("svals",), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
+    assert [sorted(c) for c in trained] == [["probe", "probe_positive"]]            # direction trains again
+    synth_collection(tiny_spec(), 10, ranks=(4,), seed=4).write(tmp_path / "other")
+    other = open_collection(tmp_path / "other")
+    with pytest.raises(LoLError, match="hold other LoRAs"):
+        X.adopt_runs(runs_dir, now, other, name="synth", log=None)
+
+
 def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, monkeypatch):
     """With ``runs_dir`` every finished (setting, seed) run is stored and reused: a grid grown by one value trains only
     the new setting, the rows are those of a search without the store, and a run of another training (other epochs,
