@@ -226,17 +226,21 @@ def count_scores(per: pd.DataFrame) -> pd.DataFrame:
 
 
 def ship_ensemble(pred: pd.DataFrame, members: Sequence[str], models: Mapping, coll, out, metric: str | None = None,
-                  kinds: Mapping[str, str] | None = None, candidates: Sequence[str] = ()) -> dict:
+                  kinds: Mapping[str, str] | None = None, candidates: Sequence[str] = (),
+                  beat: float | None = None) -> dict | None:
     """Write the ensemble of ``members`` (chosen on validation, `select_members`) of the one task in ``pred`` as a
     checkpoint at ``out``: the members of the seed where the ensemble scores best on validation (as
     `lol.experiments.select_best` ships a single model's best validation seed), found in ``models`` (a grid's
     ``{(collection, task, kind, seed): checkpoint folder}``), assembled by `ensemble_checkpoint` with their selection
     recorded. Returns that record (collection, task, members, seed, metric, validation over seeds and at the seed,
-    test at the seed)."""
+    test at the seed). ``beat``: the mean validation score of the model shipped now; the ensemble is written only if
+    its own is higher (else None, nothing written)."""
     p = _task(pred)
     c, t = p.collection.iloc[0], p.task.iloc[0]
     avg = average(p, members)
     val, test = task_score(avg, "val", metric, kinds), task_score(avg, "test", metric, kinds)
+    if beat is not None and not float(val.mean()) > float(beat):
+        return None
     seed = int(val.idxmax())
     missing = [k for k in members if (c, t, k, seed) not in models]
     if missing:

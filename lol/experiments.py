@@ -43,7 +43,7 @@ from .errors import LoLError
 from .models import MODELS, gl_invariant as _gl_invariant
 
 __all__ = ["MODEL_KINDS", "BASELINE", "DEFAULT_TASKS", "PRIMARY_METRIC", "TaskRef", "Grid", "gl_invariant",
-           "rank_agnostic", "task_digest", "adopt_runs", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
+           "rank_agnostic", "task_digest", "adopt_runs", "ship_tuned", "main_rows", "main_row_indices", "task_refs", "task_data", "run_grid", "task_scores", "summarize", "per_label_scores", "label_tail", "compare_summaries",
            "results_table", "write_table", "compare_to_baseline", "select_best", "write_checkpoints", "retrain_checkpoints",
            "evaluate_rows", "rank_generalization", "learning_curve", "label_averaging", "averaging_gain", "hparam_search", "in_workers", "best_setting", "chosen_on_seeds", "base_transfer", "primary_metric", "load_grid", "splice_runs", "finished_run", "FinishedRun",
            "write_results_readme"]
@@ -1266,6 +1266,60 @@ def chosen_on_seeds(collections: Mapping, search_rows: pd.DataFrame, seeds: Sequ
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=search_rows.columns)
 
 
+def ship_tuned(collections: Mapping, tuned_rows: pd.DataFrame | None, runs: pd.DataFrame, root: str | Path,
+               seeds: Sequence[int], config=None, tasks: Sequence[str] | None = None,
+               log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Per task of ``runs`` (notebook 02's grid rows, whose `select_best` choice ships): its validation score, the
+    task's primary metric averaged over ``seeds``, beside that of each searched model's chosen setting on the same
+    seeds (``tuned_rows``: `chosen_on_seeds`). Where a setting scores higher, it is trained at its best validation
+    seed and written in the shipped checkpoint's place under ``root`` (`write_checkpoints`). ``tasks``: only these
+    ``"<collection>/<task>"``. Returns one row per task: what ships now (``model``, ``setting``, ``"notebook 02"``
+    where unchanged), its ``val_mean`` over ``seeds`` (what an ensemble must beat, `lol.ensemble.ship_ensemble`) and
+    ``replaced``."""
+    from .train import TrainConfig
+
+    config = config or TrainConfig()
+    seeds = [int(s) for s in seeds]
+    scores = task_scores(runs)
+    out = []
+    for b in select_best(runs).itertuples(index=False):
+        name = f"{b.collection}/{b.task}"
+        if (tasks is not None and name not in tasks) or b.collection not in collections:
+            continue
+        mine = scores[(scores.collection == b.collection) & (scores.task == b.task) & (scores.model == b.model)
+                      & (scores.split == "val") & (scores.metric == b.metric) & scores.seed.isin(seeds)]
+        row = {"collection": b.collection, "task": b.task, "model": b.model, "setting": "notebook 02",
+               "seeds": len(mine), "val_mean": float(mine.value.mean()) if len(mine) else math.nan, "replaced": False}
+        found = pd.DataFrame() if tuned_rows is None or not len(tuned_rows) else tuned_rows[
+            (tuned_rows.collection == b.collection) & (tuned_rows.task == b.task) & (tuned_rows.metric == b.metric)
+            & (tuned_rows.split == "val") & tuned_rows.seed.isin(seeds)].dropna(subset=["value"])
+        if len(found) and np.isfinite(row["val_mean"]):
+            per_seed = found.groupby(["model", "setting", "seed"]).value.mean()
+            means = per_seed.groupby(level=["model", "setting"]).mean()
+            (kind, setting), val_mean = means.idxmax(), float(means.max())
+            if val_mean > row["val_mean"]:
+                seed = int(per_seed.loc[(kind, setting)].idxmax())
+                cfg = _apply(config, json.loads(setting), seed)
+                coll = collections[b.collection]
+                ref = next(r for r in task_refs({b.collection: coll}) if r.task == b.task)
+                grid = run_grid({b.collection: coll}, [ref], [kind], [seed], replace(cfg, model={}),
+                                hparams={kind: cfg.model}, log=log)
+                got = task_scores(grid.runs)
+                got = got[got.metric == b.metric].set_index("split").value
+                sel = pd.DataFrame([{
+                    "collection": b.collection, "task": b.task, "model": kind, "seed": seed, "metric": b.metric,
+                    "selected_by": f"{b.selected_by}: {b.model} with notebook 02's setting (val {row['val_mean']:.4f}"
+                                   f" over seeds {seeds}); the setting notebook 09's search chose for {kind}, "
+                                   f"{setting}, scores {val_mean:.4f} on the same seeds: trained at its best seed",
+                    "candidates": b.candidates, "val_mean": val_mean, "val_seed": float(got["val"]),
+                    "test_seed": float(got["test"])}])
+                write_checkpoints(grid, sel, root, [ref])
+                row.update(model=kind, setting=setting, val_mean=val_mean, replaced=True, seed=seed,
+                           val_seed=float(got["val"]), test_seed=float(got["test"]))
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def _transfer_unit(train_path: str, eval_path: str, task: str, kind: str, seed: int, config, hparams):
     from .collection import open_collection
 
@@ -1344,6 +1398,7 @@ README_SECTIONS = (
     ("Training on the mean of a label's measurements", "label_averaging.md", []),
     ("Ensembles of GL-invariant models", "ensembles.md", []),
     ("Dataset size counted from the membership ensemble", "ensemble_size.md", []),
+    ("What ships after the hyperparameter search", "shipped_tuned.md", []),
     ("Ensembles shipped in place of a single model", "shipped_ensembles.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),

@@ -261,6 +261,8 @@ def test_ship_ensemble_writes_the_members_of_the_best_validation_seed(trained, t
     assert ck.kind == "ensemble" and ck.config["selection"]["seed"] == rec["seed"]
     assert ck.config["selection"]["candidates"] == "svals, glnet, dense"
     assert {m["seed"] for m in ck.config["members"]} == {rec["seed"]}
+    assert E.ship_ensemble(grid.predictions, members, grid.models, coll, tmp_path / "u", beat=val.mean()) is None
+    assert not (tmp_path / "u").exists()                 # not better on validation than what ships: nothing written
     with pytest.raises(LoLError, match=r"no trained \['colspace'\] of synth/spectrum at seed"):
         E.ship_ensemble(grid.predictions.assign(model=grid.predictions.model.replace("dense", "colspace")),
                         ["svals", "colspace"], grid.models, coll, tmp_path / "t")

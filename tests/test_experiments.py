@@ -382,6 +382,40 @@ def test_runs_of_an_earlier_version_are_adopted_only_where_their_task_data_is_un
         X.adopt_runs(runs_dir, now, other, name="synth", log=None)
 
 
+def test_ship_tuned_replaces_a_checkpoint_only_when_the_searched_setting_wins_on_validation(tmp_path):
+    from lol.checkpoint import load_checkpoint
+
+    synth_collection(tiny_spec(), 200, ranks=(4,), seed=2).write(tmp_path / "synth")   # validation AUC defined
+    coll = open_collection(tmp_path / "synth")
+    refs = [X.TaskRef("synth", "spectrum")]
+    g = X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0, 1), config=CFG, log=None)
+    selected = X.select_best(g.runs)
+    root = tmp_path / "ck"
+    X.write_checkpoints(g, selected, root, refs)
+    metric = selected.metric.iloc[0]
+    single = X.task_scores(g.runs).query("split == 'val' and metric == @metric").value.mean()
+    tuned = X.hparam_search(coll, "spectrum", "svals", {"lr": [1e-2]}, (0, 1), CFG, log=None)
+    per_seed = tuned[(tuned.split == "val") & (tuned.metric == metric)].groupby("seed").value.mean()
+    weights = root / "synth" / "spectrum" / "model.safetensors"
+    before = weights.read_bytes()
+    # the searched setting is worse on validation: what notebook 02 chose stays, and its score is what ships now
+    worse = tuned.assign(value=np.where(tuned.metric == metric, -1e9, tuned.value))
+    kept = X.ship_tuned({"synth": coll}, worse, g.runs, root, (0, 1), CFG, log=None)
+    assert list(kept.setting) == ["notebook 02"] and not kept.replaced.any() and weights.read_bytes() == before
+    assert kept.val_mean.iloc[0] == pytest.approx(single) and list(kept.seeds) == [2]
+    # better on validation: trained at its best validation seed, written in the checkpoint's place
+    better = tuned.assign(value=np.where((tuned.metric == metric) & (tuned.split == "val"), tuned.value + 10,
+                                         tuned.value))
+    rows = X.ship_tuned({"synth": coll}, better, g.runs, root, (0, 1), CFG, log=None)
+    assert rows.replaced.all() and list(rows.seed) == [int(per_seed.idxmax())]
+    assert rows.val_mean.iloc[0] == pytest.approx(per_seed.mean() + 10)
+    ck = load_checkpoint(root / "synth" / "spectrum")
+    assert ck.config["train"]["lr"] == 1e-2 and ck.config["train"]["seed"] == int(per_seed.idxmax())
+    assert "the setting notebook 09's search chose for svals" in ck.config["selection"]["selected_by"]
+    assert ck.config["selection"]["val_seed"] == pytest.approx(per_seed.max())          # retrained: the same run
+    assert X.ship_tuned({"synth": coll}, better, g.runs, root, (0, 1), CFG, tasks=["synth/other"], log=None).empty
+
+
 def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, monkeypatch):
     """With ``runs_dir`` every finished (setting, seed) run is stored and reused: a grid grown by one value trains only
     the new setting, the rows are those of a search without the store, and a run of another training (other epochs,
