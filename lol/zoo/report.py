@@ -315,13 +315,33 @@ def data_readme(out: str | Path) -> str:
             lines += [f"**{p.stem}**", "", f"![{p.stem}](samples/{p.name})", ""]
     ckpt_index = out / "checkpoints" / "index.json"
     if ckpt_index.is_file():
-        lines += ["## Shipped checkpoints", "", "Used by `lol predict --task LABEL` (see `checkpoints/index.json`).",
-                  "", "| label | checkpoint |", "|---|---|"]
+        lines += ["## Shipped checkpoints", "", "Used by `lol predict --task LABEL` (see `checkpoints/index.json`); "
+                  "the model and its test score (the label's primary metric) as its `config.json` records them.",
+                  "", "| label | checkpoint | model | test |", "|---|---|---|---|"]
         for lab, rel in json.loads(ckpt_index.read_text()).items():
-            lines.append(f"| {lab} | `checkpoints/{rel}` |" if not str(rel).startswith("checkpoints")
-                         else f"| {lab} | `{rel}` |")
+            folder = f"checkpoints/{rel}" if not str(rel).startswith("checkpoints") else str(rel)
+            lines.append(f"| {lab} | `{folder}` | {_shipped_model(out / folder, lab)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _shipped_model(folder: Path, label: str) -> str:
+    """``kind | test score`` of a shipped checkpoint for ``label``, from its ``config.json``: an ensemble as its members
+    (a weight above one as ×k); ``? | ?`` when the config cannot be read."""
+    from ..experiments import PRIMARY_METRIC
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "? | ?"
+    kind = cfg.get("kind", "?")
+    if kind == "ensemble":
+        kind = "ensemble of " + " + ".join(m["kind"] + (f"×{m['weight']}" if m.get("weight", 1) > 1 else "")
+                                           for m in cfg.get("members") or [])
+    lab = next((t for t in cfg.get("labels") or [] if t.get("name") == label), {})
+    metric = PRIMARY_METRIC.get(lab.get("kind"), "")
+    value = ((cfg.get("metrics") or {}).get("test") or {}).get(label, {}).get(metric)
+    return f"{kind} | {metric} {value:.3f}" if isinstance(value, (int, float)) else f"{kind} | ?"
 
 
 def write_data_readme(out: str | Path) -> Path:
