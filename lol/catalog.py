@@ -17,7 +17,7 @@ from .errors import LoLError, one_line
 from .lora import ModuleSpec
 
 __all__ = ["Base", "bases", "fitting_base", "judge", "Fit", "model_folder", "CheckpointInfo", "FAMILY", "checkpoints",
-           "checkpoints_for", "home_collection", "metrics_table"]
+           "checkpoints_for", "home_collection", "metrics_table", "model_name"]
 
 
 @dataclass
@@ -155,6 +155,16 @@ FAMILY = {"mlp": "flat MLP", "mlp_aug": "flat MLP + GL augmentation", "dense": "
           "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net", "ensemble": "ensemble"}
 
 
+def model_name(config: dict) -> str:
+    """A checkpoint's model kind as its ``config.json`` records it; an ensemble as its members, a weight above one as
+    ×k (``ensemble of dense×2 + colspace + glnet``)."""
+    kind = config.get("kind") or "?"
+    if kind != "ensemble":
+        return kind
+    return "ensemble of " + " + ".join(m.get("kind", "?") + (f"×{m['weight']}" if m.get("weight", 1) > 1 else "")
+                                       for m in config.get("members") or [])
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """A trained checkpoint as its ``config.json`` describes it, read without loading the model: ``name`` is its
@@ -230,7 +240,7 @@ def metrics_table(infos: list[CheckpointInfo], split: str = "test"):
 
     rows = []
     for c in infos:
-        head = {"checkpoint": c.name, "model": c.kind or "?", "invariant to": c.config.get("invariant_to") or "?"}
+        head = {"checkpoint": c.name, "model": model_name(c.config), "invariant to": c.config.get("invariant_to") or "?"}
         if c.error:
             rows.append({**head, "label": "", "problem": c.error})
             continue

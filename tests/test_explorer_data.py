@@ -66,6 +66,10 @@ def test_metrics_table_shows_what_each_checkpoint_recorded(root):
     assert table[(table["checkpoint"] == "faces/glnet") & (table["label"] == "male")]["shipped"].iloc[0] == ""
     assert "not a LoL checkpoint config" in table[table["checkpoint"] == "broken"]["problem"].iloc[0]
     assert metrics_table([]) is None
+    from lol.catalog import model_name
+
+    assert model_name({"kind": "ensemble", "members": [{"kind": "dense", "weight": 2}, {"kind": "glnet", "weight": 1}]}
+                      ) == "ensemble of dense×2 + glnet" and model_name({"kind": "svals"}) == "svals"
 
 
 # ---------------------------------------------------------------------------------------------------- predictions

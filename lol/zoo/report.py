@@ -328,16 +328,14 @@ def data_readme(out: str | Path) -> str:
 def _shipped_model(folder: Path, label: str) -> str:
     """``kind | test score`` of a shipped checkpoint for ``label``, from its ``config.json``: an ensemble as its members
     (a weight above one as ×k); ``? | ?`` when the config cannot be read."""
+    from ..catalog import model_name
     from ..experiments import PRIMARY_METRIC
 
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return "? | ?"
-    kind = cfg.get("kind", "?")
-    if kind == "ensemble":
-        kind = "ensemble of " + " + ".join(m["kind"] + (f"×{m['weight']}" if m.get("weight", 1) > 1 else "")
-                                           for m in cfg.get("members") or [])
+    kind = model_name(cfg)
     lab = next((t for t in cfg.get("labels") or [] if t.get("name") == label), {})
     metric = PRIMARY_METRIC.get(lab.get("kind"), "")
     value = ((cfg.get("metrics") or {}).get("test") or {}).get(label, {}).get(metric)
