@@ -211,7 +211,13 @@ def test_training_notebook_reruns_some_tasks_and_keeps_the_others(smoke_run, tmp
         t = pd.read_csv(res / name)
         pd.concat([t[t.task != "eval_loss"], t[t.task == "eval_loss"].assign(value=-1.0)]).to_csv(res / name, index=False)
     kept = {name: pd.read_csv(res / name) for name in names}
+    shipped_before = pd.read_csv(res / "shipped_tuned.csv")
     run_notebooks(tmp_path / "nb", {**params, "tasks": ["fashion/membership"]}, names=["09"])
+    shipped_after = pd.read_csv(res / "shipped_tuned.csv")         # what ships: the other tasks' rows kept
+    mine = lambda t: (t.collection == "fashion") & (t.task == "membership")  # noqa: E731
+    pd.testing.assert_frame_equal(shipped_after[~mine(shipped_after)].reset_index(drop=True),
+                                  shipped_before[~mine(shipped_before)].reset_index(drop=True))
+    assert mine(shipped_after).sum() == 1 and len(shipped_after) == len(shipped_before)
     for name, t0 in kept.items():
         t1 = pd.read_csv(res / name)
         other = lambda t: t[~((t.collection == "fashion") & (t.task == "membership"))].reset_index(drop=True)  # noqa: E731
