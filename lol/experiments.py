@@ -216,13 +216,19 @@ def _data_record(coll, ref: TaskRef) -> dict:
     return {"fingerprint": coll.fingerprint, "loras": coll.loras_fingerprint, "task_data": task_digest(coll, ref)}
 
 
-def _cached(rdir: Path, coll, ref: TaskRef) -> bool:
+def _cached(rdir: Path, coll, ref: TaskRef, config=None) -> bool:
     """A finished run of this very data: the same collection (fingerprint), or the same LoRAs with the same rows,
     labels and split columns for this task (a label of another task re-measured, `lol zoo measure --apply`). A cached
-    run of another version (rebuilt, repacked, this task's labels changed) is trained again, never reused."""
+    run of another version (rebuilt, repacked, this task's labels changed) is trained again, never reused; so is one
+    of another training than ``config`` (a `TrainConfig`, seed and model hyperparameters included) when given."""
     done = rdir / "done.json"
     if not done.is_file():
         return False
+    if config is not None:
+        cfg_file = rdir / "checkpoint" / "config.json"
+        if not cfg_file.is_file() or not _same_training(json.loads(cfg_file.read_text()).get("train", {}),
+                                                        asdict(config)):
+            return False
     rec = json.loads(done.read_text())
     if rec.get("fingerprint") == coll.fingerprint:
         return True
@@ -392,7 +398,8 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
             raise LoLError("run_grid: workers > 1 needs a runs_dir (the workers store their runs there)")
         paths = {name: str(c.path) for name, c in collections.items()}
         calls = [(paths, ref, kind, int(seed), config, hparams, str(runs_dir)) for ref in refs for kind in models
-                 for seed in seeds if not _cached(_run_dir(runs_dir, ref, kind, seed), collections[ref.collection], ref)]
+                 for seed in seeds if not _cached(_run_dir(runs_dir, ref, kind, seed), collections[ref.collection], ref,
+                                                  replace(config, seed=int(seed), model=dict(hparams.get(kind, {}))))]
         if log and calls:
             log(f"[grid] {len(calls)} run(s) to train in {min(workers, len(calls))} worker processes")
         for failures in in_workers(_grid_unit, calls, workers):
@@ -409,13 +416,13 @@ def run_grid(collections: Mapping, refs: Sequence[TaskRef] | None = None, models
                 if key in failed:    # failed in a worker: recorded there, not tried again here
                     continue
                 rdir = _run_dir(runs_dir, ref, kind, seed) if runs_dir is not None else None
-                if rdir is not None and _cached(rdir, coll, ref):
+                cfg = replace(config, seed=int(seed), model=dict(hparams.get(kind, {})))
+                if rdir is not None and _cached(rdir, coll, ref, cfg):
                     runs.append(pd.read_csv(rdir / "metrics.csv"))
                     if (rdir / "predictions.parquet").is_file():
                         preds.append(pd.read_parquet(rdir / "predictions.parquet"))
                     grid.models[key] = rdir / "checkpoint"
                     continue
-                cfg = replace(config, seed=int(seed), model=dict(hparams.get(kind, {})))
                 try:
                     res = train(batch, cols, kind, cfg, table=table, kinds=kinds)
                 except Exception as e:  # noqa: BLE001 — recorded and shown by the caller when errors="record"

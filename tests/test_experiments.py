@@ -202,6 +202,13 @@ def test_checkpoints_index_and_resume(coll, tmp_path, monkeypatch):
     g2 = X.run_grid({"synth": coll}, refs, models=("svals", "glnet"), seeds=(0,), config=CFG, runs_dir=runs_dir, log=None)
     pd.testing.assert_frame_equal(g1.runs.reset_index(drop=True), g2.runs.reset_index(drop=True), check_dtype=False)
     assert len(X.load_grid(runs_dir).runs) == len(g1.runs)
+    # another training in the same runs_dir (learning rate, model hyperparameters) is trained, never a stored run reused
+    with pytest.raises(AssertionError, match="retrained"):
+        X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0,), config=replace(CFG, lr=CFG.lr * 3),
+                   runs_dir=runs_dir, log=None)
+    with pytest.raises(AssertionError, match="retrained"):
+        X.run_grid({"synth": coll}, refs, models=("svals",), seeds=(0,), config=CFG, hparams={"svals": {"depth": 1}},
+                   runs_dir=runs_dir, log=None)
     # a cached run of another version of the collection (rebuilt data) is never reused: it is trained again
     done = next(runs_dir.glob("synth/spectrum/svals/seed0/done.json"))
     done.write_text(json.dumps({**json.loads(done.read_text()), "fingerprint": "an-older-build",
