@@ -278,15 +278,18 @@ def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, ex
     cks = [load_checkpoint(p) for p in weight]
     first = cks[0]
     labels = first.targets.to_json()
-    split = {s: first.split.get(s) for s in ("train", "val", "test")} if first.split else None
+
+    def ids(ck):                # the recorded split by id, without its provenance fields
+        return {s: ck.split.get(s) for s in ("train", "val", "test")} if ck.split else None
+
+    split = ids(first)
     for c in cks[1:]:
         if c.spec != first.spec:
             raise LoLError(f"ensemble: {c.path} reads other modules than {first.path}")
         if c.targets.to_json() != labels:
             raise LoLError(f"ensemble: {c.path} predicts other labels (or normalizes them otherwise) than "
                            f"{first.path}: {c.labels} vs {first.labels}")
-        other = {s: c.split.get(s) for s in ("train", "val", "test")} if c.split else None
-        if other != split or split is None:
+        if split is None or ids(c) != split:
             raise LoLError(f"ensemble: {c.path} was trained on another split than {first.path} (members must share "
                            f"one seed's split, recorded by id)")
     outputs = [[_encoding(t), t.width] for t in first.targets.targets]
@@ -319,12 +322,11 @@ def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, ex
                     extra={**record, **(extra or {})})
     if half:
         store_half(tmp)
+    ck = load_checkpoint(tmp)   # what is written must load; with ``coll``, the metrics are this very model's
     if coll is not None:
-        ck = load_checkpoint(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["metrics"] = _split_metrics(ck, coll)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    load_checkpoint(tmp)   # what is written must load
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -88,11 +88,10 @@ class Ensemble(LoLModel):
     def forward(self, batch) -> torch.Tensor:
         self.check_dtype(batch)
         outs = [m(batch) for m in self.members]
-        w = self.weights.to(outs[0].dtype)
+        ww = self.weights.to(outs[0].dtype).view(-1, 1, 1)
         parts, start = [], 0
         for enc, width in self.outputs:
             o = torch.stack([x[:, start:start + width] for x in outs])          # (members, B, width)
-            ww = w.view(-1, 1, 1)
             if enc == "scalar":
                 parts.append((ww * o).sum(0))
             elif enc == "binary":

@@ -328,13 +328,10 @@ def data_readme(out: str | Path) -> str:
 def _shipped_model(folder: Path, label: str) -> str:
     """``kind | test score`` of a shipped checkpoint for ``label``, from its ``config.json``: an ensemble as its members
     (a weight above one as ×k); ``? | ?`` when the config cannot be read."""
-    from ..catalog import model_name
+    from ..catalog import _checkpoint_config, model_name
     from ..experiments import PRIMARY_METRIC
 
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return "? | ?"
+    cfg = _checkpoint_config(folder)          # {} when unreadable: "? | ?"
     kind = model_name(cfg)
     lab = next((t for t in cfg.get("labels") or [] if t.get("name") == label), {})
     metric = PRIMARY_METRIC.get(lab.get("kind"), "")
