@@ -152,13 +152,18 @@ def _checkpoint_config(folder) -> dict:
 FAMILY = {"mlp": "flat MLP", "mlp_aug": "flat MLP + GL augmentation", "dense": "ΔW MLP",
           "colspace": "column-space MLP", "colsketch": "column-space sketch", "svals": "singular-value MLP",
           "oalign": "Procrustes-aligned MLP", "canon_mlp": "SVD-canonical MLP",
-          "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net", "ensemble": "ensemble"}
+          "canon_transformer": "SVD-canonical Transformer", "glnet": "GL-net", "ensemble": "ensemble",
+          "count": "count of a membership model"}
 
 
 def model_name(config: dict) -> str:
     """A checkpoint's model kind as its ``config.json`` records it; an ensemble as its members, a weight above one as
-    ×k (``ensemble of dense×2 + colspace + glnet``)."""
+    ×k (``ensemble of dense×2 + colspace + glnet``); a count as what it counts (``count of membership by colspace``)."""
     kind = config.get("kind") or "?"
+    if kind == "count":
+        counted = config.get("counted") or {}
+        inner = model_name({"kind": counted.get("kind"), "members": counted.get("members")})
+        return f"count of {counted.get('task') or '?'} by {inner}"
     if kind != "ensemble":
         return kind
     return "ensemble of " + " + ".join(m.get("kind", "?") + (f"×{m['weight']}" if m.get("weight", 1) > 1 else "")

@@ -81,6 +81,17 @@ def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
     return record
 
 
+def half_bytes(path, min_numel: int = HALF_MIN_NUMEL) -> int:
+    """The bytes of a checkpoint's tensors once `store_half` has run on it (what shipping it costs; the safetensors
+    header adds a few kilobytes), computed by `store_half`'s rule without writing anything."""
+    from safetensors.torch import load_file
+
+    params = {n for n, _ in load_checkpoint(path).model.named_parameters()}
+    state = load_file(str(Path(path) / WEIGHTS_NAME))
+    return int(sum(v.numel() * (2 if k in params and v.is_floating_point() and v.numel() >= min_numel
+                                else v.element_size()) for k, v in state.items()))
+
+
 @dataclass
 class Checkpoint:
     path: Path

@@ -19,12 +19,17 @@ are averaged seed by seed.
 * `ensemble_table`: per task, the members chosen on validation, and on test the ensemble beside the best single model
   (also chosen on validation).
 * `count_present`: the number of a LoRA's binary labels predicted present (probability ≥ 0.5): for a membership task,
-  the size of the finetuning set counted class by class (the paper's Table 4 quantity, read off membership outputs).
+  the size of the finetuning set counted class by class (the paper's Table 4 quantity, read off membership outputs);
+  `count_scores` and `count_score` score that count (accuracy, balanced accuracy, within one).
 
 * `ship_ensemble`: the members of the best validation seed written as one checkpoint, their selection recorded.
 * `ensemble_checkpoint`: trained checkpoints of one task and one split assembled into one checkpoint of kind
   ``ensemble`` (`lol.models.Ensemble`), which `lol predict`, the app and `lol.checkpoint.load_checkpoint` read like
   any model; its metrics are computed by running it on the collection's splits.
+* `count_checkpoint`: membership checkpoints (one, or several averaged as an ensemble) as one checkpoint of kind
+  ``count`` (`lol.models.Count`) for a label that is, on every LoRA, the number of membership labels present (fashion:
+  ``n_classes``, the dataset size); `ship_count` chooses its members on the count's validation score, within a byte
+  budget, and writes it only where it beats what ships.
 
 Only validation scores choose anything; test scores are reported, never used to select.
 """
@@ -34,7 +39,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +49,8 @@ from .errors import LoLError
 from .labels import infer_kind
 
 __all__ = ["ENSEMBLE", "average", "task_score", "select_members", "ensemble_runs", "ensemble_table", "count_present",
-           "count_scores", "ship_ensemble", "ensemble_checkpoint"]
+           "count_scores", "count_score", "nearest_class", "ship_ensemble", "ensemble_checkpoint", "counted_label",
+           "count_checkpoint", "ship_count"]
 
 ENSEMBLE = "ensemble"   # the model name of an ensemble's rows
 _KEYS = ["collection", "task", "seed", "split", "id", "label"]
@@ -127,21 +133,37 @@ def task_score(avg: pd.DataFrame, split: str = "val", metric: str | None = None,
 
 
 def select_members(pred: pd.DataFrame, candidates: Sequence[str], metric: str | None = None,
-                   max_members: int = 8, kinds: Mapping[str, str] | None = None) -> list[str]:
+                   max_members: int = 8, kinds: Mapping[str, str] | None = None,
+                   score: Callable[[pd.DataFrame], float] | None = None, cost: Mapping[str, float] | None = None,
+                   budget: float | None = None) -> list[str]:
     """Greedy forward selection with replacement on the validation split (module docstring): the members, in the
-    order they were added (a kind may appear more than once). ``metric`` must be one where higher is better."""
+    order they were added (a kind may appear more than once). ``metric`` must be one where higher is better.
+    ``score``: instead, a function of the members' `average` giving its validation score (higher is better; e.g.
+    `count_score`). ``cost`` ({kind: cost, such as a checkpoint's bytes}) with ``budget``: only member sets whose
+    distinct kinds cost at most ``budget`` in all (a kind picked twice is stored once)."""
     candidates = list(dict.fromkeys(candidates))
+    if budget is not None:
+        unknown = [c for c in candidates if cost is None or c not in cost]
+        if unknown:
+            raise LoLError(f"ensemble: a budget needs the cost of every candidate; none for {unknown}")
+        candidates = [c for c in candidates if cost[c] <= budget]
     if not candidates:
-        raise LoLError("ensemble: no candidate models")
+        raise LoLError("ensemble: no candidate models" + (f" within the budget {budget:g}" if budget is not None else ""))
 
     def val(members):
-        return float(task_score(average(pred, members), "val", metric, kinds).mean())
+        avg = average(pred, members)
+        return float(score(avg)) if score is not None else float(task_score(avg, "val", metric, kinds).mean())
+
+    def fits(members):
+        return budget is None or sum(cost[k] for k in set(members)) <= budget
 
     scores = {c: val([c]) for c in candidates}
     members = [max(scores, key=scores.get)]
     best = scores[members[0]]
     while len(members) < max_members:
-        trial = {c: val(members + [c]) for c in candidates}
+        trial = {c: val(members + [c]) for c in candidates if fits(members + [c])}
+        if not trial:
+            break
         c = max(trial, key=trial.get)
         if not trial[c] > best:
             break
@@ -213,16 +235,40 @@ def count_present(avg: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
     return per.drop(columns="labels")
 
 
-def count_scores(per: pd.DataFrame) -> pd.DataFrame:
+def nearest_class(n_hat, classes: Sequence[float] | None) -> np.ndarray:
+    """Each count as the nearest of ``classes`` (the label's values, as an ordered-category label decodes,
+    `lol.targets`), unchanged for None."""
+    n_hat = np.asarray(n_hat, dtype=float)
+    if classes is None or not len(classes):
+        return n_hat
+    c = np.sort(np.asarray(classes, dtype=float))
+    return c[np.abs(n_hat[:, None] - c[None, :]).argmin(1)]
+
+
+def count_scores(per: pd.DataFrame, classes: Sequence[float] | None = None) -> pd.DataFrame:
     """Per (seed, split) of `count_present` rows: ``loras``, ``accuracy`` (the count is the true number),
-    ``within_one`` and ``majority_baseline`` (always answering the commonest true number on that split)."""
+    ``balanced_accuracy`` (accuracy averaged over the true numbers), ``within_one`` and ``majority_baseline`` (always
+    answering the commonest true number on that split). ``classes``: the counted label's values; a count is read as
+    the nearest of them, as the ``count`` checkpoint decodes it (`nearest_class`)."""
     rows = []
     for (seed, split), g in per.groupby(["seed", "split"]):
-        err = (g.n - g.n_hat).abs()
+        n_hat = nearest_class(g.n_hat, classes)
+        err = np.abs(g.n.to_numpy(float) - n_hat)
         rows.append({"seed": seed, "split": split, "loras": len(g), "accuracy": float((err == 0).mean()),
+                     "balanced_accuracy": M.balanced_accuracy(g.n.to_numpy(float), n_hat),
                      "within_one": float((err <= 1).mean()),
                      "majority_baseline": float(g.n.value_counts(normalize=True).iloc[0])})
     return pd.DataFrame(rows)
+
+
+def count_score(avg: pd.DataFrame, classes: Sequence[float] | None = None, metric: str = "balanced_accuracy",
+                split: str = "val", threshold: float = 0.5) -> pd.Series:
+    """Per seed, ``metric`` (a column of `count_scores`) of the count read off averaged membership predictions
+    (`average`) on ``split``; its mean is a ``score`` for `select_members`."""
+    sc = count_scores(count_present(avg[avg.split == split], threshold), classes)
+    if sc.empty:
+        raise LoLError(f"ensemble: no predictions on the {split!r} split to count")
+    return sc.set_index("seed")[metric].rename(metric)
 
 
 def ship_ensemble(pred: pd.DataFrame, members: Sequence[str], models: Mapping, coll, out, metric: str | None = None,
@@ -255,22 +301,55 @@ def ship_ensemble(pred: pd.DataFrame, members: Sequence[str], models: Mapping, c
     return record
 
 
+def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, coll, out, label: str,
+               metric: str = "balanced_accuracy", cost: Mapping[str, float] | None = None,
+               budget: float | None = None, beat: float | None = None, threshold: float = 0.5) -> dict | None:
+    """Write a ``count`` checkpoint (`count_checkpoint`) for ``label`` at ``out`` from the one membership task in
+    ``pred`` (a grid's predictions): members chosen among ``candidates`` by greedy selection on the validation
+    ``metric`` of the count (`count_score`), within ``budget`` of ``cost`` ({kind: bytes}) if given; then the seed
+    where that count scores best on validation, its members found in ``models`` (a grid's ``{(collection, task,
+    kind, seed): checkpoint folder}``). ``beat``: the mean validation ``metric`` of what ships now for ``label``; the
+    count is written only if its own is higher. Returns the record (members, seed, validation over seeds and at the
+    seed, test at the seed and over seeds, ``beat``, and ``shipped``: whether it was written)."""
+    p = _task(pred)
+    c, t = p.collection.iloc[0], p.task.iloc[0]
+    classes = sorted(pd.to_numeric(coll.table[label], errors="coerce").dropna().unique())
+    members = select_members(p, candidates, score=lambda a: float(count_score(a, classes, metric).mean()),
+                             cost=cost, budget=budget)
+    avg = average(p, members)
+    val, test = count_score(avg, classes, metric, "val", threshold), count_score(avg, classes, metric, "test", threshold)
+    seed = int(val.idxmax())
+    missing = [k for k in members if (c, t, k, seed) not in models]
+    if missing:
+        raise LoLError(f"count: no trained {missing} of {c}/{t} at seed {seed} to assemble")
+    record = {"collection": c, "task": _task_of(coll, label), "label": label, "counted_from": t, "members": " + ".join(members), "seed": seed,
+              "metric": metric, "val_mean": float(val.mean()), "val_seed": float(val[seed]),
+              "test_seed": float(test[seed]), "test_mean": float(test.mean())}
+    if budget is not None:
+        record["budget"] = budget
+    record["beat"] = beat
+    record["shipped"] = beat is None or float(val.mean()) > float(beat)
+    if not record["shipped"]:
+        return record
+    selection = {"selected_by": f"members by greedy forward selection with replacement on the count's validation "
+                                f"{metric} (mean over seeds {sorted(int(s) for s in val.index)})"
+                                + (f", its distinct members costing at most {budget:g} in all" if budget is not None else "")
+                                + ", then the seed whose count scores best on validation",
+                 "candidates": ", ".join(candidates), **record}
+    count_checkpoint([models[(c, t, k, seed)] for k in members], out, coll, label, threshold,
+                     extra={"selection": selection})
+    return record
+
+
 def _encoding(t) -> str:
     return "scalar" if t.scalar else ("binary" if t.kind == "binary" else "category")
 
 
-def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, extra: dict | None = None) -> Path:
-    """Assemble the trained checkpoints ``members`` (folders; one named twice weighs twice, as `select_members`
-    returns them) into one checkpoint of kind ``ensemble`` at ``out`` (replaced whole, through a temporary folder).
-
-    The members must predict the same labels with the same normalization, over the same module spec, from the same
-    recorded split (the same LoRAs trained, validated and tested on: one seed of a grid); anything else raises a
-    `LoLError` naming the member and what differs. Their kinds must be GL(r)-invariant (`lol.models.Ensemble`). With
-    ``coll`` (the collection they were trained on), the checkpoint's metrics are the ensemble's own on each split,
-    computed by running it; without, it records none. ``half``: store the wide layers in float16 (`store_half`), as
-    shipped checkpoints are, before the metrics are computed, so they are the shipped model's."""
-    from .checkpoint import load_checkpoint, save_checkpoint, store_half
-    from .models import Ensemble
+def _members(members: Sequence) -> tuple[list, Counter]:
+    """Load the member checkpoints (folders; one named twice weighs twice) and check that they can be combined: the same
+    module spec, labels with their normalization, and recorded split (`ensemble_checkpoint`). → (checkpoints in first
+    mention order, {folder: weight})."""
+    from .checkpoint import load_checkpoint
 
     if not len(members):
         raise LoLError("ensemble: no member checkpoints")
@@ -292,6 +371,14 @@ def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, ex
         if split is None or ids(c) != split:
             raise LoLError(f"ensemble: {c.path} was trained on another split than {first.path} (members must share "
                            f"one seed's split, recorded by id)")
+    return cks, weight
+
+
+def _ensemble(cks: list, weight: Counter):
+    """The `Ensemble` of the checked members (`_members`): weights loaded, fitted, in eval mode."""
+    from .models import Ensemble
+
+    first = cks[0]
     outputs = [[_encoding(t), t.width] for t in first.targets.targets]
     model = Ensemble(first.spec, first.model.n_outputs,
                      [{"kind": c.kind, "hparams": c.model.config(), "weight": weight[str(c.path)]} for c in cks],
@@ -299,27 +386,34 @@ def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, ex
     for m, c in zip(model.members, cks):
         m.load_state_dict(c.model.state_dict())
     model.fitted = True
-    model.eval()
+    return model.eval()
+
+
+def _member_records(cks: list, weight: Counter) -> list[dict]:
+    return [{"kind": c.kind, "weight": weight[str(c.path)], "from": str(c.path),
+             "seed": (c.config.get("train") or {}).get("seed"), "best_epoch": c.config.get("best_epoch")} for c in cks]
+
+
+def _write(model, targets, first, cks, out, coll, record: dict, half: bool, what: str) -> Path:
+    """Save ``model`` (predicting ``targets``, on ``first``'s recorded split) as the checkpoint ``out``, replaced whole
+    through a temporary folder; with ``coll``, its metrics are computed by running the written model on each split."""
+    from .checkpoint import load_checkpoint, save_checkpoint, store_half
+
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    keep = ("collection", "task", "rows")
-    record = {k: first.config[k] for k in keep if k in first.config}
-    record["members"] = [{"kind": c.kind, "weight": weight[str(c.path)], "from": str(c.path),
-                          "seed": (c.config.get("train") or {}).get("seed"), "best_epoch": c.config.get("best_epoch")}
-                         for c in cks]
     record_split = dict(first.split or {})
     if coll is not None:
         from .predict import trained_on
 
         if not trained_on(first.config, coll)[0]:
-            raise LoLError(f"ensemble: {first.path} was not trained on {coll.path} (another collection): no split "
+            raise LoLError(f"{what}: {first.path} was not trained on {coll.path} (another collection): no split "
                            f"to score it on")
         if not record_split.get("loras"):    # the same LoRAs (same fingerprint): say so, for later relabelling
             record_split["loras"] = coll.loras_fingerprint
-    save_checkpoint(tmp, model, first.targets, fingerprint=first.config.get("fingerprint"),
+    save_checkpoint(tmp, model, targets, fingerprint=first.config.get("fingerprint"),
                     train_config={"members": [c.config.get("train") or {} for c in cks]}, split=record_split or None,
-                    extra={**record, **(extra or {})})
+                    extra=record)
     if half:
         store_half(tmp)
     ck = load_checkpoint(tmp)   # what is written must load; with ``coll``, the metrics are this very model's
@@ -330,6 +424,102 @@ def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, ex
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def ensemble_checkpoint(members: Sequence, out, coll=None, half: bool = True, extra: dict | None = None) -> Path:
+    """Assemble the trained checkpoints ``members`` (folders; one named twice weighs twice, as `select_members`
+    returns them) into one checkpoint of kind ``ensemble`` at ``out`` (replaced whole, through a temporary folder).
+
+    The members must predict the same labels with the same normalization, over the same module spec, from the same
+    recorded split (the same LoRAs trained, validated and tested on: one seed of a grid); anything else raises a
+    `LoLError` naming the member and what differs. Their kinds must be GL(r)-invariant (`lol.models.Ensemble`). With
+    ``coll`` (the collection they were trained on), the checkpoint's metrics are the ensemble's own on each split,
+    computed by running it; without, it records none. ``half``: store the wide layers in float16 (`store_half`), as
+    shipped checkpoints are, before the metrics are computed, so they are the shipped model's."""
+    cks, weight = _members(members)
+    first = cks[0]
+    model = _ensemble(cks, weight)
+    record = {k: first.config[k] for k in ("collection", "task", "rows") if k in first.config}
+    record["members"] = _member_records(cks, weight)
+    return _write(model, first.targets, first, cks, out, coll, {**record, **(extra or {})}, half, "ensemble")
+
+
+def counted_label(coll, labels: Sequence[str]) -> list[str]:
+    """The collection's labels (besides ``labels``) whose value on every LoRA is the number of ``labels`` that are 1:
+    for fashion, ``n_classes`` of the membership labels."""
+    table = coll.table
+    missing = [n for n in labels if n not in table.columns]
+    if missing:
+        raise LoLError(f"{coll.path}: label column(s) {missing} missing from the table")
+    present = table[list(labels)].astype(float)
+    n = present.sum(axis=1).where(present.notna().all(axis=1))
+    out = []
+    for name in coll.label_columns():
+        if name in labels or name not in table.columns:
+            continue
+        v = pd.to_numeric(table[name], errors="coerce")
+        if v.notna().all() and n.notna().all() and bool((v == n).all()):
+            out.append(name)
+    return out
+
+
+def count_checkpoint(members: Sequence, out, coll, label: str | None = None, threshold: float = 0.5,
+                     half: bool = True, extra: dict | None = None) -> Path:
+    """A checkpoint of kind ``count`` (`lol.models.Count`) at ``out``: ``label`` (a count) predicted as the number of
+    yes/no labels that trained membership checkpoints ``members`` predict present (probability ≥ ``threshold``). One
+    member is counted as it is; several (one named twice weighs twice) are checked and averaged as in
+    `ensemble_checkpoint`, and their ensemble is counted.
+
+    ``coll`` is the collection they were trained on. ``label`` must be, on every LoRA of it, the number of the members'
+    labels that are 1 (`counted_label`; None: the one such label, if there is exactly one), and a count
+    (a regression label or an ordered category, `lol.targets`): its normalization is fitted on the members' recorded
+    training split, as training would. The checkpoint keeps that split; its metrics are computed by running it."""
+    from .models import Count
+    from .checkpoint import recorded_split
+    from .targets import TargetSet
+    from .train import _resolve_data
+
+    cks, weight = _members(members)
+    first = cks[0]
+    not_binary = [t.name for t in first.targets.targets if t.kind != "binary"]
+    if not_binary:
+        raise LoLError(f"count: {first.path} predicts labels that are not yes/no ({not_binary}); a count needs "
+                       f"binary labels")
+    counts = counted_label(coll, first.labels)
+    if label is None:
+        if len(counts) != 1:
+            raise LoLError(f"count: {coll.path} has {len(counts)} labels equal to the number of {first.path}'s labels "
+                           f"present ({counts}); name one with label=")
+        label = counts[0]
+    elif label not in counts:
+        raise LoLError(f"count: {coll.path}: label {label!r} is not, on every LoRA, the number of {first.path}'s "
+                       f"labels that are 1 ({', '.join(first.labels)}); counting them would not predict it")
+    where = recorded_split(first.config, coll.table["id"])
+    if where is None or not (where == "train").any():
+        raise LoLError(f"count: {first.path} records no training split by id on {coll.path}; the count's "
+                       f"normalization is fitted on it")
+    _, cols, kinds, ordered, _, _ = _resolve_data(coll, [label], None, None, None)
+    targets = TargetSet.fit(cols, kinds, np.flatnonzero(where == "train"), ordered=ordered)
+    t = targets.targets[0]
+    if not t.scalar:
+        raise LoLError(f"count: label {label!r} is a {t.kind} without order; a count is a number (a regression label "
+                       f"or an ordered category)")
+    one = len(cks) == 1 and weight[str(first.path)] == 1
+    inner = first.model.eval() if one else _ensemble(cks, weight)
+    model = Count(first.spec, 1, {"kind": inner.kind, "hparams": inner.config()}, labels=len(first.labels),
+                  mean=t.mean, std=t.std, threshold=threshold)
+    model.member.load_state_dict(inner.state_dict())
+    model.fitted = True
+    model.eval()
+    record = {"collection": first.config.get("collection"), "task": _task_of(coll, label),
+              "counted": {"task": first.config.get("task"), "labels": list(first.labels), "kind": inner.kind,
+                          "members": _member_records(cks, weight), "threshold": threshold}}
+    return _write(model, targets, first, cks, out, coll, {**record, **(extra or {})}, half, "count")
+
+
+def _task_of(coll, label: str) -> str | None:
+    """The collection's task holding ``label`` alone or among others (None if none)."""
+    return next((t for t, names in coll.tasks.items() if label in names), None)
 
 
 def _split_metrics(ck, coll) -> dict:

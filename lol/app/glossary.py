@@ -18,6 +18,8 @@ KIND_HELP = {
     "glnet": "GL-equivariant layers on (U, V) with an invariant head: GL-invariant by construction, any rank.",
     "ensemble": "Several GL-invariant models trained on the same split, their predictions averaged (probabilities for "
                 "yes/no labels); members chosen on validation: GL-invariant because every member is.",
+    "count": "A count (how many classes a LoRA was finetuned on) read off a membership model: the number of classes it "
+             "predicts present; GL-invariant because the membership model is.",
 }
 METRIC_HELP = {
     "R²": "Coefficient of determination: 1 is perfect, 0 is as good as predicting the mean, below 0 worse.",

@@ -18,7 +18,9 @@ kind                      model                                                i
 ========================= ==================================================== =======================================
 
 ``ensemble`` (`lol.models.ensemble`, in `ASSEMBLED`, not `MODELS`): trained models of GL-invariant kinds combined into
-one, assembled from checkpoints by `lol.ensemble.ensemble_checkpoint`, never trained by a grid.
+one, assembled from checkpoints by `lol.ensemble.ensemble_checkpoint`, never trained by a grid. ``count``
+(`lol.models.count`, also in `ASSEMBLED`): a count label (the dataset size) read off a trained membership model as the
+number of its labels predicted present, assembled by `lol.ensemble.count_checkpoint`.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from ..lora import ModuleSpec
 from ..symmetry import GL, INVARIANCES
 from .base import LoLModel, MLPTrunk, Standardize
 from .colsketch import ColumnSketch
+from .count import Count
 from .ensemble import Ensemble
 from .glnet import GLHidden, GLInput, GLNet, InvariantHead, RowGate
 from .mlp import (AugmentedMLP, CanonicalMLP, ColumnSpaceMLP, DenseMLP, FeatureMLP, FlattenMLP, OAlignMLP,
                   SingularValueMLP)
 from .transformer import CanonicalTransformer
 
-__all__ = ["MODELS", "ASSEMBLED", "model_class", "Ensemble", "build_model", "gl_invariant", "gl_invariant_kinds", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
+__all__ = ["MODELS", "ASSEMBLED", "model_class", "Ensemble", "Count", "build_model", "gl_invariant", "gl_invariant_kinds", "LoLModel", "FeatureMLP", "FlattenMLP", "AugmentedMLP", "DenseMLP",
            "ColumnSpaceMLP", "ColumnSketch",
            "SingularValueMLP", "OAlignMLP", "CanonicalMLP", "CanonicalTransformer", "GLNet", "GLInput", "GLHidden",
            "RowGate", "InvariantHead", "MLPTrunk", "Standardize"]
@@ -42,14 +45,15 @@ MODELS: dict[str, type[LoLModel]] = {cls.kind: cls for cls in (
     FlattenMLP, AugmentedMLP, DenseMLP, ColumnSpaceMLP, ColumnSketch, SingularValueMLP, OAlignMLP, CanonicalMLP,
     CanonicalTransformer, GLNet)}
 # kinds assembled from trained models rather than trained: checkpoints load them, grids and `lol train` never see them
-ASSEMBLED: dict[str, type[LoLModel]] = {Ensemble.kind: Ensemble}
+ASSEMBLED: dict[str, type[LoLModel]] = {Ensemble.kind: Ensemble, Count.kind: Count}
 for _cls in (*MODELS.values(), *ASSEMBLED.values()):  # the registry is the one home of kinds and their symmetry: no free text
     if _cls.invariant_to not in INVARIANCES:
         raise TypeError(f"model {_cls.kind!r}: invariant_to {_cls.invariant_to!r} is not one of {INVARIANCES}")
 
 
 def model_class(kind: str) -> type[LoLModel] | None:
-    """The class of a trainable kind (`MODELS`) or of an assembled one (`ASSEMBLED`: an ensemble); None if unknown."""
+    """The class of a trainable kind (`MODELS`) or of an assembled one (`ASSEMBLED`: an ensemble, a count); None if
+    unknown."""
     return MODELS.get(kind) or ASSEMBLED.get(kind)
 
 
