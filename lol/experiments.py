@@ -1407,6 +1407,7 @@ README_SECTIONS = (
     ("Dataset size counted from the membership ensemble", "ensemble_size.md", []),
     ("What ships after the hyperparameter search", "shipped_tuned.md", []),
     ("Ensembles shipped in place of a single model", "shipped_ensembles.md", []),
+    ("Dataset size counted from the membership models, shipped", "shipped_counts.md", []),
     ("Speed", "speed.md", ["speed.png"]),
     ("Embeddings under a random GL transform", "embeddings_gl_change.md", ["umap_*.png"]),
 )

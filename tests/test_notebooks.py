@@ -134,6 +134,17 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
         weighted = [m["kind"] for m in c.config["members"] for _ in range(m["weight"])]
         assert sorted(weighted) == sorted(r.members.split(" + ")) and c.config["metrics"]["test"]
         assert r.val_seed >= r.val_mean                          # the best validation seed is at least the mean
+    # fashion's size counted from its membership models: selected within the budget, shipped where it beats the head
+    counts = pd.read_csv(res / "shipped_counts.csv")
+    assert list(zip(counts.collection, counts.task, counts.counted_from)) == [("fashion", "dataset_size", "membership")]
+    r = counts.iloc[0]
+    assert set(r.members.split(" + ")) <= {"dense", "svals", "colspace"} and r.shipped == (r.val_mean > r.beat)
+    size_ck = load_checkpoint(ck / "fashion" / "dataset_size")
+    assert (size_ck.kind == "count") == r.shipped
+    if r.shipped:
+        assert size_ck.config["selection"]["seed"] == r.seed and size_ck.labels == ["n_classes"]
+        test = size_ck.config["metrics"]["test"]["n_classes"]["balanced_accuracy"]   # of the float16-stored weights
+        assert test == pytest.approx(r.test_seed, abs=0.02)
     size = pd.read_csv(res / "ensemble_size.csv")               # fashion's size counted from its membership ensemble
     assert list(zip(size.collection, size.task)) == [("fashion", "dataset_size")]
     assert size.accuracy.between(0, 1).all() and (size.within_one >= size.accuracy).all()
