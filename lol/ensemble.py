@@ -303,7 +303,7 @@ def ship_ensemble(pred: pd.DataFrame, members: Sequence[str], models: Mapping, c
 
 def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, coll, out, label: str,
                metric: str = "balanced_accuracy", cost: Mapping[str, float] | None = None,
-               budget: float | None = None, beat: float | None = None, threshold: float = 0.5) -> dict | None:
+               budget: float | None = None, beat: float | None = None, threshold: float = 0.5) -> dict:
     """Write a ``count`` checkpoint (`count_checkpoint`) for ``label`` at ``out`` from the one membership task in
     ``pred`` (a grid's predictions): members chosen among ``candidates`` by greedy selection on the validation
     ``metric`` of the count (`count_score`), within ``budget`` of ``cost`` ({kind: bytes}) if given; then the seed
@@ -314,7 +314,7 @@ def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, c
     p = _task(pred)
     c, t = p.collection.iloc[0], p.task.iloc[0]
     classes = sorted(pd.to_numeric(coll.table[label], errors="coerce").dropna().unique())
-    members = select_members(p, candidates, score=lambda a: float(count_score(a, classes, metric).mean()),
+    members = select_members(p, candidates, score=lambda a: float(count_score(a, classes, metric, "val", threshold).mean()),
                              cost=cost, budget=budget)
     avg = average(p, members)
     val, test = count_score(avg, classes, metric, "val", threshold), count_score(avg, classes, metric, "test", threshold)
