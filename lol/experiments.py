@@ -1118,11 +1118,22 @@ def _search_unit(path: str, task: str, kind: str, setting: dict, seed: int, conf
 
 
 def _search_record(coll, task: str, kind: str, config) -> dict:
-    """What makes a search run this very training: the collection's version, the task, the model kind and every
-    `TrainConfig` field (seed and model hyperparameters included; ``progress`` only prints)."""
+    """What makes a search run this very training: the collection's LoRAs (`Collection.loras_fingerprint`) and the
+    task's own data (`task_digest`: rows, label values and schema, split columns), the task, the model kind and every
+    `TrainConfig` field (seed and model hyperparameters included; ``progress`` only prints). Not the collection's
+    whole fingerprint: re-measuring another label (`lol zoo measure --apply`) leaves a search run valid, as
+    `_cached` leaves a grid run."""
     train = {k: v for k, v in json.loads(json.dumps(asdict(config), default=str)).items() if k != "progress"}
-    return {"collection": str(Path(coll.path).name), "fingerprint": coll.fingerprint, "task": task, "model": kind,
-            "train": train}
+    ref = TaskRef(str(Path(coll.path).name), task, tuple(sorted(main_rows(coll).items())))
+    return {"collection": ref.collection, "loras": coll.loras_fingerprint, "task_data": task_digest(coll, ref),
+            "task": task, "model": kind, "train": train}
+
+
+def _legacy_search_record(coll, record: dict) -> dict:
+    """The record a search run stored before `_search_record` named the LoRAs and the task's data: the collection's
+    whole fingerprint in their place. A run stored so is still reused on that very collection version."""
+    return {"collection": record["collection"], "fingerprint": coll.fingerprint, "task": record["task"],
+            "model": record["model"], "train": record["train"]}
 
 
 def _search_file(runs_dir, record: dict) -> Path:
@@ -1133,16 +1144,19 @@ def _search_file(runs_dir, record: dict) -> Path:
     return Path(runs_dir) / record["collection"] / record["task"] / record["model"] / "search" / f"{digest}.parquet"
 
 
-def _search_cached(runs_dir, record: dict) -> pd.DataFrame | None:
+def _search_cached(runs_dir, record: dict, legacy: dict | None = None) -> pd.DataFrame | None:
     """The stored rows of a finished search run with exactly this record (checked field by field, not by the digest
-    alone), or None."""
+    alone), or with the ``legacy`` record (`_legacy_search_record`), or None."""
     if runs_dir is None:
         return None
-    f = _search_file(runs_dir, record)
-    meta = f.with_suffix(".json")
-    if not (f.is_file() and meta.is_file()) or json.loads(meta.read_text()) != record:
-        return None
-    return pd.read_parquet(f)
+    for rec in (record, legacy):
+        if rec is None:
+            continue
+        f = _search_file(runs_dir, rec)
+        meta = f.with_suffix(".json")
+        if f.is_file() and meta.is_file() and json.loads(meta.read_text()) == rec:
+            return pd.read_parquet(f)
+    return None
 
 
 def _search_store(runs_dir, record: dict, rows: pd.DataFrame) -> None:
@@ -1177,7 +1191,7 @@ def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], see
     _apply(config, settings[0], 0)                       # a wrong name fails here, before any worker starts
     units = [(setting, int(seed)) for setting in settings for seed in seeds]
     records = [_search_record(coll, task, kind, _apply(config, setting, seed)) for setting, seed in units]
-    found = [_search_cached(runs_dir, rec) for rec in records]
+    found = [_search_cached(runs_dir, rec, _legacy_search_record(coll, rec)) for rec in records]
     todo = [i for i, f in enumerate(found) if f is None]
     if log and runs_dir is not None and len(todo) < len(units):
         log(f"[search] {task} {kind}: {len(units) - len(todo)} of {len(units)} (setting, seed) runs found in {runs_dir}")

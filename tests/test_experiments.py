@@ -447,12 +447,53 @@ def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, m
                     log=None, runs_dir=store)
     assert len(trained) == n + 1                                    # another training: trained, not reused
     record = next(f for f in files if json.loads(f.read_text())["train"]["lr"] == CFG.lr)
-    record.write_text(record.read_text().replace(coll.fingerprint, "another version"))
+    record.write_text(record.read_text().replace(coll.loras_fingerprint, "other LoRAs"))
     X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), CFG, log=None, runs_dir=store)
     assert len(trained) == n + 2                                    # another version of the collection: trained again
     record.unlink()                                                 # rows without their record: an unfinished run
     X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), CFG, log=None, runs_dir=store)
     assert len(trained) == n + 3 and record.is_file()
+
+
+def test_a_stored_search_run_survives_relabelling_of_another_task_only(coll, tmp_path, monkeypatch):
+    """A search run is stored under its LoRAs and its task's own data, as a grid run is (`_cached`): re-measuring
+    another task's label (`lol zoo measure --apply`) keeps it, re-measuring its own retrains it. A run stored before
+    (keyed by the collection's whole fingerprint) is reused on that very version only."""
+    import shutil
+
+    import lol.train as T
+
+    def relabelled(name, change, source=coll):   # the same folder name: a search names the collection by it
+        d = tmp_path / name / Path(source.path).name
+        shutil.copytree(source.path, d)
+        t = pd.read_parquet(d / "loras.parquet")
+        change(t).to_parquet(d / "loras.parquet", index=False)
+        return open_collection(d)
+
+    trained = []
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: trained.append(1) or real(*a, **k))
+    store = tmp_path / "runs"
+    space = {"lr": [CFG.lr]}
+    first = X.hparam_search(coll, "spectrum", "svals", space, (0,), CFG, log=None, runs_dir=store)
+    other = relabelled("other_task", lambda t: t.assign(probe=t["probe"] * 2))        # task "direction"'s label
+    again = X.hparam_search(other, "spectrum", "svals", space, (0,), CFG, log=None, runs_dir=store)
+    assert trained == [1] and other.fingerprint != coll.fingerprint                   # reused
+    pd.testing.assert_frame_equal(again, first)
+    own = relabelled("own_task", lambda t: t.assign(sv_energy=t["sv_energy"] + 1.0))  # task "spectrum"'s label
+    X.hparam_search(own, "spectrum", "svals", space, (0,), CFG, log=None, runs_dir=store)
+    assert trained == [1, 1]                                                          # its own label: trained again
+    # a run stored with the record of before (the whole fingerprint), moved to where that record puts it
+    rec = X._search_record(own, "spectrum", "svals", X._apply(CFG, {"lr": CFG.lr}, 0))
+    new, old = X._search_file(store, rec), X._search_file(store, X._legacy_search_record(own, rec))
+    new.rename(old)
+    new.with_suffix(".json").unlink()
+    old.with_suffix(".json").write_text(json.dumps(X._legacy_search_record(own, rec), sort_keys=True))
+    X.hparam_search(own, "spectrum", "svals", space, (0,), CFG, log=None, runs_dir=store)
+    assert trained == [1, 1]                                                          # same version: reused
+    later = relabelled("own_later", lambda t: t.assign(probe=t["probe"] - 1), own)   # own, another task relabelled
+    X.hparam_search(later, "spectrum", "svals", space, (0,), CFG, log=None, runs_dir=store)
+    assert trained == [1, 1, 1]              # an old record cannot tell which data it saw: another version retrains
 
 
 def test_the_chosen_setting_is_trained_on_every_seed_reusing_what_the_search_ran(coll, monkeypatch):
