@@ -58,3 +58,18 @@ def synthetic_task(n=600, spec=SPEC, rank=4, seed=0, latent=3):
     probe = torch.einsum("o,bor,bir,i->b", a, Us[1], Vs[1], bb)
     batch = gl_act(batch, random_gl_like(batch, seed + 7, cond=8.0))
     return batch.to(dtype=torch.float32), {"energy": energy.float().numpy(), "probe": probe.float().numpy()}
+
+
+def synth_grid(d, synth, task: str, kinds=("svals", "dense", "glnet", "mlp"), seeds=(0, 1), epochs: int = 4):
+    """``synth`` (a `lol.synth.SynthSet`) written to ``d / "synth"`` and ``kinds`` trained on its ``task`` by
+    `lol.experiments.run_grid` (width 16, ``epochs`` epochs, checkpoints under ``d / "runs"``). → (collection, grid)."""
+    from lol import experiments as X
+    from lol.collection import open_collection
+    from lol.train import TrainConfig
+
+    synth.write(d / "synth")
+    coll = open_collection(d / "synth")
+    grid = X.run_grid({"synth": coll}, [X.TaskRef("synth", task)], models=kinds, seeds=seeds,
+                      config=TrainConfig(epochs=epochs, patience=epochs, progress=False, width=16),
+                      runs_dir=d / "runs", log=None)
+    return coll, grid

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers_models import synth_grid
 from lol import ensemble as E
 from lol.errors import LoLError
 from lol.symmetry import gl_act, one_sided_act, random_gl_like
@@ -22,10 +23,7 @@ def counted(tmp_path_factory):
     """A synthetic collection with a membership-like task (two yes/no labels) and ``n_flags``, how many of them are
     1 (an ordered category, as fashion's ``n_classes``); GL-invariant kinds and a flatten MLP trained on the flags by
     `run_grid`, seeds 0 and 1."""
-    from lol import experiments as X
-    from lol.collection import open_collection
     from lol.synth import synth_collection, tiny_spec
-    from lol.train import TrainConfig
 
     d = tmp_path_factory.mktemp("count")
     s = synth_collection(tiny_spec(), 60, ranks=(4,), seed=5)
@@ -33,11 +31,7 @@ def counted(tmp_path_factory):
     s.labels["n_flags"] = {"kind": "category", "ordered": True, "task": "size",
                            "description": "how many of the flags are 1"}
     s.tasks = {"flags": FLAGS, "size": ["n_flags"], **s.tasks}
-    s.write(d / "synth")
-    coll = open_collection(d / "synth")
-    grid = X.run_grid({"synth": coll}, [X.TaskRef("synth", "flags")], models=("svals", "dense", "glnet", "mlp"),
-                      seeds=(0, 1), config=TrainConfig(epochs=6, patience=6, progress=False, width=16),
-                      runs_dir=d / "runs", log=None)
+    coll, grid = synth_grid(d, s, "flags", epochs=6)
     return coll, grid, d
 
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers_models import SPEC, random_batch
+from helpers_models import SPEC, random_batch, synth_grid
 from lol import ensemble as E
 from lol.errors import LoLError
 from lol.models import build_model
@@ -143,17 +143,10 @@ def test_a_regression_label_that_happens_to_be_0_or_1_is_scored_as_regression_wh
 def trained(tmp_path_factory):
     """Three GL-invariant kinds and a flatten MLP trained by `run_grid` on a small synthetic collection (a regression
     and a binary label), seeds 0 and 1, their checkpoints stored as folders."""
-    from lol import experiments as X
-    from lol.collection import open_collection
     from lol.synth import synth_collection, tiny_spec
-    from lol.train import TrainConfig
 
     d = tmp_path_factory.mktemp("ens")
-    synth_collection(tiny_spec(), 48, ranks=(4,), seed=3).write(d / "synth")
-    coll = open_collection(d / "synth")
-    grid = X.run_grid({"synth": coll}, [X.TaskRef("synth", "spectrum")], models=("svals", "dense", "glnet", "mlp"),
-                      seeds=(0, 1), config=TrainConfig(epochs=4, patience=4, progress=False, width=16),
-                      runs_dir=d / "runs", log=None)
+    coll, grid = synth_grid(d, synth_collection(tiny_spec(), 48, ranks=(4,), seed=3), "spectrum")
     return coll, grid, d
 
 
