@@ -57,13 +57,10 @@ def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
     featurizer state, normalization statistics) stay float32. `load_checkpoint` casts them back into the float32
     model, which then predicts with the float16-rounded weights. ``config.json`` records which tensors were halved; the folder is rewritten
     through a temporary file, so an interrupted call leaves the old weights. Returns that record."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path = Path(path)
-    params = {n for n, _ in load_checkpoint(path).model.named_parameters()}
-    state = load_file(str(path / WEIGHTS_NAME))
-    names = sorted(k for k, v in state.items() if k in params and v.is_floating_point() and v.numel() >= min_numel
-                   and v.dtype != torch.float16)
+    state, names = _to_halve(path, min_numel)
     cfg = json.loads((path / CONFIG_NAME).read_text())
     before = cfg.get("stored") or {}                     # halved once already: add to it
     record = {"float16": sorted(set(before.get("float16", [])) | set(names)), "min_numel": int(min_numel),
@@ -81,15 +78,23 @@ def store_half(path, min_numel: int = HALF_MIN_NUMEL) -> dict[str, Any]:
     return record
 
 
-def half_bytes(path, min_numel: int = HALF_MIN_NUMEL) -> int:
-    """The bytes of a checkpoint's tensors once `store_half` has run on it (what shipping it costs; the safetensors
-    header adds a few kilobytes), computed by `store_half`'s rule without writing anything."""
+def _to_halve(path: Path, min_numel: int) -> tuple[dict, list[str]]:
+    """A checkpoint's stored tensors and the names `store_half` stores in float16: its parameters (not buffers) of at
+    least ``min_numel`` floating-point entries not in float16 already."""
     from safetensors.torch import load_file
 
     params = {n for n, _ in load_checkpoint(path).model.named_parameters()}
     state = load_file(str(Path(path) / WEIGHTS_NAME))
-    return int(sum(v.numel() * (2 if k in params and v.is_floating_point() and v.numel() >= min_numel
-                                else v.element_size()) for k, v in state.items()))
+    return state, sorted(k for k, v in state.items() if k in params and v.is_floating_point()
+                         and v.numel() >= min_numel and v.dtype != torch.float16)
+
+
+def half_bytes(path, min_numel: int = HALF_MIN_NUMEL) -> int:
+    """The bytes of a checkpoint's tensors once `store_half` has run on it (what shipping it costs; the safetensors
+    header adds a few kilobytes), computed by `store_half`'s rule without writing anything."""
+    state, names = _to_halve(Path(path), min_numel)
+    halve = set(names)
+    return int(sum(v.numel() * (2 if k in halve else v.element_size()) for k, v in state.items()))
 
 
 @dataclass

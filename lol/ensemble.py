@@ -148,7 +148,8 @@ def select_members(pred: pd.DataFrame, candidates: Sequence[str], metric: str | 
             raise LoLError(f"ensemble: a budget needs the cost of every candidate; none for {unknown}")
         candidates = [c for c in candidates if cost[c] <= budget]
     if not candidates:
-        raise LoLError("ensemble: no candidate models" + (f" within the budget {budget:g}" if budget is not None else ""))
+        raise LoLError("ensemble: no candidate models"
+                       + (f" within the budget {budget:g}" if budget is not None else ""))
 
     def val(members):
         avg = average(pred, members)
@@ -314,17 +315,17 @@ def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, c
     p = _task(pred)
     c, t = p.collection.iloc[0], p.task.iloc[0]
     classes = sorted(pd.to_numeric(coll.table[label], errors="coerce").dropna().unique())
-    members = select_members(p, candidates, score=lambda a: float(count_score(a, classes, metric, "val", threshold).mean()),
-                             cost=cost, budget=budget)
+    members = select_members(p, candidates, cost=cost, budget=budget,
+                             score=lambda a: float(count_score(a, classes, metric, "val", threshold).mean()))
     avg = average(p, members)
-    val, test = count_score(avg, classes, metric, "val", threshold), count_score(avg, classes, metric, "test", threshold)
+    val, test = (count_score(avg, classes, metric, split, threshold) for split in ("val", "test"))
     seed = int(val.idxmax())
     missing = [k for k in members if (c, t, k, seed) not in models]
     if missing:
         raise LoLError(f"count: no trained {missing} of {c}/{t} at seed {seed} to assemble")
-    record = {"collection": c, "task": _task_of(coll, label), "label": label, "counted_from": t, "members": " + ".join(members), "seed": seed,
-              "metric": metric, "val_mean": float(val.mean()), "val_seed": float(val[seed]),
-              "test_seed": float(test[seed]), "test_mean": float(test.mean())}
+    record = {"collection": c, "task": _task_of(coll, label), "label": label, "counted_from": t,
+              "members": " + ".join(members), "seed": seed, "metric": metric, "val_mean": float(val.mean()),
+              "val_seed": float(val[seed]), "test_seed": float(test[seed]), "test_mean": float(test.mean())}
     if budget is not None:
         record["budget"] = budget
     record["beat"] = beat
@@ -333,7 +334,8 @@ def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, c
         return record
     selection = {"selected_by": f"members by greedy forward selection with replacement on the count's validation "
                                 f"{metric} (mean over seeds {sorted(int(s) for s in val.index)})"
-                                + (f", its distinct members costing at most {budget:g} in all" if budget is not None else "")
+                                + (f", its distinct members costing at most {budget:g} in all"
+                                   if budget is not None else "")
                                 + ", then the seed whose count scores best on validation",
                  "candidates": ", ".join(candidates), **record}
     count_checkpoint([models[(c, t, k, seed)] for k in members], out, coll, label, threshold,
@@ -452,15 +454,11 @@ def counted_label(coll, labels: Sequence[str]) -> list[str]:
     if missing:
         raise LoLError(f"{coll.path}: label column(s) {missing} missing from the table")
     present = table[list(labels)].astype(float)
-    n = present.sum(axis=1).where(present.notna().all(axis=1))
-    out = []
-    for name in coll.label_columns():
-        if name in labels or name not in table.columns:
-            continue
-        v = pd.to_numeric(table[name], errors="coerce")
-        if v.notna().all() and n.notna().all() and bool((v == n).all()):
-            out.append(name)
-    return out
+    if present.isna().any().any():        # a LoRA without every label has no count
+        return []
+    n = present.sum(axis=1)
+    return [name for name in coll.label_columns() if name not in labels and name in table.columns
+            and bool((pd.to_numeric(table[name], errors="coerce") == n).all())]
 
 
 def count_checkpoint(members: Sequence, out, coll, label: str | None = None, threshold: float = 0.5,

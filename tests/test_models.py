@@ -352,12 +352,12 @@ def test_built_from_config_matches_fitted_shapes(uniform):
 def test_store_half_keeps_buffers_and_predictions(tmp_path):
     """`store_half` stores the wide parameters in float16 (about half the bytes) and nothing else: buffers and small
     parameters stay float32, the model loads as float32, and its predictions move only by the rounding of those
-    weights. Running it twice changes nothing more."""
+    weights. Running it twice changes nothing more. `half_bytes` predicts the tensors' bytes it leaves."""
     import json
 
     from safetensors import safe_open
 
-    from lol.checkpoint import load_checkpoint, save_checkpoint, store_half
+    from lol.checkpoint import half_bytes, load_checkpoint, save_checkpoint, store_half
     from lol.targets import TargetSet
 
     batch = random_batch(24, rank=4, seed=3, dtype=torch.float32)
@@ -365,7 +365,11 @@ def test_store_half_keeps_buffers_and_predictions(tmp_path):
     for kind in ("dense", "glnet", "oalign"):
         m = make(kind, batch, width=64).eval()
         path = save_checkpoint(tmp_path / kind, m, targets)
+        cost = half_bytes(path, min_numel=256)                         # what store_half will leave, predicted
         rec = store_half(path, min_numel=256)
+        with safe_open(str(path / "model.safetensors"), "pt") as f:   # the tensors' bytes, header left out
+            stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        assert cost == stored and half_bytes(path, min_numel=256) == stored
         params = dict(m.named_parameters())
         assert rec["float16"] and set(rec["float16"]) <= set(params)
         assert all(params[k].numel() >= 256 for k in rec["float16"])
