@@ -134,7 +134,7 @@ def test_training_notebook_writes_tables_and_checkpoints(smoke_run):
         weighted = [m["kind"] for m in c.config["members"] for _ in range(m["weight"])]
         assert sorted(weighted) == sorted(r.members.split(" + ")) and c.config["metrics"]["test"]
         assert r.val_seed >= r.val_mean                          # the best validation seed is at least the mean
-    # fashion's size counted from its membership models: selected within the budget, shipped where it beats the head
+    # fashion's size counted from its membership models (the smoke kinds), shipped where it beats the head on validation
     counts = pd.read_csv(res / "shipped_counts.csv")
     assert list(zip(counts.collection, counts.task, counts.counted_from)) == [("fashion", "dataset_size", "membership")]
     r = counts.iloc[0]
