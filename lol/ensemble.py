@@ -311,7 +311,8 @@ def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, c
     where that count scores best on validation, its members found in ``models`` (a grid's ``{(collection, task,
     kind, seed): checkpoint folder}``). ``beat``: the mean validation ``metric`` of what ships now for ``label``; the
     count is written only if its own is higher. Returns the record (members, seed, validation over seeds and at the
-    seed, test at the seed and over seeds, ``beat``, and ``shipped``: whether it was written)."""
+    seed, test at the seed and over seeds; on test over seeds also the accuracy (mean, std), within one and always
+    answering the commonest number; ``beat``, and ``shipped``: whether it was written)."""
     p = _task(pred)
     c, t = p.collection.iloc[0], p.task.iloc[0]
     classes = sorted(pd.to_numeric(coll.table[label], errors="coerce").dropna().unique())
@@ -326,6 +327,10 @@ def ship_count(pred: pd.DataFrame, candidates: Sequence[str], models: Mapping, c
     record = {"collection": c, "task": _task_of(coll, label), "label": label, "counted_from": t,
               "members": " + ".join(members), "seed": seed, "metric": metric, "val_mean": float(val.mean()),
               "val_seed": float(val[seed]), "test_seed": float(test[seed]), "test_mean": float(test.mean())}
+    on_test = count_scores(count_present(avg[avg.split == "test"], threshold), classes)   # the paper's accuracy too
+    record.update({"test_accuracy": float(on_test.accuracy.mean()), "test_accuracy_std": float(on_test.accuracy.std()),
+                   "test_within_one": float(on_test.within_one.mean()),
+                   "test_majority_baseline": float(on_test.majority_baseline.mean())})
     if budget is not None:
         record["budget"] = budget
     record["beat"] = beat
@@ -392,7 +397,15 @@ def _ensemble(cks: list, weight: Counter):
 
 
 def _member_records(cks: list, weight: Counter) -> list[dict]:
-    return [{"kind": c.kind, "weight": weight[str(c.path)], "from": str(c.path),
+    """Per member: kind, weight, seed, best epoch and the folder it came from (relative to the repository when inside
+    it, so a shipped config names no machine's paths)."""
+    from .paths import REPO
+
+    def where(p: Path) -> str:
+        p = Path(p).absolute()
+        return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+    return [{"kind": c.kind, "weight": weight[str(c.path)], "from": where(c.path),
              "seed": (c.config.get("train") or {}).get("seed"), "best_epoch": c.config.get("best_epoch")} for c in cks]
 
 

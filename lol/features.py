@@ -187,6 +187,12 @@ class Featurizer(nn.Module):
         """The features of each module, (B, D_ℓ) each; ``__call__`` concatenates them."""
         raise NotImplementedError
 
+    def symmetric_blocks(self) -> list[int] | None:
+        """When module ℓ's features are a flattened symmetric n_ℓ × n_ℓ matrix (row-major, modules in spec order), the
+        n_ℓ: entries (i, j) and (j, i) are always equal, so a linear map reading them needs only their summed weight
+        (`lol.checkpoint.store_half` stores it so). None for any other featurizer."""
+        return None
+
     def forward(self, batch: LoRABatch) -> torch.Tensor:
         return torch.cat(self.per_module(batch), dim=1)
 
@@ -258,6 +264,9 @@ class ColumnSpace(Featurizer):
 
     def per_module(self, batch):
         return [column_space_projector(U, V).flatten(1) for U, V in zip(batch.U, batch.V)]
+
+    def symmetric_blocks(self):
+        return [o for o, _ in self.spec.shapes]      # each projector is symmetric
 
 
 class ColumnBasis(Featurizer):

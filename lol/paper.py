@@ -252,7 +252,8 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
                  averaged: pd.DataFrame | None = None,
                  tuned: pd.DataFrame | None = None,
                  labels: pd.DataFrame | None = None,
-                 tails: pd.DataFrame | None = None) -> pd.DataFrame:
+                 tails: pd.DataFrame | None = None,
+                 shipped_counts: pd.DataFrame | None = None) -> pd.DataFrame:
     """``table`` (`paper_comparison`) with its ``why`` column filled, for every row where ours falls short of the
     paper, from measurements only:
 
@@ -282,6 +283,9 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
     * ``tails`` (`lol.experiments.label_tail` rows): for an R² or normalized MSE, when the label's top share of test
       LoRAs holds more than half of its test variance (a heavy tail), that share and the share of the row's best
       model's squared error those LoRAs make.
+    * ``shipped_counts`` (`lol.ensemble.ship_count` records, ``results/shipped_counts.csv``): for an accuracy row of
+      a task whose shipped model counts what its membership models predict present, that count's members and its
+      test accuracy over seeds.
 
     A row where ours reaches the paper but GL-net places below second among ours (the paper has it in the top two on
     every task) gets GL-net's own search, when there is one, against the row's best model: whether a setting chosen
@@ -360,11 +364,28 @@ def explain_gaps(table: pd.DataFrame, ceilings: Mapping[tuple[str, str], Mapping
                     f"{c.majority_baseline:.3f})")
             parts.append(text + (": the weights carry the size; the head trained on the size alone falls short of it"
                                  if c.accuracy > max(_ours(r)) else ""))     # short of the paper: ours is measured
+        if r["metric"] == "accuracy":
+            parts += _shipped_count(r, shipped_counts)
         if sizes and coll in sizes and coll in PAPER_SIZES:
             parts.append(f"{sizes[coll]:,} LoRAs vs the paper's {PAPER_SIZES[coll]:,}")
         if parts:
             out.at[i, "why"] = "; ".join(parts)
     return out
+
+
+def _shipped_count(r, shipped: pd.DataFrame | None) -> list[str]:
+    """What ships for the task of row ``r`` when it is a count (`lol.ensemble.ship_count`), in the paper's accuracy."""
+    if shipped is None or not len(shipped) or "test_accuracy" not in shipped:
+        return []
+    rows = shipped[(shipped.collection + "/" + shipped.task == r["ours"]) & shipped.shipped.astype(bool)
+                   & shipped.test_accuracy.notna()]
+    if not len(rows):
+        return []
+    c = rows.iloc[-1]
+    budget = f" within {c.budget:g} MB" if "budget" in rows and pd.notna(c.budget) else ""
+    return [f"the shipped model counts the classes its membership models predict present (count of {c.members}, "
+            f"chosen on validation {c.metric}{budget}): test accuracy {c.test_accuracy:.3f} ± "
+            f"{c.test_accuracy_std:.3f} over seeds, within one {c.test_within_one:.3f}"]
 
 
 def _task_rows(table: pd.DataFrame, r, model: str) -> pd.DataFrame:

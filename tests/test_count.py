@@ -31,7 +31,7 @@ def counted(tmp_path_factory):
     s.labels["n_flags"] = {"kind": "category", "ordered": True, "task": "size",
                            "description": "how many of the flags are 1"}
     s.tasks = {"flags": FLAGS, "size": ["n_flags"], **s.tasks}
-    coll, grid = synth_grid(d, s, "flags", epochs=6)
+    coll, grid = synth_grid(d, s, "flags", kinds=("svals", "dense", "glnet", "mlp", "colspace"), epochs=6)
     return coll, grid, d
 
 
@@ -77,6 +77,30 @@ def test_a_count_checkpoint_predicts_how_many_labels_its_members_predict_present
         assert rec["balanced_accuracy"] == pytest.approx(sc.loc["test", "balanced_accuracy"])
         b = coll.batch(np.arange(4))
         assert ck.model.embed(b).shape == ck.model.member.embed(b).shape
+
+
+def test_a_stored_count_folds_its_colspace_member_and_counts_as_before(counted, tmp_path):
+    """Shipped (``half``), a count of colspace + svals stores colspace's first layer folded over the projector's
+    symmetry (`lol.checkpoint.store_half`): it names the member's weight, keeps n(n+1)/2 of its n² columns per
+    module, and the loaded count's logits are the unfolded ones up to float16 rounding."""
+    from lol.checkpoint import load_checkpoint, symmetric_inputs
+
+    coll, grid, _ = counted
+    folders = _folders(grid, ["colspace", "svals"])
+    full = load_checkpoint(E.count_checkpoint(folders, tmp_path / "full", coll, half=False))
+    stored = load_checkpoint(E.count_checkpoint(folders, tmp_path / "stored", coll))
+    assert list(symmetric_inputs(full.model)) == ["member.members.0.trunk.0.weight"]
+    assert stored.config["stored"]["folded"] == ["member.members.0.trunk.0.weight"]
+    from safetensors import safe_open
+
+    blocks = symmetric_inputs(full.model)["member.members.0.trunk.0.weight"]
+    with safe_open(str(tmp_path / "stored" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("member.members.0.trunk.0.weight").get_shape()[1] == sum(n * (n + 1) // 2 for n in blocks)
+    size = [(p / "model.safetensors").stat().st_size for p in (tmp_path / "full", tmp_path / "stored")]
+    assert size[1] < size[0]
+    b = coll.batch(np.arange(len(coll)))
+    with torch.no_grad():
+        torch.testing.assert_close(stored.model.member(b), full.model.member(b), rtol=5e-3, atol=5e-3)
 
 
 def test_a_count_checkpoint_is_gl_invariant_and_sees_a_real_change(counted, tmp_path):
@@ -142,6 +166,11 @@ def test_ship_count_chooses_members_on_validation_within_a_budget_and_only_beats
     val = score(members)
     assert rec["val_mean"] == pytest.approx(val.mean()) and rec["seed"] == int(val.idxmax())
     assert rec["val_mean"] >= max(score([k]).mean() for k in kinds)     # greedy starts from the best single kind
+    test = E.count_scores(E.count_present(E.average(p[p.split == "test"], members)), classes)   # the paper's metric
+    assert rec["test_accuracy"] == pytest.approx(test.accuracy.mean())
+    assert rec["test_accuracy_std"] == pytest.approx(test.accuracy.std())
+    assert rec["test_within_one"] == pytest.approx(test.within_one.mean())
+    assert rec["test_within_one"] >= rec["test_accuracy"]
     assert rec["shipped"] and rec["task"] == "size" and rec["beat"] is None
     ck = load_checkpoint(tmp_path / "s")
     assert ck.kind == "count" and ck.config["selection"]["members"] == rec["members"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -184,6 +186,23 @@ def test_an_ensemble_checkpoint_predicts_the_weighted_mean_its_members_were_sele
     half = load_checkpoint(E.ensemble_checkpoint(_folders(grid, members), tmp_path / "half", coll=coll))
     assert half.config["stored"]["min_numel"] > 0     # `store_half` ran (these tiny layers stay float32)
     np.testing.assert_allclose(half.predict_batch(b)["sv_energy"], ck.predict_batch(b)["sv_energy"], atol=0.05)
+
+
+def test_an_ensemble_checkpoint_names_its_members_relative_to_the_repository(trained, tmp_path, monkeypatch):
+    """A shipped config must not name the machine it was built on: members inside the repository are recorded by
+    their path relative to it; members elsewhere by their absolute path."""
+    import lol.paths
+    from lol.checkpoint import load_checkpoint
+
+    coll, grid, d = trained
+    folders = _folders(grid, ["svals", "glnet"])
+    ck = load_checkpoint(E.ensemble_checkpoint(folders, tmp_path / "abs", half=False))
+    assert [m["from"] for m in ck.config["members"]] == [str(Path(f).absolute()) for f in folders]
+    monkeypatch.setattr(lol.paths, "REPO", Path(d).absolute())
+    ck = load_checkpoint(E.ensemble_checkpoint(folders, tmp_path / "rel", half=False))
+    assert [m["from"] for m in ck.config["members"]] == [str(Path(f).absolute().relative_to(Path(d).absolute()))
+                                                         for f in folders]
+    assert not any(m["from"].startswith("/") for m in ck.config["members"])
 
 
 def test_an_ensemble_checkpoint_is_gl_invariant_and_sees_a_real_change(trained, tmp_path):

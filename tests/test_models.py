@@ -349,6 +349,88 @@ def test_built_from_config_matches_fitted_shapes(uniform):
         fresh.load_state_dict(m.state_dict())  # strict: same parameters and buffers, no fit needed
 
 
+def test_store_half_folds_symmetric_inputs_and_loads_the_same_function(tmp_path):
+    """A colspace model's first layer reads each module's column-space projector, a symmetric matrix: `store_half`
+    keeps one column per entry i ≤ j (the (i, j) and (j, i) columns summed), about half the bytes, and the loaded
+    model computes the same function (float rounding only when nothing is halved) and stays GL-invariant. The
+    fold relies on the symmetry: on an asymmetric input it is not the same map."""
+    import json
+
+    from safetensors import safe_open
+
+    from lol.checkpoint import (fold_symmetric, half_bytes, load_checkpoint, save_checkpoint, store_half,
+                                symmetric_inputs, unfold_symmetric)
+    from lol.targets import TargetSet
+
+    batch = random_batch(24, rank=4, seed=3, dtype=torch.float32)
+    targets = TargetSet.fit({"a": [0.0, 1.0, 2.0], "b": [1.0, 0.0, 1.0], "c": [2.0, 2.0, 0.0]})
+    m = make("colspace", batch, width=16).eval()
+    blocks = [o for o, _ in SPEC.shapes]
+    assert symmetric_inputs(m) == {"trunk.0.weight": blocks}
+    assert symmetric_inputs(make("dense", batch)) == {}           # ΔW is not symmetric: nothing folds
+    full, tri = sum(n * n for n in blocks), sum(n * (n + 1) // 2 for n in blocks)
+    path = save_checkpoint(tmp_path / "cs", m, targets)
+    cost = half_bytes(path, min_numel=10**9)                      # fold only, nothing halved
+    rec = store_half(path, min_numel=10**9)
+    assert rec["folded"] == ["trunk.0.weight"] and rec["float16"] == []
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert f.get_slice("trunk.0.weight").get_shape() == [16, tri]
+        assert cost == sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert json.loads((path / "config.json").read_text())["version"] == 2
+    back = load_checkpoint(path)
+    assert back.model.trunk[0].weight.shape == (16, full)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(batch), m(batch), rtol=1e-5, atol=1e-5)
+    assert store_half(path, min_numel=10**9) == {**rec, "bytes_after": rec["bytes_after"]}   # idempotent
+    assert_gl_invariant(back.model.double(), random_batch(4, rank=4, seed=8), atol=1e-10, rtol=1e-8)
+    # halved as well: the rounding of the summed columns only
+    path2 = save_checkpoint(tmp_path / "cs2", m, targets)
+    rec2 = store_half(path2, min_numel=256)
+    assert rec2["folded"] == ["trunk.0.weight"] and "trunk.0.weight" in rec2["float16"]
+    assert rec2["bytes_after"] < 0.6 * rec2["bytes_before"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(path2).model(batch), m(batch), rtol=2e-3, atol=2e-3)
+    # the fold is exact on symmetric inputs and only there
+    W, g = m.trunk[0].weight.detach().double(), torch.Generator().manual_seed(0)
+    x = torch.cat([(lambda a: (a + a.T).flatten())(torch.randn(n, n, generator=g, dtype=torch.float64))
+                   for n in blocks])
+    upper = torch.cat([(lambda ij, s: s + ij[0] * n + ij[1])(torch.triu_indices(n, n), sum(k * k for k in blocks[:i]))
+                       for i, n in enumerate(blocks)])
+    torch.testing.assert_close(fold_symmetric(W, blocks) @ x[upper], W @ x)
+    torch.testing.assert_close(unfold_symmetric(fold_symmetric(W, blocks), blocks) @ x, W @ x)
+    y = torch.randn(full, generator=g, dtype=torch.float64)       # not symmetric
+    assert not torch.allclose(fold_symmetric(W, blocks) @ y[upper], W @ y, atol=1e-3)
+
+
+def test_a_folded_checkpoint_with_a_wrong_weight_is_refused_by_name(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lol.checkpoint import load_checkpoint, save_checkpoint, store_half
+    from lol.targets import TargetSet
+
+    batch = random_batch(12, rank=4, seed=3, dtype=torch.float32)
+    targets = TargetSet.fit({"a": [0.0, 1.0], "b": [1.0, 0.0], "c": [2.0, 0.0]})
+    path = save_checkpoint(tmp_path / "cs", make("colspace", batch, width=8), targets)
+    store_half(path, min_numel=10**9)
+    w = path / "model.safetensors"
+    state = load_file(str(w))
+    state["trunk.0.weight"] = state["trunk.0.weight"][:, :-1].contiguous()
+    save_file(state, str(w))
+    with pytest.raises(LoLError, match=r"model.safetensors: folded weight 'trunk.0.weight' has shape \(8, \d+\)"):
+        load_checkpoint(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["stored"]["folded"] = ["head.weight"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoLError, match="'head.weight' is recorded as folded"):
+        load_checkpoint(path)
+    cfg["version"] = 3
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoLError, match="version 3 is newer"):
+        load_checkpoint(path)
+
+
 def test_store_half_keeps_buffers_and_predictions(tmp_path):
     """`store_half` stores the wide parameters in float16 (about half the bytes) and nothing else: buffers and small
     parameters stay float32, the model loads as float32, and its predictions move only by the rounding of those

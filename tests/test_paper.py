@@ -214,6 +214,19 @@ def test_gaps_to_the_paper_are_explained_from_measurements(tmp_path):
     assert "exact size for 0.784 of test LoRAs (dense; within one 0.945, always-the-commonest 0.316): the weights " \
            "carry the size; the head trained on the size alone falls short of it" in size
     assert "counting" not in with_count.loc[("CelebA-LoRA CLIP score", "r2")].why
+    # what ships for the size when it is a count (lol.ensemble.ship_count records): cited in the paper's accuracy
+    shipped = pd.DataFrame([{"collection": "fashion", "task": "n_classes", "members": "colspace + svals",
+                             "metric": "balanced_accuracy", "budget": 16.0, "shipped": True, "test_accuracy": .705,
+                             "test_accuracy_std": .024, "test_within_one": .96}])
+    cited = P.explain_gaps(t, ceilings, curves, {"fashion": 420}, shipped_counts=shipped).set_index(
+        ["paper_task", "metric"])
+    assert ("the shipped model counts the classes its membership models predict present (count of colspace + svals, "
+            "chosen on validation balanced_accuracy within 16 MB): test accuracy 0.705 ± 0.024 over seeds, within one "
+            "0.960" in cited.loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")].why)
+    assert "shipped model counts" not in cited.loc[("CelebA-LoRA CLIP score", "r2")].why
+    assert "shipped model counts" not in P.explain_gaps(
+        t, ceilings, curves, {"fashion": 420}, shipped_counts=shipped.assign(shipped=False)).set_index(
+        ["paper_task", "metric"]).loc[("Imagenette-LoRA dataset size (number of classes)", "accuracy")].why
     # per-label scores (lol.experiments.per_label_scores rows): the best model's label with the least gain over always
     # answering its commonest value, beside the mean over the other labels (dense is the best on validation here)
     labels = pd.DataFrame([{"collection": "faces", "task": "attributes", "model": m, "label": lab, "seeds": 1,

@@ -25,6 +25,34 @@ def test_data_readme_reports_records_and_missing_parts(tmp_path):
     assert f"| {first} | regression | {coll_table[first].astype(float).mean():.4g} |" in text
 
 
+def test_data_readme_says_how_much_the_folder_holds_against_its_budget(tmp_path):
+    (tmp_path / "base" / "clip").mkdir(parents=True)
+    (tmp_path / "base" / "clip" / "weights.bin").write_bytes(b"\0" * 2_500_000)
+    assert "In all, this folder holds 2.5 MB (budget: 300 MB; 1 MB = 10⁶ bytes throughout)." in data_readme(tmp_path)
+
+
+def test_the_shipped_data_folder_stays_within_its_budget():
+    """What git ships under data/ (the files a clean checkout gets; local locks and caches left out) is at most
+    `DATA_BUDGET_MB` megabytes of 10⁶ bytes."""
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    from lol.paths import REPO
+    from lol.zoo.report import DATA_BUDGET_MB
+
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "data"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: which files under data/ are shipped is unknown")
+    files = [REPO / f for f in out.decode().split("\0") if f]
+    if not files:
+        pytest.skip("no data/ in this checkout")
+    total = sum(Path(f).stat().st_size for f in files if Path(f).is_file())
+    assert total <= DATA_BUDGET_MB * 1e6, f"data/ ships {total / 1e6:.1f} MB, over its {DATA_BUDGET_MB} MB budget"
+
+
 def test_the_lora_effect_is_reported_overall_and_by_learning_rate():
     """identity_gain: the share of LoRAs that pull their generations toward their identity, against the goal, and the
     same per fifth of the sampled learning rates (here the low rates barely move the model, by construction)."""

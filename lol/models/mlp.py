@@ -40,6 +40,13 @@ class FeatureMLP(FeaturizedModel):
     def embed_features(self, x):
         return self.trunk(x)
 
+    def symmetric_input_weights(self) -> dict[str, list[int]]:
+        """``{"trunk.0.weight": n_ℓ per module}`` when the featurizer's features are symmetric matrices
+        (`lol.features.Featurizer.symmetric_blocks`): that weight's columns for entries (i, j) and (j, i) act on equal
+        inputs. Empty otherwise."""
+        blocks = self.features.symmetric_blocks()
+        return {"trunk.0.weight": list(blocks)} if blocks and self.built else {}
+
 
 class FlattenMLP(FeatureMLP):
     """MLP on the flattened raw factors of all modules. Invariant to nothing."""

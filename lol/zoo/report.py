@@ -37,8 +37,11 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+DATA_BUDGET_MB = 300     # what data/ may hold in all, in megabytes of 10⁶ bytes (issue "Zoo v2, part 2")
+
+
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
+    return f"{n / 1e6:.1f} MB"
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -296,6 +299,8 @@ def data_readme(out: str | Path) -> str:
         v = build.get("versions", {})
         lines += [f"Preset `{build.get('preset')}`, seed {build.get('seed')}; "
                   + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
+    lines += [f"In all, this folder holds {_mb(_size(out))} (budget: {DATA_BUDGET_MB} MB; 1 MB = 10⁶ bytes "
+              f"throughout).", ""]
     lines += ["## Base models", ""]
     for name in ("sd", "sd_v1", "clip", "lm", "lm_v2"):
         if name in ("sd_v1", "lm_v2") and not (out / "base" / name).is_dir():
