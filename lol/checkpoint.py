@@ -101,8 +101,8 @@ def _compact(path: Path, min_numel: int) -> tuple[dict, list[str], list[str]]:
     params = {n: p.numel() for n, p in ck.model.named_parameters()}
     done = set((ck.config.get("stored") or {}).get("folded", []))
     state = load_file(str(Path(path) / WEIGHTS_NAME))
-    fold = sorted(k for k in symmetric_inputs(ck.model) if k in state and k not in done)
     blocks = symmetric_inputs(ck.model)
+    fold = sorted(k for k in blocks if k in state and k not in done)
     for k in fold:
         state[k] = fold_symmetric(state[k].float(), blocks[k])
     halve = sorted(k for k, v in state.items() if k in params and v.is_floating_point()

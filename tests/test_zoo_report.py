@@ -109,18 +109,23 @@ def test_the_compute_per_phase_says_what_the_labels_cost():
 
 def test_shipped_checkpoints_are_listed_with_their_model_and_test_score(tmp_path):
     """Each label of the checkpoint index with its folder, its model (an ensemble as its weighted members) and the
-    test value of the label's primary metric, as the checkpoint's config records them."""
+    test value of the label's primary metric (and a category label's accuracy), as the checkpoint's config records
+    them."""
     ck = tmp_path / "checkpoints"
     for rel, cfg in {"a/one": {"kind": "glnet", "labels": [{"name": "y", "kind": "regression"}],
                                "metrics": {"test": {"y": {"r2": 0.8123, "mae": 1.0}}}},
                      "a/two": {"kind": "ensemble", "members": [{"kind": "dense", "weight": 2},
                                                                {"kind": "svals", "weight": 1}],
                                "labels": [{"name": "b", "kind": "binary"}],
-                               "metrics": {"test": {"b": {"accuracy": 0.5, "auc": 0.9}}}}}.items():
+                               "metrics": {"test": {"b": {"accuracy": 0.5, "auc": 0.9}}}},
+                     "a/three": {"kind": "count", "counted": {"task": "m", "kind": "colspace"},
+                                 "labels": [{"name": "n", "kind": "category"}],
+                                 "metrics": {"test": {"n": {"accuracy": 0.7049, "balanced_accuracy": 0.6226}}}}}.items():
         (ck / rel).mkdir(parents=True)
         (ck / rel / "config.json").write_text(json.dumps(cfg))
-    (ck / "index.json").write_text(json.dumps({"y": "a/one", "b": "a/two", "gone": "a/missing"}))
+    (ck / "index.json").write_text(json.dumps({"y": "a/one", "b": "a/two", "n": "a/three", "gone": "a/missing"}))
     text = data_readme(tmp_path)
     assert "| y | `checkpoints/a/one` | glnet | r2 0.812 |" in text
     assert "| b | `checkpoints/a/two` | ensemble of dense×2 + svals | auc 0.900 |" in text
+    assert "| n | `checkpoints/a/three` | count of m by colspace | balanced_accuracy 0.623, accuracy 0.705 |" in text
     assert "| gone | `checkpoints/a/missing` | ? | ? |" in text

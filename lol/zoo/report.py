@@ -321,7 +321,8 @@ def data_readme(out: str | Path) -> str:
     ckpt_index = out / "checkpoints" / "index.json"
     if ckpt_index.is_file():
         lines += ["## Shipped checkpoints", "", "Used by `lol predict --task LABEL` (see `checkpoints/index.json`); "
-                  "the model and its test score (the label's primary metric) as its `config.json` records them.",
+                  "the model and its test score (the label's primary metric, and for a category label its "
+                  "accuracy) as its `config.json` records them.",
                   "", "| label | checkpoint | model | test |", "|---|---|---|---|"]
         for lab, rel in json.loads(ckpt_index.read_text()).items():
             folder = f"checkpoints/{rel}" if not str(rel).startswith("checkpoints") else str(rel)
@@ -332,7 +333,8 @@ def data_readme(out: str | Path) -> str:
 
 def _shipped_model(folder: Path, label: str) -> str:
     """``kind | test score`` of a shipped checkpoint for ``label``, from its ``config.json``: an ensemble as its members
-    (a weight above one as ×k); ``? | ?`` when the config cannot be read."""
+    (a weight above one as ×k); a category label's accuracy beside its primary metric (balanced accuracy), since
+    accuracy is what the paper reports for the dataset size; ``? | ?`` when the config cannot be read."""
     from ..catalog import _checkpoint_config, model_name
     from ..experiments import PRIMARY_METRIC
 
@@ -340,8 +342,12 @@ def _shipped_model(folder: Path, label: str) -> str:
     kind = model_name(cfg)
     lab = next((t for t in cfg.get("labels") or [] if t.get("name") == label), {})
     metric = PRIMARY_METRIC.get(lab.get("kind"), "")
-    value = ((cfg.get("metrics") or {}).get("test") or {}).get(label, {}).get(metric)
-    return f"{kind} | {metric} {value:.3f}" if isinstance(value, (int, float)) else f"{kind} | ?"
+    test = ((cfg.get("metrics") or {}).get("test") or {}).get(label, {})
+    value = test.get(metric)
+    if not isinstance(value, (int, float)):
+        return f"{kind} | ?"
+    also = test.get("accuracy") if lab.get("kind") == "category" and metric != "accuracy" else None
+    return f"{kind} | {metric} {value:.3f}" + (f", accuracy {also:.3f}" if isinstance(also, (int, float)) else "")
 
 
 def write_data_readme(out: str | Path) -> Path:
