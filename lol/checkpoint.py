@@ -98,7 +98,7 @@ def _compact(path: Path, min_numel: int) -> tuple[dict, list[str], list[str]]:
     from safetensors.torch import load_file
 
     ck = load_checkpoint(path)
-    params = {n: p.numel() for n, p in ck.model.named_parameters()}
+    params = {n for n, _ in ck.model.named_parameters()}
     done = set((ck.config.get("stored") or {}).get("folded", []))
     state = load_file(str(Path(path) / WEIGHTS_NAME))
     blocks = symmetric_inputs(ck.model)

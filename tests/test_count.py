@@ -83,6 +83,8 @@ def test_a_stored_count_folds_its_colspace_member_and_counts_as_before(counted, 
     """Shipped (``half``), a count of colspace + svals stores colspace's first layer folded over the projector's
     symmetry (`lol.checkpoint.store_half`): it names the member's weight, keeps n(n+1)/2 of its n² columns per
     module, and the loaded count's logits are the unfolded ones up to float16 rounding."""
+    from safetensors import safe_open
+
     from lol.checkpoint import load_checkpoint, symmetric_inputs
 
     coll, grid, _ = counted
@@ -91,8 +93,6 @@ def test_a_stored_count_folds_its_colspace_member_and_counts_as_before(counted, 
     stored = load_checkpoint(E.count_checkpoint(folders, tmp_path / "stored", coll))
     assert list(symmetric_inputs(full.model)) == ["member.members.0.trunk.0.weight"]
     assert stored.config["stored"]["folded"] == ["member.members.0.trunk.0.weight"]
-    from safetensors import safe_open
-
     blocks = symmetric_inputs(full.model)["member.members.0.trunk.0.weight"]
     with safe_open(str(tmp_path / "stored" / "model.safetensors"), "pt") as f:
         assert f.get_slice("member.members.0.trunk.0.weight").get_shape()[1] == sum(n * (n + 1) // 2 for n in blocks)

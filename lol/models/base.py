@@ -116,7 +116,7 @@ class LoLModel(nn.Module):
 
     def symmetric_input_weights(self) -> dict[str, list[int]]:
         """This model's own weights (names relative to it, members' left out) whose input columns read a flattened
-        symmetric matrix per module, with each module's n: what `lol.checkpoint.store_half` folds. None by default."""
+        symmetric matrix per module, with each module's n: what `lol.checkpoint.store_half` folds. Empty by default."""
         return {}
 
     def embed_features(self, x) -> torch.Tensor:
