@@ -1170,28 +1170,76 @@ def _search_store(runs_dir, record: dict, rows: pd.DataFrame) -> None:
     tmp.replace(f.with_suffix(".json"))
 
 
-def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence], seeds: Sequence[int] = (0, 1, 2),
-                  config=None, log: Callable[[str], None] | None = print, workers: int = 1,
-                  runs_dir: str | Path | None = None) -> pd.DataFrame:
+def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence] | Sequence[Mapping[str, Sequence]],
+                  seeds: Sequence[int] = (0, 1, 2), config=None, log: Callable[[str], None] | None = print,
+                  workers: int = 1, runs_dir: str | Path | None = None) -> pd.DataFrame:
     """Train ``kind`` on ``task`` with every setting of the grid ``space`` and every seed, on `run_grid`'s split of
     that seed (same rows, same grouped split), and score it on validation and test.
 
     ``space`` maps a `lol.train.TrainConfig` field (``lr``, ``width``, ``weight_decay``, ``epochs``, ...) or a model
-    hyperparameter written ``model.<name>`` (e.g. ``model.channels``) to the values to try. Returns tidy rows
+    hyperparameter written ``model.<name>`` (e.g. ``model.channels``) to the values to try. Or it is a list of such
+    grids, searched in stages (coordinate-wise): each stage tries its grid on top of the setting chosen on validation
+    so far (`best_setting` over every earlier stage's rows), a setting that is the same training as one already run
+    (e.g. a stage's value that is the config's own) is not run again, and the rows of every stage are returned, so
+    `best_setting` chooses among all of them. Returns tidy rows
     (collection, task, model, setting (JSON), seed, val_loss, split, label, label_kind, metric, value) for ``split``
     in val and test; `best_setting` chooses on validation only. ``workers`` > 1 trains each (setting, seed) in its
     own process (`in_workers`): the same rows, in the same order. With ``runs_dir`` each finished (setting, seed) run
     is stored there (its rows, and a record of the collection's version, the task, the model and every training
-    setting) and reused, not trained again, when the same run is asked for: an interrupted search resumes where it
-    stopped, and a grid grown by one value trains only the new settings."""
-    from .train import TrainConfig, train
+    setting) and reused, not trained again, when the same run is asked for, under this setting's name: an
+    interrupted search resumes where it stopped, and a grid grown by one value (or one stage) trains only the new
+    settings."""
+    from .train import TrainConfig
 
     config = config or TrainConfig()
-    settings = _settings(space)
+    if isinstance(space, Mapping):
+        return _search_grid(coll, task, kind, _settings(space), seeds, config, log, workers, runs_dir)
+    stages = list(space) if isinstance(space, (list, tuple)) else []
+    if not stages or not all(isinstance(grid, Mapping) for grid in stages):
+        raise LoLError(f"hparam_search: space must be a grid (a dict of lists) or a non-empty list of grids, "
+                       f"got {space!r}")
+    parts, chosen, trained = [], {}, set()
+    for grid in stages:
+        settings = []
+        for setting in ({**chosen, **s} for s in _settings(grid)):
+            training = _training(kind, _apply(config, setting, 0))
+            if training not in trained:
+                trained.add(training)
+                settings.append(setting)
+        if settings:
+            parts.append(_search_grid(coll, task, kind, settings, seeds, config, log, workers, runs_dir))
+        best = best_setting(pd.concat(parts, ignore_index=True))
+        chosen = json.loads(best[best.chosen].setting.iloc[0])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _training(kind: str, config) -> str:
+    """What a training of ``kind`` with ``config`` is: every `TrainConfig` field, the model's hyperparameters with
+    its constructor's defaults filled in (so ``model.depth`` = the model's own depth names the same training as no
+    depth at all)."""
+    import inspect
+
+    from .models import model_class
+
+    cls = model_class(kind)
+    params = inspect.signature(cls.__init__).parameters.items() if cls is not None else ()
+    defaults = {n: p.default for n, p in params if p.default is not inspect.Parameter.empty and n != "width"}
+    return json.dumps({**asdict(config), "model": {**defaults, **config.model}}, sort_keys=True, default=str)
+
+
+def _search_grid(coll, task: str, kind: str, settings: list[dict], seeds: Sequence[int], config, log, workers: int,
+                 runs_dir) -> pd.DataFrame:
+    """`hparam_search` of one grid's ``settings``."""
+    from .train import train
+
     _apply(config, settings[0], 0)                       # a wrong name fails here, before any worker starts
     units = [(setting, int(seed)) for setting in settings for seed in seeds]
     records = [_search_record(coll, task, kind, _apply(config, setting, seed)) for setting, seed in units]
     found = [_search_cached(runs_dir, rec, _legacy_search_record(coll, rec)) for rec in records]
+    # a stored run is this very training, perhaps asked for under another name (a grid grown by an axis whose value
+    # is the config's own): its rows take this setting's name
+    found = [f if f is None else f.assign(setting=json.dumps(units[i][0], sort_keys=True))
+             for i, f in enumerate(found)]
     todo = [i for i, f in enumerate(found) if f is None]
     if log and runs_dir is not None and len(todo) < len(units):
         log(f"[search] {task} {kind}: {len(units) - len(todo)} of {len(units)} (setting, seed) runs found in {runs_dir}")

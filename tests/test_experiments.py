@@ -455,6 +455,48 @@ def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, m
     assert len(trained) == n + 3 and record.is_file()
 
 
+def test_a_staged_search_builds_each_stage_on_the_setting_chosen_so_far(coll, tmp_path, monkeypatch):
+    """A list of grids is searched stage by stage: stage 2 tries its values on top of stage 1's choice (on
+    validation), a value that is the same training as a run already made (svals' own depth, 2) is not run again, and
+    the rows of both stages are those a one-grid search of the same settings gives."""
+    import lol.train as T
+
+    trained = []
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: trained.append(a[3]) or real(*a, **k))
+    stages = [{"lr": [CFG.lr, 3e-2]}, {"model.depth": [1, 2]}]
+    rows = X.hparam_search(coll, "spectrum", "svals", stages, (0,), CFG, log=None)
+    first = X.best_setting(rows[rows.setting.isin([json.dumps({"lr": v}) for v in (CFG.lr, 3e-2)])])
+    lr = json.loads(first.query("chosen").setting.iloc[0])["lr"]
+    stage2 = json.dumps({"lr": lr, "model.depth": 1}, sort_keys=True)
+    assert list(rows.setting.unique()) == [json.dumps({"lr": CFG.lr}), json.dumps({"lr": 3e-2}), stage2]
+    assert [(c.lr, c.model.get("depth")) for c in trained] == [(CFG.lr, None), (3e-2, None), (lr, 1)]
+    flat = X.hparam_search(coll, "spectrum", "svals", {"lr": [lr], "model.depth": [1]}, (0,), CFG, log=None)
+    pd.testing.assert_frame_equal(rows[rows.setting == stage2].reset_index(drop=True), flat)
+    assert X.best_setting(rows).chosen.sum() == 1                   # one choice among every stage's settings
+    for bad in ([], ["lr"], "lr"):
+        with pytest.raises(LoLError, match="list of grids"):
+            X.hparam_search(coll, "spectrum", "svals", bad, (0,), CFG, log=None)
+
+
+def test_a_stored_run_asked_for_under_another_name_takes_that_name(coll, tmp_path, monkeypatch):
+    """A grid grown by an axis whose one value is the config's own asks for the very training already stored: it is
+    reused, not trained again, and its rows carry the new setting's name (what `best_setting` and `chosen_on_seeds`
+    look it up by)."""
+    import lol.train as T
+
+    trained = []
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: trained.append(a[3].lr) or real(*a, **k))
+    store = tmp_path / "runs"
+    first = X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr]}, (0,), CFG, log=None, runs_dir=store)
+    again = X.hparam_search(coll, "spectrum", "svals", {"lr": [CFG.lr], "width": [CFG.width]}, (0,), CFG, log=None,
+                            runs_dir=store)
+    assert trained == [CFG.lr]                                      # reused
+    assert set(again.setting) == {json.dumps({"lr": CFG.lr, "width": CFG.width}, sort_keys=True)}
+    pd.testing.assert_frame_equal(again.drop(columns="setting"), first.drop(columns="setting"))
+
+
 def test_a_stored_search_run_survives_relabelling_of_another_task_only(coll, tmp_path, monkeypatch):
     """A search run is stored under its LoRAs and its task's own data, as a grid run is (`_cached`): re-measuring
     another task's label (`lol zoo measure --apply`) keeps it, re-measuring its own retrains it. A run stored before
