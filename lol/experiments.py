@@ -267,11 +267,15 @@ def adopt_runs(runs_dir, coll, earlier, name: str | None = None, log: Callable[[
     return adopted
 
 
+def _train_record(c: Mapping) -> dict:
+    """A `TrainConfig` record (``asdict``) as JSON values, every field but ``progress`` (which only prints): what a
+    stored run is compared by."""
+    return {k: v for k, v in json.loads(json.dumps(dict(c), default=str)).items() if k != "progress"}
+
+
 def _same_training(a: Mapping, b: Mapping) -> bool:
     """Two `TrainConfig` records (``asdict``, as JSON) that train the same model: every field but ``progress``."""
-    def norm(c):
-        return {k: v for k, v in json.loads(json.dumps(dict(c), default=str)).items() if k != "progress"}
-    return norm(a) == norm(b)
+    return _train_record(a) == _train_record(b)
 
 
 @dataclass(frozen=True)
@@ -1123,7 +1127,7 @@ def _search_record(coll, task: str, kind: str, config) -> dict:
     `TrainConfig` field (seed and model hyperparameters included; ``progress`` only prints). Not the collection's
     whole fingerprint: re-measuring another label (`lol zoo measure --apply`) leaves a search run valid, as
     `_cached` leaves a grid run."""
-    train = {k: v for k, v in json.loads(json.dumps(asdict(config), default=str)).items() if k != "progress"}
+    train = _train_record(asdict(config))
     ref = TaskRef(str(Path(coll.path).name), task, tuple(sorted(main_rows(coll).items())))
     return {"collection": ref.collection, "loras": coll.loras_fingerprint, "task_data": task_digest(coll, ref),
             "task": task, "model": kind, "train": train}
@@ -1214,9 +1218,9 @@ def hparam_search(coll, task: str, kind: str, space: Mapping[str, Sequence] | Se
 
 
 def _training(kind: str, config) -> str:
-    """What a training of ``kind`` with ``config`` is: every `TrainConfig` field, the model's hyperparameters with
-    its constructor's defaults filled in (so ``model.depth`` = the model's own depth names the same training as no
-    depth at all)."""
+    """What a training of ``kind`` with ``config`` is: its `_train_record`, the model's hyperparameters with its
+    constructor's defaults filled in (so ``model.depth`` = the model's own depth names the same training as no depth
+    at all)."""
     import inspect
 
     from .models import model_class
@@ -1224,7 +1228,8 @@ def _training(kind: str, config) -> str:
     cls = model_class(kind)
     params = inspect.signature(cls.__init__).parameters.items() if cls is not None else ()
     defaults = {n: p.default for n, p in params if p.default is not inspect.Parameter.empty and n != "width"}
-    return json.dumps({**asdict(config), "model": {**defaults, **config.model}}, sort_keys=True, default=str)
+    train = _train_record(asdict(config))
+    return json.dumps({**train, "model": {**defaults, **train["model"]}}, sort_keys=True, default=str)
 
 
 def _search_grid(coll, task: str, kind: str, settings: list[dict], seeds: Sequence[int], config, log, workers: int,

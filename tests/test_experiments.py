@@ -455,7 +455,7 @@ def test_a_search_stores_its_runs_and_resumes_where_it_stopped(coll, tmp_path, m
     assert len(trained) == n + 3 and record.is_file()
 
 
-def test_a_staged_search_builds_each_stage_on_the_setting_chosen_so_far(coll, tmp_path, monkeypatch):
+def test_a_staged_search_builds_each_stage_on_the_setting_chosen_so_far(coll, monkeypatch):
     """A list of grids is searched stage by stage: stage 2 tries its values on top of stage 1's choice (on
     validation), a value that is the same training as a run already made (svals' own depth, 2) is not run again, and
     the rows of both stages are those a one-grid search of the same settings gives."""
